@@ -1,0 +1,142 @@
+"""Local training, with or without DP-SGD: the one place a client touches its data.
+
+DP-SGD is Opacus' (per-example clipping to C, Gaussian noise σ·C, Poisson sampling
+at ``q = 1 / ceil(n / batch_size)``) with the fixes HF BERT needs (STACK.md):
+contiguous position/token-type ids, empty Poisson batches taken as noise-only
+steps, train mode.
+
+Privacy caveats, stated plainly:
+- The guarantee holds only for batches drawn by the Poisson loader built here;
+  training on the same data through any other data loader invalidates it.
+- Noise and sampling come from torch generators seeded from ``os.urandom`` (no
+  CSPRNG: torchcsprng does not install). ``seed`` in the config never reaches them.
+- The accountant history returned is the client's whole history (``prior_history``
+  plus this call); the caller must persist it before releasing the model.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from common.accounting import make_accountant, sample_rate, steps_per_epoch
+from common.model import model_inputs
+
+
+@dataclass(frozen=True)
+class DPSettings:
+    noise_multiplier: float  # σ, noise std in units of max_grad_norm
+    max_grad_norm: float  # C, per-example L2 clipping bound
+    accountant: str  # "rdp" | "prv"
+    prior_history: tuple  # the ledger's history before this call
+
+
+@dataclass
+class TrainResult:
+    steps: int  # optimizer steps taken (= Poisson batches drawn, empty ones included)
+    empty_batches: int
+    sample_rate: float  # q, per step
+    history: list  # accountant history after training (None without DP)
+    mean_loss: float  # over non-empty batches; stays on the client
+
+
+def urandom_generator(device: str | torch.device = "cpu") -> torch.Generator:
+    """A torch generator seeded from the OS, never from the config seed."""
+    gen = torch.Generator(device=device)
+    gen.manual_seed(int.from_bytes(os.urandom(8), "little") & ((1 << 63) - 1))
+    return gen
+
+
+def local_train(
+    model: nn.Module,
+    data: TensorDataset,
+    *,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    weight_decay: float = 0.0,
+    dp: DPSettings | None,
+    device: str | torch.device = "cpu",
+) -> TrainResult:
+    """Train ``model``'s trainable parameters in place on ``data``.
+
+    With ``dp`` the steps are DP-SGD and the result carries the accountant history;
+    without it they are ordinary mini-batch steps (no guarantee at all).
+    """
+    if len(data) == 0:
+        raise ValueError("no training data on this client")
+    model.to(device).train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    sampling_gen = urandom_generator()
+    loader = DataLoader(data, batch_size=batch_size, shuffle=dp is None, generator=sampling_gen)
+
+    engine = hooks = None
+    if dp is not None:
+        from opacus import PrivacyEngine
+
+        engine = PrivacyEngine(accountant=dp.accountant)
+        engine.accountant = make_accountant(dp.accountant, dp.prior_history)
+        hooks, optimizer, loader = engine.make_private(
+            module=model,
+            optimizer=optimizer,
+            data_loader=loader,  # its generator (from os.urandom) drives Poisson sampling
+            noise_multiplier=dp.noise_multiplier,
+            max_grad_norm=dp.max_grad_norm,
+            poisson_sampling=True,
+            noise_generator=urandom_generator(device),
+            grad_sample_mode="hooks",
+            wrap_model=False,  # state-dict keys stay free of "_module."
+        )
+
+    steps = empty = 0
+    loss_sum, loss_batches = 0.0, 0
+    try:
+        for _ in range(epochs):
+            for input_ids, attention_mask, labels in loader:
+                optimizer.zero_grad(set_to_none=True)
+                if len(labels) == 0:
+                    # An empty Poisson batch is still a step of the mechanism: its
+                    # noise must be added and the accountant must count it. BERT
+                    # cannot run on batch 0, so give Opacus empty per-example grads.
+                    for p in params:
+                        p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
+                    optimizer.step()
+                    steps += 1
+                    empty += 1
+                    continue
+                input_ids, attention_mask, labels = (
+                    t.to(device) for t in (input_ids, attention_mask, labels)
+                )
+                logits = model(**model_inputs(input_ids, attention_mask)).logits
+                loss = F.cross_entropy(logits, labels)
+                loss.backward()
+                optimizer.step()
+                steps += 1
+                loss_sum += float(loss.detach())
+                loss_batches += 1
+    finally:
+        if hooks is not None:
+            hooks.cleanup()  # the model may be reused; leave no Opacus hooks behind
+            for p in params:
+                for attr in ("grad_sample", "summed_grad"):
+                    if hasattr(p, attr):
+                        delattr(p, attr)
+
+    return TrainResult(
+        steps=steps,
+        empty_batches=empty,
+        sample_rate=sample_rate(len(data), batch_size),
+        history=list(engine.accountant.history) if engine is not None else None,
+        mean_loss=loss_sum / max(loss_batches, 1),
+    )
+
+
+def planned_steps_per_round(n: int, batch_size: int, epochs: int) -> int:
+    """Steps one round takes on ``n`` examples: what σ is calibrated for."""
+    return epochs * steps_per_epoch(n, batch_size)

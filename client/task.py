@@ -1,0 +1,204 @@
+"""One client round, free of Flower: budget decision → train → ledger → reply.
+
+The order is the privacy contract (DESIGN.md, "Privacy semantics"):
+1. Load the ledger (the only record of prior spend, across runs and restarts).
+2. A round already answered is answered again from the kept reply: no new spend.
+3. σ is calibrated once per run from the run's budget and the planned steps of
+   the whole run, against the prior spend; a resumed run reuses the stored σ.
+4. If ε after this round would exceed the client's cap, decline: no training.
+5. Train with DP-SGD, then commit the reply and the ledger durably — before the
+   caller may release anything.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from client.dp_train import DPSettings, local_train, planned_steps_per_round
+from client.ledger import Ledger, RoundEntry, RunCalibration, load_reply, reply_key, save_reply
+from common.accounting import append_steps, calibrate_noise, epsilon, sample_rate
+from common.data import load_client_data, tokenize
+from common.model import instantiate_model, load_tokenizer, load_trainable, state_digest, trainable_state
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ClientIdentity:
+    """Who this client is and its own settings (node-config in deployment)."""
+
+    client_id: str  # stable: partition-id in simulation, node-config client-id on a device
+    partition_id: int
+    state_dir: str  # where its ledger lives; never on the server in deployment
+    max_epsilon: float | None = None  # the device owner's own cap
+
+
+@dataclass
+class RoundOutcome:
+    declined: bool
+    reason: str
+    update: dict[str, torch.Tensor] | None  # local − global trainable weights
+    privacy: dict[str, Any] = field(default_factory=dict)  # what the report needs
+    resent: bool = False  # answered from the kept reply (no new spend)
+
+
+# Models and tokenised partitions are costly to rebuild; one process serves many rounds.
+_MODEL_CACHE: dict[str, torch.nn.Module] = {}
+_DATA_CACHE: dict[str, tuple] = {}
+
+
+def _key(*parts: Any) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _fresh_model(cfg: Mapping, num_labels: int) -> torch.nn.Module:
+    """A pristine copy of the configured model (Opacus must never see a reused wrapper)."""
+    key = _key(cfg["model"], num_labels, cfg["seed"])
+    if key not in _MODEL_CACHE:
+        _MODEL_CACHE.clear()  # one model per process is enough
+        _MODEL_CACHE[key] = instantiate_model(cfg, num_labels)
+    return copy.deepcopy(_MODEL_CACHE[key])
+
+
+def _client_data(cfg: Mapping, partition_id: int):
+    key = _key(cfg["data"], cfg["partition"], cfg["seed"], cfg["num_clients"],
+               cfg["model"].get("tokenizer") or cfg["model"]["name_or_path"],
+               cfg["train"]["max_length"], partition_id)
+    if key not in _DATA_CACHE:
+        partition, label_names = load_client_data(cfg, partition_id)
+        tokenizer = load_tokenizer(cfg["model"])
+        _DATA_CACHE[key] = (tokenize(partition, tokenizer, int(cfg["train"]["max_length"])), label_names)
+    return _DATA_CACHE[key]
+
+
+def budget_epsilon(cfg: Mapping, who: ClientIdentity) -> float:
+    """The lowest of the run's budget, the config's per-client cap and the device's cap."""
+    sample = cfg["privacy"]["sample"]
+    caps = [float(sample["epsilon"])]
+    per_client = sample.get("client_budgets") or {}
+    if who.client_id in per_client:
+        caps.append(float(per_client[who.client_id]))
+    if who.max_epsilon is not None:
+        caps.append(float(who.max_epsilon))
+    return min(caps)
+
+
+def privacy_summary(cfg: Mapping, who: ClientIdentity, ledger: Ledger, run_id: str) -> dict[str, Any]:
+    """The client's report entry (clients_reported.json) — recomputable from ``history``."""
+    sample = cfg["privacy"]["sample"]
+    calib = ledger.runs.get(run_id)
+    entries = ledger.run_entries(run_id)
+    budget = budget_epsilon(cfg, who)
+    return {
+        "client_id": who.client_id,
+        "accountant": sample["accountant"],
+        "delta": float(sample["delta"]),
+        "budget_epsilon": budget,
+        "noise_multiplier": calib.noise_multiplier if calib else None,
+        "max_grad_norm": float(sample["max_grad_norm"]),
+        "sample_rate": calib.sample_rate if calib else None,
+        "history": [list(h) for h in ledger.history],
+        "per_round": [{"round": e.round, "epsilon": e.epsilon} for e in entries if e.status == "trained"],
+        "rounds_participated": sum(e.status == "trained" for e in entries),
+        "rounds_declined": sum(e.status == "declined" for e in entries),
+        "exhausted": bool(entries and entries[-1].status == "declined" and entries[-1].reason == "budget"),
+    }
+
+
+def run_round(
+    cfg: Mapping,
+    who: ClientIdentity,
+    *,
+    run_id: str,
+    server_round: int,
+    global_state: Mapping[str, torch.Tensor],
+) -> RoundOutcome:
+    """Answer the server's training request for ``server_round``."""
+    data, label_names = _client_data(cfg, who.partition_id)
+    train = cfg["train"]
+    dp_on = cfg["privacy"]["mode"] in ("sample", "both")
+    digest = state_digest(global_state)
+    key = reply_key(run_id, server_round, digest)
+
+    ledger = Ledger.load(who.state_dir, who.client_id)
+    done = ledger.entry(run_id, server_round)
+    if done is not None:
+        kept = load_reply(who.state_dir, who.client_id, done.reply_key) if done.status == "trained" else None
+        if done.status == "trained" and done.reply_key == key and kept is not None:
+            log.info("client %s: round %d already answered; resending the kept reply", who.client_id, server_round)
+            return RoundOutcome(False, "", kept, privacy_summary(cfg, who, ledger, run_id), resent=True)
+        if done.status == "declined":
+            return RoundOutcome(True, done.reason, None, privacy_summary(cfg, who, ledger, run_id), resent=True)
+        # Trained for this round on other global weights (or the reply was lost):
+        # training again would spend twice for one round, so decline instead.
+        return RoundOutcome(True, "already-trained", None, privacy_summary(cfg, who, ledger, run_id), resent=True)
+
+    n = len(data)
+    steps = planned_steps_per_round(n, int(train["batch_size"]), int(train["local_epochs"]))
+    q = sample_rate(n, int(train["batch_size"]))
+    previous = copy.deepcopy(ledger)
+
+    dp = None
+    if dp_on:
+        sample = cfg["privacy"]["sample"]
+        calib = ledger.runs.get(run_id)
+        if calib is None:
+            planned = steps * int(cfg["rounds"])
+            sigma = calibrate_noise(
+                target_epsilon=float(sample["epsilon"]), delta=float(sample["delta"]),
+                sample_rate=q, steps=planned, prior_history=ledger.history,
+                accountant=sample["accountant"],
+            )
+            calib = RunCalibration(sigma, q, steps, planned)
+            ledger.runs[run_id] = calib
+            log.info("client %s: calibrated sigma=%s for %d planned steps (q=%.4f)", who.client_id, sigma, planned, q)
+        eps_after = (
+            math.inf if calib.noise_multiplier is None
+            else epsilon(append_steps(ledger.history, calib.noise_multiplier, q, steps),
+                         float(sample["delta"]), sample["accountant"])
+        )
+        if eps_after > budget_epsilon(cfg, who):
+            eps_now = epsilon(ledger.history, float(sample["delta"]), sample["accountant"])
+            ledger.rounds.append(RoundEntry(run_id, server_round, "declined", eps_now, reason="budget"))
+            ledger.commit(who.state_dir, previous)
+            log.info("client %s declines round %d: eps %.4f -> %.4f would exceed its budget %.4f",
+                     who.client_id, server_round, eps_now, eps_after, budget_epsilon(cfg, who))
+            return RoundOutcome(True, "budget", None, privacy_summary(cfg, who, ledger, run_id))
+        dp = DPSettings(calib.noise_multiplier, float(sample["max_grad_norm"]), sample["accountant"],
+                        tuple(ledger.history))
+
+    model = _fresh_model(cfg, len(label_names))
+    load_trainable(model, global_state)
+    result = local_train(
+        model, data, epochs=int(train["local_epochs"]), batch_size=int(train["batch_size"]),
+        lr=float(train["lr"]), weight_decay=float(train.get("weight_decay", 0.0)), dp=dp,
+        device=_device(train.get("device", "cpu")),
+    )
+    local = trainable_state(model)
+    update = {k: (local[k].cpu() - torch.as_tensor(global_state[k])).contiguous() for k in local}
+
+    if dp is not None:
+        ledger.history = [tuple(h) for h in result.history]
+        eps = epsilon(ledger.history, float(cfg["privacy"]["sample"]["delta"]), dp.accountant)
+    else:
+        eps = None  # no guarantee at all: there is no ε to state
+    # Write-ahead: the reply and the ledger entry are durable before anything leaves.
+    save_reply(who.state_dir, who.client_id, key, update)
+    ledger.rounds.append(RoundEntry(run_id, server_round, "trained", eps, reply_key=key))
+    ledger.commit(who.state_dir, previous)
+    return RoundOutcome(False, "", update, privacy_summary(cfg, who, ledger, run_id))
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)

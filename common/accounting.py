@@ -1,0 +1,135 @@
+"""Sample-level privacy accounting: the one place where ε is computed.
+
+Everything here is a thin, deterministic layer over Opacus' accountants so that
+anyone holding a report can recompute its numbers with Opacus alone:
+
+    acc = RDPAccountant(); acc.history = [tuple(h) for h in history]
+    acc.get_epsilon(delta)
+
+A *history* is exactly Opacus' accountant history: a list of
+``(noise_multiplier, sample_rate, steps)`` entries, consecutive equal
+``(sigma, q)`` pairs merged as Opacus merges them.
+
+Sampling: Opacus' ``DPDataLoader`` uses ``sample_rate = 1 / len(data_loader)``
+with ``len = ceil(n / batch_size)`` and yields that many (Poisson) batches per
+epoch. :func:`sample_rate` and :func:`steps_per_epoch` mirror that exactly, so
+the steps we plan are the steps Opacus records.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+
+from opacus.accountants import PRVAccountant, RDPAccountant
+from opacus.accountants.accountant import IAccountant
+from opacus.accountants.utils import get_noise_multiplier
+
+from common.errors import ConfigError
+
+ACCOUNTANTS = {"rdp": RDPAccountant, "prv": PRVAccountant}
+
+HistoryEntry = tuple[float, float, int]
+
+
+def make_accountant(name: str, history: Iterable[Sequence] = ()) -> IAccountant:
+    """An Opacus accountant of kind ``name`` preloaded with ``history``."""
+    if name not in ACCOUNTANTS:
+        raise ConfigError(
+            "privacy.sample.accountant",
+            f"unknown accountant {name!r}; choose one of {sorted(ACCOUNTANTS)}",
+        )
+    accountant = ACCOUNTANTS[name]()
+    accountant.history = normalise(history)
+    return accountant
+
+
+def normalise(history: Iterable[Sequence]) -> list[HistoryEntry]:
+    """JSON lists back to Opacus' tuples (float, float, int)."""
+    return [(float(s), float(q), int(n)) for s, q, n in history]
+
+
+def epsilon(history: Iterable[Sequence], delta: float, accountant: str = "rdp") -> float:
+    """ε at ``delta`` spent by ``history``; an empty history has spent nothing."""
+    hist = normalise(history)
+    if not hist:
+        return 0.0
+    return float(make_accountant(accountant, hist).get_epsilon(delta))
+
+
+def append_steps(
+    history: Iterable[Sequence], sigma: float, q: float, steps: int
+) -> list[HistoryEntry]:
+    """``history`` followed by ``steps`` steps at ``(sigma, q)``, merged as Opacus does."""
+    hist = normalise(history)
+    if steps <= 0:
+        return hist
+    if hist and hist[-1][0] == sigma and hist[-1][1] == q:
+        s, qq, n = hist[-1]
+        hist[-1] = (s, qq, n + int(steps))
+    else:
+        hist.append((float(sigma), float(q), int(steps)))
+    return hist
+
+
+def steps_per_epoch(n: int, batch_size: int) -> int:
+    """Number of Poisson batches Opacus draws per epoch over ``n`` examples."""
+    return math.ceil(n / batch_size)
+
+
+def sample_rate(n: int, batch_size: int) -> float:
+    """Poisson sampling rate q exactly as Opacus' ``DPDataLoader`` sets it."""
+    return 1.0 / steps_per_epoch(n, batch_size)
+
+
+def calibrate_noise(
+    *,
+    target_epsilon: float,
+    delta: float,
+    sample_rate: float,
+    steps: int,
+    prior_history: Iterable[Sequence] = (),
+    accountant: str = "rdp",
+    epsilon_tolerance: float = 0.01,
+) -> float | None:
+    """Smallest σ (within tolerance) such that ``prior + steps at (σ, q)`` stays ≤ target ε.
+
+    With no prior spend this is Opacus' ``get_noise_multiplier``. With prior spend the
+    budget is *not* ``target - ε_prior`` (ε does not add up linearly under RDP/PRV):
+    we bisect σ on the composed history, which is what the accountant will see.
+    Returns ``None`` when the prior spend alone already reaches the target.
+    """
+    prior = normalise(prior_history)
+    if steps <= 0:
+        raise ValueError("steps must be positive")
+    if not prior:
+        return float(
+            get_noise_multiplier(
+                target_epsilon=target_epsilon,
+                target_delta=delta,
+                sample_rate=sample_rate,
+                steps=steps,
+                accountant=accountant,
+                epsilon_tolerance=epsilon_tolerance,
+            )
+        )
+    if epsilon(prior, delta, accountant) >= target_epsilon - epsilon_tolerance:
+        return None
+
+    def eps_with(sigma: float) -> float:
+        return epsilon(append_steps(prior, sigma, sample_rate, steps), delta, accountant)
+
+    lo, hi = 0.0, 10.0
+    while eps_with(hi) > target_epsilon:
+        hi *= 2
+        if hi > 1e4:
+            return None
+    # Invariant: eps_with(hi) <= target. Stop when the ε at hi is within tolerance.
+    while True:
+        mid = (lo + hi) / 2
+        if eps_with(mid) > target_epsilon:
+            lo = mid
+        else:
+            hi = mid
+        if target_epsilon - eps_with(hi) <= epsilon_tolerance or hi - lo < 1e-6:
+            return hi

@@ -1,0 +1,121 @@
+"""The ``fedpriv`` command: ``fedpriv simulate [HYDRA_OVERRIDES...]`` and ``fedpriv report RUN_DIR``.
+
+``simulate`` coordinates, so it lives with the server; it loads the ClientApp by its
+component string from pyproject (as ``flwr run`` does), never by importing client code.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import tomllib
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+USAGE = """usage: fedpriv simulate [HYDRA_OVERRIDES ...]   run N simulated clients (Hydra; -m for sweeps)
+       fedpriv report RUN_DIR                   re-render a run's privacy report"""
+
+log = logging.getLogger("fedpriv")
+
+
+def _offline_env() -> None:
+    # No hub is reachable; fail fast instead of retrying downloads. Ray workers inherit these.
+    for key in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        os.environ.setdefault(key, "1")
+    os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+
+
+def client_app_ref() -> str:
+    """The ClientApp component string from pyproject ([tool.flwr.app.components])."""
+    with open(ROOT / "pyproject.toml", "rb") as fh:
+        return tomllib.load(fh)["tool"]["flwr"]["app"]["components"]["clientapp"]
+
+
+def simulate(cfg_node) -> None:
+    """Hydra task: validate, then run the federation on Flower's simulation engine."""
+    from flwr.simulation import run_simulation
+    from flwr.supercore.object_ref import load_app
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import OmegaConf
+
+    from common.errors import ConfigError
+    from server.app import make_app
+    from server.loop import prepare
+
+    cfg = OmegaConf.to_container(cfg_node, resolve=True)
+    cfg["state_dir"] = str(Path(cfg["state_dir"]).resolve())
+    run_dir = Path(HydraConfig.get().runtime.output_dir).resolve()
+    try:
+        prepared = prepare(cfg)  # a bad setting stops here, before Ray starts
+    except ConfigError as err:
+        print(f"fedpriv: configuration error: {err}", file=sys.stderr)
+        sys.exit(2)  # SystemExit passes through Hydra's error handler; exceptions do not
+
+    sim = cfg["simulation"]
+    errors: list[BaseException] = []
+    client_app = load_app(client_app_ref(), ValueError, project_dir=ROOT)
+    run_simulation(
+        server_app=make_app(prepared, run_dir, errors),
+        client_app=client_app,
+        num_supernodes=int(cfg["num_clients"]),
+        backend_config={
+            "client_resources": {"num_cpus": float(sim["cpus_per_client"]), "num_gpus": float(sim["gpus_per_client"])},
+            "init_args": {"num_cpus": int(sim["num_cpus"] or os.cpu_count() or 1), "include_dashboard": False},
+        },
+    )
+    if errors:
+        raise errors[0]
+    if not (run_dir / "privacy_report.json").exists():
+        raise RuntimeError("the simulation ended without a privacy report; see the log above")
+    print(f"fedpriv: run finished; report in {run_dir / 'privacy_report.md'}")
+
+
+def _hydra_simulate(argv: list[str]) -> None:
+    import hydra
+
+    sys.argv = ["fedpriv simulate", *argv]
+    hydra.main(config_path=str(ROOT / "conf"), config_name="config", version_base="1.3")(simulate)()
+
+
+def report(argv: list[str]) -> int:
+    from common.report import render_run_dir
+
+    if len(argv) != 1:
+        print(USAGE, file=sys.stderr)
+        return 2
+    report = render_run_dir(Path(argv[0]))
+    print(f"fedpriv: report re-rendered in {Path(argv[0]) / 'privacy_report.md'} "
+          f"({len(report['sample_level']['clients'])} clients)")
+    return 0
+
+
+def main() -> int:
+    from common.errors import ConfigError
+
+    argv = sys.argv[1:]
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    _offline_env()
+    try:
+        if command == "simulate":
+            _hydra_simulate(rest)
+            return 0
+        if command == "report":
+            return report(rest)
+    except ConfigError as err:
+        print(f"fedpriv: configuration error: {err}", file=sys.stderr)
+        return 2
+    except FileNotFoundError as err:
+        print(f"fedpriv: {err}", file=sys.stderr)
+        return 2
+    print(f"fedpriv: unknown command {command!r}\n{USAGE}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,338 @@
+"""The privacy report: ε recomputed with Opacus, schema v1, the five rendered files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+from opacus.accountants import PRVAccountant, RDPAccountant
+
+from common.report import (
+    CAVEAT_EVAL_METRICS,
+    build_report,
+    render_run_dir,
+    write_report,
+)
+
+DELTA = 1e-5
+HISTORY = [[0.71, 0.016, 120]]
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+TOP_KEYS = {
+    "schema_version", "fedpriv_version", "config", "sample_level", "client_level",
+    "secure_aggregation", "rounds", "caveats",
+}
+SAMPLE_KEYS = {"enabled", "unit", "accountant", "delta", "clients"}
+CLIENT_KEYS = {
+    "client_id", "budget_epsilon", "epsilon", "noise_multiplier", "max_grad_norm",
+    "sample_rate", "steps", "history", "rounds_participated", "rounds_declined",
+    "exhausted", "per_round",
+}
+CLIENT_LEVEL_KEYS = {
+    "enabled", "unit", "epsilon", "delta", "noise_multiplier", "clipping_norm",
+    "assumptions", "per_round",
+}
+
+
+def opacus_epsilon(history, delta, accountant_cls=RDPAccountant):
+    acc = accountant_cls()
+    acc.history = [tuple(h) for h in history]
+    return acc.get_epsilon(delta)
+
+
+def make_config(mode="sample", accountant="rdp", secagg=False):
+    return {
+        "seed": 0,
+        "num_clients": 3,
+        "rounds": 2,
+        "secagg": secagg,
+        "privacy": {
+            "mode": mode,
+            "sample": {"epsilon": 8.0, "delta": DELTA, "max_grad_norm": 1.0,
+                       "accountant": accountant, "client_budgets": {}},
+        },
+    }
+
+
+def client_entry(cid, history, accountant="rdp", **extra):
+    entry = {
+        "client_id": cid, "accountant": accountant, "delta": DELTA, "budget_epsilon": 8.0,
+        "noise_multiplier": 0.71, "max_grad_norm": 1.0, "sample_rate": 0.016,
+        "history": history,
+        "per_round": [{"round": 1, "epsilon": 3.2018}, {"round": 2, "epsilon": 4.0704}]
+        if history else [],
+        "rounds_participated": 2 if history else 0, "rounds_declined": 0,
+        "exhausted": False,
+    }
+    entry.update(extra)
+    return entry
+
+
+def make_reported(accountant="rdp"):
+    # Ids deliberately out of order and with 10 > 2 to check numeric sorting.
+    return {"run_id": "a1b2", "clients": {
+        "10": client_entry("10", [[0.71, 0.016, 30]], accountant),
+        "0": client_entry("0", HISTORY, accountant),
+        "2": client_entry("2", [], accountant, rounds_declined=2, exhausted=True),
+    }}
+
+
+ROUNDS = [
+    {"round": 2, "accuracy": 0.84, "loss": 0.45, "clients_trained": 2, "clients_declined": 1,
+     "clients_rejected": 0, "clients_failed": 0, "wall_s": 11.0, "client_epsilon": None},
+    {"round": 1, "accuracy": 0.81, "loss": 0.52, "clients_trained": 2, "clients_declined": 1,
+     "clients_rejected": 0, "clients_failed": 0, "wall_s": 12.3},
+]
+
+
+def write_run_dir(run_dir: Path, config=None, reported=None, rounds=ROUNDS) -> Path:
+    (run_dir / ".hydra").mkdir(parents=True)
+    OmegaConf.save(OmegaConf.create(config or make_config()), run_dir / ".hydra" / "config.yaml")
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rounds))
+    (run_dir / "clients_reported.json").write_text(json.dumps(reported or make_reported()))
+    return run_dir
+
+
+def by_id(report):
+    return {c["client_id"]: c for c in report["sample_level"]["clients"]}
+
+
+# ------------------------------------------------------------------ ε recomputation
+
+
+def test_epsilon_is_opacus_recomputation_of_the_history():
+    report = build_report(config=make_config(), clients_reported=make_reported(), rounds=ROUNDS)
+    clients = by_id(report)
+    assert clients["0"]["epsilon"] == pytest.approx(opacus_epsilon(HISTORY, DELTA), abs=1e-6)
+    assert round(clients["0"]["epsilon"], 4) == 4.0704
+    assert round(clients["10"]["epsilon"], 4) == 3.2018
+
+
+def test_epsilon_ignores_what_the_client_claimed():
+    reported = make_reported()
+    reported["clients"]["0"]["per_round"][-1]["epsilon"] = 0.1  # a client under-reporting
+    report = build_report(config=make_config(), clients_reported=reported, rounds=ROUNDS)
+    assert round(by_id(report)["0"]["epsilon"], 4) == 4.0704
+
+
+def test_empty_history_has_spent_nothing():
+    report = build_report(config=make_config(), clients_reported=make_reported(), rounds=ROUNDS)
+    client = by_id(report)["2"]
+    assert client["epsilon"] == 0.0
+    assert client["steps"] == 0
+    # With no history, σ and q fall back to what the client reported.
+    assert client["noise_multiplier"] == 0.71 and client["sample_rate"] == 0.016
+
+
+def test_prv_accountant_path(tmp_path):
+    report = build_report(config=make_config(accountant="prv"),
+                          clients_reported=make_reported("prv"), rounds=ROUNDS)
+    assert report["sample_level"]["accountant"] == "prv"
+    expected = opacus_epsilon(HISTORY, DELTA, PRVAccountant)
+    assert by_id(report)["0"]["epsilon"] == pytest.approx(expected, abs=1e-6)
+    assert by_id(report)["0"]["epsilon"] != pytest.approx(opacus_epsilon(HISTORY, DELTA), abs=1e-3)
+    write_report(tmp_path, report)
+    assert "PRVAccountant" in (tmp_path / "privacy_report.md").read_text()
+
+
+def test_steps_and_last_history_entry():
+    reported = make_reported()
+    reported["clients"]["0"]["history"] = [[0.9, 0.02, 50], [0.71, 0.016, 70]]
+    report = build_report(config=make_config(), clients_reported=reported, rounds=ROUNDS)
+    client = by_id(report)["0"]
+    assert client["steps"] == 120
+    assert (client["noise_multiplier"], client["sample_rate"]) == (0.71, 0.016)
+    assert client["history"] == [[0.9, 0.02, 50], [0.71, 0.016, 70]]
+
+
+# ------------------------------------------------------------------ schema
+
+
+def test_schema_keys_and_client_fields_match_design():
+    report = build_report(config=make_config(), clients_reported=make_reported(), rounds=ROUNDS)
+    assert set(report) == TOP_KEYS
+    assert report["schema_version"] == 1
+    assert report["fedpriv_version"] == "0.1.0"
+    assert report["config"] == make_config()
+    assert report["secure_aggregation"] is False
+    sample = report["sample_level"]
+    assert set(sample) == SAMPLE_KEYS
+    assert sample["enabled"] is True
+    assert sample["unit"] == "one training example of one client"
+    assert (sample["accountant"], sample["delta"]) == ("rdp", DELTA)
+    assert [c["client_id"] for c in sample["clients"]] == ["0", "2", "10"]
+    for client in sample["clients"]:
+        assert set(client) == CLIENT_KEYS
+    zero = by_id(report)["0"]
+    assert zero == {**zero, "client_id": "0", "budget_epsilon": 8.0, "max_grad_norm": 1.0,
+                    "steps": 120, "history": HISTORY, "rounds_participated": 2,
+                    "rounds_declined": 0, "exhausted": False,
+                    "per_round": [{"round": 1, "epsilon": 3.2018},
+                                  {"round": 2, "epsilon": 4.0704}]}
+    assert by_id(report)["2"]["exhausted"] is True
+
+
+def test_client_level_defaults_to_disabled_block_and_is_used_as_given():
+    report = build_report(config=make_config(), clients_reported=make_reported(), rounds=ROUNDS)
+    assert report["client_level"] == {
+        "enabled": False, "unit": "all data of one client", "epsilon": None, "delta": None,
+        "noise_multiplier": None, "clipping_norm": None, "assumptions": [], "per_round": [],
+    }
+    given = {"enabled": True, "unit": "all data of one client", "epsilon": 0.9,
+             "delta": 1e-3, "noise_multiplier": 1.1, "clipping_norm": 0.5,
+             "assumptions": ["no amplification (q = 1)"],
+             "per_round": [{"round": 1, "epsilon": 0.6}, {"round": 2, "epsilon": 0.9}]}
+    report = build_report(config=make_config(mode="both"), clients_reported=make_reported(),
+                          rounds=ROUNDS, client_level=given)
+    assert report["client_level"] == given
+    assert set(report["client_level"]) == CLIENT_LEVEL_KEYS
+
+
+def test_rounds_sorted_with_counts_and_without_extra_keys():
+    report = build_report(config=make_config(), clients_reported=make_reported(), rounds=ROUNDS)
+    assert report["rounds"] == [
+        {"round": 1, "accuracy": 0.81, "loss": 0.52, "clients_trained": 2,
+         "clients_declined": 1, "clients_rejected": 0, "clients_failed": 0},
+        {"round": 2, "accuracy": 0.84, "loss": 0.45, "clients_trained": 2,
+         "clients_declined": 1, "clients_rejected": 0, "clients_failed": 0},
+    ]
+
+
+@pytest.mark.parametrize("mode", ["none", "client"])
+def test_sample_level_disabled_without_sample_dp(mode):
+    report = build_report(config=make_config(mode=mode), clients_reported=make_reported(),
+                          rounds=ROUNDS)
+    sample = report["sample_level"]
+    assert sample["enabled"] is False
+    assert sample["clients"] == []
+    assert sample["delta"] is None and sample["accountant"] is None
+
+
+def test_caveats():
+    report = build_report(config=make_config(), clients_reported=make_reported(), rounds=ROUNDS)
+    caveats = report["caveats"]
+    assert "evaluation metrics are released without DP noise" in caveats
+    assert CAVEAT_EVAL_METRICS == "evaluation metrics are released without DP noise"
+    text = " ".join(caveats)
+    assert "os.urandom" in text and "torchcsprng" in text
+    assert "sample rate" in text and "decline flags" in text
+    assert "add/remove" in text
+    assert "no formal privacy guarantee" not in text
+
+    none = build_report(config=make_config(mode="none"), clients_reported=make_reported(),
+                        rounds=ROUNDS)
+    assert "evaluation metrics are released without DP noise" in none["caveats"]
+    assert any("no formal privacy guarantee" in c for c in none["caveats"])
+
+
+def test_caveat_when_a_client_accounted_with_another_delta():
+    reported = make_reported()
+    reported["clients"]["0"]["delta"] = 1e-6
+    report = build_report(config=make_config(), clients_reported=reported, rounds=ROUNDS)
+    assert any("Client 0 reported delta" in c for c in report["caveats"])
+
+
+@pytest.mark.parametrize("setting, config", [
+    ("privacy.mode", make_config(mode="sometimes")),
+    ("privacy.sample.accountant", make_config(accountant="gdp")),
+])
+def test_bad_setting_is_named(setting, config):
+    with pytest.raises(ValueError, match=setting):
+        build_report(config=config, clients_reported=make_reported(), rounds=ROUNDS)
+
+
+# ------------------------------------------------------------------ rendering
+
+
+def test_render_run_dir_writes_all_five_files(tmp_path):
+    run_dir = write_run_dir(tmp_path / "run")
+    report = render_run_dir(run_dir)
+
+    on_disk = json.loads((run_dir / "privacy_report.json").read_text())
+    assert on_disk == report
+    # Full precision in the JSON; 4 decimals in the tables.
+    assert by_id(on_disk)["0"]["epsilon"] == opacus_epsilon(HISTORY, DELTA)
+    md = (run_dir / "privacy_report.md").read_text()
+    page = (run_dir / "privacy_report.html").read_text()
+    for text in (md, page):
+        assert "4.0704" in text and "3.2018" in text
+        assert "evaluation metrics are released without DP noise" in text
+        assert "one training example of one client" in text
+        assert "all data of one client" in text
+        assert "RDPAccountant" in text and "get_epsilon" in text
+    assert md.index("## Summary") < md.index("## Clients") < md.index("## Rounds")
+    assert 'src="plots/epsilon_per_round.png"' in page
+    assert 'src="plots/accuracy_per_round.png"' in page
+    assert "<style>" in page
+    for plot in ("plots/epsilon_per_round.png", "plots/accuracy_per_round.png"):
+        data = (run_dir / plot).read_bytes()
+        assert data.startswith(PNG_MAGIC)
+        assert len(data) > 5_000
+    assert not list(run_dir.rglob("*.tmp"))  # atomic writes leave no temp files
+
+
+def test_render_run_dir_reads_client_level_json(tmp_path):
+    run_dir = write_run_dir(tmp_path / "run", config=make_config(mode="both"))
+    level = {"enabled": True, "unit": "all data of one client", "epsilon": 0.9,
+             "delta": 1e-3, "noise_multiplier": 1.1, "clipping_norm": 0.5,
+             "assumptions": ["no amplification (q = 1)"],
+             "per_round": [{"round": 1, "epsilon": 0.6}, {"round": 2, "epsilon": 0.9}]}
+    (run_dir / "client_level.json").write_text(json.dumps(level))
+    report = render_run_dir(run_dir)
+    assert report["client_level"] == level
+    assert "client-level ε" in (run_dir / "privacy_report.md").read_text()
+
+
+def test_render_without_dp_still_writes_plots(tmp_path):
+    run_dir = write_run_dir(tmp_path / "run", config=make_config(mode="none"))
+    report = render_run_dir(run_dir)
+    assert report["sample_level"]["enabled"] is False
+    assert (run_dir / "plots/epsilon_per_round.png").read_bytes().startswith(PNG_MAGIC)
+    assert "No formal privacy guarantee" in (run_dir / "privacy_report.md").read_text()
+
+
+def test_html_escapes_untrusted_strings(tmp_path):
+    evil = "<script>alert(1)</script>"
+    config = make_config()
+    config["note"] = evil
+    reported = {"run_id": "x", "clients": {evil: client_entry(evil, HISTORY)}}
+    run_dir = write_run_dir(tmp_path / "run", config=config, reported=reported)
+    report = render_run_dir(run_dir)
+    assert report["sample_level"]["clients"][0]["client_id"] == evil
+    page = (run_dir / "privacy_report.html").read_text()
+    assert "<script>" not in page
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+
+
+def test_write_report_replaces_existing_files(tmp_path):
+    report = build_report(config=make_config(), clients_reported=make_reported(), rounds=ROUNDS)
+    (tmp_path / "privacy_report.json").write_text("stale")
+    write_report(tmp_path, report)
+    assert json.loads((tmp_path / "privacy_report.json").read_text()) == report
+
+
+@pytest.mark.parametrize(
+    "missing", [".hydra/config.yaml", "metrics.jsonl", "clients_reported.json"]
+)
+def test_missing_file_is_named(tmp_path, missing):
+    run_dir = write_run_dir(tmp_path / "run")
+    (run_dir / missing).unlink()
+    with pytest.raises(FileNotFoundError, match=Path(missing).name):
+        render_run_dir(run_dir)
+
+
+def test_missing_run_dir_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        render_run_dir(tmp_path / "nowhere")
+
+
+def test_torn_last_metrics_line_is_skipped_but_corruption_raises(tmp_path):
+    run_dir = write_run_dir(tmp_path / "run")
+    metrics = run_dir / "metrics.jsonl"
+    metrics.write_text(metrics.read_text() + '{"round": 3, "accur')
+    assert [r["round"] for r in render_run_dir(run_dir)["rounds"]] == [1, 2]
+    metrics.write_text('{"round": 1, "accur\n' + json.dumps(ROUNDS[0]) + "\n")
+    with pytest.raises(ValueError, match="metrics.jsonl line 1"):
+        render_run_dir(run_dir)
