@@ -60,6 +60,7 @@ def local_train(
     batch_size: int,
     lr: float,
     weight_decay: float = 0.0,
+    optimizer: str = "adamw",
     dp: DPSettings | None,
     device: str | torch.device = "cpu",
 ) -> TrainResult:
@@ -72,7 +73,7 @@ def local_train(
         raise ValueError("no training data on this client")
     model.to(device).train()
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    optimizer = _optimizer(optimizer, params, lr=lr, weight_decay=weight_decay)
     sampling_gen = urandom_generator()
     loader = DataLoader(data, batch_size=batch_size, shuffle=dp is None, generator=sampling_gen)
 
@@ -135,6 +136,15 @@ def local_train(
         history=list(engine.accountant.history) if engine is not None else None,
         mean_loss=loss_sum / max(loss_batches, 1),
     )
+
+
+def _optimizer(name: str, params: list, *, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    # Adam on DP gradients is post-processing of the noised gradient: no extra cost.
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, weight_decay=weight_decay)
+    raise ValueError(f"unknown optimizer {name!r}")
 
 
 def planned_steps_per_round(n: int, batch_size: int, epochs: int) -> int:

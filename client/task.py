@@ -180,7 +180,8 @@ def run_round(
     load_trainable(model, global_state)
     result = local_train(
         model, data, epochs=int(train["local_epochs"]), batch_size=int(train["batch_size"]),
-        lr=float(train["lr"]), weight_decay=float(train.get("weight_decay", 0.0)), dp=dp,
+        lr=float(train["lr"]), weight_decay=float(train.get("weight_decay", 0.0)),
+        optimizer=str(train.get("optimizer", "adamw")), dp=dp,
         device=_device(train.get("device", "cpu")),
     )
     local = trainable_state(model)

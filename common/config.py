@@ -53,6 +53,8 @@ def validate(cfg: Mapping) -> None:
     _number(cfg, "strategy.min_train_clients", minimum=1, exclusive=False, integer=True)
     _number(cfg, "strategy.server_lr", minimum=0)
     _number(cfg, "round_timeout_s", minimum=0)
+    if cfg["train"].get("optimizer", "adamw") not in ("adamw", "sgd"):
+        raise ConfigError("train.optimizer", f"must be adamw or sgd, got {cfg['train']['optimizer']!r}")
     if cfg["train"].get("device", "cpu") not in ("cpu", "cuda", "auto"):
         raise ConfigError("train.device", f"must be cpu, cuda or auto, got {cfg['train']['device']!r}")
     if cfg.get("secagg"):

@@ -234,7 +234,8 @@ def partition_train(train: datasets.Dataset, partition_cfg: Mapping, *, num_clie
     name = cfg.get("name")
     builder = _PARTITIONERS.get(name)
     if builder is None:
-        raise ConfigError("partition.name", f"unknown partitioning {name!r}; use one of {sorted(_PARTITIONERS)}")
+        raise ConfigError("partition.name",
+                          f"unknown partitioning {name!r}; use one of {sorted(_PARTITIONERS)}")
     partitioner, setting, data = builder(cfg, train, num_clients, seed)
     partitioner.dataset = data
     try:
@@ -294,7 +295,10 @@ def _natural(cfg: dict, train: datasets.Dataset, num_clients: int, seed: int):
     return NaturalIdPartitioner(partition_by=by), "partition.by", train
 
 
-_PARTITIONERS: dict[str, Callable[[dict, datasets.Dataset, int, int], tuple[Partitioner, str, datasets.Dataset]]] = {
+#: name -> builder(cfg, train, num_clients, seed) returning the partitioner, the
+#: setting to blame when it fails, and the data it should partition.
+_PARTITIONERS: dict[str, Callable[[dict, datasets.Dataset, int, int],
+                                  tuple[Partitioner, str, datasets.Dataset]]] = {
     "iid": _iid,
     "dirichlet": _dirichlet,
     "pathological": _pathological,

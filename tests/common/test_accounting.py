@@ -1,0 +1,108 @@
+"""Accounting checked against Opacus itself, the independent reference."""
+
+import math
+
+import pytest
+from opacus.accountants import PRVAccountant, RDPAccountant
+
+from common.accounting import (
+    append_steps,
+    calibrate_noise,
+    epsilon,
+    make_accountant,
+    sample_rate,
+    steps_per_epoch,
+)
+from common.errors import ConfigError
+
+
+def opacus_rdp(history, delta):
+    acc = RDPAccountant()
+    acc.history = [tuple(h) for h in history]
+    return acc.get_epsilon(delta)
+
+
+def test_design_example_values():
+    # DESIGN.md: (0.71, 0.016, 120) gives 4.0704, its first 30 steps 3.2018.
+    assert round(epsilon([[0.71, 0.016, 120]], 1e-5), 4) == 4.0704
+    assert round(epsilon([[0.71, 0.016, 30]], 1e-5), 4) == 3.2018
+
+
+def test_stack_reference_values():
+    # STACK.md: sigma=1.0, q=0.01, 1000 steps, delta=1e-5 -> RDP 2.101, PRV 1.838.
+    assert epsilon([(1.0, 0.01, 1000)], 1e-5, "rdp") == pytest.approx(2.101, abs=1e-3)
+    assert epsilon([(1.0, 0.01, 1000)], 1e-5, "prv") == pytest.approx(1.838, abs=2e-2)
+
+
+def test_epsilon_equals_opacus_on_mixed_history():
+    history = [(1.3, 0.02, 50), (0.9, 0.05, 20), (1.3, 0.02, 10)]
+    assert epsilon(history, 1e-6) == opacus_rdp(history, 1e-6)
+    prv = PRVAccountant()
+    prv.history = list(history)
+    assert epsilon(history, 1e-6, "prv") == prv.get_epsilon(1e-6)
+
+
+def test_empty_history_has_spent_nothing():
+    assert epsilon([], 1e-5) == 0.0
+    assert epsilon([], 1e-5, "prv") == 0.0
+
+
+def test_append_merges_like_opacus():
+    # Opacus' accountant merges consecutive steps with equal (sigma, q).
+    acc = RDPAccountant()
+    for _ in range(3):
+        acc.step(noise_multiplier=0.8, sample_rate=0.1)
+    hist = append_steps([], 0.8, 0.1, 2)
+    hist = append_steps(hist, 0.8, 0.1, 1)
+    assert hist == acc.history == [(0.8, 0.1, 3)]
+    assert append_steps(hist, 0.9, 0.1, 1) == [(0.8, 0.1, 3), (0.9, 0.1, 1)]
+
+
+def test_sampling_mirrors_opacus_dataloader():
+    import torch
+    from opacus.data_loader import DPDataLoader
+    from torch.utils.data import DataLoader, TensorDataset
+
+    for n, batch in [(400, 32), (100, 100), (33, 8)]:
+        loader = DataLoader(TensorDataset(torch.zeros(n, 1)), batch_size=batch)
+        dp_loader = DPDataLoader.from_data_loader(loader)
+        assert dp_loader.sample_rate == sample_rate(n, batch)
+        assert len(dp_loader) == steps_per_epoch(n, batch)
+
+
+@pytest.mark.parametrize("accountant", ["rdp", "prv"])
+def test_calibration_hits_the_budget(accountant):
+    q, steps, target = 0.05, 200, 3.0
+    sigma = calibrate_noise(target_epsilon=target, delta=1e-5, sample_rate=q, steps=steps, accountant=accountant)
+    spent = epsilon([(sigma, q, steps)], 1e-5, accountant)
+    assert target - 0.02 <= spent <= target
+
+
+def test_calibration_against_prior_spend_composes_not_subtracts():
+    prior = [(0.9, 0.05, 100)]
+    spent = epsilon(prior, 1e-5)
+    sigma = calibrate_noise(target_epsilon=8.0, delta=1e-5, sample_rate=0.05, steps=100, prior_history=prior)
+    total = epsilon(append_steps(prior, sigma, 0.05, 100), 1e-5)
+    assert spent < total <= 8.0
+    assert total >= 8.0 - 0.02
+    # Calibrating to (target - spent) from scratch would overshoot the run's budget.
+    naive = calibrate_noise(target_epsilon=8.0 - spent, delta=1e-5, sample_rate=0.05, steps=100)
+    assert epsilon(append_steps(prior, naive, 0.05, 100), 1e-5) != pytest.approx(total, abs=1e-3)
+
+
+def test_calibration_with_spent_budget_returns_none():
+    prior = [(0.5, 0.2, 500)]
+    assert epsilon(prior, 1e-5) > 8
+    assert calibrate_noise(target_epsilon=8.0, delta=1e-5, sample_rate=0.05, steps=10, prior_history=prior) is None
+
+
+def test_unknown_accountant_names_setting():
+    with pytest.raises(ConfigError) as err:
+        make_accountant("gdpx")
+    assert err.value.setting == "privacy.sample.accountant"
+
+
+def test_epsilon_grows_with_steps():
+    values = [epsilon([(0.8, 0.05, k)], 1e-5) for k in (10, 50, 100, 400)]
+    assert all(a < b for a, b in zip(values, values[1:]))
+    assert all(math.isfinite(v) for v in values)
