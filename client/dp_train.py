@@ -17,6 +17,7 @@ Privacy caveats, stated plainly:
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -26,6 +27,12 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from common.accounting import make_accountant, sample_rate, steps_per_epoch
 from common.model import model_inputs
+
+# Expected here, and said once in the report instead of in every round's log:
+# no CSPRNG exists for current torch, and frozen embeddings make BERT's first
+# backward hook fire without input gradients.
+warnings.filterwarnings("ignore", message="Secure RNG turned off")
+warnings.filterwarnings("ignore", message="Full backward hook is firing")
 
 
 @dataclass(frozen=True)

@@ -84,7 +84,7 @@ def budget_epsilon(cfg: Mapping, who: ClientIdentity) -> float:
     """The lowest of the run's budget, the config's per-client cap and the device's cap."""
     sample = cfg["privacy"]["sample"]
     caps = [float(sample["epsilon"])]
-    per_client = sample.get("client_budgets") or {}
+    per_client = {str(k): v for k, v in (sample.get("client_budgets") or {}).items()}
     if who.client_id in per_client:
         caps.append(float(per_client[who.client_id]))
     if who.max_epsilon is not None:

@@ -67,6 +67,7 @@ def build_model(
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()  # "newly initialized classifier" is expected here
+    hf_logging.disable_progress_bar()
     source = resolve_name(name_or_path)
     overrides = dict(config_overrides or {})
     with torch.random.fork_rng(devices=[]):

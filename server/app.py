@@ -25,13 +25,15 @@ def compose_config(overrides: list[str]) -> tuple[dict, Path]:
     """(resolved config, run directory) for ``overrides`` without a Hydra main (``flwr run``)."""
     from hydra import compose, initialize_config_dir
     from hydra.core.hydra_config import HydraConfig
-    from omegaconf import OmegaConf
+    from omegaconf import OmegaConf, open_dict
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose("config", overrides=overrides, return_hydra_config=True)
         HydraConfig.instance().set_config(cfg)  # lets ${hydra:run.dir} resolve
+        run_dir = Path(cfg.hydra.run.dir).resolve()
+        with open_dict(cfg):
+            del cfg["hydra"]  # its sweep keys only resolve inside a multirun
         container = OmegaConf.to_container(cfg, resolve=True)
-    run_dir = Path(container.pop("hydra")["run"]["dir"]).resolve()
     container["state_dir"] = str(Path(container["state_dir"]).resolve())
     return container, run_dir
 

@@ -36,6 +36,7 @@ def client_app_ref() -> str:
 
 def simulate(cfg_node) -> None:
     """Hydra task: validate, then run the federation on Flower's simulation engine."""
+    logging.getLogger("alembic").setLevel(logging.WARNING)  # Flower's state DB migrations
     from flwr.simulation import run_simulation
     from flwr.supercore.object_ref import load_app
     from hydra.core.hydra_config import HydraConfig
@@ -63,7 +64,11 @@ def simulate(cfg_node) -> None:
         num_supernodes=int(cfg["num_clients"]),
         backend_config={
             "client_resources": {"num_cpus": float(sim["cpus_per_client"]), "num_gpus": float(sim["gpus_per_client"])},
-            "init_args": {"num_cpus": int(sim["num_cpus"] or os.cpu_count() or 1), "include_dashboard": False},
+            "init_args": {
+                "num_cpus": int(sim["num_cpus"] or os.cpu_count() or 1),
+                "include_dashboard": False,
+                "_node_ip_address": "127.0.0.1",  # Ray's services listen on loopback only
+            },
         },
     )
     if errors:

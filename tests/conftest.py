@@ -1,0 +1,38 @@
+"""Shared test helpers: real configs composed from conf/, offline settings."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data"
+
+for key in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+    os.environ.setdefault(key, "1")
+
+# Small and fast: a 2-layer random BERT on 400 synthetic messages.
+FAST = ["model=tiny_bert", "data.train_size=400", "data.test_size=80", "train.batch_size=32"]
+
+
+def compose(overrides, run_dir: Path) -> dict:
+    """The resolved config exactly as a run would see it (Hydra compose + resolve)."""
+    from server.app import compose_config
+
+    cfg, _ = compose_config([*overrides, f"hydra.run.dir={run_dir}"])
+    return cfg
+
+
+@pytest.fixture
+def fast_cfg(tmp_path):
+    def make(*overrides):
+        return compose([*FAST, *overrides], tmp_path / "run")
+    return make
+
+
+def run_fedpriv(args, cwd: Path, timeout=300) -> subprocess.CompletedProcess:
+    """`fedpriv ARGS` in a subprocess, bounded in time."""
+    return subprocess.run([sys.executable, "-m", "server.cli", *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=timeout, env={**os.environ, "PYTHONPATH": str(ROOT)})
