@@ -89,9 +89,9 @@ def run_federation(grid: Grid, prepared: Prepared, run_dir: Path) -> dict:
     """Run every round and write the run directory; returns the privacy report."""
     cfg = prepared.cfg
     run_dir.mkdir(parents=True, exist_ok=True)
-    hydra_cfg = run_dir / ".hydra" / "config.yaml"
-    if not hydra_cfg.exists():  # under `flwr run` no Hydra main wrote it
-        atomic_write_bytes(hydra_cfg, OmegaConf.to_yaml(OmegaConf.create(cfg)).encode())
+    # DESIGN.md: .hydra/config.yaml holds the *resolved* config (Hydra writes it with
+    # interpolations such as ${hydra:run.dir}); resume and `fedpriv report` read it.
+    atomic_write_bytes(run_dir / ".hydra" / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(cfg)).encode())
     run_id = uuid.uuid4().hex
     cfg_json = json.dumps(cfg)
 
