@@ -1,0 +1,100 @@
+"""Config validation names the bad setting; every config group composes and validates."""
+
+from pathlib import Path
+
+import pytest
+
+from common.config import validate, validate_partitions
+from common.errors import ConfigError
+from tests.conftest import FAST, ROOT, compose
+
+GROUPS = ["model", "data", "partition", "privacy", "strategy", "train"]
+
+
+def options(group):
+    return sorted(p.stem for p in (ROOT / "conf" / group).glob("*.yaml") if not p.stem.startswith("_"))
+
+
+@pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in options(g)])
+def test_every_config_group_composes_and_validates(tmp_path, group, option):
+    extra = {"data/csv": ["data.path=x.csv", "data.text_column=text", "data.label_column=label"],
+             "data/hf": ["data.name=x", "data.text_column=text", "data.label_column=label"]}
+    cfg = compose([f"{group}={option}", *extra.get(f"{group}/{option}", [])], tmp_path)
+    validate(cfg)
+    if group == "model":
+        assert cfg["model"]["_target_"] == "common.model.build_model"
+
+
+def test_every_model_option_builds(tmp_path):
+    from common.model import count_parameters, instantiate_model
+
+    for option in options("model"):
+        cfg = compose([f"model={option}"], tmp_path)
+        trainable, total = count_parameters(instantiate_model(cfg, num_labels=3))
+        assert 0 < trainable < total
+
+
+@pytest.mark.parametrize("override,setting", [
+    ("privacy.sample.epsilon=-1", "privacy.sample.epsilon"),
+    ("privacy.sample.epsilon=0", "privacy.sample.epsilon"),
+    ("privacy.sample.delta=1.5", "privacy.sample.delta"),
+    ("privacy.sample.delta=0", "privacy.sample.delta"),
+    ("privacy.sample.max_grad_norm=0", "privacy.sample.max_grad_norm"),
+    ("privacy.sample.accountant=gdp", "privacy.sample.accountant"),
+    ("+privacy.sample.client_budgets.0=-2", "privacy.sample.client_budgets.0"),
+    ("privacy.mode=weird", "privacy"),
+    ("num_clients=0", "num_clients"),
+    ("rounds=0", "rounds"),
+    ("train.batch_size=0", "train.batch_size"),
+    ("train.lr=0", "train.lr"),
+    ("train.local_epochs=1.5", "train.local_epochs"),
+    ("train.optimizer=lion", "train.optimizer"),
+    ("train.device=tpu", "train.device"),
+    ("strategy.fraction_train=1.5", "strategy.fraction_train"),
+    ("secagg=true", "secagg"),
+])
+def test_bad_values_name_the_setting(tmp_path, override, setting):
+    cfg = compose([*FAST, override], tmp_path)
+    with pytest.raises(ConfigError) as err:
+        validate(cfg)
+    assert err.value.setting == setting
+    assert str(err.value).startswith(setting)
+
+
+def test_delta_must_be_below_one_over_smallest_client(tmp_path):
+    cfg = compose([*FAST, "num_clients=2"], tmp_path)
+    validate_partitions(cfg, [100, 200])
+    cfg["privacy"]["sample"]["delta"] = 0.03
+    with pytest.raises(ConfigError) as err:
+        validate_partitions(cfg, [40, 200])
+    assert err.value.setting == "privacy.sample.delta" and "n = 40" in str(err.value)
+
+
+def test_weak_delta_warns(tmp_path):
+    cfg = compose([*FAST, "num_clients=2"], tmp_path)
+    cfg["privacy"]["sample"]["delta"] = 1e-3
+    with pytest.warns(UserWarning, match="privacy.sample.delta"):
+        notes = validate_partitions(cfg, [500, 600])
+    assert notes
+
+
+def test_empty_partition_and_oversized_batch(tmp_path):
+    cfg = compose([*FAST, "num_clients=2"], tmp_path)
+    with pytest.raises(ConfigError) as err:
+        validate_partitions(cfg, [10, 0])
+    assert err.value.setting == "partition"
+    with pytest.raises(ConfigError) as err:
+        validate_partitions(cfg, [10, 200])
+    assert err.value.setting == "train.batch_size"
+
+
+def test_unknown_csv_column_is_named_by_prepare(tmp_path):
+    from server.loop import prepare
+
+    csv_path = Path(tmp_path) / "d.csv"
+    csv_path.write_text("text,label\n" + "".join(f"hello {i},{i % 2}\n" for i in range(40)))
+    cfg = compose(["model=tiny_bert", "num_clients=2", "data=csv", f"data.path={csv_path}", "data.text_column=body",
+                   "data.label_column=label", "data.test_fraction=0.25"], tmp_path)
+    with pytest.raises(ConfigError) as err:
+        prepare(cfg)
+    assert err.value.setting == "data.text_column"
