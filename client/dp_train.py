@@ -70,18 +70,24 @@ def local_train(
     optimizer: str = "adamw",
     dp: DPSettings | None,
     device: str | torch.device = "cpu",
+    shuffle_seed: int | None = None,
 ) -> TrainResult:
     """Train ``model``'s trainable parameters in place on ``data``.
 
     With ``dp`` the steps are DP-SGD and the result carries the accountant history;
-    without it they are ordinary mini-batch steps (no guarantee at all).
+    without it they are ordinary mini-batch steps (no guarantee at all), shuffled
+    with ``shuffle_seed`` when given so that non-private runs are reproducible.
+    ``shuffle_seed`` is ignored under DP: its sampling must not be predictable.
     """
     if len(data) == 0:
         raise ValueError("no training data on this client")
     model.to(device).train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = _optimizer(optimizer, params, lr=lr, weight_decay=weight_decay)
-    sampling_gen = urandom_generator()
+    if dp is None and shuffle_seed is not None:
+        sampling_gen = torch.Generator().manual_seed(shuffle_seed)
+    else:
+        sampling_gen = urandom_generator()
     loader = DataLoader(data, batch_size=batch_size, shuffle=dp is None, generator=sampling_gen)
 
     engine = hooks = None

@@ -39,7 +39,7 @@ def compose_config(overrides: list[str]) -> tuple[dict, Path]:
 
 
 def make_app(prepared: Prepared | None = None, run_dir: Path | None = None,
-             errors: list[BaseException] | None = None) -> ServerApp:
+             errors: list[BaseException] | None = None, *, resume: bool = False) -> ServerApp:
     """A ServerApp bound to a prepared config, or composing one from the run config."""
     app = ServerApp()
 
@@ -50,7 +50,7 @@ def make_app(prepared: Prepared | None = None, run_dir: Path | None = None,
                 cfg, target = compose_config(shlex.split(str(context.run_config.get("overrides", ""))))
                 run_federation(grid, prepare(cfg), target)
             else:
-                run_federation(grid, prepared, run_dir)
+                run_federation(grid, prepared, run_dir, resume=resume)
         except BaseException as err:  # the simulation engine would only log it
             if errors is not None:
                 errors.append(err)
