@@ -110,37 +110,42 @@ def local_train(
 
     steps = empty = 0
     loss_sum, loss_batches = 0.0, 0
-    try:
-        for _ in range(epochs):
-            for input_ids, attention_mask, labels in loader:
-                optimizer.zero_grad(set_to_none=True)
-                if len(labels) == 0:
-                    # An empty Poisson batch is still a step of the mechanism: its
-                    # noise must be added and the accountant must count it. BERT
-                    # cannot run on batch 0, so give Opacus empty per-example grads.
-                    for p in params:
-                        p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
+    # Without DP, dropout is seeded too, so a non-private run (and its resume) is
+    # reproducible; with DP it keeps drawing from the process' unseeded generator.
+    with torch.random.fork_rng(devices=[]):
+        if dp is None and shuffle_seed is not None:
+            torch.manual_seed(shuffle_seed)
+        try:
+            for _ in range(epochs):
+                for input_ids, attention_mask, labels in loader:
+                    optimizer.zero_grad(set_to_none=True)
+                    if len(labels) == 0:
+                        # An empty Poisson batch is still a step of the mechanism: its
+                        # noise must be added and the accountant must count it. BERT
+                        # cannot run on batch 0, so give Opacus empty per-example grads.
+                        for p in params:
+                            p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
+                        optimizer.step()
+                        steps += 1
+                        empty += 1
+                        continue
+                    input_ids, attention_mask, labels = (
+                        t.to(device) for t in (input_ids, attention_mask, labels)
+                    )
+                    logits = model(**model_inputs(input_ids, attention_mask)).logits
+                    loss = F.cross_entropy(logits, labels)
+                    loss.backward()
                     optimizer.step()
                     steps += 1
-                    empty += 1
-                    continue
-                input_ids, attention_mask, labels = (
-                    t.to(device) for t in (input_ids, attention_mask, labels)
-                )
-                logits = model(**model_inputs(input_ids, attention_mask)).logits
-                loss = F.cross_entropy(logits, labels)
-                loss.backward()
-                optimizer.step()
-                steps += 1
-                loss_sum += float(loss.detach())
-                loss_batches += 1
-    finally:
-        if hooks is not None:
-            hooks.cleanup()  # the model may be reused; leave no Opacus hooks behind
-            for p in params:
-                for attr in ("grad_sample", "summed_grad"):
-                    if hasattr(p, attr):
-                        delattr(p, attr)
+                    loss_sum += float(loss.detach())
+                    loss_batches += 1
+        finally:
+            if hooks is not None:
+                hooks.cleanup()  # the model may be reused; leave no Opacus hooks behind
+                for p in params:
+                    for attr in ("grad_sample", "summed_grad"):
+                        if hasattr(p, attr):
+                            delattr(p, attr)
 
     return TrainResult(
         steps=steps,
