@@ -29,8 +29,10 @@ def compose_config(overrides: list[str]) -> tuple[dict, Path]:
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose("config", overrides=overrides, return_hydra_config=True)
-        HydraConfig.instance().set_config(cfg)  # lets ${hydra:run.dir} resolve
         run_dir = Path(cfg.hydra.run.dir).resolve()
+        with open_dict(cfg):
+            cfg.hydra.runtime.output_dir = str(run_dir)  # what a Hydra main sets for its job
+        HydraConfig.instance().set_config(cfg)  # lets ${hydra:...} interpolations resolve
         with open_dict(cfg):
             del cfg["hydra"]  # its sweep keys only resolve inside a multirun
         container = OmegaConf.to_container(cfg, resolve=True)
