@@ -18,12 +18,9 @@ Three renderings of one dict (schema_version 1 of DESIGN.md):
 
 from __future__ import annotations
 
-import contextlib
 import html
 import io
 import json
-import os
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -38,6 +35,7 @@ from omegaconf import OmegaConf
 from common import __version__
 from common.accounting import ACCOUNTANTS, epsilon
 from common.errors import ConfigError
+from common.storage import atomic_write_bytes
 
 SCHEMA_VERSION = 1
 MODES = ("none", "sample", "client", "both")
@@ -139,7 +137,7 @@ def build_report(
         ],
     }
     reported = [entry for _, entry in entries] if sample_on else []
-    report["caveats"] = _caveats(report, mode, reported)
+    report["caveats"] = _caveats(report, mode, reported, clients_reported.get("unreported") or {})
     return report
 
 
@@ -159,11 +157,11 @@ def _disabled_client_level() -> dict:
 def _sorted_entries(items: Iterable[tuple[str, dict]]) -> list[tuple[str, dict]]:
     """Numeric ids in numeric order (2 before 10), then any other ids alphabetically."""
 
-    def key(item: tuple[str, dict]) -> tuple[int, int, str]:
-        cid = str(item[1].get("client_id", item[0]))
-        return (0, int(cid), "") if cid.isdigit() else (1, 0, cid)
+    return sorted(items, key=lambda item: _id_order(str(item[1].get("client_id", item[0]))))
 
-    return sorted(items, key=key)
+
+def _id_order(client_id: str) -> tuple[int, int, str]:
+    return (0, int(client_id), "") if client_id.isdigit() else (1, 0, client_id)
 
 
 def _client_row(
@@ -187,10 +185,11 @@ def _client_row(
     }
 
 
-def _caveats(report: dict, mode: str, reported: list[dict]) -> list[str]:
+def _caveats(report: dict, mode: str, reported: list[dict], unreported: dict) -> list[str]:
     """Plain sentences about what the ε does not cover or what the run revealed.
 
-    ``reported`` holds the clients' own entries, in the order of the report's clients.
+    ``reported`` holds the clients' own entries, in the order of the report's clients;
+    ``unreported`` maps a client id to the rounds whose reply never reached the server.
     """
     caveats = [
         CAVEAT_EVAL_METRICS,
@@ -228,6 +227,12 @@ def _caveats(report: dict, mode: str, reported: list[dict]) -> list[str]:
                 f"Client {cid} has spent ε = {row['epsilon']:.4f}, more than its budget "
                 f"{float(budget):g}."
             )
+    for cid, rounds in sorted(unreported.items(), key=lambda kv: _id_order(kv[0])):
+        caveats.append(
+            f"Client {cid}'s reply for round(s) {', '.join(map(str, rounds))} never reached the "
+            "server (timeout or failure). If it trained anyway, it spent more than this report "
+            "shows; the ledger on the client is authoritative and its next report includes it."
+        )
     return caveats
 
 
@@ -242,38 +247,13 @@ def write_report(run_dir: Path, report: dict) -> None:
     missing image.
     """
     run_dir = Path(run_dir)
-    _write_atomic(run_dir / EPSILON_PLOT, _epsilon_plot(report))
-    _write_atomic(run_dir / ACCURACY_PLOT, _accuracy_plot(report))
+    atomic_write_bytes(run_dir / EPSILON_PLOT, _epsilon_plot(report))
+    atomic_write_bytes(run_dir / ACCURACY_PLOT, _accuracy_plot(report))
     blocks = _document(report)
     json_text = json.dumps(report, indent=2) + "\n"
-    _write_atomic(run_dir / "privacy_report.json", json_text.encode())
-    _write_atomic(run_dir / "privacy_report.md", _to_markdown(blocks).encode())
-    _write_atomic(run_dir / "privacy_report.html", _to_html(blocks).encode())
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Temp file in the same directory, fsync, rename over ``path``, fsync the directory."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; reports are meant to be read
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)  # makes the rename itself durable
-    finally:
-        os.close(dir_fd)
-
-
-# --------------------------------------------------------------------------- read
+    atomic_write_bytes(run_dir / "privacy_report.json", json_text.encode())
+    atomic_write_bytes(run_dir / "privacy_report.md", _to_markdown(blocks).encode())
+    atomic_write_bytes(run_dir / "privacy_report.html", _to_html(blocks).encode())
 
 
 def render_run_dir(run_dir: Path) -> dict:

@@ -60,6 +60,8 @@ class RoundReplies:
     failed: dict[str, str] = field(default_factory=dict)  # node -> error
     privacy: dict[str, dict[str, Any]] = field(default_factory=dict)  # client_id -> ledger summary
     missing: list[int] = field(default_factory=list)  # sampled nodes that sent nothing in time
+    failed_nodes: list[int] = field(default_factory=list)  # sampled nodes that replied with an error
+    node_clients: dict[int, str] = field(default_factory=dict)  # node id -> client id it spoke for
 
 
 def check_update(
@@ -125,9 +127,12 @@ def collect(
         seen.add(reply.node_id)
         if reply.error is not None:
             out.failed[node] = reply.error[:300]
+            out.failed_nodes.append(reply.node_id)
             continue
         reason, client_id, update = _check_reply(reply.content, server_round, expected, max_bytes,
                                                  max_update_norm, out)
+        if client_id is not None:
+            out.node_clients[reply.node_id] = client_id
         if reason is not None:
             out.rejected[client_id or node] = reason
         elif update is not None:

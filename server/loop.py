@@ -89,12 +89,13 @@ class RunState:
     global_state: dict[str, torch.Tensor]
     rounds: list[dict]  # metrics.jsonl records of completed rounds
     clients_reported: dict[str, dict]
+    unreported: dict[str, list[int]]  # client id -> rounds whose reply never arrived
 
     @classmethod
     def fresh(cls, run_dir: Path, model: torch.nn.Module) -> "RunState":
         if (run_dir / "metrics.jsonl").exists():
             raise ConfigError("hydra.run.dir", f"{run_dir} already holds a run; use resume={run_dir} to continue it")
-        state = cls(uuid.uuid4().hex, Manifest(""), trainable_state(model), [], {})
+        state = cls(uuid.uuid4().hex, Manifest(""), trainable_state(model), [], {}, {})
         state.manifest.run_id = state.run_id
         save_round(run_dir, state.manifest, 0, state.global_state)  # resume point before round 1
         return state
@@ -106,9 +107,14 @@ class RunState:
         truncate_metrics(run_dir, rounds)
         done = len(rounds)
         reported_path = run_dir / "clients_reported.json"
-        reported = json.loads(reported_path.read_text())["clients"] if reported_path.exists() else {}
+        reported = json.loads(reported_path.read_text()) if reported_path.exists() else {}
         log.info("resuming run %s after round %d", manifest.run_id, done)
-        return cls(manifest.run_id, manifest, load_round(run_dir, manifest, done), rounds, reported)
+        return cls(manifest.run_id, manifest, load_round(run_dir, manifest, done), rounds,
+                   reported.get("clients", {}), reported.get("unreported", {}))
+
+    def reported(self) -> dict:
+        """The clients_reported.json object: what clients said, and whose replies are missing."""
+        return {"run_id": self.run_id, "clients": self.clients_reported, "unreported": self.unreported}
 
 
 def run_federation(grid: Grid, prepared: Prepared, run_dir: Path, *, resume: bool = False) -> dict:
@@ -132,6 +138,7 @@ def run_federation(grid: Grid, prepared: Prepared, run_dir: Path, *, resume: boo
     max_norm = strategy.get("max_update_norm")
     n_rounds = int(cfg["rounds"])
     first = len(state.rounds) + 1
+    node_clients: dict[int, str] = {}  # Flower node id -> client id, learnt from replies
 
     with Progress(TextColumn("[bold]fedpriv[/] {task.description}"), BarColumn(),
                   TextColumn("{task.completed}/{task.total} rounds"), TimeElapsedColumn()) as progress:
@@ -151,6 +158,10 @@ def run_federation(grid: Grid, prepared: Prepared, run_dir: Path, *, resume: boo
                              expected=state.global_state,
                              max_update_norm=float(max_norm) if max_norm is not None else None)
             state.clients_reported.update(result.privacy)
+            node_clients.update(result.node_clients)
+            for node in [*result.missing, *result.failed_nodes]:
+                who = node_clients.get(node, f"node {node}")
+                state.unreported.setdefault(who, []).append(server_round)
 
             skipped = len(result.accepted) < int(strategy["min_train_clients"])
             if skipped:
@@ -162,8 +173,7 @@ def run_federation(grid: Grid, prepared: Prepared, run_dir: Path, *, resume: boo
                                       batch_size=int(cfg["evaluation"]["batch_size"]))
 
             save_round(run_dir, state.manifest, server_round, state.global_state)
-            atomic_write_json(run_dir / "clients_reported.json",
-                              {"run_id": state.run_id, "clients": state.clients_reported})
+            atomic_write_json(run_dir / "clients_reported.json", state.reported())
             record = {
                 "round": server_round, "accuracy": accuracy, "loss": loss,
                 "clients_trained": len(result.accepted), "clients_declined": len(result.declined),
@@ -178,8 +188,7 @@ def run_federation(grid: Grid, prepared: Prepared, run_dir: Path, *, resume: boo
                 f"round {server_round}: accuracy {accuracy:.3f}, trained {len(result.accepted)}, "
                 f"declined {len(result.declined)}, rejected {len(result.rejected)}"))
 
-    report = build_report(config=cfg, clients_reported={"run_id": state.run_id, "clients": state.clients_reported},
-                          rounds=state.rounds)
+    report = build_report(config=cfg, clients_reported=state.reported(), rounds=state.rounds)
     write_report(run_dir, report)
     log.info("privacy report: %s", run_dir / "privacy_report.md")
     return report

@@ -336,3 +336,12 @@ def test_torn_last_metrics_line_is_skipped_but_corruption_raises(tmp_path):
     metrics.write_text('{"round": 1, "accur\n' + json.dumps(ROUNDS[0]) + "\n")
     with pytest.raises(ValueError, match="metrics.jsonl line 1"):
         render_run_dir(run_dir)
+
+
+def test_caveat_names_clients_whose_reply_never_arrived():
+    reported = {**make_reported(), "unreported": {"1": [2, 3]}}
+    report = build_report(config=make_config(), clients_reported=reported, rounds=ROUNDS)
+    lost = [c for c in report["caveats"] if "never reached the server" in c]
+    assert len(lost) == 1 and "Client 1" in lost[0] and "2, 3" in lost[0]
+    assert not [c for c in build_report(config=make_config(), clients_reported=make_reported(),
+                                        rounds=ROUNDS)["caveats"] if "never reached" in c]

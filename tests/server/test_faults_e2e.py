@@ -34,7 +34,7 @@ def final_weights(run_dir: Path) -> dict:
 def test_poisoned_and_killed_client_do_not_stop_the_run(tmp_path):
     run_dir = tmp_path / "run"
     started = time.monotonic()
-    proc = run_fedpriv(["simulate", *FAST, "num_clients=3", "rounds=3", "round_timeout_s=45",
+    proc = run_fedpriv(["simulate", *FAST, "num_clients=3", "rounds=3", "round_timeout_s=150",
                         "+simulation.client_app=tests.server.fault_apps:faulty", f"hydra.run.dir={run_dir}"],
                        cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
@@ -49,12 +49,14 @@ def test_poisoned_and_killed_client_do_not_stop_the_run(tmp_path):
     # process was an actor serving several virtual clients: they fail with it.)
     assert rounds[1]["clients_failed"] + rounds[1]["clients_missing"] >= 1
     assert 1 <= rounds[1]["clients_trained"] <= 2 and not rounds[1]["skipped"]
-    assert rounds[1]["wall_s"] < 45 + 30
+    assert rounds[1]["wall_s"] < 150 + 30
     for name, value in final_weights(run_dir).items():
         assert torch.isfinite(value).all(), name
     report = json.loads((run_dir / "privacy_report.json").read_text())
     assert report["rounds"][0]["clients_rejected"] == 1
-    assert time.monotonic() - started < 240
+    # The killed client's reply never arrived: the report says its ledger may hold more.
+    assert any("Client 1's reply for round(s) 2" in c for c in report["caveats"])
+    assert time.monotonic() - started < 400
 
 
 def start_simulate(args, cwd) -> subprocess.Popen:
