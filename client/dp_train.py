@@ -81,18 +81,24 @@ def local_train(
     device: str | torch.device = "cpu",
     max_physical_batch_size: int | None = None,
     amp_dtype: torch.dtype | None = None,
+    shuffle_seed: int | None = None,
 ) -> TrainResult:
     """Train ``model``'s trainable parameters in place on ``data``.
 
     With ``dp`` the steps are DP-SGD and the result carries the accountant history;
-    without it they are ordinary mini-batch steps (no guarantee at all).
+    without it they are ordinary mini-batch steps (no guarantee at all), shuffled
+    with ``shuffle_seed`` when given so that non-private runs are reproducible.
+    ``shuffle_seed`` is ignored under DP: its sampling must not be predictable.
     """
     if len(data) == 0:
         raise ValueError("no training data on this client")
     model.to(device).train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = _optimizer(optimizer, params, lr=lr, weight_decay=weight_decay)
-    sampling_gen = urandom_generator()
+    if dp is None and shuffle_seed is not None:
+        sampling_gen = torch.Generator().manual_seed(shuffle_seed)
+    else:
+        sampling_gen = urandom_generator()
     loader = DataLoader(data, batch_size=batch_size, shuffle=dp is None, generator=sampling_gen)
 
     engine = hooks = None
@@ -116,6 +122,11 @@ def local_train(
     steps = empty = 0
     loss_sum, loss_batches = 0.0, 0
     stack = contextlib.ExitStack()
+    # Without DP, dropout is seeded too, so a non-private run (and its resume) is
+    # reproducible; with DP it keeps drawing from the process' unseeded generator.
+    stack.enter_context(torch.random.fork_rng(devices=[]))
+    if dp is None and shuffle_seed is not None:
+        torch.manual_seed(shuffle_seed)
     if engine is not None and max_physical_batch_size:
         from opacus.utils.batch_memory_manager import BatchMemoryManager
 

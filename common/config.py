@@ -64,8 +64,9 @@ def validate(cfg: Mapping) -> None:
         raise ConfigError("train.max_physical_batch_size", f"must be null or an integer >= 1, got {mpb!r}")
     if cfg.get("secagg"):
         raise ConfigError("secagg", "secure aggregation is not available in this version; set secagg=false")
-    if cfg.get("resume") not in (None, ""):
-        raise ConfigError("resume", "resuming a run is not available in this version")
+    _number(cfg, "node_wait_s", minimum=0)
+    if cfg["strategy"].get("max_update_norm") is not None:
+        _number(cfg, "strategy.max_update_norm", minimum=0)
 
     mode = cfg["privacy"].get("mode")
     if mode not in PRIVACY_MODES:

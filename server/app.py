@@ -35,7 +35,9 @@ def compose_config(overrides: list[str], base: Path | None = None) -> tuple[dict
         cfg = compose("config", overrides=overrides, return_hydra_config=True)
         run_dir = ((base or Path.cwd()) / Path(cfg.hydra.run.dir).expanduser()).resolve()
         cfg.hydra.run.dir = str(run_dir)
-        HydraConfig.instance().set_config(cfg)  # lets ${hydra:run.dir} resolve
+        with open_dict(cfg):
+            cfg.hydra.runtime.output_dir = str(run_dir)  # what a Hydra main sets for its job
+        HydraConfig.instance().set_config(cfg)  # lets ${hydra:...} interpolations resolve
         with open_dict(cfg):
             del cfg["hydra"]  # its sweep keys only resolve inside a multirun
         container = OmegaConf.to_container(cfg, resolve=True)
@@ -44,7 +46,7 @@ def compose_config(overrides: list[str], base: Path | None = None) -> tuple[dict
 
 
 def make_app(prepared: Prepared | None = None, run_dir: Path | None = None,
-             errors: list[BaseException] | None = None) -> ServerApp:
+             errors: list[BaseException] | None = None, *, resume: bool = False) -> ServerApp:
     """A ServerApp bound to a prepared config, or composing one from the run config."""
     app = ServerApp()
 
@@ -55,7 +57,7 @@ def make_app(prepared: Prepared | None = None, run_dir: Path | None = None,
                 cfg, target = deployment_config(str(context.run_config.get("overrides", "")))
                 run_federation(grid, prepare_deployment(cfg), target)
             else:
-                run_federation(grid, prepared, run_dir)
+                run_federation(grid, prepared, run_dir, resume=resume)
         except BaseException as err:  # the simulation engine would only log it
             if errors is not None:
                 errors.append(err)

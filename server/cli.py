@@ -72,19 +72,22 @@ def simulate(cfg_node) -> None:
     from server.app import make_app
     from server.loop import prepare
 
-    cfg = OmegaConf.to_container(cfg_node, resolve=True)
-    cfg["state_dir"] = str(Path(cfg["state_dir"]).resolve())
-    run_dir = Path(HydraConfig.get().runtime.output_dir).resolve()
     try:
+        if cfg_node.get("resume"):
+            cfg, run_dir = resume_config(cfg_node, HydraConfig.get().overrides.task)
+        else:
+            cfg = OmegaConf.to_container(cfg_node, resolve=True)
+            cfg["state_dir"] = str(Path(cfg["state_dir"]).resolve())
+            run_dir = Path(HydraConfig.get().runtime.output_dir).resolve()
         prepared = prepare(cfg)  # a bad setting stops here, before Ray starts
     except ConfigError as err:
         print(f"fedpriv: configuration error: {err}", file=sys.stderr)
         sys.exit(2)  # SystemExit passes through Hydra's error handler; exceptions do not
 
     errors: list[BaseException] = []
-    client_app = load_app(client_app_ref(), ValueError, project_dir=ROOT)
+    client_app = load_app(sim.get("client_app") or client_app_ref(), ValueError, project_dir=ROOT)
     run_simulation(
-        server_app=make_app(prepared, run_dir, errors),
+        server_app=make_app(prepared, run_dir, errors, resume=bool(cfg.get("resume"))),
         client_app=client_app,
         num_supernodes=int(cfg["num_clients"]),
         backend_config=backend_config(cfg),
@@ -96,9 +99,34 @@ def simulate(cfg_node) -> None:
     print(f"fedpriv: run finished; report in {run_dir / 'privacy_report.md'}")
 
 
+def resume_config(cfg_node, task_overrides) -> tuple[dict, Path]:
+    """The stored config of the run to resume; only ``rounds`` may change (DESIGN.md)."""
+    from omegaconf import OmegaConf
+
+    from common.errors import ConfigError
+
+    run_dir = Path(str(cfg_node.resume)).resolve()
+    stored_path = run_dir / ".hydra" / "config.yaml"
+    if not stored_path.exists():
+        raise ConfigError("resume", f"{stored_path} does not exist: not a fedpriv run directory")
+    refused = [o for o in task_overrides if o.split("=", 1)[0].lstrip("+~") not in ("resume", "rounds")]
+    if refused:
+        raise ConfigError("resume", f"a resumed run keeps its stored configuration; refused overrides: {refused} "
+                                    "(only rounds may change)")
+    cfg = OmegaConf.to_container(OmegaConf.load(stored_path), resolve=True)
+    if any(o.split("=", 1)[0] == "rounds" for o in task_overrides):
+        cfg["rounds"] = int(cfg_node.rounds)
+    cfg["resume"] = str(run_dir)
+    return cfg, run_dir
+
+
 def _hydra_simulate(argv: list[str]) -> None:
     import hydra
 
+    resume = [a.split("=", 1)[1] for a in argv if a.startswith("resume=")]
+    if resume and resume[0] not in ("", "null"):
+        # Write into the resumed run's directory and keep its original .hydra/config.yaml.
+        argv = [*argv, f"hydra.run.dir={Path(resume[0]).resolve()}", "hydra.output_subdir=null"]
     sys.argv = ["fedpriv simulate", *argv]
     hydra.main(config_path=str(ROOT / "conf"), config_name="config", version_base="1.3")(simulate)()
 

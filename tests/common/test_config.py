@@ -98,3 +98,19 @@ def test_unknown_csv_column_is_named_by_prepare(tmp_path):
     with pytest.raises(ConfigError) as err:
         prepare(cfg)
     assert err.value.setting == "data.text_column"
+
+
+@pytest.mark.parametrize("overrides,setting", [
+    (["model.name_or_path=/nonexistent/encoder"], "model.name_or_path"),
+    (["data=csv", "data.path=/nonexistent/train.csv", "data.text_column=text", "data.label_column=label"],
+     "data.path"),
+    (["train.batch_size=5000"], "train.batch_size"),
+    (["privacy.sample.delta=0.1"], "privacy.sample.delta"),
+])
+def test_prepare_names_the_setting_before_training(tmp_path, overrides, setting):
+    from server.loop import prepare
+
+    base = ["model=tiny_bert", "num_clients=2"] + ([] if "data=csv" in overrides else ["data.train_size=400"])
+    with pytest.raises(ConfigError) as err:
+        prepare(compose([*base, *overrides], tmp_path))
+    assert err.value.setting == setting

@@ -91,3 +91,16 @@ def test_bad_setting_stops_before_training(tmp_path):
 def test_compose_matches_what_simulate_uses(tmp_path):
     cfg = compose(FAST, tmp_path / "x")
     assert cfg["state_dir"] == str((tmp_path / "x" / "clients").resolve())
+
+
+def test_epsilon_sweep_points_keep_separate_ledgers(tmp_path):
+    # A -m sweep must not let one point's clients continue another point's ledger.
+    proc = run_fedpriv(["simulate", "-m", "privacy.sample.epsilon=1,4", *FAST, "num_clients=2", "rounds=1",
+                        f"hydra.sweep.dir={tmp_path / 'sweep'}"], cwd=tmp_path, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for job, budget in (("0", 1.0), ("1", 4.0)):
+        report = check_report(tmp_path / "sweep" / job)
+        assert report["config"]["state_dir"] == str(tmp_path / "sweep" / job / "clients")
+        for client in report["sample_level"]["clients"]:
+            assert len(client["history"]) == 1  # one calibration: nothing inherited
+            assert budget - 0.02 <= client["epsilon"] <= budget
