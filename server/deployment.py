@@ -29,7 +29,7 @@ from pathlib import Path
 from common.config import validate
 from common.data import load_local_data, tokenize
 from common.errors import ConfigError
-from common.model import load_tokenizer
+from common.model import instantiate_model, load_tokenizer
 from server.loop import Prepared, prepare
 
 log = logging.getLogger(__name__)
@@ -77,6 +77,7 @@ def prepare_deployment(cfg: dict) -> Prepared:
         tokenizer = load_tokenizer(cfg["model"])
         log.warning("the server holds no training data: partition checks (delta < 1/n) are left to "
                     "the devices' own data; %d test examples", len(test))
-        prepared = Prepared(cfg, labels, tokenize(test, tokenizer, int(cfg["train"]["max_length"])), [])
+        prepared = Prepared(cfg, labels, tokenize(test, tokenizer, int(cfg["train"]["max_length"])), [],
+                            instantiate_model(cfg, len(labels)))
     data["labels"] = list(prepared.label_names)
     return prepared
