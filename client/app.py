@@ -16,6 +16,8 @@ import logging
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from client.device import release_memory
+from client.node_config import node_identity
 from client.task import ClientIdentity, run_round
 
 app = ClientApp()
@@ -23,17 +25,8 @@ logging.getLogger("flwr").propagate = False
 
 
 def identity(context: Context, cfg: dict) -> ClientIdentity:
-    """This client's identity and own caps, from its node config."""
-    node = context.node_config
-    partition_id = int(node.get("partition-id", 0))
-    client_id = str(node.get("client-id", partition_id))  # never Flower's node id
-    max_eps = node.get("max-epsilon")
-    return ClientIdentity(
-        client_id=client_id,
-        partition_id=partition_id,
-        state_dir=str(node.get("state-dir") or cfg["state_dir"]),
-        max_epsilon=float(max_eps) if max_eps not in (None, "") else None,
-    )
+    """This client's identity and own settings, from its node config (client.node_config)."""
+    return node_identity(context.node_config, cfg)
 
 
 @app.train()
@@ -42,12 +35,15 @@ def train(msg: Message, context: Context) -> Message:
     cfg = json.loads(str(config["fedpriv-config"]))
     who = identity(context, cfg)
     server_round = int(config["server-round"])
-    outcome = run_round(
-        cfg, who,
-        run_id=str(config["run-id"]),
-        server_round=server_round,
-        global_state=msg.content["arrays"].to_torch_state_dict(),
-    )
+    try:
+        outcome = run_round(
+            cfg, who,
+            run_id=str(config["run-id"]),
+            server_round=server_round,
+            global_state=msg.content["arrays"].to_torch_state_dict(),
+        )
+    finally:
+        release_memory()  # an idle device holds no GPU cache between rounds
     content = RecordDict({
         "metrics": MetricRecord({"declined": int(outcome.declined), "server-round": server_round}),
         "privacy": ConfigRecord({

@@ -12,10 +12,18 @@ Privacy caveats, stated plainly:
   CSPRNG: torchcsprng does not install). ``seed`` in the config never reaches them.
 - The accountant history returned is the client's whole history (``prior_history``
   plus this call); the caller must persist it before releasing the model.
+- ``max_physical_batch_size`` (a small GPU) splits each Poisson batch with Opacus'
+  ``BatchMemoryManager``: the logical batch, the noise (added once per logical
+  batch) and the accountant history are exactly those without it. Poisson sampling
+  with BatchMemoryManager is the supported combination (two backward passes per
+  Poisson step are not).
+- ``amp_dtype`` (CUDA autocast) computes per-example gradients in bf16/fp16; see
+  ``client.device`` for what that means for clipping.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
 from dataclasses import dataclass
@@ -25,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from client.device import autocast
 from common.accounting import make_accountant, sample_rate, steps_per_epoch
 from common.model import model_inputs
 
@@ -70,6 +79,8 @@ def local_train(
     optimizer: str = "adamw",
     dp: DPSettings | None,
     device: str | torch.device = "cpu",
+    max_physical_batch_size: int | None = None,
+    amp_dtype: torch.dtype | None = None,
     shuffle_seed: int | None = None,
 ) -> TrainResult:
     """Train ``model``'s trainable parameters in place on ``data``.
@@ -110,42 +121,57 @@ def local_train(
 
     steps = empty = 0
     loss_sum, loss_batches = 0.0, 0
+    stack = contextlib.ExitStack()
     # Without DP, dropout is seeded too, so a non-private run (and its resume) is
     # reproducible; with DP it keeps drawing from the process' unseeded generator.
-    with torch.random.fork_rng(devices=[]):
-        if dp is None and shuffle_seed is not None:
-            torch.manual_seed(shuffle_seed)
-        try:
-            for _ in range(epochs):
-                for input_ids, attention_mask, labels in loader:
-                    optimizer.zero_grad(set_to_none=True)
-                    if len(labels) == 0:
-                        # An empty Poisson batch is still a step of the mechanism: its
-                        # noise must be added and the accountant must count it. BERT
-                        # cannot run on batch 0, so give Opacus empty per-example grads.
-                        for p in params:
-                            p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
-                        optimizer.step()
-                        steps += 1
-                        empty += 1
-                        continue
-                    input_ids, attention_mask, labels = (
-                        t.to(device) for t in (input_ids, attention_mask, labels)
-                    )
-                    logits = model(**model_inputs(input_ids, attention_mask)).logits
-                    loss = F.cross_entropy(logits, labels)
-                    loss.backward()
+    stack.enter_context(torch.random.fork_rng(devices=[]))
+    if dp is None and shuffle_seed is not None:
+        torch.manual_seed(shuffle_seed)
+    if engine is not None and max_physical_batch_size:
+        from opacus.utils.batch_memory_manager import BatchMemoryManager
+
+        loader = stack.enter_context(BatchMemoryManager(
+            data_loader=loader, max_physical_batch_size=int(max_physical_batch_size), optimizer=optimizer))
+    try:
+        for _ in range(epochs):
+            for input_ids, attention_mask, labels in loader:
+                optimizer.zero_grad(set_to_none=True)  # under BatchMemoryManager: keeps the partial sum
+                if len(labels) == 0:
+                    # An empty Poisson batch is still a step of the mechanism: its
+                    # noise must be added and the accountant must count it. BERT
+                    # cannot run on batch 0, so give Opacus empty per-example grads.
+                    for p in params:
+                        p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
                     optimizer.step()
                     steps += 1
-                    loss_sum += float(loss.detach())
-                    loss_batches += 1
-        finally:
-            if hooks is not None:
-                hooks.cleanup()  # the model may be reused; leave no Opacus hooks behind
-                for p in params:
-                    for attr in ("grad_sample", "summed_grad"):
-                        if hasattr(p, attr):
-                            delattr(p, attr)
+                    empty += 1
+                    continue
+                input_ids, attention_mask, labels = (
+                    t.to(device) for t in (input_ids, attention_mask, labels)
+                )
+                if engine is None and max_physical_batch_size:
+                    loss = _accumulated_backward(model, input_ids, attention_mask, labels,
+                                                 int(max_physical_batch_size), device, amp_dtype)
+                else:
+                    with autocast(torch.device(device), amp_dtype):
+                        logits = model(**model_inputs(input_ids, attention_mask)).logits
+                        loss = F.cross_entropy(logits.float(), labels)
+                    loss.backward()
+                optimizer.step()
+                # A physical batch that is not the last of its Poisson batch only clips
+                # and accumulates: it is no step of the mechanism.
+                if not getattr(optimizer, "_is_last_step_skipped", False):
+                    steps += 1
+                loss_sum += float(loss.detach())
+                loss_batches += 1
+    finally:
+        stack.close()
+        if hooks is not None:
+            hooks.cleanup()  # the model may be reused; leave no Opacus hooks behind
+            for p in params:
+                for attr in ("grad_sample", "summed_grad"):
+                    if hasattr(p, attr):
+                        delattr(p, attr)
 
     return TrainResult(
         steps=steps,
@@ -154,6 +180,19 @@ def local_train(
         history=list(engine.accountant.history) if engine is not None else None,
         mean_loss=loss_sum / max(loss_batches, 1),
     )
+
+
+def _accumulated_backward(model, input_ids, attention_mask, labels, chunk: int, device, amp_dtype):
+    """Non-DP: the batch's mean-loss gradient, computed ``chunk`` examples at a time."""
+    total = 0.0
+    for start in range(0, len(labels), chunk):
+        sl = slice(start, start + chunk)
+        with autocast(torch.device(device), amp_dtype):
+            logits = model(**model_inputs(input_ids[sl], attention_mask[sl])).logits
+            loss = F.cross_entropy(logits.float(), labels[sl], reduction="sum") / len(labels)
+        loss.backward()
+        total += float(loss.detach())
+    return torch.tensor(total)
 
 
 def _optimizer(name: str, params: list, *, lr: float, weight_decay: float) -> torch.optim.Optimizer:

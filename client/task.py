@@ -23,10 +23,11 @@ from typing import Any
 
 import torch
 
+from client.device import autocast_dtype, select_device
 from client.dp_train import DPSettings, local_train, planned_steps_per_round
 from client.ledger import Ledger, RoundEntry, RunCalibration, load_reply, reply_key, save_reply
 from common.accounting import append_steps, calibrate_noise, epsilon, sample_rate
-from common.data import load_client_data, tokenize
+from common.data import load_client_data, load_local_data, tokenize
 from common.model import instantiate_model, load_tokenizer, load_trainable, state_digest, trainable_state
 
 log = logging.getLogger(__name__)
@@ -40,6 +41,9 @@ class ClientIdentity:
     partition_id: int
     state_dir: str  # where its ledger lives; never on the server in deployment
     max_epsilon: float | None = None  # the device owner's own cap
+    data_path: str | None = None  # the device's own training file (else its partition-id)
+    device: str | None = None  # node-config device (auto | cpu | cuda); None: the run's train.device
+    max_physical_batch_size: int | None = None  # Opacus BatchMemoryManager cap; None: no split
 
 
 @dataclass
@@ -69,12 +73,13 @@ def _fresh_model(cfg: Mapping, num_labels: int) -> torch.nn.Module:
     return copy.deepcopy(_MODEL_CACHE[key])
 
 
-def _client_data(cfg: Mapping, partition_id: int):
+def _client_data(cfg: Mapping, partition_id: int, data_path: str | None = None):
     key = _key(cfg["data"], cfg["partition"], cfg["seed"], cfg["num_clients"],
                cfg["model"].get("tokenizer") or cfg["model"]["name_or_path"],
-               cfg["train"]["max_length"], partition_id)
+               cfg["train"]["max_length"], partition_id, data_path)
     if key not in _DATA_CACHE:
-        partition, label_names = load_client_data(cfg, partition_id)
+        partition, label_names = (load_local_data(cfg, data_path) if data_path
+                                  else load_client_data(cfg, partition_id))
         tokenizer = load_tokenizer(cfg["model"])
         _DATA_CACHE[key] = (tokenize(partition, tokenizer, int(cfg["train"]["max_length"])), label_names)
     return _DATA_CACHE[key]
@@ -123,7 +128,7 @@ def run_round(
     global_state: Mapping[str, torch.Tensor],
 ) -> RoundOutcome:
     """Answer the server's training request for ``server_round``."""
-    data, label_names = _client_data(cfg, who.partition_id)
+    data, label_names = _client_data(cfg, who.partition_id, who.data_path)
     train = cfg["train"]
     dp_on = cfg["privacy"]["mode"] in ("sample", "both")
     digest = state_digest(global_state)
@@ -178,11 +183,13 @@ def run_round(
 
     model = _fresh_model(cfg, len(label_names))
     load_trainable(model, global_state)
+    device = select_device(who.device or train.get("device", "cpu"))
     result = local_train(
         model, data, epochs=int(train["local_epochs"]), batch_size=int(train["batch_size"]),
         lr=float(train["lr"]), weight_decay=float(train.get("weight_decay", 0.0)),
-        optimizer=str(train.get("optimizer", "adamw")), dp=dp,
-        device=_device(train.get("device", "cpu")),
+        optimizer=str(train.get("optimizer", "adamw")), dp=dp, device=device,
+        max_physical_batch_size=who.max_physical_batch_size or train.get("max_physical_batch_size"),
+        amp_dtype=autocast_dtype(device, train.get("precision", "fp32")),
         shuffle_seed=None if dp_on else int(_key(cfg["seed"], who.client_id, server_round)[:15], 16),
     )
     local = trainable_state(model)
@@ -198,9 +205,3 @@ def run_round(
     ledger.rounds.append(RoundEntry(run_id, server_round, "trained", eps, reply_key=key))
     ledger.commit(who.state_dir, previous)
     return RoundOutcome(False, "", update, privacy_summary(cfg, who, ledger, run_id))
-
-
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)

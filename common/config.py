@@ -57,6 +57,11 @@ def validate(cfg: Mapping) -> None:
         raise ConfigError("train.optimizer", f"must be adamw or sgd, got {cfg['train']['optimizer']!r}")
     if cfg["train"].get("device", "cpu") not in ("cpu", "cuda", "auto"):
         raise ConfigError("train.device", f"must be cpu, cuda or auto, got {cfg['train']['device']!r}")
+    if cfg["train"].get("precision", "fp32") not in ("fp32", "bf16", "fp16", "auto"):
+        raise ConfigError("train.precision", f"must be fp32, bf16, fp16 or auto, got {cfg['train']['precision']!r}")
+    mpb = cfg["train"].get("max_physical_batch_size")
+    if mpb is not None and (isinstance(mpb, bool) or not isinstance(mpb, int) or mpb < 1):
+        raise ConfigError("train.max_physical_batch_size", f"must be null or an integer >= 1, got {mpb!r}")
     if cfg.get("secagg"):
         raise ConfigError("secagg", "secure aggregation is not available in this version; set secagg=false")
     _number(cfg, "node_wait_s", minimum=0)

@@ -208,11 +208,13 @@ def _encode_labels(train: datasets.Dataset, test: datasets.Dataset, test_setting
         raise ConfigError(test_setting, f"test labels {unseen[:10]} never occur in train "
                           f"(train labels: {names[:10]}{'...' if len(names) > 10 else ''})")
 
-    def encode(ds: datasets.Dataset) -> datasets.Dataset:
-        ids = [index[str(v)] for v in ds["label"]]
-        return ds.remove_columns("label").add_column("label", ids, feature=datasets.Value("int64"))
+    return _encode(train, index), _encode(test, index), names
 
-    return encode(train), encode(test), names
+
+def _encode(ds: datasets.Dataset, index: Mapping[str, int]) -> datasets.Dataset:
+    """``label`` values replaced by their ids in ``index`` (keys: the values as strings)."""
+    ids = [index[str(v)] for v in ds["label"]]
+    return ds.remove_columns("label").add_column("label", ids, feature=datasets.Value("int64"))
 
 
 # ---------------------------------------------------------------------------
@@ -333,6 +335,44 @@ def load_client_data(cfg: Mapping, partition_id: int) -> tuple[datasets.Dataset,
     if not 0 <= partition_id < len(parts):
         raise ConfigError("num_clients", f"partition id {partition_id} is outside [0, {len(parts)})")
     return parts[partition_id], names
+
+
+def load_local_data(cfg: Mapping, path: str | Path, setting: str = "node-config data-path"
+                    ) -> tuple[datasets.Dataset, list[str]]:
+    """A device's own training file (node-config ``data-path``) and the run's label names.
+
+    The file is read with the run's ``data.*`` column settings (``text_column``,
+    ``label_column``, ``delimiter``, ``column_names``, ``quoting``, ``encoding``; CSV
+    defaults where the run's data group has none) and its labels are encoded with the
+    run's ``data.labels`` — the server fills those in, so every device and the server
+    share one label mapping even when a device holds only some of the classes.
+    """
+    data = _plain(cfg["data"])
+    labels = data.get("labels")
+    if not labels:
+        raise ConfigError("data.labels", "a device reading its own data-path needs the run's label list; "
+                          "the server sets it from its data, or set data.labels=[...]")
+    source = Path(str(path)).expanduser().resolve()
+    if not source.is_file():
+        raise ConfigError(setting, f"no such file on this device: {source}")
+    read_args = {
+        "sep": data.get("delimiter") or ",",
+        "column_names": data.get("column_names"),
+        "quoting": _quoting(data.get("quoting")),
+        "encoding": data.get("encoding") or "utf-8",
+    }
+    columns = {"text_column": data.get("text_column") or "text",
+               "label_column": data.get("label_column") or "label", "path": str(source)}
+    ds = _standardise(_read_csv(source, setting, read_args), columns, source="data.path")
+    names = [str(v) for v in labels]
+    index = {n: i for i, n in enumerate(names)}
+    unknown = sorted({str(v) for v in ds["label"]} - index.keys())
+    if unknown:
+        raise ConfigError(setting, f"{source} has labels {unknown[:10]} that are not "
+                          f"among the run's data.labels {names[:10]}")
+    if len(ds) == 0:
+        raise ConfigError(setting, f"{source} holds no usable rows")
+    return _encode(ds, index), names
 
 
 def tokenize(ds: datasets.Dataset, tokenizer, max_length: int) -> torch.utils.data.TensorDataset:

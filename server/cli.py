@@ -34,6 +34,32 @@ def client_app_ref() -> str:
         return tomllib.load(fh)["tool"]["flwr"]["app"]["components"]["clientapp"]
 
 
+def backend_config(cfg: dict) -> dict:
+    """Flower's Ray backend settings: a local Ray on loopback, or an existing cluster.
+
+    With ``federation.ray_address`` (``auto``, ``ray://head:10001``, ``head:6379``)
+    fedpriv joins that cluster instead of starting one: the cluster owns the CPUs
+    and GPUs, so only per-client resources are given (``num_cpus`` for ``ray.init``
+    would be refused when connecting). Every node of the cluster needs fedpriv
+    installed (same code, same Python) and, for ``state_dir``, a path that all
+    workers share, or each client's ledger lands on whichever node ran it.
+    """
+    sim = cfg["simulation"]
+    resources = {"num_cpus": float(sim["cpus_per_client"]), "num_gpus": float(sim["gpus_per_client"])}
+    address = (cfg.get("federation") or {}).get("ray_address")
+    if address:
+        os.environ["RAY_ADDRESS"] = str(address)  # also what `ray.init()` reads
+        return {"client_resources": resources, "init_args": {"address": str(address), "include_dashboard": False}}
+    return {
+        "client_resources": resources,
+        "init_args": {
+            "num_cpus": int(sim["num_cpus"] or os.cpu_count() or 1),
+            "include_dashboard": False,
+            "_node_ip_address": "127.0.0.1",  # Ray's services listen on loopback only
+        },
+    }
+
+
 def simulate(cfg_node) -> None:
     """Hydra task: validate, then run the federation on Flower's simulation engine."""
     logging.getLogger("alembic").setLevel(logging.WARNING)  # Flower's state DB migrations
@@ -58,21 +84,13 @@ def simulate(cfg_node) -> None:
         print(f"fedpriv: configuration error: {err}", file=sys.stderr)
         sys.exit(2)  # SystemExit passes through Hydra's error handler; exceptions do not
 
-    sim = cfg["simulation"]
     errors: list[BaseException] = []
     client_app = load_app(sim.get("client_app") or client_app_ref(), ValueError, project_dir=ROOT)
     run_simulation(
         server_app=make_app(prepared, run_dir, errors, resume=bool(cfg.get("resume"))),
         client_app=client_app,
         num_supernodes=int(cfg["num_clients"]),
-        backend_config={
-            "client_resources": {"num_cpus": float(sim["cpus_per_client"]), "num_gpus": float(sim["gpus_per_client"])},
-            "init_args": {
-                "num_cpus": int(sim["num_cpus"] or os.cpu_count() or 1),
-                "include_dashboard": False,
-                "_node_ip_address": "127.0.0.1",  # Ray's services listen on loopback only
-            },
-        },
+        backend_config=backend_config(cfg),
     )
     if errors:
         raise errors[0]

@@ -1,0 +1,26 @@
+"""`fedpriv simulate` joins an existing Ray cluster with federation.ray_address."""
+
+import os
+
+from server.cli import backend_config
+from tests.conftest import compose
+
+
+def test_local_ray_by_default(tmp_path):
+    cfg = compose(["model=tiny_bert"], tmp_path / "run")
+    assert cfg["federation"]["ray_address"] is None
+    backend = backend_config(cfg)
+    assert backend["init_args"]["_node_ip_address"] == "127.0.0.1"
+    assert backend["init_args"]["num_cpus"] >= 1
+    assert backend["client_resources"] == {"num_cpus": 1.0, "num_gpus": 0.0}
+
+
+def test_existing_cluster(tmp_path, monkeypatch):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    cfg = compose(["model=tiny_bert", "federation.ray_address=auto", "simulation.gpus_per_client=0.5"],
+                  tmp_path / "run")
+    backend = backend_config(cfg)
+    # Connecting to a cluster: ray.init refuses num_cpus, and the cluster owns its resources.
+    assert backend["init_args"] == {"address": "auto", "include_dashboard": False}
+    assert backend["client_resources"] == {"num_cpus": 1.0, "num_gpus": 0.5}
+    assert os.environ["RAY_ADDRESS"] == "auto"
