@@ -29,7 +29,9 @@ from common.data import load_splits, partition_train, tokenize
 from common.model import count_parameters, instantiate_model, load_tokenizer, trainable_state
 from common.report import build_report, write_report
 from common.storage import append_json_line, atomic_write_bytes, atomic_write_json
-from server.aggregate import collect, fedavg
+from server.aggregate import aggregate, collect
+from server.mechanism import ClientLevelDP
+from server.secagg import secagg_round
 from server.evaluate import evaluate
 
 log = logging.getLogger(__name__)
@@ -106,34 +108,52 @@ def run_federation(grid: Grid, prepared: Prepared, run_dir: Path) -> dict:
     rounds: list[dict] = []
     strategy = cfg["strategy"]
     n_rounds = int(cfg["rounds"])
+    client_dp = ClientLevelDP(cfg) if cfg["privacy"]["mode"] in ("client", "both") else None
 
     with Progress(TextColumn("[bold]fedpriv[/] {task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} rounds"),
                   TimeElapsedColumn(), transient=False) as progress:
         task = progress.add_task("training", total=n_rounds)
         for server_round in range(1, n_rounds + 1):
+            if client_dp is not None and client_dp.next_round_exceeds_budget(server_round):
+                log.warning("stopping before round %d: %s", server_round, client_dp.stopped["reason"])
+                break  # the last model is kept; the report is written below
             started = time.monotonic()
             k = max(1, round(float(strategy["fraction_train"]) * len(nodes)))
             sampled = sorted(sampler.sample(nodes, k))
-            content = RecordDict({
-                "arrays": ArrayRecord(torch_state_dict=global_state),
-                "config": ConfigRecord({"run-id": run_id, "server-round": server_round, "fedpriv-config": cfg_json}),
-            })
-            messages = [Message(content=content, dst_node_id=node, message_type="train") for node in sampled]
-            replies = grid.send_and_receive(messages, timeout=float(cfg["round_timeout_s"]))
-            result = collect(replies, server_round=server_round, sampled={n: str(n) for n in sampled},
-                             expected=global_state)
+            round_config = {"run-id": run_id, "server-round": server_round, "fedpriv-config": cfg_json,
+                            **(client_dp.round_config() if client_dp is not None else {})}
+            clip_norm = client_dp.clipping_norm if client_dp is not None else None
+            if cfg["secagg"]:
+                result = secagg_round(grid, sampled, global_state, round_config, server_round=server_round,
+                                      settings=cfg["secaggplus"], timeout=float(cfg["round_timeout_s"]),
+                                      clipping_range=clip_norm or float(cfg["secaggplus"]["clipping_range"]))
+            else:
+                content = RecordDict({"arrays": ArrayRecord(torch_state_dict=global_state),
+                                      "config": ConfigRecord(round_config)})
+                messages = [Message(content=content, dst_node_id=node, message_type="train") for node in sampled]
+                replies = grid.send_and_receive(messages, timeout=float(cfg["round_timeout_s"]))
+                result = collect(replies, server_round=server_round, sampled={n: str(n) for n in sampled},
+                                 expected=global_state, max_norm=clip_norm)
             clients_reported.update(result.privacy)
 
-            skipped = len(result.accepted) < int(strategy["min_train_clients"])
+            skipped = len(result.trained) < int(strategy["min_train_clients"])
             if not skipped:
-                global_state = fedavg(global_state, result.accepted.values(), server_lr=float(strategy["server_lr"]))
+                new_state = aggregate(global_state, result, server_lr=float(strategy["server_lr"]), n_planned=k,
+                                      client_dp=client_dp)
+                skipped = new_state is None
+                global_state = global_state if new_state is None else new_state
+            if client_dp is not None:
+                client_dp.record(server_round, released=not skipped, clients=len(result.trained),
+                                 clipping_norm=clip_norm)
             accuracy, loss = evaluate(model, global_state, prepared.test, batch_size=int(cfg["evaluation"]["batch_size"]))
 
             _save_checkpoint(run_dir, server_round, global_state, run_id)
             atomic_write_json(run_dir / "clients_reported.json", {"run_id": run_id, "clients": clients_reported})
+            if client_dp is not None:
+                client_dp.write(run_dir)  # client_level.json: `fedpriv report` re-renders from it
             record = {
                 "round": server_round, "accuracy": accuracy, "loss": loss,
-                "clients_trained": len(result.accepted), "clients_declined": len(result.declined),
+                "clients_trained": len(result.trained), "clients_declined": len(result.declined),
                 "clients_rejected": len(result.rejected), "clients_failed": len(result.failed),
                 "skipped": skipped, "declined": result.declined, "rejected": result.rejected,
                 "wall_s": round(time.monotonic() - started, 3),
@@ -141,10 +161,13 @@ def run_federation(grid: Grid, prepared: Prepared, run_dir: Path) -> dict:
             append_json_line(run_dir / "metrics.jsonl", record)
             rounds.append(record)
             progress.update(task, advance=1, description=(
-                f"round {server_round}: accuracy {accuracy:.3f}, trained {len(result.accepted)}, "
+                f"round {server_round}: accuracy {accuracy:.3f}, trained {len(result.trained)}, "
                 f"declined {len(result.declined)}, rejected {len(result.rejected)}"))
 
-    report = build_report(config=cfg, clients_reported={"run_id": run_id, "clients": clients_reported}, rounds=rounds)
+    if client_dp is not None:
+        client_dp.write(run_dir)  # also when the budget stopped the run before any round
+    report = build_report(config=cfg, clients_reported={"run_id": run_id, "clients": clients_reported}, rounds=rounds,
+                          client_level=client_dp.block() if client_dp is not None else None)
     write_report(run_dir, report)
     log.info("privacy report: %s", run_dir / "privacy_report.md")
     return report
