@@ -174,8 +174,8 @@ def clip_update(update: Mapping[str, torch.Tensor], clipping_norm: float) -> Cli
     the two cases Flower's clipping gets wrong are decided here: an update that is not
     finite (NaN passes ``min(1, C / nan)`` unclipped in Flower) is replaced by zeros,
     and a zero update is returned as is (Flower divides by its zero norm). The norm is
-    computed in float64 and the scale leaves a hair of headroom so that rounding back
-    to the parameter dtype cannot push the result above C.
+    computed in float64 and the clipped norm is measured again after rounding back to the
+    parameter dtype (bf16 rounding alone can push it above C).
     """
     if not clipping_norm > 0:
         raise ValueError("clipping_norm must be > 0")
@@ -186,5 +186,11 @@ def clip_update(update: Mapping[str, torch.Tensor], clipping_norm: float) -> Cli
     if norm <= clipping_norm:
         return ClippedUpdate({k: v.clone() for k, v in update.items()}, norm, True)
     scale = clipping_norm / norm * (1 - 1e-6)
-    clipped = {k: (v.to(torch.float64) * scale).to(v.dtype) for k, v in update.items()}
-    return ClippedUpdate(clipped, norm, False)
+    for _ in range(8):
+        clipped = {k: (v.to(torch.float64) * scale).to(v.dtype) for k, v in update.items()}
+        after = state_norm(clipped)
+        if after <= clipping_norm:
+            return ClippedUpdate(clipped, norm, False)
+        # Rounding to a short dtype (bf16 keeps 8 bits) went above C: step further in.
+        scale *= clipping_norm / after * (1 - 2 ** -7)
+    return ClippedUpdate({k: torch.zeros_like(v) for k, v in update.items()}, norm, False)
