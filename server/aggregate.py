@@ -208,6 +208,8 @@ def aggregate(
         total = sum_updates(result.accepted.values(), global_state)
         fits = float(sum(result.fits.get(cid, False) for cid in contributors))
     if client_dp is None:
+        if not contributors:
+            return None
         return apply_step(global_state, {k: v / len(contributors) for k, v in total.items()}, server_lr=server_lr)
     step = client_dp.privatise(total, n_planned)
     client_dp.adapt(fits, n_planned)
