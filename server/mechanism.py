@@ -20,6 +20,7 @@ from ``os.urandom``.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from collections.abc import Mapping
@@ -168,3 +169,23 @@ class ClientLevelDP:
 
     def write(self, run_dir: Path) -> None:
         atomic_write_json(Path(run_dir) / CLIENT_LEVEL_FILE, self.block())
+
+    def restore(self, run_dir: Path, completed_rounds: int) -> None:
+        """Continue a resumed run: spend, per-round ε and C as of its last completed round.
+
+        σ is recomputed from the (unchanged) config, so it matches the stored one; rounds
+        after ``completed_rounds`` (written before a crash cut their round short) are
+        dropped, and C is the one that round ended with.
+        """
+        path = Path(run_dir) / CLIENT_LEVEL_FILE
+        if not path.exists():
+            return
+        block = json.loads(path.read_text())
+        if block.get("noise_multiplier") != self.sigma:
+            raise ValueError(f"{path}: noise multiplier {block.get('noise_multiplier')} != this run's {self.sigma}")
+        self.per_round = [p for p in block.get("per_round") or [] if p["round"] <= completed_rounds]
+        self.releases = sum(bool(p.get("released", True)) for p in self.per_round)
+        if self.per_round and self.per_round[-1]["round"] == block["per_round"][-1]["round"]:
+            self.clipping_norm = float(block["clipping_norm"])  # C after the last completed round
+        elif self.per_round and self.adaptive:
+            raise ValueError(f"{path}: adaptive C after round {completed_rounds} was not kept")

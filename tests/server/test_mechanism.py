@@ -91,3 +91,18 @@ def test_per_round_epsilon_rises_and_recomputes_with_opacus():
     acc.history = [tuple(h) for h in dp.block()["history"]]
     assert acc.get_epsilon(1e-3) == dp.block()["epsilon"]
     assert dp.block()["noise_calibrated"] and dp.block()["rounds_released"] == 4
+
+
+def test_restore_continues_spend_and_c_from_client_level_json(tmp_path):
+    dp = ClientLevelDP(client_cfg(clipping="adaptive", clipped_count_stddev=2.0))
+    for r in (1, 2):
+        dp.record(r, released=True, clients=4, clipping_norm=dp.clipping_norm)
+        dp.adapt(fits_count=0, n_planned=4)
+        dp.write(tmp_path)
+    again = ClientLevelDP(client_cfg(clipping="adaptive", clipped_count_stddev=2.0))
+    again.restore(tmp_path, completed_rounds=2)
+    assert again.releases == 2 and again.clipping_norm == dp.clipping_norm
+    assert again.block()["per_round"] == dp.block()["per_round"]
+    with pytest.raises(ValueError):
+        ClientLevelDP(client_cfg(clipping="adaptive", clipped_count_stddev=2.0, noise_multiplier=2.0)).restore(
+            tmp_path, completed_rounds=2)
