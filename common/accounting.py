@@ -1,4 +1,4 @@
-"""Sample-level privacy accounting: the one place where ε is computed.
+"""Privacy accounting, sample level and client level: the one place where ε is computed.
 
 Everything here is a thin, deterministic layer over Opacus' accountants so that
 anyone holding a report can recompute its numbers with Opacus alone:
@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 
 from opacus.accountants import PRVAccountant, RDPAccountant
 from opacus.accountants.accountant import IAccountant
@@ -138,3 +139,78 @@ def calibrate_noise(
             hi = mid
         if target_epsilon - eps_with(hi) <= epsilon_tolerance or hi - lo < 1e-6:
             return hi
+
+
+# --------------------------------------------------------------------------- client level
+# Client-level DP (DP-FedAvg): each round releases sum(clipped updates) + N(0, (σC)²),
+# a Gaussian mechanism of sensitivity C on add/remove-one-client neighbours. With a
+# fixed number of clients asked per round (no Poisson sampling of clients), there is
+# no amplification by sampling: every round is accounted at q = 1. The history has
+# the same form as the sample level's, so Opacus recomputes it the same way:
+#     acc = RDPAccountant(); acc.history = [(sigma, 1.0, rounds)]; acc.get_epsilon(delta)
+
+CLIENT_SAMPLE_RATE = 1.0  # no amplification by client sampling is claimed
+CLIENT_ACCOUNTANT = "rdp"
+
+
+def client_history(sigma: float, rounds: int) -> list[HistoryEntry]:
+    """The client-level accountant history after ``rounds`` released aggregates."""
+    return append_steps([], sigma, CLIENT_SAMPLE_RATE, rounds)
+
+
+def client_epsilon(sigma: float, rounds: int, delta: float) -> float:
+    """Client-level ε at ``delta`` after ``rounds`` released aggregates at noise ``sigma``."""
+    if rounds <= 0:
+        return 0.0
+    if sigma <= 0:
+        return math.inf
+    return epsilon(client_history(sigma, rounds), delta, CLIENT_ACCOUNTANT)
+
+
+def calibrate_client_noise(*, target_epsilon: float, delta: float, rounds: int) -> float:
+    """Smallest σ (within 0.01 in ε) such that ``rounds`` releases stay within ``target_epsilon``."""
+    return float(get_noise_multiplier(
+        target_epsilon=target_epsilon, target_delta=delta, sample_rate=CLIENT_SAMPLE_RATE,
+        steps=rounds, accountant=CLIENT_ACCOUNTANT, epsilon_tolerance=0.01,
+    ))
+
+
+def adaptive_noise_split(sigma: float, count_stddev: float) -> float:
+    """Noise multiplier of the update sum when the clipped count is noised with ``count_stddev``.
+
+    Andrew et al. (2021), Thm 1: releasing the update sum at σ_Δ and the clipped count at
+    σ_b is one Gaussian mechanism at σ = (σ_Δ⁻² + (2σ_b)⁻²)^(-1/2); the accountant uses
+    σ, the update sum needs σ_Δ = (σ⁻² − (2σ_b)⁻²)^(-1/2). Needs σ < 2σ_b.
+    (Flower's ``compute_adaptive_noise_params``, without its n/20 default.)
+    """
+    if not sigma < 2 * count_stddev:
+        raise ConfigError(
+            "privacy.client.clipped_count_stddev",
+            f"{count_stddev:g} is too small for noise_multiplier {sigma:g}: it must be > sigma/2",
+        )
+    return (sigma ** -2 - (2 * count_stddev) ** -2) ** -0.5
+
+
+@dataclass(frozen=True)
+class ClientNoise:
+    """The client-level noise of a run, fixed before round 1."""
+
+    sigma: float  # the noise multiplier the accountant uses
+    calibrated: bool  # True when σ was calibrated from privacy.client.epsilon
+    update_sigma: float  # noise multiplier of the update sum (= sigma with fixed clipping)
+    count_stddev: float | None  # adaptive clipping: noise std of the clipped count
+
+
+def client_noise(client_cfg: Mapping, *, rounds: int, num_clients: int) -> ClientNoise:
+    """σ given (``privacy.client.noise_multiplier``) or calibrated from the budget and planned rounds."""
+    given = client_cfg.get("noise_multiplier")
+    if given is None:
+        sigma = calibrate_client_noise(target_epsilon=float(client_cfg["epsilon"]),
+                                       delta=float(client_cfg["delta"]), rounds=rounds)
+    else:
+        sigma = float(given)
+    if client_cfg["clipping"] != "adaptive":
+        return ClientNoise(sigma, given is None, sigma, None)
+    stddev = client_cfg.get("clipped_count_stddev")
+    stddev = max(num_clients / 20, sigma) if stddev is None else float(stddev)
+    return ClientNoise(sigma, given is None, adaptive_noise_split(sigma, stddev), stddev)

@@ -12,10 +12,11 @@ import math
 import warnings
 from collections.abc import Mapping, Sequence
 
-from common.accounting import ACCOUNTANTS
+from common.accounting import ACCOUNTANTS, client_noise
 from common.errors import ConfigError
 
-PRIVACY_MODES = ("none", "sample")
+PRIVACY_MODES = ("none", "sample", "client", "both")
+CLIPPING_MODES = ("fixed", "adaptive")
 
 
 def _number(cfg: Mapping, dotted: str, *, minimum: float | None = None, exclusive: bool = True,
@@ -62,8 +63,8 @@ def validate(cfg: Mapping) -> None:
     mpb = cfg["train"].get("max_physical_batch_size")
     if mpb is not None and (isinstance(mpb, bool) or not isinstance(mpb, int) or mpb < 1):
         raise ConfigError("train.max_physical_batch_size", f"must be null or an integer >= 1, got {mpb!r}")
-    if cfg.get("secagg"):
-        raise ConfigError("secagg", "secure aggregation is not available in this version; set secagg=false")
+    if cfg.get("secagg") not in (True, False):
+        raise ConfigError("secagg", f"must be true or false, got {cfg.get('secagg')!r}")
     _number(cfg, "node_wait_s", minimum=0)
     if cfg["strategy"].get("max_update_norm") is not None:
         _number(cfg, "strategy.max_update_norm", minimum=0)
@@ -73,6 +74,66 @@ def validate(cfg: Mapping) -> None:
         raise ConfigError("privacy", f"unknown privacy mode {mode!r}; choose one of {list(PRIVACY_MODES)}")
     if mode in ("sample", "both"):
         _validate_sample(cfg)
+    if mode in ("client", "both"):
+        _validate_client(cfg)
+    if cfg["secagg"]:
+        _validate_secagg(cfg)
+
+
+def _validate_client(cfg: Mapping) -> None:
+    client = cfg["privacy"]["client"]
+    if client.get("clipping") not in CLIPPING_MODES:
+        raise ConfigError("privacy.client.clipping",
+                          f"must be one of {list(CLIPPING_MODES)}, got {client.get('clipping')!r}")
+    _number(cfg, "privacy.client.clipping_norm", minimum=0)
+    _number(cfg, "privacy.client.epsilon", minimum=0)
+    _number(cfg, "privacy.client.delta", minimum=0)
+    if client["delta"] >= 1:
+        raise ConfigError("privacy.client.delta", "must be < 1")
+    if client.get("noise_multiplier") is not None:
+        # σ = 0 would release every client's clipped update with no guarantee at all.
+        _number(cfg, "privacy.client.noise_multiplier", minimum=0)
+    if client["clipping"] == "adaptive":
+        _number(cfg, "privacy.client.target_quantile", minimum=0, exclusive=False, maximum=1)
+        _number(cfg, "privacy.client.clip_lr", minimum=0)
+        if client.get("clipped_count_stddev") is not None:
+            _number(cfg, "privacy.client.clipped_count_stddev", minimum=0)
+    client_noise(client, rounds=int(cfg["rounds"]), num_clients=int(cfg["num_clients"]))  # names σ's bad partner
+
+
+def _validate_secagg(cfg: Mapping) -> None:
+    sa = cfg.get("secaggplus")
+    if not isinstance(sa, Mapping):
+        raise ConfigError("secaggplus", "is missing (num_shares, reconstruction_threshold, ...)")
+    n = int(cfg["num_clients"])
+    sampled = max(1, round(float(cfg["strategy"]["fraction_train"]) * n))
+    if sampled < 2:
+        raise ConfigError("strategy.fraction_train",
+                          f"secure aggregation needs at least 2 clients per round, {sampled} would be asked")
+    shares = _number(cfg, "secaggplus.num_shares", minimum=0)
+    threshold = _number(cfg, "secaggplus.reconstruction_threshold", minimum=0)
+    if isinstance(shares, int) and shares != 1 and not 2 < shares:
+        raise ConfigError("secaggplus.num_shares", f"an integer must be > 2 (or a fraction in (0, 1]), got {shares}")
+    if isinstance(shares, float) and shares > 1:
+        raise ConfigError("secaggplus.num_shares", f"a fraction must be in (0, 1], got {shares}")
+    if isinstance(threshold, float) and threshold > 1:
+        raise ConfigError("secaggplus.reconstruction_threshold",
+                          f"a fraction must be in (0, 1], got {threshold}")
+    if isinstance(threshold, int) and isinstance(shares, int) and threshold != 1 and threshold >= shares:
+        raise ConfigError("secaggplus.reconstruction_threshold",
+                          f"{threshold} must be below secaggplus.num_shares={shares}")
+    if isinstance(threshold, int) and threshold > sampled:
+        raise ConfigError("secaggplus.reconstruction_threshold",
+                          f"{threshold} is more than the {sampled} clients asked per round")
+    _number(cfg, "secaggplus.clipping_range", minimum=0)
+    q_range = _number(cfg, "secaggplus.quantization_range", minimum=0, integer=True)
+    mod = _number(cfg, "secaggplus.modulus_range", minimum=0, integer=True)
+    if int(mod) & (int(mod) - 1) or mod > 2 ** 32:
+        raise ConfigError("secaggplus.modulus_range", f"must be a power of 2 no larger than 2**32, got {mod}")
+    if (sampled + 1) * q_range >= mod:
+        raise ConfigError("secaggplus.modulus_range",
+                          f"{mod} overflows: it must exceed (clients per round + 1) * quantization_range "
+                          f"= {(sampled + 1) * q_range}")
 
 
 def _validate_sample(cfg: Mapping) -> None:
@@ -115,6 +176,14 @@ def validate_partitions(cfg: Mapping, sizes: Sequence[int]) -> list[str]:
         if delta > 1 / (10 * n_min):
             notes.append(f"privacy.sample.delta={delta} is above 1/(10 n) = {1 / (10 * n_min):.3g}: "
                          "a weak guarantee for the smallest client")
+    if cfg["privacy"]["mode"] in ("client", "both"):
+        # Client level: n is the number of clients (the unit protected is one client).
+        delta, n = cfg["privacy"]["client"]["delta"], int(cfg["num_clients"])
+        if delta >= 1 / n:
+            raise ConfigError("privacy.client.delta", f"{delta} is not below 1/num_clients = {1 / n:.3g}")
+        if delta > 1 / (10 * n):
+            notes.append(f"privacy.client.delta={delta} is above 1/(10 num_clients) = {1 / (10 * n):.3g}: "
+                         "a weak client-level guarantee")
     for note in notes:
         warnings.warn(note, stacklevel=2)
     return notes

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 from collections.abc import Mapping
 
 import torch
@@ -150,6 +151,12 @@ def state_digest(state: Mapping[str, torch.Tensor]) -> str:
         digest.update(str((tuple(t.shape), str(t.dtype))).encode())
         digest.update(t.numpy().tobytes())
     return digest.hexdigest()
+
+
+def state_norm(state: Mapping[str, torch.Tensor]) -> float:
+    """L2 norm of all tensors of ``state`` together, in float64 (inf if any is not finite)."""
+    squares = sum(float(torch.sum(v.detach().to(torch.float64) ** 2)) for v in state.values())
+    return math.sqrt(squares) if math.isfinite(squares) else math.inf
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:

@@ -400,6 +400,8 @@ def _document(report: dict) -> list[Block]:
         ("h1", "fedpriv privacy report"),
         ("h2", "Summary"),
         ("ul", _summary(report)),
+        ("h2", "The two privacy levels side by side"),
+        _levels_table(report),
         ("h2", "Clients (sample level)"),
         _client_table(sample)
         if sample["enabled"]
@@ -412,6 +414,7 @@ def _document(report: dict) -> list[Block]:
         *_levels_explained(report),
         ("h2", "Recomputing ε from privacy_report.json"),
         *_recompute(sample),
+        *_recompute_client_level(report["client_level"]),
         ("h2", "Caveats"),
         ("ul", list(report["caveats"])),
         ("h2", "Configuration"),
@@ -449,6 +452,8 @@ def _summary(report: dict) -> list[str]:
             f"σ = {_g(level.get('noise_multiplier'))}, "
             f"clipping norm = {_g(level.get('clipping_norm'))}."
         )
+        if level.get("stopped"):
+            lines.append(f"The run stopped early: {level['stopped']['reason']}.")
     else:
         lines.append("Client level: off.")
     lines.append(
@@ -466,6 +471,33 @@ def _summary(report: dict) -> list[str]:
     else:
         lines.append("Rounds completed: 0.")
     return lines
+
+
+def _levels_table(report: dict) -> Block:
+    """Sample level and client level in two columns, each with its unit in plain words."""
+    sample, level = report["sample_level"], report["client_level"]
+    clients = sample["clients"]
+    top = max((r["epsilon"] for r in clients), default=None)
+    on = {True: "on", False: "off"}
+    rows = [
+        ["enabled", on[bool(sample["enabled"])], on[bool(level.get("enabled"))]],
+        ["unit protected", f"{SAMPLE_UNIT} (adding or removing a single training example)",
+         f"{CLIENT_UNIT} (adding or removing a client's entire data set)"],
+        ["ε spent", f"{_f4(top)} (highest client)" if sample["enabled"] else "—",
+         _f4(level.get("epsilon")) if level.get("enabled") else "—"],
+        ["ε budget", _g(report["config"]["privacy"]["sample"].get("epsilon")) if sample["enabled"] else "—",
+         _g(level.get("budget_epsilon")) if level.get("enabled") else "—"],
+        ["δ", _g(sample["delta"]), _g(level.get("delta"))],
+        ["noise multiplier σ", ", ".join(sorted({_g(r["noise_multiplier"]) for r in clients})) or "—",
+         _g(level.get("noise_multiplier"))],
+        ["clipping norm", ", ".join(sorted({_g(r["max_grad_norm"]) for r in clients})) or "—",
+         _g(level.get("clipping_norm"))],
+        ["where noise is added", "on each client, every DP-SGD step" if sample["enabled"] else "—",
+         "on the server, to the sum of clipped client updates" if level.get("enabled") else "—"],
+        ["accountant", str(sample["accountant"] or "—"),
+         f"{level.get('accountant', 'rdp')}, q = 1 (no amplification)" if level.get("enabled") else "—"],
+    ]
+    return ("table", ["", "sample level", "client level"], rows)
 
 
 def _client_table(sample: dict) -> Block:
@@ -547,6 +579,20 @@ def _recompute(sample: dict) -> list[Block]:
          f"from opacus.accountants import {cls}\n"
          f"acc = {cls}(); acc.history = [tuple(h) for h in client[\"history\"]]\n"
          "acc.get_epsilon(delta)  # == client[\"epsilon\"]; an empty history is 0.0"),
+    ]
+
+
+def _recompute_client_level(level: dict) -> list[Block]:
+    if not level.get("enabled") or "history" not in level:
+        return []
+    return [
+        ("p",
+         "The client-level ε follows from client_level.history, one entry [σ, 1.0, rounds released] "
+         "(q = 1: no amplification by client sampling), with delta = client_level.delta:"),
+        ("code",
+         "from opacus.accountants import RDPAccountant\n"
+         "acc = RDPAccountant(); acc.history = [tuple(h) for h in level[\"history\"]]\n"
+         "acc.get_epsilon(delta)  # == level[\"epsilon\"]; no history is 0.0"),
     ]
 
 

@@ -16,10 +16,15 @@ import json
 import logging
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from flwr.app import Message, RecordDict
+
+from common.model import state_norm
+
+if TYPE_CHECKING:
+    from server.mechanism import ClientLevelDP
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +33,7 @@ log = logging.getLogger(__name__)
 #: client cannot leak extra statistics through the server's logs or report.
 ALLOWED = {
     "arrays": None,  # the update itself, checked key by key against the model
-    "metrics": {"declined", "server-round"},
+    "metrics": {"declined", "server-round", "fits"},  # fits: adaptive clipping's bit
     "privacy": {"client-id", "reason", "report"},
 }
 #: Slack on the payload size for per-array metadata.
@@ -51,6 +56,17 @@ class Reply:
 
 
 @dataclass
+class SecureSum:
+    """What SecAgg+ reveals of a round: the sum of the updates, never one of them."""
+
+    total: dict[str, torch.Tensor]  # Σ of the contributors' (clipped) updates, unmasked
+    contributors: list[str]  # clients that trained and whose update is in ``total``
+    senders: int = 0  # clients whose masked vector is in ``total`` (declined ones sent zeros)
+    fits: float = 0.0  # Σ of the "update fits under C" bits (adaptive clipping), also summed securely
+    tolerance: float = 0.0  # bound on the fixed-point quantisation error of ``total``'s norm
+
+
+@dataclass
 class RoundReplies:
     """What one round's replies came to."""
 
@@ -62,6 +78,13 @@ class RoundReplies:
     missing: list[int] = field(default_factory=list)  # sampled nodes that sent nothing in time
     failed_nodes: list[int] = field(default_factory=list)  # sampled nodes that replied with an error
     node_clients: dict[int, str] = field(default_factory=dict)  # node id -> client id it spoke for
+    fits: dict[str, bool] = field(default_factory=dict)  # client_id -> its update fit under C (adaptive)
+    secure_sum: SecureSum | None = None  # with secagg: the unmasked sum instead of ``accepted``
+
+    @property
+    def trained(self) -> list[str]:
+        """Clients whose update is in this round's aggregate."""
+        return list(self.secure_sum.contributors) if self.secure_sum is not None else list(self.accepted)
 
 
 def check_update(
@@ -70,7 +93,12 @@ def check_update(
     *,
     max_norm: float | None = None,
 ) -> str | None:
-    """Why ``update`` must not be averaged, or None if it may."""
+    """Why ``update`` must not be averaged, or None if it may.
+
+    ``max_norm`` is the tighter of ``strategy.max_update_norm`` and client-level DP's
+    clipping norm C: an update above C would break the sensitivity the noise is
+    calibrated for, so it is rejected, not clipped here.
+    """
     missing, extra = sorted(set(expected) - set(update)), sorted(set(update) - set(expected))
     if missing or extra:
         return f"keys differ (missing {missing[:2]}, unexpected {extra[:2]})"
@@ -85,9 +113,9 @@ def check_update(
         if not torch.isfinite(value).all():
             return f"{name}: non-finite values"
     if max_norm is not None:
-        norm = float(torch.sqrt(sum(v.double().pow(2).sum() for v in update.values())))
+        norm = state_norm(update)
         if norm > max_norm:
-            return f"update norm {norm:.4g} exceeds strategy.max_update_norm={max_norm}"
+            return f"update norm {norm:.6g} above the allowed {max_norm:.6g}"
     return None
 
 
@@ -137,6 +165,8 @@ def collect(
             out.rejected[client_id or node] = reason
         elif update is not None:
             out.accepted[client_id] = update
+            if "fits" in reply.content["metrics"]:
+                out.fits[client_id] = bool(int(reply.content["metrics"]["fits"]))
     out.missing = sorted(sampled - seen)
     for who, reason in out.rejected.items():
         log.warning("round %d: rejected reply of %s: %s", server_round, who, reason)
@@ -180,25 +210,76 @@ def _check_reply(content, server_round, expected, max_bytes, max_update_norm, ou
     return reason, client_id, (update if reason is None else None)
 
 
+def _client_order(client_id: str):
+    return (0, int(client_id), "") if client_id.isdigit() else (1, 0, client_id)
+
+
+def sum_updates(updates: Mapping[str, Mapping[str, torch.Tensor]], like: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Σ updates in float64, in client-id order so a resumed round reproduces the original."""
+    total = {k: torch.zeros(v.shape, dtype=torch.float64) for k, v in like.items()}
+    for client_id in sorted(updates, key=_client_order):
+        for name in total:
+            total[name] += updates[client_id][name].to(torch.float64)
+    return total
+
+
+def apply_step(global_state: Mapping[str, torch.Tensor], step: Mapping[str, torch.Tensor], *,
+               server_lr: float) -> dict[str, torch.Tensor]:
+    """``global + server_lr · step``, back in each parameter's dtype."""
+    return {name: (value.to(torch.float64) + server_lr * step[name].to(torch.float64)).to(value.dtype)
+            for name, value in global_state.items()}
+
+
 def fedavg(
     global_state: Mapping[str, torch.Tensor],
     updates: Mapping[str, Mapping[str, torch.Tensor]],
     *,
     server_lr: float = 1.0,
 ) -> dict[str, torch.Tensor]:
-    """``global + server_lr · mean(updates)``, every client weighted equally.
-
-    Summed in client-id order (float64) so a resumed round reproduces the original.
-    """
+    """``global + server_lr · mean(updates)``, every client weighted equally."""
     if not updates:
         return {k: v.clone() for k, v in global_state.items()}
-    ordered = [updates[cid] for cid in sorted(updates, key=_client_order)]
-    new_state = {}
-    for name, value in global_state.items():
-        mean = torch.stack([u[name].to(torch.float64) for u in ordered]).mean(dim=0)
-        new_state[name] = (value.to(torch.float64) + server_lr * mean).to(value.dtype)
-    return new_state
+    total = sum_updates(updates, global_state)
+    return apply_step(global_state, {k: v / len(updates) for k, v in total.items()}, server_lr=server_lr)
 
 
-def _client_order(client_id: str):
-    return (0, int(client_id), "") if client_id.isdigit() else (1, 0, client_id)
+def check_sum(total: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor], *,
+              max_norm: float | None) -> str | None:
+    """Why an unmasked SecAgg sum must not be used: the server's only check under SecAgg."""
+    return check_update(total, {k: v.to(torch.float64) for k, v in expected.items()}, max_norm=max_norm)
+
+
+def aggregate(
+    global_state: Mapping[str, torch.Tensor],
+    result: RoundReplies,
+    *,
+    server_lr: float,
+    n_planned: int,
+    client_dp: ClientLevelDP | None = None,
+) -> dict[str, torch.Tensor] | None:
+    """The next global state from a round's accepted updates (or SecAgg sum); None: not released.
+
+    Without client-level DP: the equal-weight mean of the contributors' updates. With
+    it: (Σ clipped updates + noise) / ``n_planned`` (``server.mechanism``), then C adapts.
+    """
+    contributors = result.trained
+    if result.secure_sum is not None:
+        total = result.secure_sum.total
+        bound = None
+        if client_dp is not None:
+            bound = result.secure_sum.senders * client_dp.clipping_norm + result.secure_sum.tolerance
+        reason = check_sum(total, global_state, max_norm=bound)
+        if reason is not None:
+            log.warning("unmasked secure sum rejected: %s; the round is not released", reason)
+            return None
+        fits = result.secure_sum.fits
+    else:
+        total = sum_updates(result.accepted, global_state)
+        fits = float(sum(result.fits.get(cid, False) for cid in contributors))
+    if client_dp is None:
+        if not contributors:
+            return None
+        return apply_step(global_state, {k: v / len(contributors) for k, v in total.items()}, server_lr=server_lr)
+    step = client_dp.privatise(total, n_planned)
+    client_dp.adapt(fits, n_planned)
+    return apply_step(global_state, step, server_lr=server_lr)

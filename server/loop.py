@@ -31,9 +31,11 @@ from common.errors import ConfigError
 from common.model import count_parameters, instantiate_model, load_tokenizer, trainable_state
 from common.report import build_report, write_report
 from common.storage import append_json_line, atomic_write_bytes, atomic_write_json
-from server.aggregate import Reply, collect, fedavg
+from server.aggregate import Reply, aggregate, collect
 from server.checkpoint import Manifest, completed_rounds, load_round, save_round, truncate_metrics
 from server.evaluate import evaluate
+from server.mechanism import ClientLevelDP
+from server.secagg import secagg_round
 
 log = logging.getLogger(__name__)
 
@@ -139,36 +141,58 @@ def run_federation(grid: Grid, prepared: Prepared, run_dir: Path, *, resume: boo
     n_rounds = int(cfg["rounds"])
     first = len(state.rounds) + 1
     node_clients: dict[int, str] = {}  # Flower node id -> client id, learnt from replies
+    client_dp = ClientLevelDP(cfg) if cfg["privacy"]["mode"] in ("client", "both") else None
+    if client_dp is not None and resume:
+        client_dp.restore(run_dir, completed_rounds=first - 1)
 
     with Progress(TextColumn("[bold]fedpriv[/] {task.description}"), BarColumn(),
                   TextColumn("{task.completed}/{task.total} rounds"), TimeElapsedColumn()) as progress:
         task = progress.add_task("training", total=n_rounds, completed=first - 1)
         for server_round in range(first, n_rounds + 1):
+            if client_dp is not None and client_dp.next_round_exceeds_budget(server_round):
+                log.warning("stopping before round %d: %s", server_round, client_dp.stopped["reason"])
+                break  # the last model is kept; the report is written below
             started = time.monotonic()
             k = max(1, round(float(strategy["fraction_train"]) * len(nodes)))
             sampled = sorted(sampler.sample(nodes, k))
-            content = RecordDict({
-                "arrays": ArrayRecord(torch_state_dict=state.global_state),
-                "config": ConfigRecord({"run-id": state.run_id, "server-round": server_round,
-                                        "fedpriv-config": cfg_json}),
-            })
-            messages = [Message(content=content, dst_node_id=node, message_type="train") for node in sampled]
-            replies = grid.send_and_receive(messages, timeout=float(cfg["round_timeout_s"]))
-            result = collect((Reply.of(m) for m in replies), server_round=server_round, sampled=sampled,
-                             expected=state.global_state,
-                             max_update_norm=float(max_norm) if max_norm is not None else None)
+            round_config = {"run-id": state.run_id, "server-round": server_round, "fedpriv-config": cfg_json,
+                            **(client_dp.round_config() if client_dp is not None else {})}
+            clip_norm = client_dp.clipping_norm if client_dp is not None else None
+            norm_caps = [c for c in (clip_norm, max_norm) if c is not None]
+            if cfg["secagg"]:
+                # The server only ever holds the sum; the checks ran on each client before masking.
+                result = secagg_round(grid, sampled, state.global_state, round_config, server_round=server_round,
+                                      settings=cfg["secaggplus"], timeout=float(cfg["round_timeout_s"]),
+                                      clipping_range=clip_norm or float(cfg["secaggplus"]["clipping_range"]))
+            else:
+                content = RecordDict({"arrays": ArrayRecord(torch_state_dict=state.global_state),
+                                      "config": ConfigRecord(round_config)})
+                messages = [Message(content=content, dst_node_id=node, message_type="train") for node in sampled]
+                replies = grid.send_and_receive(messages, timeout=float(cfg["round_timeout_s"]))
+                result = collect((Reply.of(m) for m in replies), server_round=server_round, sampled=sampled,
+                                 expected=state.global_state,
+                                 max_update_norm=float(min(norm_caps)) if norm_caps else None)
             state.clients_reported.update(result.privacy)
             node_clients.update(result.node_clients)
             for node in [*result.missing, *result.failed_nodes]:
                 who = node_clients.get(node, f"node {node}")
                 state.unreported.setdefault(who, []).append(server_round)
 
-            skipped = len(result.accepted) < int(strategy["min_train_clients"])
+            new_state = None
+            if len(result.trained) >= int(strategy["min_train_clients"]):
+                new_state = aggregate(state.global_state, result, server_lr=float(strategy["server_lr"]),
+                                      n_planned=k, client_dp=client_dp)
+            skipped = new_state is None
             if skipped:
                 log.warning("round %d skipped: %d updates accepted, strategy.min_train_clients=%s",
-                            server_round, len(result.accepted), strategy["min_train_clients"])
+                            server_round, len(result.trained), strategy["min_train_clients"])
             else:
-                state.global_state = fedavg(state.global_state, result.accepted, server_lr=float(strategy["server_lr"]))
+                state.global_state = new_state
+            if client_dp is not None:
+                # Recorded before the checkpoint: a crash after it can only over-count.
+                client_dp.record(server_round, released=not skipped, clients=len(result.trained),
+                                 clipping_norm=clip_norm)
+                client_dp.write(run_dir)  # client_level.json: resume and `fedpriv report` read it
             accuracy, loss = evaluate(model, state.global_state, prepared.test,
                                       batch_size=int(cfg["evaluation"]["batch_size"]))
 
@@ -176,7 +200,7 @@ def run_federation(grid: Grid, prepared: Prepared, run_dir: Path, *, resume: boo
             atomic_write_json(run_dir / "clients_reported.json", state.reported())
             record = {
                 "round": server_round, "accuracy": accuracy, "loss": loss,
-                "clients_trained": len(result.accepted), "clients_declined": len(result.declined),
+                "clients_trained": len(result.trained), "clients_declined": len(result.declined),
                 "clients_rejected": len(result.rejected), "clients_failed": len(result.failed),
                 "clients_missing": len(result.missing), "skipped": skipped,
                 "declined": result.declined, "rejected": result.rejected, "failed": result.failed,
@@ -185,10 +209,13 @@ def run_federation(grid: Grid, prepared: Prepared, run_dir: Path, *, resume: boo
             append_json_line(run_dir / "metrics.jsonl", record)  # last: the round is complete
             state.rounds.append(record)
             progress.update(task, advance=1, description=(
-                f"round {server_round}: accuracy {accuracy:.3f}, trained {len(result.accepted)}, "
+                f"round {server_round}: accuracy {accuracy:.3f}, trained {len(result.trained)}, "
                 f"declined {len(result.declined)}, rejected {len(result.rejected)}"))
 
-    report = build_report(config=cfg, clients_reported=state.reported(), rounds=state.rounds)
+    if client_dp is not None:
+        client_dp.write(run_dir)  # also when the budget stopped the run before any round
+    report = build_report(config=cfg, clients_reported=state.reported(), rounds=state.rounds,
+                          client_level=client_dp.block() if client_dp is not None else None)
     write_report(run_dir, report)
     log.info("privacy report: %s", run_dir / "privacy_report.md")
     return report

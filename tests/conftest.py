@@ -36,3 +36,14 @@ def run_fedpriv(args, cwd: Path, timeout=300) -> subprocess.CompletedProcess:
     """`fedpriv ARGS` in a subprocess, bounded in time."""
     return subprocess.run([sys.executable, "-m", "server.cli", *args], cwd=cwd, capture_output=True,
                           text=True, timeout=timeout, env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+
+@pytest.fixture
+def task_identity():
+    """Flower refuses to build a Message outside a run; pretend to be one (server node 1, run 7)."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 7, 1
+    yield TaskIdentity
+    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved

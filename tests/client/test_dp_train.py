@@ -1,6 +1,7 @@
 """The DP training step against independent references (no Opacus in the reference)."""
 
 import copy
+import math
 
 import pytest
 import torch
@@ -137,3 +138,39 @@ def test_model_is_reusable_after_dp_training():
     model = tiny_model()
     for _ in range(2):
         local_train(model, tiny_data(16), epochs=1, batch_size=4, lr=0.01, dp=DPSettings(1.0, 1.0, "rdp", ()))
+
+
+# --------------------------------------------------------------------------- client level
+
+
+@pytest.mark.parametrize("scale", [1e-4, 0.3, 1.0, 7.0, 1e6])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_clip_update_bounds_the_norm_and_keeps_the_direction(scale, dtype):
+    from client.dp_train import clip_update
+
+    gen = torch.Generator().manual_seed(3)
+    update = {"a": (torch.randn(50, 7, generator=gen) * scale).to(dtype), "b": (torch.randn(7, generator=gen) * scale).to(dtype)}
+    out = clip_update(update, 0.5)
+    norm = math.sqrt(sum(float((v.double() ** 2).sum()) for v in out.update.values()))
+    assert norm <= 0.5
+    before = math.sqrt(sum(float((v.double() ** 2).sum()) for v in update.values()))
+    assert out.fits == (before <= 0.5)
+    ratio = out.update["a"].double() / update["a"].double()
+    assert float(ratio.max() - ratio.min()) < 1e-2  # one scale for every coordinate
+    assert all(v.dtype == dtype for v in out.update.values())
+
+
+def test_secure_vector_checks_the_update_before_masking():
+    from client.secagg import secure_vector
+
+    glob = {"a": torch.zeros(3), "b": torch.zeros(2)}
+    ok = {"a": torch.full((3,), 0.1), "b": torch.zeros(2)}
+    vec = secure_vector(ok, glob, ["a", "b"], fits=True, clipping_range=0.5, max_norm=0.5)
+    assert [v.shape for v in vec] == [(3,), (2,), (1,)] and vec[-1][0] == 0.5
+    assert all((v == 0).all() for v in secure_vector(None, glob, ["a", "b"], fits=False, clipping_range=0.5,
+                                                     max_norm=0.5))  # declined: zeros
+    for bad in ({"a": torch.ones(3), "b": torch.zeros(2)},  # above C
+                {"a": torch.tensor([float("nan"), 0, 0]), "b": torch.zeros(2)},
+                {"a": torch.zeros(4), "b": torch.zeros(2)}):
+        with pytest.raises(ValueError):
+            secure_vector(bad, glob, ["a", "b"], fits=True, clipping_range=0.5, max_norm=0.5)

@@ -106,3 +106,48 @@ def test_epsilon_grows_with_steps():
     values = [epsilon([(0.8, 0.05, k)], 1e-5) for k in (10, 50, 100, 400)]
     assert all(a < b for a, b in zip(values, values[1:]))
     assert all(math.isfinite(v) for v in values)
+
+
+# --------------------------------------------------------------------------- client level
+
+
+def _gaussian_rdp_epsilon(sigma, rounds, delta):
+    """Independent reference: RDP of `rounds` Gaussian mechanisms (q = 1) is rounds·α/(2σ²);
+    converted to (ε, δ) with the bound Opacus uses (Balle et al. 2020), over Opacus' alphas."""
+    alphas = [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64))
+    best = math.inf
+    for a in alphas:
+        rdp = rounds * a / (2 * sigma ** 2)
+        eps = rdp - (math.log(delta) + math.log(a)) / (a - 1) + math.log((a - 1) / a)
+        best = min(best, eps)
+    return best
+
+
+def test_client_epsilon_is_the_composed_gaussian_mechanism_at_q_one():
+    from common.accounting import client_epsilon
+
+    for sigma, rounds in [(0.76, 1), (0.76, 3), (2.0, 20)]:
+        assert client_epsilon(sigma, rounds, 1e-3) == pytest.approx(_gaussian_rdp_epsilon(sigma, rounds, 1e-3), rel=1e-9)
+    assert client_epsilon(1.0, 0, 1e-3) == 0.0
+    per_round = [client_epsilon(1.0, r, 1e-3) for r in range(1, 6)]
+    assert per_round == sorted(per_round) and len(set(per_round)) == 5
+
+
+def test_client_noise_calibrates_to_the_budget_over_planned_rounds():
+    from common.accounting import client_epsilon, client_noise
+
+    cfg = {"clipping": "fixed", "noise_multiplier": None, "epsilon": 10.0, "delta": 1e-3}
+    noise = client_noise(cfg, rounds=3, num_clients=4)
+    assert noise.calibrated and 9.99 <= client_epsilon(noise.sigma, 3, 1e-3) <= 10.0
+    assert client_noise({**cfg, "noise_multiplier": 1.5}, rounds=3, num_clients=4).sigma == 1.5
+
+
+def test_adaptive_split_keeps_the_combined_sigma_and_refuses_a_too_small_count_noise():
+    from common.accounting import adaptive_noise_split
+    from common.errors import ConfigError
+
+    sigma_u = adaptive_noise_split(1.0, 2.0)
+    assert (sigma_u ** -2 + (2 * 2.0) ** -2) ** -0.5 == pytest.approx(1.0) and sigma_u > 1.0
+    with pytest.raises(ConfigError) as err:
+        adaptive_noise_split(1.0, 0.5)
+    assert err.value.setting == "privacy.client.clipped_count_stddev"

@@ -51,7 +51,7 @@ def test_every_model_option_builds(tmp_path):
     ("train.optimizer=lion", "train.optimizer"),
     ("train.device=tpu", "train.device"),
     ("strategy.fraction_train=1.5", "strategy.fraction_train"),
-    ("secagg=true", "secagg"),
+    ("secagg=maybe", "secagg"),
 ])
 def test_bad_values_name_the_setting(tmp_path, override, setting):
     cfg = compose([*FAST, override], tmp_path)
@@ -59,6 +59,55 @@ def test_bad_values_name_the_setting(tmp_path, override, setting):
         validate(cfg)
     assert err.value.setting == setting
     assert str(err.value).startswith(setting)
+
+
+@pytest.mark.parametrize("override, setting", [
+    ("privacy.client.clipping=sometimes", "privacy.client.clipping"),
+    ("privacy.client.clipping_norm=0", "privacy.client.clipping_norm"),
+    ("privacy.client.epsilon=-1", "privacy.client.epsilon"),
+    ("privacy.client.delta=1.0", "privacy.client.delta"),
+    ("privacy.client.noise_multiplier=-0.5", "privacy.client.noise_multiplier"),
+    ("privacy.client.noise_multiplier=0", "privacy.client.noise_multiplier"),
+    ("privacy.client.target_quantile=1.5", "privacy.client.target_quantile"),
+    ("privacy.client.clip_lr=0", "privacy.client.clip_lr"),
+    # σ = 1 needs a clipped-count noise above σ/2 (Andrew et al.'s split).
+    ("privacy.client.clipped_count_stddev=0.4", "privacy.client.clipped_count_stddev"),
+])
+def test_bad_client_level_values_name_the_setting(tmp_path, override, setting):
+    cfg = compose([*FAST, "privacy=both", "privacy.client.clipping=adaptive", "privacy.client.noise_multiplier=1.0",
+                   override], tmp_path)
+    with pytest.raises(ConfigError) as err:
+        validate(cfg)
+    assert err.value.setting == setting
+
+
+@pytest.mark.parametrize("override, setting", [
+    ("secaggplus.num_shares=2", "secaggplus.num_shares"),
+    ("secaggplus.reconstruction_threshold=1.5", "secaggplus.reconstruction_threshold"),
+    ("secaggplus.reconstruction_threshold=9", "secaggplus.reconstruction_threshold"),
+    ("secaggplus.modulus_range=1000", "secaggplus.modulus_range"),
+    ("strategy.fraction_train=0.25", "strategy.fraction_train"),
+])
+def test_bad_secagg_values_name_the_setting(tmp_path, override, setting):
+    cfg = compose([*FAST, "secagg=true", "num_clients=4", override], tmp_path)
+    with pytest.raises(ConfigError) as err:
+        validate(cfg)
+    assert err.value.setting == setting
+
+
+def test_client_and_secagg_defaults_validate(tmp_path):
+    validate(compose([*FAST, "privacy=both", "secagg=true", "num_clients=4"], tmp_path))
+    validate(compose([*FAST, "privacy=client", "privacy.client.clipping=adaptive"], tmp_path))
+
+
+def test_client_level_delta_is_checked_against_num_clients(tmp_path):
+    cfg = compose([*FAST, "privacy=client", "num_clients=4", "privacy.client.delta=0.3"], tmp_path)
+    with pytest.raises(ConfigError) as err:
+        validate_partitions(cfg, [100] * 4)
+    assert err.value.setting == "privacy.client.delta" and "1/num_clients" in str(err.value)
+    cfg["privacy"]["client"]["delta"] = 0.05  # below 1/4, above 1/40
+    with pytest.warns(UserWarning, match="privacy.client.delta"):
+        assert validate_partitions(cfg, [100] * 4)
 
 
 def test_delta_must_be_below_one_over_smallest_client(tmp_path):

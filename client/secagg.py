@@ -1,0 +1,81 @@
+"""The client's side of a SecAgg+ round: Flower's ``secaggplus_mod`` around fedpriv's answer.
+
+The server drives Flower's legacy SecAgg+ workflow (``server/secagg.py``), so a
+secure round reaches the ClientApp as four ``train`` messages carrying the record
+``secaggplus_configs``. Flower's ``secaggplus_mod`` handles the key exchange and the
+masking; for the masked-vector stage it calls ``legacy_fit`` here, which speaks the
+legacy FitIns/FitRes format (``recorddict_compat``) and returns:
+
+- the update in the order of ``fedpriv-keys`` plus one array ``[fits · R]`` (adaptive
+  clipping's bit, so that only its sum is revealed) — the mod masks all of it and
+  clears the plain arrays before anything leaves;
+- plain metrics: ``declined``, ``server-round``, ``client-id``, ``reason``, ``report``.
+
+Update checks run here, before masking (DESIGN.md): under SecAgg the server can only
+check the sum. A declining client still sends a vector of zeros so that the protocol's
+masks cancel; it contributes nothing and the server counts it as declined.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping
+
+import numpy as np
+import torch
+from flwr.app import Context, Message
+from flwr.client.mod import secaggplus_mod
+from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
+from flwr.compat.common import recorddict_compat as compat
+
+from common.model import state_norm
+
+KEYS_FIELD = "fedpriv-keys"
+
+# answer(config, global_state, context) -> (update | None, metrics, privacy), as client.app's
+Answer = Callable[[Mapping, Mapping[str, torch.Tensor], Context], tuple]
+
+
+def is_secagg(msg: Message) -> bool:
+    return RECORD_KEY_CONFIGS in msg.content.config_records
+
+
+def secagg_train(msg: Message, context: Context, answer: Answer) -> Message:
+    """One SecAgg+ stage; the masked-vector stage trains through ``answer``."""
+    return secaggplus_mod(msg, context, lambda m, c: legacy_fit(m, c, answer))
+
+
+def secure_vector(update: Mapping[str, torch.Tensor] | None, global_state: Mapping[str, torch.Tensor],
+                  keys: list[str], *, fits: bool, clipping_range: float, max_norm: float | None) -> list[np.ndarray]:
+    """The arrays to mask: the checked update in ``keys`` order, then ``[fits · R]``."""
+    if update is None:  # declined: zeros keep the protocol whole and add nothing
+        update = {k: torch.zeros_like(v) for k, v in global_state.items()}
+    if set(update) != set(keys) or set(global_state) != set(keys):
+        raise ValueError("update keys differ from the global trainable keys")
+    for name in keys:
+        if update[name].shape != global_state[name].shape:
+            raise ValueError(f"{name}: shape {tuple(update[name].shape)} != {tuple(global_state[name].shape)}")
+    norm = state_norm(update)
+    if norm == float("inf"):
+        raise ValueError("update is not finite")
+    if max_norm is not None and norm > max_norm:
+        raise ValueError(f"update norm {norm:.6g} above the clipping norm {max_norm:.6g}")
+    arrays = [update[k].detach().cpu().numpy() for k in keys]
+    return [*arrays, np.array([float(clipping_range) if fits else 0.0])]
+
+
+def legacy_fit(msg: Message, context: Context, answer: Answer) -> Message:
+    fitins = compat.recorddict_to_fitins(msg.content, keep_input=True)
+    config = dict(fitins.config)
+    keys = json.loads(str(config[KEYS_FIELD]))
+    arrays = parameters_to_ndarrays(fitins.parameters)
+    global_state = {k: torch.from_numpy(np.array(a)) for k, a in zip(keys, arrays, strict=True)}
+    update, metrics, privacy = answer(config, global_state, context)
+    fits = bool(metrics.pop("fits", 0))  # never in plain text under SecAgg: it goes into the sum
+    clip = config.get("client-clip-norm")
+    vector = secure_vector(update, global_state, keys, fits=fits, clipping_range=float(config["secagg-range"]),
+                           max_norm=float(clip) if clip is not None else None)
+    fitres = FitRes(status=Status(code=Code.OK, message=""), parameters=ndarrays_to_parameters(vector),
+                    num_examples=1, metrics={**metrics, **privacy})
+    return Message(compat.fitres_to_recorddict(fitres, keep_input=False), reply_to=msg)

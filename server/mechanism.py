@@ -1,0 +1,193 @@
+"""Client-level DP on the server (DP-FedAvg): noise on the sum, adaptive C, accountant.
+
+Each client clips its update to norm C before it leaves (``client.dp_train.clip_update``);
+``server.aggregate`` rejects anything above C. Here, per round:
+
+    global += server_lr · (Σ clipped updates + N(0, (σ_Δ C)²)) / n_planned
+
+``n_planned`` is the number of clients asked this round, never the number that
+replied (dividing by fewer would shrink the noise relative to one client's C). With
+adaptive clipping (Andrew et al. 2021) C then moves towards the ``target_quantile``
+of update norms from the noised count of updates that fit under C, and the
+accountant uses the combined σ (``common.accounting.adaptive_noise_split``).
+
+Flower's DP wrappers are not used as is (STACK.md): they draw noise from numpy's
+global RNG (a user seed makes it predictable), divide by the number that replied
+when they average, and their adaptive rule steps C the wrong way when the clipped
+fraction exceeds the target. All noise here comes from a torch generator seeded
+from ``os.urandom``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+
+from common.accounting import (CLIENT_ACCOUNTANT, CLIENT_SAMPLE_RATE, client_epsilon, client_history,
+                               client_noise)
+from common.randomness import urandom_generator
+from common.report import CLIENT_UNIT
+from common.storage import atomic_write_json
+
+log = logging.getLogger(__name__)
+
+CLIENT_LEVEL_FILE = "client_level.json"
+
+
+def add_noise(total: Mapping[str, torch.Tensor], std: float, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """``total`` + N(0, std²) per coordinate, in float64, from ``generator``."""
+    out = {}
+    for name, value in total.items():
+        value = value.to(torch.float64)
+        noise = torch.normal(0.0, std, size=value.shape, generator=generator, dtype=torch.float64)
+        out[name] = value + noise
+    return out
+
+
+class ClientLevelDP:
+    """The server's side of client-level DP for one run; its state is the report block."""
+
+    def __init__(self, cfg: Mapping, generator: torch.Generator | None = None):
+        client = cfg["privacy"]["client"]
+        self.delta = float(client["delta"])
+        self.budget = float(client["epsilon"])
+        self.adaptive = client["clipping"] == "adaptive"
+        self.clipping_norm = float(client["clipping_norm"])
+        self.target_quantile = float(client.get("target_quantile", 0.5))
+        self.clip_lr = float(client.get("clip_lr", 0.2))
+        self.noise = client_noise(client, rounds=int(cfg["rounds"]), num_clients=int(cfg["num_clients"]))
+        self.secagg = bool(cfg.get("secagg"))
+        self.planned_rounds = int(cfg["rounds"])
+        self.releases = 0  # aggregates released so far (rounds accounted)
+        self.per_round: list[dict] = []
+        self.stopped: dict | None = None
+        self._gen = generator if generator is not None else urandom_generator()
+
+    @property
+    def sigma(self) -> float:
+        return self.noise.sigma
+
+    def epsilon_after(self, releases: int) -> float:
+        return client_epsilon(self.sigma, releases, self.delta)
+
+    def next_round_exceeds_budget(self, server_round: int) -> bool:
+        """True (and the reason recorded) when releasing one more aggregate would pass the budget."""
+        eps_next = self.epsilon_after(self.releases + 1)
+        if eps_next <= self.budget:
+            return False
+        self.stopped = {
+            "round": server_round,
+            "reason": (f"client-level ε would reach {eps_next:.4f} after round {server_round}, "
+                       f"above the budget privacy.client.epsilon={self.budget:g}"),
+        }
+        return True
+
+    def round_config(self) -> dict:
+        """What clients need this round: the clipping norm to clip their update to."""
+        return {"client-clip-norm": float(self.clipping_norm)}
+
+    def privatise(self, total: Mapping[str, torch.Tensor], n_planned: int) -> dict[str, torch.Tensor]:
+        """(Σ clipped updates + N(0, (σ_Δ C)²)) / n_planned, in float64."""
+        if n_planned < 1:
+            raise ValueError("n_planned must be >= 1")
+        std = self.noise.update_sigma * self.clipping_norm
+        return {k: v / n_planned for k, v in add_noise(total, std, self._gen).items()}
+
+    def adapt(self, fits_count: float, n_planned: int) -> None:
+        """Geometric update of C from the noised count of updates that fit under C.
+
+        C ← C · exp(−lr · (b̃ − γ)), b̃ = (Σ fits + N(0, σ_b²)) / n_planned: when fewer
+        updates fit than the target share γ, C grows; when more fit, it shrinks.
+        """
+        if not self.adaptive:
+            return
+        noisy = fits_count + float(torch.normal(0.0, self.noise.count_stddev, size=(1,), generator=self._gen))
+        share = noisy / n_planned
+        self.clipping_norm *= math.exp(-self.clip_lr * (share - self.target_quantile))
+
+    def record(self, server_round: int, *, released: bool, clients: int, clipping_norm: float) -> None:
+        """Account one round: a released aggregate spends ε, a skipped round does not."""
+        if released:
+            self.releases += 1
+        self.per_round.append({
+            "round": server_round, "epsilon": self.epsilon_after(self.releases), "released": released,
+            "clients_contributed": clients, "clipping_norm": clipping_norm,
+        })
+
+    def block(self) -> dict:
+        """The report's ``client_level`` block (DESIGN.md schema, extended)."""
+        history = [list(h) for h in client_history(self.sigma, self.releases)]
+        return {
+            "enabled": True,
+            "unit": CLIENT_UNIT,
+            "epsilon": self.epsilon_after(self.releases),
+            "delta": self.delta,
+            "noise_multiplier": self.sigma,
+            "clipping_norm": self.clipping_norm,
+            "clipping": "adaptive" if self.adaptive else "fixed",
+            "budget_epsilon": self.budget,
+            "noise_calibrated": self.noise.calibrated,
+            "update_noise_multiplier": self.noise.update_sigma,
+            "clipped_count_stddev": self.noise.count_stddev,
+            "accountant": CLIENT_ACCOUNTANT,
+            "history": history,
+            "rounds_released": self.releases,
+            "stopped": self.stopped,
+            "assumptions": self.assumptions(),
+            "per_round": list(self.per_round),
+        }
+
+    def assumptions(self) -> list[str]:
+        out = [
+            "Neighbouring datasets differ by all data of one client (add/remove one client).",
+            f"No amplification by client sampling: a fixed number of clients is asked each round, so every "
+            f"released aggregate is accounted at q = {CLIENT_SAMPLE_RATE:g} (RDP, Opacus' accountant; "
+            f"history [sigma, q, rounds]).",
+            "Equal weights: the noised sum of clipped updates is divided by the number of clients asked "
+            "that round, never by the number that replied; example counts never travel.",
+            "Each client clips its own update (local minus global trainable weights) to the clipping norm "
+            "before it leaves; the server rejects any update above it.",
+            "The guarantee covers what leaves the server (the models and the aggregates); "
+            + ("with secure aggregation the server itself sees only the un-noised sum of clipped updates."
+               if self.secagg else "the server itself sees each client's clipped update before noise."),
+            "A round whose aggregate is not released (too few replies) spends no client-level ε.",
+        ]
+        if self.noise.calibrated:
+            out.append(f"σ was calibrated so that all {self.planned_rounds} planned rounds stay within "
+                       f"privacy.client.epsilon={self.budget:g}.")
+        if self.adaptive:
+            out.append(
+                f"Adaptive clipping: the count of updates that fit under C is noised with standard deviation "
+                f"{self.noise.count_stddev:g}; the update sum then gets σ_Δ = {self.noise.update_sigma:.4g} so "
+                f"that both releases together are one Gaussian mechanism at σ = {self.sigma:.4g}.")
+        return out
+
+    def write(self, run_dir: Path) -> None:
+        atomic_write_json(Path(run_dir) / CLIENT_LEVEL_FILE, self.block())
+
+    def restore(self, run_dir: Path, completed_rounds: int) -> None:
+        """Continue a resumed run: spend, per-round ε and C as of its last completed round.
+
+        σ is recomputed from the (unchanged) config, so it matches the stored one. A
+        round recorded after ``completed_rounds`` was cut short by a crash, but its
+        noised aggregate may already have been written: its release stays counted
+        (conservative — the redone round counts again), only its row is dropped.
+        """
+        path = Path(run_dir) / CLIENT_LEVEL_FILE
+        if not path.exists():
+            return
+        block = json.loads(path.read_text())
+        if block.get("noise_multiplier") != self.sigma:
+            raise ValueError(f"{path}: noise multiplier {block.get('noise_multiplier')} != this run's {self.sigma}")
+        stored = block.get("per_round") or []
+        self.releases = sum(bool(p.get("released", True)) for p in stored)
+        self.per_round = [p for p in stored if p["round"] <= completed_rounds]
+        if self.per_round and self.per_round[-1]["round"] == stored[-1]["round"]:
+            self.clipping_norm = float(block["clipping_norm"])  # C after the last completed round
+        elif self.per_round and self.adaptive:
+            raise ValueError(f"{path}: adaptive C after round {completed_rounds} was not kept")

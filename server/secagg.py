@@ -1,0 +1,179 @@
+"""One SecAgg+ training round inside fedpriv's round loop (Flower's legacy workflow).
+
+Flower 1.42 offers SecAgg+ only as a legacy workflow (``SecAggPlusWorkflow`` driven by
+a ``LegacyContext`` and a legacy ``Strategy``; STACK.md). ``secagg_round`` runs exactly
+one fit round of it over the Grid for the nodes fedpriv's loop sampled:
+
+    setup (public keys) → share keys (encrypted Shamir shares) → collect masked
+    vectors (clients train, clip, quantise, mask) → unmask (shares of the survivors'
+    seeds and of dropped clients' keys) → the sum of the quantised updates.
+
+A tiny legacy strategy (``_OneRound``) hands the workflow our sampled nodes and our
+instructions and takes back what it learns; nothing else of Flower's legacy server
+is used. Every client reports weight 1 (``num_examples`` never travels), so the
+workflow's "weighted average" is the plain mean over the clients that sent a masked
+vector, and ``mean × senders`` is the sum. The clients' update checks run on the
+client before masking; here only the unmasked sum can be checked
+(``server.aggregate.check_sum``: finite, norm ≤ senders · C).
+
+The message contract on top of the legacy format (``client/secagg.py``): the fit
+config is the plain round's ``config`` plus ``fedpriv-keys`` (the trainable keys, in
+the order of the parameter arrays); each client's masked vector is its update in
+that order plus one array ``[fits · R]`` (adaptive clipping's bit, summed securely,
+R the quantisation range); its fit metrics carry ``declined``, ``server-round``,
+``client-id``, ``reason`` and ``report`` in plain text, never the update or the bit.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import torch
+from flwr.app import ConfigRecord, Context, RecordDict
+from flwr.common import FitIns, FitRes, Parameters, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.compat.common import recorddict_compat as compat
+from flwr.server.client_manager import ClientManager
+from flwr.server.client_proxy import ClientProxy
+from flwr.server.compat.grid_client_proxy import GridClientProxy
+from flwr.server.compat.legacy_context import LegacyContext
+from flwr.server.strategy import Strategy
+from flwr.server.workflow import SecAggPlusWorkflow
+from flwr.serverapp import Grid
+
+from server.aggregate import RoundReplies, SecureSum
+
+log = logging.getLogger(__name__)
+
+KEYS_FIELD = "fedpriv-keys"
+
+
+class _OneRound(Strategy):
+    """A legacy strategy for one SecAgg+ round: our nodes in, the workflow's results out."""
+
+    def __init__(self, proxies: Sequence[ClientProxy], fitins: FitIns):
+        self.proxies = list(proxies)
+        self.fitins = fitins
+        self.results: list[tuple[ClientProxy, FitRes]] = []
+        self.failures: list = []
+        self.mean: Parameters | None = None
+
+    def initialize_parameters(self, client_manager: ClientManager) -> Parameters | None:
+        return None
+
+    def configure_fit(self, server_round, parameters, client_manager):
+        return [(proxy, self.fitins) for proxy in self.proxies]
+
+    def aggregate_fit(self, server_round, results, failures):
+        # Called by the unmask stage with every result's parameters set to the unmasked mean.
+        self.results, self.failures = list(results), list(failures)
+        self.mean = results[0][1].parameters if results else None
+        return None, {}  # the loop, not the workflow, owns the global model
+
+    def configure_evaluate(self, server_round, parameters, client_manager):
+        return []
+
+    def aggregate_evaluate(self, server_round, results, failures):
+        return None, {}
+
+    def evaluate(self, server_round, parameters):
+        return None
+
+
+def workflow_for(settings: Mapping, clipping_range: float, timeout: float | None) -> SecAggPlusWorkflow:
+    """Flower's SecAgg+ workflow with fedpriv's settings (``secaggplus.*``); weight 1 per client."""
+    return SecAggPlusWorkflow(
+        num_shares=settings["num_shares"],
+        reconstruction_threshold=settings["reconstruction_threshold"],
+        max_weight=1.0,
+        clipping_range=float(clipping_range),
+        quantization_range=int(settings["quantization_range"]),
+        modulus_range=int(settings["modulus_range"]),
+        timeout=timeout,
+    )
+
+
+def quantisation_tolerance(settings: Mapping, clipping_range: float, senders: int, size: int) -> float:
+    """Bound on the L2 error of the unmasked sum: < one fixed-point step per coordinate per client."""
+    step = 2 * float(clipping_range) / int(settings["quantization_range"])
+    return senders * step * math.sqrt(size)
+
+
+def secagg_round(
+    grid: Grid,
+    sampled: Sequence[int],
+    global_state: Mapping[str, torch.Tensor],
+    config: Mapping,
+    *,
+    server_round: int,
+    settings: Mapping,
+    clipping_range: float,
+    timeout: float | None,
+    run_id: int | None = None,
+) -> RoundReplies:
+    """Run one SecAgg+ fit round for ``sampled``; the result holds the sum, never one update."""
+    keys = list(global_state)
+    params = ndarrays_to_parameters([global_state[k].detach().cpu().numpy() for k in keys])
+    fit_config = {**config, KEYS_FIELD: json.dumps(keys), "secagg-range": float(clipping_range)}
+    if run_id is None:
+        run_id = grid.run.run_id
+    strategy = _OneRound([GridClientProxy(int(n), grid, run_id) for n in sampled], FitIns(params, fit_config))
+    context = LegacyContext(Context(run_id=run_id, node_id=0, node_config={}, state=RecordDict(), run_config={}),
+                            strategy=strategy)
+    context.state.config_records["config"] = ConfigRecord({"current_round": server_round})
+    context.state.array_records["parameters"] = compat.parameters_to_arrayrecord(params, keep_input=True)
+    workflow_for(settings, clipping_range, timeout)(grid, context)
+    return _replies(strategy, keys, global_state, server_round=server_round, settings=settings,
+                    clipping_range=clipping_range, sampled=sampled)
+
+
+def _replies(strategy: _OneRound, keys: list[str], global_state: Mapping[str, torch.Tensor], *, server_round: int,
+             settings: Mapping, clipping_range: float, sampled: Sequence[int]) -> RoundReplies:
+    out = RoundReplies()
+    for failure in strategy.failures:
+        out.failed[f"failure {len(out.failed) + 1}"] = str(failure)[:300]
+    if strategy.mean is None:
+        # The workflow halted (too few clients left for the threshold): nothing is revealed.
+        missing = len(sampled) - len(strategy.results)
+        out.failed.setdefault("secagg", f"secure aggregation halted ({missing} of {len(sampled)} clients missing)")
+        log.warning("round %d: secure aggregation halted; the round is not released", server_round)
+        return out
+    contributors = []
+    for proxy, fitres in strategy.results:
+        metrics = fitres.metrics
+        try:
+            client_id = str(metrics["client-id"])
+            tagged_round = int(metrics["server-round"])
+            declined = bool(int(metrics["declined"]))
+            summary = json.loads(str(metrics["report"]))
+        except (KeyError, ValueError, TypeError) as err:
+            out.rejected[f"node {proxy.node_id}"] = f"malformed metrics ({err.__class__.__name__}: {err})"
+            continue
+        if isinstance(summary, dict):
+            out.privacy[client_id] = summary
+        if tagged_round != server_round:
+            out.rejected[client_id] = f"reply for round {tagged_round}, expected {server_round}"
+        elif declined:
+            out.declined[client_id] = str(metrics.get("reason", ""))
+        else:
+            contributors.append(client_id)
+    senders = len(strategy.results)
+    arrays = parameters_to_ndarrays(strategy.mean)
+    if len(arrays) != len(keys) + 1:
+        out.failed["secagg"] = f"unmasked sum has {len(arrays)} arrays, expected {len(keys) + 1}"
+        return out
+    total = {}
+    for name, mean in zip(keys, arrays[:-1]):
+        ref = global_state[name]
+        total[name] = torch.from_numpy(np.asarray(mean, dtype=np.float64) * senders).reshape(ref.shape)
+    fits = float(np.asarray(arrays[-1], dtype=np.float64).sum()) * senders / float(clipping_range)
+    size = sum(v.numel() for v in global_state.values())
+    out.secure_sum = SecureSum(total=total, contributors=contributors, fits=float(round(fits)), senders=senders,
+                               tolerance=quantisation_tolerance(settings, clipping_range, senders, size))
+    for who, reason in out.rejected.items():
+        log.warning("round %d: %s: %s (its masked vector is in the sum; the sum check bounds it)",
+                    server_round, who, reason)
+    return out

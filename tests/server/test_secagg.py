@@ -1,0 +1,146 @@
+"""SecAgg+ from fedpriv's loop over an in-process Grid: Flower's workflow (server) and mod (client).
+
+The grid below delivers every message to an in-process client that runs fedpriv's own
+SecAgg+ handler (``client.secagg.secagg_train``: Flower's ``secaggplus_mod`` around the
+legacy fit) with a stand-in for training, and keeps every reply the server receives.
+"""
+
+import copy
+import math
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import Context, Message, RecordDict
+from flwr.common import bytes_to_ndarray
+from flwr.common.secure_aggregation.quantization import dequantize
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
+
+from client.dp_train import clip_update
+from client.secagg import secagg_train
+from server.aggregate import aggregate
+from server.mechanism import ClientLevelDP
+from server.secagg import secagg_round
+
+C = 1.0
+SETTINGS = {"num_shares": 1.0, "reconstruction_threshold": 0.67, "quantization_range": 2 ** 22,
+            "modulus_range": 2 ** 32, "clipping_range": 8.0}
+SHAPES = {"w": (40, 30), "b": (30,)}
+GLOBAL = {k: torch.zeros(s) for k, s in SHAPES.items()}
+
+
+class InProcessGrid:
+    """A Grid whose nodes are in-process SecAgg+ clients; ``drop`` = {node: stage it stops answering at}."""
+
+    def __init__(self, updates, declined=(), drop=None):
+        self.updates, self.declined, self.drop = updates, set(declined), dict(drop or {})
+        self.contexts = {n: Context(run_id=7, node_id=n, node_config={}, state=RecordDict(), run_config={})
+                         for n in updates}
+        self.received: list[tuple[str, Message]] = []  # (stage, reply) as the server got them
+
+    def answer(self, config, global_state, context):
+        node = context.node_id
+        metrics = {"declined": int(node in self.declined), "server-round": int(config["server-round"])}
+        privacy = {"client-id": str(node), "reason": "budget" if node in self.declined else "", "report": "{}"}
+        if node in self.declined:
+            return None, metrics, privacy
+        clipped = clip_update(self.updates[node], float(config["client-clip-norm"]))
+        metrics["fits"] = int(clipped.fits)
+        return clipped.update, metrics, privacy
+
+    def send_and_receive(self, messages, *, timeout=None):
+        replies = []
+        for msg in messages:
+            msg = copy.deepcopy(msg)  # as if serialised: the workflow shares one content among nodes
+            node = msg.metadata.dst_node_id
+            stage = msg.content.config_records[RECORD_KEY_CONFIGS][Key.STAGE]
+            if self.drop.get(node) == stage:
+                self.drop[node] = "gone"
+            if self.drop.get(node) == "gone":
+                continue  # the node has dropped out: no reply
+            reply = secagg_train(msg, self.contexts[node], self.answer)
+            self.received.append((stage, reply))
+            replies.append(reply)
+        return replies
+
+
+def random_updates(nodes, scale=1.0, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return {n: {k: torch.randn(s, generator=gen) * scale * (1 + i) for k, s in SHAPES.items()}
+            for i, n in enumerate(nodes)}
+
+
+def run_round(grid, nodes, clip=C, server_round=1):
+    config = {"run-id": "r", "server-round": server_round, "fedpriv-config": "{}", "client-clip-norm": clip}
+    return secagg_round(grid, nodes, GLOBAL, config, server_round=server_round, settings=SETTINGS,
+                        clipping_range=clip, timeout=None, run_id=7)
+
+
+def plain_sum(updates, nodes, clip=C):
+    return {k: sum(clip_update(updates[n], clip).update[k].double() for n in nodes) for k in SHAPES}
+
+
+def max_error(total, expected):
+    return max(float((total[k] - expected[k]).abs().max()) for k in SHAPES)
+
+
+@pytest.fixture
+def nodes():
+    return [11, 12, 13, 14]
+
+
+def test_server_sees_masked_vectors_and_the_unmasked_sum_is_the_clipped_sum(task_identity, nodes):
+    updates = random_updates(nodes, scale=0.02)  # norms ~0.7, 1.4, 2.1, 2.8: one fits under C
+    grid = InProcessGrid(updates)
+    result = run_round(grid, nodes)
+    assert result.secure_sum is not None and sorted(result.trained) == [str(n) for n in nodes]
+    step = 2 * C / SETTINGS["quantization_range"]
+    assert max_error(result.secure_sum.total, plain_sum(updates, nodes)) <= len(nodes) * step
+    fits = sum(clip_update(updates[n], C).fits for n in nodes)
+    assert 0 < fits < len(nodes) and result.secure_sum.fits == fits  # the bits were summed securely
+
+    masked = [reply for stage, reply in grid.received if stage == Stage.COLLECT_MASKED_VECTORS]
+    assert len(masked) == len(nodes)
+    for reply in masked:
+        node = reply.metadata.src_node_id
+        clipped = clip_update(updates[node], C).update
+        # No plain array leaves the client: the mod cleared them.
+        assert all(len(rec) == 0 for rec in reply.content.array_records.values())
+        assert "fits" not in reply.content.config_records["fitres.metrics"]
+        vector = [bytes_to_ndarray(b) for b in reply.content.config_records[RECORD_KEY_CONFIGS][Key.MASKED_PARAMETERS]]
+        # Read the masked vector as if it were the quantised update: it is not the update.
+        as_update = dequantize(vector[1:3], C, SETTINGS["quantization_range"])
+        err = max(float(np.abs(a.reshape(SHAPES[k]) - clipped[k].numpy()).max()) for a, k in zip(as_update, SHAPES))
+        assert err > 100 * step
+
+
+def test_a_client_that_drops_after_sharing_its_masks_is_recovered(task_identity, nodes):
+    updates = random_updates(nodes, scale=0.01)
+    grid = InProcessGrid(updates, drop={13: Stage.COLLECT_MASKED_VECTORS})
+    result = run_round(grid, nodes)
+    survivors = [n for n in nodes if n != 13]
+    assert result.secure_sum is not None and sorted(result.trained) == [str(n) for n in survivors]
+    step = 2 * C / SETTINGS["quantization_range"]
+    assert max_error(result.secure_sum.total, plain_sum(updates, survivors)) <= len(survivors) * step
+    # Its pairwise masks were removed with the survivors' shares of its key; its own update is absent.
+
+
+def test_too_many_drops_halt_the_round_without_revealing_anything(task_identity, nodes):
+    grid = InProcessGrid(random_updates(nodes), drop={12: Stage.COLLECT_MASKED_VECTORS,
+                                                      13: Stage.COLLECT_MASKED_VECTORS})
+    result = run_round(grid, nodes)  # threshold 3 of 4 shares: two drops are too many
+    assert result.secure_sum is None and result.trained == [] and result.failed
+
+
+def test_declined_client_masks_zeros_and_noise_goes_on_the_secure_sum(task_identity, nodes):
+    updates = random_updates(nodes, scale=0.001)
+    grid = InProcessGrid(updates, declined={14})
+    result = run_round(grid, nodes)
+    assert "14" in result.declined and sorted(result.trained) == ["11", "12", "13"]
+    step = 2 * C / SETTINGS["quantization_range"]
+    assert max_error(result.secure_sum.total, plain_sum(updates, [11, 12, 13])) <= 4 * step
+    dp = ClientLevelDP({"rounds": 3, "num_clients": 4, "secagg": True, "privacy": {"client": {
+        "clipping": "fixed", "clipping_norm": C, "noise_multiplier": 1.0, "epsilon": 50.0, "delta": 1e-3}}})
+    new = aggregate(GLOBAL, result, server_lr=1.0, n_planned=4, client_dp=dp)
+    std = float(torch.cat([v.flatten() for v in new.values()]).std())
+    assert math.isclose(std, 1.0 * C / 4, rel_tol=0.15)  # 1230 coordinates, sigma*C/n
