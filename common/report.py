@@ -199,6 +199,13 @@ def _caveats(report: dict, mode: str, reported: list[dict], unreported: dict) ->
     ]
     if mode == "none":
         caveats.append(CAVEAT_NO_DP)
+    precision = (report["config"].get("train") or {}).get("precision", "fp32")
+    if mode in ("sample", "both") and precision != "fp32":
+        caveats.append(
+            f"train.precision={precision}: on CUDA, per-example gradient norms are computed in "
+            "reduced precision, so a clipped gradient may exceed max_grad_norm by their rounding "
+            "error (about 2^-8 relative for bf16); the sample-level ε does not account for that."
+        )
     if report["client_level"].get("enabled"):
         caveats.append(
             "Client-level ε is for add/remove-one-client neighbouring datasets: two "

@@ -85,7 +85,7 @@ def simulate(cfg_node) -> None:
         sys.exit(2)  # SystemExit passes through Hydra's error handler; exceptions do not
 
     errors: list[BaseException] = []
-    client_app = load_app(sim.get("client_app") or client_app_ref(), ValueError, project_dir=ROOT)
+    client_app = load_app(cfg["simulation"].get("client_app") or client_app_ref(), ValueError, project_dir=ROOT)
     run_simulation(
         server_app=make_app(prepared, run_dir, errors, resume=bool(cfg.get("resume"))),
         client_app=client_app,

@@ -56,8 +56,9 @@ def test_client_level_budget_stops_the_run_cleanly(tmp_path):
                        "privacy.client.noise_multiplier=1.0", f"privacy.client.epsilon={budget}")
     lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [m["round"] for m in lines] == [1]  # round 2 would have passed the budget
-    latest = json.loads((run_dir / "checkpoints" / "latest.json").read_text())
-    assert latest["round"] == 1 and (run_dir / "checkpoints" / latest["file"]).exists()
+    manifest = json.loads((run_dir / "checkpoints" / "manifest.json").read_text())
+    assert sorted(int(r) for r in manifest["rounds"]) == [0, 1]  # the last model is kept
+    assert (run_dir / "checkpoints" / manifest["rounds"]["1"]["file"]).exists()
     report = json.loads((run_dir / "privacy_report.json").read_text())
     level = report["client_level"]
     assert level["stopped"]["round"] == 2 and "privacy.client.epsilon" in level["stopped"]["reason"]

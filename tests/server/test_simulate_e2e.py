@@ -44,7 +44,7 @@ def test_two_clients_two_rounds_with_a_lower_client_budget(tmp_path):
     report = check_report(run_dir)
     for name in ("privacy_report.json", "privacy_report.md", "privacy_report.html", "clients_reported.json",
                  "plots/epsilon_per_round.png", "plots/accuracy_per_round.png", ".hydra/config.yaml",
-                 "checkpoints/latest.json", "clients/0/ledger.json", "clients/1/ledger.json"):
+                 "checkpoints/manifest.json", "clients/0/ledger.json", "clients/1/ledger.json"):
         assert (run_dir / name).exists(), name
     lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [m["round"] for m in lines] == [1, 2, 3]
