@@ -48,7 +48,8 @@ def backend_config(cfg: dict) -> dict:
     resources = {"num_cpus": float(sim["cpus_per_client"]), "num_gpus": float(sim["gpus_per_client"])}
     address = (cfg.get("federation") or {}).get("ray_address")
     if address:
-        os.environ["RAY_ADDRESS"] = str(address)  # also what `ray.init()` reads
+        # Passed to ray.init only: setting RAY_ADDRESS here would leak into every later
+        # Ray start of this process and of its children (a test suite's, say).
         return {"client_resources": resources, "init_args": {"address": str(address), "include_dashboard": False}}
     return {
         "client_resources": resources,

@@ -35,7 +35,13 @@ def fast_cfg(tmp_path):
 def run_fedpriv(args, cwd: Path, timeout=300) -> subprocess.CompletedProcess:
     """`fedpriv ARGS` in a subprocess, bounded in time."""
     return subprocess.run([sys.executable, "-m", "server.cli", *args], cwd=cwd, capture_output=True,
-                          text=True, timeout=timeout, env={**os.environ, "PYTHONPATH": str(ROOT)})
+                          text=True, timeout=timeout, env=child_env())
+
+
+def child_env() -> dict:
+    """The environment for a fedpriv subprocess: this tree's code, a private Ray."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    return {**env, "PYTHONPATH": str(ROOT)}
 
 
 @pytest.fixture

@@ -2,7 +2,6 @@
 killed between rounds and resumed. Processes are started here and stopped here by pid."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -15,7 +14,7 @@ import torch
 
 from client.ledger import Ledger
 from common.accounting import calibrate_noise, sample_rate, steps_per_epoch
-from tests.conftest import FAST, ROOT, compose, run_fedpriv
+from tests.conftest import FAST, child_env, compose, run_fedpriv
 
 pytestmark = pytest.mark.e2e
 
@@ -62,7 +61,7 @@ def test_poisoned_and_killed_client_do_not_stop_the_run(tmp_path):
 def start_simulate(args, cwd) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "server.cli", "simulate", *args], cwd=cwd,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+                            env=child_env())
 
 
 def kill_tree(proc: subprocess.Popen) -> None:

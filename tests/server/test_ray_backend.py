@@ -15,12 +15,12 @@ def test_local_ray_by_default(tmp_path):
     assert backend["client_resources"] == {"num_cpus": 1.0, "num_gpus": 0.0}
 
 
-def test_existing_cluster(tmp_path, monkeypatch):
-    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+def test_existing_cluster(tmp_path):
+    before = os.environ.get("RAY_ADDRESS")
     cfg = compose(["model=tiny_bert", "federation.ray_address=auto", "simulation.gpus_per_client=0.5"],
                   tmp_path / "run")
     backend = backend_config(cfg)
     # Connecting to a cluster: ray.init refuses num_cpus, and the cluster owns its resources.
     assert backend["init_args"] == {"address": "auto", "include_dashboard": False}
     assert backend["client_resources"] == {"num_cpus": 1.0, "num_gpus": 0.5}
-    assert os.environ["RAY_ADDRESS"] == "auto"
+    assert os.environ.get("RAY_ADDRESS") == before  # no process-wide side effect
