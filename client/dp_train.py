@@ -71,6 +71,7 @@ def local_train(
     dp: DPSettings | None,
     device: str | torch.device = "cpu",
     shuffle_seed: int | None = None,
+    grad_sample_mode: str = "hooks",
 ) -> TrainResult:
     """Train ``model``'s trainable parameters in place on ``data``.
 
@@ -78,7 +79,14 @@ def local_train(
     without it they are ordinary mini-batch steps (no guarantee at all), shuffled
     with ``shuffle_seed`` when given so that non-private runs are reproducible.
     ``shuffle_seed`` is ignored under DP: its sampling must not be predictable.
+    ``grad_sample_mode`` is Opacus' way to get per-example norms: ``hooks`` (per-example
+    gradients; best for LoRA) or ``ghost`` (ghost clipping, a second backward pass and
+    no per-example gradients; best for full fine-tuning). Both clip every example to C
+    and add the same noise, so the accounting is identical.
     """
+    if grad_sample_mode not in ("hooks", "ghost"):
+        raise ValueError(f"grad_sample_mode must be hooks or ghost, got {grad_sample_mode!r}")
+    ghost = dp is not None and grad_sample_mode == "ghost"
     if len(data) == 0:
         raise ValueError("no training data on this client")
     model.to(device).train()
@@ -91,12 +99,13 @@ def local_train(
     loader = DataLoader(data, batch_size=batch_size, shuffle=dp is None, generator=sampling_gen)
 
     engine = hooks = None
+    criterion = F.cross_entropy
     if dp is not None:
         from opacus import PrivacyEngine
 
         engine = PrivacyEngine(accountant=dp.accountant)
         engine.accountant = make_accountant(dp.accountant, dp.prior_history)
-        hooks, optimizer, loader = engine.make_private(
+        private = engine.make_private(
             module=model,
             optimizer=optimizer,
             data_loader=loader,  # its generator (from os.urandom) drives Poisson sampling
@@ -104,9 +113,14 @@ def local_train(
             max_grad_norm=dp.max_grad_norm,
             poisson_sampling=True,
             noise_generator=urandom_generator(device),
-            grad_sample_mode="hooks",
+            grad_sample_mode=grad_sample_mode,
+            criterion=nn.CrossEntropyLoss(),  # ghost mode: the wrapped criterion runs both backward passes
             wrap_model=False,  # state-dict keys stay free of "_module."
         )
+        if ghost:
+            hooks, optimizer, criterion, loader = private
+        else:
+            hooks, optimizer, loader = private
 
     steps = empty = 0
     loss_sum, loss_batches = 0.0, 0
@@ -122,9 +136,13 @@ def local_train(
                     if len(labels) == 0:
                         # An empty Poisson batch is still a step of the mechanism: its
                         # noise must be added and the accountant must count it. BERT
-                        # cannot run on batch 0, so give Opacus empty per-example grads.
+                        # cannot run on batch 0, so give Opacus empty per-example grads
+                        # (ghost mode: a zero clipped sum).
                         for p in params:
-                            p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
+                            if ghost:
+                                p.grad = torch.zeros_like(p)
+                            else:
+                                p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
                         optimizer.step()
                         steps += 1
                         empty += 1
@@ -133,7 +151,7 @@ def local_train(
                         t.to(device) for t in (input_ids, attention_mask, labels)
                     )
                     logits = model(**model_inputs(input_ids, attention_mask)).logits
-                    loss = F.cross_entropy(logits, labels)
+                    loss = criterion(logits, labels)
                     loss.backward()
                     optimizer.step()
                     steps += 1

@@ -183,6 +183,7 @@ def run_round(
         lr=float(train["lr"]), weight_decay=float(train.get("weight_decay", 0.0)),
         optimizer=str(train.get("optimizer", "adamw")), dp=dp,
         device=_device(train.get("device", "cpu")),
+        grad_sample_mode=str(train.get("grad_sample_mode", "hooks")),
         shuffle_seed=None if dp_on else int(_key(cfg["seed"], who.client_id, server_round)[:15], 16),
     )
     local = trainable_state(model)
