@@ -63,20 +63,26 @@ def write_json(path: Path, result: dict, started: float, argv: list[str] | None 
 
 
 def interleaved(variants: Mapping[str, Callable[[], object]], *, reps: int, warmup: int = 1) -> dict:
-    """Median wall time of each variant, run A B A B ... (warm-up rounds discarded).
+    """Median wall and CPU time of each variant, run A B A B ... (warm-up rounds discarded).
 
-    Returns {"median_s": {...}, "samples_s": {...}}.
+    CPU time (this process' user + system time) is reported beside wall time: on a
+    machine shared with other jobs it is far less disturbed by them.
+    Returns {"median_s": {...}, "samples_s": {...}, "cpu_median_s": {...}, "cpu_samples_s": {...}}.
     """
     samples: dict[str, list[float]] = {name: [] for name in variants}
+    cpu: dict[str, list[float]] = {name: [] for name in variants}
     for i in range(warmup + reps):
         for name, fn in variants.items():
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             fn()
-            dt = time.perf_counter() - t0
+            dt, dc = time.perf_counter() - t0, time.process_time() - c0
             if i >= warmup:
                 samples[name].append(dt)
+                cpu[name].append(dc)
     return {"median_s": {k: statistics.median(v) for k, v in samples.items()},
-            "samples_s": {k: [round(x, 4) for x in v] for k, v in samples.items()}}
+            "samples_s": {k: [round(x, 4) for x in v] for k, v in samples.items()},
+            "cpu_median_s": {k: statistics.median(v) for k, v in cpu.items()},
+            "cpu_samples_s": {k: [round(x, 4) for x in v] for k, v in cpu.items()}}
 
 
 def paired_ratio(samples_a: list[float], samples_b: list[float]) -> float:
@@ -93,7 +99,9 @@ def model_cfg(name: str) -> dict:
     return cfg
 
 
-def build(name: str, num_labels: int, seed: int = 0):
+def build(name: str, num_labels: int, seed: int = 0, config_overrides: dict | None = None):
     from common.model import build_model
 
-    return build_model(**model_cfg(name), num_labels=num_labels, seed=seed)
+    cfg = model_cfg(name)
+    cfg["config_overrides"] = {**cfg.get("config_overrides", {}), **(config_overrides or {})}
+    return build_model(**cfg, num_labels=num_labels, seed=seed)

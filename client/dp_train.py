@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from client.ghost import LeanGhostCriterion
 from common.accounting import make_accountant, sample_rate, steps_per_epoch
 from common.model import model_inputs
 
@@ -119,6 +120,7 @@ def local_train(
         )
         if ghost:
             hooks, optimizer, criterion, loader = private
+            criterion = LeanGhostCriterion(criterion)  # same norms, no wasted weight gradients
         else:
             hooks, optimizer, loader = private
 
