@@ -105,3 +105,23 @@ def build(name: str, num_labels: int, seed: int = 0, config_overrides: dict | No
     cfg = model_cfg(name)
     cfg["config_overrides"] = {**cfg.get("config_overrides", {}), **(config_overrides or {})}
     return build_model(**cfg, num_labels=num_labels, seed=seed)
+
+
+def simulate(overrides: list[str], run_dir: Path, *, timeout: float = 1800) -> dict:
+    """``fedpriv simulate OVERRIDES`` in a fresh process (as a user runs it).
+
+    Returns {"wall_s": whole command, "rounds": metrics.jsonl records}.
+    """
+    import shutil
+    import subprocess
+
+    shutil.rmtree(run_dir, ignore_errors=True)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "server.cli", "simulate", *overrides, f"hydra.run.dir={run_dir}"],
+                          cwd=run_dir.parent, env=env, capture_output=True, text=True, timeout=timeout)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise RuntimeError(f"fedpriv simulate failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    rounds = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return {"wall_s": wall, "rounds": rounds}
