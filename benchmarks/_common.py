@@ -108,7 +108,8 @@ def build(name: str, num_labels: int, seed: int = 0, config_overrides: dict | No
 
 
 def simulate(overrides: list[str], run_dir: Path, *, timeout: float = 1800) -> dict:
-    """``fedpriv simulate OVERRIDES`` in a fresh process (as a user runs it).
+    """``fedpriv simulate OVERRIDES`` in a fresh process from the repository root (relative
+    data paths such as ../shared/data/... resolve from there), as a user runs it.
 
     Returns {"wall_s": whole command, "rounds": metrics.jsonl records}.
     """
@@ -119,7 +120,7 @@ def simulate(overrides: list[str], run_dir: Path, *, timeout: float = 1800) -> d
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     t0 = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "server.cli", "simulate", *overrides, f"hydra.run.dir={run_dir}"],
-                          cwd=run_dir.parent, env=env, capture_output=True, text=True, timeout=timeout)
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
         raise RuntimeError(f"fedpriv simulate failed ({proc.returncode}):\n{proc.stderr[-3000:]}")

@@ -14,7 +14,12 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 USAGE = """usage: fedpriv simulate [HYDRA_OVERRIDES ...]   run N simulated clients (Hydra; -m for sweeps)
-       fedpriv report RUN_DIR                   re-render a run's privacy report"""
+       fedpriv report RUN_DIR                   re-render a run's privacy report
+       fedpriv audit [HYDRA_OVERRIDES ...]      one-run empirical privacy audit (audit.* settings)"""
+
+#: The audit trains like a client, so it is client code; loaded by reference, as the
+#: ClientApp is, so that no server module imports the client package.
+AUDIT_REF = "client.audit:run_audit"
 
 log = logging.getLogger("fedpriv")
 
