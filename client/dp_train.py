@@ -36,6 +36,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from client.device import autocast
+from client.ghost import LeanGhostCriterion
 from common.accounting import make_accountant, sample_rate, steps_per_epoch
 from common.model import model_inputs, state_norm
 from common.randomness import urandom_generator
@@ -80,6 +81,7 @@ def local_train(
     max_physical_batch_size: int | None = None,
     amp_dtype: torch.dtype | None = None,
     shuffle_seed: int | None = None,
+    grad_sample_mode: str = "hooks",
 ) -> TrainResult:
     """Train ``model``'s trainable parameters in place on ``data``.
 
@@ -87,7 +89,18 @@ def local_train(
     without it they are ordinary mini-batch steps (no guarantee at all), shuffled
     with ``shuffle_seed`` when given so that non-private runs are reproducible.
     ``shuffle_seed`` is ignored under DP: its sampling must not be predictable.
+    ``grad_sample_mode`` is Opacus' way to get per-example norms: ``hooks`` (per-example
+    gradients; best for LoRA) or ``ghost`` (ghost clipping, a second backward pass and
+    no per-example gradients; best for full fine-tuning). Both clip every example to C
+    and add the same noise, so the accounting is identical.
     """
+    if grad_sample_mode not in ("hooks", "ghost"):
+        raise ValueError(f"train.grad_sample_mode must be hooks or ghost, got {grad_sample_mode!r}")
+    ghost = dp is not None and grad_sample_mode == "ghost"
+    if ghost and max_physical_batch_size:
+        # Opacus' BatchMemoryManager accumulates per-example gradients across physical
+        # batches; ghost clipping has none to accumulate.
+        raise ValueError("train.grad_sample_mode=ghost cannot be combined with max_physical_batch_size")
     if len(data) == 0:
         raise ValueError("no training data on this client")
     model.to(device).train()
@@ -100,12 +113,13 @@ def local_train(
     loader = DataLoader(data, batch_size=batch_size, shuffle=dp is None, generator=sampling_gen)
 
     engine = hooks = None
+    criterion = F.cross_entropy
     if dp is not None:
         from opacus import PrivacyEngine
 
         engine = PrivacyEngine(accountant=dp.accountant)
         engine.accountant = make_accountant(dp.accountant, dp.prior_history)
-        hooks, optimizer, loader = engine.make_private(
+        private = engine.make_private(
             module=model,
             optimizer=optimizer,
             data_loader=loader,  # its generator (from os.urandom) drives Poisson sampling
@@ -113,9 +127,15 @@ def local_train(
             max_grad_norm=dp.max_grad_norm,
             poisson_sampling=True,
             noise_generator=urandom_generator(device),
-            grad_sample_mode="hooks",
+            grad_sample_mode=grad_sample_mode,
+            criterion=nn.CrossEntropyLoss(),  # ghost mode: the wrapped criterion runs both backward passes
             wrap_model=False,  # state-dict keys stay free of "_module."
         )
+        if ghost:
+            hooks, optimizer, criterion, loader = private
+            criterion = LeanGhostCriterion(criterion)  # same norms, no wasted weight gradients
+        else:
+            hooks, optimizer, loader = private
 
     steps = empty = 0
     loss_sum, loss_batches = 0.0, 0
@@ -137,9 +157,13 @@ def local_train(
                 if len(labels) == 0:
                     # An empty Poisson batch is still a step of the mechanism: its
                     # noise must be added and the accountant must count it. BERT
-                    # cannot run on batch 0, so give Opacus empty per-example grads.
+                    # cannot run on batch 0, so give Opacus empty per-example grads
+                    # (ghost mode: a zero clipped sum).
                     for p in params:
-                        p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
+                        if ghost:
+                            p.grad = torch.zeros_like(p)
+                        else:
+                            p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
                     optimizer.step()
                     steps += 1
                     empty += 1
@@ -153,7 +177,7 @@ def local_train(
                 else:
                     with autocast(torch.device(device), amp_dtype):
                         logits = model(**model_inputs(input_ids, attention_mask)).logits
-                        loss = F.cross_entropy(logits.float(), labels)
+                        loss = criterion(logits.float(), labels)
                     loss.backward()
                 optimizer.step()
                 # A physical batch that is not the last of its Poisson batch only clips

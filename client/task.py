@@ -190,6 +190,7 @@ def run_round(
         optimizer=str(train.get("optimizer", "adamw")), dp=dp, device=device,
         max_physical_batch_size=who.max_physical_batch_size or train.get("max_physical_batch_size"),
         amp_dtype=autocast_dtype(device, train.get("precision", "fp32")),
+        grad_sample_mode=str(train.get("grad_sample_mode", "hooks")),
         shuffle_seed=None if dp_on else int(_key(cfg["seed"], who.client_id, server_round)[:15], 16),
     )
     local = trainable_state(model)

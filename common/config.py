@@ -56,6 +56,9 @@ def validate(cfg: Mapping) -> None:
     _number(cfg, "round_timeout_s", minimum=0)
     if cfg["train"].get("optimizer", "adamw") not in ("adamw", "sgd"):
         raise ConfigError("train.optimizer", f"must be adamw or sgd, got {cfg['train']['optimizer']!r}")
+    if cfg["train"].get("grad_sample_mode", "hooks") not in ("hooks", "ghost"):
+        raise ConfigError("train.grad_sample_mode",
+                          f"must be hooks or ghost, got {cfg['train']['grad_sample_mode']!r}")
     if cfg["train"].get("device", "cpu") not in ("cpu", "cuda", "auto"):
         raise ConfigError("train.device", f"must be cpu, cuda or auto, got {cfg['train']['device']!r}")
     if cfg["train"].get("precision", "fp32") not in ("fp32", "bf16", "fp16", "auto"):

@@ -14,7 +14,12 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 USAGE = """usage: fedpriv simulate [HYDRA_OVERRIDES ...]   run N simulated clients (Hydra; -m for sweeps)
-       fedpriv report RUN_DIR                   re-render a run's privacy report"""
+       fedpriv report RUN_DIR                   re-render a run's privacy report
+       fedpriv audit [HYDRA_OVERRIDES ...]      one-run empirical privacy audit (audit.* settings)"""
+
+#: The audit trains like a client, so it is client code; loaded by reference, as the
+#: ClientApp is, so that no server module imports the client package.
+AUDIT_REF = "client.audit:run_audit"
 
 log = logging.getLogger("fedpriv")
 
@@ -144,6 +149,33 @@ def report(argv: list[str]) -> int:
     return 0
 
 
+def audit(argv: list[str]) -> int:
+    """Insert canaries into one client's data, train once, print and write the ε lower bound."""
+    import importlib
+    import json
+
+    from server.app import compose_config
+
+    cfg, run_dir = compose_config(argv)
+    from common.config import validate
+
+    validate(cfg)
+    a = cfg["audit"]
+    module, func = AUDIT_REF.split(":")
+    run_audit = getattr(importlib.import_module(module), func)
+    result = run_audit(cfg, canaries=int(a["canaries"]), guesses=int(a["guesses"]), client=int(a["client"]),
+                       noise=bool(a["noise"]), epochs=a.get("epochs"), confidence=float(a["confidence"]))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    out = run_dir / "audit.json"
+    out.write_text(json.dumps({"config": cfg, "audit": result}, indent=2, default=str) + "\n")
+    verdict = "consistent with" if result["consistent"] else "EXCEEDS"
+    print(f"fedpriv audit: {result['correct']}/{result['guesses']} canary guesses right "
+          f"({result['canaries']} canaries) -> epsilon >= {result['epsilon_lower_bound']:.3f} "
+          f"at {result['confidence']:.0%} confidence; accounted epsilon {result['epsilon_accounted']:.3f} "
+          f"({verdict} the bound); {out}")
+    return 0 if result["consistent"] else 1
+
+
 def main() -> int:
     from common.errors import ConfigError
 
@@ -159,6 +191,8 @@ def main() -> int:
             return 0
         if command == "report":
             return report(rest)
+        if command == "audit":
+            return audit(rest)
     except ConfigError as err:
         print(f"fedpriv: configuration error: {err}", file=sys.stderr)
         return 2

@@ -29,11 +29,11 @@ def tiny_data(n, length=12, num_labels=3, seed=0):
     return TensorDataset(ids, mask, torch.randint(0, num_labels, (n,), generator=g))
 
 
-def one_full_batch_update(model, data, *, sigma, clip):
+def one_full_batch_update(model, data, *, sigma, clip, mode="hooks"):
     """One DP-SGD step (SGD, lr 1) on a batch that is the whole dataset (q = 1)."""
     before = trainable_state(model)
     result = local_train(model, data, epochs=1, batch_size=len(data), lr=1.0, optimizer="sgd",
-                         dp=DPSettings(sigma, clip, "rdp", ()))
+                         dp=DPSettings(sigma, clip, "rdp", ()), grad_sample_mode=mode)
     assert result.steps == 1 and result.sample_rate == 1.0
     after = trainable_state(model)
     return {k: after[k] - before[k] for k in before}
@@ -58,13 +58,15 @@ def reference_clipped_mean(model, data, clip):
     return {n: t / len(data) for n, t in total.items()}, norms
 
 
-def test_clipping_matches_independent_per_example_reference():
+@pytest.mark.parametrize("mode", ["hooks", "ghost"])
+def test_clipping_matches_independent_per_example_reference(mode):
+    # Ghost clipping (train.grad_sample_mode=ghost) must clip exactly as per-example hooks do.
     data = tiny_data(6)
     clip = 0.05
     model = tiny_model()
     reference, norms = reference_clipped_mean(copy.deepcopy(model), data, clip)
     assert max(norms) > clip, "the test must exercise clipping"
-    update = one_full_batch_update(model, data, sigma=0.0, clip=clip)
+    update = one_full_batch_update(model, data, sigma=0.0, clip=clip, mode=mode)
     for name in reference:
         torch.testing.assert_close(update[name], -reference[name], rtol=1e-4, atol=1e-7)
     # Each example contributes at most C, so the averaged step is at most C.
@@ -72,12 +74,13 @@ def test_clipping_matches_independent_per_example_reference():
     assert step_norm <= clip + 1e-6
 
 
-def test_noise_std_is_sigma_times_clip_over_batch():
+@pytest.mark.parametrize("mode", ["hooks", "ghost"])
+def test_noise_std_is_sigma_times_clip_over_batch(mode):
     data = tiny_data(8)
     sigma, clip = 1.5, 0.5
     base = tiny_model(hidden_size=64, intermediate_size=128)
-    quiet = one_full_batch_update(copy.deepcopy(base), data, sigma=0.0, clip=clip)
-    noisy = one_full_batch_update(copy.deepcopy(base), data, sigma=sigma, clip=clip)
+    quiet = one_full_batch_update(copy.deepcopy(base), data, sigma=0.0, clip=clip, mode=mode)
+    noisy = one_full_batch_update(copy.deepcopy(base), data, sigma=sigma, clip=clip, mode=mode)
     noise = torch.cat([(noisy[k] - quiet[k]).flatten() for k in quiet])
     assert noise.numel() > 10_000
     expected = sigma * clip / len(data)
@@ -111,13 +114,14 @@ def test_lora_adapters_and_head_change_under_dp_and_nothing_else():
             assert torch.equal(p, frozen_before[name]), f"frozen {name} changed"
 
 
-def test_empty_poisson_batches_are_noise_only_steps():
+@pytest.mark.parametrize("mode", ["hooks", "ghost"])
+def test_empty_poisson_batches_are_noise_only_steps(mode):
     data = tiny_data(20)
     model = tiny_model()
     before = trainable_state(model)
     # q = 1/20: a batch is empty with probability 0.95^20 = 36 %.
     result = local_train(model, data, epochs=4, batch_size=1, lr=0.01, optimizer="sgd",
-                         dp=DPSettings(1.0, 1.0, "rdp", ()))
+                         dp=DPSettings(1.0, 1.0, "rdp", ()), grad_sample_mode=mode)
     assert result.steps == 80 and result.empty_batches > 0
     assert result.history == [(1.0, 0.05, 80)]  # every step counted, empty ones too
     assert not any(torch.equal(trainable_state(model)[k], before[k]) for k in before)
@@ -133,11 +137,13 @@ def test_history_continues_from_prior():
     assert epsilon(result.history, 1e-5) > epsilon(prior, 1e-5)
 
 
-def test_model_is_reusable_after_dp_training():
+@pytest.mark.parametrize("mode", ["hooks", "ghost"])
+def test_model_is_reusable_after_dp_training(mode):
     # The client keeps a model per process; a second DP round must not hit Opacus' re-wrap failure.
     model = tiny_model()
     for _ in range(2):
-        local_train(model, tiny_data(16), epochs=1, batch_size=4, lr=0.01, dp=DPSettings(1.0, 1.0, "rdp", ()))
+        local_train(model, tiny_data(16), epochs=1, batch_size=4, lr=0.01, dp=DPSettings(1.0, 1.0, "rdp", ()),
+                    grad_sample_mode=mode)
 
 
 # --------------------------------------------------------------------------- client level

@@ -151,3 +151,20 @@ def test_adaptive_split_keeps_the_combined_sigma_and_refuses_a_too_small_count_n
     with pytest.raises(ConfigError) as err:
         adaptive_noise_split(1.0, 0.5)
     assert err.value.setting == "privacy.client.clipped_count_stddev"
+
+
+@pytest.mark.parametrize("history", [[(0.71, 0.016, 120)], [(1.3, 0.5, 7), (0.9, 0.25, 40), (1.3, 0.5, 3)]])
+def test_fast_rdp_epsilon_is_opacus_bit_for_bit(history):
+    # epsilon() caches per-step RDP; the value must stay exactly RDPAccountant's.
+    for delta in (1e-5, 1e-3):
+        assert epsilon(history, delta) == opacus_rdp(history, delta)
+        assert epsilon(history, delta) == opacus_rdp(history, delta)  # cached path
+
+
+@pytest.mark.parametrize("q,steps,target", [(0.5, 6, 8.0), (0.016, 120, 3.0)])
+def test_calibration_is_opacus_get_noise_multiplier(q, steps, target):
+    from opacus.accountants.utils import get_noise_multiplier
+
+    expected = get_noise_multiplier(target_epsilon=target, target_delta=1e-5, sample_rate=q, steps=steps,
+                                    accountant="rdp", epsilon_tolerance=0.01)
+    assert calibrate_noise(target_epsilon=target, delta=1e-5, sample_rate=q, steps=steps) == expected

@@ -1,0 +1,106 @@
+"""One-run privacy auditing: canary guesses → a lower bound on ε.
+
+Steinke, Nasr & Jagielski (2023), "Privacy Auditing with One (1) Training Run". Each
+of ``m`` canaries is included in the training data independently with probability
+1/2. After one training run the auditor scores every canary (higher = looks
+included), guesses "included" for the ``k_plus`` highest scores, "excluded" for the
+``k_minus`` lowest, and abstains on the rest. With ``r`` guesses of which ``v`` are
+right:
+
+* If training is ε-DP with respect to adding/removing one example, the number of
+  correct guesses is stochastically dominated by Binomial(r, p(ε)) with
+  p(ε) = e^ε / (1 + e^ε): each guess, whatever was guessed before, is right with
+  probability at most p(ε) (the inclusion bits are independent fair coins and the
+  guesses are post-processing of the trained model).
+* For (ε, δ)-DP the paper adds a δ-dependent term to that tail; we use the simple
+  upper bound 2·m·δ on it (conservative: it only makes the lower bound smaller).
+
+So ε is *rejected* at confidence 1-β when P[Binomial(r, p(ε)) ≥ v] + 2mδ ≤ β, and the
+lower bound is the largest rejected ε (the tail grows with ε, so bisection finds it).
+Nothing here depends on how the model was trained; see client/audit.py for the run.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from scipy.stats import binom
+
+
+def p_correct(eps: float) -> float:
+    """Largest probability that one membership guess is right under ε-DP."""
+    return 1.0 / (1.0 + math.exp(-eps))
+
+
+def tail(r: int, v: int, eps: float) -> float:
+    """P[Binomial(r, p(ε)) ≥ v]."""
+    if v <= 0:
+        return 1.0
+    return float(binom.sf(v - 1, r, p_correct(eps)))
+
+
+def epsilon_lower_bound(r: int, v: int, *, m: int | None = None, delta: float = 0.0,
+                        confidence: float = 0.95, eps_max: float = 100.0, tol: float = 1e-6) -> float:
+    """Largest ε that ``v`` correct of ``r`` guesses reject at ``confidence`` (0 if none).
+
+    ``m`` is the number of canaries (for the δ term; defaults to ``r``).
+    """
+    if not 0 <= v <= r:
+        raise ValueError(f"need 0 <= correct <= guesses, got {v} of {r}")
+    if not 0 < confidence < 1:
+        raise ValueError("confidence must be in (0, 1)")
+    beta = 1.0 - confidence
+    slack = beta - 2.0 * (r if m is None else m) * delta
+    if r == 0 or slack <= 0:
+        return 0.0
+
+    def rejected(eps: float) -> bool:
+        return tail(r, v, eps) <= slack
+
+    if not rejected(0.0):
+        return 0.0
+    if rejected(eps_max):
+        return eps_max
+    lo, hi = 0.0, eps_max  # rejected(lo) and not rejected(hi)
+    while hi - lo > tol:
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if rejected(mid) else (lo, mid)
+    return lo
+
+
+@dataclass(frozen=True)
+class AuditResult:
+    canaries: int  # m
+    guesses: int  # r
+    correct: int  # v
+    epsilon_lower_bound: float
+    confidence: float
+    delta: float
+    best_k: tuple[int, int]  # (k_plus, k_minus) used
+
+
+def guesses(scores: Sequence[float], included: Sequence[bool], k_plus: int, k_minus: int) -> tuple[int, int]:
+    """(r, v): guess 'in' for the k_plus top scores, 'out' for the k_minus bottom ones."""
+    if k_plus + k_minus > len(scores):
+        raise ValueError("more guesses than canaries")
+    order = sorted(range(len(scores)), key=lambda i: scores[i])
+    outs = order[:k_minus]
+    ins = order[len(order) - k_plus:] if k_plus else []
+    correct = sum(bool(included[i]) for i in ins) + sum(not included[i] for i in outs)
+    return k_plus + k_minus, correct
+
+
+def audit(scores: Sequence[float], included: Sequence[bool], *, k_plus: int, k_minus: int,
+          delta: float, confidence: float = 0.95) -> AuditResult:
+    """Score → guesses → lower bound, with the number of guesses fixed before looking.
+
+    ``k_plus``/``k_minus`` must be chosen before the scores are seen (picking the best
+    of many would need a multiple-testing correction).
+    """
+    if len(scores) != len(included):
+        raise ValueError("one score per canary")
+    r, v = guesses(scores, included, k_plus, k_minus)
+    bound = epsilon_lower_bound(r, v, m=len(scores), delta=delta, confidence=confidence)
+    return AuditResult(len(scores), r, v, bound, confidence, delta, (k_plus, k_minus))
