@@ -1,9 +1,17 @@
 """Privacy–utility on real data: final federated accuracy at sample-level ε ∈ {1, 3, 8} and without DP.
 
-10 clients, Dirichlet(α = 0.5) label skew, the same seeds for every setting, each run a
-real ``fedpriv simulate`` (minilm_lora by default); the accuracy is the server's
-central test accuracy after the last round (metrics.jsonl). Writes the JSON and a
-plot (accuracy vs ε, the non-private level as a line).
+10 clients, Dirichlet(α = 0.5) label skew, the same seeds for every setting,
+minilm_lora by default; the accuracy is the server's central test accuracy after the
+last round. Writes the JSON and a plot (accuracy vs ε, the non-private level as a line).
+
+Engines: ``simulate`` (default) runs each point as a real ``fedpriv simulate``;
+``inprocess`` runs the same client rounds (``client.task.run_round``: ledger, σ, budget,
+DP-SGD) and equal-weight FedAvg in one process without Flower (benchmarks/tune.py),
+several runs side by side, on ``--device cuda`` where there is one. On a GPU machine
+without Flower/Hydra, compose here and run there:
+
+    python benchmarks/utility.py --engine inprocess --compose-only runs.json --out x.json
+    python benchmarks/utility.py --from runs.json --device cuda --workers 8 --out utility.json
 
 Data (paths relative to the repository root, as the DESIGN asks):
 - Banking77: ../shared/data/banking77/{train,test}.csv (text, category; 77 labels)
@@ -13,18 +21,29 @@ Data (paths relative to the repository root, as the DESIGN asks):
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
 import _common
 
 DATASETS = {
-    "banking77": ["data=csv", "data.path=../shared/data/banking77/train.csv",
-                  "data.test_path=../shared/data/banking77/test.csv", "data.label_column=category"],
-    "sms_spam": ["data=csv", "data.path=../shared/data/sms_spam_collection/SMSSpamCollection",
-                 "data.delimiter=\\t", "data.column_names=[label,text]", "data.quoting=QUOTE_NONE",
-                 "data.drop_duplicates=true", "data.test_fraction=0.2"],
+    "banking77": lambda root: [
+        "data=csv", f"data.path={root}/banking77/train.csv", f"data.test_path={root}/banking77/test.csv",
+        "data.label_column=category"],
+    "sms_spam": lambda root: [
+        "data=csv", f"data.path={root}/sms_spam_collection/SMSSpamCollection", "data.delimiter=\\t",
+        "data.column_names=[label,text]", "data.quoting=QUOTE_NONE", "data.drop_duplicates=true",
+        "data.test_fraction=0.2"],
 }
+COMMON = ["num_clients=10", "partition=dirichlet", "partition.alpha=0.5", "seed=0"]
+
+
+def dataset_overrides(name: str, root: str = "../shared/data") -> list[str]:
+    """The Hydra overrides that load data set ``name`` from ``root``."""
+    return DATASETS[name](root)
+
+
 LEVELS = ["1", "3", "8", "none"]
 GOAL = 0.95  # accuracy at eps=8 over the non-private federated accuracy
 
@@ -37,38 +56,45 @@ def main() -> None:
     p.add_argument("--levels", nargs="*", default=LEVELS)
     p.add_argument("--extra", nargs="*", default=[], help="more Hydra overrides for every run")
     p.add_argument("--plot", type=Path, help="PNG to write (default: next to --out)")
+    p.add_argument("--engine", choices=["simulate", "inprocess"], default="simulate",
+                   help="simulate: each run a real `fedpriv simulate`; inprocess: the same client rounds "
+                        "(client.task.run_round) and FedAvg in this process, no Flower (benchmarks/tune.py)")
+    p.add_argument("--device", default="cpu", help="inprocess: where clients train (cpu | cuda)")
+    p.add_argument("--workers", type=int, default=1, help="inprocess: runs side by side")
+    p.add_argument("--data-root", default="../shared/data")
+    p.add_argument("--compose-only", type=Path, help="inprocess: write the composed runs here and stop "
+                                                      "(for a machine without Hydra/Flower)")
+    p.add_argument("--from", dest="from_file", type=Path, help="inprocess: run runs composed by --compose-only")
     args = p.parse_args()
     started = time.monotonic()
     machine = _common.machine()
-    model = args.model or ("tiny_bert" if args.quick else "minilm_lora")
-    rounds = args.rounds or (1 if args.quick else 5)
-    datasets = args.datasets if not args.quick else ["sms_spam"]
-    levels = args.levels if not args.quick else ["8", "none"]
-    common = [f"model={model}", "num_clients=10", f"rounds={rounds}", "partition=dirichlet",
-              "partition.alpha=0.5", "seed=0", *args.extra]
-    if args.quick:
-        # Mechanics only (tiny model, one round, ε=8 and none). IID so that every client
-        # has the same q and σ is calibrated once: a Dirichlet split gives each client
-        # its own q, and each calibration costs seconds of RDP (BENCHMARKS.md).
-        common = [c for c in common if not c.startswith("partition")] + ["partition=iid", "train.max_length=24"]
+    if args.from_file:
+        composed = json.loads(args.from_file.read_text())
+        model, rounds, common, runs = composed["model"], composed["rounds"], composed["overrides"], composed["runs"]
+    else:
+        model = args.model or ("tiny_bert" if args.quick else "minilm_lora")
+        rounds = args.rounds or (1 if args.quick else 5)
+        datasets = args.datasets if not args.quick else ["sms_spam"]
+        levels = args.levels if not args.quick else ["8", "none"]
+        common = [f"model={model}", *COMMON, f"rounds={rounds}", *args.extra]
+        if args.quick:
+            # Mechanics only (tiny model, one round, ε=8 and none). IID so that every client
+            # has the same q and σ is calibrated once: a Dirichlet split gives each client
+            # its own q, and each calibration costs seconds of RDP (BENCHMARKS.md).
+            common = [c for c in common if not c.startswith("partition")] + ["partition=iid", "train.max_length=24"]
+        runs = [{"dataset": ds, "level": level,
+                 "overrides": [*common, *dataset_overrides(ds, args.data_root),
+                               *(["privacy=none"] if level == "none" else [f"privacy.sample.epsilon={level}"])]}
+                for ds in datasets for level in levels]
+    if args.engine == "inprocess" or args.from_file:
+        outcomes = _inprocess(runs, args)
+        if outcomes is None:
+            return
+    else:
+        outcomes = _simulated(runs)
     results: dict[str, dict] = {}
-    import tempfile
-
-    run_root = Path(tempfile.mkdtemp(prefix="fedpriv-utility-"))
-    try:
-        for ds in datasets:
-            results[ds] = {}
-            for level in levels:
-                privacy = ["privacy=none"] if level == "none" else [f"privacy.sample.epsilon={level}"]
-                run = _common.simulate([*common, *DATASETS[ds], *privacy], run_root / f"{ds}-{level}")
-                acc = [r["accuracy"] for r in run["rounds"]]
-                results[ds][level] = {"final_accuracy": acc[-1], "accuracy_per_round": acc,
-                                      "wall_s": round(run["wall_s"], 1)}
-                print(ds, level, results[ds][level], flush=True)
-    finally:
-        import shutil
-
-        shutil.rmtree(run_root, ignore_errors=True)
+    for run, outcome in zip(runs, outcomes):
+        results.setdefault(run["dataset"], {})[run["level"]] = outcome
     summary = {}
     for ds, res in results.items():
         if "8" in res and "none" in res:
@@ -78,9 +104,65 @@ def main() -> None:
     _plot(results, plot, model=model, rounds=rounds)
     _common.write_json(args.out, {
         "benchmark": "utility", "quick": args.quick, "machine": machine, "model": model, "rounds": rounds,
-        "overrides": common, "results": results, "summary": summary, "plot": str(plot),
-        "goal": f"accuracy at eps=8 >= {GOAL} x non-private federated accuracy",
+        "engine": "inprocess" if (args.engine == "inprocess" or args.from_file) else "simulate",
+        "device": args.device, "gpu": _gpu_name(), "overrides": common, "results": results, "summary": summary,
+        "plot": str(plot), "goal": f"accuracy at eps=8 >= {GOAL} x non-private federated accuracy",
     }, started)
+
+
+def _simulated(runs: list[dict]) -> list[dict]:
+    import shutil
+    import tempfile
+
+    run_root = Path(tempfile.mkdtemp(prefix="fedpriv-utility-"))
+    outcomes = []
+    try:
+        for run in runs:
+            out = _common.simulate(run["overrides"], run_root / f"{run['dataset']}-{run['level']}")
+            acc = [r["accuracy"] for r in out["rounds"]]
+            outcomes.append({"final_accuracy": acc[-1], "accuracy_per_round": acc, "wall_s": round(out["wall_s"], 1)})
+            print(run["dataset"], run["level"], outcomes[-1], flush=True)
+    finally:
+        shutil.rmtree(run_root, ignore_errors=True)
+    return outcomes
+
+
+def _inprocess(runs: list[dict], args) -> list[dict] | None:
+    import tune
+
+    if not args.from_file:
+        import tempfile
+
+        from server.app import compose_config
+
+        with tempfile.TemporaryDirectory() as tmp:
+            for run in runs:
+                run["cfg"], _ = compose_config([*run["overrides"], f"hydra.run.dir={tmp}/run"])
+                run["name"] = f"{run['dataset']} {run['level']}"
+        if args.compose_only:
+            model = next(o for o in runs[0]["overrides"] if o.startswith("model=")).split("=", 1)[1]
+            rounds = int(runs[0]["cfg"]["rounds"])
+            common = [o for o in runs[0]["overrides"] if o in runs[-1]["overrides"]]
+            args.compose_only.write_text(json.dumps({"model": model, "rounds": rounds, "overrides": common,
+                                                     "runs": runs}, indent=1))
+            print(f"{len(runs)} runs -> {args.compose_only}")
+            return None
+    by_name = {r["name"]: r for r in tune.run_specs(runs, device=args.device, workers=args.workers)}
+    outcomes = []
+    for run in runs:
+        res = by_name[run["name"]]
+        if "error" in res:
+            raise RuntimeError(f"{run['name']}: {res['error']}")
+        outcomes.append({"final_accuracy": res["final_accuracy"],
+                         "accuracy_per_round": [r["accuracy"] for r in res["rounds"]],
+                         "max_client_epsilon": res["max_client_epsilon"], "wall_s": round(res["wall_s"], 1)})
+    return outcomes
+
+
+def _gpu_name() -> str | None:
+    import torch
+
+    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
 
 
 def _plot(results: dict, path: Path, *, model: str, rounds: int) -> None:
