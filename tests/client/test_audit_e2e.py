@@ -19,7 +19,11 @@ AUDITED = ["model=minilm_lora", "+model.config_overrides.hidden_dropout_prob=0.0
            "+model.config_overrides.attention_probs_dropout_prob=0.0",
            "data.train_size=40", "data.test_size=20", "train.max_length=8", "train.batch_size=32",
            "train.lr=0.2", "train.local_epochs=3", "rounds=2"]
-CANARIES, GUESSES = 160, 120  # 60 "in" + 60 "out": all right gives 3.64, one wrong 3.18
+# 60 "in" + 60 "out": all right gives 3.66, one wrong 3.19, two wrong 2.90. Measured:
+# 120/120 in every run, the lowest included score ~5x the highest excluded one. What
+# can still cost guesses: fewer than 60 canaries drawn "in" (or "out"), P ~ 0.06 % each,
+# or an included canary never sampled in 18 steps at q = 1/3, P ~ 5 % for one of ~80.
+CANARIES, GUESSES = 160, 120
 
 
 @pytest.fixture(scope="module")
