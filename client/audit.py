@@ -5,21 +5,35 @@ The run (Steinke, Nasr & Jagielski 2023; the math is in common/audit.py):
    labels (unlike any real example, so only training on them moves their loss).
 2. Each canary is included in that client's training data with probability 1/2
    (independent fair coins from the OS; the auditor keeps the bits).
-3. The client trains as it would over the whole run — ``rounds × local_epochs``
-   epochs of the same DP-SGD ``local_train``, σ calibrated for the run's ε on the
-   data it now holds (canaries included) — in this process, so one audit is one
-   training run. With ``noise=False`` σ = 0 (clipping kept): the power check.
-4. Score (white-box, on the released weights): how far training moved the trainable
-   weights along the canary's own descent direction, <−∇loss_i(θ₀), θ_T − θ₀> / |∇loss_i(θ₀)|.
-   An included canary's clipped gradient is part of every step that samples it;
-   an excluded one's direction is nearly orthogonal to the update. Guess "included"
-   for the ``guesses/2`` highest scores and "excluded" for the ``guesses/2`` lowest
-   (fixed before training), and turn the correct count into a lower bound on ε.
-   A score is post-processing of the trained weights, so the bound is valid.
+3. The client trains as it would over the whole run: ``rounds`` calls of the same
+   DP-SGD ``local_train``, ``train.local_epochs`` each, σ calibrated once for all planned
+   steps on the data it now holds (canaries included) and the accountant history
+   carried from call to call (``DPSettings.prior_history``), as client/task.py does;
+   in this process, so one audit is one training run. With ``noise=False`` σ = 0
+   (clipping kept): the power check. Both checks use the same scoring.
+4. Score (white-box, on what the client releases): before each round, every canary's
+   and every real example's unit descent direction d_j at the round's start model;
+   after it, the least-squares coefficients of the round's update θ_end − θ_start on
+   all those directions jointly (common/audit.py ``joint_scores``). A canary's score is
+   its coefficient summed over rounds: an included canary's clipped gradient is part
+   of every step that samples it, an excluded one's is in none, and fitting all
+   directions jointly keeps what canaries share (label, junk input) and the real
+   data's share out of each other's scores. Guess "included" for the ``guesses/2``
+   highest scores and "excluded" for the ``guesses/2`` lowest (fixed before training),
+   and turn the correct count into a lower bound on ε.
 
-This audits the sample-level guarantee of one client's released model (its updates
-are post-processing of the same training); the server-side aggregation only adds
-further post-processing, so the bound applies to what the server sees as well.
+Why the bound is valid. Opacus' accounting, which gives the accounted ε, composes
+every DP-SGD step of every round (adaptive composition of subsampled Gaussian
+mechanisms): it covers the whole sequence of noised clipped gradient sums, hence every
+function of them, the intermediate models after each round included. The score uses
+only those models, the canaries, and the real examples, which were fixed before the
+inclusion bits were drawn; it never uses the bits, nor which examples a step sampled.
+So the guesses are post-processing of an (ε, δ)-DP output with respect to each canary,
+which is what common/audit.py needs. The audit covers the sample-level guarantee of one
+client's released updates; in a federated run the server sees them only after
+aggregation, further post-processing, so the bound applies to what the server sees
+as well (here the audited client trains alone between rounds: no other clients'
+updates enter its model).
 """
 
 from __future__ import annotations
@@ -31,11 +45,11 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import ConcatDataset, TensorDataset
+from torch.utils.data import TensorDataset
 
 from client.dp_train import DPSettings, local_train, planned_steps_per_round
 from common.accounting import calibrate_noise, epsilon, sample_rate
-from common.audit import audit
+from common.audit import audit, joint_scores
 from common.data import load_client_data, tokenize
 from common.model import instantiate_model, load_tokenizer, model_inputs
 
@@ -51,19 +65,39 @@ def make_canaries(m: int, *, length: int, num_labels: int, vocab_size: int, cls_
     return TensorDataset(ids, mask, labels)
 
 
-def canary_directions(model: torch.nn.Module, canaries: TensorDataset) -> torch.Tensor:
-    """[m, D]: each canary's unit descent direction over the trainable weights, at θ₀."""
+def canary_directions(model: torch.nn.Module, canaries: TensorDataset, chunk: int = 64) -> torch.Tensor:
+    """[m, D]: each canary's unit descent direction over the trainable weights, at the current θ.
+
+    Per-example gradients from Opacus' hooks (the ones DP-SGD uses), ``chunk`` canaries
+    a forward pass, with dropout off (the direction of the canary itself). Opacus'
+    hooks record only modules in train mode, so only the dropout layers go to eval.
+    """
+    from opacus.grad_sample import GradSampleHooks
+
     params = [p for p in model.parameters() if p.requires_grad]
     was_training = model.training
-    model.eval()  # no dropout: the direction of the canary itself
+    model.train()
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.eval()
+    hooks = GradSampleHooks(model, loss_reduction="sum")
     rows = []
-    for ids, mask, label in zip(*canaries.tensors):
-        logits = model(**model_inputs(ids[None], mask[None])).logits
-        grads = torch.autograd.grad(F.cross_entropy(logits, label[None]), params)
-        g = -torch.cat([x.reshape(-1) for x in grads])
-        rows.append(g / g.norm().clamp_min(1e-12))
-    model.train(was_training)
-    return torch.stack(rows)
+    try:
+        for start in range(0, len(canaries), chunk):
+            ids, mask, labels = (t[start:start + chunk] for t in canaries.tensors)
+            logits = model(**model_inputs(ids, mask)).logits
+            F.cross_entropy(logits, labels, reduction="sum").backward()
+            g = -torch.cat([p.grad_sample.reshape(len(labels), -1) for p in params], dim=1)
+            rows.append(g / g.norm(dim=1, keepdim=True).clamp_min(1e-12))
+            for p in params:
+                p.grad_sample = None
+                p.grad = None
+    finally:
+        hooks.cleanup()
+        for p in params:
+            p.grad = None
+        model.train(was_training)
+    return torch.cat(rows)
 
 
 def flat_trainable(model: torch.nn.Module) -> torch.Tensor:
@@ -71,9 +105,8 @@ def flat_trainable(model: torch.nn.Module) -> torch.Tensor:
 
 
 def run_audit(cfg: Mapping, *, canaries: int, guesses: int, client: int = 0, noise: bool = True,
-              epochs: int | None = None, confidence: float = 0.95, canary_length: int = 12,
-              shared_components: int = 10) -> dict[str, Any]:
-    """Insert canaries into client ``client``'s data, train once, score, bound ε."""
+              confidence: float = 0.95, canary_length: int = 12, ridge: float = 1e-4) -> dict[str, Any]:
+    """Insert canaries into client ``client``'s data, train once (round by round), score, bound ε."""
     if guesses > canaries or guesses < 2:
         raise ValueError("need 2 <= guesses <= canaries")
     train = cfg["train"]
@@ -95,38 +128,43 @@ def run_audit(cfg: Mapping, *, canaries: int, guesses: int, client: int = 0, noi
     inserted = TensorDataset(*(t[idx] for t in canary_set.tensors))
     data = TensorDataset(*(torch.cat([a, b]) for a, b in zip(real.tensors, inserted.tensors)))
 
+    # The client's run: `rounds` calls of local_train, `local_epochs` each, σ calibrated
+    # once for all planned steps and the accountant history carried from round to round,
+    # exactly as client/task.py does (there the global model between rounds also holds
+    # other clients' updates; here the audited client trains alone).
     n, batch_size = len(data), int(train["batch_size"])
-    epochs = int(epochs or int(cfg["rounds"]) * int(train["local_epochs"]))
-    steps = planned_steps_per_round(n, batch_size, epochs)
-    delta = float(sample["delta"])
+    rounds, local_epochs = int(cfg["rounds"]), int(train["local_epochs"])
+    q = sample_rate(n, batch_size)
+    planned = planned_steps_per_round(n, batch_size, local_epochs) * rounds
+    delta, clip, accountant = float(sample["delta"]), float(sample["max_grad_norm"]), sample["accountant"]
     if noise:
-        sigma = calibrate_noise(target_epsilon=float(sample["epsilon"]), delta=delta,
-                                sample_rate=sample_rate(n, batch_size), steps=steps, accountant=sample["accountant"])
+        sigma = calibrate_noise(target_epsilon=float(sample["epsilon"]), delta=delta, sample_rate=q,
+                                steps=planned, accountant=accountant)
     else:
         sigma = 0.0
     model = instantiate_model(cfg, len(label_names))
-    directions = canary_directions(model, canary_set)
-    start = flat_trainable(model)
-    result = local_train(model, data, epochs=epochs, batch_size=batch_size, lr=float(train["lr"]),
-                         weight_decay=float(train.get("weight_decay", 0.0)),
-                         optimizer=str(train.get("optimizer", "adamw")),
-                         dp=DPSettings(sigma, float(sample["max_grad_norm"]), sample["accountant"], ()),
-                         grad_sample_mode=str(train.get("grad_sample_mode", "hooks")))
-    # Canaries of one label share a component (the head's push towards that label);
-    # remove it so a score reflects the canary itself. Uses no inclusion bit.
-    labels = canary_set.tensors[2]
-    for y in labels.unique():
-        rows = labels == y
-        directions[rows] -= directions[rows].mean(0)
-    # Random-token canaries also share a few "junk input" directions; project out the
-    # top principal components of the canary directions (computed from all canaries).
-    _, _, vt = torch.linalg.svd(directions, full_matrices=False)
-    top = vt[:shared_components]
-    directions -= (directions @ top.T) @ top
-    scores = (directions @ (flat_trainable(model) - start)).tolist()
+    scores = torch.zeros(canaries)
+    history: list = []
+    steps = 0
+    # The real examples were fixed before the inclusion bits were drawn: fitting their
+    # directions too takes their share of the update out of the canaries' scores.
+    known = TensorDataset(*(torch.cat([a, b]) for a, b in zip(canary_set.tensors, real.tensors)))
+    for _ in range(rounds):
+        # Score of this round's released update: its joint least-squares coefficients on
+        # the examples' own descent directions at the round's start model.
+        directions = canary_directions(model, known)
+        start = flat_trainable(model)
+        result = local_train(model, data, epochs=local_epochs, batch_size=batch_size, lr=float(train["lr"]),
+                             weight_decay=float(train.get("weight_decay", 0.0)),
+                             optimizer=str(train.get("optimizer", "adamw")),
+                             dp=DPSettings(sigma, clip, accountant, tuple(history)),
+                             grad_sample_mode=str(train.get("grad_sample_mode", "hooks")))
+        history, steps = result.history, steps + result.steps
+        scores += joint_scores(directions, flat_trainable(model) - start, ridge)[:canaries]
+    scores = scores.tolist()
     found = audit(scores, included, k_plus=guesses // 2, k_minus=guesses - guesses // 2,
                   delta=delta, confidence=confidence)
-    accounted = epsilon(result.history, delta, sample["accountant"]) if sigma > 0 else math.inf
+    accounted = epsilon(history, delta, accountant) if sigma > 0 else math.inf
     return {
         "client": client,
         "canaries": canaries,
@@ -140,10 +178,11 @@ def run_audit(cfg: Mapping, *, canaries: int, guesses: int, client: int = 0, noi
         "epsilon_accounted": accounted,
         "noise": noise,
         "noise_multiplier": sigma,
-        "max_grad_norm": float(sample["max_grad_norm"]),
-        "epochs": epochs,
-        "steps": result.steps,
-        "sample_rate": result.sample_rate,
+        "max_grad_norm": clip,
+        "rounds": rounds,
+        "local_epochs": local_epochs,
+        "steps": steps,
+        "sample_rate": q,
         "consistent": bool(found.epsilon_lower_bound <= accounted),
         "mean_score_included": sum(s for s, i in zip(scores, included) if i) / max(len(idx), 1),
         "mean_score_excluded": sum(s for s, i in zip(scores, included) if not i) / max(canaries - len(idx), 1),

@@ -18,6 +18,8 @@ right:
 So ε is *rejected* at confidence 1-β when P[Binomial(r, p(ε)) ≥ v] + 2mδ ≤ β, and the
 lower bound is the largest rejected ε (the tail grows with ε, so bisection finds it).
 Nothing here depends on how the model was trained; see client/audit.py for the run.
+``joint_scores`` (below) is the white-box score client/audit.py uses: any function of
+the released output and of data fixed before the bits were drawn keeps the bound valid.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import torch
 from scipy.stats import binom
 
 
@@ -104,3 +107,31 @@ def audit(scores: Sequence[float], included: Sequence[bool], *, k_plus: int, k_m
     r, v = guesses(scores, included, k_plus, k_minus)
     bound = epsilon_lower_bound(r, v, m=len(scores), delta=delta, confidence=confidence)
     return AuditResult(len(scores), r, v, bound, confidence, delta, (k_plus, k_minus))
+
+
+# --------------------------------------------------------------------------- scores
+# A white-box score says how much of a released model update is canary i's own
+# descent direction. It is the auditor's post-processing: it sees the canaries, the
+# data fixed before the inclusion bits were drawn, and the released weights, never
+# the bits (nor which examples a step sampled).
+
+
+def joint_scores(directions: torch.Tensor, update: torch.Tensor, ridge: float = 1e-4) -> torch.Tensor:
+    """[k]: coefficients of ``update`` [D] on the unit ``directions`` [k, D], fitted jointly.
+
+    One step of DP-SGD moves the weights by a sum of clipped per-example gradients (and
+    noise); while the gradients change little, a released update is ≈ Σ_j c_j d_j over
+    the examples j that were sampled, c_j ≥ 0, and 0 for an excluded canary. Projecting
+    the update on d_i alone also picks up every other example whose direction is
+    correlated with d_i (canaries of one label share the head's push towards it;
+    random-token canaries share "junk input" directions); least squares on all
+    directions at once removes that. Ridge ``ridge × mean(diag Gram)`` keeps it
+    defined when directions are nearly collinear.
+    """
+    if directions.ndim != 2 or update.shape != directions.shape[1:]:
+        raise ValueError("directions [k, D] and update [D]")
+    g = directions.double()
+    gram = g @ g.T
+    lam = ridge * float(gram.diagonal().mean())
+    eye = torch.eye(len(g), dtype=g.dtype)
+    return torch.linalg.solve(gram + lam * eye, g @ update.double()).to(update.dtype)

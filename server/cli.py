@@ -164,7 +164,7 @@ def audit(argv: list[str]) -> int:
     module, func = AUDIT_REF.split(":")
     run_audit = getattr(importlib.import_module(module), func)
     result = run_audit(cfg, canaries=int(a["canaries"]), guesses=int(a["guesses"]), client=int(a["client"]),
-                       noise=bool(a["noise"]), epochs=a.get("epochs"), confidence=float(a["confidence"]))
+                       noise=bool(a["noise"]), confidence=float(a["confidence"]))
     run_dir.mkdir(parents=True, exist_ok=True)
     out = run_dir / "audit.json"
     out.write_text(json.dumps({"config": cfg, "audit": result}, indent=2, default=str) + "\n")

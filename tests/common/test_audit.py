@@ -4,8 +4,9 @@ import math
 import random
 
 import pytest
+import torch
 
-from common.audit import audit, epsilon_lower_bound, guesses, p_correct, tail
+from common.audit import audit, epsilon_lower_bound, guesses, joint_scores, p_correct, tail
 
 
 def test_all_guesses_right_gives_a_bound_that_grows_with_the_guesses():
@@ -55,3 +56,42 @@ def test_guesses_take_the_extremes():
     assert guesses(scores, included, 2, 2) == (4, 3)  # in: 0.9 ok, 0.8 wrong; out: 0.1 ok, 0.2 ok
     with pytest.raises(ValueError):
         guesses(scores, included, 3, 3)
+
+
+def correlated_directions(k, dim, shared, seed=0):
+    """k unit rows that all lean on one shared direction (as canaries of one label do)."""
+    g = torch.Generator().manual_seed(seed)
+    common = torch.randn(dim, generator=g)
+    rows = torch.randn(k, dim, generator=g) + shared * common / common.norm() * dim ** 0.5
+    return rows / rows.norm(dim=1, keepdim=True)
+
+
+def test_joint_scores_recover_a_sum_of_directions_that_projection_confuses():
+    d = correlated_directions(40, 500, shared=1.0)
+    included = torch.arange(40) % 3 == 0
+    coef = torch.where(included, 1.0 + torch.rand(40), torch.zeros(40))
+    update = coef @ d
+    fitted = joint_scores(d, update, ridge=1e-8)
+    torch.testing.assert_close(fitted, coef, atol=1e-4, rtol=1e-4)
+    # The plain projection gives the excluded rows the shared component too; the fit does not.
+    projected = d @ update
+    assert projected[~included].min() > 0.5 * projected[included].min()
+    assert fitted[~included].abs().max() < 1e-3 < fitted[included].min()
+
+
+def test_joint_scores_are_linear_and_zero_without_update():
+    d = correlated_directions(10, 50, shared=0.5, seed=1)
+    u, v = torch.randn(50), torch.randn(50)
+    assert torch.count_nonzero(joint_scores(d, torch.zeros(50))) == 0
+    torch.testing.assert_close(joint_scores(d, 2 * u - v), 2 * joint_scores(d, u) - joint_scores(d, v),
+                               atol=1e-5, rtol=1e-5)
+
+
+def test_joint_scores_stay_defined_for_repeated_directions():
+    d = correlated_directions(5, 30, shared=0.0, seed=2)
+    d = torch.cat([d, d[:1]])  # two identical canaries: the Gram matrix is singular
+    fitted = joint_scores(d, d[0] * 2.0)
+    assert torch.isfinite(fitted).all()
+    assert fitted[0] == pytest.approx(fitted[-1]) and fitted[0] + fitted[-1] == pytest.approx(2.0, rel=1e-2)
+    with pytest.raises(ValueError):
+        joint_scores(d, torch.zeros(29))
