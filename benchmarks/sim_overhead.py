@@ -82,8 +82,9 @@ def loop_child(config_path: str) -> None:
             local = copy.deepcopy(model)
             load_trainable(local, global_state)
             result = local_train(local, part, epochs=epochs, batch_size=bs, lr=float(train["lr"]),
-                        weight_decay=float(train.get("weight_decay", 0.0)), optimizer=str(train["optimizer"]),
-                        dp=dp, grad_sample_mode=str(train.get("grad_sample_mode", "hooks")))
+                                 weight_decay=float(train.get("weight_decay", 0.0)),
+                                 optimizer=str(train["optimizer"]), dp=dp,
+                                 grad_sample_mode=str(train.get("grad_sample_mode", "hooks")))
             taken[c] = taken.get(c, 0) + result.steps
             after = trainable_state(local)
             updates.append({k: after[k] - global_state[k] for k in after})
@@ -97,14 +98,16 @@ def loop_child(config_path: str) -> None:
 
 def check_same_training(run_dir: Path, loop: dict) -> None:
     """The loop's σ and step count per client are those the simulate run's clients recorded."""
+    if not loop["sigma"]:
+        return  # no sample-level DP: the ledgers hold no σ and no steps to compare
     for client in sorted(loop["steps"], key=int):
         ledger = json.loads((run_dir / "clients" / client / "ledger.json").read_text())
-        (calib,) = ledger["runs"].values()
+        (calib,) = ledger["runs"].values()  # a fresh state_dir: this run only
         steps = sum(int(h[2]) for h in ledger["history"])
-        if loop["sigma"] and calib["noise_multiplier"] != loop["sigma"][client]:
+        if calib["noise_multiplier"] != loop["sigma"][client]:
             raise RuntimeError(f"client {client}: loop sigma {loop['sigma'][client]} != simulate's "
                                f"{calib['noise_multiplier']}")
-        if loop["sigma"] and steps != loop["steps"][client]:
+        if steps != loop["steps"][client]:
             raise RuntimeError(f"client {client}: loop took {loop['steps'][client]} steps, simulate {steps}")
 
 
