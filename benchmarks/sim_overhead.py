@@ -6,9 +6,19 @@ ratios are reported. The plain loop (``--loop-child``) reads the simulate run's
 resolved ``.hydra/config.yaml`` and does the same training in one process: same
 data split and tokenisation, same model, per client the same DP-SGD ``local_train``
 (σ calibrated as the client does), FedAvg of the updates — no Ray, no messages, no
-ledgers, no checkpoints, no report. It times its per-round central evaluation
-separately, so two ratios are given: over the training-only loop (the goal's figure:
-everything else simulate does is its overhead) and over the loop with evaluation.
+ledgers, no checkpoints, no report. It times its per-round central evaluation (the
+server's own ``server.evaluate.evaluate``) separately, so two ratios are given: over
+the training-only loop (the goal's figure: everything else simulate does is its
+overhead) and over the loop with evaluation.
+
+Same training, checked against ``client/task.py``: a client with an empty ledger
+calibrates σ once per run with ``calibrate_noise(ε, δ, q = sample_rate(n, B),
+steps = planned_steps_per_round(n, B, E) × rounds)`` and no prior history, as here;
+``local_train`` gets the same lr, weight decay, optimizer, C, accountant and
+``grad_sample_mode``, no physical-batch cap, fp32 on CPU, and a fresh deep copy of
+the built model loaded with the global weights, as the client's ``_fresh_model``.
+The child prints what it trained (σ per client, steps) and the driver checks it
+against the ledgers of the simulate run it mirrors.
 
 Both sides get one core: simulate runs with ``simulation.num_cpus=1`` (one Ray client
 actor, which Ray gives one torch thread) and the loop with one torch thread. On a
@@ -40,7 +50,8 @@ def loop_child(config_path: str) -> None:
     from client.dp_train import DPSettings, local_train, planned_steps_per_round
     from common.accounting import calibrate_noise, sample_rate
     from common.data import load_splits, partition_train, tokenize
-    from common.model import instantiate_model, load_tokenizer, load_trainable, model_inputs, trainable_state
+    from common.model import instantiate_model, load_tokenizer, load_trainable, trainable_state
+    from server.evaluate import evaluate
 
     torch.set_num_threads(1)
     cfg = OmegaConf.to_container(OmegaConf.load(config_path), resolve=True)
@@ -55,7 +66,7 @@ def loop_child(config_path: str) -> None:
     global_state = trainable_state(model)
     dp_on = cfg["privacy"]["mode"] in ("sample", "both")
     sample = cfg["privacy"]["sample"]
-    sigmas = {}
+    sigmas, taken = {}, {}
     eval_s = 0.0
     for _ in range(int(cfg["rounds"])):
         updates = []
@@ -70,21 +81,34 @@ def loop_child(config_path: str) -> None:
                 dp = DPSettings(sigmas[c], float(sample["max_grad_norm"]), sample["accountant"], ())
             local = copy.deepcopy(model)
             load_trainable(local, global_state)
-            local_train(local, part, epochs=epochs, batch_size=bs, lr=float(train["lr"]),
-                        weight_decay=float(train.get("weight_decay", 0.0)), optimizer=str(train["optimizer"]),
-                        dp=dp, grad_sample_mode=str(train.get("grad_sample_mode", "hooks")))
+            result = local_train(local, part, epochs=epochs, batch_size=bs, lr=float(train["lr"]),
+                                 weight_decay=float(train.get("weight_decay", 0.0)),
+                                 optimizer=str(train["optimizer"]), dp=dp,
+                                 grad_sample_mode=str(train.get("grad_sample_mode", "hooks")))
+            taken[c] = taken.get(c, 0) + result.steps
             after = trainable_state(local)
             updates.append({k: after[k] - global_state[k] for k in after})
         global_state = {k: global_state[k] + torch.stack([u[k] for u in updates]).mean(0) for k in global_state}
         t0 = time.perf_counter()
-        load_trainable(model, global_state)
-        model.eval()
-        with torch.no_grad():
-            for ids, mask, _ in torch.utils.data.DataLoader(test, batch_size=int(cfg["evaluation"]["batch_size"])):
-                model(**model_inputs(ids, mask))
-        model.train()
+        evaluate(model, global_state, test, batch_size=int(cfg["evaluation"]["batch_size"]))  # the server's own
         eval_s += time.perf_counter() - t0
-    print(json.dumps({"eval_s": eval_s}))
+    print(json.dumps({"eval_s": eval_s, "sigma": {str(c): v for c, v in sigmas.items()},
+                      "steps": {str(c): v for c, v in taken.items()}}))
+
+
+def check_same_training(run_dir: Path, loop: dict) -> None:
+    """The loop's σ and step count per client are those the simulate run's clients recorded."""
+    if not loop["sigma"]:
+        return  # no sample-level DP: the ledgers hold no σ and no steps to compare
+    for client in sorted(loop["steps"], key=int):
+        ledger = json.loads((run_dir / "clients" / client / "ledger.json").read_text())
+        (calib,) = ledger["runs"].values()  # a fresh state_dir: this run only
+        steps = sum(int(h[2]) for h in ledger["history"])
+        if calib["noise_multiplier"] != loop["sigma"][client]:
+            raise RuntimeError(f"client {client}: loop sigma {loop['sigma'][client]} != simulate's "
+                               f"{calib['noise_multiplier']}")
+        if steps != loop["steps"][client]:
+            raise RuntimeError(f"client {client}: loop took {loop['steps'][client]} steps, simulate {steps}")
 
 
 def run_loop(config_path: Path) -> dict:
@@ -103,12 +127,13 @@ def main() -> None:
         return
     p = _common.parser(__doc__.splitlines()[0])
     p.add_argument("--reps", type=int)
+    p.add_argument("--warmup", type=int, help="warm-up pairs, not scored (default: 0 with --quick, else 1)")
     args = p.parse_args()
     started = time.monotonic()
     machine = _common.machine()
     model = "tiny_bert" if args.quick else "minilm_lora"
     reps = args.reps or (1 if args.quick else 3)
-    warmup = 0 if args.quick else 1
+    warmup = args.warmup if args.warmup is not None else (0 if args.quick else 1)
     overrides = [f"model={model}", "num_clients=10", "rounds=5", "simulation.num_cpus=1"]
     if args.quick:
         overrides += ["data.train_size=800", "data.test_size=100"]
@@ -118,6 +143,7 @@ def main() -> None:
             run_dir = Path(tmp) / f"sim{i}"
             sim = _common.simulate(overrides, run_dir)
             loop = run_loop(run_dir / ".hydra" / "config.yaml")
+            check_same_training(run_dir, loop)
             pair = {"simulate_s": round(sim["wall_s"], 2), "loop_s": round(loop["wall_s"], 2),
                     "loop_eval_s": round(loop["eval_s"], 2),
                     "simulate_round_s": [r["wall_s"] for r in sim["rounds"]], "warmup": i < warmup}

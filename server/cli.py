@@ -29,6 +29,9 @@ def _offline_env() -> None:
     for key in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
         os.environ.setdefault(key, "1")
     os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
+    # A privacy tool does not phone home by default (Flower's usage events); opt in by
+    # setting FLWR_TELEMETRY_ENABLED=1.
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
 
@@ -66,6 +69,22 @@ def backend_config(cfg: dict) -> dict:
     }
 
 
+def server_threads(cfg: dict) -> int | None:
+    """torch intra-op threads for the simulate process itself, or None to leave torch's default.
+
+    ``simulation.num_cpus`` is the CPU budget of the whole simulation (Ray's total). The
+    server's own torch work (tokenising, central evaluation every round) runs in this
+    process, outside Ray's accounting, so it is capped to the same budget: with the
+    default one thread per core, central evaluation of MiniLM on a machine shared with
+    other jobs measured 11-23 s on 2 threads against 7-8 s on 1 (BENCHMARKS.md,
+    sim_overhead). Joining a cluster (``federation.ray_address``) leaves it alone.
+    """
+    budget = cfg["simulation"].get("num_cpus")
+    if not budget or (cfg.get("federation") or {}).get("ray_address"):
+        return None
+    return max(1, int(budget))
+
+
 def simulate(cfg_node) -> None:
     """Hydra task: validate, then run the federation on Flower's simulation engine."""
     logging.getLogger("alembic").setLevel(logging.WARNING)  # Flower's state DB migrations
@@ -85,6 +104,11 @@ def simulate(cfg_node) -> None:
             cfg = OmegaConf.to_container(cfg_node, resolve=True)
             cfg["state_dir"] = str(Path(cfg["state_dir"]).resolve())
             run_dir = Path(HydraConfig.get().runtime.output_dir).resolve()
+        threads = server_threads(cfg)
+        if threads is not None:
+            import torch
+
+            torch.set_num_threads(min(torch.get_num_threads(), threads))
         prepared = prepare(cfg)  # a bad setting stops here, before Ray starts
     except ConfigError as err:
         print(f"fedpriv: configuration error: {err}", file=sys.stderr)

@@ -9,7 +9,7 @@ from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import TensorDataset
 
 from common.model import load_trainable, model_inputs
 
@@ -22,15 +22,31 @@ def evaluate(
     *,
     batch_size: int = 64,
 ) -> tuple[float, float]:
-    """(accuracy, mean cross-entropy) of ``model`` with trainable weights ``state``."""
+    """(accuracy, mean cross-entropy) of ``model`` with trainable weights ``state``.
+
+    Every example is scored once, as in a plain pass over ``data``; only the batching
+    differs: examples go longest first and each batch is cut to its longest real
+    (attention-masked) length. The test split is padded to ``train.max_length``
+    (common.data.tokenize) and the columns cut are padding every example of the batch
+    masks out, so the logits are those of the padded batch up to float rounding
+    (the metrics agree to ~1e-7; the test compares them). On the synthetic set (mean
+    22 of 40 tokens) MiniLM's evaluation took 4.4 s instead of 7.4 s on one thread.
+    Left-padded data, whose padding is not a suffix, is evaluated uncut.
+    """
     load_trainable(model, state)
     was_training = model.training
     model.eval()
+    input_ids, attention_mask, labels = data.tensors
+    n = len(labels)
+    lengths = attention_mask.sum(dim=1)
+    suffix_padded = bool((attention_mask.cumsum(dim=1).eq(lengths[:, None]) | attention_mask.bool()).all())
+    order = torch.argsort(lengths, descending=True, stable=True) if suffix_padded else torch.arange(n)
     correct, loss_sum = 0, 0.0
-    for input_ids, attention_mask, labels in DataLoader(data, batch_size=batch_size):
-        logits = model(**model_inputs(input_ids, attention_mask)).logits
-        loss_sum += float(F.cross_entropy(logits, labels, reduction="sum"))
-        correct += int((logits.argmax(dim=-1) == labels).sum())
+    for start in range(0, n, batch_size):
+        idx = order[start:start + batch_size]
+        width = max(int(lengths[idx].max()), 1) if suffix_padded else input_ids.shape[1]
+        logits = model(**model_inputs(input_ids[idx, :width], attention_mask[idx, :width])).logits
+        loss_sum += float(F.cross_entropy(logits, labels[idx], reduction="sum"))
+        correct += int((logits.argmax(dim=-1) == labels[idx]).sum())
     model.train(was_training)
-    n = len(data)
     return correct / n, loss_sum / n

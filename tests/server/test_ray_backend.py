@@ -2,7 +2,7 @@
 
 import os
 
-from server.cli import backend_config
+from server.cli import backend_config, server_threads
 from tests.conftest import compose
 
 
@@ -24,3 +24,10 @@ def test_existing_cluster(tmp_path):
     assert backend["init_args"] == {"address": "auto", "include_dashboard": False}
     assert backend["client_resources"] == {"num_cpus": 1.0, "num_gpus": 0.5}
     assert os.environ.get("RAY_ADDRESS") == before  # no process-wide side effect
+
+
+def test_server_threads_follow_the_simulation_budget(tmp_path):
+    assert server_threads(compose(["model=tiny_bert"], tmp_path / "a")) is None  # all cores: torch's default
+    assert server_threads(compose(["model=tiny_bert", "simulation.num_cpus=1"], tmp_path / "b")) == 1
+    joined = compose(["model=tiny_bert", "simulation.num_cpus=1", "federation.ray_address=auto"], tmp_path / "c")
+    assert server_threads(joined) is None  # the cluster's CPUs are not this machine's
