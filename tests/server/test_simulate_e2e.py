@@ -17,7 +17,9 @@ pytestmark = pytest.mark.e2e
 
 def simulate(tmp_path: Path, name: str, *overrides: str) -> Path:
     run_dir = tmp_path / name
-    proc = run_fedpriv(["simulate", *FAST, "num_clients=2", f"hydra.run.dir={run_dir}", *overrides], cwd=tmp_path)
+    rounds = [] if any(o.startswith("rounds=") for o in overrides) else ["rounds=3"]  # not the demo's default
+    proc = run_fedpriv(["simulate", *FAST, "num_clients=2", *rounds, f"hydra.run.dir={run_dir}", *overrides],
+                       cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return run_dir
 
