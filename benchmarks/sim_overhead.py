@@ -12,8 +12,8 @@ the training-only loop (the goal's figure: everything else simulate does is its
 overhead) and over the loop with evaluation.
 
 Same training, checked against ``client/task.py``: a client with an empty ledger
-calibrates σ once per run with ``calibrate_noise(ε, δ, q = sample_rate(n, B),
-steps = planned_steps_per_round(n, B, E) × rounds)`` and no prior history, as here;
+calibrates σ once per run with ``client.dp_train.calibrate_run`` and no prior history,
+as here;
 ``local_train`` gets the same lr, weight decay, optimizer, C, accountant and
 ``grad_sample_mode``, no physical-batch cap, fp32 on CPU, and a fresh deep copy of
 the built model loaded with the global weights, as the client's ``_fresh_model``.
@@ -47,8 +47,7 @@ def loop_child(config_path: str) -> None:
     import torch
     from omegaconf import OmegaConf
 
-    from client.dp_train import DPSettings, local_train, planned_steps_per_round
-    from common.accounting import calibrate_noise, sample_rate
+    from client.dp_train import DPSettings, calibrate_run, local_train
     from common.data import load_splits, partition_train, tokenize
     from common.model import instantiate_model, load_tokenizer, load_trainable, trainable_state
     from server.evaluate import evaluate
@@ -73,11 +72,9 @@ def loop_child(config_path: str) -> None:
         for c, part in enumerate(parts):
             dp = None
             if dp_on:
-                steps = planned_steps_per_round(len(part), bs, epochs)
                 if c not in sigmas:
-                    sigmas[c] = calibrate_noise(target_epsilon=float(sample["epsilon"]), delta=float(sample["delta"]),
-                                                sample_rate=sample_rate(len(part), bs),
-                                                steps=steps * int(cfg["rounds"]), accountant=sample["accountant"])
+                    sigmas[c] = calibrate_run(sample, n=len(part), batch_size=bs, local_epochs=epochs,
+                                              rounds=int(cfg["rounds"])).noise_multiplier
                 dp = DPSettings(sigmas[c], float(sample["max_grad_norm"]), sample["accountant"], ())
             local = copy.deepcopy(model)
             load_trainable(local, global_state)

@@ -111,19 +111,25 @@ GRIDS = {
 }
 
 
-def compose(args) -> None:
+def compose_specs(named: list[tuple[str, list[str]]]) -> list[dict]:
+    """One run spec {name, overrides, cfg} per (name, Hydra overrides), resolved as a run would."""
     from server.app import compose_config  # Hydra (and Flower, through server.app) live here
 
+    specs = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, overrides in named:
+            cfg, _ = compose_config([*overrides, f"hydra.run.dir={tmp}/run"])
+            cfg["state_dir"] = None  # set per run by one_run
+            specs.append({"name": name, "overrides": list(overrides), "cfg": cfg})
+    return specs
+
+
+def compose(args) -> None:
     data_root = args.data_root or str(ROOT.parent / "shared" / "data")
     base = [*COMMON, *dataset_overrides(args.dataset, data_root), *args.extra]
     if args.model_path:
         base.append(f"model.name_or_path={args.model_path}")
-    runs = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for point in GRIDS[args.grid]:
-            cfg, _ = compose_config([*base, *point, f"hydra.run.dir={tmp}/run"])
-            cfg["state_dir"] = None  # set per run by `run`
-            runs.append({"name": " ".join(point), "overrides": [*base, *point], "cfg": cfg})
+    runs = compose_specs([(" ".join(point), [*base, *point]) for point in GRIDS[args.grid]])
     Path(args.out).write_text(json.dumps({"dataset": args.dataset, "grid": args.grid, "runs": runs}, indent=1))
     print(f"{len(runs)} runs -> {args.out}")
 
@@ -134,6 +140,7 @@ def one_run(spec: dict, device: str) -> dict:
     from client.task import ClientIdentity, run_round
     from common.data import load_splits, tokenize
     from common.model import instantiate_model, load_tokenizer, trainable_state
+    from server.evaluate import evaluate
 
     cfg = spec["cfg"]
     cfg["train"]["device"] = device
@@ -158,31 +165,13 @@ def one_run(spec: dict, device: str) -> dict:
             if updates:  # equal weights, as server.aggregate.fedavg
                 global_state = {k: v + torch.stack([u[k].to(v.dtype) for u in updates]).mean(0)
                                 for k, v in global_state.items()}
-            acc, loss = _evaluate(model, global_state, test, device)
+            acc, loss = evaluate(model, global_state, test, batch_size=int(cfg["evaluation"]["batch_size"]))
             rounds.append({"round": r, "accuracy": acc, "loss": loss, "trained": len(updates)})
     eps = [c["per_round"][-1]["epsilon"] for c in clients.values()
            if c.get("per_round") and c["per_round"][-1]["epsilon"] is not None]
     return {"name": spec["name"], "final_accuracy": rounds[-1]["accuracy"], "rounds": rounds,
             "max_client_epsilon": max(eps) if eps else None,
             "sigmas": [c["noise_multiplier"] for c in clients.values()], "wall_s": time.perf_counter() - started}
-
-
-@__import__("torch").no_grad()
-def _evaluate(model, state, data, device) -> tuple[float, float]:
-    """server.evaluate.evaluate's accuracy and mean cross-entropy, on ``device``."""
-    import torch.nn.functional as F
-
-    from common.model import load_trainable, model_inputs
-
-    load_trainable(model, state)
-    model.eval()
-    correct, loss_sum = 0, 0.0
-    for ids, mask, labels in __import__("torch").utils.data.DataLoader(data, batch_size=256):
-        ids, mask, labels = ids.to(device), mask.to(device), labels.to(device)
-        logits = model(**model_inputs(ids, mask)).logits.float()
-        loss_sum += float(F.cross_entropy(logits, labels, reduction="sum"))
-        correct += int((logits.argmax(-1) == labels).sum())
-    return correct / len(data), loss_sum / len(data)
 
 
 def _worker(args):

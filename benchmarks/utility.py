@@ -95,7 +95,11 @@ def main() -> None:
     results: dict[str, dict] = {}
     for run, outcome in zip(runs, outcomes):
         results.setdefault(run["dataset"], {})[run["level"]] = outcome
-    summary = summarise(results, {run["dataset"]: run if "cfg" in run else run["overrides"] for run in runs})
+    cfgs: dict[str, dict] = {}  # one composed config per data set (its test split)
+    for run in runs:
+        if run["dataset"] not in cfgs:
+            cfgs[run["dataset"]] = run.get("cfg") or _compose(run)["cfg"]
+    summary = summarise(results, cfgs)
     plot = args.plot or args.out.with_suffix(".png")
     _plot(results, plot, model=model, rounds=rounds)
     _common.write_json(args.out, {
@@ -106,25 +110,18 @@ def main() -> None:
     }, started)
 
 
-def majority_share(overrides: list[str]) -> float:
-    """Share of the test split's most common label: what predicting one class scores."""
-    import tempfile
+def majority_share(cfg: dict) -> float:
+    """Share of the test split's most common label in a composed run config: what
+    predicting one class scores."""
     from collections import Counter
 
     from common.data import load_splits
 
-    if "cfg" in overrides:  # a composed run (--from): no Hydra needed
-        cfg = overrides["cfg"]
-    else:
-        from server.app import compose_config
-
-        with tempfile.TemporaryDirectory() as tmp:
-            cfg, _ = compose_config([*overrides, f"hydra.run.dir={tmp}/run"])
     _, test, _ = load_splits(cfg["data"], seed=int(cfg["seed"]), num_clients=int(cfg["num_clients"]))
     return max(Counter(test["label"]).values()) / len(test)
 
 
-def summarise(results: dict, sources: dict) -> dict:
+def summarise(results: dict, cfgs: dict) -> dict:
     """ε=8 over non-private per data set; the goal counts only if the non-private run learned.
 
     A ratio of two runs that both sit at the majority class says nothing about the cost
@@ -135,7 +132,7 @@ def summarise(results: dict, sources: dict) -> dict:
     for ds, res in results.items():
         if "8" in res and "none" in res:
             ratio = res["8"]["final_accuracy"] / res["none"]["final_accuracy"]
-            majority = majority_share(sources[ds])
+            majority = majority_share(cfgs[ds])
             learned = res["none"]["final_accuracy"] > majority + 0.05
             summary[ds] = {"eps8_over_nonprivate": round(ratio, 3), "majority_share": round(majority, 4),
                            "nonprivate_learned": learned, "goal_met": (ratio >= GOAL) if learned else None}
@@ -163,14 +160,8 @@ def _inprocess(runs: list[dict], args) -> list[dict] | None:
     import tune
 
     if not args.from_file:
-        import tempfile
-
-        from server.app import compose_config
-
-        with tempfile.TemporaryDirectory() as tmp:
-            for run in runs:
-                run["cfg"], _ = compose_config([*run["overrides"], f"hydra.run.dir={tmp}/run"])
-                run["name"] = f"{run['dataset']} {run['level']}"
+        for run in runs:
+            run.update(_compose(run))
         if args.compose_only:
             model = next(o for o in runs[0]["overrides"] if o.startswith("model=")).split("=", 1)[1]
             rounds = int(runs[0]["cfg"]["rounds"])
@@ -189,6 +180,13 @@ def _inprocess(runs: list[dict], args) -> list[dict] | None:
                          "accuracy_per_round": [r["accuracy"] for r in res["rounds"]],
                          "max_client_epsilon": res["max_client_epsilon"], "wall_s": round(res["wall_s"], 1)})
     return outcomes
+
+
+def _compose(run: dict) -> dict:
+    """{name, overrides, cfg} of one utility point (benchmarks/tune.py composes it)."""
+    import tune
+
+    return tune.compose_specs([(f"{run['dataset']} {run['level']}", run["overrides"])])[0]
 
 
 def _gpu_name() -> str | None:

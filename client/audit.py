@@ -47,8 +47,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import TensorDataset
 
-from client.dp_train import DPSettings, local_train, planned_steps_per_round
-from common.accounting import calibrate_noise, epsilon, sample_rate
+from client.dp_train import DPSettings, calibrate_run, local_train
+from common.accounting import epsilon, sample_rate
 from common.audit import audit, joint_scores
 from common.data import load_client_data, tokenize
 from common.model import instantiate_model, load_tokenizer, model_inputs
@@ -135,17 +135,12 @@ def run_audit(cfg: Mapping, *, canaries: int, guesses: int, client: int = 0, noi
     n, batch_size = len(data), int(train["batch_size"])
     rounds, local_epochs = int(cfg["rounds"]), int(train["local_epochs"])
     q = sample_rate(n, batch_size)
-    planned = planned_steps_per_round(n, batch_size, local_epochs) * rounds
+    sigma = (calibrate_run(sample, n=n, batch_size=batch_size, local_epochs=local_epochs, rounds=rounds)
+             .noise_multiplier if noise else 0.0)
     delta, clip, accountant = float(sample["delta"]), float(sample["max_grad_norm"]), sample["accountant"]
-    if noise:
-        sigma = calibrate_noise(target_epsilon=float(sample["epsilon"]), delta=delta, sample_rate=q,
-                                steps=planned, accountant=accountant)
-    else:
-        sigma = 0.0
     model = instantiate_model(cfg, len(label_names))
     scores = torch.zeros(canaries)
     history: list = []
-    steps = 0
     # The real examples were fixed before the inclusion bits were drawn: fitting their
     # directions too takes their share of the update out of the canaries' scores.
     known = TensorDataset(*(torch.cat([a, b]) for a, b in zip(canary_set.tensors, real.tensors)))
@@ -159,7 +154,7 @@ def run_audit(cfg: Mapping, *, canaries: int, guesses: int, client: int = 0, noi
                              optimizer=str(train.get("optimizer", "adamw")),
                              dp=DPSettings(sigma, clip, accountant, tuple(history)),
                              grad_sample_mode=str(train.get("grad_sample_mode", "hooks")))
-        history, steps = result.history, steps + result.steps
+        history = result.history
         scores += joint_scores(directions, flat_trainable(model) - start, ridge)[:canaries]
     scores = scores.tolist()
     found = audit(scores, included, k_plus=guesses // 2, k_minus=guesses - guesses // 2,
@@ -181,7 +176,7 @@ def run_audit(cfg: Mapping, *, canaries: int, guesses: int, client: int = 0, noi
         "max_grad_norm": clip,
         "rounds": rounds,
         "local_epochs": local_epochs,
-        "steps": steps,
+        "steps": sum(int(h[2]) for h in history),  # the accountant counted every step
         "sample_rate": q,
         "consistent": bool(found.epsilon_lower_bound <= accounted),
         "mean_score_included": sum(s for s, i in zip(scores, included) if i) / max(len(idx), 1),

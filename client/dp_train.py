@@ -37,7 +37,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from client.device import autocast
 from client.ghost import LeanGhostCriterion
-from common.accounting import make_accountant, sample_rate, steps_per_epoch
+from client.ledger import RunCalibration
+from common.accounting import calibrate_noise, make_accountant, sample_rate, steps_per_epoch
 from common.model import model_inputs, state_norm
 from common.randomness import urandom_generator
 
@@ -229,6 +230,24 @@ def _optimizer(name: str, params: list, *, lr: float, weight_decay: float) -> to
 def planned_steps_per_round(n: int, batch_size: int, epochs: int) -> int:
     """Steps one round takes on ``n`` examples: what σ is calibrated for."""
     return epochs * steps_per_epoch(n, batch_size)
+
+
+def calibrate_run(sample: Mapping, *, n: int, batch_size: int, local_epochs: int, rounds: int,
+                  prior_history=()) -> RunCalibration:
+    """σ for a whole run, fixed once: the run's ``rounds × local_epochs`` epochs of Poisson
+    batches over ``n`` examples must stay within ``privacy.sample.epsilon`` on top of
+    ``prior_history`` (the ledger's spend). ``sample`` is the ``privacy.sample`` config.
+
+    The one place a run's σ is decided (client rounds, the audit, the benchmarks' loop);
+    its ``noise_multiplier`` is None when the prior spend alone reaches the budget.
+    """
+    q = sample_rate(n, batch_size)
+    steps = planned_steps_per_round(n, batch_size, local_epochs)
+    planned = steps * rounds
+    sigma = calibrate_noise(target_epsilon=float(sample["epsilon"]), delta=float(sample["delta"]),
+                            sample_rate=q, steps=planned, prior_history=prior_history,
+                            accountant=sample["accountant"])
+    return RunCalibration(sigma, q, steps, planned)
 
 
 # --------------------------------------------------------------------------- client level

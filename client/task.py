@@ -24,9 +24,9 @@ from typing import Any
 import torch
 
 from client.device import autocast_dtype, select_device
-from client.dp_train import DPSettings, local_train, planned_steps_per_round
-from client.ledger import Ledger, RoundEntry, RunCalibration, load_reply, reply_key, save_reply
-from common.accounting import append_steps, calibrate_noise, epsilon, sample_rate
+from client.dp_train import DPSettings, calibrate_run, local_train, planned_steps_per_round
+from client.ledger import Ledger, RoundEntry, load_reply, reply_key, save_reply
+from common.accounting import append_steps, epsilon, sample_rate
 from common.data import load_client_data, load_local_data, tokenize
 from common.model import instantiate_model, load_tokenizer, load_trainable, state_digest, trainable_state
 
@@ -163,15 +163,12 @@ def run_round(
         sample = cfg["privacy"]["sample"]
         calib = ledger.runs.get(run_id)
         if calib is None:
-            planned = steps * int(cfg["rounds"])
-            sigma = calibrate_noise(
-                target_epsilon=float(sample["epsilon"]), delta=float(sample["delta"]),
-                sample_rate=q, steps=planned, prior_history=ledger.history,
-                accountant=sample["accountant"],
-            )
-            calib = RunCalibration(sigma, q, steps, planned)
+            calib = calibrate_run(sample, n=n, batch_size=int(train["batch_size"]),
+                                  local_epochs=int(train["local_epochs"]), rounds=int(cfg["rounds"]),
+                                  prior_history=ledger.history)
             ledger.runs[run_id] = calib
-            log.info("client %s: calibrated sigma=%s for %d planned steps (q=%.4f)", who.client_id, sigma, planned, q)
+            log.info("client %s: calibrated sigma=%s for %d planned steps (q=%.4f)", who.client_id,
+                     calib.noise_multiplier, calib.planned_steps, q)
         eps_after = (
             math.inf if calib.noise_multiplier is None
             else epsilon(append_steps(ledger.history, calib.noise_multiplier, q, steps),

@@ -66,6 +66,10 @@ def validate(cfg: Mapping) -> None:
     mpb = cfg["train"].get("max_physical_batch_size")
     if mpb is not None and (isinstance(mpb, bool) or not isinstance(mpb, int) or mpb < 1):
         raise ConfigError("train.max_physical_batch_size", f"must be null or an integer >= 1, got {mpb!r}")
+    if mpb is not None and cfg["train"].get("grad_sample_mode", "hooks") == "ghost":
+        # Opacus' BatchMemoryManager accumulates per-example gradients, which ghost
+        # clipping never builds (client.dp_train refuses the pair too, for node-config caps).
+        raise ConfigError("train.max_physical_batch_size", "cannot be combined with train.grad_sample_mode=ghost")
     if cfg.get("secagg") not in (True, False):
         raise ConfigError("secagg", f"must be true or false, got {cfg.get('secagg')!r}")
     _number(cfg, "node_wait_s", minimum=0)

@@ -155,6 +155,7 @@ def test_unknown_csv_column_is_named_by_prepare(tmp_path):
      "data.path"),
     (["train.batch_size=5000"], "train.batch_size"),
     (["privacy.sample.delta=0.1"], "privacy.sample.delta"),
+    (["train.grad_sample_mode=ghost", "train.max_physical_batch_size=8"], "train.max_physical_batch_size"),
 ])
 def test_prepare_names_the_setting_before_training(tmp_path, overrides, setting):
     from server.loop import prepare
