@@ -17,6 +17,14 @@ right:
 
 So ε is *rejected* at confidence 1-β when P[Binomial(r, p(ε)) ≥ v] + 2mδ ≤ β, and the
 lower bound is the largest rejected ε (the tail grows with ε, so bisection finds it).
+The audit's power is the bound it would report if every guess were right,
+``max_detectable_epsilon(r, m, δ)``: 120 guesses of 160 canaries at δ = 1e-5 show at
+most 3.66, 150 of 200 at most 3.88. Only when that maximum reaches the accounted ε can
+the audit confirm the accounting, so ``verdict`` says ``inconclusive`` below it. At
+δ = 0, showing ε = 8 takes 8,932 guesses, all right; with the 2mδ term at δ = 1e-5 no
+number of canaries gets there (the most is ≈ 6.07, at m ≈ 2,000, where 2mδ starts
+eating the 5 % left to the tail), so at the default ε = 8, δ = 1e-5 every audit is
+``inconclusive`` unless it finds ε exceeded.
 Nothing here depends on how the model was trained; see client/audit.py for the run.
 ``joint_scores`` (below) is the white-box score client/audit.py uses: any function of
 the released output and of data fixed before the bits were drawn keeps the bound valid.
@@ -73,6 +81,33 @@ def epsilon_lower_bound(r: int, v: int, *, m: int | None = None, delta: float = 
     return lo
 
 
+def max_detectable_epsilon(r: int, *, m: int | None = None, delta: float = 0.0,
+                           confidence: float = 0.95) -> float:
+    """The audit's power: the bound ``r`` guesses would give were every one of them right."""
+    return epsilon_lower_bound(r, r, m=m, delta=delta, confidence=confidence)
+
+
+#: The three verdicts, as audit.json writes them.
+CONSISTENT, EXCEEDS, INCONCLUSIVE = "consistent", "exceeds", "inconclusive"
+
+
+def verdict(bound: float, max_detectable: float, accounted: float) -> str:
+    """What an audit may say about an accounted ε.
+
+    ``exceeds``: the lower bound is above the accounted ε (the accounting or the
+    implementation is wrong, at the audit's confidence). ``inconclusive``: it is not, but
+    even all guesses right could not have shown the accounted ε (``max_detectable`` below
+    it, and always for an infinite accounted ε, σ = 0), so the audit cannot tell a
+    correct accounting from a broken one. ``consistent``: the audit could have shown the
+    accounted ε and did not exceed it.
+    """
+    if bound > accounted:
+        return EXCEEDS
+    if max_detectable < accounted:
+        return INCONCLUSIVE
+    return CONSISTENT
+
+
 @dataclass(frozen=True)
 class AuditResult:
     canaries: int  # m
@@ -82,6 +117,7 @@ class AuditResult:
     confidence: float
     delta: float
     best_k: tuple[int, int]  # (k_plus, k_minus) used
+    max_detectable_epsilon: float = math.nan  # the bound were all r guesses right
 
 
 def guesses(scores: Sequence[float], included: Sequence[bool], k_plus: int, k_minus: int) -> tuple[int, int]:
@@ -106,7 +142,8 @@ def audit(scores: Sequence[float], included: Sequence[bool], *, k_plus: int, k_m
         raise ValueError("one score per canary")
     r, v = guesses(scores, included, k_plus, k_minus)
     bound = epsilon_lower_bound(r, v, m=len(scores), delta=delta, confidence=confidence)
-    return AuditResult(len(scores), r, v, bound, confidence, delta, (k_plus, k_minus))
+    power = max_detectable_epsilon(r, m=len(scores), delta=delta, confidence=confidence)
+    return AuditResult(len(scores), r, v, bound, confidence, delta, (k_plus, k_minus), power)
 
 
 # --------------------------------------------------------------------------- scores

@@ -6,7 +6,8 @@ import random
 import pytest
 import torch
 
-from common.audit import audit, epsilon_lower_bound, guesses, joint_scores, p_correct, tail
+from common.audit import (audit, epsilon_lower_bound, guesses, joint_scores, max_detectable_epsilon, p_correct,
+                          tail, verdict)
 
 
 def test_all_guesses_right_gives_a_bound_that_grows_with_the_guesses():
@@ -95,3 +96,33 @@ def test_joint_scores_stay_defined_for_repeated_directions():
     assert fitted[0] == pytest.approx(fitted[-1]) and fitted[0] + fitted[-1] == pytest.approx(2.0, rel=1e-2)
     with pytest.raises(ValueError):
         joint_scores(d, torch.zeros(29))
+
+
+def test_max_detectable_is_the_bound_with_every_guess_right():
+    assert max_detectable_epsilon(120, m=160, delta=1e-5) == pytest.approx(3.6557, abs=1e-3)
+    assert max_detectable_epsilon(150, m=200, delta=1e-5) == pytest.approx(3.8757, abs=1e-3)
+    assert max_detectable_epsilon(150, m=200) == pytest.approx(3.9034, abs=1e-3)  # the 3.90 (δ = 0)
+    found = audit([float(i) for i in range(160)], [i >= 80 for i in range(160)], k_plus=60, k_minus=60, delta=1e-5)
+    assert found.correct == 120 and found.epsilon_lower_bound == found.max_detectable_epsilon
+
+
+def test_at_the_default_epsilon_consistent_needs_thousands_of_guesses():
+    # δ = 0: 8,932 perfect guesses show ε = 8. With the 2mδ term at δ = 1e-5 nothing does.
+    assert max_detectable_epsilon(8931) < 8 <= max_detectable_epsilon(8932)
+    assert max(max_detectable_epsilon(m, m=m, delta=1e-5) for m in range(500, 2600, 100)) < 6.1
+
+
+@pytest.mark.parametrize("bound, power, accounted, expected", [
+    (0.15, 3.66, 7.99, "inconclusive"),  # DP on at the power preset: 3.66 cannot show 7.99
+    (3.66, 3.66, math.inf, "inconclusive"),  # noise off: nothing exceeds infinity, nothing confirms it
+    (0.0, 3.88, 8.0, "inconclusive"),  # the defaults
+    (1.0, 6.0, 2.0, "consistent"),  # could have shown 2, did not exceed it
+    (2.0, 6.0, 2.0, "consistent"),
+    (2.5, 6.0, 2.0, "exceeds"),
+    (3.0, 3.66, 2.0, "exceeds"),
+    (3.5, 3.66, 8.0, "inconclusive"),
+])
+def test_verdict_is_never_consistent_below_the_power(bound, power, accounted, expected):
+    assert verdict(bound, power, accounted) == expected
+    if power < accounted:
+        assert verdict(bound, power, accounted) != "consistent"
