@@ -36,6 +36,13 @@ ALLOWED = {
     "metrics": {"declined", "server-round", "fits"},  # fits: adaptive clipping's bit
     "privacy": {"client-id", "reason", "report"},
 }
+#: Under SecAgg+ a reply's plain part (server.secagg turns the legacy FitRes into these two
+#: records): no update in the clear, and no ``fits`` — that bit is summed securely, in
+#: plain text it would reveal one client's clipping outcome.
+SECURE_ALLOWED = {
+    "metrics": {"declined", "server-round"},
+    "privacy": set(ALLOWED["privacy"]),
+}
 #: Slack on the payload size for per-array metadata.
 PAYLOAD_SLACK_BYTES = 64 * 1024
 
@@ -79,6 +86,7 @@ class RoundReplies:
     failed_nodes: list[int] = field(default_factory=list)  # sampled nodes that replied with an error
     node_clients: dict[int, str] = field(default_factory=dict)  # node id -> client id it spoke for
     fits: dict[str, bool] = field(default_factory=dict)  # client_id -> its update fit under C (adaptive)
+    masked: list[str] = field(default_factory=list)  # secagg: checked replies that trained (vector in the sum)
     secure_sum: SecureSum | None = None  # with secagg: the unmasked sum instead of ``accepted``
 
     @property
@@ -119,11 +127,11 @@ def check_update(
     return None
 
 
-def _unexpected_records(content: RecordDict) -> str | None:
+def _unexpected_records(content: RecordDict, allowed: Mapping[str, set[str] | None] = ALLOWED) -> str | None:
     for name in content.keys():
-        if name not in ALLOWED:
+        if name not in allowed:
             return f"record {name!r} is not allowed"
-        allowed_keys = ALLOWED[name]
+        allowed_keys = allowed[name]
         if allowed_keys is not None:
             extra = sorted(set(content[name].keys()) - allowed_keys)
             if extra:
@@ -138,8 +146,17 @@ def collect(
     sampled: Iterable[int],
     expected: Mapping[str, torch.Tensor],
     max_update_norm: float | None = None,
+    secure: bool = False,
 ) -> RoundReplies:
-    """Sort replies into accepted / declined / rejected / failed."""
+    """Sort replies into accepted / declined / rejected / failed; name missing nodes.
+
+    The one reply parser of both paths. Plain rounds (``secure=False``): every reply
+    carries its update, which is checked here. SecAgg+ rounds (``secure=True``,
+    ``server.secagg``): a reply carries only its plain metrics and privacy summary (its
+    masked vector is already in the sum, which only ``check_sum`` can check), so
+    ``SECURE_ALLOWED`` applies and a reply that passes every check is listed in
+    ``masked`` (it trained) instead of ``accepted``.
+    """
     out = RoundReplies()
     sampled = set(sampled)
     seen: set[int] = set()
@@ -154,11 +171,18 @@ def collect(
             continue
         seen.add(reply.node_id)
         if reply.error is not None:
+            # After client.app.public_reason the text is fixed (no device data); capped anyway.
             out.failed[node] = reply.error[:300]
             out.failed_nodes.append(reply.node_id)
             continue
-        reason, client_id, update = _check_reply(reply.content, server_round, expected, max_bytes,
-                                                 max_update_norm, out)
+        if secure:
+            reason, client_id = check_reply(reply.content, server_round, out, allowed=SECURE_ALLOWED)
+            update = None
+            if reason is None and client_id not in out.declined:
+                out.masked.append(client_id)
+        else:
+            reason, client_id, update = _check_reply(reply.content, server_round, expected, max_bytes,
+                                                     max_update_norm, out)
         if client_id is not None:
             out.node_clients[reply.node_id] = client_id
         if reason is not None:
@@ -175,8 +199,14 @@ def collect(
     return out
 
 
-def _check_reply(content, server_round, expected, max_bytes, max_update_norm, out: RoundReplies):
-    """(reason to reject or None, client id or None, accepted update or None)."""
+def check_reply(content: RecordDict, server_round: int, out: RoundReplies, *,
+                allowed: Mapping[str, set[str] | None] = ALLOWED) -> tuple[str | None, str | None]:
+    """(reason to reject or None, client id or None): the checks every reply passes, plain or SecAgg+.
+
+    Well-formed ``metrics``/``privacy`` records, only ``allowed`` records and keys, this
+    round's tag, one reply per client id. A reply that passes has its privacy summary
+    kept in ``out.privacy`` and, if it declined, its reason in ``out.declined``.
+    """
     try:
         privacy = content["privacy"]
         client_id = str(privacy["client-id"])
@@ -185,18 +215,25 @@ def _check_reply(content, server_round, expected, max_bytes, max_update_norm, ou
         declined = bool(int(metrics["declined"]))
         summary = json.loads(str(privacy["report"]))
     except (KeyError, ValueError, TypeError) as err:
-        return f"malformed reply ({err.__class__.__name__}: {err})", None, None
-    if (reason := _unexpected_records(content)) is not None:
-        return reason, client_id, None
+        return f"malformed reply ({err.__class__.__name__}: {str(err)[:100]})", None
+    if (reason := _unexpected_records(content, allowed)) is not None:
+        return reason, client_id
     if tagged_round != server_round:
-        return f"reply for round {tagged_round}, expected {server_round}", client_id, None
-    if client_id in out.accepted or client_id in out.declined:
-        return "a second reply for this client id", client_id, None
+        return f"reply for round {tagged_round}, expected {server_round}", client_id
+    if client_id in out.accepted or client_id in out.declined or client_id in out.masked:
+        return "a second reply for this client id", client_id
     if isinstance(summary, dict):
         out.privacy[client_id] = summary
     if declined:
         out.declined[client_id] = str(privacy["reason"])
-        return None, client_id, None
+    return None, client_id
+
+
+def _check_reply(content, server_round, expected, max_bytes, max_update_norm, out: RoundReplies):
+    """A plain reply: (reason to reject or None, client id or None, accepted update or None)."""
+    reason, client_id = check_reply(content, server_round, out)
+    if reason is not None or client_id in out.declined:
+        return reason, client_id, None
     if "arrays" not in content:
         return "no update in a reply that did not decline", client_id, None
     size = content["arrays"].count_bytes()

@@ -33,8 +33,9 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
-from flwr.app import ConfigRecord, Context, RecordDict
+from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.common import FitIns, FitRes, Parameters, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 from flwr.compat.common import recorddict_compat as compat
 from flwr.server.client_manager import ClientManager
 from flwr.server.client_proxy import ClientProxy
@@ -44,11 +45,73 @@ from flwr.server.strategy import Strategy
 from flwr.server.workflow import SecAggPlusWorkflow
 from flwr.serverapp import Grid
 
-from server.aggregate import RoundReplies, SecureSum
+from server.aggregate import ALLOWED, Reply, RoundReplies, SecureSum, collect
 
 log = logging.getLogger(__name__)
 
 KEYS_FIELD = "fedpriv-keys"
+#: The records of a masked-vector reply (Flower's mod): the masked vector and the legacy FitRes.
+SECURE_RECORDS = {RECORD_KEY_CONFIGS, "fitres.metrics", "fitres.num_examples", "fitres.parameters", "fitres.status"}
+
+
+class _Recorder:
+    """The Grid as the workflow sees it, keeping what each node answered (or failed) in each stage.
+
+    The workflow hands its strategy only the replies that carried a masked vector and
+    anonymous failures; fedpriv's checks need every node: who trained, who failed, who
+    never answered (``RoundReplies.missing``/``failed_nodes``, the loop's "reply never
+    arrived" caveat).
+    """
+
+    def __init__(self, grid: Grid):
+        self.grid = grid
+        self.masked: list[Message] = []  # replies of the masked-vector stage (the training replies)
+        self.errors: dict[int, str] = {}  # node -> its first error reply, any stage
+
+    def __getattr__(self, name):
+        return getattr(self.grid, name)
+
+    def send_and_receive(self, messages, *, timeout=None):
+        messages = list(messages)
+        stages = {m.content.config_records[RECORD_KEY_CONFIGS][Key.STAGE] for m in messages
+                  if RECORD_KEY_CONFIGS in m.content.config_records}
+        replies = list(self.grid.send_and_receive(messages, timeout=timeout))
+        for reply in replies:
+            if reply.has_error():
+                self.errors.setdefault(reply.metadata.src_node_id, Reply.of(reply).error)
+            elif Stage.COLLECT_MASKED_VECTORS in stages:
+                self.masked.append(reply)
+        return replies
+
+    def replies(self) -> list[Reply]:
+        """One Reply per answer to the training stage, then one per node that failed before giving one."""
+        out = [Reply(m.metadata.src_node_id, plain_part(m.content)) for m in self.masked]
+        trained = {m.metadata.src_node_id for m in self.masked}  # their vectors are in the sum
+        out += [Reply(node, None, error) for node, error in self.errors.items() if node not in trained]
+        return out
+
+
+def plain_part(content: RecordDict) -> RecordDict:
+    """A masked-vector reply as the plain path's records, for ``server.aggregate.collect``.
+
+    ``fitres.metrics`` is split into ``privacy`` (its allow-listed keys) and ``metrics``
+    (the rest); any record besides the protocol's, plain arrays, or an example count
+    other than 1 are carried along as what they are, so that the allow-list refuses them.
+    """
+    try:
+        fitres = compat.recorddict_to_fitres(content, keep_input=True)
+    except Exception:  # not even a FitRes: malformed (no privacy record)
+        return RecordDict()
+    metrics = dict(fitres.metrics)
+    privacy = {k: metrics.pop(k) for k in list(metrics) if k in ALLOWED["privacy"]}
+    if fitres.num_examples != 1:
+        metrics["num-examples"] = fitres.num_examples
+    plain = RecordDict({"metrics": ConfigRecord(metrics), "privacy": ConfigRecord(privacy)})
+    if fitres.parameters.tensors:
+        plain["arrays"] = content["fitres.parameters"]
+    for name in set(content.keys()) - SECURE_RECORDS:
+        plain[name] = content[name]
+    return plain
 
 
 class _OneRound(Strategy):
@@ -125,41 +188,24 @@ def secagg_round(
                             strategy=strategy)
     context.state.config_records["config"] = ConfigRecord({"current_round": server_round})
     context.state.array_records["parameters"] = compat.parameters_to_arrayrecord(params, keep_input=True)
-    workflow_for(settings, clipping_range, timeout)(grid, context)
-    return _replies(strategy, keys, global_state, server_round=server_round, settings=settings,
+    recorder = _Recorder(grid)
+    workflow_for(settings, clipping_range, timeout)(recorder, context)
+    return _replies(strategy, recorder, keys, global_state, server_round=server_round, settings=settings,
                     clipping_range=clipping_range, sampled=sampled)
 
 
-def _replies(strategy: _OneRound, keys: list[str], global_state: Mapping[str, torch.Tensor], *, server_round: int,
-             settings: Mapping, clipping_range: float, sampled: Sequence[int]) -> RoundReplies:
-    out = RoundReplies()
-    for failure in strategy.failures:
-        out.failed[f"failure {len(out.failed) + 1}"] = str(failure)[:300]
+def _replies(strategy: _OneRound, recorder: _Recorder, keys: list[str], global_state: Mapping[str, torch.Tensor],
+             *, server_round: int, settings: Mapping, clipping_range: float, sampled: Sequence[int]) -> RoundReplies:
+    # The same parser as plain rounds: allow-list, round tag, one reply per client id, declines.
+    out = collect(recorder.replies(), server_round=server_round, sampled=sampled, expected=global_state, secure=True)
+    for who in out.rejected:
+        log.warning("round %d: %s: its masked vector is in the sum; the sum check bounds it", server_round, who)
     if strategy.mean is None:
         # The workflow halted (too few clients left for the threshold): nothing is revealed.
-        missing = len(sampled) - len(strategy.results)
+        missing = len(sampled) - len(recorder.masked)
         out.failed.setdefault("secagg", f"secure aggregation halted ({missing} of {len(sampled)} clients missing)")
         log.warning("round %d: secure aggregation halted; the round is not released", server_round)
         return out
-    contributors = []
-    for proxy, fitres in strategy.results:
-        metrics = fitres.metrics
-        try:
-            client_id = str(metrics["client-id"])
-            tagged_round = int(metrics["server-round"])
-            declined = bool(int(metrics["declined"]))
-            summary = json.loads(str(metrics["report"]))
-        except (KeyError, ValueError, TypeError) as err:
-            out.rejected[f"node {proxy.node_id}"] = f"malformed metrics ({err.__class__.__name__}: {err})"
-            continue
-        if isinstance(summary, dict):
-            out.privacy[client_id] = summary
-        if tagged_round != server_round:
-            out.rejected[client_id] = f"reply for round {tagged_round}, expected {server_round}"
-        elif declined:
-            out.declined[client_id] = str(metrics.get("reason", ""))
-        else:
-            contributors.append(client_id)
     senders = len(strategy.results)
     arrays = parameters_to_ndarrays(strategy.mean)
     if len(arrays) != len(keys) + 1:
@@ -171,9 +217,6 @@ def _replies(strategy: _OneRound, keys: list[str], global_state: Mapping[str, to
         total[name] = torch.from_numpy(np.asarray(mean, dtype=np.float64) * senders).reshape(ref.shape)
     fits = float(np.asarray(arrays[-1], dtype=np.float64).sum()) * senders / float(clipping_range)
     size = sum(v.numel() for v in global_state.values())
-    out.secure_sum = SecureSum(total=total, contributors=contributors, fits=float(round(fits)), senders=senders,
+    out.secure_sum = SecureSum(total=total, contributors=list(out.masked), fits=float(round(fits)), senders=senders,
                                tolerance=quantisation_tolerance(settings, clipping_range, senders, size))
-    for who, reason in out.rejected.items():
-        log.warning("round %d: %s: %s (its masked vector is in the sum; the sum check bounds it)",
-                    server_round, who, reason)
     return out

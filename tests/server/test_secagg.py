@@ -11,8 +11,9 @@ import math
 import numpy as np
 import pytest
 import torch
-from flwr.app import Context, Message, RecordDict
+from flwr.app import Context, Error, Message, RecordDict
 from flwr.common import bytes_to_ndarray
+from flwr.common.constant import ErrorCode
 from flwr.common.secure_aggregation.quantization import dequantize
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 
@@ -32,8 +33,11 @@ GLOBAL = {k: torch.zeros(s) for k, s in SHAPES.items()}
 class InProcessGrid:
     """A Grid whose nodes are in-process SecAgg+ clients; ``drop`` = {node: stage it stops answering at}."""
 
-    def __init__(self, updates, declined=(), drop=None):
+    def __init__(self, updates, declined=(), drop=None, extra=None, ids=None, crash=()):
         self.updates, self.declined, self.drop = updates, set(declined), dict(drop or {})
+        self.extra = dict(extra or {})  # node -> extra plain metrics it (mis)sends
+        self.ids = dict(ids or {})  # node -> the client id it claims (default: its node id)
+        self.crash = set(crash)  # nodes whose training raises
         self.contexts = {n: Context(run_id=7, node_id=n, node_config={}, state=RecordDict(), run_config={})
                          for n in updates}
         self.received: list[tuple[str, Message]] = []  # (stage, reply) as the server got them
@@ -41,7 +45,10 @@ class InProcessGrid:
     def answer(self, config, global_state, context):
         node = context.node_id
         metrics = {"declined": int(node in self.declined), "server-round": int(config["server-round"])}
-        privacy = {"client-id": str(node), "reason": "budget" if node in self.declined else "", "report": "{}"}
+        privacy = {"client-id": self.ids.get(node, str(node)), "reason": "budget" if node in self.declined else "",
+                   "report": "{}", **self.extra.get(node, {})}
+        if node in self.crash:
+            raise RuntimeError("training failed on the device (RuntimeError)")
         if node in self.declined:
             return None, metrics, privacy
         clipped = clip_update(self.updates[node], float(config["client-clip-norm"]))
@@ -53,12 +60,17 @@ class InProcessGrid:
         for msg in messages:
             msg = copy.deepcopy(msg)  # as if serialised: the workflow shares one content among nodes
             node = msg.metadata.dst_node_id
+            if node not in self.contexts:
+                continue  # sampled, but never connected: no reply at all
             stage = msg.content.config_records[RECORD_KEY_CONFIGS][Key.STAGE]
             if self.drop.get(node) == stage:
                 self.drop[node] = "gone"
             if self.drop.get(node) == "gone":
                 continue  # the node has dropped out: no reply
-            reply = secagg_train(msg, self.contexts[node], self.answer)
+            try:
+                reply = secagg_train(msg, self.contexts[node], self.answer)
+            except Exception as ex:  # as Flower does: an error reply
+                reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=str(ex)), reply_to=msg)
             self.received.append((stage, reply))
             replies.append(reply)
         return replies
@@ -70,9 +82,9 @@ def random_updates(nodes, scale=1.0, seed=0):
             for i, n in enumerate(nodes)}
 
 
-def run_round(grid, nodes, clip=C, server_round=1):
+def run_round(grid, nodes, clip=C, server_round=1, settings=SETTINGS):
     config = {"run-id": "r", "server-round": server_round, "fedpriv-config": "{}", "client-clip-norm": clip}
-    return secagg_round(grid, nodes, GLOBAL, config, server_round=server_round, settings=SETTINGS,
+    return secagg_round(grid, nodes, GLOBAL, config, server_round=server_round, settings=settings,
                         clipping_range=clip, timeout=None, run_id=7)
 
 
@@ -144,3 +156,72 @@ def test_declined_client_masks_zeros_and_noise_goes_on_the_secure_sum(task_ident
     new = aggregate(GLOBAL, result, server_lr=1.0, n_planned=4, client_dp=dp)
     std = float(torch.cat([v.flatten() for v in new.values()]).std())
     assert math.isclose(std, 1.0 * C / 4, rel_tol=0.15)  # 1230 coordinates, sigma*C/n
+
+
+# ------------------------------------------------------------------ one reply parser for both paths
+# The SecAgg+ replies pass the same checks as plain ones (server.aggregate.collect): the
+# allow-list of plain metrics, the round tag, one reply per client id, and every sampled
+# node accounted for as trained, declined, rejected, failed or missing.
+
+
+def test_secagg_reply_with_an_extra_plain_metric_is_rejected(task_identity, nodes):
+    grid = InProcessGrid(random_updates(nodes, scale=0.01), extra={12: {"loss": 0.25}})
+    result = run_round(grid, nodes)
+    assert "loss" in result.rejected["12"]
+    assert sorted(result.trained) == ["11", "13", "14"]
+    assert result.secure_sum.senders == 4  # its masked vector is in the sum: the sum check bounds it
+
+
+def test_secagg_reply_with_the_fits_bit_in_plain_text_is_rejected(task_identity, nodes):
+    # fits is summed securely under SecAgg; sent in plain text it would reveal one client's bit.
+    grid = InProcessGrid(random_updates(nodes, scale=0.01), extra={13: {"fits": 1}})
+    result = run_round(grid, nodes)
+    assert "fits" in result.rejected["13"] and "13" not in result.trained
+
+
+def test_secagg_second_reply_for_one_client_id_is_rejected(task_identity, nodes):
+    grid = InProcessGrid(random_updates(nodes, scale=0.01), ids={12: "11"})
+    result = run_round(grid, nodes)
+    assert sorted(result.trained) == ["11", "13", "14"]
+    assert list(result.rejected.values()) == ["a second reply for this client id"]
+
+
+def test_secagg_reply_for_another_round_is_rejected(task_identity, nodes):
+    grid = InProcessGrid(random_updates(nodes, scale=0.01))
+    original = grid.answer
+
+    def stale(config, global_state, context):
+        update, metrics, privacy = original(config, global_state, context)
+        if context.node_id == 14:
+            metrics["server-round"] = 1
+        return update, metrics, privacy
+    grid.answer = stale
+    result = run_round(grid, nodes, server_round=2)
+    assert "round" in result.rejected["14"] and sorted(result.trained) == ["11", "12", "13"]
+
+
+def test_secagg_dropped_and_failed_nodes_are_named(task_identity):
+    nodes = [11, 12, 13, 14, 16, 17]
+    grid = InProcessGrid(random_updates(nodes, scale=0.01), crash={12},
+                         drop={13: Stage.COLLECT_MASKED_VECTORS, 16: Stage.COLLECT_MASKED_VECTORS})
+    result = run_round(grid, nodes, settings={**SETTINGS, "reconstruction_threshold": 3})
+    assert result.secure_sum is not None and sorted(result.trained) == ["11", "14", "17"]
+    assert result.missing == [13, 16] and result.failed_nodes == [12]
+    assert list(result.failed) == ["node 12"] and "RuntimeError" in result.failed["node 12"]
+    assert result.node_clients == {11: "11", 14: "14", 17: "17"}
+
+
+def test_a_node_that_never_answers_is_missing(task_identity, nodes):
+    # Flower's workflow halts when a node is silent from the first stage (its secrets were
+    # never shared); the loop's "reply never arrived" caveat still needs its node id.
+    result = run_round(InProcessGrid(random_updates(nodes, scale=0.01)), [*nodes, 15])
+    assert 15 in result.missing and result.failed_nodes == []
+
+
+def test_a_halted_round_still_keeps_what_the_replies_said(task_identity, nodes):
+    grid = InProcessGrid(random_updates(nodes), drop={12: Stage.COLLECT_MASKED_VECTORS,
+                                                      13: Stage.COLLECT_MASKED_VECTORS})
+    result = run_round(grid, nodes)
+    assert result.secure_sum is None and result.trained == []
+    assert result.missing == [12, 13]
+    assert sorted(result.privacy) == ["11", "14"]  # they trained: their ledgers' spend is reported
