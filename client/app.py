@@ -7,6 +7,12 @@ client declined; ``metrics`` = {``declined``, ``server-round``, and ``fits`` wit
 {``client-id``, ``reason``, ``report`` (the client's ledger summary as JSON)}.
 Nothing else leaves the client: no example count, no training loss.
 
+A request that fails on the device leaves it as an error whose text is fixed: a reason,
+plus the setting's name for a :class:`common.errors.ConfigError`, else only the
+exception's class name (:func:`public_reason`). Flower sends ``str(exc)`` to the server,
+which logs it and writes it to ``metrics.jsonl``; an exception's own text can carry a
+label, a path or a row of the device's data, so that text stays in the device's log.
+
 Client-level DP: the config also holds ``client-clip-norm`` (C); the update is clipped
 to it and ``fits`` says whether it fit unclipped (adaptive clipping's bit). SecAgg+
 rounds arrive as Flower's legacy SecAgg+ messages: see ``client/secagg.py``.
@@ -16,6 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Mapping
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -26,9 +33,27 @@ from client.dp_train import clip_update
 from client.node_config import node_identity
 from client.secagg import is_secagg, secagg_train
 from client.task import ClientIdentity, run_round
+from common.errors import ConfigError
 
 app = ClientApp()
 logging.getLogger("flwr").propagate = False
+log = logging.getLogger(__name__)
+
+#: What a setting name may look like to be sent (``privacy.sample.epsilon``, ``node-config data-path``).
+_SETTING_NAME = re.compile(r"[A-Za-z0-9_.\- ]{1,80}")
+
+
+class DeviceError(RuntimeError):
+    """What leaves the device when a request fails here: a fixed text, never data."""
+
+
+def public_reason(exc: BaseException) -> str:
+    """The text that may leave the device for ``exc``: no value, path or row of its data."""
+    if isinstance(exc, ConfigError):
+        setting = str(getattr(exc, "setting", ""))
+        name = setting if _SETTING_NAME.fullmatch(setting) else "(unnamed)"
+        return f"the device refused the request: setting {name} is invalid; details are in the device's log"
+    return f"training failed on the device ({type(exc).__name__}); details are in the device's log"
 
 
 def identity(context: Context, cfg: dict) -> ClientIdentity:
@@ -38,6 +63,16 @@ def identity(context: Context, cfg: dict) -> ClientIdentity:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
+    """Answer a train request (plain or a SecAgg+ stage); a failure leaves with a fixed text only."""
+    try:
+        return _train(msg, context)
+    except Exception as exc:
+        # The full detail stays here, in the device's own log; the server gets public_reason.
+        log.exception("this device could not answer the train request (kept on the device)")
+        raise DeviceError(public_reason(exc)) from None
+
+
+def _train(msg: Message, context: Context) -> Message:
     if is_secagg(msg):  # a SecAgg+ round: Flower's mod drives the stages (client/secagg.py)
         return secagg_train(msg, context, answer)
     update, metrics, privacy = answer(msg.content["config"], msg.content["arrays"].to_torch_state_dict(), context)
