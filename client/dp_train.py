@@ -1,7 +1,8 @@
 """Local training, with or without DP-SGD: the one place a client touches its data.
 
 DP-SGD is Opacus' (per-example clipping to C, Gaussian noise σ·C, Poisson sampling
-at ``q = 1 / ceil(n / batch_size)``) with the fixes HF BERT needs (STACK.md):
+at ``1 / ceil(n / batch_size)``, accounted at the q and step count Opacus really runs:
+``common.accounting.sample_rate`` / ``steps_per_epoch``) with the fixes HF BERT needs (STACK.md):
 contiguous position/token-type ids, empty Poisson batches taken as noise-only
 steps, train mode.
 
@@ -228,7 +229,7 @@ def _optimizer(name: str, params: list, *, lr: float, weight_decay: float) -> to
 
 
 def planned_steps_per_round(n: int, batch_size: int, epochs: int) -> int:
-    """Steps one round takes on ``n`` examples: what σ is calibrated for."""
+    """Steps one round takes on ``n`` examples: what σ is calibrated for, and what Opacus runs."""
     return epochs * steps_per_epoch(n, batch_size)
 
 

@@ -8,8 +8,11 @@ Each client clips its update to norm C before it leaves (``client.dp_train.clip_
 ``n_planned`` is the number of clients asked this round, never the number that
 replied (dividing by fewer would shrink the noise relative to one client's C). With
 adaptive clipping (Andrew et al. 2021) C then moves towards the ``target_quantile``
-of update norms from the noised count of updates that fit under C, and the
-accountant uses the combined σ (``common.accounting.adaptive_noise_split``).
+of update norms from the noised count of updates that fit under C (0/1 bits,
+sensitivity 1), and the accountant uses the combined σ of the two releases
+(``common.accounting.adaptive_noise_split``). The report's ``mechanism`` object
+states both noises and the count's sensitivity, so the combined σ, and from it ε,
+can be recomputed from the report alone.
 
 Flower's DP wrappers are not used as is (STACK.md): they draw noise from numpy's
 global RNG (a user seed makes it predictable), divide by the number that replied
@@ -28,8 +31,8 @@ from pathlib import Path
 
 import torch
 
-from common.accounting import (CLIENT_ACCOUNTANT, CLIENT_SAMPLE_RATE, client_epsilon, client_history,
-                               client_noise)
+from common.accounting import (CLIENT_ACCOUNTANT, CLIENT_SAMPLE_RATE, COUNT_SENSITIVITY, ClientNoise,
+                               client_epsilon, client_history, client_noise)
 from common.randomness import urandom_generator
 from common.report import CLIENT_UNIT
 from common.storage import atomic_write_json
@@ -132,14 +135,24 @@ class ClientLevelDP:
             "clipping": "adaptive" if self.adaptive else "fixed",
             "budget_epsilon": self.budget,
             "noise_calibrated": self.noise.calibrated,
+            "planned_rounds": self.planned_rounds,  # what a calibrated σ was calibrated for
             "update_noise_multiplier": self.noise.update_sigma,
             "clipped_count_stddev": self.noise.count_stddev,
+            "mechanism": self.mechanism(),
             "accountant": CLIENT_ACCOUNTANT,
             "history": history,
             "rounds_released": self.releases,
             "stopped": self.stopped,
             "assumptions": self.assumptions(),
             "per_round": list(self.per_round),
+        }
+
+    def mechanism(self) -> dict:
+        """What was noised and how: σ_eff = (σ_u⁻² + (count_stddev / count_sensitivity)⁻²)^-½."""
+        return {
+            "update_noise_multiplier": self.noise.update_sigma,
+            "count_stddev": self.noise.count_stddev,
+            "count_sensitivity": COUNT_SENSITIVITY if self.noise.count_stddev is not None else None,
         }
 
     def assumptions(self) -> list[str]:
@@ -162,8 +175,9 @@ class ClientLevelDP:
                        f"privacy.client.epsilon={self.budget:g}.")
         if self.adaptive:
             out.append(
-                f"Adaptive clipping: the count of updates that fit under C is noised with standard deviation "
-                f"{self.noise.count_stddev:g}; the update sum then gets σ_Δ = {self.noise.update_sigma:.4g} so "
+                f"Adaptive clipping: the count of updates that fit under C (each client adds a 0/1 bit, "
+                f"sensitivity {COUNT_SENSITIVITY:g}) is noised with standard deviation "
+                f"{self.noise.count_stddev:g}; the update sum gets σ_Δ = {self.noise.update_sigma:.4g}, so "
                 f"that both releases together are one Gaussian mechanism at σ = {self.sigma:.4g}.")
         return out
 
@@ -173,7 +187,10 @@ class ClientLevelDP:
     def restore(self, run_dir: Path, completed_rounds: int) -> None:
         """Continue a resumed run: spend, per-round ε and C as of its last completed round.
 
-        σ is recomputed from the (unchanged) config, so it matches the stored one. A
+        The stored noise is kept: a resume may change ``rounds``, which would calibrate
+        another σ, while the rounds already released were noised with the stored one (the
+        budget stop before each round still holds at that σ). A σ given in the config
+        must match the stored one. A
         round recorded after ``completed_rounds`` was cut short by a crash, but its
         noised aggregate may already have been written: its release stays counted
         (conservative — the redone round counts again), only its row is dropped.
@@ -183,7 +200,13 @@ class ClientLevelDP:
             return
         block = json.loads(path.read_text())
         if block.get("noise_multiplier") != self.sigma:
-            raise ValueError(f"{path}: noise multiplier {block.get('noise_multiplier')} != this run's {self.sigma}")
+            if not (self.noise.calibrated and block.get("noise_calibrated")):
+                raise ValueError(f"{path}: noise multiplier {block.get('noise_multiplier')} != this run's "
+                                 f"privacy.client.noise_multiplier {self.sigma}")
+            self.noise = ClientNoise(float(block["noise_multiplier"]), True, float(block["update_noise_multiplier"]),
+                                     block.get("clipped_count_stddev"))
+            self.planned_rounds = int(block.get("planned_rounds", self.planned_rounds))
+            log.info("client level: keeping the stored sigma %.6g (calibrated for the original rounds)", self.sigma)
         stored = block.get("per_round") or []
         self.releases = sum(bool(p.get("released", True)) for p in stored)
         self.per_round = [p for p in stored if p["round"] <= completed_rounds]

@@ -58,16 +58,25 @@ def test_append_merges_like_opacus():
     assert append_steps(hist, 0.9, 0.1, 1) == [(0.8, 0.1, 3), (0.9, 0.1, 1)]
 
 
-def test_sampling_mirrors_opacus_dataloader():
+def test_planned_sampling_is_what_opacus_runs_and_accounts_for_every_n_up_to_3000():
+    # make_private wraps the loader in DPDataLoader.from_data_loader, runs len(dp_loader)
+    # batches per epoch and accounts q = 1 / len(dp_loader) (opacus/privacy_engine.py).
+    # For 153 batch counts below 3000 (93, 99, ...) that is one batch fewer than ceil(n / B).
     import torch
     from opacus.data_loader import DPDataLoader
     from torch.utils.data import DataLoader, TensorDataset
 
-    for n, batch in [(400, 32), (100, 100), (33, 8)]:
-        loader = DataLoader(TensorDataset(torch.zeros(n, 1)), batch_size=batch)
-        dp_loader = DPDataLoader.from_data_loader(loader)
-        assert dp_loader.sample_rate == sample_rate(n, batch)
-        assert len(dp_loader) == steps_per_epoch(n, batch)
+    short = set()
+    for batch in (8, 32, 64):
+        for n in range(1, 3001):
+            loader = DataLoader(TensorDataset(torch.zeros(n, 1)), batch_size=batch)
+            dp_loader = DPDataLoader.from_data_loader(loader)
+            assert steps_per_epoch(n, batch) == len(dp_loader), (n, batch)
+            assert sample_rate(n, batch) == 1 / len(dp_loader), (n, batch)
+            assert sample_rate(n, batch) >= dp_loader.sample_rate  # never below the true inclusion rate
+            if len(dp_loader) < len(loader):
+                short.add(len(loader))
+    assert {93, 99, 105, 117} <= short
 
 
 @pytest.mark.parametrize("accountant", ["rdp", "prv"])
@@ -147,9 +156,10 @@ def test_adaptive_split_keeps_the_combined_sigma_and_refuses_a_too_small_count_n
     from common.errors import ConfigError
 
     sigma_u = adaptive_noise_split(1.0, 2.0)
-    assert (sigma_u ** -2 + (2 * 2.0) ** -2) ** -0.5 == pytest.approx(1.0) and sigma_u > 1.0
+    # 0/1 bits: the count has sensitivity 1, so σ = (σ_u⁻² + σ_b⁻²)^-½ (no factor 2).
+    assert (sigma_u ** -2 + 2.0 ** -2) ** -0.5 == pytest.approx(1.0) and sigma_u > 1.0
     with pytest.raises(ConfigError) as err:
-        adaptive_noise_split(1.0, 0.5)
+        adaptive_noise_split(1.0, 1.0)
     assert err.value.setting == "privacy.client.clipped_count_stddev"
 
 

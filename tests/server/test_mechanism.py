@@ -54,9 +54,9 @@ def test_same_user_seed_draws_different_noise():
 
 
 def test_adaptive_clipping_grows_c_when_updates_do_not_fit_and_shrinks_it_when_they_do():
-    # Large count noise is not needed to see the direction; keep it small but valid (> sigma/2).
-    up = ClientLevelDP(client_cfg(clipping="adaptive", clipped_count_stddev=0.7, noise_multiplier=1.0))
-    down = ClientLevelDP(client_cfg(clipping="adaptive", clipped_count_stddev=0.7, noise_multiplier=1.0))
+    # Large count noise is not needed to see the direction; keep it small but valid (> sigma).
+    up = ClientLevelDP(client_cfg(clipping="adaptive", clipped_count_stddev=1.5, noise_multiplier=1.0))
+    down = ClientLevelDP(client_cfg(clipping="adaptive", clipped_count_stddev=1.5, noise_multiplier=1.0))
     for _ in range(30):
         up.adapt(fits_count=0, n_planned=100)  # no update fits under C
         down.adapt(fits_count=100, n_planned=100)  # every update fits
@@ -64,7 +64,7 @@ def test_adaptive_clipping_grows_c_when_updates_do_not_fit_and_shrinks_it_when_t
     assert down.clipping_norm < 0.5 * math.exp(-0.2 * 0.5 * 30) * 2
     # The update sum carries more noise than sigma so that both releases together are sigma.
     assert up.noise.update_sigma > up.sigma
-    assert (up.noise.update_sigma ** -2 + (2 * 0.7) ** -2) ** -0.5 == pytest.approx(1.0)
+    assert (up.noise.update_sigma ** -2 + 1.5 ** -2) ** -0.5 == pytest.approx(1.0)  # 0/1 bits: sensitivity 1
 
 
 def test_budget_stops_before_the_round_that_would_exceed_it():
@@ -106,3 +106,71 @@ def test_restore_continues_spend_and_c_from_client_level_json(tmp_path):
     with pytest.raises(ValueError):
         ClientLevelDP(client_cfg(clipping="adaptive", clipped_count_stddev=2.0, noise_multiplier=2.0)).restore(
             tmp_path, completed_rounds=2)
+
+
+def _epsilon_from_mechanism(block) -> float:
+    """ε recomputed from the report's ``mechanism`` object alone, as DESIGN.md states it."""
+    mech = block["mechanism"]
+    sigma_u, std, sens = mech["update_noise_multiplier"], mech["count_stddev"], mech["count_sensitivity"]
+    sigma = sigma_u if std is None else (sigma_u ** -2 + (std / sens) ** -2) ** -0.5
+    acc = RDPAccountant()
+    acc.history = [(sigma, 1.0, len([p for p in block["per_round"] if p.get("released", True)]))]
+    return acc.get_epsilon(block["delta"])
+
+
+@pytest.mark.parametrize("clients,rounds,budget,delta", [(4, 3, 10.0, 1e-3), (10, 20, 4.0, 1e-3),
+                                                          (100, 50, 2.0, 1e-4)])
+def test_adaptive_clipping_epsilon_recomputes_from_the_mechanism_within_the_budget(clients, rounds, budget, delta):
+    # The issue's three cases. The 0/1 bits of "update fits" have sensitivity 1: one client
+    # moves the update sum by C and the count by 1 at once, so the stacked release
+    # [sum / (σ_u C), count / σ_b] has Mahalanobis sensitivity √(σ_u⁻² + σ_b⁻²).
+    cfg = client_cfg(clipping="adaptive", noise_multiplier=None, epsilon=budget, delta=delta)
+    cfg.update(rounds=rounds, num_clients=clients)
+    dp = ClientLevelDP(cfg)
+    for r in range(1, rounds + 1):
+        dp.record(r, released=True, clients=clients, clipping_norm=dp.clipping_norm)
+    block = dp.block()
+    mech = block["mechanism"]
+    assert mech["count_sensitivity"] == 1.0 and mech["count_stddev"] == dp.noise.count_stddev
+    mahalanobis = math.sqrt(mech["update_noise_multiplier"] ** -2 + mech["count_stddev"] ** -2)
+    assert 1 / mahalanobis == pytest.approx(dp.sigma, rel=1e-9)
+    recomputed = _epsilon_from_mechanism(block)
+    assert recomputed <= block["epsilon"] + 1e-6 and recomputed <= budget
+
+
+def test_fixed_clipping_mechanism_has_no_count():
+    dp = ClientLevelDP(client_cfg())
+    dp.record(1, released=True, clients=4, clipping_norm=0.5)
+    assert dp.block()["mechanism"] == {"update_noise_multiplier": 1.3, "count_stddev": None, "count_sensitivity": None}
+    assert _epsilon_from_mechanism(dp.block()) == dp.block()["epsilon"]
+
+
+def test_adaptive_count_noise_has_the_stated_stddev():
+    # Read the noise adapt() really adds back out of C's geometric step:
+    # log(C_new / C) = -lr (noisy / n - γ)  =>  noisy = (γ - log(C_new / C) / lr) n, with 0 fits.
+    dp = ClientLevelDP(client_cfg(clipping="adaptive", clipped_count_stddev=2.0))
+    draws = []
+    for _ in range(4000):
+        before = dp.clipping_norm
+        dp.adapt(fits_count=0, n_planned=4)
+        draws.append((dp.target_quantile - math.log(dp.clipping_norm / before) / dp.clip_lr) * 4)
+        dp.clipping_norm = before
+    assert abs(float(np.std(draws)) / 2.0 - 1) < 0.05
+
+
+def test_resume_with_more_rounds_keeps_the_calibrated_sigma_and_the_budget_stop(tmp_path):
+    first = client_cfg(noise_multiplier=None, epsilon=10.0)
+    first["rounds"] = 3
+    dp = ClientLevelDP(first)
+    for r in (1, 2):
+        dp.record(r, released=True, clients=4, clipping_norm=dp.clipping_norm)
+        dp.write(tmp_path)
+    longer = client_cfg(noise_multiplier=None, epsilon=10.0)
+    longer["rounds"] = 6  # would calibrate a larger sigma
+    again = ClientLevelDP(longer)
+    assert again.sigma != dp.sigma
+    again.restore(tmp_path, completed_rounds=2)
+    assert again.sigma == dp.sigma and again.releases == 2
+    assert not again.next_round_exceeds_budget(3)  # round 3 was planned at this sigma
+    again.record(3, released=True, clients=4, clipping_norm=again.clipping_norm)
+    assert again.next_round_exceeds_budget(4) and again.block()["epsilon"] <= 10.0
