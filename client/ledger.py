@@ -7,24 +7,74 @@ spend; ε is always recomputed from its ``history`` (common.accounting).
 Write-ahead: a trained round's entry (and the reply it produced) is committed with
 an atomic rename and fsync *before* the update leaves the client, so a crash can
 only over-count spend, never under-count it. The history only ever grows.
+
+One round at a time: :func:`locked` holds an OS lock (``flock``) on the client's state
+directory from loading the ledger to committing it, so two rounds that overlap on one
+state directory (two runs sharing ``state_dir``, or a SuperNode handing over the next
+message while one still trains, in another process or thread) run one after the
+other, and the second sees the first's spend. :meth:`Ledger.commit` also re-reads the
+file under that lock and refuses a history that does not extend it.
+
+One δ and one accountant per ledger: the first spend pins them, and "ε never goes
+down" holds at that δ. A later round with another δ or accountant is refused before
+training (:meth:`Ledger.check_pins`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import io
 import json
+import os
+import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from common.accounting import normalise
+from common.accounting import check_pins, normalise
 from common.storage import atomic_write_bytes
 
 LEDGER_FILE = "ledger.json"
 REPLY_FILE = "last_reply.pt"
+LOCK_FILE = ".lock"
 LEDGER_VERSION = 1
+
+
+class LedgerBusy(RuntimeError):
+    """Another round holds this client's state directory for longer than we may wait."""
+
+
+@contextlib.contextmanager
+def locked(state_dir: str | Path, client_id: str, *, timeout: float = 600.0) -> Iterator[None]:
+    """Hold the client's state-directory lock (``flock``, exclusive) for the block.
+
+    ``flock`` locks belong to an open file description, so two processes, and two
+    threads that each open the lock file, exclude each other; the OS drops the lock
+    if the holder dies. Waits at most ``timeout`` seconds, then raises LedgerBusy.
+    """
+    directory = Ledger.directory(state_dir, client_id)
+    directory.mkdir(parents=True, exist_ok=True)
+    fd = os.open(directory / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise LedgerBusy("the client's state directory is held by another round") from None
+                time.sleep(0.05)
+        try:
+            yield
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
 
 
 @dataclass
@@ -37,6 +87,7 @@ class RoundEntry:
     epsilon: float | None  # cumulative ε after this round; None without DP
     reason: str = ""
     reply_key: str = ""  # identifies the kept reply of a trained round
+    steps: int | None = None  # the history's cumulative steps after a trained round (None: older ledgers)
 
 
 @dataclass
@@ -55,6 +106,8 @@ class Ledger:
     history: list[tuple[float, float, int]] = field(default_factory=list)
     rounds: list[RoundEntry] = field(default_factory=list)
     runs: dict[str, RunCalibration] = field(default_factory=dict)
+    delta: float | None = None  # pinned by the first spend: every ε of this ledger is at this δ
+    accountant: str | None = None  # pinned with δ: "rdp" | "prv"
 
     # --- persistence -------------------------------------------------------------
 
@@ -76,21 +129,48 @@ class Ledger:
             history=normalise(raw["history"]),
             rounds=[RoundEntry(**r) for r in raw["rounds"]],
             runs={k: RunCalibration(**v) for k, v in raw["runs"].items()},
+            delta=raw.get("delta"),
+            accountant=raw.get("accountant"),
         )
 
     def commit(self, state_dir: str | Path, previous: "Ledger | None" = None) -> None:
-        """Durably replace the ledger file. Refuses to shrink the history."""
-        if previous is not None and not _extends(self.history, previous.history):
-            raise RuntimeError("refusing to commit a ledger whose history does not extend the stored one")
+        """Durably replace the ledger file. Refuses to shrink the history or change its pins.
+
+        The check is against the file as it is now (re-read here; callers hold
+        :func:`locked`), and against ``previous`` when given, so a ledger loaded before
+        another round committed can never overwrite that round's spend.
+        """
+        stored = Ledger.load(state_dir, self.client_id)
+        for old in (stored, previous):
+            if old is None:
+                continue
+            if not _extends(self.history, old.history):
+                raise RuntimeError("refusing to commit a ledger whose history does not extend the stored one")
+            if old.history and (old.delta, old.accountant) != (self.delta, self.accountant) \
+                    and old.delta is not None:
+                raise RuntimeError("refusing to commit a ledger whose delta or accountant differs from the stored one")
         payload = {
             "version": LEDGER_VERSION,
             "client_id": self.client_id,
+            "delta": self.delta,
+            "accountant": self.accountant,
             "history": [list(h) for h in self.history],
             "rounds": [asdict(r) for r in self.rounds],
             "runs": {k: asdict(v) for k, v in self.runs.items()},
         }
         path = self.directory(state_dir, self.client_id) / LEDGER_FILE
         atomic_write_bytes(path, json.dumps(payload, indent=1).encode())
+
+    def check_pins(self, delta: float, accountant: str) -> None:
+        """Refuse a round at another δ or accountant than this ledger's spend (``accounting.check_pins``)."""
+        if self.history:
+            check_pins(self.delta, self.accountant, delta, accountant)
+
+    def pin(self, delta: float, accountant: str) -> None:
+        """Fix δ and the accountant with the ledger's first spend (a legacy ledger gets them now)."""
+        self.check_pins(delta, accountant)
+        if self.delta is None:
+            self.delta, self.accountant = float(delta), str(accountant)
 
     # --- queries -------------------------------------------------------------------
 

@@ -1,12 +1,15 @@
 """One client round, free of Flower: budget decision → train → ledger → reply.
 
 The order is the privacy contract (DESIGN.md, "Privacy semantics"):
-1. Load the ledger (the only record of prior spend, across runs and restarts).
+1. Lock the client's state directory, then load the ledger (the only record of
+   prior spend, across runs and restarts); the lock is held until step 6.
 2. A round already answered is answered again from the kept reply: no new spend.
-3. σ is calibrated once per run from the run's budget and the planned steps of
+3. The device's own checks: the ledger's δ and accountant are the run's, and δ is
+   below 1/n for this device's n; otherwise decline with a fixed reason.
+4. σ is calibrated once per run from the run's budget and the planned steps of
    the whole run, against the prior spend; a resumed run reuses the stored σ.
-4. If ε after this round would exceed the client's cap, decline: no training.
-5. Train with DP-SGD, then commit the reply and the ledger durably — before the
+5. If ε after this round would exceed the client's cap, decline: no training.
+6. Train with DP-SGD, then commit the reply and the ledger durably — before the
    caller may release anything.
 """
 
@@ -25,9 +28,10 @@ import torch
 
 from client.device import autocast_dtype, select_device
 from client.dp_train import DPSettings, calibrate_run, local_train, planned_steps_per_round
-from client.ledger import Ledger, RoundEntry, load_reply, reply_key, save_reply
+from client.ledger import Ledger, LedgerBusy, RoundEntry, load_reply, locked, reply_key, save_reply
 from common.accounting import append_steps, epsilon, sample_rate
 from common.data import load_client_data, load_local_data, tokenize
+from common.errors import ConfigError
 from common.model import instantiate_model, load_tokenizer, load_trainable, state_digest, trainable_state
 
 log = logging.getLogger(__name__)
@@ -118,11 +122,19 @@ def privacy_summary(cfg: Mapping, who: ClientIdentity, ledger: Ledger, run_id: s
         "max_grad_norm": float(sample["max_grad_norm"]),
         "sample_rate": calib.sample_rate if calib else None,
         "history": [list(h) for h in ledger.history],
-        "per_round": [{"round": e.round, "epsilon": e.epsilon} for e in entries if e.status == "trained"],
+        # steps: the history's cumulative step count after that round, so the server can
+        # recompute each round's ε from ``history`` instead of trusting ``epsilon``.
+        "per_round": [{"round": e.round, "epsilon": e.epsilon, "steps": e.steps}
+                      for e in entries if e.status == "trained"],
         "rounds_participated": sum(e.status == "trained" for e in entries),
         "rounds_declined": sum(e.status == "declined" for e in entries),
         "exhausted": bool(entries and entries[-1].status == "declined" and entries[-1].reason == "budget"),
     }
+
+
+#: Decline reasons: fixed texts (with the setting's name), since they leave the device.
+REASON_BUSY = "busy: another round holds this client's ledger"
+REASON_DELTA_N = "privacy.sample.delta: not below 1/n for this device's data"
 
 
 def run_round(
@@ -133,8 +145,20 @@ def run_round(
     server_round: int,
     global_state: Mapping[str, torch.Tensor],
 ) -> RoundOutcome:
-    """Answer the server's training request for ``server_round``."""
+    """Answer the server's training request for ``server_round``, one round per client at a time."""
     data, label_names = _client_data(cfg, who.partition_id, who.data_path)
+    try:
+        with locked(who.state_dir, who.client_id, timeout=float(cfg.get("round_timeout_s") or 600)):
+            return _locked_round(cfg, who, data, len(label_names), run_id=run_id, server_round=server_round,
+                                 global_state=global_state)
+    except LedgerBusy:
+        log.warning("client %s declines round %d: its ledger is held by another round", who.client_id, server_round)
+        ledger = Ledger.load(who.state_dir, who.client_id)  # atomic writes: a consistent read
+        return RoundOutcome(True, REASON_BUSY, None, privacy_summary(cfg, who, ledger, run_id))
+
+
+def _locked_round(cfg: Mapping, who: ClientIdentity, data, num_labels: int, *, run_id: str, server_round: int,
+                  global_state: Mapping[str, torch.Tensor]) -> RoundOutcome:
     train = cfg["train"]
     dp_on = cfg["privacy"]["mode"] in ("sample", "both")
     digest = state_digest(global_state)
@@ -158,9 +182,30 @@ def run_round(
     q = sample_rate(n, int(train["batch_size"]))
     previous = copy.deepcopy(ledger)
 
+    def decline(reason: str, eps_now: float | None) -> RoundOutcome:
+        ledger.rounds.append(RoundEntry(run_id, server_round, "declined", eps_now, reason=reason))
+        ledger.commit(who.state_dir, previous)
+        return RoundOutcome(True, reason, None, privacy_summary(cfg, who, ledger, run_id))
+
     dp = None
     if dp_on:
         sample = cfg["privacy"]["sample"]
+        delta, accountant = float(sample["delta"]), str(sample["accountant"])
+        try:
+            ledger.check_pins(delta, accountant)
+        except ConfigError as err:
+            # The server checks simulated clients' ledgers up front (server.loop.prepare);
+            # a device says only which setting disagrees with its ledger.
+            log.warning("client %s declines round %d: %s", who.client_id, server_round, err)
+            return decline(f"{err.setting}: differs from this device's ledger",
+                           epsilon(ledger.history, float(ledger.delta), ledger.accountant))
+        if not delta < 1 / n:
+            log.warning("client %s declines round %d: privacy.sample.delta=%g is not below 1/n = 1/%d",
+                        who.client_id, server_round, delta, n)
+            return decline(REASON_DELTA_N, epsilon(ledger.history, delta, accountant))
+        if delta > 1 / (10 * n):
+            log.warning("client %s: privacy.sample.delta=%g is above 1/(10 n) for its %d examples: "
+                        "a weak guarantee", who.client_id, delta, n)
         calib = ledger.runs.get(run_id)
         if calib is None:
             calib = calibrate_run(sample, n=n, batch_size=int(train["batch_size"]),
@@ -171,20 +216,16 @@ def run_round(
                      calib.noise_multiplier, calib.planned_steps, q)
         eps_after = (
             math.inf if calib.noise_multiplier is None
-            else epsilon(append_steps(ledger.history, calib.noise_multiplier, q, steps),
-                         float(sample["delta"]), sample["accountant"])
+            else epsilon(append_steps(ledger.history, calib.noise_multiplier, q, steps), delta, accountant)
         )
         if eps_after > budget_epsilon(cfg, who):
-            eps_now = epsilon(ledger.history, float(sample["delta"]), sample["accountant"])
-            ledger.rounds.append(RoundEntry(run_id, server_round, "declined", eps_now, reason="budget"))
-            ledger.commit(who.state_dir, previous)
+            eps_now = epsilon(ledger.history, delta, accountant)
             log.info("client %s declines round %d: eps %.4f -> %.4f would exceed its budget %.4f",
                      who.client_id, server_round, eps_now, eps_after, budget_epsilon(cfg, who))
-            return RoundOutcome(True, "budget", None, privacy_summary(cfg, who, ledger, run_id))
-        dp = DPSettings(calib.noise_multiplier, float(sample["max_grad_norm"]), sample["accountant"],
-                        tuple(ledger.history))
+            return decline("budget", eps_now)
+        dp = DPSettings(calib.noise_multiplier, float(sample["max_grad_norm"]), accountant, tuple(ledger.history))
 
-    model = _fresh_model(cfg, len(label_names))
+    model = _fresh_model(cfg, num_labels)
     load_trainable(model, global_state)
     device = select_device(who.device or train.get("device", "cpu"))
     result = local_train(
@@ -201,11 +242,13 @@ def run_round(
 
     if dp is not None:
         ledger.history = [tuple(h) for h in result.history]
-        eps = epsilon(ledger.history, float(cfg["privacy"]["sample"]["delta"]), dp.accountant)
+        ledger.pin(float(cfg["privacy"]["sample"]["delta"]), dp.accountant)  # the first spend fixes δ
+        eps = epsilon(ledger.history, ledger.delta, dp.accountant)
     else:
         eps = None  # no guarantee at all: there is no ε to state
     # Write-ahead: the reply and the ledger entry are durable before anything leaves.
     save_reply(who.state_dir, who.client_id, key, update)
-    ledger.rounds.append(RoundEntry(run_id, server_round, "trained", eps, reply_key=key))
+    ledger.rounds.append(RoundEntry(run_id, server_round, "trained", eps, reply_key=key,
+                                    steps=sum(int(h[2]) for h in ledger.history)))
     ledger.commit(who.state_dir, previous)
     return RoundOutcome(False, "", update, privacy_summary(cfg, who, ledger, run_id))

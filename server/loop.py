@@ -25,6 +25,7 @@ from flwr.serverapp import Grid
 from omegaconf import OmegaConf
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
+from common.accounting import check_pins
 from common.config import validate, validate_partitions
 from common.data import load_splits, partition_train, tokenize
 from common.errors import ConfigError
@@ -59,6 +60,7 @@ def prepare(cfg: dict) -> Prepared:
     sizes = [len(p) for p in parts]
     for note in validate_partitions(cfg, sizes):
         log.warning(note)
+    check_simulated_ledgers(cfg)
     tokenizer = load_tokenizer(cfg["model"])
     try:
         model = instantiate_model(cfg, len(labels))
@@ -68,6 +70,26 @@ def prepare(cfg: dict) -> Prepared:
             raise cause from None
         raise ConfigError("model", f"cannot build the model: {err}") from err
     return Prepared(cfg, labels, tokenize(test, tokenizer, int(cfg["train"]["max_length"])), sizes, model)
+
+
+def check_simulated_ledgers(cfg: dict) -> None:
+    """Simulation: refuse a δ or accountant other than the one the clients' ledgers are pinned to.
+
+    Simulated clients keep their ledgers on this machine (``state_dir/<id>/ledger.json``,
+    DESIGN.md), so the run is refused here, naming the setting and the ledger's value,
+    before any client trains. Devices check their own ledger (and decline) in deployment.
+    """
+    state_dir = cfg.get("state_dir")
+    if cfg["privacy"]["mode"] not in ("sample", "both") or not state_dir:
+        return
+    sample = cfg["privacy"]["sample"]
+    for client_id in range(int(cfg["num_clients"])):
+        path = Path(state_dir) / str(client_id) / "ledger.json"
+        if not path.is_file():
+            continue
+        stored = json.loads(path.read_text())
+        if stored.get("history"):
+            check_pins(stored.get("delta"), stored.get("accountant"), float(sample["delta"]), sample["accountant"])
 
 
 def _wait_for_nodes(grid: Grid, wanted: int, wait_s: float) -> list[int]:

@@ -77,3 +77,49 @@ def test_kept_reply_is_returned_only_for_its_key(tmp_path):
     assert torch.equal(load_reply(tmp_path, "0", key)["w"], update["w"])
     assert load_reply(tmp_path, "0", reply_key("run", 2, "other-weights")) is None
     assert load_reply(tmp_path, "1", key) is None
+
+
+def test_commit_checks_the_file_not_a_stale_snapshot(tmp_path):
+    # Two rounds that loaded the same ledger: the second commit would drop the first's spend.
+    Ledger("0", history=[(1.0, 0.1, 10)], delta=1e-5, accountant="rdp").commit(tmp_path)
+    first, second = Ledger.load(tmp_path, "0"), Ledger.load(tmp_path, "0")
+    first.history = [(1.0, 0.1, 20)]
+    first.commit(tmp_path, Ledger.load(tmp_path, "0"))
+    second.history = [(1.0, 0.1, 10), (0.9, 0.1, 10)]
+    with pytest.raises(RuntimeError, match="does not extend"):
+        second.commit(tmp_path)
+    assert Ledger.load(tmp_path, "0").history == [(1.0, 0.1, 20)]
+
+
+def test_commit_refuses_to_change_the_pinned_delta(tmp_path):
+    Ledger("0", history=[(1.0, 0.1, 10)], delta=1e-5, accountant="rdp").commit(tmp_path)
+    with pytest.raises(RuntimeError, match="delta or accountant"):
+        Ledger("0", history=[(1.0, 0.1, 20)], delta=1e-3, accountant="rdp").commit(tmp_path)
+
+
+def test_state_dir_lock_excludes_another_holder_and_times_out(tmp_path):
+    import threading
+
+    from client.ledger import LedgerBusy, locked
+
+    held, release = threading.Event(), threading.Event()
+
+    def holder():
+        with locked(tmp_path, "0"):
+            held.set()
+            release.wait(10)
+
+    thread = threading.Thread(target=holder)
+    thread.start()
+    try:
+        assert held.wait(10)
+        with pytest.raises(LedgerBusy):
+            with locked(tmp_path, "0", timeout=0.3):
+                pass
+        with locked(tmp_path, "1", timeout=0.3):  # another client's directory is free
+            pass
+    finally:
+        release.set()
+        thread.join()
+    with locked(tmp_path, "0", timeout=0.3):  # released with the holder
+        pass

@@ -141,3 +141,106 @@ def test_history_append_matches_ledger(fast_cfg):
     two = Ledger.load(cfg["state_dir"], "0")
     sigma, q, steps = one.history[0]
     assert two.history == append_steps(one.history, sigma, q, steps)
+
+
+def test_ledger_pins_delta_and_accountant_and_refuses_another(fast_cfg):
+    cfg = fast_cfg("rounds=2")
+    weights = global_weights(cfg)
+    assert not run_round(cfg, who(cfg), run_id="a", server_round=1, global_state=weights).declined
+    stored = json.loads((Ledger.directory(cfg["state_dir"], "0") / "ledger.json").read_text())
+    assert stored["delta"] == 1e-5 and stored["accountant"] == "rdp"
+    history = Ledger.load(cfg["state_dir"], "0").history
+    for override, setting in (("privacy.sample.delta=1e-3", "privacy.sample.delta"),
+                              ("privacy.sample.accountant=prv", "privacy.sample.accountant")):
+        other = fast_cfg("rounds=2", override)
+        out = run_round(other, who(other), run_id=f"b-{setting}", server_round=1, global_state=weights)
+        assert out.declined and out.update is None and out.reason.startswith(setting)
+        assert Ledger.load(cfg["state_dir"], "0").history == history  # nothing trained, nothing spent
+
+
+def test_device_declines_when_delta_is_not_below_one_over_its_n(fast_cfg):
+    cfg = fast_cfg("rounds=1", "privacy.sample.delta=0.5")  # each client holds ~100 examples
+    out = run_round(cfg, who(cfg), run_id="r", server_round=1, global_state=global_weights(cfg))
+    assert out.declined and out.update is None and out.reason.startswith("privacy.sample.delta")
+    assert Ledger.load(cfg["state_dir"], "0").history == []
+
+
+def test_planned_steps_are_the_steps_opacus_runs_at_a_short_batch_count(fast_cfg):
+    # 744 examples at batch 8: ceil gives 93 batches, Opacus draws int(1 / (1/93)) = 92 and
+    # accounts q = 1/92. Calibration and the budget check must plan exactly that, or the
+    # client ends above its budget (1.3029 > 1.3 before the fix).
+    cfg = fast_cfg("rounds=2", "num_clients=2", "data.train_size=1488", "train.batch_size=8",
+                   "privacy.sample.epsilon=1.3")
+    n = len(load_client_data(cfg, 0)[0])
+    assert n == 744 and steps_per_epoch(n, 8) == 92
+    weights = global_weights(cfg)
+    outs = [run_round(cfg, who(cfg), run_id="r", server_round=r, global_state=weights) for r in (1, 2)]
+    assert [o.declined for o in outs] == [False, False]
+    ledger = Ledger.load(cfg["state_dir"], "0")
+    calib = ledger.runs["r"]
+    assert ledger.history == [(calib.noise_multiplier, calib.sample_rate, calib.planned_steps)]
+    assert calib.sample_rate == 1 / 92 and calib.planned_steps == 2 * 92
+    assert [e.steps for e in ledger.rounds] == [92, 184]
+    assert epsilon(ledger.history, 1e-5) <= 1.3
+
+
+_OVERLAP_CHILD = r"""
+import json, sys, time
+import client.task as task
+from client.task import ClientIdentity, run_round
+from common.model import instantiate_model, trainable_state
+from common.data import load_client_data
+
+cfg = json.loads(sys.argv[1]); run_id = sys.argv[2]; go = sys.argv[3]
+_, labels = load_client_data(cfg, 0)
+weights = trainable_state(instantiate_model(cfg, len(labels)))
+inner = task.local_train
+def slow(*a, **k):  # keep the round open long enough for the other process to arrive
+    time.sleep(3)
+    return inner(*a, **k)
+task.local_train = slow
+task._client_data(cfg, 0)  # load before the start line, so both rounds begin together
+open(go + "." + run_id, "w").close()
+while not __import__("os").path.exists(go):
+    time.sleep(0.01)
+out = run_round(cfg, ClientIdentity("0", 0, cfg["state_dir"]), run_id=run_id, server_round=1, global_state=weights)
+print(json.dumps({"declined": out.declined, "reason": out.reason, "sent": out.update is not None}))
+"""
+
+
+def test_two_processes_overlapping_on_one_state_dir_keep_every_spend(fast_cfg, tmp_path):
+    # Two runs share one state_dir and their rounds overlap: each must see the other's
+    # spend, so the ledger holds every released round's steps (before the lock, one
+    # round's entry and its steps vanished).
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    from tests.conftest import child_env
+
+    cfg = fast_cfg("rounds=2")
+    go = tmp_path / "go"
+    procs = [subprocess.Popen([sys.executable, "-c", _OVERLAP_CHILD, json.dumps(cfg), run_id, str(go)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=child_env(),
+                              cwd=Path(__file__).resolve().parents[2]) for run_id in ("a", "b")]
+    try:
+        deadline = time.monotonic() + 120
+        while not all(Path(f"{go}.{r}").exists() for r in ("a", "b")):
+            assert time.monotonic() < deadline and all(p.poll() is None for p in procs), "children did not start"
+            time.sleep(0.05)
+        go.touch()
+        outputs = [p.communicate(timeout=180) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    results = [json.loads(out.strip().splitlines()[-1]) for out, _ in outputs]
+    sent = [r["sent"] for r in results]
+    ledger = Ledger.load(cfg["state_dir"], "0")
+    trained = [e for e in ledger.rounds if e.status == "trained"]
+    assert len(trained) == sum(sent) >= 1
+    # Every released update's steps are in the history: per-run planned steps add up.
+    released_steps = sum(ledger.runs[e.run_id].steps_per_round for e in trained)
+    assert sum(h[2] for h in ledger.history) == released_steps
+    assert sorted(e.steps for e in trained) == [released_steps // len(trained) * (i + 1) for i in range(len(trained))]
