@@ -3,7 +3,11 @@
 The report is derived, never authoritative: every ε in it is recomputed here from the
 Opacus histories that clients reported (with :func:`common.accounting.epsilon`, the
 only place ε is computed), so ``fedpriv report RUN_DIR`` can re-render it at any time
-and anyone can check its numbers with Opacus alone.
+and anyone can check its numbers with Opacus alone. What a client merely claims is not
+copied: a round's ε comes from the history cut at that round's cumulative step count
+(:func:`common.accounting.history_prefix`), and the budget from the run's config
+(``privacy.sample.epsilon``, ``privacy.sample.client_budgets``); a lower cap that only
+the device knows (its node-config ``max-epsilon``) is shown as reported by the device.
 
 Three renderings of one dict (schema_version 1 of DESIGN.md):
 
@@ -33,7 +37,7 @@ from matplotlib.ticker import MaxNLocator
 from omegaconf import OmegaConf
 
 from common import __version__
-from common.accounting import ACCOUNTANTS, epsilon
+from common.accounting import ACCOUNTANTS, epsilon, history_prefix
 from common.errors import ConfigError
 from common.storage import atomic_write_bytes
 
@@ -50,8 +54,14 @@ CAVEAT_NO_CSPRNG = (
     "(torchcsprng does not install)."
 )
 CAVEAT_RELEASED_TO_SERVER = (
-    "Each client's ε, sample rate (and so its example count n) and decline flags are "
-    "released to the server."
+    "Released to the server without DP noise, as exact values: per round, the counts "
+    "clients_trained, clients_declined, clients_rejected, clients_failed and clients_missing "
+    "(all in metrics.jsonl; all but clients_missing in this report's rounds), and the ids of "
+    "the clients that declined, with their decline reason, and of those rejected or failed "
+    "(metrics.jsonl); per client (clients_reported.json and this report), its client id, "
+    "decline flags, the rounds it trained in (per_round) and how many it declined, whether "
+    "it exhausted its budget, and its whole Opacus history (σ, q, steps of every entry), "
+    "from which its ε follows."
 )
 CAVEAT_NEIGHBOURS = (
     "Sample-level ε is for add/remove-one neighbouring datasets: two datasets are "
@@ -61,6 +71,11 @@ CAVEAT_NO_DP = (
     "privacy.mode is none: no differential privacy is applied and no formal privacy "
     "guarantee holds for this run."
 )
+
+#: Where each client's ``budget_epsilon`` comes from.
+BUDGET_RUN = "run"  # privacy.sample.epsilon
+BUDGET_CLIENT_BUDGETS = "client_budgets"  # privacy.sample.client_budgets[client_id]
+BUDGET_DEVICE = "reported by the device"  # lower than both: its node-config max-epsilon (unverifiable)
 
 ROUND_KEYS = (
     "round",
@@ -111,11 +126,8 @@ def build_report(
             "privacy.sample.accountant", f"{accountant!r} is not one of {sorted(ACCOUNTANTS)}"
         )
     entries = _sorted_entries((clients_reported.get("clients") or {}).items())
-    clients = (
-        [_client_row(cid, entry, delta, accountant, sample_cfg) for cid, entry in entries]
-        if sample_on
-        else []
-    )
+    derived = [_client_row(cid, entry, delta, accountant, sample_cfg) for cid, entry in entries] if sample_on else []
+    clients = [row for row, _ in derived]
 
     level = client_level if client_level is not None else _disabled_client_level()
     report = {
@@ -137,7 +149,8 @@ def build_report(
         ],
     }
     reported = [entry for _, entry in entries] if sample_on else []
-    report["caveats"] = _caveats(report, mode, reported, clients_reported.get("unreported") or {})
+    dropped = [left_out for _, left_out in derived]
+    report["caveats"] = _caveats(report, mode, reported, clients_reported.get("unreported") or {}, dropped)
     return report
 
 
@@ -166,30 +179,90 @@ def _id_order(client_id: str) -> tuple[int, int, str]:
 
 def _client_row(
     key: str, entry: dict, delta: float, accountant: str, sample_cfg: dict
-) -> dict:
+) -> tuple[dict, list]:
+    """(one client's row, rounds whose ε could not be derived): ε, per-round ε and budget
+    are derived here, never copied from ``entry``."""
     history = [list(h) for h in entry.get("history") or []]
     last = history[-1] if history else None
+    client_id = str(entry.get("client_id", key))
+    budget, source = _budget(client_id, entry, sample_cfg)
+    spent = epsilon(history, delta, accountant)
+    per_round, dropped = _per_round(history, entry, delta, accountant, spent)
     return {
-        "client_id": str(entry.get("client_id", key)),
-        "budget_epsilon": entry.get("budget_epsilon", sample_cfg.get("epsilon")),
-        "epsilon": epsilon(history, delta, accountant),
+        "client_id": client_id,
+        "budget_epsilon": budget,
+        "budget_source": source,
+        "epsilon": spent,
         "noise_multiplier": last[0] if last else entry.get("noise_multiplier"),
-        "max_grad_norm": entry.get("max_grad_norm", sample_cfg.get("max_grad_norm")),
+        "max_grad_norm": sample_cfg.get("max_grad_norm", entry.get("max_grad_norm")),
         "sample_rate": last[1] if last else entry.get("sample_rate"),
         "steps": sum(int(h[2]) for h in history),
         "history": history,
         "rounds_participated": entry.get("rounds_participated", 0),
         "rounds_declined": entry.get("rounds_declined", 0),
         "exhausted": bool(entry.get("exhausted", False)),
-        "per_round": list(entry.get("per_round") or []),
-    }
+        "per_round": per_round,
+    }, dropped
 
 
-def _caveats(report: dict, mode: str, reported: list[dict], unreported: dict) -> list[str]:
+def _budget(client_id: str, entry: dict, sample_cfg: dict) -> tuple[float | None, str]:
+    """(budget ε, source): the run's config decides; a device may only report a *lower* cap."""
+    run = sample_cfg.get("epsilon")
+    budget, source = (float(run), BUDGET_RUN) if run is not None else (None, BUDGET_RUN)
+    caps = {str(k): v for k, v in (sample_cfg.get("client_budgets") or {}).items()}
+    if caps.get(client_id) is not None and (budget is None or float(caps[client_id]) < budget):
+        budget, source = float(caps[client_id]), BUDGET_CLIENT_BUDGETS
+    claimed = entry.get("budget_epsilon")
+    try:
+        claimed = float(claimed) if claimed is not None else None
+    except (TypeError, ValueError):
+        claimed = None
+    if claimed is not None and claimed >= 0 and (budget is None or claimed < budget):
+        budget, source = claimed, BUDGET_DEVICE  # max-epsilon lives only on the device
+    return budget, source
+
+
+def _per_round(history: list, entry: dict, delta: float, accountant: str,
+               spent: float | None = None) -> tuple[list[dict], list]:
+    """(per-round ε recomputed from the history prefix at each round's steps, rounds left out).
+
+    A round is left out when its entry gives no integer round or no usable cumulative step
+    count (absent, not an integer, decreasing, or more than the history holds): its ε cannot be derived, and
+    the client's own number is never copied.
+    """
+    out, dropped, floor = [], [], 0
+    total = sum(int(h[2]) for h in history)
+    known: dict[int, float] = {} if spent is None else {total: spent}  # PRV costs ~0.6 s an ε
+    for item in entry.get("per_round") or []:
+        if not isinstance(item, dict):
+            continue
+        steps, rnd = item.get("steps"), item.get("round")
+        try:
+            if not isinstance(rnd, int) or isinstance(rnd, bool):
+                raise ValueError(rnd)
+            if isinstance(steps, bool) or steps is None or int(steps) != float(steps):
+                raise ValueError(steps)
+            steps = int(steps)
+            if steps < floor:
+                raise ValueError(steps)
+            prefix = history_prefix(history, steps)
+        except (TypeError, ValueError, OverflowError):
+            dropped.append(rnd)
+            continue
+        floor = steps
+        if steps not in known:
+            known[steps] = epsilon(prefix, delta, accountant)
+        out.append({"round": rnd, "epsilon": known[steps], "steps": steps})
+    return out, dropped
+
+
+def _caveats(report: dict, mode: str, reported: list[dict], unreported: dict,
+             dropped: list[list] | None = None) -> list[str]:
     """Plain sentences about what the ε does not cover or what the run revealed.
 
     ``reported`` holds the clients' own entries, in the order of the report's clients;
-    ``unreported`` maps a client id to the rounds whose reply never reached the server.
+    ``unreported`` maps a client id to the rounds whose reply never reached the server;
+    ``dropped`` the rounds of each client whose per-round ε could not be derived.
     """
     caveats = [
         CAVEAT_EVAL_METRICS,
@@ -197,6 +270,8 @@ def _caveats(report: dict, mode: str, reported: list[dict], unreported: dict) ->
         CAVEAT_RELEASED_TO_SERVER,
         CAVEAT_NEIGHBOURS,
     ]
+    if mode in ("sample", "both"):
+        caveats.append(_caveat_sample_rate(report["config"]))
     if mode == "none":
         caveats.append(CAVEAT_NO_DP)
     precision = (report["config"].get("train") or {}).get("precision", "fp32")
@@ -217,7 +292,7 @@ def _caveats(report: dict, mode: str, reported: list[dict], unreported: dict) ->
         )
 
     sample = report["sample_level"]
-    for row, entry in zip(sample["clients"], reported):
+    for row, entry, left_out in zip(sample["clients"], reported, dropped or [[]] * len(reported)):
         cid = row["client_id"]
         # A client that accounted with another δ or accountant reports an ε the report
         # cannot reproduce; say so rather than silently overwrite it.
@@ -228,6 +303,17 @@ def _caveats(report: dict, mode: str, reported: list[dict], unreported: dict) ->
                     f"Client {cid} reported {name} {claimed!r} but the run uses "
                     f"{expected!r}; its ε here is recomputed with {expected!r}."
                 )
+        if left_out:
+            caveats.append(
+                f"Client {cid}'s per-round ε for round(s) {', '.join(map(str, left_out))} cannot be "
+                "derived from its history (no usable step count in its report) and is left out; "
+                "its total ε is recomputed from the whole history."
+            )
+        if row["budget_source"] == BUDGET_DEVICE:
+            caveats.append(
+                f"Client {cid}'s budget {float(row['budget_epsilon']):g} is its own cap as reported by "
+                "the device (node-config max-epsilon), lower than the run's; the server cannot verify it."
+            )
         budget = row["budget_epsilon"]
         if budget is not None and row["epsilon"] > float(budget):
             caveats.append(
@@ -241,6 +327,20 @@ def _caveats(report: dict, mode: str, reported: list[dict], unreported: dict) ->
             "shows; the ledger on the client is authoritative and its next report includes it."
         )
     return caveats
+
+
+def _caveat_sample_rate(config: dict) -> str:
+    """How a client's (q, steps) reveal its example count n, with this run's batch size."""
+    train = config.get("train") or {}
+    b = train.get("batch_size")
+    size = f"B = {b}, train.batch_size" if b is not None else "B = train.batch_size"
+    return (
+        "Each client's sample rate and steps reveal its example count n: Opacus samples with "
+        f"q = 1/ceil(n/B) ({size}) and a round's steps follow from q and train.local_epochs, so "
+        "the q and steps of every entry of its history give k = ceil(n/B) exactly, i.e. n up to "
+        "the batch size ((k − 1)·B < n ≤ k·B, k = 1/q); (q, steps) change only when n crosses a "
+        "multiple of B. This holds with secure aggregation too: histories are sent in plain text."
+    )
 
 
 # --------------------------------------------------------------------------- write
@@ -410,9 +510,12 @@ def _document(report: dict) -> list[Block]:
         ("h2", "The two privacy levels side by side"),
         _levels_table(report),
         ("h2", "Clients (sample level)"),
-        _client_table(sample)
-        if sample["enabled"]
-        else ("p", "Sample-level DP was off in this run: no per-client ε."),
+        *([_client_table(sample),
+           ("p", "Each client's accountant history: every (σ, q, steps) entry, in order "
+                 "(ε is recomputed from all of them)."),
+           _history_table(sample)]
+          if sample["enabled"]
+          else [("p", "Sample-level DP was off in this run: no per-client ε.")]),
         ("img", "cumulative ε per round", EPSILON_PLOT),
         ("h2", "Rounds"),
         _round_table(report),
@@ -495,7 +598,10 @@ def _levels_table(report: dict) -> Block:
         ["ε budget", _g(report["config"]["privacy"]["sample"].get("epsilon")) if sample["enabled"] else "—",
          _g(level.get("budget_epsilon")) if level.get("enabled") else "—"],
         ["δ", _g(sample["delta"]), _g(level.get("delta"))],
-        ["noise multiplier σ", ", ".join(sorted({_g(r["noise_multiplier"]) for r in clients})) or "—",
+        ["noise multiplier σ", ", ".join(sorted({_g(h[0]) for r in clients for h in r["history"]}
+                                                | {_g(r["noise_multiplier"]) for r in clients
+                                                   if not r["history"] and r["noise_multiplier"] is not None}))
+         or "—",
          _g(level.get("noise_multiplier"))],
         ["clipping norm", ", ".join(sorted({_g(r["max_grad_norm"]) for r in clients})) or "—",
          _g(level.get("clipping_norm"))],
@@ -508,24 +614,33 @@ def _levels_table(report: dict) -> Block:
 
 
 def _client_table(sample: dict) -> Block:
-    headers = ["client", "ε spent", "budget", "rounds trained", "rounds declined",
-               "σ", "C", "q", "steps", "exhausted"]
+    headers = ["client", "ε spent", "budget", "budget from", "rounds trained", "rounds declined",
+               "C", "steps", "exhausted"]
     rows = [
         [
             r["client_id"],
             _f4(r["epsilon"]),
             _g(r["budget_epsilon"]),
+            str(r.get("budget_source", "—")),
             str(r["rounds_participated"]),
             str(r["rounds_declined"]),
-            _g(r["noise_multiplier"]),
             _g(r["max_grad_norm"]),
-            _g(r["sample_rate"]),
             str(r["steps"]),
             "yes" if r["exhausted"] else "no",
         ]
         for r in sample["clients"]
     ]
     return ("table", headers, rows)
+
+
+def _history_table(sample: dict) -> Block:
+    """Every (σ, q, steps) entry of every client's history: a ledger may span several runs."""
+    rows = [
+        [r["client_id"], str(i), _g(h[0]), _g(h[1]), str(int(h[2]))]
+        for r in sample["clients"]
+        for i, h in enumerate(r["history"], start=1)
+    ]
+    return ("table", ["client", "entry", "σ", "q", "steps"], rows)
 
 
 def _round_table(report: dict) -> Block:

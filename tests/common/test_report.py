@@ -26,7 +26,7 @@ TOP_KEYS = {
 }
 SAMPLE_KEYS = {"enabled", "unit", "accountant", "delta", "clients"}
 CLIENT_KEYS = {
-    "client_id", "budget_epsilon", "epsilon", "noise_multiplier", "max_grad_norm",
+    "client_id", "budget_epsilon", "budget_source", "epsilon", "noise_multiplier", "max_grad_norm",
     "sample_rate", "steps", "history", "rounds_participated", "rounds_declined",
     "exhausted", "per_round",
 }
@@ -61,8 +61,10 @@ def client_entry(cid, history, accountant="rdp", **extra):
         "client_id": cid, "accountant": accountant, "delta": DELTA, "budget_epsilon": 8.0,
         "noise_multiplier": 0.71, "max_grad_norm": 1.0, "sample_rate": 0.016,
         "history": history,
-        "per_round": [{"round": 1, "epsilon": 3.2018}, {"round": 2, "epsilon": 4.0704}]
-        if history else [],
+        # steps: the history's cumulative step count after that round (client.task.privacy_summary)
+        "per_round": [{"round": 1, "epsilon": 3.2018, "steps": 30}, {"round": 2, "epsilon": 4.0704, "steps": 120}]
+        if history and sum(h[2] for h in history) >= 120 else
+        [{"round": 1, "epsilon": 3.2018, "steps": sum(h[2] for h in history)}] if history else [],
         "rounds_participated": 2 if history else 0, "rounds_declined": 0,
         "exhausted": False,
     }
@@ -166,11 +168,11 @@ def test_schema_keys_and_client_fields_match_design():
     for client in sample["clients"]:
         assert set(client) == CLIENT_KEYS
     zero = by_id(report)["0"]
-    assert zero == {**zero, "client_id": "0", "budget_epsilon": 8.0, "max_grad_norm": 1.0,
-                    "steps": 120, "history": HISTORY, "rounds_participated": 2,
-                    "rounds_declined": 0, "exhausted": False,
-                    "per_round": [{"round": 1, "epsilon": 3.2018},
-                                  {"round": 2, "epsilon": 4.0704}]}
+    assert zero == {**zero, "client_id": "0", "budget_epsilon": 8.0, "budget_source": "run",
+                    "max_grad_norm": 1.0, "steps": 120, "history": HISTORY, "rounds_participated": 2,
+                    "rounds_declined": 0, "exhausted": False}
+    assert [(p["round"], round(p["epsilon"], 4), p["steps"]) for p in zero["per_round"]] == [
+        (1, 3.2018, 30), (2, 4.0704, 120)]
     assert by_id(report)["2"]["exhausted"] is True
 
 
@@ -345,3 +347,109 @@ def test_caveat_names_clients_whose_reply_never_arrived():
     assert len(lost) == 1 and "Client 1" in lost[0] and "2, 3" in lost[0]
     assert not [c for c in build_report(config=make_config(), clients_reported=make_reported(),
                                         rounds=ROUNDS)["caveats"] if "never reached" in c]
+
+
+# ------------------------------------------------------------------ what clients claim does not reach the report
+
+
+def test_per_round_epsilon_is_recomputed_from_the_history_not_copied():
+    reported = make_reported()
+    for p in reported["clients"]["0"]["per_round"]:
+        p["epsilon"] = 0.001  # a client under-reporting every round
+    report = build_report(config=make_config(), clients_reported=reported, rounds=ROUNDS)
+    per_round = by_id(report)["0"]["per_round"]
+    assert [p["round"] for p in per_round] == [1, 2]
+    assert per_round[0]["epsilon"] == pytest.approx(opacus_epsilon([[0.71, 0.016, 30]], DELTA), abs=1e-9)
+    assert per_round[1]["epsilon"] == pytest.approx(opacus_epsilon(HISTORY, DELTA), abs=1e-9)
+
+
+def test_per_round_over_two_runs_cuts_the_history_at_the_rounds_steps():
+    reported = make_reported()
+    history = [[0.9, 0.02, 50], [0.71, 0.016, 70]]  # a ledger that spans two runs
+    reported["clients"]["0"].update(history=history, per_round=[{"round": 1, "epsilon": 9.0, "steps": 85},
+                                                                 {"round": 2, "epsilon": 9.0, "steps": 120}])
+    report = build_report(config=make_config(), clients_reported=reported, rounds=ROUNDS)
+    per_round = by_id(report)["0"]["per_round"]
+    assert per_round[0]["epsilon"] == pytest.approx(opacus_epsilon([[0.9, 0.02, 50], [0.71, 0.016, 35]], DELTA))
+    assert per_round[1]["epsilon"] == pytest.approx(opacus_epsilon(history, DELTA))
+
+
+@pytest.mark.parametrize("bad", [{"round": 2, "epsilon": 0.5}, {"round": 2, "epsilon": 0.5, "steps": 500},
+                                 {"round": 2, "epsilon": 0.5, "steps": "x"}],
+                         ids=["no steps", "beyond the history", "not a number"])
+def test_per_round_that_cannot_be_derived_is_dropped_and_said(bad):
+    reported = make_reported()
+    reported["clients"]["0"]["per_round"][1] = bad
+    report = build_report(config=make_config(), clients_reported=reported, rounds=ROUNDS)
+    assert [p["round"] for p in by_id(report)["0"]["per_round"]] == [1]
+    assert any("Client 0" in c and "round(s) 2" in c and "per-round ε" in c for c in report["caveats"])
+
+
+def test_budget_is_derived_from_the_config_and_a_lower_device_cap_is_marked():
+    config = make_config()
+    config["privacy"]["sample"]["client_budgets"] = {"10": 3.0}
+    reported = make_reported()
+    reported["clients"]["0"]["budget_epsilon"] = 1e9  # a client claiming a huge budget
+    reported["clients"]["10"]["budget_epsilon"] = 5.0  # above its client_budgets cap: ignored
+    reported["clients"]["2"]["budget_epsilon"] = 2.0  # a device's own max-epsilon: lower, kept, marked
+    report = build_report(config=config, clients_reported=reported, rounds=ROUNDS)
+    clients = by_id(report)
+    assert (clients["0"]["budget_epsilon"], clients["0"]["budget_source"]) == (8.0, "run")
+    assert (clients["10"]["budget_epsilon"], clients["10"]["budget_source"]) == (3.0, "client_budgets")
+    assert (clients["2"]["budget_epsilon"], clients["2"]["budget_source"]) == (2.0, "reported by the device")
+
+
+def test_tampered_clients_reported_does_not_reach_the_report(tmp_path):
+    reported = make_reported()
+    zero = reported["clients"]["0"]
+    zero["budget_epsilon"] = 987654.0
+    zero["max_grad_norm"] = 123.456
+    zero["per_round"] = [{"round": 1, "epsilon": 0.0123456, "steps": 30},
+                         {"round": 2, "epsilon": 0.0234567, "steps": 120}]
+    run_dir = write_run_dir(tmp_path / "run", reported=reported)
+    report = render_run_dir(run_dir)
+    for name in ("privacy_report.json", "privacy_report.md", "privacy_report.html"):
+        text = (run_dir / name).read_text()
+        for tampered in ("987654", "123.456", "0.0123456", "0.0234567", "0.0123", "0.0235"):
+            assert tampered not in text, (name, tampered)
+    assert by_id(report)["0"]["max_grad_norm"] == 1.0  # the run's privacy.sample.max_grad_norm
+
+
+def test_every_history_entry_is_shown(tmp_path):
+    reported = make_reported()
+    reported["clients"]["0"]["history"] = [[0.9, 0.02, 50], [0.71, 0.016, 70]]
+    run_dir = write_run_dir(tmp_path / "run", reported=reported)
+    render_run_dir(run_dir)
+    md = (run_dir / "privacy_report.md").read_text()
+    page = (run_dir / "privacy_report.html").read_text()
+    assert "| 0 | 1 | 0.9 | 0.02 | 50 |" in md and "| 0 | 2 | 0.71 | 0.016 | 70 |" in md
+    assert "<td>0.9</td><td>0.02</td><td>50</td>" in page
+    levels = md[md.index("## The two privacy levels"):md.index("## Clients")]
+    assert "0.9" in levels and "0.71" in levels  # every σ of the run, not only the last
+
+
+def test_caveat_lists_exactly_the_counts_that_are_released():
+    config = {**make_config(), "train": {"batch_size": 32, "local_epochs": 1}}
+    report = build_report(config=config, clients_reported=make_reported(), rounds=ROUNDS)
+    released = [c for c in report["caveats"] if "exact" in c and "clients_trained" in c]
+    assert len(released) == 1
+    text = released[0]
+    for name in ("clients_trained", "clients_declined", "clients_rejected", "clients_failed",
+                 "clients_missing", "metrics.jsonl", "decline", "history", "rounds"):
+        assert name in text, name
+    qn = [c for c in report["caveats"] if "q = 1/ceil(n/B)" in c]
+    assert len(qn) == 1 and "B = 32" in qn[0] and "multiple of B" in qn[0] and "steps" in qn[0]
+
+
+def test_history_prefix_cuts_at_a_cumulative_step_count():
+    from common.accounting import history_prefix
+
+    history = [[0.9, 0.02, 50], [0.71, 0.016, 70]]
+    assert history_prefix(history, 0) == []
+    assert history_prefix(history, 30) == [(0.9, 0.02, 30)]
+    assert history_prefix(history, 50) == [(0.9, 0.02, 50)]
+    assert history_prefix(history, 85) == [(0.9, 0.02, 50), (0.71, 0.016, 35)]
+    assert history_prefix(history, 120) == [(0.9, 0.02, 50), (0.71, 0.016, 70)]
+    for bad in (-1, 121):
+        with pytest.raises(ValueError):
+            history_prefix(history, bad)
