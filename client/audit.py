@@ -1,11 +1,18 @@
 """`fedpriv audit`: an empirical privacy audit of one client's DP training, in one run.
 
 The run (Steinke, Nasr & Jagielski 2023; the math is in common/audit.py):
-1. ``m`` canaries are made for the audited client: random token sequences with random
-   labels (unlike any real example, so only training on them moves their loss).
-2. Each canary is included in that client's training data with probability 1/2
-   (independent fair coins from the OS; the auditor keeps the bits).
-3. The client trains as it would over the whole run: ``rounds`` calls of the same
+1. ``m`` canaries are made: random token sequences with random labels (unlike any real
+   example, so only training on them moves their loss).
+2. The real examples are data that belongs to no client: as many examples of the run's
+   held-out test split as the audited client (``audit.client``) holds, so that n, q and
+   σ are that client's. No client trains on the test split; the server evaluates on it
+   and its metrics are already released without DP noise (the report's caveats). So
+   the audit spends no client's budget and needs no ledger entry: it reads only the
+   size of the client's partition (released anyway, as the sample rate), never its
+   examples. audit.json says so in ``real_data``.
+   Each canary is added to those examples with probability 1/2 (independent fair coins
+   from the OS; the auditor keeps the bits).
+3. Training is the client's over the whole run: ``rounds`` calls of the same
    DP-SGD ``local_train``, ``train.local_epochs`` each, σ calibrated once for all planned
    steps on the data it now holds (canaries included) and the accountant history
    carried from call to call (``DPSettings.prior_history``), as client/task.py does;
@@ -21,6 +28,13 @@ The run (Steinke, Nasr & Jagielski 2023; the math is in common/audit.py):
    data's share out of each other's scores. Guess "included" for the ``guesses/2``
    highest scores and "excluded" for the ``guesses/2`` lowest (fixed before training),
    and turn the correct count into a lower bound on ε.
+5. Verdict (common/audit.py ``verdict``): ``exceeds`` when the bound is above the
+   accounted ε; ``inconclusive`` when it is not but even all guesses right could not
+   have shown the accounted ε (``max_detectable_epsilon``, the audit's power: 120
+   guesses show at most 3.66); ``consistent`` only when the audit could have shown the
+   accounted ε and did not exceed it. At ε = 8 that needs thousands of guesses, so the
+   default audit and the ``audit=power`` preset with DP on are ``inconclusive``; noise
+   off (accounted ε = ∞) is always ``inconclusive``, and its bound is the power check.
 
 Why the bound is valid. Opacus' accounting, which gives the accounted ε, composes
 every DP-SGD step of every round (adaptive composition of subsampled Gaussian
@@ -30,7 +44,7 @@ only those models, the canaries, and the real examples, which were fixed before 
 inclusion bits were drawn; it never uses the bits, nor which examples a step sampled.
 So the guesses are post-processing of an (ε, δ)-DP output with respect to each canary,
 which is what common/audit.py needs. The audit covers the sample-level guarantee of one
-client's released updates; in a federated run the server sees them only after
+client-sized run's released updates; in a federated run the server sees them only after
 aggregation, further post-processing, so the bound applies to what the server sees
 as well (here the audited client trains alone between rounds: no other clients'
 updates enter its model).
@@ -49,8 +63,8 @@ from torch.utils.data import TensorDataset
 
 from client.dp_train import DPSettings, calibrate_run, local_train
 from common.accounting import epsilon, sample_rate
-from common.audit import audit, joint_scores
-from common.data import load_client_data, tokenize
+from common.audit import audit, joint_scores, verdict
+from common.data import load_client_data, load_splits, tokenize
 from common.model import instantiate_model, load_tokenizer, model_inputs
 
 
@@ -104,18 +118,33 @@ def flat_trainable(model: torch.nn.Module) -> torch.Tensor:
     return torch.cat([p.detach().reshape(-1) for p in model.parameters() if p.requires_grad])
 
 
+REAL_DATA = ("held-out test split (no client trains on it; no ledger entry), as many examples as the "
+             "audited client holds")
+
+
+def real_examples(cfg: Mapping, client: int):
+    """(examples, label names): ``len(client's partition)`` examples of the held-out test split.
+
+    A seeded shuffle picks them (fixed before the inclusion bits are drawn); a test split
+    smaller than the partition is used whole. Only the partition's size is read.
+    """
+    n = len(load_client_data(cfg, client)[0])
+    _, test, names = load_splits(cfg["data"], seed=int(cfg["seed"]), num_clients=int(cfg["num_clients"]))
+    return test.shuffle(seed=int(cfg["seed"])).select(range(min(n, len(test)))), names
+
+
 def run_audit(cfg: Mapping, *, canaries: int, guesses: int, client: int = 0, noise: bool = True,
               confidence: float = 0.95, canary_length: int = 12, ridge: float = 1e-4) -> dict[str, Any]:
-    """Insert canaries into client ``client``'s data, train once (round by round), score, bound ε."""
+    """Canaries + held-out examples the size of client ``client``'s data: train once (round by round), score, bound ε."""
     if guesses > canaries or guesses < 2:
         raise ValueError("need 2 <= guesses <= canaries")
     train = cfg["train"]
     sample = cfg["privacy"]["sample"]
     rng = random.SystemRandom()  # inclusion bits and canaries: not predictable from the config
-    partition, label_names = load_client_data(cfg, client)
+    held_out, label_names = real_examples(cfg, client)
     tokenizer = load_tokenizer(cfg["model"])
     max_length = int(train["max_length"])
-    real = tokenize(partition, tokenizer, max_length)
+    real = tokenize(held_out, tokenizer, max_length)
     canary_set = make_canaries(canaries, length=min(canary_length, max_length), num_labels=len(label_names),
                                vocab_size=tokenizer.vocab_size, cls_id=tokenizer.cls_token_id,
                                sep_id=tokenizer.sep_token_id, rng=rng)
@@ -160,17 +189,21 @@ def run_audit(cfg: Mapping, *, canaries: int, guesses: int, client: int = 0, noi
     found = audit(scores, included, k_plus=guesses // 2, k_minus=guesses - guesses // 2,
                   delta=delta, confidence=confidence)
     accounted = epsilon(history, delta, accountant) if sigma > 0 else math.inf
+    power = found.max_detectable_epsilon
     return {
         "client": client,
         "canaries": canaries,
         "canaries_included": len(idx),
         "real_examples": len(real),
+        "real_data": REAL_DATA,
         "guesses": found.guesses,
         "correct": found.correct,
         "confidence": confidence,
         "delta": delta,
         "epsilon_lower_bound": found.epsilon_lower_bound,
         "epsilon_accounted": accounted,
+        "max_detectable_epsilon": power,
+        "verdict": verdict(found.epsilon_lower_bound, power, accounted),
         "noise": noise,
         "noise_multiplier": sigma,
         "max_grad_norm": clip,
@@ -178,7 +211,6 @@ def run_audit(cfg: Mapping, *, canaries: int, guesses: int, client: int = 0, noi
         "local_epochs": local_epochs,
         "steps": sum(int(h[2]) for h in history),  # the accountant counted every step
         "sample_rate": q,
-        "consistent": bool(found.epsilon_lower_bound <= accounted),
         "mean_score_included": sum(s for s, i in zip(scores, included) if i) / max(len(idx), 1),
         "mean_score_excluded": sum(s for s, i in zip(scores, included) if not i) / max(canaries - len(idx), 1),
     }

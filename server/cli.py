@@ -15,7 +15,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 USAGE = """usage: fedpriv simulate [HYDRA_OVERRIDES ...]   run N simulated clients (Hydra; -m for sweeps)
        fedpriv report RUN_DIR                   re-render a run's privacy report
-       fedpriv audit [HYDRA_OVERRIDES ...]      one-run empirical privacy audit (audit.* settings)"""
+       fedpriv audit [HYDRA_OVERRIDES ...]      one-run empirical privacy audit (audit.* settings;
+                                                audit=power: the preset with measured power)"""
 
 #: The audit trains like a client, so it is client code; loaded by reference, as the
 #: ClientApp is, so that no server module imports the client package.
@@ -174,10 +175,17 @@ def report(argv: list[str]) -> int:
 
 
 def audit(argv: list[str]) -> int:
-    """Insert canaries into one client's data, train once, print and write the ε lower bound."""
+    """Canaries among held-out examples, train once, print and write the ε lower bound and the verdict.
+
+    Every verdict line states the audit's power (the bound all guesses right would
+    give). ``exceeds`` (bound above the accounted ε) exits 1; ``inconclusive`` (the power
+    is below the accounted ε: the audit could not have confirmed it) and ``consistent``
+    exit 0. ``audit=power`` selects the preset with measured power (conf/audit/power.yaml).
+    """
     import importlib
     import json
 
+    from common.audit import CONSISTENT, EXCEEDS, verdict
     from server.app import compose_config
 
     cfg, run_dir = compose_config(argv)
@@ -189,15 +197,26 @@ def audit(argv: list[str]) -> int:
     run_audit = getattr(importlib.import_module(module), func)
     result = run_audit(cfg, canaries=int(a["canaries"]), guesses=int(a["guesses"]), client=int(a["client"]),
                        noise=bool(a["noise"]), confidence=float(a["confidence"]))
+    bound, power = float(result["epsilon_lower_bound"]), float(result["max_detectable_epsilon"])
+    accounted = float(result["epsilon_accounted"])
+    result["verdict"] = found = verdict(bound, power, accounted)  # one rule, whoever ran the audit
     run_dir.mkdir(parents=True, exist_ok=True)
     out = run_dir / "audit.json"
     out.write_text(json.dumps({"config": cfg, "audit": result}, indent=2, default=str) + "\n")
-    verdict = "consistent with" if result["consistent"] else "EXCEEDS"
+    if found == EXCEEDS:
+        says = f"EXCEEDS: the bound {bound:.3f} is above the accounted epsilon {accounted:.3f}"
+    elif found == CONSISTENT:
+        says = (f"consistent: the bound stays within the accounted epsilon {accounted:.3f}, "
+                f"which these guesses could have shown (up to {power:.3f})")
+    elif accounted == float("inf"):  # sigma = 0: nothing bounds epsilon, the bound is the power check
+        says = "inconclusive: no noise, so no finite accounted epsilon to check (the bound is the power check)"
+    else:
+        says = (f"inconclusive: even all {result['guesses']} guesses right would show at most {power:.3f}, "
+                f"below the accounted epsilon {accounted:.3f}; checking it needs more guesses")
     print(f"fedpriv audit: {result['correct']}/{result['guesses']} canary guesses right "
-          f"({result['canaries']} canaries) -> epsilon >= {result['epsilon_lower_bound']:.3f} "
-          f"at {result['confidence']:.0%} confidence; accounted epsilon {result['epsilon_accounted']:.3f} "
-          f"({verdict} the bound); {out}")
-    return 0 if result["consistent"] else 1
+          f"({result['canaries']} canaries) -> epsilon >= {bound:.3f} at {result['confidence']:.0%} confidence; "
+          f"power: {result['guesses']} guesses can show at most {power:.3f}; {says}; {out}")
+    return 1 if found == EXCEEDS else 0
 
 
 def main() -> int:
