@@ -335,10 +335,12 @@ def _caveat_sample_rate(config: dict) -> str:
     b = train.get("batch_size")
     size = f"B = {b}, train.batch_size" if b is not None else "B = train.batch_size"
     return (
-        "Each client's sample rate and steps reveal its example count n: Opacus samples with "
-        f"q = 1/ceil(n/B) ({size}) and a round's steps follow from q and train.local_epochs, so "
-        "the q and steps of every entry of its history give k = ceil(n/B) exactly, i.e. n up to "
-        "the batch size ((k − 1)·B < n ≤ k·B, k = 1/q); (q, steps) change only when n crosses a "
+        "Each client's sample rate and steps reveal its example count n: Opacus includes each "
+        f"example with probability 1/ceil(n/B) ({size}), draws s = int(1/(1/ceil(n/B))) batches "
+        "per epoch (ceil(n/B), or one fewer for some n through float rounding) and accounts "
+        "q = 1/s; a round's steps are s × train.local_epochs. So every history entry gives "
+        "ceil(n/B) to within one, i.e. n to within about two batch sizes; (q, steps) change only "
+        "when n crosses a "
         "multiple of B. This holds with secure aggregation too: histories are sent in plain text."
     )
 

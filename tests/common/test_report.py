@@ -437,7 +437,7 @@ def test_caveat_lists_exactly_the_counts_that_are_released():
     for name in ("clients_trained", "clients_declined", "clients_rejected", "clients_failed",
                  "clients_missing", "metrics.jsonl", "decline", "history", "rounds"):
         assert name in text, name
-    qn = [c for c in report["caveats"] if "q = 1/ceil(n/B)" in c]
+    qn = [c for c in report["caveats"] if "probability 1/ceil(n/B)" in c and "q = 1/s" in c]
     assert len(qn) == 1 and "B = 32" in qn[0] and "multiple of B" in qn[0] and "steps" in qn[0]
 
 
