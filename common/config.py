@@ -17,6 +17,7 @@ from common.errors import ConfigError
 
 PRIVACY_MODES = ("none", "sample", "client", "both")
 CLIPPING_MODES = ("fixed", "adaptive")
+STRATEGIES = ("fedavg", "fedavgm", "fedadam")  # server.optimizer's rules (common imports no server code)
 
 
 def _number(cfg: Mapping, dotted: str, *, minimum: float | None = None, exclusive: bool = True,
@@ -75,6 +76,7 @@ def validate(cfg: Mapping) -> None:
     _number(cfg, "node_wait_s", minimum=0)
     if cfg["strategy"].get("max_update_norm") is not None:
         _number(cfg, "strategy.max_update_norm", minimum=0)
+    _validate_strategy(cfg)
 
     mode = cfg["privacy"].get("mode")
     if mode not in PRIVACY_MODES:
@@ -85,6 +87,25 @@ def validate(cfg: Mapping) -> None:
         _validate_client(cfg)
     if cfg["secagg"]:
         _validate_secagg(cfg)
+
+
+def _decay(cfg: Mapping, dotted: str) -> None:
+    """A decay factor in [0, 1): 1 would never forget (FedAdam's bias correction divides by 0)."""
+    if _number(cfg, dotted, minimum=0, exclusive=False) >= 1:
+        raise ConfigError(dotted, f"must be < 1, got {_number(cfg, dotted)!r}")
+
+
+def _validate_strategy(cfg: Mapping) -> None:
+    """``strategy.name`` picks the server optimizer (server.optimizer); its hyperparameters."""
+    name = cfg["strategy"].get("name", "fedavg")
+    if name not in STRATEGIES:
+        raise ConfigError("strategy.name", f"must be one of {list(STRATEGIES)}, got {name!r}")
+    if name == "fedavgm":
+        _decay(cfg, "strategy.server_momentum")
+    if name == "fedadam":
+        _decay(cfg, "strategy.beta_1")
+        _decay(cfg, "strategy.beta_2")
+        _number(cfg, "strategy.tau", minimum=0)
 
 
 def _validate_client(cfg: Mapping) -> None:

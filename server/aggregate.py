@@ -22,6 +22,7 @@ import torch
 from flwr.app import Message, RecordDict
 
 from common.model import state_norm
+from server.optimizer import FedAvg, ServerOptimizer, apply_step
 
 if TYPE_CHECKING:
     from server.mechanism import ClientLevelDP
@@ -260,13 +261,6 @@ def sum_updates(updates: Mapping[str, Mapping[str, torch.Tensor]], like: Mapping
     return total
 
 
-def apply_step(global_state: Mapping[str, torch.Tensor], step: Mapping[str, torch.Tensor], *,
-               server_lr: float) -> dict[str, torch.Tensor]:
-    """``global + server_lr · step``, back in each parameter's dtype."""
-    return {name: (value.to(torch.float64) + server_lr * step[name].to(torch.float64)).to(value.dtype)
-            for name, value in global_state.items()}
-
-
 def fedavg(
     global_state: Mapping[str, torch.Tensor],
     updates: Mapping[str, Mapping[str, torch.Tensor]],
@@ -290,14 +284,18 @@ def aggregate(
     global_state: Mapping[str, torch.Tensor],
     result: RoundReplies,
     *,
-    server_lr: float,
     n_planned: int,
     client_dp: ClientLevelDP | None = None,
+    optimizer: ServerOptimizer | None = None,
+    server_round: int = 0,
+    server_lr: float = 1.0,
 ) -> dict[str, torch.Tensor] | None:
     """The next global state from a round's accepted updates (or SecAgg sum); None: not released.
 
-    Without client-level DP: the equal-weight mean of the contributors' updates. With
-    it: (Σ clipped updates + noise) / ``n_planned`` (``server.mechanism``), then C adapts.
+    The round's step, without client-level DP: the equal-weight mean of the contributors'
+    updates. With it: (Σ clipped updates + noise) / ``n_planned`` (``server.mechanism``),
+    then C adapts. ``optimizer`` (``server.optimizer``; None: FedAvg at ``server_lr``)
+    turns that released step into the next global state: post-processing, no extra ε.
     """
     contributors = result.trained
     if result.secure_sum is not None:
@@ -316,7 +314,10 @@ def aggregate(
     if client_dp is None:
         if not contributors:
             return None
-        return apply_step(global_state, {k: v / len(contributors) for k, v in total.items()}, server_lr=server_lr)
-    step = client_dp.privatise(total, n_planned)
-    client_dp.adapt(fits, n_planned)
-    return apply_step(global_state, step, server_lr=server_lr)
+        step = {k: v / len(contributors) for k, v in total.items()}
+    else:
+        step = client_dp.privatise(total, n_planned)
+        client_dp.adapt(fits, n_planned)
+    # The one place the released step becomes the next global model.
+    optimizer = optimizer if optimizer is not None else FedAvg(server_lr=server_lr)
+    return optimizer.step(global_state, step, server_round=server_round)

@@ -164,3 +164,30 @@ def test_prepare_names_the_setting_before_training(tmp_path, overrides, setting)
     with pytest.raises(ConfigError) as err:
         prepare(compose([*base, *overrides], tmp_path))
     assert err.value.setting == setting
+
+
+@pytest.mark.parametrize("overrides,setting", [
+    (["strategy.name=fedprox"], "strategy.name"),
+    (["strategy=fedavgm", "strategy.server_momentum=1.0"], "strategy.server_momentum"),
+    (["strategy=fedavgm", "strategy.server_momentum=-0.1"], "strategy.server_momentum"),
+    (["strategy=fedavgm", "strategy.server_lr=0"], "strategy.server_lr"),
+    (["strategy=fedadam", "strategy.beta_1=1.0"], "strategy.beta_1"),
+    (["strategy=fedadam", "strategy.beta_1=-0.5"], "strategy.beta_1"),
+    (["strategy=fedadam", "strategy.beta_2=1.5"], "strategy.beta_2"),
+    (["strategy=fedadam", "strategy.tau=0"], "strategy.tau"),
+    (["strategy=fedadam", "strategy.tau=null"], "strategy.tau"),
+    (["strategy=fedadam", "strategy.server_lr=-1"], "strategy.server_lr"),
+])
+def test_bad_server_optimizer_values_name_the_setting(tmp_path, overrides, setting):
+    cfg = compose([*FAST, *overrides], tmp_path)
+    with pytest.raises(ConfigError) as err:
+        validate(cfg)
+    assert err.value.setting == setting
+
+
+def test_every_strategy_option_has_fedavgs_keys(tmp_path):
+    base = set(compose(["strategy=fedavg"], tmp_path)["strategy"])
+    for option in options("strategy"):
+        strategy = compose([f"strategy={option}"], tmp_path)["strategy"]
+        assert base <= set(strategy) and strategy["name"] == option
+        validate(compose([*FAST, f"strategy={option}"], tmp_path))
