@@ -6,6 +6,14 @@ file and SHA-256 plus the run id and any server-side state (e.g. a client-level
 accountant). Files are written atomically, and loaded with
 ``torch.load(weights_only=True)`` only after the hash matches: a tampered or
 truncated checkpoint is refused, never unpickled.
+
+A stateful server optimizer (``strategy=fedavgm`` / ``fedadam``, ``server.optimizer``)
+adds ``checkpoints/optimizer_NNNN.pt`` per round — its momentum / moments after round
+N — named with its SHA-256 and the optimizer's name in that round's manifest entry and
+verified the same way. Resume needs the state after the last completed round (the
+newest, or after a crash between checkpoint and metrics line the one before), so only
+the last two are kept: with full fine-tuning they are twice the model's size each.
+FedAvg is stateless and its checkpoints are exactly what they were.
 """
 
 from __future__ import annotations
@@ -23,6 +31,8 @@ import torch
 from common.storage import atomic_write_bytes, atomic_write_json
 
 MANIFEST = "manifest.json"
+#: Optimizer states kept: the last completed round's and the one before (see above).
+OPTIMIZER_STATES_KEPT = 2
 
 
 class CheckpointError(RuntimeError):
@@ -32,7 +42,8 @@ class CheckpointError(RuntimeError):
 @dataclass
 class Manifest:
     run_id: str
-    rounds: dict[int, dict[str, str]] = field(default_factory=dict)  # round -> {file, sha256}
+    # round -> {file, sha256} (+ optimizer, optimizer_file, optimizer_sha256 with a stateful optimizer)
+    rounds: dict[int, dict[str, str]] = field(default_factory=dict)
     server_state: dict[str, Any] = field(default_factory=dict)  # latest extra state (JSON)
 
     @classmethod
@@ -51,17 +62,55 @@ class Manifest:
         })
 
 
-def save_round(run_dir: Path, manifest: Manifest, server_round: int, state: Mapping[str, torch.Tensor],
-               server_state: Mapping[str, Any] | None = None) -> None:
-    """Durably store round ``server_round``'s global weights, then the manifest."""
+def _write(run_dir: Path, name: str, obj: Any) -> str:
+    """Atomically write ``obj`` (tensors in dicts) as ``checkpoints/name``; its SHA-256."""
     buf = io.BytesIO()
-    torch.save({k: v.detach().cpu() for k, v in state.items()}, buf)
+    torch.save(obj, buf)
     blob = buf.getvalue()
-    name = f"round_{server_round:04d}.pt"
     atomic_write_bytes(run_dir / "checkpoints" / name, blob)
-    manifest.rounds[server_round] = {"file": name, "sha256": hashlib.sha256(blob).hexdigest()}
+    return hashlib.sha256(blob).hexdigest()
+
+
+def _read(run_dir: Path, name: str, sha256: str) -> Any:
+    """``checkpoints/name``, unpickled (weights only) only after its hash matches."""
+    path = run_dir / "checkpoints" / name
+    if not path.exists():
+        raise CheckpointError(f"{path} is missing")
+    blob = path.read_bytes()
+    if hashlib.sha256(blob).hexdigest() != sha256:
+        raise CheckpointError(f"{path} does not match its SHA-256 in the manifest: refusing a tampered checkpoint")
+    return torch.load(io.BytesIO(blob), weights_only=True)
+
+
+def _is_tensor_dict(obj: Any) -> bool:
+    return isinstance(obj, dict) and all(isinstance(v, torch.Tensor) for v in obj.values())
+
+
+def save_round(run_dir: Path, manifest: Manifest, server_round: int, state: Mapping[str, torch.Tensor],
+               server_state: Mapping[str, Any] | None = None, *,
+               optimizer_state: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
+               optimizer_name: str | None = None) -> None:
+    """Durably store round ``server_round``'s global weights (and optimizer state), then the manifest.
+
+    ``optimizer_state`` (a stateful server optimizer's ``state_dict()``, possibly empty
+    before its first step) is written next to the weights; None: a stateless optimizer.
+    """
+    name = f"round_{server_round:04d}.pt"
+    entry = {"file": name, "sha256": _write(run_dir, name, {k: v.detach().cpu() for k, v in state.items()})}
+    if optimizer_state is not None:
+        opt_name = f"optimizer_{server_round:04d}.pt"
+        blob = {part: {k: v.detach().cpu() for k, v in tensors.items()} for part, tensors in optimizer_state.items()}
+        entry.update(optimizer=str(optimizer_name), optimizer_file=opt_name,
+                     optimizer_sha256=_write(run_dir, opt_name, blob))
+    manifest.rounds[server_round] = entry
     manifest.server_state = dict(server_state or {})
+    stale = [r for r, e in manifest.rounds.items()
+             if "optimizer_file" in e and r <= server_round - OPTIMIZER_STATES_KEPT]
+    for r in stale:  # forget them in the manifest first, then delete: never a dangling entry
+        manifest.rounds[r] = {k: v for k, v in manifest.rounds[r].items() if not k.startswith("optimizer")}
     manifest.save(run_dir)
+    for r in stale:
+        (run_dir / "checkpoints" / f"optimizer_{r:04d}.pt").unlink(missing_ok=True)
 
 
 def load_round(run_dir: Path, manifest: Manifest, server_round: int) -> dict[str, torch.Tensor]:
@@ -69,15 +118,31 @@ def load_round(run_dir: Path, manifest: Manifest, server_round: int) -> dict[str
     entry = manifest.rounds.get(server_round)
     if entry is None:
         raise CheckpointError(f"no checkpoint of round {server_round} in {run_dir / 'checkpoints'}")
-    path = run_dir / "checkpoints" / entry["file"]
-    if not path.exists():
-        raise CheckpointError(f"{path} is missing")
-    blob = path.read_bytes()
-    if hashlib.sha256(blob).hexdigest() != entry["sha256"]:
-        raise CheckpointError(f"{path} does not match its SHA-256 in the manifest: refusing a tampered checkpoint")
-    state = torch.load(io.BytesIO(blob), weights_only=True)
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise CheckpointError(f"{path} does not hold a dict of tensors")
+    state = _read(run_dir, entry["file"], entry["sha256"])
+    if not _is_tensor_dict(state):
+        raise CheckpointError(f"{run_dir / 'checkpoints' / entry['file']} does not hold a dict of tensors")
+    return state
+
+
+def load_optimizer_state(run_dir: Path, manifest: Manifest, server_round: int, *,
+                         optimizer_name: str) -> dict[str, dict[str, torch.Tensor]]:
+    """The server optimizer's state after round ``server_round``, verified against the manifest's hash.
+
+    Refused when the round has none (a stateful optimizer always stores one, even empty)
+    or it was written by another optimizer.
+    """
+    entry = manifest.rounds.get(server_round)
+    if entry is None:
+        raise CheckpointError(f"no checkpoint of round {server_round} in {run_dir / 'checkpoints'}")
+    if "optimizer_file" not in entry:
+        raise CheckpointError(f"round {server_round} has no optimizer state in {run_dir / 'checkpoints'}: "
+                              f"cannot continue strategy {optimizer_name} exactly")
+    if entry.get("optimizer") != optimizer_name:
+        raise CheckpointError(f"round {server_round}'s optimizer state belongs to {entry.get('optimizer')}, "
+                              f"not {optimizer_name}")
+    state = _read(run_dir, entry["optimizer_file"], entry["optimizer_sha256"])
+    if not isinstance(state, dict) or not all(_is_tensor_dict(part) for part in state.values()):
+        raise CheckpointError(f"{run_dir / 'checkpoints' / entry['optimizer_file']} does not hold optimizer state")
     return state
 
 

@@ -33,9 +33,17 @@ from common.model import count_parameters, instantiate_model, load_tokenizer, tr
 from common.report import build_report, write_report
 from common.storage import append_json_line, atomic_write_bytes, atomic_write_json
 from server.aggregate import Reply, aggregate, collect
-from server.checkpoint import Manifest, completed_rounds, load_round, save_round, truncate_metrics
+from server.checkpoint import (
+    Manifest,
+    completed_rounds,
+    load_optimizer_state,
+    load_round,
+    save_round,
+    truncate_metrics,
+)
 from server.evaluate import evaluate
 from server.mechanism import ClientLevelDP
+from server.optimizer import ServerOptimizer, server_optimizer
 from server.secagg import secagg_round
 
 log = logging.getLogger(__name__)
@@ -116,13 +124,19 @@ class RunState:
     unreported: dict[str, list[int]]  # client id -> rounds whose reply never arrived
 
     @classmethod
-    def fresh(cls, run_dir: Path, model: torch.nn.Module) -> "RunState":
+    def fresh(cls, run_dir: Path, model: torch.nn.Module, optimizer: ServerOptimizer) -> "RunState":
         if (run_dir / "metrics.jsonl").exists():
             raise ConfigError("hydra.run.dir", f"{run_dir} already holds a run; use resume={run_dir} to continue it")
         state = cls(uuid.uuid4().hex, Manifest(""), trainable_state(model), [], {}, {})
         state.manifest.run_id = state.run_id
-        save_round(run_dir, state.manifest, 0, state.global_state)  # resume point before round 1
+        state.save(run_dir, 0, optimizer)  # resume point before round 1
         return state
+
+    def save(self, run_dir: Path, server_round: int, optimizer: ServerOptimizer) -> None:
+        """Checkpoint the global weights and, for a stateful server optimizer, its state."""
+        save_round(run_dir, self.manifest, server_round, self.global_state,
+                   optimizer_state=optimizer.state_dict() if optimizer.stateful else None,
+                   optimizer_name=optimizer.name)
 
     @classmethod
     def resumed(cls, run_dir: Path) -> "RunState":
@@ -145,13 +159,18 @@ def run_federation(grid: Grid, prepared: Prepared, run_dir: Path, *, resume: boo
     """Run (or continue) every round and write the run directory; returns the privacy report."""
     cfg, model = prepared.cfg, prepared.model
     run_dir.mkdir(parents=True, exist_ok=True)
+    # strategy.name: how each round's released step moves the global model (server.optimizer).
+    optimizer = server_optimizer(cfg["strategy"])
     if resume:
         state = RunState.resumed(run_dir)  # keeps the original .hydra/config.yaml
+        if optimizer.stateful:  # momentum / moments exactly as after the last completed round
+            optimizer.load_state_dict(load_optimizer_state(run_dir, state.manifest, len(state.rounds),
+                                                           optimizer_name=optimizer.name))
     else:
         # DESIGN.md: .hydra/config.yaml holds the *resolved* config (Hydra writes it with
         # interpolations such as ${hydra:run.dir}); resume and `fedpriv report` read it.
         atomic_write_bytes(run_dir / ".hydra" / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(cfg)).encode())
-        state = RunState.fresh(run_dir, model)
+        state = RunState.fresh(run_dir, model, optimizer)
     cfg_json = json.dumps(cfg)
     trainable, total = count_parameters(model)
     log.info("model: %d of %d parameters train and travel (%.2f%%)", trainable, total, 100 * trainable / total)
@@ -202,8 +221,8 @@ def run_federation(grid: Grid, prepared: Prepared, run_dir: Path, *, resume: boo
 
             new_state = None
             if len(result.trained) >= int(strategy["min_train_clients"]):
-                new_state = aggregate(state.global_state, result, server_lr=float(strategy["server_lr"]),
-                                      n_planned=k, client_dp=client_dp)
+                new_state = aggregate(state.global_state, result, n_planned=k, client_dp=client_dp,
+                                      optimizer=optimizer, server_round=server_round)
             skipped = new_state is None
             if skipped:
                 log.warning("round %d skipped: %d updates accepted, strategy.min_train_clients=%s",
@@ -218,7 +237,7 @@ def run_federation(grid: Grid, prepared: Prepared, run_dir: Path, *, resume: boo
             accuracy, loss = evaluate(model, state.global_state, prepared.test,
                                       batch_size=int(cfg["evaluation"]["batch_size"]))
 
-            save_round(run_dir, state.manifest, server_round, state.global_state)
+            state.save(run_dir, server_round, optimizer)
             atomic_write_json(run_dir / "clients_reported.json", state.reported())
             record = {
                 "round": server_round, "accuracy": accuracy, "loss": loss,

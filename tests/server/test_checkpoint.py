@@ -82,3 +82,83 @@ def test_completed_rounds_rejects_gaps_and_garbage(tmp_path):
     (tmp_path / "metrics.jsonl").write_text('{"round": 1}\nnot json\n{"round": 2}\n')
     with pytest.raises(CheckpointError, match="line 2"):
         completed_rounds(tmp_path)
+
+
+# --- server optimizer state (FedAvgM momentum, FedAdam moments) -------------------------
+
+def _opt_steps():
+    from server.optimizer import FedAdam
+
+    g = torch.Generator().manual_seed(1)
+    steps = [{k: torch.randn(v.shape, generator=g, dtype=torch.float64) * 0.1 for k, v in STATE.items()}
+             for _ in range(3)]
+    return FedAdam, steps
+
+
+def test_resume_continues_the_optimizer_state_exactly(tmp_path):
+    from server.checkpoint import load_optimizer_state
+
+    FedAdam, steps = _opt_steps()
+    straight, state = FedAdam(server_lr=0.1), dict(STATE)
+    manifest = Manifest("run")
+    for r in (1, 2):
+        state = straight.step(state, steps[r - 1], server_round=r)
+        save_round(tmp_path, manifest, r, state, optimizer_state=straight.state_dict(), optimizer_name="fedadam")
+    uninterrupted = straight.step(state, steps[2], server_round=3)
+
+    back = Manifest.load(tmp_path)  # a new process: only what is on disk
+    resumed = FedAdam(server_lr=0.1)
+    resumed.load_state_dict(load_optimizer_state(tmp_path, back, 2, optimizer_name="fedadam"))
+    again = resumed.step(load_round(tmp_path, back, 2), steps[2], server_round=3)
+    assert all(torch.equal(again[k], uninterrupted[k]) for k in STATE)
+    assert all(torch.equal(resumed.state_dict()[p][k], straight.state_dict()[p][k])
+               for p in ("m", "v") for k in STATE)
+
+
+def test_tampered_optimizer_state_is_refused(tmp_path):
+    from server.checkpoint import load_optimizer_state
+
+    FedAdam, steps = _opt_steps()
+    opt = FedAdam(server_lr=0.1)
+    opt.step(STATE, steps[0], server_round=1)
+    manifest = Manifest("run")
+    save_round(tmp_path, manifest, 1, STATE, optimizer_state=opt.state_dict(), optimizer_name="fedadam")
+    path = tmp_path / "checkpoints" / manifest.rounds[1]["optimizer_file"]
+    torch.save({"m": {}, "v": {}}, path)
+    with pytest.raises(CheckpointError, match="SHA-256"):
+        load_optimizer_state(tmp_path, Manifest.load(tmp_path), 1, optimizer_name="fedadam")
+
+
+def test_missing_or_foreign_optimizer_state_is_refused(tmp_path):
+    from server.checkpoint import load_optimizer_state
+
+    manifest = Manifest("run")
+    save_round(tmp_path, manifest, 1, STATE)  # a fedavg round: nothing to restore
+    with pytest.raises(CheckpointError, match="optimizer state"):
+        load_optimizer_state(tmp_path, manifest, 1, optimizer_name="fedadam")
+    save_round(tmp_path, manifest, 2, STATE, optimizer_state={}, optimizer_name="fedavgm")
+    assert load_optimizer_state(tmp_path, manifest, 2, optimizer_name="fedavgm") == {}
+    with pytest.raises(CheckpointError, match="fedavgm"):
+        load_optimizer_state(tmp_path, manifest, 2, optimizer_name="fedadam")
+    (tmp_path / "checkpoints" / manifest.rounds[2]["optimizer_file"]).unlink()
+    with pytest.raises(CheckpointError, match="missing"):
+        load_optimizer_state(tmp_path, manifest, 2, optimizer_name="fedavgm")
+
+
+def test_fedavg_checkpoints_are_unchanged(tmp_path):
+    manifest = Manifest("run")
+    save_round(tmp_path, manifest, 1, STATE)
+    assert set(manifest.rounds[1]) == {"file", "sha256"}
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["manifest.json", "round_0001.pt"]
+
+
+def test_only_the_last_two_optimizer_states_are_kept(tmp_path):
+    # Resume needs the state after the last completed round, which is the newest or, after a
+    # crash between checkpoint and metrics line, the one before; older moments only fill the disk.
+    manifest = Manifest("run")
+    for r in range(4):
+        save_round(tmp_path, manifest, r, STATE, optimizer_state={"momentum": dict(STATE)}, optimizer_name="fedavgm")
+    files = sorted(p.name for p in (tmp_path / "checkpoints").glob("optimizer_*.pt"))
+    assert files == ["optimizer_0002.pt", "optimizer_0003.pt"]
+    assert "optimizer_file" not in Manifest.load(tmp_path).rounds[1]
+    assert all((tmp_path / "checkpoints" / f"round_{r:04d}.pt").exists() for r in range(4))
