@@ -71,7 +71,9 @@ def build_model(
     config_overrides: Mapping | None = None,
     lora: Mapping | None = None,
     freeze_embeddings: bool = True,
-    pooling: str = "auto",
+    # The conf/model/*.yaml files name pooling; this default is for configs written before
+    # the setting existed (a resumed old run's .hydra/config.yaml), which read the pooler.
+    pooling: str = "pooler",
     normalize: bool | None = None,
     tokenizer: str | None = None,  # consumed by load_tokenizer; kept so the config group instantiates
 ) -> nn.Module:

@@ -265,3 +265,14 @@ def test_every_model_option_names_pooling_and_normalize(option):
     cfg = conf(option)
     assert cfg["pooling"] in ("auto", "mean", "cls", "pooler")
     assert cfg["normalize"] in (None, True, False)
+
+
+def test_a_model_config_written_before_pooling_existed_builds_the_pooler_model():
+    # A resumed old run's .hydra/config.yaml has no model.pooling; its checkpoints hold the
+    # pooler model's trainable weights, so that is what must be built.
+    from transformers import BertForSequenceClassification
+
+    from common.model import build_model
+
+    model = build_model(name_or_path="minilm", num_labels=3, seed=0)
+    assert isinstance(model, BertForSequenceClassification)
