@@ -286,6 +286,12 @@ def _caveats(report: dict, mode: str, reported: list[dict], unreported: dict,
             "Client-level ε is for add/remove-one-client neighbouring datasets: two "
             "datasets are neighbours when they differ by all data of one client."
         )
+    optimizer = (report["config"].get("strategy") or {}).get("name", "fedavg")
+    if optimizer != "fedavg":
+        caveats.append(
+            f"The server optimizer (strategy {optimizer}) is applied to the released aggregates only: "
+            "post-processing, so every ε in this report covers it."
+        )
     if not report["secure_aggregation"]:
         caveats.append(
             "Secure aggregation is off: the server sees each client's individual update."

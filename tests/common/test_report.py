@@ -453,3 +453,12 @@ def test_history_prefix_cuts_at_a_cumulative_step_count():
     for bad in (-1, 121):
         with pytest.raises(ValueError):
             history_prefix(history, bad)
+
+
+def test_a_server_optimizer_is_named_as_post_processing():
+    plain = build_report(config=make_config(), clients_reported=make_reported(), rounds=ROUNDS)
+    assert not any("server optimizer" in c for c in plain["caveats"])
+    config = make_config()
+    config["strategy"] = {"name": "fedadam"}
+    report = build_report(config=config, clients_reported=make_reported(), rounds=ROUNDS)
+    assert any("strategy fedadam" in c and "post-processing" in c for c in report["caveats"])
