@@ -170,7 +170,7 @@ def test_planned_steps_are_the_steps_opacus_runs_at_a_short_batch_count(fast_cfg
     # accounts q = 1/92. Calibration and the budget check must plan exactly that, or the
     # client ends above its budget (1.3029 > 1.3 before the fix).
     cfg = fast_cfg("rounds=2", "num_clients=2", "data.train_size=1488", "train.batch_size=8",
-                   "privacy.sample.epsilon=1.3")
+                   "train.max_length=8", "privacy.sample.epsilon=1.3")
     n = len(load_client_data(cfg, 0)[0])
     assert n == 744 and steps_per_epoch(n, 8) == 92
     weights = global_weights(cfg)
@@ -196,7 +196,7 @@ _, labels = load_client_data(cfg, 0)
 weights = trainable_state(instantiate_model(cfg, len(labels)))
 inner = task.local_train
 def slow(*a, **k):  # keep the round open long enough for the other process to arrive
-    time.sleep(3)
+    time.sleep(1.5)
     return inner(*a, **k)
 task.local_train = slow
 task._client_data(cfg, 0)  # load before the start line, so both rounds begin together
