@@ -89,6 +89,7 @@ class RoundReplies:
     fits: dict[str, bool] = field(default_factory=dict)  # client_id -> its update fit under C (adaptive)
     masked: list[str] = field(default_factory=list)  # secagg: checked replies that trained (vector in the sum)
     secure_sum: SecureSum | None = None  # with secagg: the unmasked sum instead of ``accepted``
+    secure_error: str | None = None  # with secagg: why no sum was revealed (not a client's failure)
 
     @property
     def trained(self) -> list[str]:

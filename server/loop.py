@@ -247,6 +247,8 @@ def run_federation(grid: Grid, prepared: Prepared, run_dir: Path, *, resume: boo
                 "declined": result.declined, "rejected": result.rejected, "failed": result.failed,
                 "wall_s": round(time.monotonic() - started, 3),
             }
+            if result.secure_error is not None:
+                record["secagg_error"] = result.secure_error  # the round's, not a client's: not in clients_failed
             append_json_line(run_dir / "metrics.jsonl", record)  # last: the round is complete
             state.rounds.append(record)
             progress.update(task, advance=1, description=(

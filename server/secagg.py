@@ -203,13 +203,13 @@ def _replies(strategy: _OneRound, recorder: _Recorder, keys: list[str], global_s
     if strategy.mean is None:
         # The workflow halted (too few clients left for the threshold): nothing is revealed.
         missing = len(sampled) - len(recorder.masked)
-        out.failed.setdefault("secagg", f"secure aggregation halted ({missing} of {len(sampled)} clients missing)")
+        out.secure_error = f"secure aggregation halted ({missing} of {len(sampled)} clients missing)"
         log.warning("round %d: secure aggregation halted; the round is not released", server_round)
         return out
     senders = len(strategy.results)
     arrays = parameters_to_ndarrays(strategy.mean)
     if len(arrays) != len(keys) + 1:
-        out.failed["secagg"] = f"unmasked sum has {len(arrays)} arrays, expected {len(keys) + 1}"
+        out.secure_error = f"unmasked sum has {len(arrays)} arrays, expected {len(keys) + 1}"
         return out
     total = {}
     for name, mean in zip(keys, arrays[:-1]):
