@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import io
 import json
 import os
@@ -39,7 +40,8 @@ from common.accounting import check_pins, normalise
 from common.storage import atomic_write_bytes
 
 LEDGER_FILE = "ledger.json"
-REPLY_FILE = "last_reply.pt"
+REPLY_FILE = "last_reply.pt"  # before replies were kept per run; still read
+KEPT_RUNS = 4  # runs whose last reply a client keeps (two runs may share one state_dir)
 LOCK_FILE = ".lock"
 LEDGER_VERSION = 1
 
@@ -202,16 +204,32 @@ def reply_key(run_id: str, server_round: int, global_digest: str) -> str:
     return f"{run_id}:{server_round}:{global_digest}"
 
 
+def _reply_path(state_dir: str | Path, client_id: str, key: str) -> Path:
+    """One kept reply per run, so two runs sharing a state_dir can each resend theirs."""
+    run_id = key.split(":", 1)[0]
+    digest = hashlib.sha256(run_id.encode()).hexdigest()[:16]
+    return Ledger.directory(state_dir, client_id) / f"last_reply-{digest}.pt"
+
+
 def save_reply(state_dir: str | Path, client_id: str, key: str, reply: dict[str, Any]) -> None:
-    """Keep the reply so that a repeated request gets it again without new spend."""
+    """Keep the reply so that a repeated request gets it again without new spend.
+
+    Only the :data:`KEPT_RUNS` most recent runs' replies are kept: a run whose reply was
+    pruned declines a repeated request ("already-trained") rather than train twice.
+    """
     buf = io.BytesIO()
     torch.save({"key": key, "reply": reply}, buf)
-    atomic_write_bytes(Ledger.directory(state_dir, client_id) / REPLY_FILE, buf.getvalue())
+    path = _reply_path(state_dir, client_id, key)
+    atomic_write_bytes(path, buf.getvalue())
+    kept = sorted(path.parent.glob("last_reply-*.pt"), key=lambda p: p.stat().st_mtime, reverse=True)
+    for old in kept[KEPT_RUNS:]:
+        old.unlink(missing_ok=True)
 
 
 def load_reply(state_dir: str | Path, client_id: str, key: str) -> dict[str, Any] | None:
-    path = Ledger.directory(state_dir, client_id) / REPLY_FILE
-    if not path.exists():
-        return None
-    kept = torch.load(path, weights_only=True)
-    return kept["reply"] if kept.get("key") == key else None
+    for path in (_reply_path(state_dir, client_id, key), Ledger.directory(state_dir, client_id) / REPLY_FILE):
+        if path.exists():
+            kept = torch.load(path, weights_only=True)
+            if kept.get("key") == key:
+                return kept["reply"]
+    return None

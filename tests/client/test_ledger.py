@@ -123,3 +123,14 @@ def test_state_dir_lock_excludes_another_holder_and_times_out(tmp_path):
         thread.join()
     with locked(tmp_path, "0", timeout=0.3):  # released with the holder
         pass
+
+
+def test_two_runs_sharing_a_state_dir_each_keep_their_reply(tmp_path):
+    a, b = reply_key("run-a", 1, "d"), reply_key("run-b", 1, "d")
+    save_reply(tmp_path, "0", a, {"w": torch.ones(2)})
+    save_reply(tmp_path, "0", b, {"w": torch.zeros(2)})
+    assert torch.equal(load_reply(tmp_path, "0", a)["w"], torch.ones(2))
+    assert torch.equal(load_reply(tmp_path, "0", b)["w"], torch.zeros(2))
+    for i in range(6):  # only the most recent runs' replies are kept
+        save_reply(tmp_path, "0", reply_key(f"run-{i}", 1, "d"), {"w": torch.ones(1)})
+    assert len(list((tmp_path / "0").glob("last_reply-*.pt"))) == 4
