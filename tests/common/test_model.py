@@ -9,6 +9,7 @@ from torch.utils.data import TensorDataset
 
 from common.errors import ConfigError
 from common.model import build_model, load_trainable, model_inputs, trainable_state
+from tests.client.test_dp_train import reference_clipped_mean
 from tests.conftest import ROOT
 
 TINY = dict(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
@@ -181,23 +182,6 @@ def test_pooled_trainable_names_are_stable_and_load(lora):
         torch.testing.assert_close(v, moved[k])
 
 
-def clipped_mean_reference(model, data, clip):
-    """Per-example gradients by one backward per example (no Opacus), clipped, averaged."""
-    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    total = {n: torch.zeros_like(p) for n, p in params.items()}
-    norms = []
-    for ids, mask, label in zip(*data.tensors):
-        model.zero_grad(set_to_none=True)
-        logits = model(**model_inputs(ids[None], mask[None])).logits
-        torch.nn.functional.cross_entropy(logits, label[None]).backward()
-        norm = torch.sqrt(sum((p.grad ** 2).sum() for p in params.values()))
-        norms.append(float(norm))
-        for n, p in params.items():
-            total[n] += min(1.0, clip / (float(norm) + 1e-6)) * p.grad
-    model.zero_grad(set_to_none=True)
-    return {n: t / len(data) for n, t in total.items()}, norms
-
-
 @pytest.mark.parametrize("mode", ["hooks", "ghost"])
 @pytest.mark.parametrize("lora", [None, {"r": 2, "alpha": 4, "target_modules": ["-1.attention.self.value"]}])
 def test_a_dp_step_trains_the_head_and_adapters_of_a_pooled_model(mode, lora):
@@ -216,7 +200,7 @@ def test_a_dp_step_trains_the_head_and_adapters_of_a_pooled_model(mode, lora):
     ids, mask = batch(8)
     data = TensorDataset(ids, mask, torch.tensor([0, 1, 2, 0, 1, 2, 0, 1]))
     clip = 0.05
-    reference, norms = clipped_mean_reference(copy.deepcopy(model), data, clip)
+    reference, norms = reference_clipped_mean(copy.deepcopy(model), data, clip)
     assert max(norms) > clip, "the test must exercise clipping"
     before = trainable_state(model)
     result = local_train(model, data, epochs=1, batch_size=len(data), lr=1.0, optimizer="sgd",
