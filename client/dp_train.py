@@ -39,7 +39,16 @@ from torch.utils.data import DataLoader, TensorDataset
 from client.device import autocast
 from client.ghost import LeanGhostCriterion
 from client.ledger import RunCalibration
-from common.accounting import calibrate_noise, make_accountant, sample_rate, steps_per_epoch
+from common.accounting import (
+    PROTOTYPE_SAMPLE_RATE,
+    PROTOTYPE_SENSITIVITY,
+    calibrate_noise,
+    epsilon,
+    make_accountant,
+    prototype_entry,
+    sample_rate,
+    steps_per_epoch,
+)
 from common.model import model_inputs, state_norm
 from common.randomness import urandom_generator
 
@@ -84,6 +93,7 @@ def local_train(
     amp_dtype: torch.dtype | None = None,
     shuffle_seed: int | None = None,
     grad_sample_mode: str = "hooks",
+    features: bool = False,
 ) -> TrainResult:
     """Train ``model``'s trainable parameters in place on ``data``.
 
@@ -95,6 +105,9 @@ def local_train(
     gradients; best for LoRA) or ``ghost`` (ghost clipping, a second backward pass and
     no per-example gradients; best for full fine-tuning). Both clip every example to C
     and add the same noise, so the accounting is identical.
+    ``features``: ``data`` holds (pooled features, labels) and ``model`` is the head alone
+    (the recipe's head stage, ``common.recipe``): the same Poisson loader, clipping, noise
+    and accounting, on the head's parameters only.
     """
     if grad_sample_mode not in ("hooks", "ghost"):
         raise ValueError(f"train.grad_sample_mode must be hooks or ghost, got {grad_sample_mode!r}")
@@ -154,7 +167,8 @@ def local_train(
             data_loader=loader, max_physical_batch_size=int(max_physical_batch_size), optimizer=optimizer))
     try:
         for _ in range(epochs):
-            for input_ids, attention_mask, labels in loader:
+            for batch in loader:
+                labels = batch[-1]
                 optimizer.zero_grad(set_to_none=True)  # under BatchMemoryManager: keeps the partial sum
                 if len(labels) == 0:
                     # An empty Poisson batch is still a step of the mechanism: its
@@ -170,9 +184,18 @@ def local_train(
                     steps += 1
                     empty += 1
                     continue
-                input_ids, attention_mask, labels = (
-                    t.to(device) for t in (input_ids, attention_mask, labels)
-                )
+                labels = labels.to(device)
+                if features:
+                    with autocast(torch.device(device), amp_dtype):
+                        loss = criterion(model(batch[0].to(device)).float(), labels)
+                    loss.backward()
+                    optimizer.step()
+                    if not getattr(optimizer, "_is_last_step_skipped", False):
+                        steps += 1
+                    loss_sum += float(loss.detach())
+                    loss_batches += 1
+                    continue
+                input_ids, attention_mask = batch[0].to(device), batch[1].to(device)
                 if engine is None and max_physical_batch_size:
                     loss = _accumulated_backward(model, input_ids, attention_mask, labels,
                                                  int(max_physical_batch_size), device, amp_dtype)
@@ -234,21 +257,59 @@ def planned_steps_per_round(n: int, batch_size: int, epochs: int) -> int:
 
 
 def calibrate_run(sample: Mapping, *, n: int, batch_size: int, local_epochs: int, rounds: int,
-                  prior_history=()) -> RunCalibration:
-    """σ for a whole run, fixed once: the run's ``rounds × local_epochs`` epochs of Poisson
-    batches over ``n`` examples must stay within ``privacy.sample.epsilon`` on top of
-    ``prior_history`` (the ledger's spend). ``sample`` is the ``privacy.sample`` config.
+                  prior_history=(), prototype_share: float | None = None) -> RunCalibration:
+    """σ for a whole run, fixed once, so that the planned run spends ``privacy.sample.epsilon``
+    on top of ``prior_history`` (the ledger's spend). ``sample`` is the ``privacy.sample``
+    config; ``rounds`` counts the run's DP-SGD rounds (head and encoder stages).
 
-    The one place a run's σ is decided (client rounds, the audit, the benchmarks' loop);
-    its ``noise_multiplier`` is None when the prior spend alone reaches the budget.
+    With ``prototype_share`` (the recipe's prototype round) the release's σ_p comes first:
+    the release alone would take the prior spend to ε_prior + share × (ε − ε_prior). Then
+    DP-SGD's σ is calibrated on top of the prior spend *and* that release, over every
+    planned step (``rounds × local_epochs`` epochs of Poisson batches over ``n``), so that
+    the whole planned run — release and steps, composed in one RDP/PRV history — reaches
+    the budget. The one place a run's σ is decided (client rounds, the audit, the
+    benchmarks' loop); a σ is None when the spend before it already reaches the budget.
     """
     q = sample_rate(n, batch_size)
     steps = planned_steps_per_round(n, batch_size, local_epochs)
     planned = steps * rounds
-    sigma = calibrate_noise(target_epsilon=float(sample["epsilon"]), delta=float(sample["delta"]),
-                            sample_rate=q, steps=planned, prior_history=prior_history,
-                            accountant=sample["accountant"])
-    return RunCalibration(sigma, q, steps, planned)
+    target, delta, accountant = float(sample["epsilon"]), float(sample["delta"]), sample["accountant"]
+    prior = list(prior_history)
+    sigma_p = None
+    if prototype_share is not None:
+        spent = epsilon(prior, delta, accountant) if prior else 0.0
+        sigma_p = calibrate_noise(target_epsilon=spent + float(prototype_share) * (target - spent), delta=delta,
+                                  sample_rate=PROTOTYPE_SAMPLE_RATE, steps=1, prior_history=prior, accountant=accountant)
+        if sigma_p is None:
+            return RunCalibration(None, q, steps, planned, None)
+        prior = [*prior, prototype_entry(sigma_p)]
+    sigma = None
+    if planned > 0:
+        sigma = calibrate_noise(target_epsilon=target, delta=delta, sample_rate=q, steps=planned,
+                                prior_history=prior, accountant=accountant)
+    return RunCalibration(sigma, q, steps, planned, sigma_p)
+
+
+def release_prototypes(features: torch.Tensor, labels: torch.Tensor, num_labels: int,
+                       sigma: float | None) -> torch.Tensor:
+    """The client's prototype release: per-class sums of unit-norm features, noised.
+
+    Each feature row is L2-normalised here (whatever ``model.normalize`` says), so one
+    example moves one class's sum by at most norm 1: sensitivity
+    ``common.accounting.PROTOTYPE_SENSITIVITY``. N(0, σ²) goes on every entry of all
+    ``num_labels`` sums, classes this client does not hold included, and no per-class count
+    is released: otherwise which classes a client holds would leak. ``sigma`` None: no
+    noise (privacy none or client-level DP only; the report then claims no sample-level
+    guarantee). Noise comes from ``os.urandom`` (as DP-SGD's).
+    """
+    unit = F.normalize(features.to(torch.float64), p=2, dim=1)
+    sums = torch.zeros(int(num_labels), unit.shape[1], dtype=torch.float64)
+    sums.index_add_(0, labels.to(torch.long), unit)
+    if sigma is not None:
+        noise = torch.normal(0.0, float(sigma) * PROTOTYPE_SENSITIVITY, size=sums.shape,
+                             generator=urandom_generator(), dtype=torch.float64)
+        sums = sums + noise
+    return sums.to(torch.float32)
 
 
 # --------------------------------------------------------------------------- client level

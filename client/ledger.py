@@ -99,7 +99,8 @@ class RunCalibration:
     noise_multiplier: float | None  # None: the budget was already spent at calibration
     sample_rate: float
     steps_per_round: int
-    planned_steps: int
+    planned_steps: int  # DP-SGD steps of the whole run (head and encoder rounds)
+    prototype_noise: float | None = None  # σ of the run's prototype release (recipe.prototypes), if any
 
 
 @dataclass

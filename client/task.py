@@ -27,12 +27,14 @@ from typing import Any
 import torch
 
 from client.device import autocast_dtype, select_device
-from client.dp_train import DPSettings, calibrate_run, local_train, planned_steps_per_round
+from client.dp_train import DPSettings, calibrate_run, local_train, planned_steps_per_round, release_prototypes
 from client.ledger import Ledger, LedgerBusy, RoundEntry, load_reply, locked, reply_key, save_reply
-from common.accounting import append_steps, epsilon, sample_rate
+from common.accounting import append_steps, epsilon, prototype_entry, sample_rate, train_batch_size
 from common.data import load_client_data, load_local_data, tokenize
+from common.features import cached_features, feature_key, features_key_parts, pooled_features
 from common.errors import ConfigError
 from common.model import instantiate_model, load_tokenizer, load_trainable, state_digest, trainable_state
+from common.recipe import HEAD_PREFIX, recipe_of, stage_of, stage_rounds
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +97,21 @@ def _client_data(cfg: Mapping, partition_id: int, data_path: str | None = None):
     return _DATA_CACHE[key]
 
 
+def client_features(cfg: Mapping, who: ClientIdentity, model: torch.nn.Module, data, device) -> Any:
+    """This client's pooled features (the frozen encoder's), computed once, kept on the device."""
+    key = feature_key(*features_key_parts(cfg, who.partition_id, who.data_path))
+
+    def compute():
+        log.info("client %s: computing the pooled features of its %d examples (once)", who.client_id, len(data))
+        model.to(device)
+        try:
+            return pooled_features(model, data)
+        finally:
+            model.to("cpu")
+
+    return cached_features(Ledger.directory(who.state_dir, who.client_id), key, compute)
+
+
 def budget_epsilon(cfg: Mapping, who: ClientIdentity) -> float:
     """The lowest of the run's budget, the config's per-client cap and the device's cap."""
     sample = cfg["privacy"]["sample"]
@@ -119,6 +136,7 @@ def privacy_summary(cfg: Mapping, who: ClientIdentity, ledger: Ledger, run_id: s
         "delta": float(sample["delta"]),
         "budget_epsilon": budget,
         "noise_multiplier": calib.noise_multiplier if calib else None,
+        "prototype_noise_multiplier": calib.prototype_noise if calib else None,
         "max_grad_norm": float(sample["max_grad_norm"]),
         "sample_rate": calib.sample_rate if calib else None,
         "history": [list(h) for h in ledger.history],
@@ -178,8 +196,11 @@ def _locked_round(cfg: Mapping, who: ClientIdentity, data, num_labels: int, *, r
         return RoundOutcome(True, "already-trained", None, privacy_summary(cfg, who, ledger, run_id), resent=True)
 
     n = len(data)
-    steps = planned_steps_per_round(n, int(train["batch_size"]), int(train["local_epochs"]))
-    q = sample_rate(n, int(train["batch_size"]))
+    stage = stage_of(cfg, server_round)
+    recipe, plan = recipe_of(cfg), stage_rounds(cfg)
+    batch_size = train_batch_size(train, n, private=dp_on)
+    steps = 1 if stage == "prototypes" else planned_steps_per_round(n, batch_size, int(train["local_epochs"]))
+    q = sample_rate(n, batch_size)
     previous = copy.deepcopy(ledger)
 
     def decline(reason: str, eps_now: float | None) -> RoundOutcome:
@@ -208,40 +229,67 @@ def _locked_round(cfg: Mapping, who: ClientIdentity, data, num_labels: int, *, r
                         "a weak guarantee", who.client_id, delta, n)
         calib = ledger.runs.get(run_id)
         if calib is None:
-            calib = calibrate_run(sample, n=n, batch_size=int(train["batch_size"]),
-                                  local_epochs=int(train["local_epochs"]), rounds=int(cfg["rounds"]),
-                                  prior_history=ledger.history)
+            calib = calibrate_run(sample, n=n, batch_size=batch_size, local_epochs=int(train["local_epochs"]),
+                                  rounds=plan["head"] + plan["encoder"], prior_history=ledger.history,
+                                  prototype_share=float(recipe["prototype_share"]) if plan["prototypes"] else None)
             ledger.runs[run_id] = calib
-            log.info("client %s: calibrated sigma=%s for %d planned steps (q=%.4f)", who.client_id,
-                     calib.noise_multiplier, calib.planned_steps, q)
-        eps_after = (
-            math.inf if calib.noise_multiplier is None
-            else epsilon(append_steps(ledger.history, calib.noise_multiplier, q, steps), delta, accountant)
-        )
+            log.info("client %s: calibrated sigma=%s for %d planned steps (q=%.4f), prototype sigma=%s",
+                     who.client_id, calib.noise_multiplier, calib.planned_steps, q, calib.prototype_noise)
+        sigma = calib.prototype_noise if stage == "prototypes" else calib.noise_multiplier
+        if sigma is None:
+            eps_after = math.inf
+        elif stage == "prototypes":
+            eps_after = epsilon([*ledger.history, prototype_entry(sigma)], delta, accountant)
+        else:
+            eps_after = epsilon(append_steps(ledger.history, sigma, q, steps), delta, accountant)
         if eps_after > budget_epsilon(cfg, who):
             eps_now = epsilon(ledger.history, delta, accountant)
             log.info("client %s declines round %d: eps %.4f -> %.4f would exceed its budget %.4f",
                      who.client_id, server_round, eps_now, eps_after, budget_epsilon(cfg, who))
             return decline("budget", eps_now)
-        dp = DPSettings(calib.noise_multiplier, float(sample["max_grad_norm"]), accountant, tuple(ledger.history))
+        dp = DPSettings(sigma, float(sample["max_grad_norm"]), accountant, tuple(ledger.history))
 
     model = _fresh_model(cfg, num_labels)
     load_trainable(model, global_state)
     device = select_device(who.device or train.get("device", "cpu"))
-    result = local_train(
-        model, data, epochs=int(train["local_epochs"]), batch_size=int(train["batch_size"]),
-        lr=float(train["lr"]), weight_decay=float(train.get("weight_decay", 0.0)),
-        optimizer=str(train.get("optimizer", "adamw")), dp=dp, device=device,
-        max_physical_batch_size=who.max_physical_batch_size or train.get("max_physical_batch_size"),
-        amp_dtype=autocast_dtype(device, train.get("precision", "fp32")),
-        grad_sample_mode=str(train.get("grad_sample_mode", "hooks")),
-        shuffle_seed=None if dp_on else int(_key(cfg["seed"], who.client_id, server_round)[:15], 16),
-    )
+    shuffle_seed = None if dp_on else int(_key(cfg["seed"], who.client_id, server_round)[:15], 16)
+    if stage == "encoder":
+        result = local_train(
+            model, data, epochs=int(train["local_epochs"]), batch_size=batch_size,
+            lr=float(train["lr"]), weight_decay=float(train.get("weight_decay", 0.0)),
+            optimizer=str(train.get("optimizer", "sgd")), dp=dp, device=device,
+            max_physical_batch_size=who.max_physical_batch_size or train.get("max_physical_batch_size"),
+            amp_dtype=autocast_dtype(device, train.get("precision", "fp32")),
+            grad_sample_mode=str(train.get("grad_sample_mode", "hooks")), shuffle_seed=shuffle_seed,
+        )
+        history = result.history
+    else:
+        feats = client_features(cfg, who, model, data, device)
+        if stage == "prototypes":
+            sums = release_prototypes(*feats.tensors, num_labels, dp.noise_multiplier if dp is not None else None)
+            history = None if dp is None else [*dp.prior_history, prototype_entry(dp.noise_multiplier)]
+        else:
+            # DP-SGD on the head alone: the encoder is frozen in this stage, so its cached
+            # features are exactly what a full forward pass would feed the head.
+            result = local_train(
+                model.classifier, feats, epochs=int(train["local_epochs"]), batch_size=batch_size,
+                lr=float(recipe["head_lr"]), weight_decay=float(train.get("weight_decay", 0.0)),
+                optimizer=str(train.get("optimizer", "sgd")), dp=dp, device=device,
+                shuffle_seed=shuffle_seed, features=True,
+            )
+            history = result.history
     local = trainable_state(model)
     update = {k: (local[k].cpu() - torch.as_tensor(global_state[k])).contiguous() for k in local}
+    if stage == "prototypes":
+        # The round's reply is the release itself in the head's weight; the server turns the
+        # sum of all clients' releases into the head (common.recipe.head_from_prototypes).
+        update = {k: torch.zeros_like(v) for k, v in update.items()}
+        update[f"{HEAD_PREFIX}weight"] = sums.to(update[f"{HEAD_PREFIX}weight"].dtype)
+    elif stage == "head":
+        update = {k: (v if k.startswith(HEAD_PREFIX) else torch.zeros_like(v)) for k, v in update.items()}
 
     if dp is not None:
-        ledger.history = [tuple(h) for h in result.history]
+        ledger.history = [tuple(h) for h in history]
         ledger.pin(float(cfg["privacy"]["sample"]["delta"]), dp.accountant)  # the first spend fixes δ
         eps = epsilon(ledger.history, ledger.delta, dp.accountant)
     else:

@@ -14,6 +14,7 @@ from collections.abc import Mapping, Sequence
 
 from common.accounting import ACCOUNTANTS, client_noise
 from common.errors import ConfigError
+from common.recipe import validate_recipe
 
 PRIVACY_MODES = ("none", "sample", "client", "both")
 CLIPPING_MODES = ("fixed", "adaptive")
@@ -47,7 +48,10 @@ def validate(cfg: Mapping) -> None:
     _number(cfg, "num_clients", minimum=1, exclusive=False, integer=True)
     _number(cfg, "rounds", minimum=1, exclusive=False, integer=True)
     _number(cfg, "train.local_epochs", minimum=1, exclusive=False, integer=True)
-    _number(cfg, "train.batch_size", minimum=1, exclusive=False, integer=True)
+    if cfg["train"].get("batch_size") is not None:
+        _number(cfg, "train.batch_size", minimum=1, exclusive=False, integer=True)
+    elif cfg["train"].get("sample_rate") is not None:
+        _number(cfg, "train.sample_rate", minimum=0, maximum=1)
     _number(cfg, "train.lr", minimum=0)
     _number(cfg, "train.weight_decay", minimum=0, exclusive=False)
     _number(cfg, "train.max_length", minimum=2, exclusive=False, integer=True)
@@ -77,6 +81,7 @@ def validate(cfg: Mapping) -> None:
     if cfg["strategy"].get("max_update_norm") is not None:
         _number(cfg, "strategy.max_update_norm", minimum=0)
     _validate_strategy(cfg)
+    validate_recipe(cfg)
 
     mode = cfg["privacy"].get("mode")
     if mode not in PRIVACY_MODES:
@@ -191,9 +196,9 @@ def validate_partitions(cfg: Mapping, sizes: Sequence[int]) -> list[str]:
         if n == 0:
             raise ConfigError("partition", f"client {client_id} is left with no training data")
     notes: list[str] = []
-    batch = cfg["train"]["batch_size"]
+    batch = cfg["train"].get("batch_size")
     n_min = min(sizes)
-    if batch > n_min:
+    if batch is not None and batch > n_min:
         raise ConfigError("train.batch_size",
                           f"{batch} is larger than the smallest client's {n_min} examples")
     if cfg["privacy"]["mode"] in ("sample", "both"):

@@ -71,6 +71,7 @@ def build_model(
     config_overrides: Mapping | None = None,
     lora: Mapping | None = None,
     freeze_embeddings: bool = True,
+    freeze_encoder: bool = False,
     # The conf/model/*.yaml files name pooling; this default is for configs written before
     # the setting existed (a resumed old run's .hydra/config.yaml), which read the pooler.
     pooling: str = "pooler",
@@ -121,6 +122,14 @@ def build_model(
             # broadcast-shape trap.
             for name, param in model.named_parameters():
                 if ".embeddings." in f".{name}":
+                    param.requires_grad_(False)
+        if freeze_encoder:
+            # Only the head trains (and travels): the recipe's head stage can then compute
+            # each client's features once (common.recipe).
+            if lora:
+                raise ConfigError("model.freeze_encoder", "a frozen encoder takes no adapters; set model.lora=null")
+            for name, param in model.named_parameters():
+                if not name.startswith("classifier."):
                     param.requires_grad_(False)
         if lora and plain:
             model = _with_lora(model, lora, seq_cls=True)

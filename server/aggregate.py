@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -22,6 +22,7 @@ import torch
 from flwr.app import Message, RecordDict
 
 from common.model import state_norm
+from common.recipe import HEAD_PREFIX, head_from_prototypes
 from server.optimizer import FedAvg, ServerOptimizer, apply_step
 
 if TYPE_CHECKING:
@@ -290,6 +291,8 @@ def aggregate(
     optimizer: ServerOptimizer | None = None,
     server_round: int = 0,
     server_lr: float = 1.0,
+    keys: Collection[str] | None = None,
+    prototype_scale: float | None = None,
 ) -> dict[str, torch.Tensor] | None:
     """The next global state from a round's accepted updates (or SecAgg sum); None: not released.
 
@@ -297,6 +300,13 @@ def aggregate(
     updates. With it: (Σ clipped updates + noise) / ``n_planned`` (``server.mechanism``),
     then C adapts. ``optimizer`` (``server.optimizer``; None: FedAvg at ``server_lr``)
     turns that released step into the next global state: post-processing, no extra ε.
+
+    ``keys``: the tensors this round's stage trains (the recipe's head rounds: the head);
+    the others keep their global value, and client-level noise goes on these keys only
+    (projecting the clipped sum onto them does not raise its sensitivity). With
+    ``prototype_scale`` the round is the recipe's prototype release: the released mean of
+    the clients' class sums (in the head's weight) becomes the head,
+    ``common.recipe.head_from_prototypes``, and the optimizer takes no step.
     """
     contributors = result.trained
     if result.secure_sum is not None:
@@ -312,6 +322,8 @@ def aggregate(
     else:
         total = sum_updates(result.accepted, global_state)
         fits = float(sum(result.fits.get(cid, False) for cid in contributors))
+    if keys is not None:
+        total = {k: v for k, v in total.items() if k in set(keys)}
     if client_dp is None:
         if not contributors:
             return None
@@ -319,6 +331,12 @@ def aggregate(
     else:
         step = client_dp.privatise(total, n_planned)
         client_dp.adapt(fits, n_planned)
+    if prototype_scale is not None:
+        weight = f"{HEAD_PREFIX}weight"
+        new = {k: v.clone() for k, v in global_state.items()}
+        new[weight] = head_from_prototypes(step[weight], prototype_scale).to(global_state[weight].dtype)
+        return new
+    step = {k: step[k] if k in step else torch.zeros(v.shape, dtype=torch.float64) for k, v in global_state.items()}
     # The one place the released step becomes the next global model.
     optimizer = optimizer if optimizer is not None else FedAvg(server_lr=server_lr)
     return optimizer.step(global_state, step, server_round=server_round)

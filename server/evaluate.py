@@ -54,3 +54,22 @@ def evaluate(
         correct += int((logits.argmax(dim=-1) == target).sum())
     model.train(was_training)
     return correct / n, loss_sum / n
+
+
+@torch.no_grad()
+def evaluate_head(
+    model: torch.nn.Module,
+    state: Mapping[str, torch.Tensor],
+    features: TensorDataset,
+) -> tuple[float, float]:
+    """:func:`evaluate` for a round that changed the head alone (the recipe's prototype and
+    head stages): the head over the test set's pooled features, computed once
+    (``common.features``) from the same frozen encoder — the logits a full pass would give."""
+    load_trainable(model, state)
+    head = model.classifier
+    feats, labels = features.tensors
+    logits = head(feats.to(head.weight.device)).float()
+    labels = labels.to(logits.device)
+    n = len(labels)
+    return (int((logits.argmax(dim=-1) == labels).sum()) / n,
+            float(F.cross_entropy(logits, labels, reduction="sum")) / n)

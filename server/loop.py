@@ -28,8 +28,10 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from common.accounting import check_pins
 from common.config import validate, validate_partitions
 from common.data import load_splits, partition_train, tokenize
+from common.features import pooled_features
 from common.errors import ConfigError
-from common.model import count_parameters, instantiate_model, load_tokenizer, trainable_state
+from common.model import count_parameters, instantiate_model, load_tokenizer, load_trainable, trainable_state
+from common.recipe import check_model, head_keys, recipe_of, stage_of
 from common.report import build_report, write_report
 from common.storage import append_json_line, atomic_write_bytes, atomic_write_json
 from server.aggregate import Reply, aggregate, collect
@@ -41,7 +43,7 @@ from server.checkpoint import (
     save_round,
     truncate_metrics,
 )
-from server.evaluate import evaluate
+from server.evaluate import evaluate, evaluate_head
 from server.mechanism import ClientLevelDP
 from server.optimizer import ServerOptimizer, server_optimizer
 from server.secagg import secagg_round
@@ -58,6 +60,16 @@ class Prepared:
     test: torch.utils.data.TensorDataset
     partition_sizes: list[int]
     model: torch.nn.Module
+    test_features: torch.utils.data.TensorDataset | None = None  # the recipe's head rounds; computed once
+
+    def head_test_features(self, global_state) -> torch.utils.data.TensorDataset:
+        """The test set's pooled features through the frozen encoder (computed at first use)."""
+        if self.test_features is None:
+            log.info("computing the pooled features of the %d test examples (once)", len(self.test))
+            load_trainable(self.model, global_state)
+            self.test_features = pooled_features(self.model, self.test,
+                                                 batch_size=max(int(self.cfg["evaluation"]["batch_size"]), 128))
+        return self.test_features
 
 
 def prepare(cfg: dict) -> Prepared:
@@ -77,6 +89,7 @@ def prepare(cfg: dict) -> Prepared:
         if isinstance(cause, ConfigError):
             raise cause from None
         raise ConfigError("model", f"cannot build the model: {err}") from err
+    check_model(cfg, model)
     return Prepared(cfg, labels, tokenize(test, tokenizer, int(cfg["train"]["max_length"])), sizes, model)
 
 
@@ -199,7 +212,10 @@ def run_federation(grid: Grid, prepared: Prepared, run_dir: Path, *, resume: boo
             round_config = {"run-id": state.run_id, "server-round": server_round, "fedpriv-config": cfg_json,
                             **(client_dp.round_config() if client_dp is not None else {})}
             clip_norm = client_dp.clipping_norm if client_dp is not None else None
-            norm_caps = [c for c in (clip_norm, max_norm) if c is not None]
+            stage = stage_of(cfg, server_round)
+            # The prototype round's reply is the client's class sums, not a step: the update
+            # cap (strategy.max_update_norm) is for steps; client-level DP's C still holds.
+            norm_caps = [c for c in (clip_norm, max_norm if stage != "prototypes" else None) if c is not None]
             if cfg["secagg"]:
                 # The server only ever holds the sum; the checks ran on each client before masking.
                 result = secagg_round(grid, sampled, state.global_state, round_config, server_round=server_round,
@@ -221,8 +237,10 @@ def run_federation(grid: Grid, prepared: Prepared, run_dir: Path, *, resume: boo
 
             new_state = None
             if len(result.trained) >= int(strategy["min_train_clients"]):
-                new_state = aggregate(state.global_state, result, n_planned=k, client_dp=client_dp,
-                                      optimizer=optimizer, server_round=server_round)
+                new_state = aggregate(
+                    state.global_state, result, n_planned=k, client_dp=client_dp, optimizer=optimizer,
+                    server_round=server_round, keys=None if stage == "encoder" else head_keys(state.global_state),
+                    prototype_scale=float(recipe_of(cfg)["prototype_scale"]) if stage == "prototypes" else None)
             skipped = new_state is None
             if skipped:
                 log.warning("round %d skipped: %d updates accepted, strategy.min_train_clients=%s",
@@ -234,8 +252,11 @@ def run_federation(grid: Grid, prepared: Prepared, run_dir: Path, *, resume: boo
                 client_dp.record(server_round, released=not skipped, clients=len(result.trained),
                                  clipping_norm=clip_norm)
                 client_dp.write(run_dir)  # client_level.json: resume and `fedpriv report` read it
-            accuracy, loss = evaluate(model, state.global_state, prepared.test,
-                                      batch_size=int(cfg["evaluation"]["batch_size"]))
+            if stage == "encoder":
+                accuracy, loss = evaluate(model, state.global_state, prepared.test,
+                                          batch_size=int(cfg["evaluation"]["batch_size"]))
+            else:  # the encoder is still the frozen one: its test features are computed once
+                accuracy, loss = evaluate_head(model, state.global_state, prepared.head_test_features(state.global_state))
 
             state.save(run_dir, server_round, optimizer)
             atomic_write_json(run_dir / "clients_reported.json", state.reported())

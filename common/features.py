@@ -1,0 +1,92 @@
+"""Pooled features of a frozen encoder, computed once: the recipe's head stage reads them.
+
+A client computes the features of its own data once per (model, data, tokenizer,
+max_length) and keeps them in its own state directory, next to its ledger
+(``<state_dir>/<client_id>/features-<key>.pt``): never sent, deleted with the state
+directory. The server computes those of its test set once per run, in memory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import TensorDataset
+
+from common.model import model_inputs
+from common.storage import atomic_write_bytes
+
+log = logging.getLogger(__name__)
+
+FEATURES_PREFIX = "features-"
+
+
+@torch.no_grad()
+def pooled_features(model: torch.nn.Module, data: TensorDataset, *, batch_size: int = 128) -> TensorDataset:
+    """(features [N, d] float32, labels [N]) of ``data`` (ids, mask, labels) through ``model.features``.
+
+    Eval mode (no dropout); batches go longest first, each cut to its longest attention-
+    masked length (the padding it drops is masked for every example of the batch), and
+    the rows come back in ``data``'s order.
+    """
+    input_ids, attention_mask, labels = data.tensors
+    n = len(labels)
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    lengths = attention_mask.sum(dim=1)
+    suffix_padded = bool((attention_mask.cumsum(dim=1).eq(lengths[:, None]) | attention_mask.bool()).all())
+    order = torch.argsort(lengths, descending=True, stable=True) if suffix_padded else torch.arange(n)
+    width = int(model.config.hidden_size)
+    out = torch.zeros(n, width, dtype=torch.float32)
+    try:
+        for start in range(0, n, batch_size):
+            idx = order[start:start + batch_size]
+            cut = max(int(lengths[idx].max()), 1) if suffix_padded else input_ids.shape[1]
+            batch = model_inputs(input_ids[idx, :cut].to(device), attention_mask[idx, :cut].to(device))
+            out[idx] = model.features(**batch).float().cpu()
+    finally:
+        model.train(was_training)
+    return TensorDataset(out, labels.clone())
+
+
+def feature_key(*parts: Any) -> str:
+    """A short, stable key for what the features depend on."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+
+def cached_features(directory: str | Path, key: str, compute: Callable[[], TensorDataset]) -> TensorDataset:
+    """The features stored under ``directory`` for ``key``, computed (and stored) if absent.
+
+    Written atomically, so a crash leaves the old file or none; a file that does not load
+    is computed again. Other keys' files in ``directory`` are removed: one client keeps
+    the features of its current setting only.
+    """
+    directory = Path(directory)
+    path = directory / f"{FEATURES_PREFIX}{key}.pt"
+    if path.is_file():
+        try:
+            stored = torch.load(path, map_location="cpu", weights_only=True)
+            return TensorDataset(stored["features"], stored["labels"])
+        except Exception:  # a damaged cache is only a cache
+            log.warning("cached features %s did not load; computing them again", path.name)
+    data = compute()
+    buffer = io.BytesIO()
+    torch.save({"features": data.tensors[0], "labels": data.tensors[1]}, buffer)
+    atomic_write_bytes(path, buffer.getvalue(), mode=0o600)
+    for other in directory.glob(f"{FEATURES_PREFIX}*.pt"):
+        if other != path:
+            other.unlink(missing_ok=True)
+    return data
+
+
+def features_key_parts(cfg: Mapping, partition_id: int, data_path: str | None) -> tuple:
+    """What a client's features depend on: the model, its seed, the data and its split."""
+    return (cfg["model"], cfg["seed"], cfg["data"], cfg["partition"], cfg["num_clients"], partition_id,
+            data_path, cfg["train"]["max_length"])
