@@ -62,7 +62,7 @@ import torch.nn.functional as F
 from torch.utils.data import TensorDataset
 
 from client.dp_train import DPSettings, calibrate_run, local_train
-from common.accounting import epsilon, sample_rate
+from common.accounting import epsilon, sample_rate, train_batch_size
 from common.audit import audit, joint_scores, verdict
 from common.data import load_client_data, load_splits, tokenize
 from common.model import instantiate_model, load_tokenizer, model_inputs
@@ -161,7 +161,8 @@ def run_audit(cfg: Mapping, *, canaries: int, guesses: int, client: int = 0, noi
     # once for all planned steps and the accountant history carried from round to round,
     # exactly as client/task.py does (there the global model between rounds also holds
     # other clients' updates; here the audited client trains alone).
-    n, batch_size = len(data), int(train["batch_size"])
+    n = len(data)
+    batch_size = train_batch_size(train, n)
     rounds, local_epochs = int(cfg["rounds"]), int(train["local_epochs"])
     q = sample_rate(n, batch_size)
     sigma = (calibrate_run(sample, n=n, batch_size=batch_size, local_epochs=local_epochs, rounds=rounds)
@@ -180,7 +181,7 @@ def run_audit(cfg: Mapping, *, canaries: int, guesses: int, client: int = 0, noi
         start = flat_trainable(model)
         result = local_train(model, data, epochs=local_epochs, batch_size=batch_size, lr=float(train["lr"]),
                              weight_decay=float(train.get("weight_decay", 0.0)),
-                             optimizer=str(train.get("optimizer", "adamw")),
+                             optimizer=str(train.get("optimizer", "sgd")),
                              dp=DPSettings(sigma, clip, accountant, tuple(history)),
                              grad_sample_mode=str(train.get("grad_sample_mode", "hooks")))
         history = result.history

@@ -272,6 +272,17 @@ def _caveats(report: dict, mode: str, reported: list[dict], unreported: dict,
     ]
     if mode in ("sample", "both"):
         caveats.append(_caveat_sample_rate(report["config"]))
+    recipe = report["config"].get("recipe") or {}
+    if recipe.get("prototypes"):
+        caveats.append(
+            "Round 1 released DP class prototypes (recipe.prototypes): each client sent its per-class "
+            "sums of unit-norm pooled features, for all classes and with no per-class counts. "
+            + ("Every entry carried N(0, σ_p²) noise at sensitivity 1 (one example moves one class's sum "
+               "by norm at most 1); the release is one (σ_p, q = 1, 1 step) entry of each client's history, "
+               "and its ε is included above. " if mode in ("sample", "both") else
+               "Without sample-level DP these sums carry no per-example noise. ")
+            + "The server turned their sum into the head's starting weights (post-processing)."
+        )
     if mode == "none":
         caveats.append(CAVEAT_NO_DP)
     precision = (report["config"].get("train") or {}).get("precision", "fp32")
@@ -339,6 +350,15 @@ def _caveat_sample_rate(config: dict) -> str:
     """How a client's (q, steps) reveal its example count n, with this run's batch size."""
     train = config.get("train") or {}
     b = train.get("batch_size")
+    if b is None:
+        rate = train.get("sample_rate")
+        return (
+            "Each client's batch size is train.sample_rate × n (B = round("
+            f"{rate if rate is not None else 0.25} n)), so its sample rate q = 1/ceil(n/B) and its steps per round "
+            "are the same for almost every n: its history reveals little about its example count "
+            "(only through the rounding of B, for very small n). Histories are sent in plain "
+            "text, with secure aggregation too."
+        )
     size = f"B = {b}, train.batch_size" if b is not None else "B = train.batch_size"
     return (
         "Each client's sample rate and steps reveal its example count n: Opacus includes each "

@@ -14,7 +14,10 @@ for key in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
     os.environ.setdefault(key, "1")
 
 # Small and fast: a 2-layer random BERT on 400 synthetic messages.
-FAST = ["model=tiny_bert", "data.train_size=400", "data.test_size=80", "train.batch_size=32"]
+# recipe=finetune: every round trains through the encoder (the machinery these tests check);
+# the recipe's prototype and head stages have tests of their own.
+FAST = ["model=tiny_bert", "recipe=finetune", "data.train_size=400", "data.test_size=80", "train.batch_size=32",
+        "train.local_epochs=1"]
 
 
 def compose(overrides, run_dir: Path) -> dict:
