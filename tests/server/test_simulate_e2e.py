@@ -106,3 +106,23 @@ def test_epsilon_sweep_points_keep_separate_ledgers(tmp_path):
         for client in report["sample_level"]["clients"]:
             assert len(client["history"]) == 1  # one calibration: nothing inherited
             assert budget - 0.02 <= client["epsilon"] <= budget
+
+
+def test_default_recipe_prototypes_then_head_end_to_end(tmp_path):
+    """The default recipe (recipe=probe: prototypes, then DP-SGD on the cached-feature head)
+    through `fedpriv simulate`: only the head travels, and ε recomputes from the history."""
+    run_dir = tmp_path / "probe"
+    fast = [o for o in FAST if not o.startswith(("recipe=", "train."))]
+    proc = run_fedpriv(["simulate", *fast, "model.pooling=mean", "model.freeze_encoder=true", "num_clients=2",
+                        "rounds=3", f"hydra.run.dir={run_dir}"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = check_report(run_dir)
+    assert report["config"]["recipe"]["name"] == "probe"
+    for client in report["sample_level"]["clients"]:
+        assert client["history"][0][1:] == [1.0, 1]  # the prototype release, then DP-SGD steps
+        assert [r["round"] for r in client["per_round"]] == [1, 2, 3]
+        assert client["sample_rate"] == 0.25  # train.sample_rate null under DP: a quarter of n per batch
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [m["clients_trained"] for m in metrics] == [2, 2, 2]
+    for cid in ("0", "1"):
+        assert list((run_dir / "clients" / cid).glob("features-*.pt"))
