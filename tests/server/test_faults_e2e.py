@@ -2,6 +2,7 @@
 killed between rounds and resumed. Processes are started here and stopped here by pid."""
 
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,7 +15,7 @@ import torch
 
 from client.ledger import Ledger
 from common.accounting import calibrate_noise, sample_rate, steps_per_epoch
-from tests.conftest import FAST, child_env, compose, run_fedpriv
+from tests.conftest import FAST, ONE_ACTOR, child_env, compose, run_fedpriv
 
 pytestmark = pytest.mark.e2e
 
@@ -92,9 +93,23 @@ def kill_after_round(args, run_dir: Path, tmp_path: Path, after: int) -> None:
     assert len(metrics(run_dir)) < 4, "killed too late to test resume"
 
 
+def resume_args(privacy: str) -> list[str]:
+    return [*FAST, "num_clients=2", "rounds=4", f"privacy={privacy}", ONE_ACTOR]
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory) -> Path:
+    """One uninterrupted 4-round run without noise, shared: the resumed run's reference, and
+    a finished run for the resume refusals (which work on a copy, never on this one)."""
+    run_dir = tmp_path_factory.mktemp("straight") / "run"
+    proc = run_fedpriv(["simulate", *resume_args("none"), f"hydra.run.dir={run_dir}"], cwd=run_dir.parent)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return run_dir
+
+
 @pytest.mark.parametrize("privacy", ["none", "sample"])
-def test_sigkill_after_round_two_then_resume(tmp_path, privacy):
-    common = [*FAST, "num_clients=2", "rounds=4", f"privacy={privacy}"]
+def test_sigkill_after_round_two_then_resume(tmp_path, privacy, request):
+    common = resume_args(privacy)
     killed = tmp_path / "killed"
     kill_after_round([*common, f"hydra.run.dir={killed}"], killed, tmp_path, after=2)
 
@@ -122,24 +137,20 @@ def test_sigkill_after_round_two_then_resume(tmp_path, privacy):
             assert len(client["per_round"]) == 4
     else:
         # No noise: the resumed run ends on exactly the uninterrupted run's model.
-        straight = tmp_path / "straight"
-        proc = run_fedpriv(["simulate", *common, f"hydra.run.dir={straight}"], cwd=tmp_path)
-        assert proc.returncode == 0, proc.stderr[-3000:]
+        straight = request.getfixturevalue("straight_run")
         a, b = final_weights(killed), final_weights(straight)
         assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_resume_refuses_other_overrides_and_tampering(tmp_path):
+def test_resume_refuses_other_overrides_and_tampering(tmp_path, straight_run):
     run_dir = tmp_path / "run"
-    proc = run_fedpriv(["simulate", *FAST, "num_clients=2", "rounds=1", "privacy=none",
-                        f"hydra.run.dir={run_dir}"], cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    shutil.copytree(straight_run, run_dir)  # a finished 4-round run of our own to tamper with
     refused = run_fedpriv(["simulate", f"resume={run_dir}", "train.lr=0.5"], cwd=tmp_path, timeout=120)
     assert refused.returncode != 0 and "resume" in refused.stderr and "train.lr" in refused.stderr
 
-    ckpt = run_dir / "checkpoints" / "round_0001.pt"
+    ckpt = run_dir / "checkpoints" / "round_0004.pt"  # the last completed round: what resume loads
     state = torch.load(ckpt, weights_only=True)
     torch.save({k: v + 1 for k, v in state.items()}, ckpt)
-    tampered = run_fedpriv(["simulate", f"resume={run_dir}", "rounds=2"], cwd=tmp_path, timeout=180)
+    tampered = run_fedpriv(["simulate", f"resume={run_dir}", "rounds=5"], cwd=tmp_path, timeout=180)
     assert tampered.returncode != 0
     assert "SHA-256" in tampered.stdout + tampered.stderr
