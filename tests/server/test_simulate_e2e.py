@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from opacus.accountants import RDPAccountant
 
-from tests.conftest import FAST, compose, run_fedpriv
+from tests.conftest import FAST, ONE_ACTOR, compose, run_fedpriv
 
 pytestmark = pytest.mark.e2e
 
@@ -18,7 +18,8 @@ pytestmark = pytest.mark.e2e
 def simulate(tmp_path: Path, name: str, *overrides: str) -> Path:
     run_dir = tmp_path / name
     rounds = [] if any(o.startswith("rounds=") for o in overrides) else ["rounds=3"]  # not the demo's default
-    proc = run_fedpriv(["simulate", *FAST, "num_clients=2", *rounds, f"hydra.run.dir={run_dir}", *overrides],
+    proc = run_fedpriv(["simulate", *FAST, ONE_ACTOR, "num_clients=2", *rounds, f"hydra.run.dir={run_dir}",
+                        *overrides],
                        cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return run_dir
@@ -97,7 +98,7 @@ def test_compose_matches_what_simulate_uses(tmp_path):
 
 def test_epsilon_sweep_points_keep_separate_ledgers(tmp_path):
     # A -m sweep must not let one point's clients continue another point's ledger.
-    proc = run_fedpriv(["simulate", "-m", "privacy.sample.epsilon=1,4", *FAST, "num_clients=2", "rounds=1",
+    proc = run_fedpriv(["simulate", "-m", "privacy.sample.epsilon=1,4", *FAST, ONE_ACTOR, "num_clients=2", "rounds=1",
                         f"hydra.sweep.dir={tmp_path / 'sweep'}"], cwd=tmp_path, timeout=400)
     assert proc.returncode == 0, proc.stderr[-3000:]
     for job, budget in (("0", 1.0), ("1", 4.0)):
