@@ -6,7 +6,7 @@ import math
 import pytest
 from opacus.accountants import RDPAccountant
 
-from tests.conftest import FAST, run_fedpriv
+from tests.conftest import FAST, ONE_ACTOR, run_fedpriv
 from tests.server.test_simulate_e2e import check_report
 
 pytestmark = pytest.mark.e2e
@@ -20,7 +20,8 @@ def rdp_epsilon(history, delta):
 
 def simulate(tmp_path, name, *overrides):
     run_dir = tmp_path / name
-    proc = run_fedpriv(["simulate", *FAST, f"hydra.run.dir={run_dir}", *overrides], cwd=tmp_path, timeout=420)
+    proc = run_fedpriv(["simulate", *FAST, ONE_ACTOR, f"hydra.run.dir={run_dir}", *overrides], cwd=tmp_path,
+                      timeout=420)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return run_dir
 
