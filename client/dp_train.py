@@ -185,23 +185,16 @@ def local_train(
                     empty += 1
                     continue
                 labels = labels.to(device)
-                if features:
+                if features:  # the head alone, on pooled features
                     with autocast(torch.device(device), amp_dtype):
                         loss = criterion(model(batch[0].to(device)).float(), labels)
                     loss.backward()
-                    optimizer.step()
-                    if not getattr(optimizer, "_is_last_step_skipped", False):
-                        steps += 1
-                    loss_sum += float(loss.detach())
-                    loss_batches += 1
-                    continue
-                input_ids, attention_mask = batch[0].to(device), batch[1].to(device)
-                if engine is None and max_physical_batch_size:
-                    loss = _accumulated_backward(model, input_ids, attention_mask, labels,
+                elif engine is None and max_physical_batch_size:
+                    loss = _accumulated_backward(model, batch[0].to(device), batch[1].to(device), labels,
                                                  int(max_physical_batch_size), device, amp_dtype)
                 else:
                     with autocast(torch.device(device), amp_dtype):
-                        logits = model(**model_inputs(input_ids, attention_mask)).logits
+                        logits = model(**model_inputs(batch[0].to(device), batch[1].to(device))).logits
                         loss = criterion(logits.float(), labels)
                     loss.backward()
                 optimizer.step()
