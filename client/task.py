@@ -34,7 +34,7 @@ from common.data import load_client_data, load_local_data, tokenize
 from common.features import cached_features, feature_key, features_key_parts, pooled_features
 from common.errors import ConfigError
 from common.model import instantiate_model, load_tokenizer, load_trainable, state_digest, trainable_state
-from common.recipe import HEAD_PREFIX, recipe_of, stage_of, stage_rounds
+from common.recipe import HEAD_PREFIX, check_model, recipe_of, stage_of, stage_rounds
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +99,7 @@ def _client_data(cfg: Mapping, partition_id: int, data_path: str | None = None):
 
 def client_features(cfg: Mapping, who: ClientIdentity, model: torch.nn.Module, data, device) -> Any:
     """This client's pooled features (the frozen encoder's), computed once, kept on the device."""
+    check_model(cfg, model)  # a device refuses, naming model.pooling, what the server should have
     key = feature_key(*features_key_parts(cfg, who.partition_id, who.data_path))
 
     def compute():

@@ -30,6 +30,7 @@ from common.config import validate
 from common.data import load_local_data, tokenize
 from common.errors import ConfigError
 from common.model import instantiate_model, load_tokenizer
+from common.recipe import check_model
 from server.loop import Prepared, prepare
 
 log = logging.getLogger(__name__)
@@ -79,5 +80,6 @@ def prepare_deployment(cfg: dict) -> Prepared:
                     "the devices' own data; %d test examples", len(test))
         prepared = Prepared(cfg, labels, tokenize(test, tokenizer, int(cfg["train"]["max_length"])), [],
                             instantiate_model(cfg, len(labels)))
+        check_model(cfg, prepared.model)  # before any device is asked to train
     data["labels"] = list(prepared.label_names)
     return prepared

@@ -36,7 +36,7 @@ def test_server_without_training_data_and_a_device_file(tmp_path):
     test_file = write_csv(tmp_path / "test.csv", [["refund my card", "billing"], ["parcel late", "delivery"]])
     device_file = write_csv(tmp_path / "device.csv", [[f"where is my parcel {i}", "delivery"] for i in range(30)]
                             + [[f"charge on my bill {i}", "billing"] for i in range(30)])
-    base = ["model=tiny_bert", "train.batch_size=16", "data=csv", "data.text_column=msg", "data.label_column=y", "num_clients=2", "rounds=1",
+    base = ["model=tiny_bert", "recipe=finetune", "train.batch_size=16", "data=csv", "data.text_column=msg", "data.label_column=y", "num_clients=2", "rounds=1",
             f"hydra.run.dir={tmp_path / 'run'}"]
     cfg, _ = deployment_config(" ".join([*base, f"data.path={tmp_path / 'absent.csv'}"]))
     with pytest.raises(ConfigError, match="data.labels"):
@@ -62,3 +62,15 @@ def test_server_without_training_data_and_a_device_file(tmp_path):
     out = run_round(cfg, who, run_id="r", server_round=1, global_state=weights)
     assert not out.declined and out.privacy["rounds_participated"] == 1
     assert (tmp_path / "device-state" / "dev-a" / "ledger.json").exists()
+
+
+def test_deployment_refuses_a_recipe_the_model_cannot_run(tmp_path):
+    """The default recipe reads pooled features; tiny_bert's auto pooling is BERT's plain
+    classifier, so the server refuses before any device trains, naming model.pooling."""
+    test_file = write_csv(tmp_path / "test.csv", [["refund my card", "billing"], ["parcel late", "delivery"]])
+    cfg, _ = deployment_config(" ".join(["model=tiny_bert", "data=csv", "data.text_column=msg", "data.label_column=y",
+                                         "num_clients=2", "rounds=2", f"data.test_path={test_file}",
+                                         "data.labels=[billing,delivery]", f"hydra.run.dir={tmp_path / 'run'}"]))
+    with pytest.raises(ConfigError) as err:
+        prepare_deployment(cfg)
+    assert err.value.setting == "model.pooling"
