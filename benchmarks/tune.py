@@ -140,6 +140,8 @@ def one_run(spec: dict, device: str) -> dict:
     from client.task import ClientIdentity, run_round
     from common.data import load_splits, tokenize
     from common.model import instantiate_model, load_tokenizer, trainable_state
+    from common.recipe import round_aggregation
+    from server.aggregate import RoundReplies, aggregate
     from server.evaluate import evaluate
 
     cfg = spec["cfg"]
@@ -155,18 +157,20 @@ def one_run(spec: dict, device: str) -> dict:
         model.to(device)
         rounds, clients = [], {}
         for r in range(1, int(cfg["rounds"]) + 1):
-            updates = []
+            replies = RoundReplies()
             for c in range(int(cfg["num_clients"])):
                 who = ClientIdentity(client_id=str(c), partition_id=c, state_dir=state_dir)
                 out = run_round(cfg, who, run_id="tune", server_round=r, global_state=global_state)
                 if not out.declined:
-                    updates.append(out.update)
+                    replies.accepted[str(c)] = out.update
                 clients[c] = {k: out.privacy.get(k) for k in ("noise_multiplier", "sample_rate", "per_round")}
-            if updates:  # equal weights, as server.aggregate.fedavg
-                global_state = {k: v + torch.stack([u[k].to(v.dtype) for u in updates]).mean(0)
-                                for k, v in global_state.items()}
+            # The server's own aggregation (equal weights; the recipe's prototype read-out and
+            # head-only rounds), without Flower's messages or the update checks.
+            new = aggregate(global_state, replies, n_planned=int(cfg["num_clients"]), server_round=r,
+                            **round_aggregation(cfg, r, global_state))
+            global_state = new if new is not None else global_state
             acc, loss = evaluate(model, global_state, test, batch_size=int(cfg["evaluation"]["batch_size"]))
-            rounds.append({"round": r, "accuracy": acc, "loss": loss, "trained": len(updates)})
+            rounds.append({"round": r, "accuracy": acc, "loss": loss, "trained": len(replies.trained)})
     eps = [c["per_round"][-1]["epsilon"] for c in clients.values()
            if c.get("per_round") and c["per_round"][-1]["epsilon"] is not None]
     return {"name": spec["name"], "final_accuracy": rounds[-1]["accuracy"], "rounds": rounds,

@@ -72,8 +72,8 @@ def main() -> None:
         composed = json.loads(args.from_file.read_text())
         model, rounds, common, runs = composed["model"], composed["rounds"], composed["overrides"], composed["runs"]
     else:
-        model = args.model or ("tiny_bert" if args.quick else "minilm_lora")
-        rounds = args.rounds or (1 if args.quick else 5)
+        model = args.model or ("tiny_bert" if args.quick else "minilm_head")
+        rounds = args.rounds or (2 if args.quick else 5)  # quick: the prototype round and one head round
         datasets = args.datasets if not args.quick else ["sms_spam"]
         levels = args.levels if not args.quick else ["8", "none"]
         common = [f"model={model}", *COMMON, f"rounds={rounds}", *args.extra]
@@ -82,6 +82,8 @@ def main() -> None:
             # has the same q and σ is calibrated once: a Dirichlet split gives each client
             # its own q, and each calibration costs seconds of RDP (BENCHMARKS.md).
             common = [c for c in common if not c.startswith("partition")] + ["partition=iid", "train.max_length=24"]
+            if model == "tiny_bert":  # the default recipe reads pooled features; tiny_bert's auto is BERT's pooler
+                common += ["model.pooling=mean", "model.freeze_encoder=true"]
         runs = [{"dataset": ds, "level": level,
                  "overrides": [*common, *dataset_overrides(ds, args.data_root),
                                *(["privacy=none"] if level == "none" else [f"privacy.sample.epsilon={level}"])]}

@@ -112,6 +112,14 @@ def head_keys(state: Mapping[str, torch.Tensor]) -> list[str]:
     return [k for k in state if k.startswith(HEAD_PREFIX)]
 
 
+def round_aggregation(cfg: Mapping, server_round: int, state: Mapping[str, torch.Tensor]) -> dict:
+    """``server.aggregate.aggregate``'s stage arguments for ``server_round``: which tensors
+    move (``keys``; None = all) and whether the round is the prototype read-out."""
+    stage = stage_of(cfg, server_round)
+    return {"keys": None if stage == "encoder" else head_keys(state),
+            "prototype_scale": float(recipe_of(cfg)["prototype_scale"]) if stage == "prototypes" else None}
+
+
 def head_from_prototypes(sums: torch.Tensor, scale: float) -> torch.Tensor:
     """The head's weight from released per-class sums: ``scale`` × each row at unit norm.
 

@@ -31,7 +31,7 @@ from common.data import load_splits, partition_train, tokenize
 from common.features import pooled_features
 from common.errors import ConfigError
 from common.model import count_parameters, instantiate_model, load_tokenizer, load_trainable, trainable_state
-from common.recipe import check_model, head_keys, recipe_of, stage_of
+from common.recipe import check_model, round_aggregation, stage_of
 from common.report import build_report, write_report
 from common.storage import append_json_line, atomic_write_bytes, atomic_write_json
 from server.aggregate import Reply, aggregate, collect
@@ -237,10 +237,9 @@ def run_federation(grid: Grid, prepared: Prepared, run_dir: Path, *, resume: boo
 
             new_state = None
             if len(result.trained) >= int(strategy["min_train_clients"]):
-                new_state = aggregate(
-                    state.global_state, result, n_planned=k, client_dp=client_dp, optimizer=optimizer,
-                    server_round=server_round, keys=None if stage == "encoder" else head_keys(state.global_state),
-                    prototype_scale=float(recipe_of(cfg)["prototype_scale"]) if stage == "prototypes" else None)
+                new_state = aggregate(state.global_state, result, n_planned=k, client_dp=client_dp,
+                                      optimizer=optimizer, server_round=server_round,
+                                      **round_aggregation(cfg, server_round, state.global_state))
             skipped = new_state is None
             if skipped:
                 log.warning("round %d skipped: %d updates accepted, strategy.min_train_clients=%s",
