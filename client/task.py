@@ -113,6 +113,13 @@ def client_features(cfg: Mapping, who: ClientIdentity, model: torch.nn.Module, d
     return cached_features(Ledger.directory(who.state_dir, who.client_id), key, compute)
 
 
+def _after_round(history, stage: str, sigma: float, q: float, steps: int) -> list:
+    """The accountant history after one round of ``stage``: the budget check's and the ledger's."""
+    if stage == "prototypes":
+        return [*map(tuple, history), prototype_entry(sigma)]
+    return append_steps(history, sigma, q, steps)
+
+
 def budget_epsilon(cfg: Mapping, who: ClientIdentity) -> float:
     """The lowest of the run's budget, the config's per-client cap and the device's cap."""
     sample = cfg["privacy"]["sample"]
@@ -137,7 +144,6 @@ def privacy_summary(cfg: Mapping, who: ClientIdentity, ledger: Ledger, run_id: s
         "delta": float(sample["delta"]),
         "budget_epsilon": budget,
         "noise_multiplier": calib.noise_multiplier if calib else None,
-        "prototype_noise_multiplier": calib.prototype_noise if calib else None,
         "max_grad_norm": float(sample["max_grad_norm"]),
         "sample_rate": calib.sample_rate if calib else None,
         "history": [list(h) for h in ledger.history],
@@ -237,12 +243,8 @@ def _locked_round(cfg: Mapping, who: ClientIdentity, data, num_labels: int, *, r
             log.info("client %s: calibrated sigma=%s for %d planned steps (q=%.4f), prototype sigma=%s",
                      who.client_id, calib.noise_multiplier, calib.planned_steps, q, calib.prototype_noise)
         sigma = calib.prototype_noise if stage == "prototypes" else calib.noise_multiplier
-        if sigma is None:
-            eps_after = math.inf
-        elif stage == "prototypes":
-            eps_after = epsilon([*ledger.history, prototype_entry(sigma)], delta, accountant)
-        else:
-            eps_after = epsilon(append_steps(ledger.history, sigma, q, steps), delta, accountant)
+        eps_after = math.inf if sigma is None else epsilon(_after_round(ledger.history, stage, sigma, q, steps),
+                                                           delta, accountant)
         if eps_after > budget_epsilon(cfg, who):
             eps_now = epsilon(ledger.history, delta, accountant)
             log.info("client %s declines round %d: eps %.4f -> %.4f would exceed its budget %.4f",
@@ -268,7 +270,7 @@ def _locked_round(cfg: Mapping, who: ClientIdentity, data, num_labels: int, *, r
         feats = client_features(cfg, who, model, data, device)
         if stage == "prototypes":
             sums = release_prototypes(*feats.tensors, num_labels, dp.noise_multiplier if dp is not None else None)
-            history = None if dp is None else [*dp.prior_history, prototype_entry(dp.noise_multiplier)]
+            history = None if dp is None else _after_round(dp.prior_history, stage, dp.noise_multiplier, q, steps)
         else:
             # DP-SGD on the head alone: the encoder is frozen in this stage, so its cached
             # features are exactly what a full forward pass would feed the head.
@@ -286,8 +288,6 @@ def _locked_round(cfg: Mapping, who: ClientIdentity, data, num_labels: int, *, r
         # sum of all clients' releases into the head (common.recipe.head_from_prototypes).
         update = {k: torch.zeros_like(v) for k, v in update.items()}
         update[f"{HEAD_PREFIX}weight"] = sums.to(update[f"{HEAD_PREFIX}weight"].dtype)
-    elif stage == "head":
-        update = {k: (v if k.startswith(HEAD_PREFIX) else torch.zeros_like(v)) for k, v in update.items()}
 
     if dp is not None:
         ledger.history = [tuple(h) for h in history]
