@@ -38,9 +38,11 @@ def main() -> None:
     num_labels = 77  # Banking77's intents: the head is 384 x 77 + 77
     model = _common.build("minilm_lora", num_labels)
     lora = record_bytes(trainable_state(model))
-    full_state = {n: p.detach() for n, p in model.get_base_model().named_parameters()
+    # Everything but the adapters (and peft's copies of the head): what full fine-tuning sends.
+    full_state = {n: p.detach() for n, p in model.named_parameters()
                   if "lora_" not in n and "modules_to_save" not in n}
     full = record_bytes(full_state)
+    head = record_bytes(trainable_state(_common.build("minilm_head", num_labels)))  # the default model
     ratio = full["count_bytes"] / lora["count_bytes"]
     _common.write_json(args.out, {
         "benchmark": "comm",
@@ -48,6 +50,7 @@ def main() -> None:
         "machine": _common.machine(),
         "num_labels": num_labels,
         "lora": lora,
+        "head": head,
         "full_model": full,
         "bytes_per_client_per_round": {"lora": 2 * lora["count_bytes"], "full_model": 2 * full["count_bytes"],
                                        "note": "download (global weights) + upload (update), equal sizes"},
