@@ -1,11 +1,9 @@
 """The fedpriv ClientApp: a thin Flower handler around ``client.task.run_round``.
 
-Message contract (server → client, ``train``): ``arrays`` = the global trainable
-weights; ``config`` = {``run-id``, ``server-round``, ``fedpriv-config`` (the resolved
-run config as JSON)}. Reply: ``arrays`` = the update (local − global) unless the
-client declined; ``metrics`` = {``declined``, ``server-round``, and ``fits`` with client-level DP}; ``privacy`` =
-{``client-id``, ``reason``, ``report`` (the client's ledger summary as JSON)}.
-Nothing else leaves the client: no example count, no training loss.
+Message contract: ``common.protocol`` (a :class:`TrainInstruction` with the global
+trainable weights in; a :class:`TrainReply` out: the update unless the client declined,
+the round, the client id, a decline reason and the ledger summary). Nothing else leaves
+the client: no example count, no training loss.
 
 A request that fails on the device leaves it as an error whose text is fixed: a reason,
 plus the setting's name for a :class:`common.errors.ConfigError`, else only the
@@ -13,19 +11,17 @@ exception's class name (:func:`public_reason`). Flower sends ``str(exc)`` to the
 which logs it and writes it to ``metrics.jsonl``; an exception's own text can carry a
 label, a path or a row of the device's data, so that text stays in the device's log.
 
-Client-level DP: the config also holds ``client-clip-norm`` (C); the update is clipped
-to it and ``fits`` says whether it fit unclipped (adaptive clipping's bit). SecAgg+
+Client-level DP: the instruction also holds C; the update is clipped to it and ``fits``
+says whether it fit unclipped (adaptive clipping's bit). SecAgg+
 rounds arrive as Flower's legacy SecAgg+ messages: see ``client/secagg.py``.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import re
-from collections.abc import Mapping
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from client.device import release_memory
@@ -34,6 +30,7 @@ from client.node_config import node_identity
 from client.secagg import is_secagg, secagg_train
 from client.task import ClientIdentity, run_round
 from common.errors import ConfigError
+from common.protocol import TrainInstruction, TrainReply
 
 app = ClientApp()
 logging.getLogger("flwr").propagate = False
@@ -75,34 +72,27 @@ def train(msg: Message, context: Context) -> Message:
 def _train(msg: Message, context: Context) -> Message:
     if is_secagg(msg):  # a SecAgg+ round: Flower's mod drives the stages (client/secagg.py)
         return secagg_train(msg, context, answer)
-    update, metrics, privacy = answer(msg.content["config"], msg.content["arrays"].to_torch_state_dict(), context)
-    content = RecordDict({"metrics": MetricRecord(metrics), "privacy": ConfigRecord(privacy)})
-    if update is not None:
-        content["arrays"] = ArrayRecord(torch_state_dict=update)
-    return Message(content=content, reply_to=msg)
+    instruction, global_state = TrainInstruction.from_content(msg.content)
+    return Message(content=answer(instruction, global_state, context).to_content(), reply_to=msg)
 
 
-def answer(config: Mapping, global_state: dict, context: Context) -> tuple[dict | None, dict, dict]:
-    """(update or None, metrics, privacy) for one training request, plain or SecAgg+.
+def answer(instruction: TrainInstruction, global_state: dict, context: Context) -> TrainReply:
+    """The reply to one training request, plain or SecAgg+.
 
-    With client-level DP (``client-clip-norm`` in the config) the update is clipped to
-    that norm here, after the ledger committed the unclipped reply: clipping is a
-    deterministic post-processing, so a resent round clips the kept reply identically.
+    With client-level DP (C in the instruction) the update is clipped to C here, after
+    the ledger committed the unclipped reply: clipping is a deterministic
+    post-processing, so a resent round clips the kept reply identically.
     """
-    cfg = json.loads(str(config["fedpriv-config"]))
+    cfg = instruction.cfg()
     who = identity(context, cfg)
-    server_round = int(config["server-round"])
     try:
-        outcome = run_round(cfg, who, run_id=str(config["run-id"]), server_round=server_round,
+        outcome = run_round(cfg, who, run_id=instruction.run_id, server_round=instruction.server_round,
                             global_state=global_state)
     finally:
         release_memory()  # an idle device holds no GPU cache between rounds
-    metrics = {"declined": int(outcome.declined), "server-round": server_round}
-    update = outcome.update
-    clip = config.get("client-clip-norm")
-    if update is not None and clip is not None:
-        clipped = clip_update(update, float(clip))
-        update = clipped.update
-        metrics["fits"] = int(clipped.fits)
-    privacy = {"client-id": who.client_id, "reason": outcome.reason, "report": json.dumps(outcome.privacy)}
-    return update, metrics, privacy
+    update, fits = outcome.update, None
+    if update is not None and instruction.client_clip_norm is not None:
+        clipped = clip_update(update, instruction.client_clip_norm)
+        update, fits = clipped.update, clipped.fits
+    return TrainReply(who.client_id, instruction.server_round, outcome.declined, outcome.reason, outcome.privacy,
+                      update, fits)

@@ -6,10 +6,10 @@ secure round reaches the ClientApp as four ``train`` messages carrying the recor
 masking; for the masked-vector stage it calls ``legacy_fit`` here, which speaks the
 legacy FitIns/FitRes format (``recorddict_compat``) and returns:
 
-- the update in the order of ``fedpriv-keys`` plus one array ``[fits · R]`` (adaptive
-  clipping's bit, so that only its sum is revealed) — the mod masks all of it and
-  clears the plain arrays before anything leaves;
-- plain metrics: ``declined``, ``server-round``, ``client-id``, ``reason``, ``report``.
+- the update in the order of the instruction's keys plus one array ``[fits · R]``
+  (adaptive clipping's bit, so that only its sum is revealed) — the mod masks all of it
+  and clears the plain arrays before anything leaves;
+- plain metrics: the reply's plain part (``common.protocol.TrainReply.secure_metrics``).
 
 Update checks run here, before masking (DESIGN.md): under SecAgg the server can only
 check the sum. A declining client still sends a vector of zeros so that the protocol's
@@ -18,7 +18,6 @@ masks cancel; it contributes nothing and the server counts it as declined.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Mapping
 
 import numpy as np
@@ -30,11 +29,10 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 from flwr.compat.common import recorddict_compat as compat
 
 from common.model import state_norm
+from common.protocol import TrainInstruction, TrainReply
 
-KEYS_FIELD = "fedpriv-keys"
-
-# answer(config, global_state, context) -> (update | None, metrics, privacy), as client.app's
-Answer = Callable[[Mapping, Mapping[str, torch.Tensor], Context], tuple]
+# answer(instruction, global_state, context) -> TrainReply, as client.app's
+Answer = Callable[[TrainInstruction, Mapping[str, torch.Tensor], Context], TrainReply]
 
 
 def is_secagg(msg: Message) -> bool:
@@ -67,15 +65,12 @@ def secure_vector(update: Mapping[str, torch.Tensor] | None, global_state: Mappi
 
 def legacy_fit(msg: Message, context: Context, answer: Answer) -> Message:
     fitins = compat.recorddict_to_fitins(msg.content, keep_input=True)
-    config = dict(fitins.config)
-    keys = json.loads(str(config[KEYS_FIELD]))
+    instruction, keys, secagg_range = TrainInstruction.from_secure_config(dict(fitins.config))
     arrays = parameters_to_ndarrays(fitins.parameters)
     global_state = {k: torch.from_numpy(np.array(a)) for k, a in zip(keys, arrays, strict=True)}
-    update, metrics, privacy = answer(config, global_state, context)
-    fits = bool(metrics.pop("fits", 0))  # never in plain text under SecAgg: it goes into the sum
-    clip = config.get("client-clip-norm")
-    vector = secure_vector(update, global_state, keys, fits=fits, clipping_range=float(config["secagg-range"]),
-                           max_norm=float(clip) if clip is not None else None)
+    reply = answer(instruction, global_state, context)
+    vector = secure_vector(reply.update, global_state, keys, fits=bool(reply.fits), clipping_range=secagg_range,
+                           max_norm=instruction.client_clip_norm)
     fitres = FitRes(status=Status(code=Code.OK, message=""), parameters=ndarrays_to_parameters(vector),
-                    num_examples=1, metrics={**metrics, **privacy})
+                    num_examples=1, metrics=reply.secure_metrics())
     return Message(compat.fitres_to_recorddict(fitres, keep_input=False), reply_to=msg)

@@ -12,7 +12,6 @@ A rejected reply is logged with its reason and counted; it never reaches the sum
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -22,6 +21,7 @@ import torch
 from flwr.app import Message, RecordDict
 
 from common.model import state_norm
+from common.protocol import REPLY_RECORDS, SECURE_REPLY_RECORDS, ProtocolError, TrainReply
 from common.recipe import HEAD_PREFIX, head_from_prototypes
 from server.optimizer import FedAvg, ServerOptimizer, apply_step
 
@@ -30,21 +30,12 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-#: What a client may send besides its update (the allow-list; DESIGN.md "Privacy
-#: semantics"): record name -> keys. Anything else is refused, not ignored, so a
-#: client cannot leak extra statistics through the server's logs or report.
-ALLOWED = {
-    "arrays": None,  # the update itself, checked key by key against the model
-    "metrics": {"declined", "server-round", "fits"},  # fits: adaptive clipping's bit
-    "privacy": {"client-id", "reason", "report"},
-}
-#: Under SecAgg+ a reply's plain part (server.secagg turns the legacy FitRes into these two
-#: records): no update in the clear, and no ``fits`` — that bit is summed securely, in
-#: plain text it would reveal one client's clipping outcome.
-SECURE_ALLOWED = {
-    "metrics": {"declined", "server-round"},
-    "privacy": set(ALLOWED["privacy"]),
-}
+#: What a client may send (the allow-list; DESIGN.md "Privacy semantics"), derived from
+#: the protocol's reply fields: anything else is refused, not ignored, so a client cannot
+#: leak extra statistics through the server's logs or report. Under SecAgg+ the plain
+#: part has no update and no ``fits`` (that bit is summed securely; in plain text it
+#: would reveal one client's clipping outcome).
+ALLOWED, SECURE_ALLOWED = REPLY_RECORDS, SECURE_REPLY_RECORDS
 #: Slack on the payload size for per-array metadata.
 PAYLOAD_SLACK_BYTES = 64 * 1024
 
@@ -130,18 +121,6 @@ def check_update(
     return None
 
 
-def _unexpected_records(content: RecordDict, allowed: Mapping[str, set[str] | None] = ALLOWED) -> str | None:
-    for name in content.keys():
-        if name not in allowed:
-            return f"record {name!r} is not allowed"
-        allowed_keys = allowed[name]
-        if allowed_keys is not None:
-            extra = sorted(set(content[name].keys()) - allowed_keys)
-            if extra:
-                return f"{name}: keys {extra} are not allowed"
-    return None
-
-
 def collect(
     replies: Iterable[Reply],
     *,
@@ -178,22 +157,21 @@ def collect(
             out.failed[node] = reply.error[:300]
             out.failed_nodes.append(reply.node_id)
             continue
-        if secure:
-            reason, client_id = check_reply(reply.content, server_round, out, allowed=SECURE_ALLOWED)
-            update = None
-            if reason is None and client_id not in out.declined:
-                out.masked.append(client_id)
-        else:
-            reason, client_id, update = _check_reply(reply.content, server_round, expected, max_bytes,
-                                                     max_update_norm, out)
+        reason, client_id, parsed = check_reply(reply.content, server_round, out, secure=secure)
+        update = None
+        if reason is None and not parsed.declined:
+            if secure:
+                out.masked.append(client_id)  # its vector is in the sum, which only check_sum can check
+            else:
+                reason, update = _checked_update(parsed, expected, max_bytes, max_update_norm)
         if client_id is not None:
             out.node_clients[reply.node_id] = client_id
         if reason is not None:
             out.rejected[client_id or node] = reason
         elif update is not None:
             out.accepted[client_id] = update
-            if "fits" in reply.content["metrics"]:
-                out.fits[client_id] = bool(int(reply.content["metrics"]["fits"]))
+            if parsed.fits is not None:
+                out.fits[client_id] = parsed.fits
     out.missing = sorted(sampled - seen)
     for who, reason in out.rejected.items():
         log.warning("round %d: rejected reply of %s: %s", server_round, who, reason)
@@ -203,51 +181,39 @@ def collect(
 
 
 def check_reply(content: RecordDict, server_round: int, out: RoundReplies, *,
-                allowed: Mapping[str, set[str] | None] = ALLOWED) -> tuple[str | None, str | None]:
-    """(reason to reject or None, client id or None): the checks every reply passes, plain or SecAgg+.
+                secure: bool = False) -> tuple[str | None, str | None, TrainReply | None]:
+    """(reason to reject or None, client id or None, the parsed reply or None): the checks
+    every reply passes, plain or SecAgg+.
 
-    Well-formed ``metrics``/``privacy`` records, only ``allowed`` records and keys, this
-    round's tag, one reply per client id. A reply that passes has its privacy summary
-    kept in ``out.privacy`` and, if it declined, its reason in ``out.declined``.
+    A reply that follows the protocol (``common.protocol.TrainReply``: well-formed, only
+    allow-listed records and keys), tagged with this round, the first for its client id.
+    A reply that passes has its privacy summary kept in ``out.privacy`` and, if it
+    declined, its reason in ``out.declined``.
     """
     try:
-        privacy = content["privacy"]
-        client_id = str(privacy["client-id"])
-        metrics = content["metrics"]
-        tagged_round = int(metrics["server-round"])
-        declined = bool(int(metrics["declined"]))
-        summary = json.loads(str(privacy["report"]))
-    except (KeyError, ValueError, TypeError) as err:
-        return f"malformed reply ({err.__class__.__name__}: {str(err)[:100]})", None
-    if (reason := _unexpected_records(content, allowed)) is not None:
-        return reason, client_id
-    if tagged_round != server_round:
-        return f"reply for round {tagged_round}, expected {server_round}", client_id
-    if client_id in out.accepted or client_id in out.declined or client_id in out.masked:
-        return "a second reply for this client id", client_id
-    if isinstance(summary, dict):
-        out.privacy[client_id] = summary
-    if declined:
-        out.declined[client_id] = str(privacy["reason"])
-    return None, client_id
+        reply = TrainReply.from_content(content, secure=secure)
+    except ProtocolError as err:
+        return err.reason, err.client_id, None
+    cid = reply.client_id
+    if reply.server_round != server_round:
+        return f"reply for round {reply.server_round}, expected {server_round}", cid, None
+    if cid in out.accepted or cid in out.declined or cid in out.masked:
+        return "a second reply for this client id", cid, None
+    if isinstance(reply.report, dict):
+        out.privacy[cid] = reply.report
+    if reply.declined:
+        out.declined[cid] = reply.reason
+    return None, cid, reply
 
 
-def _check_reply(content, server_round, expected, max_bytes, max_update_norm, out: RoundReplies):
-    """A plain reply: (reason to reject or None, client id or None, accepted update or None)."""
-    reason, client_id = check_reply(content, server_round, out)
-    if reason is not None or client_id in out.declined:
-        return reason, client_id, None
-    if "arrays" not in content:
-        return "no update in a reply that did not decline", client_id, None
-    size = content["arrays"].count_bytes()
-    if size > max_bytes:
-        return f"payload of {size} bytes exceeds the model's {max_bytes}", client_id, None
+def _checked_update(reply: TrainReply, expected, max_bytes, max_update_norm) -> tuple[str | None, dict | None]:
+    """A plain reply's update: (reason to reject or None, the accepted update or None)."""
     try:
-        update = content["arrays"].to_torch_state_dict()
-    except Exception as err:  # a payload that does not even decode
-        return f"undecodable update ({err.__class__.__name__})", client_id, None
+        update = reply.decoded_update(max_bytes)
+    except ProtocolError as err:
+        return err.reason, None
     reason = check_update(update, expected, max_norm=max_update_norm)
-    return reason, client_id, (update if reason is None else None)
+    return reason, (update if reason is None else None)
 
 
 def _client_order(client_id: str):

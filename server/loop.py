@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.app import Message
 from flwr.serverapp import Grid
 from omegaconf import OmegaConf
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
@@ -31,6 +31,7 @@ from common.data import load_splits, partition_train, tokenize
 from common.features import pooled_features
 from common.errors import ConfigError
 from common.model import count_parameters, instantiate_model, load_tokenizer, load_trainable, trainable_state
+from common.protocol import TrainInstruction
 from common.recipe import check_model, round_aggregation, stage_of
 from common.report import build_report, write_report
 from common.storage import append_json_line, atomic_write_bytes, atomic_write_json
@@ -209,21 +210,19 @@ def run_federation(grid: Grid, prepared: Prepared, run_dir: Path, *, resume: boo
             started = time.monotonic()
             k = max(1, round(float(strategy["fraction_train"]) * len(nodes)))
             sampled = sorted(sampler.sample(nodes, k))
-            round_config = {"run-id": state.run_id, "server-round": server_round, "fedpriv-config": cfg_json,
-                            **(client_dp.round_config() if client_dp is not None else {})}
             clip_norm = client_dp.clipping_norm if client_dp is not None else None
+            instruction = TrainInstruction(state.run_id, server_round, cfg_json, client_clip_norm=clip_norm)
             stage = stage_of(cfg, server_round)
             # The prototype round's reply is the client's class sums, not a step: the update
             # cap (strategy.max_update_norm) is for steps; client-level DP's C still holds.
             norm_caps = [c for c in (clip_norm, max_norm if stage != "prototypes" else None) if c is not None]
             if cfg["secagg"]:
                 # The server only ever holds the sum; the checks ran on each client before masking.
-                result = secagg_round(grid, sampled, state.global_state, round_config, server_round=server_round,
+                result = secagg_round(grid, sampled, state.global_state, instruction, server_round=server_round,
                                       settings=cfg["secaggplus"], timeout=float(cfg["round_timeout_s"]),
                                       clipping_range=clip_norm or float(cfg["secaggplus"]["clipping_range"]))
             else:
-                content = RecordDict({"arrays": ArrayRecord(torch_state_dict=state.global_state),
-                                      "config": ConfigRecord(round_config)})
+                content = instruction.to_content(state.global_state)
                 messages = [Message(content=content, dst_node_id=node, message_type="train") for node in sampled]
                 replies = grid.send_and_receive(messages, timeout=float(cfg["round_timeout_s"]))
                 result = collect((Reply.of(m) for m in replies), server_round=server_round, sampled=sampled,

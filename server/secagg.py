@@ -16,17 +16,16 @@ vector, and ``mean × senders`` is the sum. The clients' update checks run on th
 client before masking; here only the unmasked sum can be checked
 (``server.aggregate.check_sum``: finite, norm ≤ senders · C).
 
-The message contract on top of the legacy format (``client/secagg.py``): the fit
-config is the plain round's ``config`` plus ``fedpriv-keys`` (the trainable keys, in
-the order of the parameter arrays); each client's masked vector is its update in
-that order plus one array ``[fits · R]`` (adaptive clipping's bit, summed securely,
-R the quantisation range); its fit metrics carry ``declined``, ``server-round``,
-``client-id``, ``reason`` and ``report`` in plain text, never the update or the bit.
+The message contract on top of the legacy format (``common.protocol``, ``client/secagg.py``):
+the fit config is the plain round's instruction plus the trainable keys in the order of
+the parameter arrays and the quantisation range R (``TrainInstruction.secure_config``);
+each client's masked vector is its update in that order plus one array ``[fits · R]``
+(adaptive clipping's bit, summed securely); its fit metrics are the reply's plain part
+(``TrainReply.secure_metrics``), never the update or the bit.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from collections.abc import Mapping, Sequence
@@ -45,11 +44,10 @@ from flwr.server.strategy import Strategy
 from flwr.server.workflow import SecAggPlusWorkflow
 from flwr.serverapp import Grid
 
-from server.aggregate import ALLOWED, Reply, RoundReplies, SecureSum, collect
+from common.protocol import ARRAYS, METRICS, PRIVACY, REPLY_RECORDS, TrainInstruction
+from server.aggregate import Reply, RoundReplies, SecureSum, collect
 
 log = logging.getLogger(__name__)
-
-KEYS_FIELD = "fedpriv-keys"
 #: The records of a masked-vector reply (Flower's mod): the masked vector and the legacy FitRes.
 SECURE_RECORDS = {RECORD_KEY_CONFIGS, "fitres.metrics", "fitres.num_examples", "fitres.parameters", "fitres.status"}
 
@@ -103,12 +101,12 @@ def plain_part(content: RecordDict) -> RecordDict:
     except Exception:  # not even a FitRes: malformed (no privacy record)
         return RecordDict()
     metrics = dict(fitres.metrics)
-    privacy = {k: metrics.pop(k) for k in list(metrics) if k in ALLOWED["privacy"]}
+    privacy = {k: metrics.pop(k) for k in list(metrics) if k in REPLY_RECORDS[PRIVACY]}
     if fitres.num_examples != 1:
         metrics["num-examples"] = fitres.num_examples
-    plain = RecordDict({"metrics": ConfigRecord(metrics), "privacy": ConfigRecord(privacy)})
+    plain = RecordDict({METRICS: ConfigRecord(metrics), PRIVACY: ConfigRecord(privacy)})
     if fitres.parameters.tensors:
-        plain["arrays"] = content["fitres.parameters"]
+        plain[ARRAYS] = content["fitres.parameters"]
     for name in set(content.keys()) - SECURE_RECORDS:
         plain[name] = content[name]
     return plain
@@ -169,7 +167,7 @@ def secagg_round(
     grid: Grid,
     sampled: Sequence[int],
     global_state: Mapping[str, torch.Tensor],
-    config: Mapping,
+    instruction: TrainInstruction,
     *,
     server_round: int,
     settings: Mapping,
@@ -180,7 +178,7 @@ def secagg_round(
     """Run one SecAgg+ fit round for ``sampled``; the result holds the sum, never one update."""
     keys = list(global_state)
     params = ndarrays_to_parameters([global_state[k].detach().cpu().numpy() for k in keys])
-    fit_config = {**config, KEYS_FIELD: json.dumps(keys), "secagg-range": float(clipping_range)}
+    fit_config = instruction.secure_config(keys, clipping_range)
     if run_id is None:
         run_id = grid.run.run_id
     strategy = _OneRound([GridClientProxy(int(n), grid, run_id) for n in sampled], FitIns(params, fit_config))

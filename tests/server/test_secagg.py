@@ -6,6 +6,7 @@ legacy fit) with a stand-in for training, and keeps every reply the server recei
 """
 
 import copy
+import dataclasses
 import math
 
 import numpy as np
@@ -19,6 +20,7 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 
 from client.dp_train import clip_update
 from client.secagg import secagg_train
+from common.protocol import TrainInstruction, TrainReply
 from server.aggregate import aggregate
 from server.mechanism import ClientLevelDP
 from server.secagg import secagg_round
@@ -42,18 +44,17 @@ class InProcessGrid:
                          for n in updates}
         self.received: list[tuple[str, Message]] = []  # (stage, reply) as the server got them
 
-    def answer(self, config, global_state, context):
+    def answer(self, instruction, global_state, context):
         node = context.node_id
-        metrics = {"declined": int(node in self.declined), "server-round": int(config["server-round"])}
-        privacy = {"client-id": self.ids.get(node, str(node)), "reason": "budget" if node in self.declined else "",
-                   "report": "{}", **self.extra.get(node, {})}
+        reply = dict(client_id=self.ids.get(node, str(node)), server_round=instruction.server_round,
+                     declined=node in self.declined, reason="budget" if node in self.declined else "", report={})
         if node in self.crash:
             raise RuntimeError("training failed on the device (RuntimeError)")
+        cls = _Tampered.extra(self.extra[node]) if node in self.extra else TrainReply
         if node in self.declined:
-            return None, metrics, privacy
-        clipped = clip_update(self.updates[node], float(config["client-clip-norm"]))
-        metrics["fits"] = int(clipped.fits)
-        return clipped.update, metrics, privacy
+            return cls(**reply)
+        clipped = clip_update(self.updates[node], instruction.client_clip_norm)
+        return cls(**reply, update=clipped.update, fits=clipped.fits)
 
     def send_and_receive(self, messages, *, timeout=None):
         replies = []
@@ -76,6 +77,17 @@ class InProcessGrid:
         return replies
 
 
+class _Tampered(TrainReply):
+    """A reply whose plain part carries what the protocol does not."""
+
+    @staticmethod
+    def extra(fields):
+        return type("Tampered", (_Tampered,), {"fields": dict(fields)})
+
+    def secure_metrics(self):
+        return {**super().secure_metrics(), **self.fields}
+
+
 def random_updates(nodes, scale=1.0, seed=0):
     gen = torch.Generator().manual_seed(seed)
     return {n: {k: torch.randn(s, generator=gen) * scale * (1 + i) for k, s in SHAPES.items()}
@@ -83,8 +95,8 @@ def random_updates(nodes, scale=1.0, seed=0):
 
 
 def run_round(grid, nodes, clip=C, server_round=1, settings=SETTINGS):
-    config = {"run-id": "r", "server-round": server_round, "fedpriv-config": "{}", "client-clip-norm": clip}
-    return secagg_round(grid, nodes, GLOBAL, config, server_round=server_round, settings=settings,
+    instruction = TrainInstruction("r", server_round, "{}", client_clip_norm=clip)
+    return secagg_round(grid, nodes, GLOBAL, instruction, server_round=server_round, settings=settings,
                         clipping_range=clip, timeout=None, run_id=7)
 
 
@@ -192,11 +204,9 @@ def test_secagg_reply_for_another_round_is_rejected(task_identity, nodes):
     grid = InProcessGrid(random_updates(nodes, scale=0.01))
     original = grid.answer
 
-    def stale(config, global_state, context):
-        update, metrics, privacy = original(config, global_state, context)
-        if context.node_id == 14:
-            metrics["server-round"] = 1
-        return update, metrics, privacy
+    def stale(instruction, global_state, context):
+        reply = original(instruction, global_state, context)
+        return dataclasses.replace(reply, server_round=1) if context.node_id == 14 else reply
     grid.answer = stale
     result = run_round(grid, nodes, server_round=2)
     assert "round" in result.rejected["14"] and sorted(result.trained) == ["11", "12", "13"]
