@@ -25,7 +25,7 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from client.device import release_memory
-from client.dp_train import clip_update
+from common.mechanism import clip_update
 from client.node_config import node_identity
 from client.secagg import is_secagg, secagg_train
 from client.task import ClientIdentity, run_round

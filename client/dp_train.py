@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -49,7 +48,7 @@ from common.accounting import (
     sample_rate,
     steps_per_epoch,
 )
-from common.model import model_inputs, state_norm
+from common.model import model_inputs
 from common.randomness import urandom_generator
 
 log = logging.getLogger(__name__)
@@ -303,42 +302,3 @@ def release_prototypes(features: torch.Tensor, labels: torch.Tensor, num_labels:
                              generator=urandom_generator(), dtype=torch.float64)
         sums = sums + noise
     return sums.to(torch.float32)
-
-
-# --------------------------------------------------------------------------- client level
-
-
-@dataclass
-class ClippedUpdate:
-    update: dict[str, torch.Tensor]  # the update scaled to norm <= C (zeros if it was not finite)
-    norm: float  # L2 norm of the update before clipping (inf if not finite)
-    fits: bool  # norm <= C: the bit adaptive clipping counts (Andrew et al.)
-
-
-def clip_update(update: Mapping[str, torch.Tensor], clipping_norm: float) -> ClippedUpdate:
-    """Scale ``update`` (local − global, all trainable tensors together) to L2 norm <= C.
-
-    Client-level DP's sensitivity is C only if nothing larger ever leaves the client, so
-    the two cases Flower's clipping gets wrong are decided here: an update that is not
-    finite (NaN passes ``min(1, C / nan)`` unclipped in Flower) is replaced by zeros,
-    and a zero update is returned as is (Flower divides by its zero norm). The norm is
-    computed in float64 and the clipped norm is measured again after rounding back to the
-    parameter dtype (bf16 rounding alone can push it above C).
-    """
-    if not clipping_norm > 0:
-        raise ValueError("clipping_norm must be > 0")
-    norm = state_norm(update)
-    if not math.isfinite(norm):
-        log.warning("client update is not finite: replaced by zeros (the server never sees it)")
-        return ClippedUpdate({k: torch.zeros_like(v) for k, v in update.items()}, math.inf, False)
-    if norm <= clipping_norm:
-        return ClippedUpdate({k: v.clone() for k, v in update.items()}, norm, True)
-    scale = clipping_norm / norm * (1 - 1e-6)
-    for _ in range(8):
-        clipped = {k: (v.to(torch.float64) * scale).to(v.dtype) for k, v in update.items()}
-        after = state_norm(clipped)
-        if after <= clipping_norm:
-            return ClippedUpdate(clipped, norm, False)
-        # Rounding to a short dtype (bf16 keeps 8 bits) went above C: step further in.
-        scale *= clipping_norm / after * (1 - 2 ** -7)
-    return ClippedUpdate({k: torch.zeros_like(v) for k, v in update.items()}, norm, False)

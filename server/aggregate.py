@@ -26,7 +26,7 @@ from common.recipe import HEAD_PREFIX, head_from_prototypes
 from server.optimizer import FedAvg, ServerOptimizer, apply_step
 
 if TYPE_CHECKING:
-    from server.mechanism import ClientLevelDP
+    from common.mechanism import ClientLevelDP
 
 log = logging.getLogger(__name__)
 
@@ -263,7 +263,7 @@ def aggregate(
     """The next global state from a round's accepted updates (or SecAgg sum); None: not released.
 
     The round's step, without client-level DP: the equal-weight mean of the contributors'
-    updates. With it: (Σ clipped updates + noise) / ``n_planned`` (``server.mechanism``),
+    updates. With it: (Σ clipped updates + noise) / ``n_planned`` (``common.mechanism``),
     then C adapts. ``optimizer`` (``server.optimizer``; None: FedAvg at ``server_lr``)
     turns that released step into the next global state: post-processing, no extra ε.
 
@@ -295,8 +295,8 @@ def aggregate(
             return None
         step = {k: v / len(contributors) for k, v in total.items()}
     else:
-        step = client_dp.privatise(total, n_planned)
-        client_dp.adapt(fits, n_planned)
+        step = client_dp.release(total, fits=fits, n_planned=n_planned, server_round=server_round,
+                                 clients=len(contributors))
     if prototype_scale is not None:
         weight = f"{HEAD_PREFIX}weight"
         new = {k: v.clone() for k, v in global_state.items()}

@@ -45,7 +45,7 @@ from server.checkpoint import (
     truncate_metrics,
 )
 from server.evaluate import evaluate, evaluate_head
-from server.mechanism import ClientLevelDP
+from common.mechanism import ClientLevelDP
 from server.optimizer import ServerOptimizer, server_optimizer
 from server.secagg import secagg_round
 
@@ -246,9 +246,9 @@ def run_federation(grid: Grid, prepared: Prepared, run_dir: Path, *, resume: boo
             else:
                 state.global_state = new_state
             if client_dp is not None:
-                # Recorded before the checkpoint: a crash after it can only over-count.
-                client_dp.record(server_round, released=not skipped, clients=len(result.trained),
-                                 clipping_norm=clip_norm)
+                if skipped:  # a released round was accounted by aggregate (common.mechanism.release)
+                    client_dp.skip(server_round, clients=len(result.trained))
+                # Written before the checkpoint: a crash after it can only over-count.
                 client_dp.write(run_dir)  # client_level.json: resume and `fedpriv report` read it
             if stage == "encoder":
                 accuracy, loss = evaluate(model, state.global_state, prepared.test,

@@ -9,7 +9,8 @@ import copy
 import pytest
 import torch
 
-from client.dp_train import DPSettings, clip_update, local_train
+from client.dp_train import DPSettings, local_train
+from common.mechanism import clip_update
 from common.accounting import epsilon
 from common.model import trainable_state
 from tests.client.test_dp_train import reference_clipped_mean, tiny_data, tiny_model

@@ -152,7 +152,7 @@ def test_model_is_reusable_after_dp_training(mode):
 @pytest.mark.parametrize("scale", [1e-4, 0.3, 1.0, 7.0, 1e6])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 def test_clip_update_bounds_the_norm_and_keeps_the_direction(scale, dtype):
-    from client.dp_train import clip_update
+    from common.mechanism import clip_update
 
     gen = torch.Generator().manual_seed(3)
     update = {"a": (torch.randn(50, 7, generator=gen) * scale).to(dtype), "b": (torch.randn(7, generator=gen) * scale).to(dtype)}

@@ -6,9 +6,9 @@ import math
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
-from client.dp_train import clip_update
+from common.mechanism import clip_update
 from server.aggregate import Reply, RoundReplies, SecureSum, aggregate, check_sum, collect
-from server.mechanism import ClientLevelDP
+from common.mechanism import ClientLevelDP
 
 C = 1.0
 GLOBAL = {"w": torch.zeros(3, 4), "b": torch.zeros(4)}

@@ -18,11 +18,11 @@ from flwr.common.constant import ErrorCode
 from flwr.common.secure_aggregation.quantization import dequantize
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 
-from client.dp_train import clip_update
+from common.mechanism import clip_update
 from client.secagg import secagg_train
 from common.protocol import TrainInstruction, TrainReply
 from server.aggregate import aggregate
-from server.mechanism import ClientLevelDP
+from common.mechanism import ClientLevelDP
 from server.secagg import secagg_round
 
 C = 1.0

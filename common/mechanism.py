@@ -1,11 +1,14 @@
-"""Client-level DP on the server (DP-FedAvg): noise on the sum, adaptive C, accountant.
+"""Client-level DP (DP-FedAvg), both halves of the one mechanism.
 
-Each client clips its update to norm C before it leaves (``client.dp_train.clip_update``);
-``server.aggregate`` rejects anything above C. Here, per round:
+Client half (:func:`clip_update`): each client clips its update (local − global
+trainable weights) to norm C before it leaves; ``server.aggregate`` rejects anything
+above C. Server half (:class:`ClientLevelDP`), per released round, in one order
+(:meth:`ClientLevelDP.release`): noise the sum at the C the clients clipped to, adapt C
+for the next round, account the release (a round not released: :meth:`ClientLevelDP.skip`):
 
-    global += server_lr · (Σ clipped updates + N(0, (σ_Δ C)²)) / n_planned
+    step = (Σ clipped updates + N(0, (σ_Δ C)²)) / n_planned
 
-``n_planned`` is the number of clients asked this round, never the number that
+which ``server.aggregate`` hands to the server optimizer (post-processing). ``n_planned`` is the number of clients asked this round, never the number that
 replied (dividing by fewer would shrink the noise relative to one client's C). With
 adaptive clipping (Andrew et al. 2021) C then moves towards the ``target_quantile``
 of update norms from the noised count of updates that fit under C (0/1 bits,
@@ -27,12 +30,14 @@ import json
 import logging
 import math
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from common.accounting import (CLIENT_ACCOUNTANT, CLIENT_SAMPLE_RATE, COUNT_SENSITIVITY, ClientNoise,
                                client_epsilon, client_history, client_noise)
+from common.model import state_norm
 from common.randomness import urandom_generator
 from common.report import CLIENT_UNIT
 from common.storage import atomic_write_json
@@ -40,6 +45,48 @@ from common.storage import atomic_write_json
 log = logging.getLogger(__name__)
 
 CLIENT_LEVEL_FILE = "client_level.json"
+
+
+# --------------------------------------------------------------------------- client half
+
+
+@dataclass
+class ClippedUpdate:
+    update: dict[str, torch.Tensor]  # the update scaled to norm <= C (zeros if it was not finite)
+    norm: float  # L2 norm of the update before clipping (inf if not finite)
+    fits: bool  # norm <= C: the bit adaptive clipping counts (Andrew et al.)
+
+
+def clip_update(update: Mapping[str, torch.Tensor], clipping_norm: float) -> ClippedUpdate:
+    """Scale ``update`` (local − global, all trainable tensors together) to L2 norm <= C.
+
+    Client-level DP's sensitivity is C only if nothing larger ever leaves the client, so
+    the two cases Flower's clipping gets wrong are decided here: an update that is not
+    finite (NaN passes ``min(1, C / nan)`` unclipped in Flower) is replaced by zeros,
+    and a zero update is returned as is (Flower divides by its zero norm). The norm is
+    computed in float64 and the clipped norm is measured again after rounding back to the
+    parameter dtype (bf16 rounding alone can push it above C).
+    """
+    if not clipping_norm > 0:
+        raise ValueError("clipping_norm must be > 0")
+    norm = state_norm(update)
+    if not math.isfinite(norm):
+        log.warning("client update is not finite: replaced by zeros (the server never sees it)")
+        return ClippedUpdate({k: torch.zeros_like(v) for k, v in update.items()}, math.inf, False)
+    if norm <= clipping_norm:
+        return ClippedUpdate({k: v.clone() for k, v in update.items()}, norm, True)
+    scale = clipping_norm / norm * (1 - 1e-6)
+    for _ in range(8):
+        clipped = {k: (v.to(torch.float64) * scale).to(v.dtype) for k, v in update.items()}
+        after = state_norm(clipped)
+        if after <= clipping_norm:
+            return ClippedUpdate(clipped, norm, False)
+        # Rounding to a short dtype (bf16 keeps 8 bits) went above C: step further in.
+        scale *= clipping_norm / after * (1 - 2 ** -7)
+    return ClippedUpdate({k: torch.zeros_like(v) for k, v in update.items()}, norm, False)
+
+
+# --------------------------------------------------------------------------- server half
 
 
 def add_noise(total: Mapping[str, torch.Tensor], std: float, generator: torch.Generator) -> dict[str, torch.Tensor]:
@@ -90,9 +137,22 @@ class ClientLevelDP:
         }
         return True
 
-    def round_config(self) -> dict:
-        """What clients need this round: the clipping norm to clip their update to."""
-        return {"client-clip-norm": float(self.clipping_norm)}
+    def release(self, total: Mapping[str, torch.Tensor], *, fits: float, n_planned: int, server_round: int,
+                clients: int) -> dict[str, torch.Tensor]:
+        """One released round, in the mechanism's one order: noise the sum at this round's
+        C, adapt C for the next round from the noised count of updates that fit, account.
+
+        Returns the privatised mean step (Σ clipped + noise) / ``n_planned``.
+        """
+        clipping_norm = self.clipping_norm  # the C this round's clients clipped to (adapt moves it)
+        step = self.privatise(total, n_planned)
+        self.adapt(fits, n_planned)
+        self.record(server_round, released=True, clients=clients, clipping_norm=clipping_norm)
+        return step
+
+    def skip(self, server_round: int, *, clients: int) -> None:
+        """A round whose aggregate is not released: no noise drawn, no ε spent, C kept."""
+        self.record(server_round, released=False, clients=clients, clipping_norm=self.clipping_norm)
 
     def privatise(self, total: Mapping[str, torch.Tensor], n_planned: int) -> dict[str, torch.Tensor]:
         """(Σ clipped updates + N(0, (σ_Δ C)²)) / n_planned, in float64."""

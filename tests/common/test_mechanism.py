@@ -7,8 +7,8 @@ import pytest
 import torch
 from opacus.accountants import RDPAccountant
 
+from common.mechanism import ClientLevelDP
 from server.aggregate import RoundReplies, aggregate
-from server.mechanism import ClientLevelDP
 
 
 def client_cfg(**client):
@@ -174,3 +174,20 @@ def test_resume_with_more_rounds_keeps_the_calibrated_sigma_and_the_budget_stop(
     assert not again.next_round_exceeds_budget(3)  # round 3 was planned at this sigma
     again.record(3, released=True, clients=4, clipping_norm=again.clipping_norm)
     assert again.next_round_exceeds_budget(4) and again.block()["epsilon"] <= 10.0
+
+
+def test_release_noises_at_the_round_c_then_adapts_then_accounts_that_c():
+    # The one order (common.mechanism.ClientLevelDP.release): the noise and the ledger row use
+    # the C the clients clipped to; only the next round sees the adapted C.
+    dp = ClientLevelDP(client_cfg(clipping="adaptive", clipped_count_stddev=1.5, noise_multiplier=1.0))
+    c_round = dp.clipping_norm
+    total = {k: v.to(torch.float64) for k, v in zeros().items()}
+    step = dp.release(total, fits=0.0, n_planned=4, server_round=1, clients=4)
+    values = torch.cat([v.flatten() for v in step.values()])
+    assert abs(float(values.std()) / (dp.noise.update_sigma * c_round / 4) - 1) < 0.05
+    assert dp.clipping_norm > c_round  # nothing fit: C grows for the next round
+    assert dp.per_round[-1] == {"round": 1, "epsilon": dp.epsilon_after(1), "released": True,
+                                "clients_contributed": 4, "clipping_norm": c_round}
+    dp.skip(2, clients=1)
+    assert dp.releases == 1 and dp.per_round[-1]["released"] is False
+    assert dp.per_round[-1]["epsilon"] == dp.epsilon_after(1)
