@@ -74,7 +74,18 @@ class TrainResult:
     empty_batches: int
     sample_rate: float  # q, per step
     history: list  # accountant history after training (None without DP)
-    mean_loss: float  # over non-empty batches; stays on the client
+
+
+@dataclass
+class _Private:
+    """What Opacus made of the model, optimizer and loader for one call (DP only)."""
+
+    engine: object  # opacus.PrivacyEngine: its accountant holds the history
+    hooks: object  # GradSampleModule hooks, removed after training
+    optimizer: torch.optim.Optimizer  # DPOptimizer: clips, noises, counts steps
+    loader: DataLoader  # Poisson sampling at q = batch_size / n
+    criterion: object
+    ghost: bool
 
 
 def local_train(
@@ -107,11 +118,14 @@ def local_train(
     ``features``: ``data`` holds (pooled features, labels) and ``model`` is the head alone
     (the recipe's head stage, ``common.recipe``): the same Poisson loader, clipping, noise
     and accounting, on the head's parameters only.
+
+    Three pieces, one per thing that varies: the DP engine (:func:`_make_private`), the
+    loss of one batch (:func:`_batch_loss`), and the loop over (physical) batches
+    (:func:`_run_steps`).
     """
     if grad_sample_mode not in ("hooks", "ghost"):
         raise ValueError(f"train.grad_sample_mode must be hooks or ghost, got {grad_sample_mode!r}")
-    ghost = dp is not None and grad_sample_mode == "ghost"
-    if ghost and max_physical_batch_size:
+    if dp is not None and grad_sample_mode == "ghost" and max_physical_batch_size:
         # Opacus' BatchMemoryManager accumulates per-example gradients across physical
         # batches; ghost clipping has none to accumulate.
         raise ValueError("train.grad_sample_mode=ghost cannot be combined with max_physical_batch_size")
@@ -119,106 +133,117 @@ def local_train(
         raise ValueError("no training data on this client")
     model.to(device).train()
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = _optimizer(optimizer, params, lr=lr, weight_decay=weight_decay)
-    if dp is None and shuffle_seed is not None:
-        sampling_gen = torch.Generator().manual_seed(shuffle_seed)
-    else:
-        sampling_gen = urandom_generator()
+    opt = _optimizer(optimizer, params, lr=lr, weight_decay=weight_decay)
+    seeded = dp is None and shuffle_seed is not None
+    sampling_gen = torch.Generator().manual_seed(shuffle_seed) if seeded else urandom_generator()
     loader = DataLoader(data, batch_size=batch_size, shuffle=dp is None, generator=sampling_gen)
+    private = _make_private(model, opt, loader, dp, grad_sample_mode, device) if dp is not None else None
+    if private is not None:
+        opt, loader = private.optimizer, private.loader
+    criterion = private.criterion if private is not None else F.cross_entropy
 
-    engine = hooks = None
-    criterion = F.cross_entropy
-    if dp is not None:
-        from opacus import PrivacyEngine
+    def batch_loss(batch) -> torch.Tensor:
+        return _batch_loss(model, batch, criterion, device=device, amp_dtype=amp_dtype, features=features,
+                           accumulate=int(max_physical_batch_size) if dp is None and max_physical_batch_size else None)
 
-        engine = PrivacyEngine(accountant=dp.accountant)
-        engine.accountant = make_accountant(dp.accountant, dp.prior_history)
-        private = engine.make_private(
-            module=model,
-            optimizer=optimizer,
-            data_loader=loader,  # its generator (from os.urandom) drives Poisson sampling
-            noise_multiplier=dp.noise_multiplier,
-            max_grad_norm=dp.max_grad_norm,
-            poisson_sampling=True,
-            noise_generator=urandom_generator(device),
-            grad_sample_mode=grad_sample_mode,
-            criterion=nn.CrossEntropyLoss(),  # ghost mode: the wrapped criterion runs both backward passes
-            wrap_model=False,  # state-dict keys stay free of "_module."
-        )
-        if ghost:
-            hooks, optimizer, criterion, loader = private
-            criterion = LeanGhostCriterion(criterion)  # same norms, no wasted weight gradients
-        else:
-            hooks, optimizer, loader = private
-
-    steps = empty = 0
-    loss_sum, loss_batches = 0.0, 0
     stack = contextlib.ExitStack()
     # Without DP, dropout is seeded too, so a non-private run (and its resume) is
     # reproducible; with DP it keeps drawing from the process' unseeded generator.
     stack.enter_context(torch.random.fork_rng(devices=[]))
-    if dp is None and shuffle_seed is not None:
+    if seeded:
         torch.manual_seed(shuffle_seed)
-    if engine is not None and max_physical_batch_size:
+    if private is not None and max_physical_batch_size:
         from opacus.utils.batch_memory_manager import BatchMemoryManager
 
         loader = stack.enter_context(BatchMemoryManager(
-            data_loader=loader, max_physical_batch_size=int(max_physical_batch_size), optimizer=optimizer))
+            data_loader=loader, max_physical_batch_size=int(max_physical_batch_size), optimizer=opt))
     try:
-        for _ in range(epochs):
-            for batch in loader:
-                labels = batch[-1]
-                optimizer.zero_grad(set_to_none=True)  # under BatchMemoryManager: keeps the partial sum
-                if len(labels) == 0:
-                    # An empty Poisson batch is still a step of the mechanism: its
-                    # noise must be added and the accountant must count it. BERT
-                    # cannot run on batch 0, so give Opacus empty per-example grads
-                    # (ghost mode: a zero clipped sum).
-                    for p in params:
-                        if ghost:
-                            p.grad = torch.zeros_like(p)
-                        else:
-                            p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
-                    optimizer.step()
-                    steps += 1
-                    empty += 1
-                    continue
-                labels = labels.to(device)
-                if features:  # the head alone, on pooled features
-                    with autocast(torch.device(device), amp_dtype):
-                        loss = criterion(model(batch[0].to(device)).float(), labels)
-                    loss.backward()
-                elif engine is None and max_physical_batch_size:
-                    loss = _accumulated_backward(model, batch[0].to(device), batch[1].to(device), labels,
-                                                 int(max_physical_batch_size), device, amp_dtype)
-                else:
-                    with autocast(torch.device(device), amp_dtype):
-                        logits = model(**model_inputs(batch[0].to(device), batch[1].to(device))).logits
-                        loss = criterion(logits.float(), labels)
-                    loss.backward()
-                optimizer.step()
-                # A physical batch that is not the last of its Poisson batch only clips
-                # and accumulates: it is no step of the mechanism.
-                if not getattr(optimizer, "_is_last_step_skipped", False):
-                    steps += 1
-                loss_sum += float(loss.detach())
-                loss_batches += 1
+        steps, empty = _run_steps(loader, opt, params, batch_loss, epochs=epochs,
+                                  ghost=private is not None and private.ghost)
     finally:
         stack.close()
-        if hooks is not None:
-            hooks.cleanup()  # the model may be reused; leave no Opacus hooks behind
+        if private is not None:
+            private.hooks.cleanup()  # the model may be reused; leave no Opacus hooks behind
             for p in params:
                 for attr in ("grad_sample", "summed_grad"):
                     if hasattr(p, attr):
                         delattr(p, attr)
+    return TrainResult(steps=steps, empty_batches=empty, sample_rate=sample_rate(len(data), batch_size),
+                       history=list(private.engine.accountant.history) if private is not None else None)
 
-    return TrainResult(
-        steps=steps,
-        empty_batches=empty,
-        sample_rate=sample_rate(len(data), batch_size),
-        history=list(engine.accountant.history) if engine is not None else None,
-        mean_loss=loss_sum / max(loss_batches, 1),
+
+def _make_private(model: nn.Module, optimizer: torch.optim.Optimizer, loader: DataLoader, dp: DPSettings,
+                  grad_sample_mode: str, device) -> _Private:
+    """Opacus around one call: Poisson sampling, per-example clipping to C, noise σC, and an
+    accountant that continues the ledger's history (``dp.prior_history``)."""
+    from opacus import PrivacyEngine
+
+    engine = PrivacyEngine(accountant=dp.accountant)
+    engine.accountant = make_accountant(dp.accountant, dp.prior_history)
+    private = engine.make_private(
+        module=model,
+        optimizer=optimizer,
+        data_loader=loader,  # its generator (from os.urandom) drives Poisson sampling
+        noise_multiplier=dp.noise_multiplier,
+        max_grad_norm=dp.max_grad_norm,
+        poisson_sampling=True,
+        noise_generator=urandom_generator(device),
+        grad_sample_mode=grad_sample_mode,
+        criterion=nn.CrossEntropyLoss(),  # ghost mode: the wrapped criterion runs both backward passes
+        wrap_model=False,  # state-dict keys stay free of "_module."
     )
+    if grad_sample_mode == "ghost":
+        hooks, optimizer, criterion, loader = private
+        # Same norms, no wasted weight gradients.
+        return _Private(engine, hooks, optimizer, loader, LeanGhostCriterion(criterion), True)
+    hooks, optimizer, loader = private
+    return _Private(engine, hooks, optimizer, loader, F.cross_entropy, False)
+
+
+def _batch_loss(model: nn.Module, batch, criterion, *, device, amp_dtype, features: bool,
+                accumulate: int | None) -> torch.Tensor:
+    """The loss of one non-empty batch, its backward pass done."""
+    labels = batch[-1].to(device)
+    if features:  # the head alone, on pooled features
+        with autocast(torch.device(device), amp_dtype):
+            loss = criterion(model(batch[0].to(device)).float(), labels)
+    elif accumulate:  # non-DP with max_physical_batch_size: the batch in chunks
+        return _accumulated_backward(model, batch[0].to(device), batch[1].to(device), labels, accumulate,
+                                     device, amp_dtype)
+    else:
+        with autocast(torch.device(device), amp_dtype):
+            logits = model(**model_inputs(batch[0].to(device), batch[1].to(device))).logits
+            loss = criterion(logits.float(), labels)
+    loss.backward()
+    return loss
+
+
+def _run_steps(loader, optimizer, params: list, batch_loss, *, epochs: int, ghost: bool) -> tuple[int, int]:
+    """(steps, empty batches) over ``epochs`` passes of ``loader``; every Poisson batch is a step."""
+    steps = empty = 0
+    for _ in range(epochs):
+        for batch in loader:
+            optimizer.zero_grad(set_to_none=True)  # under BatchMemoryManager: keeps the partial sum
+            if len(batch[-1]) == 0:
+                # An empty Poisson batch is still a step of the mechanism: its noise must be
+                # added and the accountant must count it. BERT cannot run on batch 0, so give
+                # Opacus empty per-example grads (ghost mode: a zero clipped sum).
+                for p in params:
+                    if ghost:
+                        p.grad = torch.zeros_like(p)
+                    else:
+                        p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
+                optimizer.step()
+                steps += 1
+                empty += 1
+                continue
+            batch_loss(batch)
+            optimizer.step()
+            # A physical batch that is not the last of its Poisson batch only clips and
+            # accumulates: it is no step of the mechanism.
+            if not getattr(optimizer, "_is_last_step_skipped", False):
+                steps += 1
+    return steps, empty
 
 
 def _accumulated_backward(model, input_ids, attention_mask, labels, chunk: int, device, amp_dtype):
