@@ -137,7 +137,8 @@ def compose(args) -> None:
 def one_run(spec: dict, device: str) -> dict:
     import torch
 
-    from client.task import ClientIdentity, run_round
+    from client.node_config import ClientIdentity
+    from client.task import run_round
     from common.data import load_splits, tokenize
     from common.model import instantiate_model, load_tokenizer, trainable_state
     from common.recipe import round_aggregation

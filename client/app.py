@@ -26,9 +26,9 @@ from flwr.clientapp import ClientApp
 
 from client.device import release_memory
 from common.mechanism import clip_update
-from client.node_config import node_identity
+from client.node_config import ClientIdentity, node_identity
 from client.secagg import is_secagg, secagg_train
-from client.task import ClientIdentity, run_round
+from client.task import run_round
 from common.errors import ConfigError
 from common.protocol import TrainInstruction, TrainReply
 

@@ -21,15 +21,28 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from client.device import DEVICES
-from client.task import ClientIdentity
 from common.errors import ConfigError
 from common.storage import atomic_write_bytes
 
 CLIENT_ID_FILE = "client-id"
+
+
+@dataclass(frozen=True)
+class ClientIdentity:
+    """Who this client is and its own settings (node-config in deployment)."""
+
+    client_id: str  # stable: partition-id in simulation, node-config client-id on a device
+    partition_id: int
+    state_dir: str  # where its ledger lives; never on the server in deployment
+    max_epsilon: float | None = None  # the device owner's own cap
+    data_path: str | None = None  # the device's own training file (else its partition-id)
+    device: str | None = None  # node-config device (auto | cpu | cuda); None: the run's train.device
+    max_physical_batch_size: int | None = None  # Opacus BatchMemoryManager cap; None: no split
 
 
 def _given(node: Mapping[str, Any], key: str) -> Any:

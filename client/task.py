@@ -29,6 +29,7 @@ import torch
 from client.device import autocast_dtype, select_device
 from client.dp_train import DPSettings, calibrate_run, local_train, planned_steps_per_round, release_prototypes
 from client.ledger import Ledger, LedgerBusy, RoundEntry, load_reply, locked, reply_key, save_reply
+from client.node_config import ClientIdentity
 from common.accounting import append_steps, epsilon, prototype_entry, sample_rate, train_batch_size
 from common.data import load_client_data, load_local_data, tokenize
 from common.features import cached_features, feature_key, features_key_parts, pooled_features
@@ -37,19 +38,6 @@ from common.model import instantiate_model, load_tokenizer, load_trainable, stat
 from common.recipe import HEAD_PREFIX, check_model, recipe_of, stage_of, stage_rounds
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class ClientIdentity:
-    """Who this client is and its own settings (node-config in deployment)."""
-
-    client_id: str  # stable: partition-id in simulation, node-config client-id on a device
-    partition_id: int
-    state_dir: str  # where its ledger lives; never on the server in deployment
-    max_epsilon: float | None = None  # the device owner's own cap
-    data_path: str | None = None  # the device's own training file (else its partition-id)
-    device: str | None = None  # node-config device (auto | cpu | cuda); None: the run's train.device
-    max_physical_batch_size: int | None = None  # Opacus BatchMemoryManager cap; None: no split
 
 
 @dataclass

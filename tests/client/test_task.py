@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from client.ledger import Ledger
-from client.task import ClientIdentity, budget_epsilon, run_round
+from client.node_config import ClientIdentity
+from client.task import budget_epsilon, run_round
 from common.accounting import append_steps, calibrate_noise, epsilon, sample_rate, steps_per_epoch
 from common.data import load_client_data
 from common.model import instantiate_model, trainable_state
@@ -187,7 +188,8 @@ def test_planned_steps_are_the_steps_opacus_runs_at_a_short_batch_count(fast_cfg
 _OVERLAP_CHILD = r"""
 import json, sys, time
 import client.task as task
-from client.task import ClientIdentity, run_round
+from client.node_config import ClientIdentity
+from client.task import run_round
 from common.model import instantiate_model, trainable_state
 from common.data import load_client_data
 

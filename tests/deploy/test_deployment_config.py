@@ -5,7 +5,8 @@ import csv
 
 import pytest
 
-from client.task import ClientIdentity, run_round
+from client.node_config import ClientIdentity
+from client.task import run_round
 from common.data import load_local_data
 from common.errors import ConfigError
 from common.model import instantiate_model, trainable_state
