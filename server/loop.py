@@ -35,7 +35,7 @@ from common.protocol import TrainInstruction
 from common.recipe import check_model, round_aggregation, stage_of
 from common.report import build_report, write_report
 from common.storage import append_json_line, atomic_write_bytes, atomic_write_json
-from server.aggregate import Reply, aggregate, collect
+from server.aggregate import Reply, RoundReplies, aggregate, collect
 from server.checkpoint import (
     Manifest,
     completed_rounds,
@@ -185,20 +185,15 @@ def run_federation(grid: Grid, prepared: Prepared, run_dir: Path, *, resume: boo
         # interpolations such as ${hydra:run.dir}); resume and `fedpriv report` read it.
         atomic_write_bytes(run_dir / ".hydra" / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(cfg)).encode())
         state = RunState.fresh(run_dir, model, optimizer)
-    cfg_json = json.dumps(cfg)
     trainable, total = count_parameters(model)
     log.info("model: %d of %d parameters train and travel (%.2f%%)", trainable, total, 100 * trainable / total)
 
     nodes = _wait_for_nodes(grid, int(cfg["num_clients"]), float(cfg["node_wait_s"]))
-    sampler = random.SystemRandom()  # who trains is not predictable from the config
-    strategy = cfg["strategy"]
-    max_norm = strategy.get("max_update_norm")
-    n_rounds = int(cfg["rounds"])
-    first = len(state.rounds) + 1
-    node_clients: dict[int, str] = {}  # Flower node id -> client id, learnt from replies
+    first, n_rounds = len(state.rounds) + 1, int(cfg["rounds"])
     client_dp = ClientLevelDP(cfg) if cfg["privacy"]["mode"] in ("client", "both") else None
     if client_dp is not None and resume:
         client_dp.restore(run_dir, completed_rounds=first - 1)
+    rounds = _Rounds(grid, prepared, run_dir, state, optimizer, client_dp, nodes)
 
     with Progress(TextColumn("[bold]fedpriv[/] {task.description}"), BarColumn(),
                   TextColumn("{task.completed}/{task.total} rounds"), TimeElapsedColumn()) as progress:
@@ -207,72 +202,10 @@ def run_federation(grid: Grid, prepared: Prepared, run_dir: Path, *, resume: boo
             if client_dp is not None and client_dp.next_round_exceeds_budget(server_round):
                 log.warning("stopping before round %d: %s", server_round, client_dp.stopped["reason"])
                 break  # the last model is kept; the report is written below
-            started = time.monotonic()
-            k = max(1, round(float(strategy["fraction_train"]) * len(nodes)))
-            sampled = sorted(sampler.sample(nodes, k))
-            clip_norm = client_dp.clipping_norm if client_dp is not None else None
-            instruction = TrainInstruction(state.run_id, server_round, cfg_json, client_clip_norm=clip_norm)
-            stage = stage_of(cfg, server_round)
-            # The prototype round's reply is the client's class sums, not a step: the update
-            # cap (strategy.max_update_norm) is for steps; client-level DP's C still holds.
-            norm_caps = [c for c in (clip_norm, max_norm if stage != "prototypes" else None) if c is not None]
-            if cfg["secagg"]:
-                # The server only ever holds the sum; the checks ran on each client before masking.
-                result = secagg_round(grid, sampled, state.global_state, instruction, server_round=server_round,
-                                      settings=cfg["secaggplus"], timeout=float(cfg["round_timeout_s"]),
-                                      clipping_range=clip_norm or float(cfg["secaggplus"]["clipping_range"]))
-            else:
-                content = instruction.to_content(state.global_state)
-                messages = [Message(content=content, dst_node_id=node, message_type="train") for node in sampled]
-                replies = grid.send_and_receive(messages, timeout=float(cfg["round_timeout_s"]))
-                result = collect((Reply.of(m) for m in replies), server_round=server_round, sampled=sampled,
-                                 expected=state.global_state,
-                                 max_update_norm=float(min(norm_caps)) if norm_caps else None)
-            state.clients_reported.update(result.privacy)
-            node_clients.update(result.node_clients)
-            for node in [*result.missing, *result.failed_nodes]:
-                who = node_clients.get(node, f"node {node}")
-                state.unreported.setdefault(who, []).append(server_round)
-
-            new_state = None
-            if len(result.trained) >= int(strategy["min_train_clients"]):
-                new_state = aggregate(state.global_state, result, n_planned=k, client_dp=client_dp,
-                                      optimizer=optimizer, server_round=server_round,
-                                      **round_aggregation(cfg, server_round, state.global_state))
-            skipped = new_state is None
-            if skipped:
-                log.warning("round %d skipped: %d updates accepted, strategy.min_train_clients=%s",
-                            server_round, len(result.trained), strategy["min_train_clients"])
-            else:
-                state.global_state = new_state
-            if client_dp is not None:
-                if skipped:  # a released round was accounted by aggregate (common.mechanism.release)
-                    client_dp.skip(server_round, clients=len(result.trained))
-                # Written before the checkpoint: a crash after it can only over-count.
-                client_dp.write(run_dir)  # client_level.json: resume and `fedpriv report` read it
-            if stage == "encoder":
-                accuracy, loss = evaluate(model, state.global_state, prepared.test,
-                                          batch_size=int(cfg["evaluation"]["batch_size"]))
-            else:  # the encoder is still the frozen one: its test features are computed once
-                accuracy, loss = evaluate_head(model, state.global_state, prepared.head_test_features(state.global_state))
-
-            state.save(run_dir, server_round, optimizer)
-            atomic_write_json(run_dir / "clients_reported.json", state.reported())
-            record = {
-                "round": server_round, "accuracy": accuracy, "loss": loss,
-                "clients_trained": len(result.trained), "clients_declined": len(result.declined),
-                "clients_rejected": len(result.rejected), "clients_failed": len(result.failed),
-                "clients_missing": len(result.missing), "skipped": skipped,
-                "declined": result.declined, "rejected": result.rejected, "failed": result.failed,
-                "wall_s": round(time.monotonic() - started, 3),
-            }
-            if result.secure_error is not None:
-                record["secagg_error"] = result.secure_error  # the round's, not a client's: not in clients_failed
-            append_json_line(run_dir / "metrics.jsonl", record)  # last: the round is complete
-            state.rounds.append(record)
+            record = rounds.run(server_round)
             progress.update(task, advance=1, description=(
-                f"round {server_round}: accuracy {accuracy:.3f}, trained {len(result.trained)}, "
-                f"declined {len(result.declined)}, rejected {len(result.rejected)}"))
+                f"round {server_round}: accuracy {record['accuracy']:.3f}, trained {record['clients_trained']}, "
+                f"declined {record['clients_declined']}, rejected {record['clients_rejected']}"))
 
     if client_dp is not None:
         client_dp.write(run_dir)  # also when the budget stopped the run before any round
@@ -281,3 +214,97 @@ def run_federation(grid: Grid, prepared: Prepared, run_dir: Path, *, resume: boo
     write_report(run_dir, report)
     log.info("privacy report: %s", run_dir / "privacy_report.md")
     return report
+
+
+@dataclass
+class _Rounds:
+    """One run's rounds, each in the same order: sample, ask, check, aggregate (noise, adapt,
+    account), evaluate, checkpoint, and last the metrics line that marks the round complete."""
+
+    grid: Grid
+    prepared: Prepared
+    run_dir: Path
+    state: RunState
+    optimizer: ServerOptimizer
+    client_dp: ClientLevelDP | None
+    nodes: list[int]
+
+    def __post_init__(self) -> None:
+        self.cfg = self.prepared.cfg
+        self.cfg_json = json.dumps(self.cfg)
+        self.sampler = random.SystemRandom()  # who trains is not predictable from the config
+        self.node_clients: dict[int, str] = {}  # Flower node id -> client id, learnt from replies
+
+    def run(self, server_round: int) -> dict:
+        started = time.monotonic()
+        strategy, state, client_dp = self.cfg["strategy"], self.state, self.client_dp
+        k = max(1, round(float(strategy["fraction_train"]) * len(self.nodes)))
+        sampled = sorted(self.sampler.sample(self.nodes, k))
+        result = self._ask(server_round, sampled)
+        state.clients_reported.update(result.privacy)
+        self.node_clients.update(result.node_clients)
+        for node in [*result.missing, *result.failed_nodes]:
+            who = self.node_clients.get(node, f"node {node}")
+            state.unreported.setdefault(who, []).append(server_round)
+
+        new_state = None
+        if len(result.trained) >= int(strategy["min_train_clients"]):
+            new_state = aggregate(state.global_state, result, n_planned=k, client_dp=client_dp,
+                                  optimizer=self.optimizer, server_round=server_round,
+                                  **round_aggregation(self.cfg, server_round, state.global_state))
+        skipped = new_state is None
+        if skipped:
+            log.warning("round %d skipped: %d updates accepted, strategy.min_train_clients=%s",
+                        server_round, len(result.trained), strategy["min_train_clients"])
+        else:
+            state.global_state = new_state
+        if client_dp is not None:
+            if skipped:  # a released round was accounted by aggregate (common.mechanism.release)
+                client_dp.skip(server_round, clients=len(result.trained))
+            # Written before the checkpoint: a crash after it can only over-count.
+            client_dp.write(self.run_dir)
+        accuracy, loss = self._evaluate(server_round)
+
+        state.save(self.run_dir, server_round, self.optimizer)
+        atomic_write_json(self.run_dir / "clients_reported.json", state.reported())
+        record = {
+            "round": server_round, "accuracy": accuracy, "loss": loss,
+            "clients_trained": len(result.trained), "clients_declined": len(result.declined),
+            "clients_rejected": len(result.rejected), "clients_failed": len(result.failed),
+            "clients_missing": len(result.missing), "skipped": skipped,
+            "declined": result.declined, "rejected": result.rejected, "failed": result.failed,
+            "wall_s": round(time.monotonic() - started, 3),
+        }
+        if result.secure_error is not None:
+            record["secagg_error"] = result.secure_error  # the round's, not a client's: not in clients_failed
+        append_json_line(self.run_dir / "metrics.jsonl", record)  # last: the round is complete
+        state.rounds.append(record)
+        return record
+
+    def _ask(self, server_round: int, sampled: list[int]) -> RoundReplies:
+        """Send the round's instruction to ``sampled`` and check what comes back."""
+        cfg, state = self.cfg, self.state
+        clip_norm = self.client_dp.clipping_norm if self.client_dp is not None else None
+        instruction = TrainInstruction(state.run_id, server_round, self.cfg_json, client_clip_norm=clip_norm)
+        if cfg["secagg"]:
+            # The server only ever holds the sum; the checks ran on each client before masking.
+            return secagg_round(self.grid, sampled, state.global_state, instruction, server_round=server_round,
+                                settings=cfg["secaggplus"], timeout=float(cfg["round_timeout_s"]),
+                                clipping_range=clip_norm or float(cfg["secaggplus"]["clipping_range"]))
+        # The prototype round's reply is the client's class sums, not a step: the update cap
+        # (strategy.max_update_norm) is for steps; client-level DP's C still holds.
+        max_norm = cfg["strategy"].get("max_update_norm") if stage_of(cfg, server_round) != "prototypes" else None
+        caps = [c for c in (clip_norm, max_norm) if c is not None]
+        content = instruction.to_content(state.global_state)
+        messages = [Message(content=content, dst_node_id=node, message_type="train") for node in sampled]
+        replies = self.grid.send_and_receive(messages, timeout=float(cfg["round_timeout_s"]))
+        return collect((Reply.of(m) for m in replies), server_round=server_round, sampled=sampled,
+                       expected=state.global_state, max_update_norm=float(min(caps)) if caps else None)
+
+    def _evaluate(self, server_round: int) -> tuple[float, float]:
+        prepared, global_state = self.prepared, self.state.global_state
+        if stage_of(self.cfg, server_round) == "encoder":
+            return evaluate(prepared.model, global_state, prepared.test,
+                            batch_size=int(self.cfg["evaluation"]["batch_size"]))
+        # The encoder is still the frozen one: its test features are computed once.
+        return evaluate_head(prepared.model, global_state, prepared.head_test_features(global_state))
