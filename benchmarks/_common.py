@@ -124,5 +124,58 @@ def simulate(overrides: list[str], run_dir: Path, *, timeout: float = 1800) -> d
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
         raise RuntimeError(f"fedpriv simulate failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-    rounds = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    return {"wall_s": wall, "rounds": rounds}
+    return {"wall_s": wall, "rounds": read_rounds(run_dir)}
+
+
+def read_rounds(run_dir: Path) -> list[dict]:
+    """The run's metrics.jsonl records, one per completed round."""
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+class InProcessGrid:
+    """A Flower Grid whose nodes run the real ClientApp in this process, one after another.
+
+    What the SecAgg and device tests use, for benchmarks that drive the real round loop
+    (``server.loop.run_federation``: update checks, mechanism, report) without Ray: node
+    ``c`` is simulation partition ``c``. The ClientApp is loaded by its component string,
+    as Flower loads it. A message is deep-copied on the way in, as if serialised.
+    """
+
+    class run:  # noqa: N801 - what server.secagg reads: grid.run.run_id
+        run_id = 1
+
+    def __init__(self, num_nodes: int):
+        from flwr.app import Context, RecordDict
+        from flwr.supercore.object_ref import load_app
+        from flwr.supercore.task_identity import TaskIdentity
+
+        from server.cli import client_app_ref
+
+        # Flower builds a Message only inside a run: this process is the run's server (node 1).
+        TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, self.run.run_id, 1
+
+        self.app = load_app(client_app_ref(), ValueError, project_dir=ROOT)
+        self.contexts = {
+            c: Context(run_id=1, node_id=c, node_config={"partition-id": c, "num-partitions": num_nodes},
+                       state=RecordDict(), run_config={})
+            for c in range(num_nodes)}
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.contexts)
+
+    def send_and_receive(self, messages, *, timeout=None):
+        import copy
+
+        from flwr.app import Error, Message
+        from flwr.common.constant import ErrorCode
+
+        replies = []
+        for msg in messages:
+            msg = copy.deepcopy(msg)
+            try:
+                replies.append(self.app(message=msg, context=self.contexts[msg.metadata.dst_node_id]))
+            except Exception as ex:  # what Flower sends back: an error reply
+                replies.append(Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION,
+                                             reason=f"{type(ex).__name__}: {ex}"), reply_to=msg))
+        return replies
+

@@ -1,12 +1,12 @@
-"""Tuning sweeps for DP fine-tuning: many federated runs in one process, Flower left out.
+"""Tuning sweeps for DP fine-tuning: many federated runs side by side, Ray left out.
 
-Each run is the real client round (``client.task.run_round``: ledger, σ calibrated for
-the planned run, budget check, DP-SGD ``local_train``, committed reply) for every
-client in turn, equal-weight FedAvg of the updates and the server's central
-evaluation (``server.evaluate``) after each round, as ``fedpriv simulate`` does; only
-Flower's messages, Ray, checkpoints and the report are missing. That makes it usable
-where Ray is not (a GPU box reached without a package index) and fast enough to sweep
-learning rate × clipping norm × batch size × local epochs. The tuned values then go
+Each run is the real round loop (``server.loop.run_federation``: the ClientApp's
+rounds with ledger, σ calibrated for the planned run, budget check and DP-SGD, the
+server's update checks, aggregation, mechanism, evaluation, checkpoints and report)
+over an in-process Grid (``_common.InProcessGrid``) whose nodes run one after another
+in the worker's process. Only Ray and Flower's transport are missing, which makes it
+fast enough to sweep learning rate × clipping norm × batch size × local epochs, several
+runs side by side. The tuned values then go
 into ``conf/train/default.yaml`` and ``benchmarks/utility.py`` measures them through
 ``fedpriv simulate``.
 
@@ -137,46 +137,24 @@ def compose(args) -> None:
 def one_run(spec: dict, device: str) -> dict:
     import torch
 
-    from client.node_config import ClientIdentity
-    from client.task import run_round
-    from common.data import load_splits, tokenize
-    from common.model import instantiate_model, load_tokenizer, trainable_state
-    from common.recipe import round_aggregation
-    from server.aggregate import RoundReplies, aggregate
-    from server.evaluate import evaluate
+    from _common import InProcessGrid, read_rounds
+    from server.loop import prepare, run_federation
 
     cfg = spec["cfg"]
     cfg["train"]["device"] = device
     torch.set_num_threads(1)  # workers run side by side
     started = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="fedpriv-tune-") as state_dir:
-        cfg["state_dir"] = state_dir
-        _, test, labels = load_splits(cfg["data"], seed=int(cfg["seed"]), num_clients=int(cfg["num_clients"]))
-        test = tokenize(test, load_tokenizer(cfg["model"]), int(cfg["train"]["max_length"]))
-        model = instantiate_model(cfg, len(labels))
-        global_state = trainable_state(model)  # on the CPU, as the server keeps it
-        model.to(device)
-        rounds, clients = [], {}
-        for r in range(1, int(cfg["rounds"]) + 1):
-            replies = RoundReplies()
-            for c in range(int(cfg["num_clients"])):
-                who = ClientIdentity(client_id=str(c), partition_id=c, state_dir=state_dir)
-                out = run_round(cfg, who, run_id="tune", server_round=r, global_state=global_state)
-                if not out.declined:
-                    replies.accepted[str(c)] = out.update
-                clients[c] = {k: out.privacy.get(k) for k in ("noise_multiplier", "sample_rate", "per_round")}
-            # The server's own aggregation (equal weights; the recipe's prototype read-out and
-            # head-only rounds), without Flower's messages or the update checks.
-            new = aggregate(global_state, replies, n_planned=int(cfg["num_clients"]), server_round=r,
-                            **round_aggregation(cfg, r, global_state))
-            global_state = new if new is not None else global_state
-            acc, loss = evaluate(model, global_state, test, batch_size=int(cfg["evaluation"]["batch_size"]))
-            rounds.append({"round": r, "accuracy": acc, "loss": loss, "trained": len(replies.trained)})
-    eps = [c["per_round"][-1]["epsilon"] for c in clients.values()
-           if c.get("per_round") and c["per_round"][-1]["epsilon"] is not None]
-    return {"name": spec["name"], "final_accuracy": rounds[-1]["accuracy"], "rounds": rounds,
+    with tempfile.TemporaryDirectory(prefix="fedpriv-tune-") as tmp:
+        cfg["state_dir"] = str(Path(tmp) / "clients")
+        run_dir = Path(tmp) / "run"
+        report = run_federation(InProcessGrid(int(cfg["num_clients"])), prepare(cfg), run_dir)
+        rounds = read_rounds(run_dir)
+    clients = report["sample_level"]["clients"]
+    eps = [c["epsilon"] for c in clients if c.get("epsilon") is not None]
+    return {"name": spec["name"], "final_accuracy": rounds[-1]["accuracy"],
+            "rounds": [{k: r[k] for k in ("round", "accuracy", "loss", "clients_trained")} for r in rounds],
             "max_client_epsilon": max(eps) if eps else None,
-            "sigmas": [c["noise_multiplier"] for c in clients.values()], "wall_s": time.perf_counter() - started}
+            "sigmas": [c["noise_multiplier"] for c in clients], "wall_s": time.perf_counter() - started}
 
 
 def _worker(args):

@@ -7,10 +7,10 @@ accuracy after the last round (mean, min and max over the seeds), with the wall 
 of each run. Writes the JSON and a plot (accuracy vs ε, the non-private level as a band).
 
 Engines: ``simulate`` (default) runs each point as a real ``fedpriv simulate``;
-``inprocess`` runs the same client rounds (``client.task.run_round``: ledger, σ, budget,
-DP-SGD) and equal-weight FedAvg in one process without Flower (benchmarks/tune.py),
-several runs side by side, on ``--device cuda`` where there is one. On a GPU machine
-without Flower/Hydra, compose here and run there:
+``inprocess`` runs the same round loop (``server.loop.run_federation`` over an
+in-process Grid of real ClientApps: benchmarks/tune.py) without Ray, several runs side
+by side, on ``--device cuda`` where there is one. On a GPU machine without Hydra,
+compose here and run there:
 
     python benchmarks/utility.py --engine inprocess --compose-only runs.json --out x.json
     python benchmarks/utility.py --from runs.json --device cuda --workers 8 --out utility.json
@@ -61,13 +61,13 @@ def main() -> None:
     p.add_argument("--extra", nargs="*", default=[], help="more Hydra overrides for every run")
     p.add_argument("--plot", type=Path, help="PNG to write (default: next to --out)")
     p.add_argument("--engine", choices=["simulate", "inprocess"], default="simulate",
-                   help="simulate: each run a real `fedpriv simulate`; inprocess: the same client rounds "
-                        "(client.task.run_round) and FedAvg in this process, no Flower (benchmarks/tune.py)")
+                   help="simulate: each run a real `fedpriv simulate`; inprocess: the same round loop over an "
+                        "in-process Grid, no Ray (benchmarks/tune.py)")
     p.add_argument("--device", default="cpu", help="inprocess: where clients train (cpu | cuda)")
     p.add_argument("--workers", type=int, default=1, help="inprocess: runs side by side")
     p.add_argument("--data-root", default="../shared/data")
     p.add_argument("--compose-only", type=Path, help="inprocess: write the composed runs here and stop "
-                                                      "(for a machine without Hydra/Flower)")
+                                                      "(for a machine without Hydra)")
     p.add_argument("--from", dest="from_file", type=Path, help="inprocess: run runs composed by --compose-only")
     args = p.parse_args()
     started = time.monotonic()
