@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,6 +15,7 @@ from opacus.accountants import PRVAccountant, RDPAccountant
 from common.report import (
     CAVEAT_EVAL_METRICS,
     build_report,
+    read_metrics,
     render_run_dir,
     write_report,
 )
@@ -462,3 +466,25 @@ def test_a_server_optimizer_is_named_as_post_processing():
     config["strategy"] = {"name": "fedadam"}
     report = build_report(config=config, clients_reported=make_reported(), rounds=ROUNDS)
     assert any("strategy fedadam" in c and "post-processing" in c for c in report["caveats"])
+
+
+@pytest.mark.parametrize("module", ["server.mechanism", "common.report"])
+def test_importing_the_report_or_the_mechanism_loads_no_matplotlib(module):
+    # Only drawing a figure needs matplotlib (common.report.plots imports it lazily);
+    # server.mechanism imports the report package for CLIENT_UNIT alone. A fresh
+    # interpreter: this one may have drawn a plot already.
+    code = f"import sys, {module}; print(sorted(m for m in sys.modules if m.split('.')[0] == 'matplotlib'))"
+    root = Path(__file__).resolve().parents[2]
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True,
+                         env={**os.environ, "PYTHONPATH": str(root)})
+    assert out.stdout.strip() == "[]"
+
+
+def test_read_metrics_is_the_one_reader(tmp_path):
+    from server.checkpoint import completed_rounds
+
+    assert read_metrics(tmp_path, missing_ok=True) == [] == completed_rounds(tmp_path)
+    with pytest.raises(FileNotFoundError, match="metrics.jsonl"):
+        read_metrics(tmp_path)
+    (tmp_path / "metrics.jsonl").write_text('{"round": 1}\n{"round": 2}\n{"round": 3, "acc')
+    assert read_metrics(tmp_path) == [{"round": 1}, {"round": 2}] == completed_rounds(tmp_path)

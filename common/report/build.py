@@ -1,0 +1,348 @@
+"""Building the privacy report: the schema-v1 dict, its ε recomputed, its caveats.
+
+The report is derived, never authoritative: every ε in it is recomputed here from the
+Opacus histories that clients reported (with :func:`common.accounting.epsilon`, the
+only place ε is computed), so ``fedpriv report RUN_DIR`` can rebuild it at any time
+and anyone can check its numbers with Opacus alone. What a client merely claims is not
+copied: a round's ε comes from the history cut at that round's cumulative step count
+(:func:`common.accounting.history_prefix`), and the budget from the run's config
+(``privacy.sample.epsilon``, ``privacy.sample.client_budgets``); a lower cap that only
+the device knows (its node-config ``max-epsilon``) is shown as reported by the device.
+
+This module also holds the schema's constants (the two units, the caveat sentences,
+the budget sources). It imports nothing heavier than the accountant, so code that
+only needs a constant (``server.mechanism`` needs ``CLIENT_UNIT``) does not pay for
+the renderers or matplotlib.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from common import __version__
+from common.accounting import ACCOUNTANTS, epsilon, history_prefix
+from common.config import PRIVACY_MODES
+from common.errors import ConfigError
+
+SCHEMA_VERSION = 1
+MODES = PRIVACY_MODES  # the config's own list: a report accepts exactly the modes a run can have
+SAMPLE_UNIT = "one training example of one client"
+CLIENT_UNIT = "all data of one client"
+
+# Scripts grep for this exact sentence; do not reword it.
+CAVEAT_EVAL_METRICS = "evaluation metrics are released without DP noise"
+CAVEAT_NO_CSPRNG = (
+    "No cryptographically secure random number generator is used: DP noise and Poisson "
+    "sampling are drawn from torch's generator seeded from os.urandom "
+    "(torchcsprng does not install)."
+)
+CAVEAT_RELEASED_TO_SERVER = (
+    "Released to the server without DP noise, as exact values: per round, the counts "
+    "clients_trained, clients_declined, clients_rejected, clients_failed and clients_missing "
+    "(all in metrics.jsonl; all but clients_missing in this report's rounds), and the ids of "
+    "the clients that declined, with their decline reason, and of those rejected or failed "
+    "(metrics.jsonl); per client (clients_reported.json and this report), its client id, "
+    "decline flags, the rounds it trained in (per_round) and how many it declined, whether "
+    "it exhausted its budget, and its whole Opacus history (σ, q, steps of every entry), "
+    "from which its ε follows."
+)
+CAVEAT_NEIGHBOURS = (
+    "Sample-level ε is for add/remove-one neighbouring datasets: two datasets are "
+    "neighbours when they differ by one training example of one client."
+)
+CAVEAT_NO_DP = (
+    "privacy.mode is none: no differential privacy is applied and no formal privacy "
+    "guarantee holds for this run."
+)
+
+#: Where each client's ``budget_epsilon`` comes from.
+BUDGET_RUN = "run"  # privacy.sample.epsilon
+BUDGET_CLIENT_BUDGETS = "client_budgets"  # privacy.sample.client_budgets[client_id]
+BUDGET_DEVICE = "reported by the device"  # lower than both: its node-config max-epsilon (unverifiable)
+
+ROUND_KEYS = (
+    "round",
+    "accuracy",
+    "loss",
+    "clients_trained",
+    "clients_declined",
+    "clients_rejected",
+    "clients_failed",
+)
+
+
+def build_report(
+    *,
+    config: dict,
+    clients_reported: dict,
+    rounds: list[dict],
+    client_level: dict | None = None,
+) -> dict:
+    """The schema-v1 report dict of DESIGN.md.
+
+    ``config`` is the resolved config; ``clients_reported`` the parsed
+    ``clients_reported.json`` (``{"run_id": ..., "clients": {id: entry}}``); ``rounds``
+    the rows of ``metrics.jsonl``; ``client_level`` the server's client-level block,
+    used as is (the disabled block when ``None``).
+
+    Each client's ε is recomputed from its history with the report's δ and accountant
+    rather than copied from what the client said, so the JSON is self-consistent: the
+    snippet in the report reproduces every ``epsilon`` field exactly.
+    """
+    privacy = config.get("privacy") or {}
+    mode = privacy.get("mode")
+    if mode not in MODES:
+        raise ConfigError("privacy.mode", f"{mode!r} is not one of {list(MODES)}")
+    sample_cfg = privacy.get("sample") or {}
+    sample_on = mode in ("sample", "both")
+
+    delta = float(sample_cfg["delta"]) if sample_on else None
+    accountant = str(sample_cfg["accountant"]) if sample_on else None
+    if sample_on and accountant not in ACCOUNTANTS:
+        raise ConfigError(
+            "privacy.sample.accountant", f"{accountant!r} is not one of {sorted(ACCOUNTANTS)}"
+        )
+    entries = _sorted_entries((clients_reported.get("clients") or {}).items())
+    derived = [_client_row(cid, entry, delta, accountant, sample_cfg) for cid, entry in entries] if sample_on else []
+    clients = [row for row, _ in derived]
+
+    level = client_level if client_level is not None else _disabled_client_level()
+    report = {
+        "schema_version": SCHEMA_VERSION,
+        "fedpriv_version": __version__,
+        "config": config,
+        "sample_level": {
+            "enabled": sample_on,
+            "unit": SAMPLE_UNIT,
+            "accountant": accountant,
+            "delta": delta,
+            "clients": clients,
+        },
+        "client_level": level,
+        "secure_aggregation": bool(config["secagg"]),
+        "rounds": [
+            {key: row.get(key) for key in ROUND_KEYS}
+            for row in sorted(rounds, key=lambda r: r["round"])
+        ],
+    }
+    reported = [entry for _, entry in entries] if sample_on else []
+    dropped = [left_out for _, left_out in derived]
+    report["caveats"] = _caveats(report, mode, reported, clients_reported.get("unreported") or {}, dropped)
+    return report
+
+
+def _disabled_client_level() -> dict:
+    return {
+        "enabled": False,
+        "unit": CLIENT_UNIT,
+        "epsilon": None,
+        "delta": None,
+        "noise_multiplier": None,
+        "clipping_norm": None,
+        "assumptions": [],
+        "per_round": [],
+    }
+
+
+def _sorted_entries(items: Iterable[tuple[str, dict]]) -> list[tuple[str, dict]]:
+    """Numeric ids in numeric order (2 before 10), then any other ids alphabetically."""
+
+    return sorted(items, key=lambda item: _id_order(str(item[1].get("client_id", item[0]))))
+
+
+def _id_order(client_id: str) -> tuple[int, int, str]:
+    return (0, int(client_id), "") if client_id.isdigit() else (1, 0, client_id)
+
+
+def _client_row(
+    key: str, entry: dict, delta: float, accountant: str, sample_cfg: dict
+) -> tuple[dict, list]:
+    """(one client's row, rounds whose ε could not be derived): ε, per-round ε and budget
+    are derived here, never copied from ``entry``."""
+    history = [list(h) for h in entry.get("history") or []]
+    last = history[-1] if history else None
+    client_id = str(entry.get("client_id", key))
+    budget, source = _budget(client_id, entry, sample_cfg)
+    spent = epsilon(history, delta, accountant)
+    per_round, dropped = _per_round(history, entry, delta, accountant, spent)
+    return {
+        "client_id": client_id,
+        "budget_epsilon": budget,
+        "budget_source": source,
+        "epsilon": spent,
+        "noise_multiplier": last[0] if last else entry.get("noise_multiplier"),
+        "max_grad_norm": sample_cfg.get("max_grad_norm", entry.get("max_grad_norm")),
+        "sample_rate": last[1] if last else entry.get("sample_rate"),
+        "steps": sum(int(h[2]) for h in history),
+        "history": history,
+        "rounds_participated": entry.get("rounds_participated", 0),
+        "rounds_declined": entry.get("rounds_declined", 0),
+        "exhausted": bool(entry.get("exhausted", False)),
+        "per_round": per_round,
+    }, dropped
+
+
+def _budget(client_id: str, entry: dict, sample_cfg: dict) -> tuple[float | None, str]:
+    """(budget ε, source): the run's config decides; a device may only report a *lower* cap."""
+    run = sample_cfg.get("epsilon")
+    budget, source = (float(run), BUDGET_RUN) if run is not None else (None, BUDGET_RUN)
+    caps = {str(k): v for k, v in (sample_cfg.get("client_budgets") or {}).items()}
+    if caps.get(client_id) is not None and (budget is None or float(caps[client_id]) < budget):
+        budget, source = float(caps[client_id]), BUDGET_CLIENT_BUDGETS
+    claimed = entry.get("budget_epsilon")
+    try:
+        claimed = float(claimed) if claimed is not None else None
+    except (TypeError, ValueError):
+        claimed = None
+    if claimed is not None and claimed >= 0 and (budget is None or claimed < budget):
+        budget, source = claimed, BUDGET_DEVICE  # max-epsilon lives only on the device
+    return budget, source
+
+
+def _per_round(history: list, entry: dict, delta: float, accountant: str,
+               spent: float | None = None) -> tuple[list[dict], list]:
+    """(per-round ε recomputed from the history prefix at each round's steps, rounds left out).
+
+    A round is left out when its entry gives no integer round or no usable cumulative step
+    count (absent, not an integer, decreasing, or more than the history holds): its ε cannot be derived, and
+    the client's own number is never copied.
+    """
+    out, dropped, floor = [], [], 0
+    total = sum(int(h[2]) for h in history)
+    known: dict[int, float] = {} if spent is None else {total: spent}  # PRV costs ~0.6 s an ε
+    for item in entry.get("per_round") or []:
+        if not isinstance(item, dict):
+            continue
+        steps, rnd = item.get("steps"), item.get("round")
+        try:
+            if not isinstance(rnd, int) or isinstance(rnd, bool):
+                raise ValueError(rnd)
+            if isinstance(steps, bool) or steps is None or int(steps) != float(steps):
+                raise ValueError(steps)
+            steps = int(steps)
+            if steps < floor:
+                raise ValueError(steps)
+            prefix = history_prefix(history, steps)
+        except (TypeError, ValueError, OverflowError):
+            dropped.append(rnd)
+            continue
+        floor = steps
+        if steps not in known:
+            known[steps] = epsilon(prefix, delta, accountant)
+        out.append({"round": rnd, "epsilon": known[steps], "steps": steps})
+    return out, dropped
+
+
+def _caveats(report: dict, mode: str, reported: list[dict], unreported: dict,
+             dropped: list[list] | None = None) -> list[str]:
+    """Plain sentences about what the ε does not cover or what the run revealed.
+
+    ``reported`` holds the clients' own entries, in the order of the report's clients;
+    ``unreported`` maps a client id to the rounds whose reply never reached the server;
+    ``dropped`` the rounds of each client whose per-round ε could not be derived.
+    """
+    caveats = [
+        CAVEAT_EVAL_METRICS,
+        CAVEAT_NO_CSPRNG,
+        CAVEAT_RELEASED_TO_SERVER,
+        CAVEAT_NEIGHBOURS,
+    ]
+    if mode in ("sample", "both"):
+        caveats.append(_caveat_sample_rate(report["config"]))
+    recipe = report["config"].get("recipe") or {}
+    if recipe.get("prototypes"):
+        caveats.append(
+            "Round 1 released DP class prototypes (recipe.prototypes): each client sent its per-class "
+            "sums of unit-norm pooled features, for all classes and with no per-class counts. "
+            + ("Every entry carried N(0, σ_p²) noise at sensitivity 1 (one example moves one class's sum "
+               "by norm at most 1); the release is one (σ_p, q = 1, 1 step) entry of each client's history, "
+               "and its ε is included above. " if mode in ("sample", "both") else
+               "Without sample-level DP these sums carry no per-example noise. ")
+            + "The server turned their sum into the head's starting weights (post-processing)."
+        )
+    if mode == "none":
+        caveats.append(CAVEAT_NO_DP)
+    precision = (report["config"].get("train") or {}).get("precision", "fp32")
+    if mode in ("sample", "both") and precision != "fp32":
+        caveats.append(
+            f"train.precision={precision}: on CUDA, per-example gradient norms are computed in "
+            "reduced precision, so a clipped gradient may exceed max_grad_norm by their rounding "
+            "error (about 2^-8 relative for bf16); the sample-level ε does not account for that."
+        )
+    if report["client_level"].get("enabled"):
+        caveats.append(
+            "Client-level ε is for add/remove-one-client neighbouring datasets: two "
+            "datasets are neighbours when they differ by all data of one client."
+        )
+    optimizer = (report["config"].get("strategy") or {}).get("name", "fedavg")
+    if optimizer != "fedavg":
+        caveats.append(
+            f"The server optimizer (strategy {optimizer}) is applied to the released aggregates only: "
+            "post-processing, so every ε in this report covers it."
+        )
+    if not report["secure_aggregation"]:
+        caveats.append(
+            "Secure aggregation is off: the server sees each client's individual update."
+        )
+
+    sample = report["sample_level"]
+    for row, entry, left_out in zip(sample["clients"], reported, dropped or [[]] * len(reported)):
+        cid = row["client_id"]
+        # A client that accounted with another δ or accountant reports an ε the report
+        # cannot reproduce; say so rather than silently overwrite it.
+        for name, expected in (("delta", sample["delta"]), ("accountant", sample["accountant"])):
+            claimed = entry.get(name)
+            if claimed is not None and claimed != expected:
+                caveats.append(
+                    f"Client {cid} reported {name} {claimed!r} but the run uses "
+                    f"{expected!r}; its ε here is recomputed with {expected!r}."
+                )
+        if left_out:
+            caveats.append(
+                f"Client {cid}'s per-round ε for round(s) {', '.join(map(str, left_out))} cannot be "
+                "derived from its history (no usable step count in its report) and is left out; "
+                "its total ε is recomputed from the whole history."
+            )
+        if row["budget_source"] == BUDGET_DEVICE:
+            caveats.append(
+                f"Client {cid}'s budget {float(row['budget_epsilon']):g} is its own cap as reported by "
+                "the device (node-config max-epsilon), lower than the run's; the server cannot verify it."
+            )
+        budget = row["budget_epsilon"]
+        if budget is not None and row["epsilon"] > float(budget):
+            caveats.append(
+                f"Client {cid} has spent ε = {row['epsilon']:.4f}, more than its budget "
+                f"{float(budget):g}."
+            )
+    for cid, rounds in sorted(unreported.items(), key=lambda kv: _id_order(kv[0])):
+        caveats.append(
+            f"Client {cid}'s reply for round(s) {', '.join(map(str, rounds))} never reached the "
+            "server (timeout or failure). If it trained anyway, it spent more than this report "
+            "shows; the ledger on the client is authoritative and its next report includes it."
+        )
+    return caveats
+
+
+def _caveat_sample_rate(config: dict) -> str:
+    """How a client's (q, steps) reveal its example count n, with this run's batch size."""
+    train = config.get("train") or {}
+    b = train.get("batch_size")
+    if b is None:
+        rate = train.get("sample_rate")
+        return (
+            "Each client's batch size is train.sample_rate × n (B = round("
+            f"{rate if rate is not None else 0.25} n)), so its sample rate q = 1/ceil(n/B) and its steps per round "
+            "are the same for almost every n: its history reveals little about its example count "
+            "(only through the rounding of B, for very small n). Histories are sent in plain "
+            "text, with secure aggregation too."
+        )
+    size = f"B = {b}, train.batch_size" if b is not None else "B = train.batch_size"
+    return (
+        "Each client's sample rate and steps reveal its example count n: Opacus includes each "
+        f"example with probability 1/ceil(n/B) ({size}), draws s = int(1/(1/ceil(n/B))) batches "
+        "per epoch (ceil(n/B), or one fewer for some n through float rounding) and accounts "
+        "q = 1/s; a round's steps are s × train.local_epochs. So every history entry gives "
+        "ceil(n/B) to within one, i.e. n to within about two batch sizes; (q, steps) change only "
+        "when n crosses a "
+        "multiple of B. This holds with secure aggregation too: histories are sent in plain text."
+    )

@@ -1,0 +1,74 @@
+"""Reading a run directory (DESIGN.md "Run directory"): the one reader of ``metrics.jsonl``.
+
+The server's resume (``server.checkpoint.completed_rounds``), ``fedpriv report RUN_DIR``
+and the benchmarks all read a run's rounds through :func:`read_metrics`, so that they
+agree on what a torn last line means. The file is written only by appending one line
+per completed round (``server.loop``), after that round's checkpoint is durable.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from common.report.build import build_report
+from common.report.render import write_report
+
+#: One JSON object per completed round, in the run directory.
+METRICS = "metrics.jsonl"
+
+
+def read_metrics(run_dir: Path, *, missing_ok: bool = False) -> list[dict]:
+    """Rows of ``run_dir/metrics.jsonl``, in file order.
+
+    A last line without its newline is a round whose append was cut short by a crash:
+    that round never completed, so it is skipped if it does not parse. Any other bad
+    line is corruption and raises ``ValueError`` naming the line. A missing file is
+    ``FileNotFoundError``, or no rounds with ``missing_ok`` (a run that has not
+    completed one yet).
+    """
+    path = Path(run_dir) / METRICS
+    if missing_ok and not path.exists():
+        return []
+    text = _required(path).read_text()
+    lines = text.split("\n")
+    rows = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            if number == len(lines) and not text.endswith("\n"):
+                break
+            raise ValueError(f"{path} line {number}: not valid JSON ({err})") from err
+    return rows
+
+
+def render_run_dir(run_dir: Path) -> dict:
+    """``fedpriv report RUN_DIR``: rebuild the report from the run's files and write it."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"run directory not found: {run_dir}")
+    config_path = _required(run_dir / ".hydra" / "config.yaml")
+    config = OmegaConf.to_container(OmegaConf.load(config_path), resolve=False)
+    rounds = read_metrics(run_dir)
+    clients_reported = json.loads(_required(run_dir / "clients_reported.json").read_text())
+    level_path = run_dir / "client_level.json"
+    client_level = json.loads(level_path.read_text()) if level_path.exists() else None
+    report = build_report(
+        config=config,
+        clients_reported=clients_reported,
+        rounds=rounds,
+        client_level=client_level,
+    )
+    write_report(run_dir, report)
+    return report
+
+
+def _required(path: Path) -> Path:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: not a complete fedpriv run directory")
+    return path
