@@ -116,6 +116,8 @@ def simulate(overrides: list[str], run_dir: Path, *, timeout: float = 1800) -> d
     import shutil
     import subprocess
 
+    from common.report import read_metrics
+
     shutil.rmtree(run_dir, ignore_errors=True)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     t0 = time.perf_counter()
@@ -124,12 +126,7 @@ def simulate(overrides: list[str], run_dir: Path, *, timeout: float = 1800) -> d
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
         raise RuntimeError(f"fedpriv simulate failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-    return {"wall_s": wall, "rounds": read_rounds(run_dir)}
-
-
-def read_rounds(run_dir: Path) -> list[dict]:
-    """The run's metrics.jsonl records, one per completed round."""
-    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return {"wall_s": wall, "rounds": read_metrics(run_dir)}
 
 
 class InProcessGrid:

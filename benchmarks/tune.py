@@ -137,7 +137,8 @@ def compose(args) -> None:
 def one_run(spec: dict, device: str) -> dict:
     import torch
 
-    from _common import InProcessGrid, read_rounds
+    from _common import InProcessGrid
+    from common.report import read_metrics
     from server.loop import prepare, run_federation
 
     cfg = spec["cfg"]
@@ -148,7 +149,7 @@ def one_run(spec: dict, device: str) -> dict:
         cfg["state_dir"] = str(Path(tmp) / "clients")
         run_dir = Path(tmp) / "run"
         report = run_federation(InProcessGrid(int(cfg["num_clients"])), prepare(cfg), run_dir)
-        rounds = read_rounds(run_dir)
+        rounds = read_metrics(run_dir)
     clients = report["sample_level"]["clients"]
     eps = [c["epsilon"] for c in clients if c.get("epsilon") is not None]
     return {"name": spec["name"], "final_accuracy": rounds[-1]["accuracy"],

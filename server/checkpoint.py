@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from common.report.rundir import METRICS, read_metrics
 from common.storage import atomic_write_bytes, atomic_write_json
 
 MANIFEST = "manifest.json"
@@ -147,28 +148,22 @@ def load_optimizer_state(run_dir: Path, manifest: Manifest, server_round: int, *
 
 
 def completed_rounds(run_dir: Path) -> list[dict]:
-    """The rounds recorded in ``metrics.jsonl``; a torn last line (crash mid-append) is dropped."""
-    path = run_dir / "metrics.jsonl"
-    if not path.exists():
-        return []
-    lines = path.read_text().split("\n")
-    records = []
-    for i, line in enumerate(lines):
-        if not line.strip():
-            continue
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            if i == len(lines) - 1:  # the unterminated tail of an interrupted append
-                break
-            raise CheckpointError(f"{path}: line {i + 1} is not JSON")
+    """The rounds recorded in ``metrics.jsonl``; a torn last line (crash mid-append) is dropped.
+
+    Read by :func:`common.report.read_metrics`, as ``fedpriv report`` reads it; resume
+    adds that the rounds are exactly 1..n, since it continues after the last one.
+    """
+    try:
+        records = read_metrics(run_dir, missing_ok=True)
+    except ValueError as err:  # a corrupt line other than the torn tail
+        raise CheckpointError(str(err)) from err
     rounds = [r["round"] for r in records]
     if rounds != list(range(1, len(rounds) + 1)):
-        raise CheckpointError(f"{path}: rounds {rounds} are not 1..{len(rounds)}")
+        raise CheckpointError(f"{run_dir / METRICS}: rounds {rounds} are not 1..{len(rounds)}")
     return records
 
 
 def truncate_metrics(run_dir: Path, records: list[dict]) -> None:
     """Rewrite ``metrics.jsonl`` with exactly ``records`` (drops a torn tail before appending)."""
     text = "".join(json.dumps(r, allow_nan=False) + "\n" for r in records)
-    atomic_write_bytes(run_dir / "metrics.jsonl", text.encode())
+    atomic_write_bytes(run_dir / METRICS, text.encode())
