@@ -2,10 +2,10 @@
 
 ``checkpoints/round_NNNN.pt`` holds the global trainable weights after round N
 (round 0 = the initial model); ``checkpoints/manifest.json`` maps each round to its
-file and SHA-256 plus the run id and any server-side state (e.g. a client-level
-accountant). Files are written atomically, and loaded with
-``torch.load(weights_only=True)`` only after the hash matches: a tampered or
-truncated checkpoint is refused, never unpickled.
+file and SHA-256, plus the run id (the client-level accountant resumes from
+``client_level.json`` in the run directory, not from here). Files are written
+atomically, and loaded with ``torch.load(weights_only=True)`` only after the hash
+matches: a tampered or truncated checkpoint is refused, never unpickled.
 
 A stateful server optimizer (``strategy=fedavgm`` / ``fedadam``, ``server.optimizer``)
 adds ``checkpoints/optimizer_NNNN.pt`` per round — its momentum / moments after round
@@ -45,7 +45,6 @@ class Manifest:
     run_id: str
     # round -> {file, sha256} (+ optimizer, optimizer_file, optimizer_sha256 with a stateful optimizer)
     rounds: dict[int, dict[str, str]] = field(default_factory=dict)
-    server_state: dict[str, Any] = field(default_factory=dict)  # latest extra state (JSON)
 
     @classmethod
     def load(cls, run_dir: Path) -> "Manifest":
@@ -53,13 +52,13 @@ class Manifest:
         if not path.exists():
             raise CheckpointError(f"{path} is missing: {run_dir} has no checkpoints to resume from")
         raw = json.loads(path.read_text())
-        return cls(raw["run_id"], {int(k): v for k, v in raw["rounds"].items()}, raw.get("server_state", {}))
+        # Older manifests also hold "server_state", which was always {}: ignored.
+        return cls(raw["run_id"], {int(k): v for k, v in raw["rounds"].items()})
 
     def save(self, run_dir: Path) -> None:
         atomic_write_json(run_dir / "checkpoints" / MANIFEST, {
             "run_id": self.run_id,
             "rounds": {str(k): v for k, v in sorted(self.rounds.items())},
-            "server_state": self.server_state,
         })
 
 
@@ -87,8 +86,7 @@ def _is_tensor_dict(obj: Any) -> bool:
     return isinstance(obj, dict) and all(isinstance(v, torch.Tensor) for v in obj.values())
 
 
-def save_round(run_dir: Path, manifest: Manifest, server_round: int, state: Mapping[str, torch.Tensor],
-               server_state: Mapping[str, Any] | None = None, *,
+def save_round(run_dir: Path, manifest: Manifest, server_round: int, state: Mapping[str, torch.Tensor], *,
                optimizer_state: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
                optimizer_name: str | None = None) -> None:
     """Durably store round ``server_round``'s global weights (and optimizer state), then the manifest.
@@ -104,7 +102,6 @@ def save_round(run_dir: Path, manifest: Manifest, server_round: int, state: Mapp
         entry.update(optimizer=str(optimizer_name), optimizer_file=opt_name,
                      optimizer_sha256=_write(run_dir, opt_name, blob))
     manifest.rounds[server_round] = entry
-    manifest.server_state = dict(server_state or {})
     stale = [r for r, e in manifest.rounds.items()
              if "optimizer_file" in e and r <= server_round - OPTIMIZER_STATES_KEPT]
     for r in stale:  # forget them in the manifest first, then delete: never a dangling entry

@@ -19,11 +19,21 @@ STATE = {"w": torch.arange(6.0).reshape(2, 3), "b": torch.ones(3)}
 
 def test_round_trip(tmp_path):
     manifest = Manifest("run")
-    save_round(tmp_path, manifest, 2, STATE, {"accountant": [[1.0, 1.0, 2]]})
+    save_round(tmp_path, manifest, 2, STATE)
     back = Manifest.load(tmp_path)
-    assert back.run_id == "run" and back.server_state == {"accountant": [[1.0, 1.0, 2]]}
+    assert back.run_id == "run" and back.rounds == manifest.rounds
     loaded = load_round(tmp_path, back, 2)
     assert all(torch.equal(loaded[k], STATE[k]) for k in STATE)
+
+
+def test_a_manifest_with_the_old_server_state_key_still_loads(tmp_path):
+    save_round(tmp_path, Manifest("run"), 1, STATE)
+    path = tmp_path / "checkpoints" / "manifest.json"
+    raw = json.loads(path.read_text())
+    assert "server_state" not in raw
+    path.write_text(json.dumps({**raw, "server_state": {}}))  # as runs before its removal wrote it
+    back = Manifest.load(tmp_path)
+    assert back.run_id == "run" and torch.equal(load_round(tmp_path, back, 1)["w"], STATE["w"])
 
 
 def test_tampered_checkpoint_is_refused(tmp_path):
