@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import gc
 import logging
-from dataclasses import dataclass
 
 import torch
 
@@ -82,19 +81,3 @@ def release_memory() -> None:
         return
     gc.collect()  # cyclic garbage may still hold CUDA tensors the cache cannot release
     torch.cuda.empty_cache()
-
-
-@dataclass
-class DeviceStats:
-    device: str
-    peak_memory_bytes: int | None  # CUDA only
-
-
-def reset_peak(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-
-
-def device_stats(device: torch.device) -> DeviceStats:
-    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
-    return DeviceStats(str(device), peak)

@@ -116,7 +116,6 @@ class AuditResult:
     epsilon_lower_bound: float
     confidence: float
     delta: float
-    best_k: tuple[int, int]  # (k_plus, k_minus) used
     max_detectable_epsilon: float = math.nan  # the bound were all r guesses right
 
 
@@ -143,7 +142,7 @@ def audit(scores: Sequence[float], included: Sequence[bool], *, k_plus: int, k_m
     r, v = guesses(scores, included, k_plus, k_minus)
     bound = epsilon_lower_bound(r, v, m=len(scores), delta=delta, confidence=confidence)
     power = max_detectable_epsilon(r, m=len(scores), delta=delta, confidence=confidence)
-    return AuditResult(len(scores), r, v, bound, confidence, delta, (k_plus, k_minus), power)
+    return AuditResult(len(scores), r, v, bound, confidence, delta, power)
 
 
 # --------------------------------------------------------------------------- scores
