@@ -23,7 +23,7 @@ from flwr.app import Message, RecordDict
 from common.model import state_norm
 from common.protocol import REPLY_RECORDS, SECURE_REPLY_RECORDS, ProtocolError, TrainReply
 from common.recipe import HEAD_PREFIX, head_from_prototypes
-from server.optimizer import FedAvg, ServerOptimizer, apply_step
+from server.optimizer import FedAvg, ServerOptimizer
 
 if TYPE_CHECKING:
     from common.mechanism import ClientLevelDP
@@ -227,19 +227,6 @@ def sum_updates(updates: Mapping[str, Mapping[str, torch.Tensor]], like: Mapping
         for name in total:
             total[name] += updates[client_id][name].to(torch.float64)
     return total
-
-
-def fedavg(
-    global_state: Mapping[str, torch.Tensor],
-    updates: Mapping[str, Mapping[str, torch.Tensor]],
-    *,
-    server_lr: float = 1.0,
-) -> dict[str, torch.Tensor]:
-    """``global + server_lr · mean(updates)``, every client weighted equally."""
-    if not updates:
-        return {k: v.clone() for k, v in global_state.items()}
-    total = sum_updates(updates, global_state)
-    return apply_step(global_state, {k: v / len(updates) for k, v in total.items()}, server_lr=server_lr)
 
 
 def check_sum(total: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor], *,
