@@ -11,7 +11,7 @@ the device knows (its node-config ``max-epsilon``) is shown as reported by the d
 
 This module also holds the schema's constants (the two units, the caveat sentences,
 the budget sources). It imports nothing heavier than the accountant, so code that
-only needs a constant (``server.mechanism`` needs ``CLIENT_UNIT``) does not pay for
+only needs a constant (``common.mechanism`` needs ``CLIENT_UNIT``) does not pay for
 the renderers or matplotlib.
 """
 

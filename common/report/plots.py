@@ -2,7 +2,7 @@
 
 matplotlib is imported here only, and only inside the functions that draw: importing
 it costs about a third of a second and tens of MB, and most processes that import
-``common.report`` (a simulation actor, ``server.mechanism`` for a constant) never
+``common.report`` (a simulation actor, ``common.mechanism`` for a constant) never
 draw a figure. Figures are drawn on an explicit Agg canvas, never through pyplot: no
 display is needed, no process-wide backend is switched, and no global figure list
 leaks memory.

@@ -468,10 +468,10 @@ def test_a_server_optimizer_is_named_as_post_processing():
     assert any("strategy fedadam" in c and "post-processing" in c for c in report["caveats"])
 
 
-@pytest.mark.parametrize("module", ["server.mechanism", "common.report"])
+@pytest.mark.parametrize("module", ["common.mechanism", "common.report"])
 def test_importing_the_report_or_the_mechanism_loads_no_matplotlib(module):
     # Only drawing a figure needs matplotlib (common.report.plots imports it lazily);
-    # server.mechanism imports the report package for CLIENT_UNIT alone. A fresh
+    # common.mechanism imports the report package for CLIENT_UNIT alone. A fresh
     # interpreter: this one may have drawn a plot already.
     code = f"import sys, {module}; print(sorted(m for m in sys.modules if m.split('.')[0] == 'matplotlib'))"
     root = Path(__file__).resolve().parents[2]
