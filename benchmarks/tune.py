@@ -113,7 +113,7 @@ GRIDS = {
 
 def compose_specs(named: list[tuple[str, list[str]]]) -> list[dict]:
     """One run spec {name, overrides, cfg} per (name, Hydra overrides), resolved as a run would."""
-    from server.app import compose_config  # Hydra (and Flower, through server.app) live here
+    from server.compose import compose_config  # Hydra and the packaged conf/ live here
 
     specs = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -186,7 +186,7 @@ def audit(argv: list[str]) -> int:
     import json
 
     from common.audit import CONSISTENT, EXCEEDS, verdict
-    from server.app import compose_config
+    from server.compose import compose_config
 
     cfg, run_dir = compose_config(argv)
     from common.config import validate

@@ -31,6 +31,7 @@ from common.data import load_local_data, tokenize
 from common.errors import ConfigError
 from common.model import instantiate_model, load_tokenizer
 from common.recipe import check_model
+from server.compose import compose_config
 from server.loop import Prepared, prepare
 
 log = logging.getLogger(__name__)
@@ -43,8 +44,6 @@ def runs_base() -> Path:
 
 def deployment_config(overrides: str) -> tuple[dict, Path]:
     """(config, absolute run dir) for a ``flwr run`` from its ``overrides`` string."""
-    from server.app import compose_config
-
     args = shlex.split(overrides or "")
     cfg, run_dir = compose_config(args, base=runs_base())
     if not any(a.lstrip("+~").startswith("state_dir=") for a in args):

@@ -27,7 +27,7 @@ ONE_ACTOR = "simulation.num_cpus=1"
 
 def compose(overrides, run_dir: Path) -> dict:
     """The resolved config exactly as a run would see it (Hydra compose + resolve)."""
-    from server.app import compose_config
+    from server.compose import compose_config
 
     cfg, _ = compose_config([*overrides, f"hydra.run.dir={run_dir}"])
     return cfg
