@@ -1,7 +1,8 @@
 """The ``fedpriv`` command: ``fedpriv simulate [HYDRA_OVERRIDES...]`` and ``fedpriv report RUN_DIR``.
 
 ``simulate`` coordinates, so it lives with the server; it loads the ClientApp by its
-component string from pyproject (as ``flwr run`` does), never by importing client code.
+component string (``server.components.CLIENT_APP``, as ``flwr run`` does), never by
+importing client code.
 """
 
 from __future__ import annotations
@@ -9,10 +10,10 @@ from __future__ import annotations
 import logging
 import os
 import sys
-import tomllib
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from server.components import CLIENT_APP, ROOT, pin
+
 USAGE = """usage: fedpriv simulate [HYDRA_OVERRIDES ...]   run N simulated clients (Hydra; -m for sweeps)
        fedpriv report RUN_DIR                   re-render a run's privacy report
        fedpriv audit [HYDRA_OVERRIDES ...]      one-run empirical privacy audit (audit.* settings;
@@ -35,12 +36,6 @@ def _offline_env() -> None:
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
-
-
-def client_app_ref() -> str:
-    """The ClientApp component string from pyproject ([tool.flwr.app.components])."""
-    with open(ROOT / "pyproject.toml", "rb") as fh:
-        return tomllib.load(fh)["tool"]["flwr"]["app"]["components"]["clientapp"]
 
 
 def backend_config(cfg: dict) -> dict:
@@ -116,7 +111,7 @@ def simulate(cfg_node) -> None:
         sys.exit(2)  # SystemExit passes through Hydra's error handler; exceptions do not
 
     errors: list[BaseException] = []
-    client_app = load_app(cfg["simulation"].get("client_app") or client_app_ref(), ValueError, project_dir=ROOT)
+    client_app = load_app(cfg["simulation"].get("client_app") or CLIENT_APP, ValueError, project_dir=ROOT)
     run_simulation(
         server_app=make_app(prepared, run_dir, errors, resume=bool(cfg.get("resume"))),
         client_app=client_app,
@@ -154,12 +149,14 @@ def resume_config(cfg_node, task_overrides) -> tuple[dict, Path]:
 def _hydra_simulate(argv: list[str]) -> None:
     import hydra
 
+    from server.compose import conf_path
+
     resume = [a.split("=", 1)[1] for a in argv if a.startswith("resume=")]
     if resume and resume[0] not in ("", "null"):
         # Write into the resumed run's directory and keep its original .hydra/config.yaml.
         argv = [*argv, f"hydra.run.dir={Path(resume[0]).resolve()}", "hydra.output_subdir=null"]
     sys.argv = ["fedpriv simulate", *argv]
-    hydra.main(config_path=str(ROOT / "conf"), config_name="config", version_base="1.3")(simulate)()
+    hydra.main(config_path=conf_path(), config_name="config", version_base="1.3")(simulate)()
 
 
 def report(argv: list[str]) -> int:
@@ -220,6 +217,7 @@ def audit(argv: list[str]) -> int:
 
 
 def main() -> int:
+    pin()  # fedpriv's packages from this install, not from a folder of the working directory
     from common.errors import ConfigError
 
     argv = sys.argv[1:]

@@ -1,14 +1,26 @@
-"""The run configuration, composed by Hydra from ``conf/`` without a Hydra main.
+"""The run configuration, composed by Hydra from fedpriv's packaged ``conf/``.
 
-Its own module, so that ``server.app`` (the ServerApp) and ``server.deployment`` (what
-it does under ``flwr run``) do not import each other, and the CLI's audit needs neither.
+``conf/`` ships as the package ``fedpriv_conf`` (pyproject's package-dir and package
+data), so a wheel installed anywhere carries it; both ``fedpriv simulate`` (a Hydra main)
+and ``compose_config`` (``flwr run``, ``fedpriv audit``, the tests) read it through
+Hydra's package search path, ``CONF``. In a checkout ``server.components.pin`` maps the
+name to the ``conf/`` folder beside ``server/``.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+from server.components import CONF_PACKAGE, pin
+
+#: Hydra's search path for fedpriv's configuration.
+CONF = f"pkg://{CONF_PACKAGE}"
+
+
+def conf_path() -> str:
+    """``CONF``, with ``fedpriv_conf`` importable from the tree this code came from."""
+    pin()
+    return CONF
 
 
 def compose_config(overrides: list[str], base: Path | None = None) -> tuple[dict, Path]:
@@ -17,11 +29,12 @@ def compose_config(overrides: list[str], base: Path | None = None) -> tuple[dict
     A relative ``hydra.run.dir`` is taken relative to ``base`` (default: the current
     directory), before ``${hydra:run.dir}`` resolves, so that every path agrees.
     """
-    from hydra import compose, initialize_config_dir
+    from hydra import compose, initialize_config_module
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import OmegaConf, open_dict
 
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+    conf_path()
+    with initialize_config_module(config_module=CONF_PACKAGE, version_base="1.3"):
         cfg = compose("config", overrides=overrides, return_hydra_config=True)
         run_dir = ((base or Path.cwd()) / Path(cfg.hydra.run.dir).expanduser()).resolve()
         cfg.hydra.run.dir = str(run_dir)
