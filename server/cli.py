@@ -12,7 +12,7 @@ import os
 import sys
 from pathlib import Path
 
-from server.components import CLIENT_APP, ROOT, pin
+from server.components import CLIENT_APP, ClientAppRef, pin
 
 USAGE = """usage: fedpriv simulate [HYDRA_OVERRIDES ...]   run N simulated clients (Hydra; -m for sweeps)
        fedpriv report RUN_DIR                   re-render a run's privacy report
@@ -85,7 +85,6 @@ def simulate(cfg_node) -> None:
     """Hydra task: validate, then run the federation on Flower's simulation engine."""
     logging.getLogger("alembic").setLevel(logging.WARNING)  # Flower's state DB migrations
     from flwr.simulation import run_simulation
-    from flwr.supercore.object_ref import load_app
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import OmegaConf
 
@@ -111,7 +110,7 @@ def simulate(cfg_node) -> None:
         sys.exit(2)  # SystemExit passes through Hydra's error handler; exceptions do not
 
     errors: list[BaseException] = []
-    client_app = load_app(cfg["simulation"].get("client_app") or CLIENT_APP, ValueError, project_dir=ROOT)
+    client_app = ClientAppRef(cfg["simulation"].get("client_app") or CLIENT_APP)
     run_simulation(
         server_app=make_app(prepared, run_dir, errors, resume=bool(cfg.get("resume"))),
         client_app=client_app,

@@ -10,6 +10,12 @@
   ``sys.path`` holds first. A user's working directory may have a ``common/`` of its own:
   ``python -m`` puts the working directory first on the path, and Ray puts the driver's
   working directory first on every worker's (its ``py_driver_sys_path``).
+- ``ClientAppRef`` is the ClientApp handed to Flower's simulation engine. Flower's Ray
+  backend pickles the ClientApp into every actor task, and unpickling it imported
+  ``client.app`` through the actor's ``sys.path``: a ``common/`` in the working directory
+  was imported instead of ours, in every round. Pickled, a ``ClientAppRef`` is only its
+  reference and ``ROOT``; the actor pins fedpriv's packages to ``ROOT`` before it imports
+  anything of fedpriv, so it runs the same code as the process that started it.
 """
 
 from __future__ import annotations
@@ -83,3 +89,21 @@ def pin() -> None:
 def load(ref: str) -> Any:
     """The object a component reference (``package.module:attribute``) names, fedpriv pinned to ``ROOT``."""
     return _load(ref, str(ROOT), PACKAGES, CONF_PACKAGE)
+
+
+class ClientAppRef:
+    """A ClientApp known by its reference; pickled (into a Ray actor) it is that reference.
+
+    Loaded here first, so that a bad reference fails before Ray starts; unpickled, it is
+    the ClientApp itself, loaded in the actor with fedpriv pinned to this ``ROOT``.
+    """
+
+    def __init__(self, ref: str = CLIENT_APP) -> None:
+        self.ref = ref
+        self.app = load(ref)
+
+    def __call__(self, *args, **kwargs):
+        return self.app(*args, **kwargs)
+
+    def __reduce__(self):
+        return _load, (self.ref, str(ROOT), PACKAGES, CONF_PACKAGE)
