@@ -1,8 +1,11 @@
-"""The ``fedpriv`` command: ``fedpriv simulate [HYDRA_OVERRIDES...]`` and ``fedpriv report RUN_DIR``.
+"""The ``fedpriv`` command: ``fedpriv simulate [HYDRA_OVERRIDES...]``, ``fedpriv report RUN_DIR``
+and ``fedpriv audit``.
 
 ``simulate`` coordinates, so it lives with the server; it loads the ClientApp by its
 component string (``server.components.CLIENT_APP``, as ``flwr run`` does), never by
-importing client code.
+importing client code. The audit trains like a client, so its runner is client code too:
+the CLI finds it through the ``fedpriv.commands`` entry points (packaging metadata,
+pyproject's ``[project.entry-points."fedpriv.commands"]``), not by a name in ``server/``.
 """
 
 from __future__ import annotations
@@ -10,18 +13,18 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import tomllib
 from pathlib import Path
 
-from server.components import CLIENT_APP, ClientAppRef, pin
+from server.components import CLIENT_APP, ROOT, ClientAppRef, load, pin
 
 USAGE = """usage: fedpriv simulate [HYDRA_OVERRIDES ...]   run N simulated clients (Hydra; -m for sweeps)
        fedpriv report RUN_DIR                   re-render a run's privacy report
        fedpriv audit [HYDRA_OVERRIDES ...]      one-run empirical privacy audit (audit.* settings;
                                                 audit=power: the preset with measured power)"""
 
-#: The audit trains like a client, so it is client code; loaded by reference, as the
-#: ClientApp is, so that no server module imports the client package.
-AUDIT_REF = "client.audit:run_audit"
+#: The entry-point group of the commands whose code is not the server's (``audit``: ``run_audit``).
+COMMANDS = "fedpriv.commands"
 
 log = logging.getLogger("fedpriv")
 
@@ -36,6 +39,32 @@ def _offline_env() -> None:
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+
+
+def load_command(name: str):
+    """The object the ``fedpriv.commands`` entry point ``name`` names, loaded from this tree."""
+    from importlib.metadata import entry_points
+
+    found = entry_points(group=COMMANDS, name=name)
+    return load(next(iter(found)).value if found else _checkout_entry_point(name))
+
+
+def _checkout_entry_point(name: str) -> str:
+    """The entry point from the checkout's own pyproject, for metadata that predates it.
+
+    Installed metadata is written at install time: an editable install made before the
+    entry point existed, or this tree run through PYTHONPATH beside another tree's
+    install, lacks it until reinstalled. Only then, and only in a checkout (pyproject
+    beside the packages; a wheel has none), is the declaration read from the source.
+    """
+    pyproject = ROOT / "pyproject.toml"
+    table = {}
+    if pyproject.is_file():
+        with open(pyproject, "rb") as fh:
+            table = tomllib.load(fh).get("project", {}).get("entry-points", {}).get(COMMANDS, {})
+    if name not in table:
+        raise LookupError(f"no {COMMANDS!r} entry point {name!r}: reinstall fedpriv")
+    return table[name]
 
 
 def backend_config(cfg: dict) -> dict:
@@ -178,7 +207,6 @@ def audit(argv: list[str]) -> int:
     is below the accounted ε: the audit could not have confirmed it) and ``consistent``
     exit 0. ``audit=power`` selects the preset with measured power (conf/audit/power.yaml).
     """
-    import importlib
     import json
 
     from common.audit import CONSISTENT, EXCEEDS, verdict
@@ -189,8 +217,7 @@ def audit(argv: list[str]) -> int:
 
     validate(cfg)
     a = cfg["audit"]
-    module, func = AUDIT_REF.split(":")
-    run_audit = getattr(importlib.import_module(module), func)
+    run_audit = load_command("audit")
     result = run_audit(cfg, canaries=int(a["canaries"]), guesses=int(a["guesses"]), client=int(a["client"]),
                        noise=bool(a["noise"]), confidence=float(a["confidence"]))
     bound, power = float(result["epsilon_lower_bound"]), float(result["max_detectable_epsilon"])

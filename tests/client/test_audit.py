@@ -137,7 +137,7 @@ def test_cli_prints_the_power_in_every_verdict_and_exits_1_only_when_exceeded(
 
     from server import cli
 
-    monkeypatch.setattr(cli, "AUDIT_REF", f"{__name__}:stub_run_audit")
+    monkeypatch.setattr(cli, "load_command", {"audit": stub_run_audit}.__getitem__)
     monkeypatch.setitem(STUB, "epsilon_lower_bound", bound)
     monkeypatch.setitem(STUB, "max_detectable_epsilon", power)
     monkeypatch.setitem(STUB, "epsilon_accounted", accounted)
