@@ -13,7 +13,6 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from common import data as data_mod
 from common.data import load_client_data, load_splits, partition_train, tokenize
 from common.errors import ConfigError
 
@@ -343,9 +342,3 @@ def test_tokenize_pads_to_fixed_shapes():
     with pytest.raises(ConfigError) as err:
         tokenize(sample, tokenizer, max_length=0)
     assert err.value.setting == "train.max_length"
-
-
-def test_common_data_does_not_import_client_or_server():
-    source = Path(data_mod.__file__).read_text() + (ROOT / "common" / "synthetic.py").read_text()
-    assert "import client" not in source and "import server" not in source
-    assert "from client" not in source and "from server" not in source
