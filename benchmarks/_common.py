@@ -146,12 +146,12 @@ class InProcessGrid:
         from flwr.supercore.object_ref import load_app
         from flwr.supercore.task_identity import TaskIdentity
 
-        from server.cli import client_app_ref
+        from server.components import CLIENT_APP
 
         # Flower builds a Message only inside a run: this process is the run's server (node 1).
         TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, self.run.run_id, 1
 
-        self.app = load_app(client_app_ref(), ValueError, project_dir=ROOT)
+        self.app = load_app(CLIENT_APP, ValueError, project_dir=ROOT)
         self.contexts = {
             c: Context(run_id=1, node_id=c, node_config={"partition-id": c, "num-partitions": num_nodes},
                        state=RecordDict(), run_config={})
