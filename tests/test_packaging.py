@@ -82,7 +82,11 @@ def test_wheel_metadata_declares_the_command_entry_points_and_scipy(wheel):
 def test_pyproject_names_the_same_client_app_and_exactly_the_packages():
     assert PYPROJECT["tool"]["flwr"]["app"]["components"]["clientapp"] == CLIENT_APP  # `flwr run`'s copy
     setuptools = PYPROJECT["tool"]["setuptools"]
-    assert sorted(setuptools["packages"]) == sorted([*PACKAGES, CONF_PACKAGE])
+    # Listed exactly: every package folder of the source tree, subpackages included (a
+    # subpackage left out would be missing from the wheel, and nothing else would say so).
+    on_disk = [".".join(init.parent.relative_to(ROOT).parts) for package in PACKAGES
+               for init in (ROOT / package).rglob("__init__.py")]
+    assert sorted(setuptools["packages"]) == sorted([*on_disk, CONF_PACKAGE])
     assert setuptools["package-dir"] == {CONF_PACKAGE: "conf"}
     assert PYPROJECT["project"]["entry-points"]["fedpriv.commands"] == {"audit": "client.audit:run_audit"}
 
