@@ -4,25 +4,155 @@ from pathlib import Path
 
 import pytest
 
+from common import schema
 from common.config import validate, validate_partitions
 from common.errors import ConfigError
 from tests.conftest import FAST, ROOT, compose
 
-GROUPS = ["model", "data", "partition", "privacy", "strategy", "train"]
+GROUPS = sorted(p.name for p in (ROOT / "conf").iterdir() if p.is_dir())
+#: What an option needs set on the command line (its ??? keys).
+EXTRA = {"data/csv": ["data.path=x.csv", "data.text_column=text", "data.label_column=label"],
+         "data/hf": ["data.name=x", "data.text_column=text", "data.label_column=label"]}
 
 
 def options(group):
     return sorted(p.stem for p in (ROOT / "conf" / group).glob("*.yaml") if not p.stem.startswith("_"))
 
 
-@pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in options(g)])
+EVERY_OPTION = [(g, o) for g in GROUPS for o in options(g)]
+
+
+def compose_option(group, option, tmp_path):
+    return compose([f"{group}={option}", *EXTRA.get(f"{group}/{option}", [])], tmp_path)
+
+
+@pytest.mark.parametrize("group,option", EVERY_OPTION)
 def test_every_config_group_composes_and_validates(tmp_path, group, option):
-    extra = {"data/csv": ["data.path=x.csv", "data.text_column=text", "data.label_column=label"],
-             "data/hf": ["data.name=x", "data.text_column=text", "data.label_column=label"]}
-    cfg = compose([f"{group}={option}", *extra.get(f"{group}/{option}", [])], tmp_path)
+    cfg = compose_option(group, option, tmp_path)
+    schema.check(cfg)
     validate(cfg)
     if group == "model":
         assert cfg["model"]["_target_"] == "common.model.build_model"
+
+
+def test_every_group_is_tested():
+    assert {"audit", "data", "model", "partition", "privacy", "recipe", "strategy", "train"} <= set(GROUPS)
+
+
+def _flat(cfg, prefix=""):
+    """Dotted keys of a composed config, down to the schema's free maps."""
+    keys = set()
+    for key, value in cfg.items():
+        dotted = f"{prefix}{key}"
+        keys.add(dotted)
+        if isinstance(value, dict) and dotted not in ("model.config_overrides", "privacy.sample.client_budgets"):
+            keys |= _flat(value, dotted + ".")
+    return keys
+
+
+def _schema_keys(spec, prefix=""):
+    if isinstance(spec, (schema.Legacy, schema.Optional)):
+        return _schema_keys(spec.spec, prefix)
+    fields = {}
+    if isinstance(spec, schema.Section):
+        fields = spec.fields
+    elif isinstance(spec, schema.Variant):
+        fields = {k: v for option in spec.options.values() for k, v in option.items()}
+    keys = set()
+    for key, sub in fields.items():
+        keys |= {f"{prefix}{key}"} | _schema_keys(sub, f"{prefix}{key}.")
+    return keys
+
+
+def test_the_schema_holds_exactly_the_keys_the_yaml_composes(tmp_path):
+    composed = set()
+    for group, option in EVERY_OPTION:
+        composed |= _flat(compose_option(group, option, tmp_path))
+    assert composed == _schema_keys(schema.SCHEMA)
+
+
+def test_the_schemas_options_are_the_implementations_and_the_config_groups(tmp_path):
+    from common.data import _LOADERS, _PARTITIONERS
+    from server.optimizer import ServerOptimizer
+
+    fields = schema.SCHEMA.fields
+    assert set(fields["data"].options) == set(_LOADERS)
+    assert set(fields["partition"].options) == set(_PARTITIONERS) == set(options("partition"))
+    assert set(schema.STRATEGIES) == {cls.name for cls in ServerOptimizer.__subclasses__()} == set(options("strategy"))
+    assert set(fields["privacy"].fields["mode"].values) == set(options("privacy"))
+    for group in ("partition", "strategy", "privacy"):  # each option names itself
+        for option in options(group):
+            cfg = compose_option(group, option, tmp_path)[group]
+            assert cfg["mode" if group == "privacy" else "name"] == option
+    assert compose([], tmp_path)["strategy"]["name"] == "fedavg"  # the default stays plain FedAvg
+
+
+def assert_names(cfg, setting):
+    """validate(cfg) stops with one ConfigError that names ``setting`` first."""
+    with pytest.raises(ConfigError) as err:
+        validate(cfg)
+    assert err.value.setting == setting
+    assert str(err.value).startswith(setting)
+
+
+@pytest.mark.parametrize("overrides,setting", [
+    # A misspelt key, or one of another option, is no setting at all.
+    (["+train.lerning_rate=0.1"], "train.lerning_rate"),
+    (["+lerning_rate=0.1"], "lerning_rate"),
+    (["+privacy.sample.epsilonn=1"], "privacy.sample.epsilonn"),
+    (["+strategy.server_momentum=0.5"], "strategy.server_momentum"),  # fedavgm's key, not fedavg's
+    (["+data.delimiter=tab"], "data.delimiter"),  # csv's key, not the synthetic set's
+    (["+model.lora_rank=4"], "model.lora_rank"),
+    # A value of the wrong type, or not among the allowed ones.
+    (["train.lr=fast"], "train.lr"),
+    (["train.local_epochs=two"], "train.local_epochs"),
+    (["train.batch_size=1.5"], "train.batch_size"),
+    (["train.max_length=[8]"], "train.max_length"),
+    (["train.optimizer=1"], "train.optimizer"),
+    (["train.precision=fp8"], "train.precision"),
+    (["train.grad_sample_mode=functorch"], "train.grad_sample_mode"),
+    (["model.pretrained=maybe"], "model.pretrained"),
+    (["model.pooling=max"], "model.pooling"),
+    (["model=minilm_lora", "model.lora.r=one"], "model.lora.r"),
+    (["model=minilm_lora", "model.lora.target_modules=[1]"], "model.lora.target_modules"),
+    (["data.num_classes=five"], "data.num_classes"),
+    (["data.source=parquet"], "data.source"),
+    (["partition=dirichlet", "partition.self_balancing=sometimes"], "partition.self_balancing"),
+    (["partition=pathological", "partition.class_assignment=shuffled"], "partition.class_assignment"),
+    (["strategy=fedadam", "strategy.beta_1=high"], "strategy.beta_1"),
+    (["recipe.prototype_scale=big"], "recipe.prototype_scale"),
+    (["+privacy.sample.client_budgets.0=lots"], "privacy.sample.client_budgets.0"),
+    (["audit.noise=loud"], "audit.noise"),
+    (["evaluation.batch_size=all"], "evaluation.batch_size"),
+    (["simulation.num_cpus=many"], "simulation.num_cpus"),
+])
+def test_a_misspelt_key_or_a_wrong_typed_value_is_a_config_error_naming_it(tmp_path, overrides, setting):
+    assert_names(compose([*FAST, *overrides], tmp_path), setting)
+
+
+@pytest.mark.parametrize("dotted", ["train.optimizer", "strategy.server_lr", "privacy.sample", "model.tokenizer",
+                                    "data.ambiguous_fraction", "secaggplus", "audit"])
+def test_a_missing_key_is_a_config_error_naming_it(tmp_path, dotted):
+    cfg = compose(FAST, tmp_path)
+    *parents, last = dotted.split(".")
+    node = cfg
+    for part in parents:
+        node = node[part]
+    del node[last]
+    with pytest.raises(ConfigError) as err:
+        validate(cfg)
+    assert err.value.setting == dotted and "missing" in str(err.value)
+
+
+def test_a_config_written_before_recipes_and_pooling_still_validates(tmp_path):
+    # A resumed old run's .hydra/config.yaml: common.recipe.LEGACY and build_model's
+    # pooling keep what those runs did; the schema lets exactly these keys be absent.
+    cfg = compose(["model=minilm_lora", "train.batch_size=64"], tmp_path)
+    del cfg["recipe"]
+    for key in ("pooling", "normalize", "freeze_encoder"):
+        del cfg["model"][key]
+    del cfg["train"]["sample_rate"]
+    validate(cfg)
 
 
 def test_every_model_option_builds(tmp_path):
@@ -54,11 +184,7 @@ def test_every_model_option_builds(tmp_path):
     ("secagg=maybe", "secagg"),
 ])
 def test_bad_values_name_the_setting(tmp_path, override, setting):
-    cfg = compose([*FAST, override], tmp_path)
-    with pytest.raises(ConfigError) as err:
-        validate(cfg)
-    assert err.value.setting == setting
-    assert str(err.value).startswith(setting)
+    assert_names(compose([*FAST, override], tmp_path), setting)
 
 
 @pytest.mark.parametrize("override, setting", [
