@@ -79,9 +79,8 @@ def loop_child(config_path: str) -> None:
             local = copy.deepcopy(model)
             load_trainable(local, global_state)
             result = local_train(local, part, epochs=epochs, batch_size=bs, lr=float(train["lr"]),
-                                 weight_decay=float(train.get("weight_decay", 0.0)),
-                                 optimizer=str(train["optimizer"]), dp=dp,
-                                 grad_sample_mode=str(train.get("grad_sample_mode", "hooks")))
+                                 weight_decay=float(train["weight_decay"]), optimizer=str(train["optimizer"]),
+                                 dp=dp, grad_sample_mode=str(train["grad_sample_mode"]))
             taken[c] = taken.get(c, 0) + result.steps
             after = trainable_state(local)
             updates.append({k: after[k] - global_state[k] for k in after})

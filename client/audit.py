@@ -133,8 +133,8 @@ def real_examples(cfg: Mapping, client: int):
     return test.shuffle(seed=int(cfg["seed"])).select(range(min(n, len(test)))), names
 
 
-def run_audit(cfg: Mapping, *, canaries: int, guesses: int, client: int = 0, noise: bool = True,
-              confidence: float = 0.95, canary_length: int = 12, ridge: float = 1e-4) -> dict[str, Any]:
+def run_audit(cfg: Mapping, *, canaries: int, guesses: int, client: int, noise: bool, confidence: float,
+              canary_length: int = 12, ridge: float = 1e-4) -> dict[str, Any]:
     """Canaries + held-out examples the size of client ``client``'s data: train once (round by round), score, bound ε."""
     if guesses > canaries or guesses < 2:
         raise ValueError("need 2 <= guesses <= canaries")
@@ -180,10 +180,9 @@ def run_audit(cfg: Mapping, *, canaries: int, guesses: int, client: int = 0, noi
         directions = canary_directions(model, known)
         start = flat_trainable(model)
         result = local_train(model, data, epochs=local_epochs, batch_size=batch_size, lr=float(train["lr"]),
-                             weight_decay=float(train.get("weight_decay", 0.0)),
-                             optimizer=str(train.get("optimizer", "sgd")),
+                             weight_decay=float(train["weight_decay"]), optimizer=str(train["optimizer"]),
                              dp=DPSettings(sigma, clip, accountant, tuple(history)),
-                             grad_sample_mode=str(train.get("grad_sample_mode", "hooks")))
+                             grad_sample_mode=str(train["grad_sample_mode"]))
         history = result.history
         scores += joint_scores(directions, flat_trainable(model) - start, ridge)[:canaries]
     scores = scores.tolist()

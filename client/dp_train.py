@@ -96,7 +96,7 @@ def local_train(
     batch_size: int,
     lr: float,
     weight_decay: float = 0.0,
-    optimizer: str = "adamw",
+    optimizer: str,  # train.optimizer: conf/train/default.yaml holds its default, not this function
     dp: DPSettings | None,
     device: str | torch.device = "cpu",
     max_physical_batch_size: int | None = None,

@@ -72,12 +72,12 @@ def _fresh_model(cfg: Mapping, num_labels: int) -> torch.nn.Module:
 
 def _client_data(cfg: Mapping, partition_id: int, data_path: str | None = None):
     key = _key(cfg["data"], cfg["partition"], cfg["seed"], cfg["num_clients"],
-               cfg["model"].get("tokenizer") or cfg["model"]["name_or_path"],
+               cfg["model"]["tokenizer"] or cfg["model"]["name_or_path"],
                cfg["train"]["max_length"], partition_id, data_path)
     if key not in _DATA_CACHE:
         partition, label_names = (load_local_data(cfg, data_path) if data_path
                                   else load_client_data(cfg, partition_id))
-        tok_key = _key(cfg["model"].get("tokenizer") or cfg["model"]["name_or_path"])
+        tok_key = _key(cfg["model"]["tokenizer"] or cfg["model"]["name_or_path"])
         if tok_key not in _TOKENIZER_CACHE:
             _TOKENIZER_CACHE[tok_key] = load_tokenizer(cfg["model"])
         tokenizer = _TOKENIZER_CACHE[tok_key]
@@ -112,7 +112,7 @@ def budget_epsilon(cfg: Mapping, who: ClientIdentity) -> float:
     """The lowest of the run's budget, the config's per-client cap and the device's cap."""
     sample = cfg["privacy"]["sample"]
     caps = [float(sample["epsilon"])]
-    per_client = {str(k): v for k, v in (sample.get("client_budgets") or {}).items()}
+    per_client = {str(k): v for k, v in sample["client_budgets"].items()}
     if who.client_id in per_client:
         caps.append(float(per_client[who.client_id]))
     if who.max_epsilon is not None:
@@ -161,7 +161,7 @@ def run_round(
     """Answer the server's training request for ``server_round``, one round per client at a time."""
     data, label_names = _client_data(cfg, who.partition_id, who.data_path)
     try:
-        with locked(who.state_dir, who.client_id, timeout=float(cfg.get("round_timeout_s") or 600)):
+        with locked(who.state_dir, who.client_id, timeout=float(cfg["round_timeout_s"])):
             return _locked_round(cfg, who, data, len(label_names), run_id=run_id, server_round=server_round,
                                  global_state=global_state)
     except LedgerBusy:
@@ -242,16 +242,16 @@ def _locked_round(cfg: Mapping, who: ClientIdentity, data, num_labels: int, *, r
 
     model = _fresh_model(cfg, num_labels)
     load_trainable(model, global_state)
-    device = select_device(who.device or train.get("device", "cpu"))
+    device = select_device(who.device or train["device"])
     shuffle_seed = None if dp_on else int(_key(cfg["seed"], who.client_id, server_round)[:15], 16)
     if stage == "encoder":
         result = local_train(
             model, data, epochs=int(train["local_epochs"]), batch_size=batch_size,
-            lr=float(train["lr"]), weight_decay=float(train.get("weight_decay", 0.0)),
-            optimizer=str(train.get("optimizer", "sgd")), dp=dp, device=device,
-            max_physical_batch_size=who.max_physical_batch_size or train.get("max_physical_batch_size"),
-            amp_dtype=autocast_dtype(device, train.get("precision", "fp32")),
-            grad_sample_mode=str(train.get("grad_sample_mode", "hooks")), shuffle_seed=shuffle_seed,
+            lr=float(train["lr"]), weight_decay=float(train["weight_decay"]),
+            optimizer=str(train["optimizer"]), dp=dp, device=device,
+            max_physical_batch_size=who.max_physical_batch_size or train["max_physical_batch_size"],
+            amp_dtype=autocast_dtype(device, train["precision"]),
+            grad_sample_mode=str(train["grad_sample_mode"]), shuffle_seed=shuffle_seed,
         )
         history = result.history
     else:
@@ -264,8 +264,8 @@ def _locked_round(cfg: Mapping, who: ClientIdentity, data, num_labels: int, *, r
             # features are exactly what a full forward pass would feed the head.
             result = local_train(
                 model.classifier, feats, epochs=int(train["local_epochs"]), batch_size=batch_size,
-                lr=float(recipe["head_lr"]), weight_decay=float(train.get("weight_decay", 0.0)),
-                optimizer=str(train.get("optimizer", "sgd")), dp=dp, device=device,
+                lr=float(recipe["head_lr"]), weight_decay=float(train["weight_decay"]),
+                optimizer=str(train["optimizer"]), dp=dp, device=device,
                 shuffle_seed=shuffle_seed, features=True,
             )
             history = result.history

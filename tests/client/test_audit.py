@@ -82,7 +82,8 @@ def test_run_audit_reports_its_power_and_a_verdict_that_cannot_be_consistent_bel
     from common.audit import max_detectable_epsilon
 
     cfg = fast_cfg("rounds=1", "data.train_size=40", "train.max_length=8")
-    result = run_audit(cfg, canaries=20, guesses=10)
+    result = run_audit(cfg, canaries=20, guesses=10, client=cfg["audit"]["client"], noise=cfg["audit"]["noise"],
+                       confidence=cfg["audit"]["confidence"])
     assert result["max_detectable_epsilon"] == pytest.approx(max_detectable_epsilon(10, m=20, delta=1e-5))
     assert result["max_detectable_epsilon"] < result["epsilon_accounted"]
     assert result["verdict"] == "inconclusive" and "consistent" not in result

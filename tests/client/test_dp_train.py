@@ -104,7 +104,7 @@ def test_lora_adapters_and_head_change_under_dp_and_nothing_else():
     trainable_before = trainable_state(model)
     assert any("lora_A" in k for k in trainable_before) and any("lora_B" in k for k in trainable_before)
     assert any("classifier" in k for k in trainable_before)
-    local_train(model, tiny_data(32), epochs=2, batch_size=8, lr=0.01,
+    local_train(model, tiny_data(32), epochs=2, batch_size=8, lr=0.01, optimizer="adamw",
                 dp=DPSettings(0.8, 1.0, "rdp", ()))
     after = trainable_state(model)
     for name, before in trainable_before.items():
@@ -131,7 +131,7 @@ def test_empty_poisson_batches_are_noise_only_steps(mode):
 def test_history_continues_from_prior():
     model = tiny_model()
     prior = ((1.0, 0.25, 8),)
-    result = local_train(model, tiny_data(16), epochs=1, batch_size=4, lr=0.01,
+    result = local_train(model, tiny_data(16), epochs=1, batch_size=4, lr=0.01, optimizer="adamw",
                          dp=DPSettings(1.0, 1.0, "rdp", prior))
     assert result.history == [(1.0, 0.25, 12)]
     assert epsilon(result.history, 1e-5) > epsilon(prior, 1e-5)
@@ -142,8 +142,8 @@ def test_model_is_reusable_after_dp_training(mode):
     # The client keeps a model per process; a second DP round must not hit Opacus' re-wrap failure.
     model = tiny_model()
     for _ in range(2):
-        local_train(model, tiny_data(16), epochs=1, batch_size=4, lr=0.01, dp=DPSettings(1.0, 1.0, "rdp", ()),
-                    grad_sample_mode=mode)
+        local_train(model, tiny_data(16), epochs=1, batch_size=4, lr=0.01, optimizer="adamw",
+                    dp=DPSettings(1.0, 1.0, "rdp", ()), grad_sample_mode=mode)
 
 
 # --------------------------------------------------------------------------- client level
