@@ -103,7 +103,7 @@ def build(name: str, num_labels: int, seed: int = 0, config_overrides: dict | No
     from common.model import build_model
 
     cfg = model_cfg(name)
-    cfg["config_overrides"] = {**cfg.get("config_overrides", {}), **(config_overrides or {})}
+    cfg["config_overrides"] = {**cfg["config_overrides"], **(config_overrides or {})}
     return build_model(**cfg, num_labels=num_labels, seed=seed)
 
 

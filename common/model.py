@@ -48,15 +48,15 @@ def resolve_name(name_or_path: str) -> str:
 
 
 def load_tokenizer(model_cfg: Mapping):
-    """The tokenizer named by ``model.tokenizer`` (default: the model's own)."""
+    """The tokenizer named by ``model.tokenizer`` (null: the model's own)."""
     from transformers import AutoTokenizer
 
-    name = resolve_name(model_cfg.get("tokenizer") or model_cfg["name_or_path"])
+    name = resolve_name(model_cfg["tokenizer"] or model_cfg["name_or_path"])
     try:
         return AutoTokenizer.from_pretrained(name)
     except OSError as err:
         raise ConfigError(
-            "model.tokenizer" if model_cfg.get("tokenizer") else "model.name_or_path",
+            "model.tokenizer" if model_cfg["tokenizer"] else "model.name_or_path",
             f"cannot load tokenizer {name!r} ({err.__class__.__name__}); offline, only "
             "'minilm' or a local directory works",
         ) from err
@@ -67,16 +67,17 @@ def build_model(
     name_or_path: str,
     num_labels: int,
     seed: int,
-    pretrained: bool = True,
-    config_overrides: Mapping | None = None,
-    lora: Mapping | None = None,
-    freeze_embeddings: bool = True,
+    pretrained: bool,
+    config_overrides: Mapping,
+    lora: Mapping | None,
+    freeze_embeddings: bool,
+    tokenizer: str | None,  # consumed by load_tokenizer; kept so the config group instantiates
+    # The conf/model/*.yaml files name these three; these defaults are for configs written
+    # before the settings existed (a resumed old run's .hydra/config.yaml): the encoder
+    # trained, through HF's pooler, unnormalised (common.schema lets just these be absent).
     freeze_encoder: bool = False,
-    # The conf/model/*.yaml files name pooling; this default is for configs written before
-    # the setting existed (a resumed old run's .hydra/config.yaml), which read the pooler.
     pooling: str = "pooler",
     normalize: bool | None = None,
-    tokenizer: str | None = None,  # consumed by load_tokenizer; kept so the config group instantiates
 ) -> nn.Module:
     """A sequence classifier in train mode whose ``requires_grad`` marks what travels.
 
@@ -93,7 +94,7 @@ def build_model(
     source = resolve_name(name_or_path)
     mode, norm = resolve_pooling(pooling, normalize, source=source, pretrained=pretrained)
     plain = mode == "pooler" and not norm  # exactly HF's classifier, as before pooling existed
-    overrides = dict(config_overrides or {})
+    overrides = dict(config_overrides)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         try:
@@ -284,9 +285,9 @@ def _with_lora(model: nn.Module, lora: Mapping, *, seq_cls: bool) -> nn.Module:
         # model's head lives outside the adapted encoder, which needs no task type.
         task_type=TaskType.SEQ_CLS if seq_cls else None,
         r=int(lora["r"]),
-        lora_alpha=int(lora.get("alpha", 2 * int(lora["r"]))),
-        lora_dropout=float(lora.get("dropout", 0.0)),
-        target_modules=resolve_target_modules(model, lora.get("target_modules", ["query", "value"])),
+        lora_alpha=int(lora["alpha"]),
+        lora_dropout=float(lora["dropout"]),
+        target_modules=resolve_target_modules(model, lora["target_modules"]),
     )
     try:
         return get_peft_model(model, config)

@@ -33,6 +33,15 @@ def compose(overrides, run_dir: Path) -> dict:
     return cfg
 
 
+def model_group(option: str) -> dict:
+    """conf/model/<option>.yaml as common.model.build_model's keyword arguments."""
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "model" / f"{option}.yaml"), resolve=True)
+    cfg.pop("_target_")
+    return cfg
+
+
 @pytest.fixture
 def fast_cfg(tmp_path):
     def make(*overrides):

@@ -80,7 +80,7 @@ def test_batch_memory_manager_on_cuda_keeps_the_logical_step():
 
 
 def test_lora_under_dp_on_cuda_changes_adapters_only_and_counts_every_step():
-    model = tiny_model(lora=dict(r=2, alpha=4, target_modules=["query", "value"]))
+    model = tiny_model(lora=dict(r=2, alpha=4, dropout=0.0, target_modules=["query", "value"]))
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     before = trainable_state(model)
     result = local_train(model, tiny_data(32), epochs=2, batch_size=8, lr=0.01, optimizer="sgd",

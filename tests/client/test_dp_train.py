@@ -11,14 +11,16 @@ from torch.utils.data import TensorDataset
 from client.dp_train import DPSettings, local_train
 from common.accounting import epsilon
 from common.model import build_model, model_inputs, trainable_state
+from tests.conftest import model_group
 
 TINY = dict(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
             hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)  # no dropout: deterministic reference
 
 
 def tiny_model(lora=None, num_labels=3, **overrides):
-    return build_model(name_or_path="minilm", pretrained=False, config_overrides={**TINY, **overrides},
-                       num_labels=num_labels, seed=0, lora=lora)
+    """conf/model/tiny_bert.yaml (auto pooling: HF's pooler for a random init), a smaller body."""
+    return build_model(**{**model_group("tiny_bert"), "config_overrides": {**TINY, **overrides}, "lora": lora},
+                       num_labels=num_labels, seed=0)
 
 
 def tiny_data(n, length=12, num_labels=3, seed=0):
@@ -99,7 +101,7 @@ def test_two_runs_draw_different_noise():
 
 def test_lora_adapters_and_head_change_under_dp_and_nothing_else():
     # opacus#820: PEFT + Opacus once trained silently broken models.
-    model = tiny_model(lora=dict(r=2, alpha=4, target_modules=["query", "value"]))
+    model = tiny_model(lora=dict(r=2, alpha=4, dropout=0.0, target_modules=["query", "value"]))
     frozen_before = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     trainable_before = trainable_state(model)
     assert any("lora_A" in k for k in trainable_before) and any("lora_B" in k for k in trainable_before)

