@@ -55,13 +55,11 @@ def load_splits(data_cfg: Mapping, *, seed: int, num_clients: int
     Deterministic for a given (data_cfg, seed).
     """
     cfg = _plain(data_cfg)
-    # `data.source` picks the loader; for data=hf `data.name` is the Hub name, for the
-    # other groups the name is the source itself, so a config without `source` works.
-    setting = "data.source" if cfg.get("source") is not None else "data.name"
-    source = cfg.get("source") or _required(cfg, "name")
+    # `data.source` picks the loader (for data=hf `data.name` is the Hub name).
+    source = _required(cfg, "source")
     loader = _LOADERS.get(source)
     if loader is None:
-        raise ConfigError(setting, f"unknown data source {source!r}; use one of {sorted(_LOADERS)}")
+        raise ConfigError("data.source", f"unknown data source {source!r}; use one of {sorted(_LOADERS)}")
     train, test, test_setting = loader(cfg, seed, num_clients)
     return _encode_labels(train, test, test_setting)
 
@@ -71,11 +69,11 @@ def _load_synthetic(cfg: dict, seed: int, num_clients: int):
     if num_classes > len(synthetic.INTENTS):
         raise ConfigError("data.num_classes", f"the synthetic set has {len(synthetic.INTENTS)} "
                           f"intents, got {num_classes}")
-    num_users = num_clients if cfg.get("num_users") is None else _int(cfg, "num_users", minimum=1)
+    num_users = _int(cfg, "num_users", minimum=1)
     train_size = _int(cfg, "train_size", minimum=max(num_users, num_classes))
     test_size = _int(cfg, "test_size", minimum=1)
     label_noise = _fraction(cfg, "label_noise", low_inclusive=True)
-    ambiguous = _fraction(cfg, "ambiguous_fraction", low_inclusive=True, default=0.15)
+    ambiguous = _fraction(cfg, "ambiguous_fraction", low_inclusive=True)
     train, test = synthetic.generate(
         num_classes=num_classes, num_users=num_users, train_size=train_size,
         test_size=test_size, label_noise=label_noise, ambiguous_fraction=ambiguous, seed=seed)
@@ -88,17 +86,17 @@ def _load_synthetic(cfg: dict, seed: int, num_clients: int):
 def _load_csv(cfg: dict, seed: int, num_clients: int):
     read_args = {
         "sep": _required(cfg, "delimiter"),
-        "column_names": cfg.get("column_names"),
-        "quoting": _quoting(cfg.get("quoting")),
-        "encoding": cfg.get("encoding") or "utf-8",
+        "column_names": cfg["column_names"],
+        "quoting": _quoting(cfg["quoting"]),
+        "encoding": _required(cfg, "encoding"),
     }
     train = _read_csv(_existing_file(cfg, "path"), "data.path", read_args)
     train = _standardise(train, cfg, source="data.path")
-    dedupe = bool(cfg.get("drop_duplicates", False))
+    dedupe = bool(cfg["drop_duplicates"])
     seen: set[str] = set()
     if dedupe:
         train = _drop_duplicate_texts(train, seen)
-    if cfg.get("test_path") is not None:
+    if cfg["test_path"] is not None:
         test = _read_csv(_existing_file(cfg, "test_path"), "data.test_path", read_args)
         test = _standardise(test, cfg, source="data.test_path")
         if dedupe:  # also across splits: a text seen in train must not be tested on
@@ -268,20 +266,16 @@ def _dirichlet(cfg: dict, train: datasets.Dataset, num_clients: int, seed: int):
                           f"{num_clients} clients needs more than the {len(train)} training examples")
     partitioner = DirichletPartitioner(
         num_partitions=num_clients, partition_by="label", alpha=alpha,
-        min_partition_size=min_size, self_balancing=bool(cfg.get("self_balancing", False)),
+        min_partition_size=min_size, self_balancing=bool(cfg["self_balancing"]),
         shuffle=True, seed=seed)
     return partitioner, "partition.alpha", train
 
 
 def _pathological(cfg: dict, train: datasets.Dataset, num_clients: int, seed: int):
     per_client = _int(cfg, "classes_per_client", minimum=1, section="partition")
-    mode = cfg.get("class_assignment", "deterministic")
-    if mode not in ("deterministic", "random", "first-deterministic"):
-        raise ConfigError("partition.class_assignment", f"unknown mode {mode!r}; use "
-                          "deterministic, random or first-deterministic")
-    partitioner = PathologicalPartitioner(
+    partitioner = PathologicalPartitioner(  # common.schema checks class_assignment's values
         num_partitions=num_clients, partition_by="label", num_classes_per_partition=per_client,
-        class_assignment_mode=mode, shuffle=True, seed=seed)
+        class_assignment_mode=cfg["class_assignment"], shuffle=True, seed=seed)
     return partitioner, "partition.classes_per_client", train
 
 
@@ -337,15 +331,23 @@ def load_client_data(cfg: Mapping, partition_id: int) -> tuple[datasets.Dataset,
     return parts[partition_id], names
 
 
+#: How a device reads its own file (node-config data-path) when the run's data group has
+#: no such settings (data=synthetic; data=hf has only the columns): conf/data/csv.yaml's
+#: values, which tests/common/test_data.py holds these to.
+DEVICE_FILE = {"delimiter": ",", "column_names": None, "quoting": None, "encoding": "utf-8",
+               "text_column": "text", "label_column": "label"}
+
+
 def load_local_data(cfg: Mapping, path: str | Path, setting: str = "node-config data-path"
                     ) -> tuple[datasets.Dataset, list[str]]:
     """A device's own training file (node-config ``data-path``) and the run's label names.
 
     The file is read with the run's ``data.*`` column settings (``text_column``,
-    ``label_column``, ``delimiter``, ``column_names``, ``quoting``, ``encoding``; CSV
-    defaults where the run's data group has none) and its labels are encoded with the
-    run's ``data.labels`` — the server fills those in, so every device and the server
-    share one label mapping even when a device holds only some of the classes.
+    ``label_column``, ``delimiter``, ``column_names``, ``quoting``, ``encoding``;
+    :data:`DEVICE_FILE` where the run's data group has none, as data=synthetic) and its
+    labels are encoded with the run's ``data.labels`` — the server fills those in, so
+    every device and the server share one label mapping even when a device holds only
+    some of the classes.
     """
     data = _plain(cfg["data"])
     labels = data.get("labels")
@@ -355,14 +357,10 @@ def load_local_data(cfg: Mapping, path: str | Path, setting: str = "node-config 
     source = Path(str(path)).expanduser().resolve()
     if not source.is_file():
         raise ConfigError(setting, f"no such file on this device: {source}")
-    read_args = {
-        "sep": data.get("delimiter") or ",",
-        "column_names": data.get("column_names"),
-        "quoting": _quoting(data.get("quoting")),
-        "encoding": data.get("encoding") or "utf-8",
-    }
-    columns = {"text_column": data.get("text_column") or "text",
-               "label_column": data.get("label_column") or "label", "path": str(source)}
+    given = {key: data[key] if key in data else value for key, value in DEVICE_FILE.items()}
+    read_args = {"sep": given["delimiter"], "column_names": given["column_names"],
+                 "quoting": _quoting(given["quoting"]), "encoding": given["encoding"]}
+    columns = {"text_column": given["text_column"], "label_column": given["label_column"], "path": str(source)}
     ds = _standardise(_read_csv(source, setting, read_args), columns, source="data.path")
     names = [str(v) for v in labels]
     index = {n: i for i, n in enumerate(names)}
@@ -424,8 +422,8 @@ def _positive_float(cfg: dict, key: str, *, section: str) -> float:
     return float(value)
 
 
-def _fraction(cfg: dict, key: str, *, low_inclusive: bool, default: float | None = None) -> float:
-    value = cfg.get(key, default)
+def _fraction(cfg: dict, key: str, *, low_inclusive: bool) -> float:
+    value = cfg.get(key)
     if value is None or value == MISSING:
         raise ConfigError(f"data.{key}", "is required; set it, e.g. data.%s=0.2" % key)
     low_ok = value >= 0 if low_inclusive else value > 0

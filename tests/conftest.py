@@ -1,8 +1,11 @@
 """Shared test helpers: real configs composed from conf/, offline settings."""
 
+import copy
+import functools
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -31,6 +34,17 @@ def compose(overrides, run_dir: Path) -> dict:
 
     cfg, _ = compose_config([*overrides, f"hydra.run.dir={run_dir}"])
     return cfg
+
+
+@functools.lru_cache(maxsize=None)
+def _composed(overrides: tuple) -> dict:
+    return compose(list(overrides), Path(tempfile.gettempdir()) / "fedpriv-tests-compose")
+
+
+def config_group(group: str, option: str, *overrides: str) -> dict:
+    """The ``group`` section of the composed config with ``group=option`` (a fresh copy):
+    what a function that takes one group gets in a run, conf/ holding its defaults."""
+    return copy.deepcopy(_composed((f"{group}={option}", *overrides))[group])
 
 
 def model_group(option: str) -> dict:

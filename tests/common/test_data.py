@@ -15,30 +15,37 @@ from omegaconf import OmegaConf
 
 from common.data import load_client_data, load_splits, partition_train, tokenize
 from common.errors import ConfigError
+from tests.conftest import config_group
 
 ROOT = Path(__file__).parents[2]
 SHARED = ROOT.parent / "shared" / "data"
 SMS = SHARED / "sms_spam_collection" / "SMSSpamCollection"
 BANKING = SHARED / "banking77"
 
-SYNTH = {"name": "synthetic", "num_classes": 5, "num_users": 4, "train_size": 1600,
-         "test_size": 400, "label_noise": 0.08, "ambiguous_fraction": 0.15}
+SYNTH = config_group("data", "synthetic", "num_clients=4")  # 5 classes, 4 users, 1600 + 400 examples
 
 
 def synth(seed=0, **changes):
     return load_splits({**SYNTH, **changes}, seed=seed, num_clients=SYNTH["num_users"])
 
 
+def csv_cfg(**changes):
+    """data=csv as composed (test_path null, test_fraction 0.2, text/label columns, ...)."""
+    return {**config_group("data", "csv"), **changes}
+
+
 def sms_cfg(**changes):
-    return {"name": "csv", "path": str(SMS), "test_path": None, "test_fraction": 0.2,
-            "text_column": "text", "label_column": "label", "delimiter": "\t",
-            "column_names": ["label", "text"], "quoting": "QUOTE_NONE",
-            "drop_duplicates": False, "encoding": "utf-8", **changes}
+    return csv_cfg(**{"path": str(SMS), "delimiter": "\t", "column_names": ["label", "text"], "quoting": "QUOTE_NONE",
+                      **changes})
 
 
 def banking_cfg(**changes):
-    return {"name": "csv", "path": str(BANKING / "train.csv"), "test_path": str(BANKING / "test.csv"),
-            "text_column": "text", "label_column": "category", "delimiter": ",", **changes}
+    return csv_cfg(**{"path": str(BANKING / "train.csv"), "test_path": str(BANKING / "test.csv"),
+                      "label_column": "category", **changes})
+
+
+def partition(name, **changes):
+    return {**config_group("partition", name), **changes}
 
 
 def words(text):
@@ -122,8 +129,8 @@ def test_synthetic_bad_settings_name_the_setting():
         synth(label_noise=1.5)
     assert err.value.setting == "data.label_noise"
     with pytest.raises(ConfigError) as err:
-        load_splits({**SYNTH, "name": "parquet"}, seed=0, num_clients=4)
-    assert err.value.setting == "data.name"
+        load_splits({**SYNTH, "source": "parquet"}, seed=0, num_clients=4)
+    assert err.value.setting == "data.source"
 
 
 # --- partitioning ---------------------------------------------------------------
@@ -157,7 +164,7 @@ def test_iid_partitions_mix_labels_even_when_the_data_is_sorted(numbered_train):
 
 
 def test_dirichlet_depends_on_seed_and_skews_labels(numbered_train):
-    cfg = {"name": "dirichlet", "alpha": 0.3, "min_partition_size": 10}
+    cfg = partition("dirichlet", alpha=0.3, min_partition_size=10)
     a = partition_train(numbered_train, cfg, num_clients=4, seed=0)
     b = partition_train(numbered_train, cfg, num_clients=4, seed=1)
     assert [p["row"] for p in a] != [p["row"] for p in b]
@@ -168,7 +175,7 @@ def test_dirichlet_depends_on_seed_and_skews_labels(numbered_train):
 
 def test_pathological_limits_classes_per_client(numbered_train):
     for per_client in (1, 2, 3):
-        parts = partition_train(numbered_train, {"name": "pathological", "classes_per_client": per_client},
+        parts = partition_train(numbered_train, partition("pathological", classes_per_client=per_client),
                                 num_clients=4, seed=0)
         assert all(0 < len(set(p["label"])) <= per_client for p in parts)
 
@@ -192,18 +199,18 @@ def test_natural_with_wrong_client_count_names_partition_by(numbered_train):
 def test_impossible_dirichlet_is_a_config_error(numbered_train):
     # Needs almost exactly equal clients, which a 0.01-alpha draw never gives.
     with pytest.raises(ConfigError) as err:
-        partition_train(numbered_train, {"name": "dirichlet", "alpha": 0.01, "min_partition_size": 390},
+        partition_train(numbered_train, partition("dirichlet", alpha=0.01, min_partition_size=390),
                         num_clients=4, seed=0)
     assert err.value.setting == "partition.alpha"
     with pytest.raises(ConfigError) as err:  # more than the data holds: refused before drawing
-        partition_train(numbered_train, {"name": "dirichlet", "alpha": 0.5, "min_partition_size": 401},
+        partition_train(numbered_train, partition("dirichlet", alpha=0.5, min_partition_size=401),
                         num_clients=4, seed=0)
     assert err.value.setting == "partition.min_partition_size"
 
 
 def test_other_impossible_partitions_name_their_setting(numbered_train):
     with pytest.raises(ConfigError) as err:
-        partition_train(numbered_train, {"name": "pathological", "classes_per_client": 6},
+        partition_train(numbered_train, partition("pathological", classes_per_client=6),
                         num_clients=4, seed=0)
     assert err.value.setting == "partition.classes_per_client"
     with pytest.raises(ConfigError) as err:
@@ -302,8 +309,7 @@ def test_relative_paths_resolve_against_the_working_directory(monkeypatch):
 def test_test_label_unseen_in_train_and_bad_quoting(tmp_path):
     (tmp_path / "train.csv").write_text("text,label\na,x\nb,y\nc,x\n")
     (tmp_path / "test.csv").write_text("text,label\nd,z\n")
-    cfg = {"name": "csv", "path": str(tmp_path / "train.csv"), "test_path": str(tmp_path / "test.csv"),
-           "text_column": "text", "label_column": "label", "delimiter": ","}
+    cfg = csv_cfg(path=str(tmp_path / "train.csv"), test_path=str(tmp_path / "test.csv"))
     with pytest.raises(ConfigError) as err:
         load_splits(cfg, seed=0, num_clients=2)
     assert err.value.setting == "data.test_path" and "'z'" in str(err.value)
@@ -342,3 +348,12 @@ def test_tokenize_pads_to_fixed_shapes():
     with pytest.raises(ConfigError) as err:
         tokenize(sample, tokenizer, max_length=0)
     assert err.value.setting == "train.max_length"
+
+
+def test_a_device_file_is_read_with_the_csv_groups_settings_where_the_run_has_none():
+    # data=synthetic has no CSV keys, so a device's own file (node-config data-path) is
+    # read as conf/data/csv.yaml reads one; the csv group's own keys win where it is the run's.
+    from common.data import DEVICE_FILE
+
+    assert DEVICE_FILE == {key: config_group("data", "csv")[key] for key in DEVICE_FILE}
+
