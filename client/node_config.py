@@ -74,7 +74,7 @@ def kept_client_id(state_dir: str | Path) -> str:
 
 def node_identity(node: Mapping[str, Any], cfg: Mapping[str, Any]) -> ClientIdentity:
     """This node's ClientIdentity from its node config and the run's config."""
-    state_dir = _given(node, "state-dir") or cfg.get("state_dir")
+    state_dir = _given(node, "state-dir") or cfg["state_dir"]
     if not state_dir:
         raise ConfigError("node-config state-dir", "is required in deployment: start the SuperNode with "
                           "--node-config \"state-dir=/path/on/this/device ...\" (its privacy ledger lives "

@@ -154,9 +154,9 @@ def train_batch_size(train: Mapping, n: int, *, private: bool = True) -> int:
     sample_rate is :data:`DEFAULT_SAMPLE_RATE` for ``private`` (sample-level DP) or not.
     The accounted q is then ``sample_rate(n, B)``, as always.
     """
-    if train.get("batch_size") is not None:
+    if train["batch_size"] is not None:
         return int(train["batch_size"])
-    rate = train.get("sample_rate")
+    rate = train["sample_rate"]
     rate = DEFAULT_SAMPLE_RATE[bool(private)] if rate is None else float(rate)
     return max(1, min(int(n), round(rate * int(n))))
 
@@ -348,7 +348,7 @@ class ClientNoise:
 
 def client_noise(client_cfg: Mapping, *, rounds: int, num_clients: int) -> ClientNoise:
     """σ given (``privacy.client.noise_multiplier``) or calibrated from the budget and planned rounds."""
-    given = client_cfg.get("noise_multiplier")
+    given = client_cfg["noise_multiplier"]
     if given is None:
         sigma = calibrate_client_noise(target_epsilon=float(client_cfg["epsilon"]),
                                        delta=float(client_cfg["delta"]), rounds=rounds)
@@ -356,7 +356,7 @@ def client_noise(client_cfg: Mapping, *, rounds: int, num_clients: int) -> Clien
         sigma = float(given)
     if client_cfg["clipping"] != "adaptive":
         return ClientNoise(sigma, given is None, sigma, None)
-    stddev = client_cfg.get("clipped_count_stddev")
+    stddev = client_cfg["clipped_count_stddev"]
     # Default: the count gets at least twice the combined σ, so the update sum's own noise
     # is σ_Δ = σ / √(3/4) ≈ 1.15 σ (the same σ_Δ the former, wrong, ±½ split gave with σ_b = σ).
     stddev = max(num_clients / 20, 2 * sigma * COUNT_SENSITIVITY) if stddev is None else float(stddev)

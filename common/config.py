@@ -19,7 +19,6 @@ from common import schema
 from common.accounting import client_noise
 from common.errors import ConfigError
 from common.recipe import validate_recipe
-from common.schema import CLIPPING_MODES, PRIVACY_MODES, STRATEGIES  # noqa: F401  (their home until now)
 
 
 def _number(cfg: Mapping, dotted: str, *, minimum: float | None = None, exclusive: bool = True,

@@ -53,10 +53,9 @@ def deployment_config(overrides: str) -> tuple[dict, Path]:
 
 
 def _server_has_training_data(data: dict) -> bool:
-    source = data.get("source") or data.get("name")
-    if source != "csv":
+    if data["source"] != "csv":
         return True  # synthetic and hf sets are built by the server itself
-    path = data.get("path")
+    path = data["path"]
     return path not in (None, "", "???") and Path(str(path)).expanduser().is_file()
 
 
@@ -67,10 +66,10 @@ def prepare_deployment(cfg: dict) -> Prepared:
     if _server_has_training_data(data):
         prepared = prepare(cfg)
     else:
-        if not data.get("labels"):
+        if not data["labels"]:
             raise ConfigError("data.labels", "the server has no training file (data.path), so the run "
                               "must list its classes, e.g. 'data.labels=[ham,spam]'")
-        if not data.get("test_path"):
+        if not data["test_path"]:
             raise ConfigError("data.test_path", "the server has no training file (data.path); give it a "
                               "held-out file to evaluate on")
         test, labels = load_local_data(cfg, data["test_path"], "data.test_path")

@@ -101,7 +101,7 @@ def check_simulated_ledgers(cfg: dict) -> None:
     DESIGN.md), so the run is refused here, naming the setting and the ledger's value,
     before any client trains. Devices check their own ledger (and decline) in deployment.
     """
-    state_dir = cfg.get("state_dir")
+    state_dir = cfg["state_dir"]
     if cfg["privacy"]["mode"] not in ("sample", "both") or not state_dir:
         return
     sample = cfg["privacy"]["sample"]
@@ -293,7 +293,7 @@ class _Rounds:
                                 clipping_range=clip_norm or float(cfg["secaggplus"]["clipping_range"]))
         # The prototype round's reply is the client's class sums, not a step: the update cap
         # (strategy.max_update_norm) is for steps; client-level DP's C still holds.
-        max_norm = cfg["strategy"].get("max_update_norm") if stage_of(cfg, server_round) != "prototypes" else None
+        max_norm = cfg["strategy"]["max_update_norm"] if stage_of(cfg, server_round) != "prototypes" else None
         caps = [c for c in (clip_norm, max_norm) if c is not None]
         content = instruction.to_content(state.global_state)
         messages = [Message(content=content, dst_node_id=node, message_type="train") for node in sampled]

@@ -32,7 +32,7 @@ from collections.abc import Mapping
 
 import torch
 
-from common.config import STRATEGIES
+from common.schema import STRATEGIES
 
 Tensors = Mapping[str, torch.Tensor]
 
@@ -152,7 +152,7 @@ class FedAdam(ServerOptimizer):
 
 def server_optimizer(strategy: Mapping) -> ServerOptimizer:
     """The optimizer that ``strategy.name`` names (config already validated)."""
-    name = strategy.get("name", "fedavg")
+    name = strategy["name"]
     lr = float(strategy["server_lr"])
     if name == "fedavg":
         return FedAvg(server_lr=lr)
