@@ -15,7 +15,8 @@ stay in ``common.config``. A group whose keys depend on the option (``data`` by
 ``data.source``, ``partition`` and ``strategy`` by their ``name``) is a :class:`Variant`.
 A key marked :class:`Legacy` may be absent from a config written before it existed (a
 resumed old run's ``.hydra/config.yaml``); the code that reads it keeps what those runs
-did (``common.recipe.LEGACY``, ``common.model.build_model``'s ``pooling``).
+did (``common.recipe.LEGACY``, ``common.model.build_model``'s ``pooling``). One marked
+:class:`Filled` is one the server adds where the group has none (``data.labels``).
 """
 
 from __future__ import annotations
@@ -67,7 +68,7 @@ Scalar = _Type("a string, number or boolean", lambda v: isinstance(v, (str, int,
 Anything = _Type("anything", lambda v: True)
 
 
-class Optional(Spec):
+class Nullable(Spec):
     """null, or a value of ``spec``."""
 
     def __init__(self, spec: Spec):
@@ -161,8 +162,13 @@ class Legacy(Spec):
         return self.spec.describe()
 
 
+class Filled(Legacy):
+    """A key the server fills in where a group lacks it: ``data.labels`` (deployment puts the
+    run's classes into every data group, so that they travel to the devices)."""
+
+
 class Section(Spec):
-    """A map with exactly these keys (a :class:`Legacy` one may be absent)."""
+    """A map with exactly these keys (a :class:`Legacy` or :class:`Filled` one may be absent)."""
 
     def __init__(self, fields: Mapping[str, Spec]):
         self.fields = dict(fields)
@@ -214,8 +220,9 @@ def _check_fields(value: Mapping, fields: Mapping[str, Spec], setting: str) -> N
 # --- the config -------------------------------------------------------------------
 
 _STRATEGY = {"name": Str, "fraction_train": Float, "min_train_clients": Int, "server_lr": Float,
-             "max_update_norm": Optional(Float)}
+             "max_update_norm": Nullable(Float)}
 _COLUMNS = {"text_column": Str, "label_column": Str}
+_LABELS = Nullable(ListOf(Scalar))
 
 #: The composed config. Where an implementation defines the allowed values, they come
 #: from it (POOLINGS, ACCOUNTANTS); the options of ``data``, ``partition`` and ``strategy``
@@ -227,37 +234,38 @@ SCHEMA = Section({
     "num_clients": Int,
     "rounds": Int,
     "secagg": Bool,
-    "resume": Optional(Str),
-    "state_dir": Optional(Str),  # null in deployment: ledgers live on the devices
+    "resume": Nullable(Str),
+    "state_dir": Nullable(Str),  # null in deployment: ledgers live on the devices
     "secaggplus": Section({"num_shares": Float, "reconstruction_threshold": Float, "clipping_range": Float,
                            "quantization_range": Int, "modulus_range": Int}),
     "evaluation": Section({"batch_size": Int}),
-    "simulation": Section({"client_app": Optional(Str), "cpus_per_client": Float, "gpus_per_client": Float,
-                           "num_cpus": Optional(Int)}),
-    "federation": Section({"ray_address": Optional(Str)}),
+    "simulation": Section({"client_app": Nullable(Str), "cpus_per_client": Float, "gpus_per_client": Float,
+                           "num_cpus": Nullable(Int)}),
+    "federation": Section({"ray_address": Nullable(Str)}),
     "round_timeout_s": Float,
     "node_wait_s": Float,
     "model": Section({
         "_target_": Str,
         "name_or_path": Str,
-        "tokenizer": Optional(Str),
+        "tokenizer": Nullable(Str),
         "pretrained": Bool,
         "config_overrides": MapOf(Anything),
-        "lora": Optional(Section({"r": Int, "alpha": Int, "dropout": Float,
+        "lora": Nullable(Section({"r": Int, "alpha": Int, "dropout": Float,
                                   "target_modules": OneOf(Str, ListOf(Str))})),
         "freeze_embeddings": Bool,
         "freeze_encoder": Legacy(Bool),
         "pooling": Legacy(Choice(*POOLINGS)),
-        "normalize": Legacy(Optional(Bool)),
+        "normalize": Legacy(Nullable(Bool)),
     }),
     "data": Variant("source", {
         "synthetic": {"name": Str, "source": Str, "num_classes": Int, "num_users": Int, "train_size": Int,
-                      "test_size": Int, "label_noise": Float, "ambiguous_fraction": Float},
-        "csv": {"name": Str, "source": Str, "path": Str, "test_path": Optional(Str), "test_fraction": Float,
-                **_COLUMNS, "delimiter": Str, "column_names": Optional(ListOf(Str)),
-                "quoting": Optional(OneOf(Str, Int)), "drop_duplicates": Bool, "encoding": Str,
-                "labels": Optional(ListOf(Scalar))},
-        "hf": {"source": Str, "name": Str, "train_split": Str, "test_split": Str, **_COLUMNS},
+                      "test_size": Int, "label_noise": Float, "ambiguous_fraction": Float, "labels": Filled(_LABELS)},
+        "csv": {"name": Str, "source": Str, "path": Str, "test_path": Nullable(Str), "test_fraction": Float,
+                **_COLUMNS, "delimiter": Str, "column_names": Nullable(ListOf(Str)),
+                "quoting": Nullable(OneOf(Str, Int)), "drop_duplicates": Bool, "encoding": Str,
+                "labels": _LABELS},
+        "hf": {"source": Str, "name": Str, "train_split": Str, "test_split": Str, **_COLUMNS,
+               "labels": Filled(_LABELS)},
     }),
     "partition": Variant("name", {
         "iid": {"name": Str},
@@ -271,8 +279,8 @@ SCHEMA = Section({
         "sample": Section({"epsilon": Float, "delta": Float, "max_grad_norm": Float,
                            "accountant": Choice(*sorted(ACCOUNTANTS)), "client_budgets": MapOf(Float)}),
         "client": Section({"clipping": Choice(*CLIPPING_MODES), "clipping_norm": Float,
-                           "noise_multiplier": Optional(Float), "epsilon": Float, "delta": Float,
-                           "target_quantile": Float, "clip_lr": Float, "clipped_count_stddev": Optional(Float)}),
+                           "noise_multiplier": Nullable(Float), "epsilon": Float, "delta": Float,
+                           "target_quantile": Float, "clip_lr": Float, "clipped_count_stddev": Nullable(Float)}),
     }),
     "strategy": Variant("name", {
         "fedavg": _STRATEGY,
@@ -280,18 +288,18 @@ SCHEMA = Section({
         "fedadam": {**_STRATEGY, "beta_1": Float, "beta_2": Float, "tau": Float},
     }),
     "recipe": Legacy(Section({"name": Str, "prototypes": Bool, "prototype_share": Float, "prototype_scale": Float,
-                              "head_lr": Float, "encoder_rounds": Optional(Int)})),
+                              "head_lr": Float, "encoder_rounds": Nullable(Int)})),
     "train": Section({
         "local_epochs": Int,
-        "batch_size": Optional(Int),
-        "sample_rate": Legacy(Optional(Float)),  # read only when batch_size is null, which old configs never were
+        "batch_size": Nullable(Int),
+        "sample_rate": Legacy(Nullable(Float)),  # read only when batch_size is null, which old configs never were
         "optimizer": Choice("sgd", "adamw"),
         "lr": Float,
         "weight_decay": Float,
         "max_length": Int,
         "device": Choice("cpu", "cuda", "auto"),
         "precision": Choice("fp32", "bf16", "fp16", "auto"),
-        "max_physical_batch_size": Optional(Int),
+        "max_physical_batch_size": Nullable(Int),
         "grad_sample_mode": Choice("hooks", "ghost"),
     }),
     "audit": Section({"canaries": Int, "guesses": Int, "client": Int, "noise": Bool, "confidence": Float}),

@@ -51,7 +51,7 @@ def _flat(cfg, prefix=""):
 
 
 def _schema_keys(spec, prefix=""):
-    if isinstance(spec, (schema.Legacy, schema.Optional)):
+    if isinstance(spec, (schema.Legacy, schema.Nullable)):
         return _schema_keys(spec.spec, prefix)
     fields = {}
     if isinstance(spec, schema.Section):
@@ -142,6 +142,12 @@ def test_a_missing_key_is_a_config_error_naming_it(tmp_path, dotted):
     with pytest.raises(ConfigError) as err:
         validate(cfg)
     assert err.value.setting == dotted and "missing" in str(err.value)
+
+
+def test_the_labels_the_server_fills_into_any_data_group_validate(tmp_path):
+    cfg = compose(FAST, tmp_path)  # data=synthetic, which has no labels key of its own
+    cfg["data"]["labels"] = ["account", "billing"]  # server.deployment.prepare_deployment
+    validate(cfg)
 
 
 def test_a_config_written_before_recipes_and_pooling_still_validates(tmp_path):
