@@ -20,7 +20,7 @@ def evaluate(
     state: Mapping[str, torch.Tensor],
     data: TensorDataset,
     *,
-    batch_size: int = 64,
+    batch_size: int,  # evaluation.batch_size (conf/config.yaml)
 ) -> tuple[float, float]:
     """(accuracy, mean cross-entropy) of ``model`` with trainable weights ``state``.
 
