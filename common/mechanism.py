@@ -108,10 +108,10 @@ class ClientLevelDP:
         self.budget = float(client["epsilon"])
         self.adaptive = client["clipping"] == "adaptive"
         self.clipping_norm = float(client["clipping_norm"])
-        self.target_quantile = float(client.get("target_quantile", 0.5))
-        self.clip_lr = float(client.get("clip_lr", 0.2))
+        self.target_quantile = float(client["target_quantile"])
+        self.clip_lr = float(client["clip_lr"])
         self.noise = client_noise(client, rounds=int(cfg["rounds"]), num_clients=int(cfg["num_clients"]))
-        self.secagg = bool(cfg.get("secagg"))
+        self.secagg = bool(cfg["secagg"])
         self.planned_rounds = int(cfg["rounds"])
         self.releases = 0  # aggregates released so far (rounds accounted)
         self.per_round: list[dict] = []

@@ -21,7 +21,7 @@ from collections.abc import Iterable
 
 from common import __version__
 from common.accounting import ACCOUNTANTS, epsilon, history_prefix
-from common.config import PRIVACY_MODES
+from common.schema import PRIVACY_MODES
 from common.errors import ConfigError
 
 SCHEMA_VERSION = 1

@@ -6,9 +6,9 @@ import math
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
-from common.mechanism import clip_update
+from common.mechanism import ClientLevelDP, clip_update
 from server.aggregate import Reply, RoundReplies, SecureSum, aggregate, check_sum, collect
-from common.mechanism import ClientLevelDP
+from tests.conftest import config_group
 
 C = 1.0
 GLOBAL = {"w": torch.zeros(3, 4), "b": torch.zeros(4)}
@@ -31,8 +31,9 @@ def reply(node, update, server_round=1, fits=None):
 
 
 def dp(**client):
-    base = {"clipping": "fixed", "clipping_norm": C, "noise_multiplier": 1.0, "epsilon": 50.0, "delta": 1e-3}
-    return ClientLevelDP({"rounds": 3, "num_clients": 4, "privacy": {"client": {**base, **client}}})
+    base = {**config_group("privacy", "client")["client"],  # conf/ holds the rest (adaptive clipping's rate ...)
+            "clipping": "fixed", "clipping_norm": C, "noise_multiplier": 1.0, "epsilon": 50.0, "delta": 1e-3}
+    return ClientLevelDP({"rounds": 3, "num_clients": 4, "secagg": False, "privacy": {"client": {**base, **client}}})
 
 
 def test_every_update_that_reaches_aggregation_has_norm_at_most_c():

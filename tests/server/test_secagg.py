@@ -24,6 +24,7 @@ from common.protocol import TrainInstruction, TrainReply
 from server.aggregate import aggregate
 from common.mechanism import ClientLevelDP
 from server.secagg import secagg_round
+from tests.conftest import config_group
 
 C = 1.0
 SETTINGS = {"num_shares": 1.0, "reconstruction_threshold": 0.67, "quantization_range": 2 ** 22,
@@ -166,6 +167,7 @@ def test_declined_client_masks_zeros_and_noise_goes_on_the_secure_sum(task_ident
     step = 2 * C / SETTINGS["quantization_range"]
     assert max_error(result.secure_sum.total, plain_sum(updates, [11, 12, 13])) <= 4 * step
     dp = ClientLevelDP({"rounds": 3, "num_clients": 4, "secagg": True, "privacy": {"client": {
+        **config_group("privacy", "client")["client"],
         "clipping": "fixed", "clipping_norm": C, "noise_multiplier": 1.0, "epsilon": 50.0, "delta": 1e-3}}})
     new = aggregate(GLOBAL, result, server_lr=1.0, n_planned=4, client_dp=dp)
     std = float(torch.cat([v.flatten() for v in new.values()]).std())
