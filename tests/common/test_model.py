@@ -26,7 +26,8 @@ conf = model_group
 
 def tiny(**kwargs):
     """conf/model/tiny_bert.yaml with a smaller body, through HF's pooler unless told otherwise."""
-    return build_model(**{**conf("tiny_bert"), "config_overrides": TINY, "pooling": "pooler", **kwargs},
+    return build_model(**{**conf("tiny_bert"), "config_overrides": TINY, "pooling": "pooler", "normalize": None,
+                          **kwargs},
                        num_labels=3, seed=0)
 
 

@@ -66,10 +66,10 @@ def test_server_without_training_data_and_a_device_file(tmp_path):
 
 
 def test_deployment_refuses_a_recipe_the_model_cannot_run(tmp_path):
-    """The default recipe reads pooled features; tiny_bert's auto pooling is BERT's plain
-    classifier, so the server refuses before any device trains, naming model.pooling."""
+    """The default recipe reads pooled features; pooling=pooler is BERT's plain classifier,
+    so the server refuses before any device trains, naming model.pooling."""
     test_file = write_csv(tmp_path / "test.csv", [["refund my card", "billing"], ["parcel late", "delivery"]])
-    cfg, _ = deployment_config(" ".join(["model=tiny_bert", "data=csv", "data.text_column=msg", "data.label_column=y",
+    cfg, _ = deployment_config(" ".join(["model=tiny_bert", "model.pooling=pooler", "model.normalize=null", "data=csv", "data.text_column=msg", "data.label_column=y",
                                          "num_clients=2", "rounds=2", f"data.test_path={test_file}",
                                          "data.labels=[billing,delivery]", f"hydra.run.dir={tmp_path / 'run'}"]))
     with pytest.raises(ConfigError) as err:
