@@ -3,7 +3,7 @@
 Each run is the real round loop (``server.loop.run_federation``: the ClientApp's
 rounds with ledger, σ calibrated for the planned run, budget check and DP-SGD, the
 server's update checks, aggregation, mechanism, evaluation, checkpoints and report)
-over an in-process Grid (``_common.InProcessGrid``) whose nodes run one after another
+over an in-process Grid (``server.grid.InProcessGrid``) whose nodes run one after another
 in the worker's process. Only Ray and Flower's transport are missing, which makes it
 fast enough to sweep learning rate × clipping norm × batch size × local epochs, several
 runs side by side. The tuned values then go
@@ -137,8 +137,8 @@ def compose(args) -> None:
 def one_run(spec: dict, device: str) -> dict:
     import torch
 
-    from _common import InProcessGrid
     from common.report import read_metrics
+    from server.grid import InProcessGrid, as_server_of_run
     from server.loop import prepare, run_federation
 
     cfg = spec["cfg"]
@@ -148,6 +148,7 @@ def one_run(spec: dict, device: str) -> dict:
     with tempfile.TemporaryDirectory(prefix="fedpriv-tune-") as tmp:
         cfg["state_dir"] = str(Path(tmp) / "clients")
         run_dir = Path(tmp) / "run"
+        as_server_of_run()
         report = run_federation(InProcessGrid(int(cfg["num_clients"])), prepare(cfg), run_dir)
         rounds = read_metrics(run_dir)
     clients = report["sample_level"]["clients"]

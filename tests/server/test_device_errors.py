@@ -1,7 +1,7 @@
 """What leaves a device when it fails: a fixed reason and a setting's name, never its data.
 
 The real server loop (``server.loop.run_federation``) runs against the real ClientApp
-(``client.app.app``) over an in-process Grid that turns a raised exception into an
+(``client.app.app``) over the in-process Grid (``server.grid``) that turns a raised exception into an
 error reply exactly as Flower does (``flwr/supernode/runtime/run_clientapp.py`` and the
 simulation's ``vce_api``: ``str(type(ex)) + ":<'" + str(ex) + "'>"``). One device holds
 a CSV with a label outside the run's labels, the other a data-path that does not
@@ -11,46 +11,17 @@ or the report.
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 
 import pytest
-from flwr.app import Context, Error, Message, RecordDict
-from flwr.common.constant import ErrorCode
 
 import client.app as client_app
+from server.grid import InProcessGrid
 from server.loop import prepare, run_federation
 
 SECRET_LABEL = "zq-billing-secret-label"
 SECRET_DIR = "private-folder-of-alice-7f3a"
-
-
-class ClientAppGrid:
-    """A Grid whose nodes run the real ClientApp in this process (plain and SecAgg+ rounds)."""
-
-    class run:  # noqa: N801 - what server.secagg reads: grid.run.run_id
-        run_id = 7
-
-    def __init__(self, node_configs: dict[int, dict]):
-        self.contexts = {n: Context(run_id=7, node_id=n, node_config=c, state=RecordDict(), run_config={})
-                         for n, c in node_configs.items()}
-
-    def get_node_ids(self):
-        return list(self.contexts)
-
-    def send_and_receive(self, messages, *, timeout=None):
-        replies = []
-        for msg in messages:
-            msg = copy.deepcopy(msg)  # as if serialised
-            node = msg.metadata.dst_node_id
-            try:
-                replies.append(client_app.app(message=msg, context=self.contexts[node]))
-            except Exception as ex:  # what Flower sends back: the exception's class and str()
-                reason = str(type(ex)) + ":<'" + str(ex) + "'>"
-                replies.append(Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason),
-                                       reply_to=msg))
-        return replies
 
 
 @pytest.mark.parametrize("secagg", [False, True], ids=["plain", "secagg"])
@@ -63,7 +34,7 @@ def test_device_data_never_reaches_the_server(task_identity, fast_cfg, tmp_path,
     cfg = fast_cfg("num_clients=2", "rounds=1", "node_wait_s=5", f"secagg={str(secagg).lower()}")
     prepared = prepare(cfg)
     cfg["data"]["labels"] = list(prepared.label_names)  # as server.deployment does for devices
-    grid = ClientAppGrid({
+    grid = InProcessGrid({
         1: {"state-dir": str(tmp_path / "dev1"), "client-id": "alice", "data-path": str(bad_labels)},
         2: {"state-dir": str(tmp_path / "dev2"), "client-id": "bob", "data-path": str(absent)},
     })
