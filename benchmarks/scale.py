@@ -31,7 +31,7 @@ def main() -> None:
     per_n = {}
     with tempfile.TemporaryDirectory(prefix="fedpriv-scale-") as tmp:
         for n in clients:
-            overrides = ["model=tiny_bert", "recipe=finetune", "train.local_epochs=1", f"num_clients={n}", f"rounds={rounds}", "partition=iid",
+            overrides = [*_common.TINY_FINETUNE, "train.local_epochs=1", f"num_clients={n}", f"rounds={rounds}", "partition=iid",
                          f"data.train_size={EXAMPLES_PER_CLIENT * n}", "data.test_size=200",
                          "train.batch_size=32"]
             run = _common.simulate(overrides, Path(tmp) / f"n{n}")

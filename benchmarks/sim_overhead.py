@@ -130,7 +130,8 @@ def main() -> None:
     model = "tiny_bert" if args.quick else "minilm_lora"
     reps = args.reps or (1 if args.quick else 3)
     warmup = args.warmup if args.warmup is not None else (0 if args.quick else 1)
-    overrides = [f"model={model}", "recipe=finetune", "train.batch_size=64", "train.local_epochs=1",
+    body = _common.TINY_FINETUNE if args.quick else [f"model={model}", "recipe=finetune"]
+    overrides = [*body, "train.batch_size=64", "train.local_epochs=1",
                  "num_clients=10", "rounds=5", "simulation.num_cpus=1"]
     if args.quick:
         overrides += ["data.train_size=800", "data.test_size=100"]

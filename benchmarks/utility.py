@@ -88,8 +88,6 @@ def main() -> None:
             # its own q, and each calibration costs seconds of RDP (BENCHMARKS.md).
             common = [c for c in common if not c.startswith(("partition", "num_clients"))] + [
                 "partition=iid", "num_clients=4", "train.max_length=24"]
-            if model == "tiny_bert":  # the default recipe reads pooled features; tiny_bert's auto is BERT's pooler
-                common += ["model.pooling=mean", "model.freeze_encoder=true"]
         runs = [{"dataset": ds, "level": level, "seed": seed,
                  "overrides": [*common, *dataset_overrides(ds, args.data_root), f"seed={seed}",
                                *(["privacy=none"] if level == "none" else [f"privacy.sample.epsilon={level}"])]}

@@ -19,8 +19,9 @@ for key in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
 # Small and fast: a 2-layer random BERT on 400 synthetic messages.
 # recipe=finetune: every round trains through the encoder (the machinery these tests check);
 # the recipe's prototype and head stages have tests of their own. model.pooling=pooler with
-# normalize null: HF's own classifier (BertForSequenceClassification), the model these figures were set with.
-FAST = ["model=tiny_bert", "recipe=finetune", "model.pooling=pooler", "model.normalize=null", "data.train_size=400", "data.test_size=80", "train.batch_size=32",
+# normalize null and the encoder trainable: HF's own classifier (BertForSequenceClassification), the model these figures were set with.
+FAST = ["model=tiny_bert", "recipe=finetune", "model.pooling=pooler", "model.normalize=null",
+        "model.freeze_encoder=false", "data.train_size=400", "data.test_size=80", "train.batch_size=32",
         "train.local_epochs=1"]
 # For `fedpriv simulate` tests that check what a run records, not how clients run side by
 # side: one Ray CPU, so one ClientAppActor serves every simulated client in turn. Nearly

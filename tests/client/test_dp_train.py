@@ -19,7 +19,7 @@ TINY = dict(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermed
 
 def tiny_model(lora=None, num_labels=3, **overrides):
     """conf/model/tiny_bert.yaml through HF's pooler (BertForSequenceClassification), a smaller body."""
-    return build_model(**{**model_group("tiny_bert"), "pooling": "pooler", "normalize": None, "config_overrides": {**TINY, **overrides},
+    return build_model(**{**model_group("tiny_bert"), "pooling": "pooler", "normalize": None, "freeze_encoder": False, "config_overrides": {**TINY, **overrides},
                           "lora": lora},
                        num_labels=num_labels, seed=0)
 

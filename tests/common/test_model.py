@@ -26,7 +26,7 @@ conf = model_group
 
 def tiny(**kwargs):
     """conf/model/tiny_bert.yaml with a smaller body, through HF's pooler unless told otherwise."""
-    return build_model(**{**conf("tiny_bert"), "config_overrides": TINY, "pooling": "pooler", "normalize": None,
+    return build_model(**{**conf("tiny_bert"), "config_overrides": TINY, "pooling": "pooler", "normalize": None, "freeze_encoder": False,
                           **kwargs},
                        num_labels=3, seed=0)
 

@@ -17,7 +17,7 @@ from common.features import FEATURES_PREFIX
 from server.checkpoint import Manifest, load_round
 from server.loop import prepare, run_federation
 from tests.conftest import FAST, compose
-from tests.server.test_device_errors import ClientAppGrid
+from server.grid import InProcessGrid
 
 RECIPE = ["model.pooling=mean", "num_clients=2", "node_wait_s=5", "train.batch_size=null",
           "train.sample_rate=0.25"]
@@ -28,7 +28,7 @@ def _run(tmp_path, *overrides):
     cfg = compose([*(o for o in FAST if not o.startswith(("recipe=", "train."))), *RECIPE, *overrides],
                   tmp_path / "run")
     prepared = prepare(cfg)
-    grid = ClientAppGrid({n: {"state-dir": str(tmp_path / f"dev{n}"), "partition-id": n - 1} for n in (1, 2)})
+    grid = InProcessGrid({n: {"state-dir": str(tmp_path / f"dev{n}"), "partition-id": n - 1} for n in (1, 2)})
     run_dir = tmp_path / "run"
     report = run_federation(grid, prepared, run_dir)
     manifest = Manifest.load(run_dir)
@@ -94,7 +94,7 @@ def test_head_recipe_without_dp_is_reproducible_and_reads_cached_features(task_i
     stamp = cached[0].stat().st_mtime_ns
     cfg2 = dict(cfg)
     prepared = prepare(cfg2)
-    grid = ClientAppGrid({n: {"state-dir": str(tmp_path / f"dev{n}"), "partition-id": n - 1} for n in (1, 2)})
+    grid = InProcessGrid({n: {"state-dir": str(tmp_path / f"dev{n}"), "partition-id": n - 1} for n in (1, 2)})
     run_federation(grid, prepared, tmp_path / "run2")
     second = [json.loads(line)["accuracy"] for line in (tmp_path / "run2" / "metrics.jsonl").read_text().splitlines()]
     assert cached[0].stat().st_mtime_ns == stamp
