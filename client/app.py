@@ -14,22 +14,29 @@ label, a path or a row of the device's data, so that text stays in the device's 
 Client-level DP: the instruction also holds C; the update is clipped to it and ``fits``
 says whether it fit unclipped (adaptive clipping's bit). SecAgg+
 rounds arrive as Flower's legacy SecAgg+ messages: see ``client/secagg.py``.
+
+Before a reply leaves, the device appends what it sends and what that cost to its own
+transparency log (``client/transparency.py``); the log never leaves the device.
 """
 
 from __future__ import annotations
 
 import logging
 import re
+from dataclasses import dataclass
+from typing import Any
 
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
+from client import transparency
 from client.device import release_memory
-from common.mechanism import clip_update
 from client.node_config import ClientIdentity, node_identity
 from client.secagg import is_secagg, secagg_train
 from client.task import run_round
 from common.errors import ConfigError
+from common.mechanism import clip_update
+from common.model import state_norm
 from common.protocol import TrainInstruction, TrainReply
 
 app = ClientApp()
@@ -73,10 +80,32 @@ def _train(msg: Message, context: Context) -> Message:
     if is_secagg(msg):  # a SecAgg+ round: Flower's mod drives the stages (client/secagg.py)
         return secagg_train(msg, context, answer)
     instruction, global_state = TrainInstruction.from_content(msg.content)
-    return Message(content=answer(instruction, global_state, context).to_content(), reply_to=msg)
+    answered = answer(instruction, global_state, context)
+    content = answered.reply.to_content()
+    answered.log(transparency.content_bytes(content))  # before it leaves
+    return Message(content=content, reply_to=msg)
 
 
-def answer(instruction: TrainInstruction, global_state: dict, context: Context) -> TrainReply:
+@dataclass
+class Answered:
+    """A reply and what the device's transparency log says about it once its size is known."""
+
+    reply: TrainReply
+    who: ClientIdentity
+    run_id: str
+    event: str
+    protection: dict[str, Any] | None
+    norm_before_clip: float | None = None
+
+    def log(self, sent_bytes: int, *, masked: bool = False, tensors: dict | None = None) -> dict:
+        """Append this reply's line to the log (``tensors``: what travelled, if not the update)."""
+        return transparency.record(
+            self.who.state_dir, self.who.client_id, run_id=self.run_id, server_round=self.reply.server_round,
+            event=self.event, update=self.reply.update, sent_bytes=sent_bytes, protection=self.protection,
+            reason=self.reply.reason, norm_before_clip=self.norm_before_clip, masked=masked, tensors=tensors)
+
+
+def answer(instruction: TrainInstruction, global_state: dict, context: Context) -> Answered:
     """The reply to one training request, plain or SecAgg+.
 
     With client-level DP (C in the instruction) the update is clipped to C here, after
@@ -90,9 +119,12 @@ def answer(instruction: TrainInstruction, global_state: dict, context: Context) 
                             global_state=global_state)
     finally:
         release_memory()  # an idle device holds no GPU cache between rounds
-    update, fits = outcome.update, None
+    update, fits, norm_before = outcome.update, None, None
     if update is not None and instruction.client_clip_norm is not None:
+        norm_before = state_norm(update)
         clipped = clip_update(update, instruction.client_clip_norm)
         update, fits = clipped.update, clipped.fits
-    return TrainReply(who.client_id, instruction.server_round, outcome.declined, outcome.reason, outcome.privacy,
-                      update, fits)
+    reply = TrainReply(who.client_id, instruction.server_round, outcome.declined, outcome.reason, outcome.privacy,
+                       update, fits)
+    event = transparency.DECLINED if outcome.declined else transparency.RESENT if outcome.resent else transparency.SENT
+    return Answered(reply, who, instruction.run_id, event, outcome.protection, norm_before)

@@ -51,16 +51,19 @@ class LedgerBusy(RuntimeError):
 
 
 @contextlib.contextmanager
-def locked(state_dir: str | Path, client_id: str, *, timeout: float = 600.0) -> Iterator[None]:
+def locked(state_dir: str | Path, client_id: str, *, timeout: float = 600.0,
+           lock_file: str = LOCK_FILE) -> Iterator[None]:
     """Hold the client's state-directory lock (``flock``, exclusive) for the block.
 
     ``flock`` locks belong to an open file description, so two processes, and two
     threads that each open the lock file, exclude each other; the OS drops the lock
     if the holder dies. Waits at most ``timeout`` seconds, then raises LedgerBusy.
+    ``lock_file``: another lock in the same directory (the transparency log has its own,
+    so that logging a decline never waits for a round that holds the ledger).
     """
     directory = Ledger.directory(state_dir, client_id)
     directory.mkdir(parents=True, exist_ok=True)
-    fd = os.open(directory / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
+    fd = os.open(directory / lock_file, os.O_RDWR | os.O_CREAT, 0o600)
     try:
         deadline = time.monotonic() + timeout
         while True:

@@ -14,6 +14,11 @@ legacy FitIns/FitRes format (``recorddict_compat``) and returns:
 Update checks run here, before masking (DESIGN.md): under SecAgg the server can only
 check the sum. A declining client still sends a vector of zeros so that the protocol's
 masks cancel; it contributes nothing and the server counts it as declined.
+
+The device's transparency log (``client/transparency.py``) counts every message this
+device sends in the round: the bytes of the first two stages are kept in the node's
+``context.state`` until the masked-vector stage writes the round's line (before the
+masked vector leaves); the unmask stage then adds its own bytes to that line.
 """
 
 from __future__ import annotations
@@ -22,17 +27,20 @@ from collections.abc import Callable, Mapping
 
 import numpy as np
 import torch
-from flwr.app import Context, Message
+from flwr.app import ConfigRecord, Context, Message
 from flwr.client.mod import secaggplus_mod
 from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
-from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 from flwr.compat.common import recorddict_compat as compat
 
+from client import transparency
 from common.model import state_norm
-from common.protocol import TrainInstruction, TrainReply
+from common.protocol import TrainInstruction
 
-# answer(instruction, global_state, context) -> TrainReply, as client.app's
-Answer = Callable[[TrainInstruction, Mapping[str, torch.Tensor], Context], TrainReply]
+# answer(instruction, global_state, context) -> client.app.Answered (its .reply a TrainReply, its .log the line)
+Answer = Callable[[TrainInstruction, Mapping[str, torch.Tensor], Context], "Answered"]
+#: This device's bytes so far in the current SecAgg+ round, and which round's line the unmask stage adds to.
+_TRAFFIC = "fedpriv.secagg-traffic"
 
 
 def is_secagg(msg: Message) -> bool:
@@ -41,7 +49,25 @@ def is_secagg(msg: Message) -> bool:
 
 def secagg_train(msg: Message, context: Context, answer: Answer) -> Message:
     """One SecAgg+ stage; the masked-vector stage trains through ``answer``."""
-    return secaggplus_mod(msg, context, lambda m, c: legacy_fit(m, c, answer))
+    stage = str(msg.content.config_records[RECORD_KEY_CONFIGS][Key.STAGE])
+    answered = []
+    out = secaggplus_mod(msg, context, lambda m, c: legacy_fit(m, c, answer, answered))
+    sent = transparency.content_bytes(out.content) if out.has_content() else 0
+    traffic = context.state.config_records.get(_TRAFFIC)
+    so_far = int(traffic["bytes"]) if traffic is not None and stage != Stage.SETUP else 0
+    if stage == Stage.COLLECT_MASKED_VECTORS and answered:
+        done, arrays = answered[0]
+        done.log(so_far + sent, masked=True, tensors=arrays)  # before the masked vector leaves
+        context.state.config_records[_TRAFFIC] = ConfigRecord({
+            "bytes": 0, "run-id": done.run_id, "round": int(done.reply.server_round),
+            "client-id": done.who.client_id, "state-dir": str(done.who.state_dir)})
+    elif stage == Stage.UNMASK and traffic is not None and "run-id" in traffic:
+        transparency.add_bytes(str(traffic["state-dir"]), str(traffic["client-id"]), run_id=str(traffic["run-id"]),
+                               server_round=int(traffic["round"]), extra=sent)
+        del context.state.config_records[_TRAFFIC]
+    else:
+        context.state.config_records[_TRAFFIC] = ConfigRecord({"bytes": so_far + sent})
+    return out
 
 
 def secure_vector(update: Mapping[str, torch.Tensor] | None, global_state: Mapping[str, torch.Tensor],
@@ -63,14 +89,17 @@ def secure_vector(update: Mapping[str, torch.Tensor] | None, global_state: Mappi
     return [*arrays, np.array([float(clipping_range) if fits else 0.0])]
 
 
-def legacy_fit(msg: Message, context: Context, answer: Answer) -> Message:
+def legacy_fit(msg: Message, context: Context, answer: Answer, answered: list | None = None) -> Message:
     fitins = compat.recorddict_to_fitins(msg.content, keep_input=True)
     instruction, keys, secagg_range = TrainInstruction.from_secure_config(dict(fitins.config))
     arrays = parameters_to_ndarrays(fitins.parameters)
     global_state = {k: torch.from_numpy(np.array(a)) for k, a in zip(keys, arrays, strict=True)}
-    reply = answer(instruction, global_state, context)
+    done = answer(instruction, global_state, context)
+    reply = done.reply
     vector = secure_vector(reply.update, global_state, keys, fits=bool(reply.fits), clipping_range=secagg_range,
                            max_norm=instruction.client_clip_norm)
+    if answered is not None:  # what the masked vector carries: every key, zeros for a decline
+        answered.append((done, {k: global_state[k] for k in keys}))
     fitres = FitRes(status=Status(code=Code.OK, message=""), parameters=ndarrays_to_parameters(vector),
                     num_examples=1, metrics=reply.secure_metrics())
     return Message(compat.fitres_to_recorddict(fitres, keep_input=False), reply_to=msg)

@@ -47,6 +47,10 @@ class RoundOutcome:
     update: dict[str, torch.Tensor] | None  # local − global trainable weights
     privacy: dict[str, Any] = field(default_factory=dict)  # what the report needs
     resent: bool = False  # answered from the kept reply (no new spend)
+    # What protected this round's release and what it cost, for the device's own
+    # transparency log (client.transparency): sigma, clip_norm, sample_rate, steps,
+    # mechanism, epsilon_before, epsilon_after. Never sent.
+    protection: dict[str, Any] | None = None
 
 
 # Models and tokenised partitions are costly to rebuild; one process serves many rounds
@@ -99,6 +103,13 @@ def client_features(cfg: Mapping, who: ClientIdentity, model: torch.nn.Module, d
             model.to("cpu")
 
     return cached_features(Ledger.directory(who.state_dir, who.client_id), key, compute)
+
+
+def _current_epsilon(ledger: Ledger) -> float | None:
+    """The ledger's ε so far (None before its first DP spend, when it has no δ pinned)."""
+    if not ledger.history or ledger.delta is None:
+        return None
+    return epsilon(ledger.history, float(ledger.delta), ledger.accountant)
 
 
 def _after_round(history, stage: str, sigma: float, q: float, steps: int) -> list:
@@ -167,7 +178,8 @@ def run_round(
     except LedgerBusy:
         log.warning("client %s declines round %d: its ledger is held by another round", who.client_id, server_round)
         ledger = Ledger.load(who.state_dir, who.client_id)  # atomic writes: a consistent read
-        return RoundOutcome(True, REASON_BUSY, None, privacy_summary(cfg, who, ledger, run_id))
+        return RoundOutcome(True, REASON_BUSY, None, privacy_summary(cfg, who, ledger, run_id),
+                            protection=_unchanged(_current_epsilon(ledger)))
 
 
 def _locked_round(cfg: Mapping, who: ClientIdentity, data, num_labels: int, *, run_id: str, server_round: int,
@@ -183,12 +195,15 @@ def _locked_round(cfg: Mapping, who: ClientIdentity, data, num_labels: int, *, r
         kept = load_reply(who.state_dir, who.client_id, done.reply_key) if done.status == "trained" else None
         if done.status == "trained" and done.reply_key == key and kept is not None:
             log.info("client %s: round %d already answered; resending the kept reply", who.client_id, server_round)
-            return RoundOutcome(False, "", kept, privacy_summary(cfg, who, ledger, run_id), resent=True)
+            return RoundOutcome(False, "", kept, privacy_summary(cfg, who, ledger, run_id), resent=True,
+                                protection=_unchanged(_current_epsilon(ledger)))
         if done.status == "declined":
-            return RoundOutcome(True, done.reason, None, privacy_summary(cfg, who, ledger, run_id), resent=True)
+            return RoundOutcome(True, done.reason, None, privacy_summary(cfg, who, ledger, run_id), resent=True,
+                                protection=_unchanged(_current_epsilon(ledger)))
         # Trained for this round on other global weights (or the reply was lost):
         # training again would spend twice for one round, so decline instead.
-        return RoundOutcome(True, "already-trained", None, privacy_summary(cfg, who, ledger, run_id), resent=True)
+        return RoundOutcome(True, "already-trained", None, privacy_summary(cfg, who, ledger, run_id), resent=True,
+                            protection=_unchanged(_current_epsilon(ledger)))
 
     n = len(data)
     stage = stage_of(cfg, server_round)
@@ -201,7 +216,8 @@ def _locked_round(cfg: Mapping, who: ClientIdentity, data, num_labels: int, *, r
     def decline(reason: str, eps_now: float | None) -> RoundOutcome:
         ledger.rounds.append(RoundEntry(run_id, server_round, "declined", eps_now, reason=reason))
         ledger.commit(who.state_dir, previous)
-        return RoundOutcome(True, reason, None, privacy_summary(cfg, who, ledger, run_id))
+        return RoundOutcome(True, reason, None, privacy_summary(cfg, who, ledger, run_id),
+                            protection=_unchanged(eps_now))
 
     dp = None
     if dp_on:
@@ -277,10 +293,19 @@ def _locked_round(cfg: Mapping, who: ClientIdentity, data, num_labels: int, *, r
         update = {k: torch.zeros_like(v) for k, v in update.items()}
         update[f"{HEAD_PREFIX}weight"] = sums.to(update[f"{HEAD_PREFIX}weight"].dtype)
 
+    protection = None
     if dp is not None:
         ledger.history = [tuple(h) for h in history]
         ledger.pin(float(cfg["privacy"]["sample"]["delta"]), dp.accountant)  # the first spend fixes δ
         eps = epsilon(ledger.history, ledger.delta, dp.accountant)
+        proto = stage == "prototypes"  # one Gaussian release of sensitivity 1 at q = 1
+        protection = {
+            "mechanism": "prototype release" if proto else "DP-SGD",
+            "sigma": dp.noise_multiplier, "clip_norm": 1.0 if proto else dp.max_grad_norm,
+            "sample_rate": 1.0 if proto else q, "steps": steps,
+            "epsilon_before": epsilon(list(dp.prior_history), ledger.delta, dp.accountant) if dp.prior_history else 0.0,
+            "epsilon_after": eps,
+        }
     else:
         eps = None  # no guarantee at all: there is no ε to state
     # Write-ahead: the reply and the ledger entry are durable before anything leaves.
@@ -288,4 +313,9 @@ def _locked_round(cfg: Mapping, who: ClientIdentity, data, num_labels: int, *, r
     ledger.rounds.append(RoundEntry(run_id, server_round, "trained", eps, reply_key=key,
                                     steps=sum(int(h[2]) for h in ledger.history)))
     ledger.commit(who.state_dir, previous)
-    return RoundOutcome(False, "", update, privacy_summary(cfg, who, ledger, run_id))
+    return RoundOutcome(False, "", update, privacy_summary(cfg, who, ledger, run_id), protection=protection)
+
+
+def _unchanged(eps: float | None) -> dict[str, Any]:
+    """A round that spent nothing (declined or resent): ε before and after are the ledger's."""
+    return {"epsilon_before": eps, "epsilon_after": eps}

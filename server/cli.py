@@ -21,7 +21,9 @@ from server.components import CLIENT_APP, ROOT, ClientAppRef, load, pin
 USAGE = """usage: fedpriv simulate [HYDRA_OVERRIDES ...]   run N simulated clients (Hydra; -m for sweeps)
        fedpriv report RUN_DIR                   re-render a run's privacy report
        fedpriv audit [HYDRA_OVERRIDES ...]      one-run empirical privacy audit (audit.* settings;
-                                                audit=power: the preset with measured power)"""
+                                                audit=power: the preset with measured power)
+       fedpriv device-log STATE_DIR [--client ID] [--html FILE]
+                                                what left a device and what it cost (its transparency log)"""
 
 #: The entry-point group of the commands whose code is not the server's (``audit``: ``run_audit``).
 COMMANDS = "fedpriv.commands"
@@ -260,6 +262,8 @@ def main() -> int:
             return report(rest)
         if command == "audit":
             return audit(rest)
+        if command == "device-log":  # the device's own view: client code, found by its entry point
+            return int(load_command("device-log")(rest))
     except ConfigError as err:
         print(f"fedpriv: configuration error: {err}", file=sys.stderr)
         return 2

@@ -8,6 +8,7 @@ legacy fit) with a stand-in for training, and keeps every reply the server recei
 import copy
 import dataclasses
 import math
+import tempfile
 
 import numpy as np
 import pytest
@@ -19,6 +20,8 @@ from flwr.common.secure_aggregation.quantization import dequantize
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 
 from common.mechanism import clip_update
+from client.app import Answered
+from client.node_config import ClientIdentity
 from client.secagg import secagg_train
 from common.protocol import TrainInstruction, TrainReply
 from server.aggregate import aggregate
@@ -44,6 +47,7 @@ class InProcessGrid:
         self.contexts = {n: Context(run_id=7, node_id=n, node_config={}, state=RecordDict(), run_config={})
                          for n in updates}
         self.received: list[tuple[str, Message]] = []  # (stage, reply) as the server got them
+        self.state_dir = tempfile.mkdtemp(prefix="fedpriv-secagg-test-")  # the devices' transparency logs
 
     def answer(self, instruction, global_state, context):
         node = context.node_id
@@ -52,10 +56,11 @@ class InProcessGrid:
         if node in self.crash:
             raise RuntimeError("training failed on the device (RuntimeError)")
         cls = _Tampered.extra(self.extra[node]) if node in self.extra else TrainReply
+        who = ClientIdentity(reply["client_id"], 0, self.state_dir)
         if node in self.declined:
-            return cls(**reply)
+            return Answered(cls(**reply), who, instruction.run_id, "declined", None)
         clipped = clip_update(self.updates[node], instruction.client_clip_norm)
-        return cls(**reply, update=clipped.update, fits=clipped.fits)
+        return Answered(cls(**reply, update=clipped.update, fits=clipped.fits), who, instruction.run_id, "sent", None)
 
     def send_and_receive(self, messages, *, timeout=None):
         replies = []
@@ -208,7 +213,9 @@ def test_secagg_reply_for_another_round_is_rejected(task_identity, nodes):
 
     def stale(instruction, global_state, context):
         reply = original(instruction, global_state, context)
-        return dataclasses.replace(reply, server_round=1) if context.node_id == 14 else reply
+        if context.node_id != 14:
+            return reply
+        return dataclasses.replace(reply, reply=dataclasses.replace(reply.reply, server_round=1))
     grid.answer = stale
     result = run_round(grid, nodes, server_round=2)
     assert "round" in result.rejected["14"] and sorted(result.trained) == ["11", "12", "13"]
