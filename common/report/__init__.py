@@ -4,7 +4,7 @@
   the clients' Opacus histories, the caveat policy, the schema's constants;
 * :mod:`common.report.rundir` — reading a run directory: the one reader of
   ``metrics.jsonl``, and ``fedpriv report RUN_DIR`` (read → build → write);
-* :mod:`common.report.plots` — the two PNG figures (the only importer of matplotlib,
+* :mod:`common.report.plots` — the PNG figures (the only importer of matplotlib,
   and only when it draws);
 * :mod:`common.report.render` — the JSON, Markdown and HTML files, from one list of
   blocks.
@@ -18,20 +18,22 @@ from common.report.build import (
     BUDGET_DEVICE,
     BUDGET_RUN,
     CAVEAT_EVAL_METRICS,
+    CAVEAT_HELD_OUT,
     CAVEAT_NEIGHBOURS,
     CAVEAT_NO_CSPRNG,
     CAVEAT_NO_DP,
     CAVEAT_RELEASED_TO_SERVER,
     CLIENT_UNIT,
+    EVALUATION_KEYS,
     MODES,
     ROUND_KEYS,
     SAMPLE_UNIT,
     SCHEMA_VERSION,
     build_report,
 )
-from common.report.plots import ACCURACY_PLOT, EPSILON_PLOT
+from common.report.plots import ACCURACY_PLOT, CONFUSION_PLOT, EPSILON_PLOT
 from common.report.render import HTML_STYLE, MODE_WORDS, Block, write_report
-from common.report.rundir import METRICS, read_metrics, render_run_dir
+from common.report.rundir import EVALUATION, METRICS, read_evaluation, read_metrics, render_run_dir
 
 __all__ = [
     "ACCURACY_PLOT",
@@ -40,12 +42,16 @@ __all__ = [
     "BUDGET_RUN",
     "Block",
     "CAVEAT_EVAL_METRICS",
+    "CAVEAT_HELD_OUT",
     "CAVEAT_NEIGHBOURS",
     "CAVEAT_NO_CSPRNG",
     "CAVEAT_NO_DP",
     "CAVEAT_RELEASED_TO_SERVER",
     "CLIENT_UNIT",
+    "CONFUSION_PLOT",
     "EPSILON_PLOT",
+    "EVALUATION",
+    "EVALUATION_KEYS",
     "HTML_STYLE",
     "METRICS",
     "MODES",
@@ -54,6 +60,7 @@ __all__ = [
     "SAMPLE_UNIT",
     "SCHEMA_VERSION",
     "build_report",
+    "read_evaluation",
     "read_metrics",
     "render_run_dir",
     "write_report",

@@ -31,6 +31,14 @@ CLIENT_UNIT = "all data of one client"
 
 # Scripts grep for this exact sentence; do not reword it.
 CAVEAT_EVAL_METRICS = "evaluation metrics are released without DP noise"
+CAVEAT_HELD_OUT = (
+    "The evaluation block (the final model's per-class precision, recall, F1 and support, its "
+    "macro and weighted F1 and its confusion matrix) and each round's macro_f1 and weighted_f1 "
+    "are computed on the server's held-out test set, not on any client's data, and released "
+    "without DP noise, like accuracy and loss: as functions of the released model they add "
+    "nothing to the clients' ε, but they describe the held-out set exactly (support is its "
+    "count of each class) and protect none of its examples."
+)
 CAVEAT_NO_CSPRNG = (
     "No cryptographically secure random number generator is used: DP noise and Poisson "
     "sampling are drawn from torch's generator seeded from os.urandom "
@@ -60,10 +68,25 @@ BUDGET_RUN = "run"  # privacy.sample.epsilon
 BUDGET_CLIENT_BUDGETS = "client_budgets"  # privacy.sample.client_budgets[client_id]
 BUDGET_DEVICE = "reported by the device"  # lower than both: its node-config max-epsilon (unverifiable)
 
+#: The report's ``evaluation`` block, in this order (server.evaluate.Evaluation.block).
+EVALUATION_KEYS = (
+    "round",
+    "num_examples",
+    "accuracy",
+    "loss",
+    "macro_f1",
+    "weighted_f1",
+    "labels",
+    "per_class",
+    "confusion_matrix",
+)
+
 ROUND_KEYS = (
     "round",
     "accuracy",
     "loss",
+    "macro_f1",
+    "weighted_f1",
     "clients_trained",
     "clients_declined",
     "clients_rejected",
@@ -77,13 +100,16 @@ def build_report(
     clients_reported: dict,
     rounds: list[dict],
     client_level: dict | None = None,
+    evaluation: dict | None = None,
 ) -> dict:
     """The schema-v1 report dict of DESIGN.md.
 
     ``config`` is the resolved config; ``clients_reported`` the parsed
     ``clients_reported.json`` (``{"run_id": ..., "clients": {id: entry}}``); ``rounds``
     the rows of ``metrics.jsonl``; ``client_level`` the server's client-level block,
-    used as is (the disabled block when ``None``).
+    used as is (the disabled block when ``None``); ``evaluation`` the final model's block
+    (``evaluation.json``), ``None`` for a run that wrote none (one from before per-class
+    results, or stopped before round 1): the report's ``evaluation`` is then null.
 
     Each client's ε is recomputed from its history with the report's δ and accountant
     rather than copied from what the client said, so the JSON is self-consistent: the
@@ -107,6 +133,8 @@ def build_report(
     clients = [row for row, _ in derived]
 
     level = client_level if client_level is not None else _disabled_client_level()
+    ordered = sorted(rounds, key=lambda r: r["round"])
+    final, stale = _final_evaluation(evaluation, ordered)
     report = {
         "schema_version": SCHEMA_VERSION,
         "fedpriv_version": __version__,
@@ -120,15 +148,33 @@ def build_report(
         },
         "client_level": level,
         "secure_aggregation": bool(config["secagg"]),
-        "rounds": [
-            {key: row.get(key) for key in ROUND_KEYS}
-            for row in sorted(rounds, key=lambda r: r["round"])
-        ],
+        "rounds": [{key: row.get(key) for key in ROUND_KEYS} for row in ordered],
+        "evaluation": final,
     }
     reported = [entry for _, entry in entries] if sample_on else []
     dropped = [left_out for _, left_out in derived]
     report["caveats"] = _caveats(report, mode, reported, clients_reported.get("unreported") or {}, dropped)
+    if stale is not None:
+        last = ordered[-1]["round"] if ordered else None
+        report["caveats"].append(
+            f"evaluation.json holds the model of round {stale}, not of the last completed round "
+            f"({last if last is not None else 'none'}; the run stopped between the two): its per-class "
+            "results are left out of this report.")
     return report
+
+
+def _final_evaluation(evaluation: dict | None, rounds: list[dict]) -> tuple[dict | None, object]:
+    """(the report's ``evaluation`` block, or None; the round of a block left out as stale).
+
+    The block is the last completed round's model, or nothing: the server writes it just
+    before that round's metrics line, so a crash between the two leaves a block of a round
+    that never completed, which is not the final model.
+    """
+    if evaluation is None:
+        return None, None
+    if not rounds or evaluation.get("round") != rounds[-1]["round"]:
+        return None, evaluation.get("round")
+    return {key: evaluation.get(key) for key in EVALUATION_KEYS}, None
 
 
 def _disabled_client_level() -> dict:
@@ -241,8 +287,10 @@ def _caveats(report: dict, mode: str, reported: list[dict], unreported: dict,
     ``unreported`` maps a client id to the rounds whose reply never reached the server;
     ``dropped`` the rounds of each client whose per-round ε could not be derived.
     """
-    caveats = [
-        CAVEAT_EVAL_METRICS,
+    caveats = [CAVEAT_EVAL_METRICS]
+    if report["evaluation"] is not None or any(r.get("macro_f1") is not None for r in report["rounds"]):
+        caveats.append(CAVEAT_HELD_OUT)
+    caveats += [
         CAVEAT_NO_CSPRNG,
         CAVEAT_RELEASED_TO_SERVER,
         CAVEAT_NEIGHBOURS,

@@ -8,7 +8,8 @@ Three renderings of one report dict (schema_version 1 of DESIGN.md):
   the caveats. Both come from one list of neutral blocks (:func:`document`) so that
   they cannot drift apart; the HTML escapes every string because client ids and config
   values are untrusted input;
-* ``plots/epsilon_per_round.png`` and ``plots/accuracy_per_round.png``
+* ``plots/epsilon_per_round.png``, ``plots/accuracy_per_round.png`` and, when the
+  report has an ``evaluation`` block, ``plots/confusion_matrix.png``
   (:mod:`common.report.plots`).
 
 Nothing here computes a number of the report: every figure shown is formatted from the
@@ -23,13 +24,20 @@ from pathlib import Path
 from typing import Any
 
 from common.accounting import ACCOUNTANTS
-from common.report.build import CLIENT_UNIT, ROUND_KEYS, SAMPLE_UNIT
-from common.report.plots import ACCURACY_PLOT, EPSILON_PLOT, accuracy_plot, epsilon_plot
+from common.report.build import CLIENT_UNIT, SAMPLE_UNIT
+from common.report.plots import (
+    ACCURACY_PLOT,
+    CONFUSION_PLOT,
+    EPSILON_PLOT,
+    accuracy_plot,
+    confusion_plot,
+    epsilon_plot,
+)
 from common.storage import atomic_write_bytes
 
 
 def write_report(run_dir: Path, report: dict) -> None:
-    """Write the JSON, Markdown and HTML reports and the two plots into ``run_dir``.
+    """Write the JSON, Markdown and HTML reports and the plots into ``run_dir``.
 
     Every file is replaced atomically so a reader (or a crash) never sees a half
     written report; the plots are written first so the HTML never links to a
@@ -38,6 +46,10 @@ def write_report(run_dir: Path, report: dict) -> None:
     run_dir = Path(run_dir)
     atomic_write_bytes(run_dir / EPSILON_PLOT, epsilon_plot(report))
     atomic_write_bytes(run_dir / ACCURACY_PLOT, accuracy_plot(report))
+    if report.get("evaluation") is not None:
+        atomic_write_bytes(run_dir / CONFUSION_PLOT, confusion_plot(report))
+    else:  # a plot left by an earlier rendering would show what this report does not
+        (run_dir / CONFUSION_PLOT).unlink(missing_ok=True)
     blocks = document(report)
     json_text = json.dumps(report, indent=2) + "\n"
     atomic_write_bytes(run_dir / "privacy_report.json", json_text.encode())
@@ -78,6 +90,8 @@ def document(report: dict) -> list[Block]:
         ("h2", "Rounds"),
         _round_table(report),
         ("img", "accuracy and loss per round", ACCURACY_PLOT),
+        ("h2", "Evaluation of the final model"),
+        *_evaluation(report.get("evaluation")),
         ("h2", "What the two privacy levels protect"),
         *_levels_explained(report),
         ("h2", "Recomputing ε from privacy_report.json"),
@@ -132,9 +146,10 @@ def _summary(report: dict) -> list[str]:
     rounds = report["rounds"]
     if rounds:
         last = rounds[-1]
+        f1 = f", macro F1 {_f4(last['macro_f1'])}" if last.get("macro_f1") is not None else ""
         lines.append(
             f"Rounds completed: {len(rounds)}; last round {last['round']}: accuracy "
-            f"{_f4(last['accuracy'])}, loss {_f4(last['loss'])}."
+            f"{_f4(last['accuracy'])}, loss {_f4(last['loss'])}{f1}."
         )
     else:
         lines.append("Rounds completed: 0.")
@@ -205,7 +220,8 @@ def _round_table(report: dict) -> Block:
     level = report["client_level"]
     show_client_eps = bool(level.get("enabled"))
     client_eps = {p["round"]: p["epsilon"] for p in level.get("per_round") or []}
-    headers = ["round", "accuracy", "loss", "trained", "declined", "rejected", "failed"]
+    headers = ["round", "accuracy", "loss", "macro F1", "weighted F1", "trained", "declined", "rejected",
+               "failed"]
     if show_client_eps:
         headers.append("client-level ε")
     rows = []
@@ -214,12 +230,38 @@ def _round_table(report: dict) -> Block:
             str(r["round"]),
             _f4(r["accuracy"]),
             _f4(r["loss"]),
-            *(_count(r[k]) for k in ROUND_KEYS[3:]),
+            _f4(r.get("macro_f1")),
+            _f4(r.get("weighted_f1")),
+            *(_count(r[k]) for k in ("clients_trained", "clients_declined", "clients_rejected", "clients_failed")),
         ]
         if show_client_eps:
             row.append(_f4(client_eps.get(r["round"])))
         rows.append(row)
     return ("table", headers, rows)
+
+
+def _evaluation(evaluation: dict | None) -> list[Block]:
+    """The final model's per-class table and confusion plot, or why there are none."""
+    if evaluation is None:
+        return [("p", "This run directory holds no per-class evaluation (evaluation.json): it was "
+                      "written before fedpriv recorded one, or completed no round.")]
+    per_class = evaluation["per_class"]
+    rows = [[name, *(_f4(per_class[name][k]) for k in ("precision", "recall", "f1")), str(per_class[name]["support"])]
+            for name in evaluation["labels"]]
+    return [
+        ("p",
+         f"The model after round {evaluation['round']}, on the server's held-out test set "
+         f"({evaluation['num_examples']} examples): accuracy {_f4(evaluation['accuracy'])}, loss "
+         f"{_f4(evaluation['loss'])}, macro F1 {_f4(evaluation['macro_f1'])}, weighted F1 "
+         f"{_f4(evaluation['weighted_f1'])}. Released without DP noise (see the caveats)."),
+        ("p",
+         "Per class, from scikit-learn's precision_recall_fscore_support over every label of the run. "
+         "With zero_division=0, a class never predicted has precision 0 and a class absent from the "
+         "test set recall 0 (and F1 0). Macro F1 is the plain mean of the F1 column, weighted F1 its "
+         "mean weighted by support."),
+        ("table", ["class", "precision", "recall", "F1", "support"], rows),
+        ("img", "confusion matrix of the final model", CONFUSION_PLOT),
+    ]
 
 
 def _levels_explained(report: dict) -> list[Block]:

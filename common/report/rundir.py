@@ -18,6 +18,8 @@ from common.report.render import write_report
 
 #: One JSON object per completed round, in the run directory.
 METRICS = "metrics.jsonl"
+#: The per-class evaluation of the last completed round's model (server.loop writes it).
+EVALUATION = "evaluation.json"
 
 
 def read_metrics(run_dir: Path, *, missing_ok: bool = False) -> list[dict]:
@@ -47,6 +49,22 @@ def read_metrics(run_dir: Path, *, missing_ok: bool = False) -> list[dict]:
     return rows
 
 
+def read_evaluation(run_dir: Path) -> dict | None:
+    """``run_dir/evaluation.json``, or None where the run wrote none (one from before
+    per-class results, or one that completed no round). A file that is not a JSON object
+    raises ``ValueError`` naming it."""
+    path = Path(run_dir) / EVALUATION
+    if not path.exists():
+        return None
+    try:
+        block = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: not valid JSON ({err})") from err
+    if not isinstance(block, dict):
+        raise ValueError(f"{path}: not a JSON object")
+    return block
+
+
 def render_run_dir(run_dir: Path) -> dict:
     """``fedpriv report RUN_DIR``: rebuild the report from the run's files and write it."""
     run_dir = Path(run_dir)
@@ -63,6 +81,7 @@ def render_run_dir(run_dir: Path) -> dict:
         clients_reported=clients_reported,
         rounds=rounds,
         client_level=client_level,
+        evaluation=read_evaluation(run_dir),
     )
     write_report(run_dir, report)
     return report

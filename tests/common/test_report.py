@@ -26,7 +26,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 TOP_KEYS = {
     "schema_version", "fedpriv_version", "config", "sample_level", "client_level",
-    "secure_aggregation", "rounds", "caveats",
+    "secure_aggregation", "rounds", "evaluation", "caveats",
 }
 SAMPLE_KEYS = {"enabled", "unit", "accountant", "delta", "clients"}
 CLIENT_KEYS = {
@@ -198,11 +198,12 @@ def test_client_level_defaults_to_disabled_block_and_is_used_as_given():
 
 def test_rounds_sorted_with_counts_and_without_extra_keys():
     report = build_report(config=make_config(), clients_reported=make_reported(), rounds=ROUNDS)
+    # Rounds written before per-class results have no F1: null, as every absent key.
     assert report["rounds"] == [
-        {"round": 1, "accuracy": 0.81, "loss": 0.52, "clients_trained": 2,
-         "clients_declined": 1, "clients_rejected": 0, "clients_failed": 0},
-        {"round": 2, "accuracy": 0.84, "loss": 0.45, "clients_trained": 2,
-         "clients_declined": 1, "clients_rejected": 0, "clients_failed": 0},
+        {"round": 1, "accuracy": 0.81, "loss": 0.52, "macro_f1": None, "weighted_f1": None,
+         "clients_trained": 2, "clients_declined": 1, "clients_rejected": 0, "clients_failed": 0},
+        {"round": 2, "accuracy": 0.84, "loss": 0.45, "macro_f1": None, "weighted_f1": None,
+         "clients_trained": 2, "clients_declined": 1, "clients_rejected": 0, "clients_failed": 0},
     ]
 
 
