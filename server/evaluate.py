@@ -1,17 +1,86 @@
 """Central evaluation of the global model on the held-out test split (server side).
 
-Its accuracy and loss are released without DP noise; the report says so.
+Everything it measures (accuracy, loss, macro / weighted F1, the per-class block and the
+confusion matrix) is released without DP noise; the report says so.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from sklearn.metrics import confusion_matrix, f1_score, precision_recall_fscore_support
 from torch.utils.data import TensorDataset
 
 from common.model import load_trainable, model_inputs
+
+#: sklearn's value for a ratio whose denominator is zero: a class never predicted has
+#: precision 0, a class absent from the test set recall 0 (and F1 0). Explicit, so that
+#: sklearn neither warns nor may change its default under us.
+ZERO_DIVISION = 0.0
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """One pass of the global model over the test split: the two scalars the rounds always
+    had, and every example's true and predicted label (in the split's order), from which
+    the F1s follow.
+
+    Labels are indices into the run's label names (``Prepared.label_names``); the F1s are
+    over all ``num_labels`` of them, so macro F1 is the plain mean of the per-class F1 of
+    :meth:`block`, a label absent from the test set and never predicted counting 0.
+    """
+
+    accuracy: float
+    loss: float
+    true: tuple[int, ...]
+    predicted: tuple[int, ...]
+    num_labels: int
+
+    @classmethod
+    def of(cls, logits: torch.Tensor, labels: torch.Tensor, loss_sum: float) -> "Evaluation":
+        """From the logits of every example (rows aligned with ``labels``) and their summed cross-entropy."""
+        predicted = logits.argmax(dim=-1)
+        n = len(labels)
+        return cls(int((predicted == labels).sum()) / n, loss_sum / n, tuple(labels.tolist()),
+                   tuple(predicted.tolist()), int(logits.shape[-1]))
+
+    @property
+    def macro_f1(self) -> float:
+        return self._f1("macro")
+
+    @property
+    def weighted_f1(self) -> float:
+        return self._f1("weighted")
+
+    def _f1(self, average: str) -> float:
+        return float(f1_score(self.true, self.predicted, labels=range(self.num_labels),
+                              average=average, zero_division=ZERO_DIVISION))
+
+    def block(self, label_names: Sequence[str], server_round: int) -> dict:
+        """The report's ``evaluation`` block (DESIGN.md) of the model after ``server_round``:
+        the scalars, ``per_class`` keyed by label name in ``labels`` order, and the confusion
+        matrix (rows true, columns predicted, in that order)."""
+        if len(label_names) != self.num_labels:
+            raise ValueError(f"{len(label_names)} label names for a model with {self.num_labels} outputs")
+        ids = list(range(self.num_labels))
+        precision, recall, f1, support = precision_recall_fscore_support(
+            self.true, self.predicted, labels=ids, average=None, zero_division=ZERO_DIVISION)
+        names = [str(name) for name in label_names]
+        return {
+            "round": server_round,
+            "num_examples": len(self.true),
+            "accuracy": self.accuracy,
+            "loss": self.loss,
+            "macro_f1": self.macro_f1,
+            "weighted_f1": self.weighted_f1,
+            "labels": names,
+            "per_class": {name: {"precision": float(p), "recall": float(r), "f1": float(f), "support": int(s)}
+                          for name, p, r, f, s in zip(names, precision, recall, f1, support)},
+            "confusion_matrix": confusion_matrix(self.true, self.predicted, labels=ids).tolist(),
+        }
 
 
 @torch.no_grad()
@@ -21,8 +90,8 @@ def evaluate(
     data: TensorDataset,
     *,
     batch_size: int,  # evaluation.batch_size (conf/config.yaml)
-) -> tuple[float, float]:
-    """(accuracy, mean cross-entropy) of ``model`` with trainable weights ``state``.
+) -> Evaluation:
+    """The :class:`Evaluation` of ``model`` with trainable weights ``state``.
 
     Every example is scored once, as in a plain pass over ``data``; only the batching
     differs: examples go longest first and each batch is cut to its longest real
@@ -43,17 +112,19 @@ def evaluate(
     lengths = attention_mask.sum(dim=1)
     suffix_padded = bool((attention_mask.cumsum(dim=1).eq(lengths[:, None]) | attention_mask.bool()).all())
     order = torch.argsort(lengths, descending=True, stable=True) if suffix_padded else torch.arange(n)
-    correct, loss_sum = 0, 0.0
+    loss_sum, chunks = 0.0, []
     for start in range(0, n, batch_size):
         idx = order[start:start + batch_size]
         width = max(int(lengths[idx].max()), 1) if suffix_padded else input_ids.shape[1]
         batch = model_inputs(input_ids[idx, :width].to(device), attention_mask[idx, :width].to(device))
         logits = model(**batch).logits
-        target = labels[idx].to(device)
-        loss_sum += float(F.cross_entropy(logits, target, reduction="sum"))
-        correct += int((logits.argmax(dim=-1) == target).sum())
+        loss_sum += float(F.cross_entropy(logits, labels[idx].to(device), reduction="sum"))
+        chunks.append(logits.float().cpu())
     model.train(was_training)
-    return correct / n, loss_sum / n
+    scored = torch.cat(chunks)
+    logits = torch.empty_like(scored)
+    logits[order] = scored  # back in data order: ``true`` and ``predicted`` align with ``data``
+    return Evaluation.of(logits, labels, loss_sum)
 
 
 @torch.no_grad()
@@ -61,7 +132,7 @@ def evaluate_head(
     model: torch.nn.Module,
     state: Mapping[str, torch.Tensor],
     features: TensorDataset,
-) -> tuple[float, float]:
+) -> Evaluation:
     """:func:`evaluate` for a round that changed the head alone (the recipe's prototype and
     head stages): the head over the test set's pooled features, computed once
     (``common.features``) from the same frozen encoder — the logits a full pass would give."""
@@ -70,6 +141,4 @@ def evaluate_head(
     feats, labels = features.tensors
     logits = head(feats.to(head.weight.device)).float()
     labels = labels.to(logits.device)
-    n = len(labels)
-    return (int((logits.argmax(dim=-1) == labels).sum()) / n,
-            float(F.cross_entropy(logits, labels, reduction="sum")) / n)
+    return Evaluation.of(logits.cpu(), labels.cpu(), float(F.cross_entropy(logits, labels, reduction="sum")))

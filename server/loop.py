@@ -33,7 +33,7 @@ from common.errors import ConfigError
 from common.model import count_parameters, instantiate_model, load_tokenizer, load_trainable, trainable_state
 from common.protocol import TrainInstruction
 from common.recipe import check_model, round_aggregation, stage_of
-from common.report import build_report, write_report
+from common.report import EVALUATION, build_report, read_evaluation, write_report
 from common.storage import append_json_line, atomic_write_bytes, atomic_write_json
 from server.aggregate import Reply, RoundReplies, aggregate, collect
 from server.checkpoint import (
@@ -44,7 +44,7 @@ from server.checkpoint import (
     save_round,
     truncate_metrics,
 )
-from server.evaluate import evaluate, evaluate_head
+from server.evaluate import Evaluation, evaluate, evaluate_head
 from common.mechanism import ClientLevelDP
 from server.optimizer import ServerOptimizer, server_optimizer
 from server.secagg import secagg_round
@@ -210,7 +210,8 @@ def run_federation(grid: Grid, prepared: Prepared, run_dir: Path, *, resume: boo
     if client_dp is not None:
         client_dp.write(run_dir)  # also when the budget stopped the run before any round
     report = build_report(config=cfg, clients_reported=state.reported(), rounds=state.rounds,
-                          client_level=client_dp.block() if client_dp is not None else None)
+                          client_level=client_dp.block() if client_dp is not None else None,
+                          evaluation=read_evaluation(run_dir))
     write_report(run_dir, report)
     log.info("privacy report: %s", run_dir / "privacy_report.md")
     return report
@@ -263,12 +264,13 @@ class _Rounds:
                 client_dp.skip(server_round, clients=len(result.trained))
             # Written before the checkpoint: a crash after it can only over-count.
             client_dp.write(self.run_dir)
-        accuracy, loss = self._evaluate(server_round)
+        evaluation = self._evaluate(server_round)
 
         state.save(self.run_dir, server_round, self.optimizer)
         atomic_write_json(self.run_dir / "clients_reported.json", state.reported())
         record = {
-            "round": server_round, "accuracy": accuracy, "loss": loss,
+            "round": server_round, "accuracy": evaluation.accuracy, "loss": evaluation.loss,
+            "macro_f1": evaluation.macro_f1, "weighted_f1": evaluation.weighted_f1,
             "clients_trained": len(result.trained), "clients_declined": len(result.declined),
             "clients_rejected": len(result.rejected), "clients_failed": len(result.failed),
             "clients_missing": len(result.missing), "skipped": skipped,
@@ -277,6 +279,11 @@ class _Rounds:
         }
         if result.secure_error is not None:
             record["secagg_error"] = result.secure_error  # the round's, not a client's: not in clients_failed
+        # The per-class block of the model this round leaves, so that after the last round it is
+        # the final model's and `fedpriv report` rebuilds it from the run directory. Written
+        # before the metrics line: a crash between the two leaves it one round ahead, which a
+        # resume overwrites and the report refuses (common.report.build).
+        atomic_write_json(self.run_dir / EVALUATION, evaluation.block(self.prepared.label_names, server_round))
         append_json_line(self.run_dir / "metrics.jsonl", record)  # last: the round is complete
         state.rounds.append(record)
         return record
@@ -301,7 +308,7 @@ class _Rounds:
         return collect((Reply.of(m) for m in replies), server_round=server_round, sampled=sampled,
                        expected=state.global_state, max_update_norm=float(min(caps)) if caps else None)
 
-    def _evaluate(self, server_round: int) -> tuple[float, float]:
+    def _evaluate(self, server_round: int) -> Evaluation:
         prepared, global_state = self.prepared, self.state.global_state
         if stage_of(self.cfg, server_round) == "encoder":
             return evaluate(prepared.model, global_state, prepared.test,
