@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import datasets
 import torch
 from omegaconf import OmegaConf
 
@@ -31,13 +32,17 @@ class Released:
     label_names: list[str]
     checkpoint_sha256: str  # the manifest's hash of the loaded checkpoint
 
-    def test_set(self) -> torch.utils.data.TensorDataset:
-        """The run's server-side test split, tokenized as the run evaluated it."""
+    def test_split(self) -> datasets.Dataset:
+        """The run's server-side test split as text: ``text`` and ``label`` (an index into label_names)."""
         _, test, labels = load_splits(self.cfg["data"], seed=int(self.cfg["seed"]),
                                       num_clients=int(self.cfg["num_clients"]))
         if list(labels) != self.label_names:
             raise CheckpointError("the data config's labels changed since the run")
-        return tokenize(test, self.tokenizer, int(self.cfg["train"]["max_length"]))
+        return test
+
+    def test_set(self) -> torch.utils.data.TensorDataset:
+        """The run's server-side test split, tokenized as the run evaluated it."""
+        return tokenize(self.test_split(), self.tokenizer, int(self.cfg["train"]["max_length"]))
 
 
 def run_config(run_dir: Path) -> dict:
