@@ -23,7 +23,9 @@ USAGE = """usage: fedpriv simulate [HYDRA_OVERRIDES ...]   run N simulated clien
        fedpriv audit [HYDRA_OVERRIDES ...]      one-run empirical privacy audit (audit.* settings;
                                                 audit=power: the preset with measured power)
        fedpriv device-log STATE_DIR [--client ID] [--html FILE]
-                                                what left a device and what it cost (its transparency log)"""
+                                                what left a device and what it cost (its transparency log)
+       fedpriv explain RUN_DIR --text T [--text T ...] [--out FILE.html] [--round N]
+                                                the released model's predictions and attention on T"""
 
 #: The entry-point group of the commands whose code is not the server's (``audit``: ``run_audit``).
 COMMANDS = "fedpriv.commands"
@@ -244,6 +246,33 @@ def audit(argv: list[str]) -> int:
     return 1 if found == EXCEEDS else 0
 
 
+def explain(argv: list[str]) -> int:
+    """Predicted class per text, and the page with attention maps and token shading."""
+    import argparse
+
+    from server.checkpoint import CheckpointError
+    from server.explain_page import CLI_PAGE, write_explanations
+    from server.released import load_released
+
+    parser = argparse.ArgumentParser(prog="fedpriv explain", description="What the released global model "
+                                     "of a run predicts for the given texts and what it attends to; no client data.")
+    parser.add_argument("run_dir", type=Path, metavar="RUN_DIR")
+    parser.add_argument("--text", action="append", required=True, help="a text to explain (repeatable)")
+    parser.add_argument("--out", type=Path, help=f"the HTML page (default: RUN_DIR/{CLI_PAGE})")
+    parser.add_argument("--round", type=int, dest="server_round", help="that round's model (default: the last)")
+    args = parser.parse_args(argv)
+    try:
+        released = load_released(args.run_dir, args.server_round)
+    except CheckpointError as err:
+        print(f"fedpriv: {err}", file=sys.stderr)
+        return 2
+    out = args.out or args.run_dir / CLI_PAGE
+    for found in write_explanations(released, args.text, out, source="given on the command line"):
+        print(f"{found.label} ({found.probability:.1%}): {found.text}")
+    print(f"fedpriv: explanations of round {released.server_round}'s model in {out}")
+    return 0
+
+
 def main() -> int:
     pin()  # fedpriv's packages from this install, not from a folder of the working directory
     from common.errors import ConfigError
@@ -264,6 +293,8 @@ def main() -> int:
             return audit(rest)
         if command == "device-log":  # the device's own view: client code, found by its entry point
             return int(load_command("device-log")(rest))
+        if command == "explain":
+            return explain(rest)
     except ConfigError as err:
         print(f"fedpriv: configuration error: {err}", file=sys.stderr)
         return 2
