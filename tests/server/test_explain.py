@@ -208,6 +208,7 @@ def test_run_page_explains_test_inputs_of_distinct_classes(run_dir):
     page = Tags()
     page.feed(path.read_text())
     test = released.test_split()
+    assert len(test) == len(released.test_set()) == 80  # data.test_size, as text and as the run evaluated it
     firsts = {}
     for i, label in enumerate(test["label"]):
         firsts.setdefault(label, i)
