@@ -1,5 +1,5 @@
-"""The ``fedpriv`` command: ``fedpriv simulate [HYDRA_OVERRIDES...]``, ``fedpriv report RUN_DIR``
-and ``fedpriv audit``.
+"""The ``fedpriv`` command: ``fedpriv simulate [HYDRA_OVERRIDES...]``, ``fedpriv report RUN_DIR``,
+``fedpriv audit``, ``fedpriv export`` and ``fedpriv predict``.
 
 ``simulate`` coordinates, so it lives with the server; it loads the ClientApp by its
 component string (``server.components.CLIENT_APP``, as ``flwr run`` does), never by
@@ -25,7 +25,10 @@ USAGE = """usage: fedpriv simulate [HYDRA_OVERRIDES ...]   run N simulated clien
        fedpriv device-log STATE_DIR [--client ID] [--html FILE]
                                                 what left a device and what it cost (its transparency log)
        fedpriv explain RUN_DIR --text T [--text T ...] [--out FILE.html] [--round N]
-                                                the released model's predictions and attention on T"""
+                                                the released model's predictions and attention on T
+       fedpriv export RUN_DIR OUT [--round N] [--merge]   the released model as a Hugging Face
+                                                directory with a model card stating the run's epsilon
+       fedpriv predict MODEL_OR_RUN (--text T [--text T ...] | --file F.csv [--text-column text])"""
 
 #: The entry-point group of the commands whose code is not the server's (``audit``: ``run_audit``).
 COMMANDS = "fedpriv.commands"
@@ -273,6 +276,63 @@ def explain(argv: list[str]) -> int:
     return 0
 
 
+def export_command(argv: list[str]) -> int:
+    """``fedpriv export RUN_DIR OUT [--round N] [--merge]`` (server.export)."""
+    import argparse
+
+    from server.checkpoint import CheckpointError
+    from server.export import ExportError, export
+
+    parser = argparse.ArgumentParser(prog="fedpriv export", description="export a run's released model")
+    parser.add_argument("run_dir", metavar="RUN_DIR")
+    parser.add_argument("out", metavar="OUT")
+    parser.add_argument("--round", type=int, default=None, help="the round's checkpoint (default: the last)")
+    parser.add_argument("--merge", action="store_true", help="merge a LoRA adapter into the encoder")
+    args = parser.parse_args(argv)
+    try:
+        done = export(args.run_dir, args.out, server_round=args.round, merge=args.merge)
+    except (ExportError, CheckpointError) as err:
+        print(f"fedpriv export: {err}", file=sys.stderr)
+        return 2
+    merged = " (LoRA adapter merged into the encoder)" if done.merged else ""
+    print(f"fedpriv: round {done.meta['round']} exported to {done.out} as a {done.layout} model{merged}; "
+          f"model card {done.out / 'README.md'}")
+    return 0
+
+
+def predict_command(argv: list[str]) -> int:
+    """``fedpriv predict MODEL_OR_RUN --text T ... | --file F.csv [--text-column C]`` (server.predict)."""
+    import argparse
+    import csv
+
+    from server.checkpoint import CheckpointError
+    from server.export import ExportError
+    from server.predict import predictor, read_texts
+
+    parser = argparse.ArgumentParser(prog="fedpriv predict", description="label texts with a model or a run")
+    parser.add_argument("model", metavar="MODEL_OR_RUN", help="an exported model or a run directory")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--text", action="append", help="a text to label (repeatable)")
+    source.add_argument("--file", help="a CSV file with a header row")
+    parser.add_argument("--text-column", default="text", help="the CSV column of the texts (default: text)")
+    parser.add_argument("--round", type=int, default=None, help="with a run directory: the round's model")
+    args = parser.parse_args(argv)
+    try:
+        texts = args.text if args.text else read_texts(args.file, args.text_column)
+        results = predictor(args.model, server_round=args.round)(texts) if texts else []
+    except (ExportError, CheckpointError) as err:
+        print(f"fedpriv predict: {err}", file=sys.stderr)
+        return 2
+    if args.file:
+        writer = csv.writer(sys.stdout)
+        writer.writerow([args.text_column, "label", "probability"])
+        writer.writerows([text, label, f"{p:.4f}"] for text, (label, p) in zip(texts, results))
+    else:
+        for text, (label, p) in zip(texts, results):
+            print(f"{label}\t{p:.4f}\t{text}")
+    return 0
+
+
 def main() -> int:
     pin()  # fedpriv's packages from this install, not from a folder of the working directory
     from common.errors import ConfigError
@@ -295,6 +355,10 @@ def main() -> int:
             return int(load_command("device-log")(rest))
         if command == "explain":
             return explain(rest)
+        if command == "export":
+            return export_command(rest)
+        if command == "predict":
+            return predict_command(rest)
     except ConfigError as err:
         print(f"fedpriv: configuration error: {err}", file=sys.stderr)
         return 2
