@@ -238,7 +238,7 @@ SCHEMA = Section({
     "state_dir": Nullable(Str),  # null in deployment: ledgers live on the devices
     "secaggplus": Section({"num_shares": Float, "reconstruction_threshold": Float, "clipping_range": Float,
                            "quantization_range": Int, "modulus_range": Int}),
-    "evaluation": Section({"batch_size": Int}),
+    "evaluation": Section({"batch_size": Int, "explain_inputs": Int}),
     "simulation": Section({"client_app": Nullable(Str), "cpus_per_client": Float, "gpus_per_client": Float,
                            "num_cpus": Nullable(Int)}),
     "federation": Section({"ray_address": Nullable(Str)}),

@@ -214,7 +214,25 @@ def run_federation(grid: Grid, prepared: Prepared, run_dir: Path, *, resume: boo
                           evaluation=read_evaluation(run_dir))
     write_report(run_dir, report)
     log.info("privacy report: %s", run_dir / "privacy_report.md")
+    _explain_test_inputs(run_dir, int(cfg["evaluation"]["explain_inputs"]))
     return report
+
+
+def _explain_test_inputs(run_dir: Path, count: int) -> None:
+    """What the released model attends to on a few of the server's test inputs (server.explain_page).
+
+    Read back from the verified checkpoint, as ``fedpriv explain`` reads it; a page that
+    cannot be drawn is a warning, never a failed run: the model and the report are written.
+    """
+    if count <= 0:
+        return
+    from server.explain_page import write_run_explanations
+
+    try:
+        page = write_run_explanations(run_dir, count=count)
+        log.info("what the model attends to on %d test inputs: %s", count, page)
+    except Exception:
+        log.warning("could not write the test inputs' explanations in %s", run_dir, exc_info=True)
 
 
 @dataclass

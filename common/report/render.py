@@ -261,6 +261,10 @@ def _evaluation(evaluation: dict | None) -> list[Block]:
          "mean weighted by support."),
         ("table", ["class", "precision", "recall", "F1", "support"], rows),
         ("img", "confusion matrix of the final model", CONFUSION_PLOT),
+        ("p", "What the final model attends to: explain_test_set.html in this directory shows its attention "
+              "maps and token shading on a few of these test inputs (evaluation.explain_inputs of them; none "
+              "when 0); `fedpriv explain RUN_DIR --text \"...\"` does the same for any text. Both read only "
+              "the released model."),
     ]
 
 

@@ -26,7 +26,9 @@ LONG = "please refund the double charge on my card from last tuesday, it was a m
 
 
 def tiny(variant: str, num_labels: int = 3):
-    group = {**model_group("tiny_bert"), **VARIANTS[variant]}
+    # The encoder trainable (tiny_bert's own default freezes it): adapters need it, and the
+    # planted-keyword model must learn the word in its encoder, as recipe=finetune would.
+    group = {**model_group("tiny_bert"), "freeze_encoder": False, **VARIANTS[variant]}
     return build_model(num_labels=num_labels, seed=3, **group), load_tokenizer(group)
 
 

@@ -282,7 +282,8 @@ def test_lora_hf_head_merged_and_as_adapter(tmp_path):
 
     from server.export import ExportError, write_model
 
-    tiny = {**model_group("tiny_bert"), "pooling": "pooler", "normalize": None, "lora": TINY_LORA}
+    tiny = {**model_group("tiny_bert"), "pooling": "pooler", "normalize": None, "freeze_encoder": False,
+            "lora": TINY_LORA}
     released = released_of(tiny, LABELS)
     want = logits_of(released)
     with pytest.raises(ExportError, match="--merge"):  # a random base cannot be named in adapter_config.json
@@ -314,7 +315,7 @@ def test_lora_under_a_pooled_head_is_merged_into_setfit(tmp_path, labels):
 
     from server.export import write_model
 
-    pooled = {**model_group("tiny_bert"), "lora": TINY_LORA}
+    pooled = {**model_group("tiny_bert"), "freeze_encoder": False, "lora": TINY_LORA}
     released = released_of(pooled, labels)
     want = logits_of(released).softmax(-1).double()
     assert write_model(released, tmp_path / "out", merge=False) == ("setfit", True)
