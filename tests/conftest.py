@@ -20,8 +20,9 @@ for key in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
 # recipe=finetune: every round trains through the encoder (the machinery these tests check);
 # the recipe's prototype and head stages have tests of their own. model.pooling=pooler with
 # normalize null and the encoder trainable: HF's own classifier (BertForSequenceClassification), the model these figures were set with.
+# evaluation.explain_inputs=0: the run-end explanation page has tests of its own (tests/server/test_explain.py).
 FAST = ["model=tiny_bert", "recipe=finetune", "model.pooling=pooler", "model.normalize=null",
-        "model.freeze_encoder=false", "data.train_size=400", "data.test_size=80", "train.batch_size=32",
+        "model.freeze_encoder=false", "evaluation.explain_inputs=0", "data.train_size=400", "data.test_size=80", "train.batch_size=32",
         "train.local_epochs=1"]
 # For `fedpriv simulate` tests that check what a run records, not how clients run side by
 # side: one Ray CPU, so one ClientAppActor serves every simulated client in turn. Nearly

@@ -205,8 +205,9 @@ def test_run_page_explains_test_inputs_of_distinct_classes(run_dir):
     from server.released import load_released
 
     released = load_released(run_dir)
+    written_by_the_run = (run_dir / RUN_PAGE).read_text()  # run_federation's last step (evaluation.explain_inputs)
     path = write_run_explanations(run_dir, count=3)
-    assert path == run_dir / RUN_PAGE
+    assert path == run_dir / RUN_PAGE and path.read_text() == written_by_the_run
     page = Tags()
     page.feed(path.read_text())
     test = released.test_split()
