@@ -284,7 +284,9 @@ def calibrate_run(sample: Mapping, *, n: int, batch_size: int, local_epochs: int
     DP-SGD's σ is calibrated on top of the prior spend *and* that release, over every
     planned step (``rounds × local_epochs`` epochs of Poisson batches over ``n``), so that
     the whole planned run — release and steps, composed in one RDP/PRV history — reaches
-    the budget. The one place a run's σ is decided (client rounds, the audit, the
+    the budget. A run with no DP-SGD round (``rounds`` 0: the release alone, e.g.
+    ``rounds=1``) gives the release the whole budget: a share would leave the rest unspent.
+    The one place a run's σ is decided (client rounds, the audit, the
     benchmarks' loop); a σ is None when the spend before it already reaches the budget.
     """
     q = sample_rate(n, batch_size)
@@ -295,7 +297,8 @@ def calibrate_run(sample: Mapping, *, n: int, batch_size: int, local_epochs: int
     sigma_p = None
     if prototype_share is not None:
         spent = epsilon(prior, delta, accountant) if prior else 0.0
-        sigma_p = calibrate_noise(target_epsilon=spent + float(prototype_share) * (target - spent), delta=delta,
+        share = float(prototype_share) if planned > 0 else 1.0
+        sigma_p = calibrate_noise(target_epsilon=spent + share * (target - spent), delta=delta,
                                   sample_rate=PROTOTYPE_SAMPLE_RATE, steps=1, prior_history=prior, accountant=accountant)
         if sigma_p is None:
             return RunCalibration(None, q, steps, planned, None)

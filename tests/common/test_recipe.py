@@ -100,6 +100,16 @@ def test_calibration_splits_the_budget_and_the_whole_run_spends_it(accountant="r
     assert alone_sgd.prototype_noise is None and alone_sgd.noise_multiplier < calib.noise_multiplier
 
 
+def test_a_run_of_the_release_alone_spends_the_whole_budget():
+    # rounds=1 under the default recipe: the prototype round is the run. A share of the
+    # budget would leave the rest unspent (it did: eps 3.99 of 8 on Banking77).
+    sample = {"epsilon": 8.0, "delta": 1e-5, "accountant": "rdp"}
+    calib = calibrate_run(sample, n=1000, batch_size=250, local_epochs=2, rounds=0, prototype_share=0.5)
+    assert calib.noise_multiplier is None and calib.planned_steps == 0
+    spent = epsilon([prototype_entry(calib.prototype_noise)], 1e-5)
+    assert 8.0 - 0.02 <= spent <= 8.0
+
+
 def test_calibration_on_top_of_prior_spend():
     sample = {"epsilon": 8.0, "delta": 1e-5, "accountant": "rdp"}
     prior = [(2.0, 0.25, 16)]  # ε ≈ 2.8
