@@ -18,7 +18,8 @@ from pathlib import Path
 
 from server.components import CLIENT_APP, ROOT, ClientAppRef, load, pin
 
-USAGE = """usage: fedpriv simulate [HYDRA_OVERRIDES ...]   run N simulated clients (Hydra; -m for sweeps)
+USAGE = """usage: fedpriv [-v] simulate [HYDRA_OVERRIDES ...]   run N simulated clients (Hydra; -m for sweeps;
+                                                -v: the full logs on the terminal, not only warnings)
        fedpriv report RUN_DIR                   re-render a run's privacy report
        fedpriv audit [HYDRA_OVERRIDES ...]      one-run empirical privacy audit (audit.* settings;
                                                 audit=power: the preset with measured power)
@@ -34,6 +35,10 @@ USAGE = """usage: fedpriv simulate [HYDRA_OVERRIDES ...]   run N simulated clien
 COMMANDS = "fedpriv.commands"
 
 log = logging.getLogger("fedpriv")
+
+#: ``fedpriv -v``: the terminal shows every log line and third-party message (server.terminal).
+VERBOSE_FLAGS = ("-v", "--verbose")
+_verbose = False
 
 
 def _offline_env() -> None:
@@ -127,6 +132,7 @@ def simulate(cfg_node) -> None:
     from common.errors import ConfigError
     from server.app import make_app
     from server.loop import prepare
+    from server.terminal import quiet_terminal
 
     try:
         if cfg_node.get("resume"):
@@ -147,17 +153,42 @@ def simulate(cfg_node) -> None:
 
     errors: list[BaseException] = []
     client_app = ClientAppRef(cfg["simulation"].get("client_app") or CLIENT_APP)
-    run_simulation(
-        server_app=make_app(prepared, run_dir, errors, resume=bool(cfg.get("resume"))),
-        client_app=client_app,
-        num_supernodes=int(cfg["num_clients"]),
-        backend_config=backend_config(cfg),
-    )
+    with quiet_terminal(verbose=_verbose):
+        run_simulation(
+            server_app=make_app(prepared, run_dir, errors, resume=bool(cfg.get("resume"))),
+            client_app=client_app,
+            num_supernodes=int(cfg["num_clients"]),
+            backend_config=backend_config(cfg),
+        )
     if errors:
         raise errors[0]
     if not (run_dir / "privacy_report.json").exists():
         raise RuntimeError("the simulation ended without a privacy report; see the log above")
-    print(f"fedpriv: run finished; report in {run_dir / 'privacy_report.md'}")
+    code = finish(run_dir)
+    if code:  # not sys.exit(0): that would end a -m sweep after its first job
+        sys.exit(code)
+
+
+def finish(run_dir: Path) -> int:
+    """Print the run's summary table, last; 1 when no client trained and not because all declined."""
+    from rich.console import Console
+
+    from server.summary import RunSummary
+    from server.terminal import to_log_file
+
+    summary = RunSummary.of(run_dir)
+    failure, note = summary.failure(), summary.note()
+    for label, value in summary.rows():
+        to_log_file(log, logging.INFO, f"summary: {label}: {value}")
+    if note:
+        to_log_file(log, logging.WARNING, note)
+        print(note)
+    Console().print(summary.table())
+    if failure:
+        to_log_file(log, logging.ERROR, failure)
+        print(failure, file=sys.stderr)
+        return 1
+    return 0
 
 
 def resume_config(cfg_node, task_overrides) -> tuple[dict, Path]:
@@ -333,6 +364,18 @@ def predict_command(argv: list[str]) -> int:
     return 0
 
 
+def verbosity(argv: list[str]) -> tuple[bool, str, list[str]]:
+    """(verbose, command, its arguments): ``-v`` before the command, or first after ``simulate``
+    (before the Hydra overrides, which would take it for one of theirs)."""
+    verbose = False
+    while len(argv) > 1 and argv[0] in VERBOSE_FLAGS:
+        verbose, argv = True, argv[1:]
+    command, rest = argv[0], argv[1:]
+    if command == "simulate" and rest[:1] and rest[0] in VERBOSE_FLAGS:
+        verbose, rest = True, rest[1:]
+    return verbose, command, rest
+
+
 def main() -> int:
     pin()  # fedpriv's packages from this install, not from a folder of the working directory
     from common.errors import ConfigError
@@ -341,8 +384,13 @@ def main() -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
         return 0 if argv else 2
-    command, rest = argv[0], argv[1:]
+    global _verbose
+    _verbose, command, rest = verbosity(argv)
     _offline_env()
+    if not _verbose:
+        from server.terminal import quiet_environment
+
+        quiet_environment()
     try:
         if command == "simulate":
             _hydra_simulate(rest)

@@ -5,6 +5,7 @@ from the reported history, per-round ε never decreasing, never above the budget
 """
 
 import json
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -16,13 +17,33 @@ pytestmark = pytest.mark.e2e
 
 
 def simulate(tmp_path: Path, name: str, *overrides: str) -> Path:
+    return simulated(tmp_path, name, *overrides)[0]
+
+
+def simulated(tmp_path: Path, name: str, *overrides: str) -> tuple[Path, subprocess.CompletedProcess]:
+    """(run directory, the finished `fedpriv simulate`) of a run that succeeded."""
     run_dir = tmp_path / name
     rounds = [] if any(o.startswith("rounds=") for o in overrides) else ["rounds=3"]  # not the demo's default
     proc = run_fedpriv(["simulate", *FAST, ONE_ACTOR, "num_clients=2", *rounds, f"hydra.run.dir={run_dir}",
                         *overrides],
                        cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return run_dir
+    return run_dir, proc
+
+
+def summary_table(stdout: str) -> dict[str, str]:
+    """The rows of the summary table (server.summary) that ends ``stdout``; folded cells joined."""
+    lines = stdout.rstrip().splitlines()
+    start = max(i for i, line in enumerate(lines) if line.strip() == "fedpriv run")
+    assert lines[-1].startswith("└"), lines[-3:]  # nothing after the table
+    rows: dict[str, str] = {}
+    for line in lines[start + 2:-1]:
+        label, value = (cell.strip() for cell in line.strip().strip("│").split("│"))
+        if label:
+            rows[label] = value
+        else:
+            rows[list(rows)[-1]] += value
+    return rows
 
 
 def check_report(run_dir: Path) -> dict:
@@ -43,8 +64,12 @@ def check_report(run_dir: Path) -> dict:
 
 def test_two_clients_two_rounds_with_a_lower_client_budget(tmp_path):
     # Client 1 may spend a third of the run's budget: it trains early, then declines.
-    run_dir = simulate(tmp_path, "run", "rounds=3", "+privacy.sample.client_budgets.1=3.0")
+    run_dir, proc = simulated(tmp_path, "run", "rounds=3", "+privacy.sample.client_budgets.1=3.0")
     report = check_report(run_dir)
+    # A quiet terminal (server.terminal): no third-party noise, the summary table printed last.
+    for noise in ("DEPRECATED", "FutureWarning", "Manually terminating"):
+        assert noise not in proc.stdout + proc.stderr, noise
+    summary = summary_table(proc.stdout)
     for name in ("privacy_report.json", "privacy_report.md", "privacy_report.html", "clients_reported.json",
                  "plots/epsilon_per_round.png", "plots/accuracy_per_round.png", ".hydra/config.yaml",
                  "checkpoints/manifest.json", "clients/0/ledger.json", "clients/1/ledger.json"):
@@ -59,6 +84,10 @@ def test_two_clients_two_rounds_with_a_lower_client_budget(tmp_path):
     assert clients["1"]["rounds_declined"] >= 1 and clients["1"]["exhausted"]
     assert clients["1"]["epsilon"] <= 3.0
     assert sum(m["clients_declined"] for m in lines) == clients["1"]["rounds_declined"]
+    assert summary["rounds"] == "3 of 3" and summary["report"] == str(run_dir / "privacy_report.md")
+    assert summary["declines"] == str(clients["1"]["rounds_declined"]) and summary["rejections"] == "0"
+    assert summary["lowest client ε"] == f"{clients['1']['epsilon']:.3f} of 3.000 (client 1)"
+    assert summary["final accuracy"] == f"{lines[-1]['accuracy']:.3f}"
     assert [r["clients_trained"] for r in report["rounds"]] == [m["clients_trained"] for m in lines]
 
     # `fedpriv report` re-renders the same report from the run's files.
