@@ -74,7 +74,7 @@ def test_wheel_metadata_declares_the_command_entry_points_and_scipy(wheel):
         info = next(n.split("/")[0] for n in whl.namelist() if n.endswith(".dist-info/METADATA"))
         entry_points = whl.read(f"{info}/entry_points.txt").decode()
         metadata = whl.read(f"{info}/METADATA").decode()
-    assert "[fedpriv.commands]\naudit = client.audit:run_audit" in entry_points
+    assert "[fedpriv.commands]\naudit = client.audit:run_audit\ndevice-log = client.device_log:main" in entry_points
     assert "fedpriv = server.cli:main" in entry_points
     assert "Requires-Dist: scipy" in metadata
 
@@ -88,7 +88,8 @@ def test_pyproject_names_the_same_client_app_and_exactly_the_packages():
                for init in (ROOT / package).rglob("__init__.py")]
     assert sorted(setuptools["packages"]) == sorted([*on_disk, CONF_PACKAGE])
     assert setuptools["package-dir"] == {CONF_PACKAGE: "conf"}
-    assert PYPROJECT["project"]["entry-points"]["fedpriv.commands"] == {"audit": "client.audit:run_audit"}
+    assert PYPROJECT["project"]["entry-points"]["fedpriv.commands"] == {"audit": "client.audit:run_audit",
+                                                                        "device-log": "client.device_log:main"}
 
 
 def test_every_third_party_import_is_a_declared_dependency():
