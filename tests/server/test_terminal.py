@@ -67,12 +67,21 @@ def emit_run_messages() -> None:
 
 @pytest.mark.parametrize("verbose", [False, True], ids=["default", "verbose"])
 def test_quiet_terminal_omits_the_noise_and_cli_log_keeps_everything(job_logging, capsys, verbose):
+    from flwr.common.logger import console_handler as flower_console
+
     console, cli_log = job_logging
-    with warnings.catch_warnings():
-        warnings.simplefilter("always")
-        with quiet_terminal(verbose=verbose):
-            emit_run_messages()
-    terminal = console.stream.getvalue() + "".join(capsys.readouterr())  # Flower's handler writes to a std stream
+    # Flower's own handler holds whatever std stream it was given first (another test's
+    # capture, in a whole-suite run): point it at a buffer of this test's.
+    flower_out = io.StringIO()
+    previous, flower_console.stream = flower_console.stream, flower_out  # setStream would flush a closed one
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            with quiet_terminal(verbose=verbose):
+                emit_run_messages()
+    finally:
+        flower_console.stream = previous
+    terminal = console.stream.getvalue() + flower_out.getvalue() + "".join(capsys.readouterr())
     kept = cli_log.read_text()
     for text in ("DEPRECATED FEATURE", RAY_TIP, "another library changes", "165 of 1010469", "round 1 skipped"):
         assert text in kept, text
