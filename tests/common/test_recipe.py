@@ -17,11 +17,11 @@ from client.dp_train import DPSettings, calibrate_run, local_train, release_prot
 from common.accounting import epsilon, prototype_entry
 from common.errors import ConfigError
 from common.recipe import head_from_prototypes, stage_of, stage_rounds, validate_recipe
+from tests.conftest import config_group
 
 
 def _cfg(rounds=5, **recipe):
-    base = {"name": "probe", "prototypes": True, "prototype_share": 0.5, "prototype_scale": 20.0,
-            "head_lr": 32.0, "encoder_rounds": 0}
+    base = config_group("recipe", "probe")  # conf/recipe/probe.yaml as composed
     return {"rounds": rounds, "recipe": {**base, **recipe}}
 
 
