@@ -81,7 +81,10 @@ def main() -> None:
         datasets = args.datasets if not args.quick else ["sms_spam"]
         levels = args.levels if not args.quick else ["8", "none"]
         seeds = args.seeds if args.seeds else ([0] if args.quick else SEEDS)
-        common = [f"model={model}", *COMMON, f"rounds={rounds}", *args.extra]
+        # An --extra group choice replaces COMMON's (partition=pathological drops partition.alpha).
+        groups = {e.split("=", 1)[0] for e in args.extra if "." not in e.split("=", 1)[0]}
+        kept = [c for c in COMMON if c.split("=", 1)[0].split(".", 1)[0] not in groups]
+        common = [f"model={model}", *kept, f"rounds={rounds}", *args.extra]
         if args.quick:
             # Mechanics only (tiny model, 2 rounds, 4 clients, ε=8 and none). IID so that every client
             # has the same q and σ is calibrated once: a Dirichlet split gives each client
