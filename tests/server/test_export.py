@@ -262,7 +262,8 @@ def released_of(model_cfg: dict, labels: list[str], *, seed: int = 0, perturb: b
                     param.copy_(torch.randn(param.shape, generator=gen) * 0.5)
     model.eval()
     cfg = {"model": {**model_cfg, "pretrained": model_cfg["pretrained"]}, "train": {"max_length": 16}}
-    return Released(Path("."), cfg, 1, model, load_tokenizer(model_cfg), labels, "0" * 64)
+    return Released(Path("."), cfg, 1, model, load_tokenizer(model_cfg), labels, "0" * 64,
+                    test=None)  # no run behind it: exports only, never its test split
 
 
 TEXTS = ["please refund my invoice", "my parcel never arrived at the door", "hi"]
