@@ -41,7 +41,7 @@ from flwr.app import RecordDict
 
 from client.ledger import Ledger, locked
 from common.model import state_norm
-from common.storage import append_json_line, atomic_write_bytes
+from common.storage import append_json_line, atomic_write_bytes, read_json_lines
 
 LOG = "transparency.jsonl"
 LOCK = ".transparency.lock"  # its own: a decline for a busy ledger must not wait for the ledger
@@ -130,20 +130,7 @@ def add_bytes(state_dir: str | Path, client_id: str, *, run_id: str, server_roun
 def read(state_dir: str | Path, client_id: str) -> list[dict]:
     """The log's lines in order; a torn last line (a crash mid-append) is dropped."""
     path = log_path(state_dir, client_id)
-    if not path.exists():
-        return []
-    raw = path.read_text(encoding="utf-8").splitlines()
-    out = []
-    for i, text in enumerate(raw):
-        if not text.strip():
-            continue
-        try:
-            out.append(json.loads(text))
-        except ValueError:
-            if i == len(raw) - 1:
-                break
-            raise ValueError(f"{path}: line {i + 1} is not JSON") from None
-    return out
+    return read_json_lines(path) if path.exists() else []
 
 
 def clients(state_dir: str | Path) -> list[str]:

@@ -1,4 +1,5 @@
-"""Durable file writes: readers see the old file or the new one, never half of one."""
+"""Durable file writes: readers see the old file or the new one, never half of one; and the
+one reader of the append-only JSON-lines files those writes leave."""
 
 from __future__ import annotations
 
@@ -47,3 +48,26 @@ def append_json_line(path: str | Path, obj: Any) -> None:
         fh.write(json.dumps(obj, allow_nan=False) + "\n")
         fh.flush()
         os.fsync(fh.fileno())
+
+
+def read_json_lines(path: str | Path) -> list[dict]:
+    """The objects of a file :func:`append_json_line` wrote, in file order.
+
+    A last line without its newline is an append a crash cut short: it is skipped if it
+    does not parse. Any other bad line is corruption and raises ``ValueError`` naming
+    the line. A missing file raises ``FileNotFoundError``.
+    """
+    path = Path(path)
+    text = path.read_text(encoding="utf-8")
+    lines = text.split("\n")
+    rows = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            if number == len(lines) and not text.endswith("\n"):
+                break
+            raise ValueError(f"{path} line {number}: not valid JSON ({err})") from err
+    return rows

@@ -15,6 +15,7 @@ from omegaconf import OmegaConf
 
 from common.report.build import build_report
 from common.report.render import write_report
+from common.storage import read_json_lines
 
 #: One JSON object per completed round, in the run directory.
 METRICS = "metrics.jsonl"
@@ -34,19 +35,7 @@ def read_metrics(run_dir: Path, *, missing_ok: bool = False) -> list[dict]:
     path = Path(run_dir) / METRICS
     if missing_ok and not path.exists():
         return []
-    text = _required(path).read_text()
-    lines = text.split("\n")
-    rows = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError as err:
-            if number == len(lines) and not text.endswith("\n"):
-                break
-            raise ValueError(f"{path} line {number}: not valid JSON ({err})") from err
-    return rows
+    return read_json_lines(_required(path))
 
 
 def read_evaluation(run_dir: Path) -> dict | None:

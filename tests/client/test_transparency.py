@@ -202,3 +202,13 @@ def test_device_log_renders_the_log_for_its_owner(task_identity, metered, fast_c
         assert cli.main() == 1
     finally:
         sys.argv = argv
+
+
+def test_a_torn_last_line_is_dropped_and_a_bad_middle_line_is_corruption(tmp_path):
+    path = transparency.log_path(tmp_path, "7")
+    path.parent.mkdir(parents=True)
+    path.write_text('{"round": 1}\n{"round": 2')  # a crash cut the second append short
+    assert transparency.read(tmp_path, "7") == [{"round": 1}]
+    path.write_text('{"round": 1}\n{"rou\n{"round": 3}\n')
+    with pytest.raises(ValueError, match="line 2"):
+        transparency.read(tmp_path, "7")
