@@ -1,5 +1,6 @@
 """Shared test helpers: real configs composed from conf/, offline settings."""
 
+import contextlib
 import copy
 import functools
 import os
@@ -78,12 +79,23 @@ def child_env() -> dict:
     return {**env, "PYTHONPATH": str(ROOT)}
 
 
-@pytest.fixture
-def task_identity():
-    """Flower refuses to build a Message outside a run; pretend to be one (server node 1, run 7)."""
+@contextlib.contextmanager
+def server_of_run():
+    """Flower refuses to build a Message outside a run; pretend to be one (server node 1 of
+    server.grid's run), and leave Flower's task identity as it was found."""
     from flwr.supercore.task_identity import TaskIdentity
 
+    from server.grid import as_server_of_run
+
     saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 7, 1
-    yield TaskIdentity
-    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
+    as_server_of_run()
+    try:
+        yield TaskIdentity
+    finally:
+        TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
+
+
+@pytest.fixture
+def task_identity():
+    with server_of_run() as identity:
+        yield identity

@@ -158,20 +158,15 @@ def test_page_names_the_prediction_and_escapes_every_text(keyed_model):
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     """A 2-client, 1-round tiny_bert run through the real round loop and ClientApp (in process)."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    from server.grid import InProcessGrid, as_server_of_run
+    from server.grid import InProcessGrid
     from server.loop import prepare, run_federation
+    from tests.conftest import server_of_run
 
     where = tmp_path_factory.mktemp("explain") / "run"
     cfg = compose(["model=tiny_bert", "data.train_size=400", "data.test_size=80", "num_clients=2", "rounds=1"],
                   where)
-    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
-    as_server_of_run()
-    try:
+    with server_of_run():
         run_federation(InProcessGrid(2), prepare(cfg), where)
-    finally:
-        TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
     return where
 
 

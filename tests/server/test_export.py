@@ -55,22 +55,17 @@ print(json.dumps({"labels": labels, "probs": probs, "max_length": max_length}))
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """{name: run_dir} of the two real runs."""
-    from flwr.supercore.task_identity import TaskIdentity
-
     from server.grid import InProcessGrid
     from server.loop import prepare, run_federation
+    from tests.conftest import server_of_run
 
-    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 7, 1
     made = {}
-    try:
+    with server_of_run():
         for name, overrides in RUNS.items():
             base = tmp_path_factory.mktemp(name)
             cfg = compose([*overrides, f"state_dir={base / 'clients'}"], base / "run")
             run_federation(InProcessGrid(2), prepare(cfg), base / "run")  # writes .hydra/config.yaml too
             made[name] = base / "run"
-    finally:
-        TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
     return made
 
 
