@@ -3,7 +3,9 @@
 ``fedpriv simulate`` builds it with the already validated config (``make_app``);
 ``flwr run`` loads ``app`` (pyproject's [tool.flwr.app.components]) and composes the config
 from the run-config key ``overrides`` (Hydra override strings, space-separated; see
-``server.deployment``).
+``server.deployment``), on real SuperNodes or on a SuperLink's local simulation (its
+in-memory Grid). There the run directory and the report are announced through Flower's
+logger: its lines are what ``flwr run --stream`` and ``flwr log`` show of the run.
 """
 
 from __future__ import annotations
@@ -12,9 +14,11 @@ import logging
 from pathlib import Path
 
 from flwr.app import Context
+from flwr.common import log as flwr_log
 from flwr.serverapp import Grid, ServerApp
+from flwr.superlink.grid import InMemoryGrid
 
-from server.deployment import deployment_config, prepare_deployment
+from server.deployment import check_simulated_nodes, deployment_config, prepare_deployment
 from server.loop import Prepared, run_federation
 
 logging.getLogger("flwr").propagate = False  # Flower logs would reach Hydra's handlers twice
@@ -29,8 +33,14 @@ def make_app(prepared: Prepared | None = None, run_dir: Path | None = None,
     def main(grid: Grid, context: Context) -> None:
         try:
             if prepared is None:  # `flwr run`: Flower's SuperLink, real or simulated SuperNodes
-                cfg, target = deployment_config(str(context.run_config.get("overrides", "")))
-                run_federation(grid, prepare_deployment(cfg), target)
+                simulated = isinstance(grid, InMemoryGrid)
+                cfg, target = deployment_config(str(context.run_config.get("overrides", "")), simulated=simulated)
+                flwr_log(logging.INFO, "fedpriv: run directory %s", target)
+                ready = prepare_deployment(cfg)
+                if simulated:  # the engine registers its nodes while this thread prepares
+                    check_simulated_nodes(cfg, list(grid.get_node_ids()))
+                run_federation(grid, ready, target)
+                flwr_log(logging.INFO, "fedpriv: privacy report %s", target / "privacy_report.md")
             else:
                 run_federation(grid, prepared, run_dir, resume=resume)
         except BaseException as err:  # the simulation engine would only log it

@@ -9,9 +9,12 @@ server holds differ:
   under ``$FEDPRIV_RUNS_DIR`` (default ``~/fedpriv``) instead, and the absolute
   path is logged. Give ``hydra.run.dir=/absolute/path`` to choose it.
 - The server never holds client ledgers: ``state_dir`` is dropped from the run
-  config unless given explicitly in ``overrides`` (a ``flwr run`` on a local
-  simulation federation, where server and clients share the machine); each
-  SuperNode then needs its own node-config ``state-dir``.
+  config unless given explicitly in ``overrides``; each SuperNode then needs its
+  own node-config ``state-dir``. A ``flwr run`` on a local simulation (a SuperLink
+  started with ``--simulation``) is the exception: server and simulated clients
+  share one machine, as in ``fedpriv simulate``, so ``state_dir`` keeps its default
+  ``<run dir>/clients``, and the number of simulated SuperNodes must be
+  ``num_clients`` (their data partitions are cut by that number).
 - Devices may hold their own training files (node-config ``data-path``), so the
   server may have no ``data.path``. It then needs only what it evaluates on,
   ``data.test_path``, and the run's classes, ``data.labels``. In every case the
@@ -42,14 +45,26 @@ def runs_base() -> Path:
     return Path(os.environ.get("FEDPRIV_RUNS_DIR") or Path.home() / "fedpriv").expanduser().resolve()
 
 
-def deployment_config(overrides: str) -> tuple[dict, Path]:
-    """(config, absolute run dir) for a ``flwr run`` from its ``overrides`` string."""
+def deployment_config(overrides: str, *, simulated: bool = False) -> tuple[dict, Path]:
+    """(config, absolute run dir) for a ``flwr run`` from its ``overrides`` string;
+    ``simulated``: on a local simulation, whose clients keep their ledgers beside the run."""
     args = shlex.split(overrides or "")
     cfg, run_dir = compose_config(args, base=runs_base())
-    if not any(a.lstrip("+~").startswith("state_dir=") for a in args):
+    if not simulated and not any(a.lstrip("+~").startswith("state_dir=") for a in args):
         cfg["state_dir"] = None  # ledgers live on the devices (node-config state-dir)
     log.info("fedpriv: run directory %s", run_dir)
     return cfg, run_dir
+
+
+def check_simulated_nodes(cfg: dict, node_ids: list[int]) -> None:
+    """A local simulation's SuperNodes all exist from the start: refuse a count other than
+    ``num_clients`` at once, instead of waiting ``node_wait_s`` for nodes that never come
+    (fewer) or training on partitions cut for another number of clients (more)."""
+    wanted = int(cfg["num_clients"])
+    if len(node_ids) != wanted:
+        raise ConfigError("num_clients", f"is {wanted}, but the local simulation has {len(node_ids)} simulated "
+                          f"SuperNodes: give `flwr run` --federation-config \"num-supernodes={wanted}\" "
+                          f"(or num_clients={len(node_ids)} in overrides)")
 
 
 def _server_has_training_data(data: dict) -> bool:

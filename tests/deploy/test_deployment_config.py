@@ -10,7 +10,7 @@ from client.task import run_round
 from common.data import load_local_data
 from common.errors import ConfigError
 from common.model import instantiate_model, trainable_state
-from server.deployment import deployment_config, prepare_deployment
+from server.deployment import check_simulated_nodes, deployment_config, prepare_deployment
 from tests.conftest import FAST
 
 
@@ -31,6 +31,18 @@ def test_relative_run_dir_goes_under_the_runs_base_and_no_state_dir(tmp_path, mo
     cfg, run_dir = deployment_config(f"model=tiny_bert hydra.run.dir={tmp_path}/abs state_dir=shared")
     assert run_dir == tmp_path / "abs"
     assert cfg["state_dir"] == str(tmp_path / "base" / "shared")  # explicit: kept (a local simulation)
+
+
+def test_a_local_simulation_keeps_ledgers_beside_the_run_and_needs_num_clients_nodes(tmp_path, monkeypatch):
+    monkeypatch.setenv("FEDPRIV_RUNS_DIR", str(tmp_path / "base"))
+    cfg, run_dir = deployment_config(" ".join([*FAST, "num_clients=3", "hydra.run.dir=sim"]), simulated=True)
+    assert run_dir == tmp_path / "base" / "sim"
+    assert cfg["state_dir"] == str(run_dir / "clients")  # as `fedpriv simulate`: the same machine
+    check_simulated_nodes(cfg, [11, 12, 13])
+    for nodes in ([11, 12], [11, 12, 13, 14]):
+        with pytest.raises(ConfigError, match="num-supernodes=3") as err:
+            check_simulated_nodes(cfg, nodes)
+        assert err.value.setting == "num_clients"
 
 
 def test_server_without_training_data_and_a_device_file(tmp_path):
