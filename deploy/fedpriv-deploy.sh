@@ -11,6 +11,9 @@
 #   fedpriv-deploy.sh superlink RUNDIR HOST PORT [CERTDIR]
 #                                                   start a SuperLink (TLS + SuperNode auth with CERTDIR,
 #                                                   insecure without); pid in RUNDIR/superlink.pid
+#   fedpriv-deploy.sh simulation-link RUNDIR PORT   start a SuperLink that runs simulations itself
+#                                                   (`flwr run` on simulated SuperNodes; 127.0.0.1
+#                                                   only); pid in RUNDIR/superlink.pid
 #   fedpriv-deploy.sh supernode RUNDIR NAME SUPERLINK_ADDR RUNTIME_PORT NODE_CONFIG [CA KEY]
 #                                                   start a SuperNode; pid in RUNDIR/NAME.pid
 #   fedpriv-deploy.sh stop RUNDIR [NAME...]         stop the processes whose pid files are given
@@ -107,6 +110,16 @@ cmd_superlink() {
     echo "fedpriv-deploy: SuperLink pid $(cat "$rundir/superlink.pid") on $host:$port (log $rundir/superlink.log)"
 }
 
+cmd_simulation_link() {
+    local rundir=$1 port=$2
+    mkdir -p "$rundir"
+    # Its Control API takes runs from anyone who reaches it, without TLS: loopback only.
+    local args=(--simulation --insecure --host 127.0.0.1 --port "$port" --database "$rundir/superlink.db"
+                --disable-runtime-dependency-installation)
+    (cd "$rundir" && start_bg "$rundir/superlink.pid" "$rundir/superlink.log" "$(tool flower-superlink)" "${args[@]}")
+    echo "fedpriv-deploy: simulation SuperLink pid $(cat "$rundir/superlink.pid") on 127.0.0.1:$port (log $rundir/superlink.log)"
+}
+
 cmd_supernode() {
     local rundir=$1 name=$2 link=$3 port=$4 nodecfg=$5 ca=${6:-} key=${7:-}
     mkdir -p "$rundir"
@@ -138,7 +151,7 @@ cmd_stop() {
     done
 }
 
-[[ $# -ge 1 ]] || { sed -n '2,22p' "$0"; exit 2; }
+[[ $# -ge 1 ]] || { sed -n '2,23p' "$0"; exit 2; }
 sub=$1; shift
 case $sub in
     certs) cmd_certs "$@" ;;
@@ -146,6 +159,7 @@ case $sub in
     connection) cmd_connection "$@" ;;
     register) cmd_register "$@" ;;
     superlink) cmd_superlink "$@" ;;
+    simulation-link) cmd_simulation_link "$@" ;;
     supernode) cmd_supernode "$@" ;;
     stop) cmd_stop "$@" ;;
     *) die "unknown command $sub" ;;
