@@ -20,6 +20,10 @@ Privacy caveats, stated plainly:
   Poisson step are not).
 - ``amp_dtype`` (CUDA autocast) computes per-example gradients in bf16/fp16; see
   ``client.device`` for what that means for clipping.
+- Token classification (labels [N, L]): the example, and so the unit clipped, noised
+  and accounted, is one sentence; its loss is the sum of its tokens' losses
+  (:func:`sentence_loss`). One person's data spread over many sentences is protected
+  only by group privacy, as many texts are for sequence classification.
 """
 
 from __future__ import annotations
@@ -48,6 +52,7 @@ from common.accounting import (
     sample_rate,
     steps_per_epoch,
 )
+from common.conll import IGNORE, OUTSIDE_ID
 from common.model import model_inputs
 from common.randomness import urandom_generator
 
@@ -104,6 +109,7 @@ def local_train(
     shuffle_seed: int | None = None,
     grad_sample_mode: str = "hooks",
     features: bool = False,
+    outside_weight: float = 1.0,
 ) -> TrainResult:
     """Train ``model``'s trainable parameters in place on ``data``.
 
@@ -118,6 +124,8 @@ def local_train(
     ``features``: ``data`` holds (pooled features, labels) and ``model`` is the head alone
     (the recipe's head stage, ``common.recipe``): the same Poisson loader, clipping, noise
     and accounting, on the head's parameters only.
+    Labels of shape [N, L] (token classification) train on :func:`sentence_loss`, with
+    ``outside_weight`` on O-tagged words; one sentence is one example.
 
     Three pieces, one per thing that varies: the DP engine (:func:`_make_private`), the
     loss of one batch (:func:`_batch_loss`), and the loop over (physical) batches
@@ -131,6 +139,10 @@ def local_train(
         raise ValueError("train.grad_sample_mode=ghost cannot be combined with max_physical_batch_size")
     if len(data) == 0:
         raise ValueError("no training data on this client")
+    tokens = data.tensors[-1].dim() == 2
+    if tokens and dp is not None and grad_sample_mode == "ghost":
+        raise ValueError("train.grad_sample_mode=ghost takes one loss per example from Opacus' criterion; "
+                         "token classification sums each sentence's token losses here: use hooks")
     model.to(device).train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = _optimizer(optimizer, params, lr=lr, weight_decay=weight_decay)
@@ -140,7 +152,11 @@ def local_train(
     private = _make_private(model, opt, loader, dp, grad_sample_mode, device) if dp is not None else None
     if private is not None:
         opt, loader = private.optimizer, private.loader
-    criterion = private.criterion if private is not None else F.cross_entropy
+    if tokens:
+        def criterion(logits, labels):
+            return sentence_loss(logits, labels, outside_weight=outside_weight)
+    else:
+        criterion = private.criterion if private is not None else F.cross_entropy
 
     def batch_loss(batch) -> torch.Tensor:
         return _batch_loss(model, batch, criterion, device=device, amp_dtype=amp_dtype, features=features,
@@ -209,7 +225,7 @@ def _batch_loss(model: nn.Module, batch, criterion, *, device, amp_dtype, featur
             loss = criterion(model(batch[0].to(device)).float(), labels)
     elif accumulate:  # non-DP with max_physical_batch_size: the batch in chunks
         return _accumulated_backward(model, batch[0].to(device), batch[1].to(device), labels, accumulate,
-                                     device, amp_dtype)
+                                     device, amp_dtype, criterion)
     else:
         with autocast(torch.device(device), amp_dtype):
             logits = model(**model_inputs(batch[0].to(device), batch[1].to(device))).logits
@@ -246,17 +262,33 @@ def _run_steps(loader, optimizer, params: list, batch_loss, *, epochs: int, ghos
     return steps, empty
 
 
-def _accumulated_backward(model, input_ids, attention_mask, labels, chunk: int, device, amp_dtype):
-    """Non-DP: the batch's mean-loss gradient, computed ``chunk`` examples at a time."""
+def _accumulated_backward(model, input_ids, attention_mask, labels, chunk: int, device, amp_dtype, criterion):
+    """Non-DP: the gradient of the batch's mean per-example loss, ``chunk`` examples at a time
+    (``criterion`` averages over the examples it is given)."""
     total = 0.0
     for start in range(0, len(labels), chunk):
         sl = slice(start, start + chunk)
         with autocast(torch.device(device), amp_dtype):
             logits = model(**model_inputs(input_ids[sl], attention_mask[sl])).logits
-            loss = F.cross_entropy(logits.float(), labels[sl], reduction="sum") / len(labels)
+            loss = criterion(logits.float(), labels[sl]) * len(labels[sl]) / len(labels)
         loss.backward()
         total += float(loss.detach())
     return torch.tensor(total)
+
+
+def sentence_loss(logits: torch.Tensor, labels: torch.Tensor, *, outside_weight: float = 1.0) -> torch.Tensor:
+    """The mean over the batch's sentences of each sentence's summed token cross-entropy.
+
+    ``logits`` [B, L, K], ``labels`` [B, L] (-100: not scored); O-tagged words weigh
+    ``outside_weight``. Opacus scales a mean loss by the batch size before clipping, so each
+    sentence's per-example gradient is that of its own summed token loss: the unit clipped to
+    C is one sentence, however many words it has.
+    """
+    flat = labels.reshape(-1)
+    per_token = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), flat, ignore_index=IGNORE,
+                                reduction="none")
+    weights = torch.where(flat == OUTSIDE_ID, float(outside_weight), 1.0).to(per_token.dtype)
+    return (per_token * weights).sum() / max(labels.shape[0], 1)
 
 
 def _optimizer(name: str, params: list, *, lr: float, weight_decay: float) -> torch.optim.Optimizer:

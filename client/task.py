@@ -32,7 +32,7 @@ from client.ledger import Ledger, LedgerBusy, RoundEntry, load_reply, locked, re
 from client.node_config import ClientIdentity
 from common.accounting import append_steps, epsilon, prototype_entry, sample_rate, train_batch_size
 from common.data import load_client_data, load_local_data, tokenize
-from common.features import cached_features, feature_key, features_key_parts, pooled_features
+from common.features import cached_features, feature_key, features_key_parts, frozen_features
 from common.errors import ConfigError
 from common.model import instantiate_model, load_tokenizer, load_trainable, state_digest, trainable_state
 from common.recipe import HEAD_PREFIX, check_model, recipe_of, stage_of, stage_rounds
@@ -85,20 +85,22 @@ def _client_data(cfg: Mapping, partition_id: int, data_path: str | None = None):
         if tok_key not in _TOKENIZER_CACHE:
             _TOKENIZER_CACHE[tok_key] = load_tokenizer(cfg["model"])
         tokenizer = _TOKENIZER_CACHE[tok_key]
-        _DATA_CACHE[key] = (tokenize(partition, tokenizer, int(cfg["train"]["max_length"])), label_names)
+        _DATA_CACHE[key] = (tokenize(partition, tokenizer, int(cfg["train"]["max_length"]), label_names),
+                            label_names)
     return _DATA_CACHE[key]
 
 
 def client_features(cfg: Mapping, who: ClientIdentity, model: torch.nn.Module, data, device) -> Any:
-    """This client's pooled features (the frozen encoder's), computed once, kept on the device."""
+    """This client's features (the frozen encoder's: pooled, or per word for tagged data),
+    computed once, kept on the device."""
     check_model(cfg, model)  # a device refuses, naming model.pooling, what the server should have
     key = feature_key(*features_key_parts(cfg, who.partition_id, who.data_path))
 
     def compute():
-        log.info("client %s: computing the pooled features of its %d examples (once)", who.client_id, len(data))
+        log.info("client %s: computing the frozen features of its %d examples (once)", who.client_id, len(data))
         model.to(device)
         try:
-            return pooled_features(model, data)
+            return frozen_features(model, data)
         finally:
             model.to("cpu")
 
@@ -268,6 +270,7 @@ def _locked_round(cfg: Mapping, who: ClientIdentity, data, num_labels: int, *, r
             max_physical_batch_size=who.max_physical_batch_size or train["max_physical_batch_size"],
             amp_dtype=autocast_dtype(device, train["precision"]),
             grad_sample_mode=str(train["grad_sample_mode"]), shuffle_seed=shuffle_seed,
+            outside_weight=float(train.get("outside_weight", 1.0)),
         )
         history = result.history
     else:
@@ -282,7 +285,7 @@ def _locked_round(cfg: Mapping, who: ClientIdentity, data, num_labels: int, *, r
                 model.classifier, feats, epochs=int(train["local_epochs"]), batch_size=batch_size,
                 lr=float(recipe["head_lr"]), weight_decay=float(train["weight_decay"]),
                 optimizer=str(train["optimizer"]), dp=dp, device=device,
-                shuffle_seed=shuffle_seed, features=True,
+                shuffle_seed=shuffle_seed, features=True, outside_weight=float(train.get("outside_weight", 1.0)),
             )
             history = result.history
     local = trainable_state(model)

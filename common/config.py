@@ -43,6 +43,26 @@ def _number(cfg: Mapping, dotted: str, *, minimum: float | None = None, exclusiv
     return node
 
 
+def _validate_task(cfg: Mapping) -> None:
+    """The task and the data must agree; token tagging's own settings."""
+    tokens = cfg.get("task", "sequence_classification") == "token_classification"
+    conll = cfg["data"]["source"] == "conll"
+    if tokens and not conll:
+        raise ConfigError("data", "task=token_classification reads tagged words: use data=conll")
+    if conll and not tokens:
+        raise ConfigError("task", "data=conll holds tagged words: add task=token_classification")
+    if not tokens:
+        return
+    _number(cfg, "train.outside_weight", minimum=0, maximum=1)
+    if cfg["recipe"]["prototypes"]:
+        raise ConfigError("recipe.prototypes", "class prototypes sum sentence features; token "
+                          "classification has none: set recipe.prototypes=false")
+    if cfg["train"]["grad_sample_mode"] == "ghost":
+        # Opacus' ghost criterion takes one loss per example from the loss function; the
+        # per-sentence sum over tokens is computed in client.dp_train, outside it.
+        raise ConfigError("train.grad_sample_mode", "ghost clipping is for sequence classification; use hooks")
+
+
 def validate(cfg: Mapping) -> None:
     """Checks that need the config alone."""
     schema.check(cfg)
@@ -72,6 +92,7 @@ def validate(cfg: Mapping) -> None:
         _number(cfg, "strategy.max_update_norm", minimum=0)
     _validate_strategy(cfg)
     validate_recipe(cfg)
+    _validate_task(cfg)
 
     mode = cfg["privacy"]["mode"]
     if mode in ("sample", "both"):

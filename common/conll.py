@@ -32,6 +32,9 @@ NO_ENTITY = "no entity"
 #: The label that torch's cross-entropy ignores: non-first subwords, special tokens, padding.
 IGNORE = -100
 
+#: The tag outside every entity, and its id: :func:`label_names` always puts it first.
+OUTSIDE, OUTSIDE_ID = "O", 0
+
 
 @dataclass(frozen=True)
 class Sentences:

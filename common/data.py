@@ -5,6 +5,11 @@ ends in the same shape: ``text`` (str) and ``label`` (int in ``[0, K)``) plus an
 other columns of the source, with one label mapping shared by train and test. Bad
 settings end in a :class:`ConfigError` naming the setting, before any training.
 
+CoNLL files (``data=conll``, token classification) end in ``tokens`` and ``tags``
+(lists of str, one per word) and ``label``, the id of the sentence's most frequent
+entity type (``common.conll.dominant_entity``, "no entity" first): the partitioners
+split by it, and :func:`load_splits` returns the tag vocabulary as the label names.
+
 Clients and the server each call these functions themselves with the same config and
 seed, so they agree on the splits without ever exchanging data.
 """
@@ -60,6 +65,8 @@ def load_splits(data_cfg: Mapping, *, seed: int, num_clients: int
     loader = _LOADERS.get(source)
     if loader is None:
         raise ConfigError("data.source", f"unknown data source {source!r}; use one of {sorted(_LOADERS)}")
+    if source == "conll":  # tagged words: the label names are the tags, which the loader encodes itself
+        return loader(cfg, seed, num_clients)
     train, test, test_setting = loader(cfg, seed, num_clients)
     return _encode_labels(train, test, test_setting)
 
@@ -124,10 +131,46 @@ def _load_hf(cfg: dict, seed: int, num_clients: int):
     return picked[0], picked[1], "data.test_split"
 
 
-_LOADERS: dict[str, Callable[[dict, int, int], tuple[datasets.Dataset, datasets.Dataset, str]]] = {
+def _load_conll(cfg: dict, seed: int, num_clients: int) -> tuple[datasets.Dataset, datasets.Dataset, list[str]]:
+    """(train, test, tag names) of CoNLL files; ``label`` is each sentence's dominant entity."""
+    from common import conll
+
+    tag_column = cfg["tag_column"]
+    train = conll.read_conll(_existing_file(cfg, "path"), tag_column=tag_column, setting="data.path")
+    if cfg["test_path"] is not None:
+        test = conll.read_conll(_existing_file(cfg, "test_path"), tag_column=tag_column, setting="data.test_path")
+        found = conll.label_names(train, test)
+        train_ds, test_ds = _sentences(train), _sentences(test)
+    else:
+        found = conll.label_names(train)
+        train_ds, test_ds = _stratified_split(_sentences(train), _fraction(cfg, "test_fraction", low_inclusive=False),
+                                              seed)
+    names = [str(v) for v in cfg["labels"]] if cfg.get("labels") else found
+    missing = sorted(set(found) - set(names))
+    if missing:
+        raise ConfigError("data.labels", f"lacks tags {missing[:10]} that the data holds")
+    if names[conll.OUTSIDE_ID] != conll.OUTSIDE:
+        raise ConfigError("data.labels", f"must begin with {conll.OUTSIDE!r}, the tag outside every entity")
+    kinds = [conll.NO_ENTITY, *sorted({name[2:] for name in names if name != "O"})]
+    index = {kind: i for i, kind in enumerate(kinds)}
+    return _encode(train_ds, index), _encode(test_ds, index), names
+
+
+def _sentences(sentences) -> datasets.Dataset:
+    """A Dataset of one file's sentences: ``tokens``, ``tags``, ``label`` its dominant entity."""
+    from common.conll import dominant_entity
+
+    return datasets.Dataset.from_dict({"tokens": sentences.tokens, "tags": sentences.tags,
+                                       "label": [dominant_entity(t) for t in sentences.tags]})
+
+
+#: source -> loader(cfg, seed, num_clients): (train, test, the setting to blame for test
+#: labels), or for conll (train, test, tag names) already encoded.
+_LOADERS: dict[str, Callable[[dict, int, int], tuple]] = {
     "synthetic": _load_synthetic,
     "csv": _load_csv,
     "hf": _load_hf,
+    "conll": _load_conll,
 }
 
 
@@ -373,12 +416,17 @@ def load_local_data(cfg: Mapping, path: str | Path, setting: str = "node-config 
     return _encode(ds, index), names
 
 
-def tokenize(ds: datasets.Dataset, tokenizer, max_length: int) -> torch.utils.data.TensorDataset:
+def tokenize(ds: datasets.Dataset, tokenizer, max_length: int,
+             label_names: list[str] | None = None) -> torch.utils.data.TensorDataset:
     """TensorDataset(input_ids [N,L], attention_mask [N,L], labels [N]), all long.
 
     Always padded to ``max_length`` (and truncated): a fixed L keeps the shapes of
-    Opacus' empty Poisson batches consistent with the real ones.
+    Opacus' empty Poisson batches consistent with the real ones. Tagged sentences
+    (``tokens``/``tags``, data=conll) give labels [N,L] instead, one tag id (an index into
+    ``label_names``) at each word's first subword and -100 elsewhere (:func:`align_words`).
     """
+    if "tokens" in ds.column_names:
+        return align_words(ds, tokenizer, max_length, label_names).dataset()
     if not isinstance(max_length, int) or max_length < 2:
         raise ConfigError("train.max_length", f"must be an integer >= 2, got {max_length!r}")
     labels = torch.tensor(ds["label"], dtype=torch.long)
@@ -388,6 +436,17 @@ def tokenize(ds: datasets.Dataset, tokenizer, max_length: int) -> torch.utils.da
     enc = tokenizer(list(ds["text"]), padding="max_length", truncation=True,
                     max_length=max_length, return_tensors="pt")
     return torch.utils.data.TensorDataset(enc["input_ids"].long(), enc["attention_mask"].long(), labels)
+
+
+def align_words(ds: datasets.Dataset, tokenizer, max_length: int, label_names: list[str] | None):
+    """``common.conll.Aligned`` for the tagged sentences of ``ds`` (the server keeps it to map
+    subword predictions back to words)."""
+    from common import conll
+
+    if label_names is None:
+        raise ValueError("tagged sentences need the run's tag names to encode their tags")
+    sentences = conll.Sentences(Path("<data>"), list(ds["tokens"]), list(ds["tags"]))
+    return conll.align(sentences, tokenizer, max_length, {name: i for i, name in enumerate(label_names)})
 
 
 # ---------------------------------------------------------------------------

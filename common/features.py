@@ -1,4 +1,5 @@
-"""Pooled features of a frozen encoder, computed once: the recipe's head stage reads them.
+"""Features of a frozen encoder, computed once: the recipe's head stage reads them (pooled
+per sentence, or per word for token classification).
 
 A client computes the features of its own data once per (model, data, tokenizer,
 max_length) and keeps them in its own state directory, next to its ledger
@@ -54,6 +55,55 @@ def pooled_features(model: torch.nn.Module, data: TensorDataset, *, batch_size: 
     finally:
         model.train(was_training)
     return TensorDataset(out, labels.clone())
+
+
+@torch.no_grad()
+def token_features(model: torch.nn.Module, data: TensorDataset, *, batch_size: int = 64) -> TensorDataset:
+    """(features [N, W, d] float32, labels [N, W]) of tagged ``data`` (ids, mask, labels [N, L]):
+    the token classifier's features at each labelled subword (each word's first), packed
+    to the left in word order; W is the most words any sentence kept, and the slots after
+    a sentence's last word are labelled -100 (ignored by the loss and the evaluation).
+
+    The head's logits at a word depend on that word's features alone, so these are the
+    inputs a full forward pass would give the head; the unlabelled subwords never reach
+    the loss. Sentence i's slot j is its j-th labelled position (see :func:`labelled_positions`).
+    """
+    input_ids, attention_mask, labels = data.tensors
+    n = len(labels)
+    keep = labels.ne(-100)
+    words = keep.sum(dim=1)
+    width = max(int(words.max()) if n else 0, 1)
+    hidden = int(model.config.hidden_size)
+    out = torch.zeros(n, width, hidden, dtype=torch.float32)
+    packed = torch.full((n, width), -100, dtype=torch.long)
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    lengths = attention_mask.sum(dim=1)
+    try:
+        for start in range(0, n, batch_size):
+            idx = torch.arange(start, min(start + batch_size, n))
+            cut = max(int(lengths[idx].max()), 1)
+            batch = model_inputs(input_ids[idx, :cut].to(device), attention_mask[idx, :cut].to(device))
+            feats = model.features(**batch).float().cpu()
+            for row, i in enumerate(idx.tolist()):
+                at = keep[i, :cut].nonzero().squeeze(1)
+                out[i, :len(at)] = feats[row, at]
+                packed[i, :len(at)] = labels[i, at]
+    finally:
+        model.train(was_training)
+    return TensorDataset(out, packed)
+
+
+def labelled_positions(labels: torch.Tensor) -> list[torch.Tensor]:
+    """Per sentence, the subword positions :func:`token_features` packed, in slot order."""
+    return [row.ne(-100).nonzero().squeeze(1) for row in labels]
+
+
+def frozen_features(model: torch.nn.Module, data: TensorDataset) -> TensorDataset:
+    """What the recipe's head stage trains on: pooled sentence features, or packed word
+    features for tagged data (labels [N, L])."""
+    return token_features(model, data) if data.tensors[-1].dim() == 2 else pooled_features(model, data)
 
 
 def feature_key(*parts: Any) -> str:

@@ -27,7 +27,7 @@ from typing import Any
 
 from common.accounting import ACCOUNTANTS
 from common.errors import ConfigError
-from common.model import POOLINGS
+from common.model import POOLINGS, TASKS
 
 PRIVACY_MODES = ("none", "sample", "client", "both")
 CLIPPING_MODES = ("fixed", "adaptive")
@@ -230,6 +230,7 @@ _LABELS = Nullable(ListOf(Scalar))
 #: rules by tests/common/test_config.py (common imports no server code, and validation
 #: needs no data library).
 SCHEMA = Section({
+    "task": Legacy(Choice(*TASKS)),
     "seed": Int,
     "num_clients": Int,
     "rounds": Int,
@@ -256,6 +257,7 @@ SCHEMA = Section({
         "freeze_encoder": Legacy(Bool),
         "pooling": Legacy(Choice(*POOLINGS)),
         "normalize": Legacy(Nullable(Bool)),
+        "token_layer": Legacy(Int),
     }),
     "data": Variant("source", {
         "synthetic": {"name": Str, "source": Str, "num_classes": Int, "num_users": Int, "train_size": Int,
@@ -264,6 +266,8 @@ SCHEMA = Section({
                 **_COLUMNS, "delimiter": Str, "column_names": Nullable(ListOf(Str)),
                 "quoting": Nullable(OneOf(Str, Int)), "drop_duplicates": Bool, "encoding": Str,
                 "labels": _LABELS},
+        "conll": {"name": Str, "source": Str, "path": Str, "test_path": Nullable(Str), "test_fraction": Float,
+                  "tag_column": Int, "labels": _LABELS},
         "hf": {"source": Str, "name": Str, "train_split": Str, "test_split": Str, **_COLUMNS,
                "labels": Filled(_LABELS)},
     }),
@@ -297,6 +301,7 @@ SCHEMA = Section({
         "lr": Float,
         "weight_decay": Float,
         "max_length": Int,
+        "outside_weight": Legacy(Float),
         "device": Choice("cpu", "cuda", "auto"),
         "precision": Choice("fp32", "bf16", "fp16", "auto"),
         "max_physical_batch_size": Nullable(Int),

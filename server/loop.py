@@ -27,8 +27,8 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from common.accounting import check_pins
 from common.config import validate, validate_partitions
-from common.data import load_splits, partition_train, tokenize
-from common.features import pooled_features
+from common.data import align_words, load_splits, partition_train, tokenize
+from common.features import frozen_features
 from common.errors import ConfigError
 from common.model import count_parameters, instantiate_model, load_tokenizer, load_trainable, trainable_state
 from common.protocol import TrainInstruction
@@ -44,7 +44,7 @@ from server.checkpoint import (
     save_round,
     truncate_metrics,
 )
-from server.evaluate import Evaluation, evaluate, evaluate_head
+from server.evaluate import Evaluation, TestWords, TokenEvaluation, evaluate, evaluate_head
 from common.mechanism import ClientLevelDP
 from server.optimizer import ServerOptimizer, server_optimizer
 from server.secagg import secagg_round
@@ -62,15 +62,25 @@ class Prepared:
     partition_sizes: list[int]
     model: torch.nn.Module
     test_features: torch.utils.data.TensorDataset | None = None  # the recipe's head rounds; computed once
+    words: TestWords | None = None  # token classification: the test sentences' words and gold tags
 
     def head_test_features(self, global_state) -> torch.utils.data.TensorDataset:
-        """The test set's pooled features through the frozen encoder (computed at first use)."""
+        """The test set's features through the frozen encoder (computed at first use)."""
         if self.test_features is None:
-            log.info("computing the pooled features of the %d test examples (once)", len(self.test))
+            log.info("computing the frozen features of the %d test examples (once)", len(self.test))
             load_trainable(self.model, global_state)
-            self.test_features = pooled_features(self.model, self.test,
-                                                 batch_size=max(int(self.cfg["evaluation"]["batch_size"]), 128))
+            self.test_features = frozen_features(self.model, self.test)
         return self.test_features
+
+
+def test_split(cfg: dict, test, tokenizer, label_names: list[str]) -> tuple[torch.utils.data.TensorDataset,
+                                                                           TestWords | None]:
+    """The server's test inputs, and for tagged sentences their words (to score on words)."""
+    max_length = int(cfg["train"]["max_length"])
+    if "tokens" not in test.column_names:
+        return tokenize(test, tokenizer, max_length), None
+    aligned = align_words(test, tokenizer, max_length, label_names)
+    return aligned.dataset(), TestWords(aligned, [list(t) for t in test["tags"]])
 
 
 def prepare(cfg: dict) -> Prepared:
@@ -91,7 +101,8 @@ def prepare(cfg: dict) -> Prepared:
             raise cause from None
         raise ConfigError("model", f"cannot build the model: {err}") from err
     check_model(cfg, model)
-    return Prepared(cfg, labels, tokenize(test, tokenizer, int(cfg["train"]["max_length"])), sizes, model)
+    data, words = test_split(cfg, test, tokenizer, labels)
+    return Prepared(cfg, labels, data, sizes, model, words=words)
 
 
 def check_simulated_ledgers(cfg: dict) -> None:
@@ -214,7 +225,8 @@ def run_federation(grid: Grid, prepared: Prepared, run_dir: Path, *, resume: boo
                           evaluation=read_evaluation(run_dir))
     write_report(run_dir, report)
     log.info("privacy report: %s", run_dir / "privacy_report.md")
-    _explain_test_inputs(run_dir, int(cfg["evaluation"]["explain_inputs"]))
+    if cfg.get("task") != "token_classification":  # explain reads sequence classifiers only
+        _explain_test_inputs(run_dir, int(cfg["evaluation"]["explain_inputs"]))
     return report
 
 
@@ -288,6 +300,7 @@ class _Rounds:
         atomic_write_json(self.run_dir / "clients_reported.json", state.reported())
         record = {
             "round": server_round, "accuracy": evaluation.accuracy, "loss": evaluation.loss,
+            **({"micro_f1": evaluation.micro_f1} if isinstance(evaluation, TokenEvaluation) else {}),
             "macro_f1": evaluation.macro_f1, "weighted_f1": evaluation.weighted_f1,
             "clients_trained": len(result.trained), "clients_declined": len(result.declined),
             "clients_rejected": len(result.rejected), "clients_failed": len(result.failed),
@@ -326,10 +339,11 @@ class _Rounds:
         return collect((Reply.of(m) for m in replies), server_round=server_round, sampled=sampled,
                        expected=state.global_state, max_update_norm=float(min(caps)) if caps else None)
 
-    def _evaluate(self, server_round: int) -> Evaluation:
+    def _evaluate(self, server_round: int) -> Evaluation | TokenEvaluation:
         prepared, global_state = self.prepared, self.state.global_state
+        words = {"words": prepared.words, "label_names": prepared.label_names} if prepared.words else {}
         if stage_of(self.cfg, server_round) == "encoder":
             return evaluate(prepared.model, global_state, prepared.test,
-                            batch_size=int(self.cfg["evaluation"]["batch_size"]))
+                            batch_size=int(self.cfg["evaluation"]["batch_size"]), **words)
         # The encoder is still the frozen one: its test features are computed once.
-        return evaluate_head(prepared.model, global_state, prepared.head_test_features(global_state))
+        return evaluate_head(prepared.model, global_state, prepared.head_test_features(global_state), **words)

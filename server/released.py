@@ -18,6 +18,7 @@ import torch
 from omegaconf import OmegaConf
 
 from common.data import load_splits, tokenize
+from common.errors import ConfigError
 from common.model import instantiate_model, load_tokenizer, load_trainable
 from server.checkpoint import CheckpointError, Manifest, load_round
 
@@ -53,6 +54,9 @@ def load_released(run_dir: str | Path, server_round: int | None = None) -> Relea
     """The global model after ``server_round`` (default: the last checkpointed round)."""
     run_dir = Path(run_dir)
     cfg = run_config(run_dir)
+    if cfg.get("task") == "token_classification":
+        raise ConfigError("task", "explain, export and predict read sequence classifiers; a "
+                          "token_classification run's model is in its checkpoints but not yet exported")
     manifest = Manifest.load(run_dir)
     if not manifest.rounds:
         raise CheckpointError(f"{run_dir / 'checkpoints'} holds no round")

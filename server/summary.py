@@ -99,6 +99,8 @@ class RunSummary:
         rows = [("rounds", rounds)]
         if self.records:
             rows.append(("final accuracy", f"{self.records[-1]['accuracy']:.3f}"))
+            if self.records[-1].get("micro_f1") is not None:  # token classification: what the field reports
+                rows.append(("final entity F1", f"{self.records[-1]['micro_f1']:.3f} (micro)"))
         if self.clients:
             high = max(self.clients, key=lambda c: c["epsilon"])
             low = min(self.clients, key=lambda c: c["epsilon"])

@@ -27,6 +27,8 @@ from common.errors import ConfigError
 SCHEMA_VERSION = 1
 MODES = PRIVACY_MODES  # the config's own list: a report accepts exactly the modes a run can have
 SAMPLE_UNIT = "one training example of one client"
+#: task=token_classification: the example is a sentence, whatever number of words it has.
+SENTENCE_UNIT = "one sentence (one training example) of one client"
 CLIENT_UNIT = "all data of one client"
 
 # Scripts grep for this exact sentence; do not reword it.
@@ -38,6 +40,15 @@ CAVEAT_HELD_OUT = (
     "without DP noise, like accuracy and loss: as functions of the released model they add "
     "nothing to the clients' ε, but they describe the held-out set exactly (support is its "
     "count of each class) and protect none of its examples."
+)
+CAVEAT_HELD_OUT_ENTITIES = (
+    "The evaluation block (the final model's per-entity precision, recall, F1 and support, its "
+    "entity-level micro, macro and weighted F1, from seqeval) and each round's micro_f1, "
+    "macro_f1 and weighted_f1 are computed on the server's held-out test sentences, not on "
+    "any client's data, and released without DP noise, like accuracy (of word tags) and loss: "
+    "as functions of the released model they add nothing to the clients' ε, but they describe "
+    "the held-out set exactly (support is its count of each entity type) and protect none of "
+    "its sentences."
 )
 CAVEAT_NO_CSPRNG = (
     "No cryptographically secure random number generator is used: DP noise and Poisson "
@@ -81,10 +92,27 @@ EVALUATION_KEYS = (
     "confusion_matrix",
 )
 
+#: task=token_classification's block (server.evaluate.TokenEvaluation.block): entity-level
+#: scores from seqeval, keyed by the entity types as the data names them; ``words_cut``
+#: counts the test words ``train.max_length`` cut off (scored as predicted O).
+TOKEN_EVALUATION_KEYS = (
+    "round",
+    "num_examples",
+    "accuracy",
+    "loss",
+    "micro_f1",
+    "macro_f1",
+    "weighted_f1",
+    "labels",
+    "per_entity",
+    "words_cut",
+)
+
 ROUND_KEYS = (
     "round",
     "accuracy",
     "loss",
+    "micro_f1",
     "macro_f1",
     "weighted_f1",
     "clients_trained",
@@ -141,7 +169,7 @@ def build_report(
         "config": config,
         "sample_level": {
             "enabled": sample_on,
-            "unit": SAMPLE_UNIT,
+            "unit": sample_unit(config),
             "accountant": accountant,
             "delta": delta,
             "clients": clients,
@@ -163,6 +191,11 @@ def build_report(
     return report
 
 
+def sample_unit(config: dict) -> str:
+    """The sample-level unit in words: a sentence for token classification."""
+    return SENTENCE_UNIT if config.get("task") == "token_classification" else SAMPLE_UNIT
+
+
 def _final_evaluation(evaluation: dict | None, rounds: list[dict]) -> tuple[dict | None, object]:
     """(the report's ``evaluation`` block, or None; the round of a block left out as stale).
 
@@ -174,7 +207,8 @@ def _final_evaluation(evaluation: dict | None, rounds: list[dict]) -> tuple[dict
         return None, None
     if not rounds or evaluation.get("round") != rounds[-1]["round"]:
         return None, evaluation.get("round")
-    return {key: evaluation.get(key) for key in EVALUATION_KEYS}, None
+    keys = TOKEN_EVALUATION_KEYS if "per_entity" in evaluation else EVALUATION_KEYS
+    return {key: evaluation.get(key) for key in keys}, None
 
 
 def _disabled_client_level() -> dict:
@@ -288,7 +322,9 @@ def _caveats(report: dict, mode: str, reported: list[dict], unreported: dict,
     ``dropped`` the rounds of each client whose per-round ε could not be derived.
     """
     caveats = [CAVEAT_EVAL_METRICS]
-    if report["evaluation"] is not None or any(r.get("macro_f1") is not None for r in report["rounds"]):
+    if report["config"].get("task") == "token_classification":
+        caveats.append(CAVEAT_HELD_OUT_ENTITIES)
+    elif report["evaluation"] is not None or any(r.get("macro_f1") is not None for r in report["rounds"]):
         caveats.append(CAVEAT_HELD_OUT)
     caveats += [
         CAVEAT_NO_CSPRNG,

@@ -78,17 +78,20 @@ def accuracy_plot(report: dict) -> bytes:
     rounds = report["rounds"]
     accuracy = [(r["round"], r["accuracy"]) for r in rounds if r["accuracy"] is not None]
     macro_f1 = [(r["round"], r["macro_f1"]) for r in rounds if r.get("macro_f1") is not None]
+    micro_f1 = [(r["round"], r["micro_f1"]) for r in rounds if r.get("micro_f1") is not None]  # entities
     loss = [(r["round"], r["loss"]) for r in rounds if r["loss"] is not None]
     if accuracy:
         ax.plot(*zip(*accuracy), color="tab:blue", marker="o", label="accuracy")
     if macro_f1:  # same 0–1 scale as accuracy
         ax.plot(*zip(*macro_f1), color="tab:green", marker="^", linestyle="--", label="macro F1")
-    ax.set_ylabel("accuracy" + (", macro F1" if macro_f1 else ""), color="tab:blue")
+    if micro_f1:
+        ax.plot(*zip(*micro_f1), color="tab:red", marker="v", linestyle="-.", label="entity micro F1")
+    ax.set_ylabel("accuracy" + (", F1" if macro_f1 or micro_f1 else ""), color="tab:blue")
     loss_ax = ax.twinx()
     if loss:
         loss_ax.plot(*zip(*loss), color="tab:orange", marker="s", label="loss")
     loss_ax.set_ylabel("loss", color="tab:orange")
-    if macro_f1:  # two lines share the left axis: say which is which, above every line
+    if macro_f1 or micro_f1:  # lines share the left axis: say which is which, above every line
         handles = ax.get_legend_handles_labels()[0] + loss_ax.get_legend_handles_labels()[0]
         loss_ax.legend(handles=handles, fontsize="small", loc="best")
     if not accuracy and not loss:

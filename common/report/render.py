@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from common.accounting import ACCOUNTANTS
-from common.report.build import CLIENT_UNIT, SAMPLE_UNIT
+from common.report.build import CLIENT_UNIT
 from common.report.plots import (
     ACCURACY_PLOT,
     CONFUSION_PLOT,
@@ -46,7 +46,7 @@ def write_report(run_dir: Path, report: dict) -> None:
     run_dir = Path(run_dir)
     atomic_write_bytes(run_dir / EPSILON_PLOT, epsilon_plot(report))
     atomic_write_bytes(run_dir / ACCURACY_PLOT, accuracy_plot(report))
-    if report.get("evaluation") is not None:
+    if report.get("evaluation") is not None and "per_class" in report["evaluation"]:
         atomic_write_bytes(run_dir / CONFUSION_PLOT, confusion_plot(report))
     else:  # a plot left by an earlier rendering would show what this report does not
         (run_dir / CONFUSION_PLOT).unlink(missing_ok=True)
@@ -146,7 +146,8 @@ def _summary(report: dict) -> list[str]:
     rounds = report["rounds"]
     if rounds:
         last = rounds[-1]
-        f1 = f", macro F1 {_f4(last['macro_f1'])}" if last.get("macro_f1") is not None else ""
+        f1 = f", entity micro F1 {_f4(last['micro_f1'])}" if last.get("micro_f1") is not None else ""
+        f1 += f", macro F1 {_f4(last['macro_f1'])}" if last.get("macro_f1") is not None else ""
         lines.append(
             f"Rounds completed: {len(rounds)}; last round {last['round']}: accuracy "
             f"{_f4(last['accuracy'])}, loss {_f4(last['loss'])}{f1}."
@@ -164,7 +165,7 @@ def _levels_table(report: dict) -> Block:
     on = {True: "on", False: "off"}
     rows = [
         ["enabled", on[bool(sample["enabled"])], on[bool(level.get("enabled"))]],
-        ["unit protected", f"{SAMPLE_UNIT} (adding or removing a single training example)",
+        ["unit protected", f"{sample['unit']} (adding or removing a single training example)",
          f"{CLIENT_UNIT} (adding or removing a client's entire data set)"],
         ["ε spent", f"{_f4(top)} (highest client)" if sample["enabled"] else "—",
          _f4(level.get("epsilon")) if level.get("enabled") else "—"],
@@ -220,8 +221,9 @@ def _round_table(report: dict) -> Block:
     level = report["client_level"]
     show_client_eps = bool(level.get("enabled"))
     client_eps = {p["round"]: p["epsilon"] for p in level.get("per_round") or []}
-    headers = ["round", "accuracy", "loss", "macro F1", "weighted F1", "trained", "declined", "rejected",
-               "failed"]
+    tokens = any(r.get("micro_f1") is not None for r in report["rounds"])
+    headers = ["round", "accuracy", "loss", *(["micro F1"] if tokens else []), "macro F1", "weighted F1",
+               "trained", "declined", "rejected", "failed"]
     if show_client_eps:
         headers.append("client-level ε")
     rows = []
@@ -230,6 +232,7 @@ def _round_table(report: dict) -> Block:
             str(r["round"]),
             _f4(r["accuracy"]),
             _f4(r["loss"]),
+            *([_f4(r.get("micro_f1"))] if tokens else []),
             _f4(r.get("macro_f1")),
             _f4(r.get("weighted_f1")),
             *(_count(r[k]) for k in ("clients_trained", "clients_declined", "clients_rejected", "clients_failed")),
@@ -245,6 +248,8 @@ def _evaluation(evaluation: dict | None) -> list[Block]:
     if evaluation is None:
         return [("p", "This run directory holds no per-class evaluation (evaluation.json): it was "
                       "written before fedpriv recorded one, or completed no round.")]
+    if "per_entity" in evaluation:
+        return _entity_evaluation(evaluation)
     per_class = evaluation["per_class"]
     rows = [[name, *(_f4(per_class[name][k]) for k in ("precision", "recall", "f1")), str(per_class[name]["support"])]
             for name in evaluation["labels"]]
@@ -268,11 +273,32 @@ def _evaluation(evaluation: dict | None) -> list[Block]:
     ]
 
 
+def _entity_evaluation(evaluation: dict) -> list[Block]:
+    """Token classification: the final model's per-entity table (seqeval)."""
+    per_entity = evaluation["per_entity"]
+    rows = [[name, *(_f4(row[k]) for k in ("precision", "recall", "f1")), str(row["support"])]
+            for name, row in per_entity.items()]
+    return [
+        ("p",
+         f"The model after round {evaluation['round']}, on the server's held-out test set "
+         f"({evaluation['num_examples']} sentences): entity-level micro F1 {_f4(evaluation['micro_f1'])}, "
+         f"macro F1 {_f4(evaluation['macro_f1'])}, weighted F1 {_f4(evaluation['weighted_f1'])}; word tag "
+         f"accuracy {_f4(evaluation['accuracy'])}, loss {_f4(evaluation['loss'])}. Released without DP "
+         "noise (see the caveats)."),
+        ("p",
+         "Per entity type, from seqeval in its default (conlleval) mode: an entity counts as found only "
+         "when its type and every word of its span match. Words that train.max_length cut off "
+         f"({evaluation['words_cut']} in this test set) are scored as predicted O, so the scores cover "
+         "every test word."),
+        ("table", ["entity", "precision", "recall", "F1", "support"], rows),
+    ]
+
+
 def _levels_explained(report: dict) -> list[Block]:
     level = report["client_level"]
     blocks: list[Block] = [
         ("p",
-         f"Sample level — the unit protected is {SAMPLE_UNIT}. A client's ε bounds how "
+         f"Sample level — the unit protected is {report['sample_level']['unit']}. A client's ε bounds how "
          "much adding or removing any single training example of that client can change "
          "everything the client released (its updates, and so the final model). Each "
          "client has its own ε, cumulative over every round it trained in, including "

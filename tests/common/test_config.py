@@ -12,7 +12,9 @@ from tests.conftest import FAST, ROOT, compose
 GROUPS = sorted(p.name for p in (ROOT / "conf").iterdir() if p.is_dir())
 #: What an option needs set on the command line (its ??? keys).
 EXTRA = {"data/csv": ["data.path=x.csv", "data.text_column=text", "data.label_column=label"],
-         "data/hf": ["data.name=x", "data.text_column=text", "data.label_column=label"]}
+         "data/hf": ["data.name=x", "data.text_column=text", "data.label_column=label"],
+         "data/conll": ["data.path=x.conll", "task=token_classification"],
+         "task/token_classification": ["data=conll", "data.path=x.conll"]}
 
 
 def options(group):
