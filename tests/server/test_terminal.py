@@ -193,3 +193,10 @@ def test_the_verbose_flag_goes_before_the_overrides():
     assert cli.verbosity(["simulate", "--verbose", "-m", "rounds=1,2"]) == (True, "simulate", ["-m", "rounds=1,2"])
     assert cli.verbosity(["simulate", "rounds=2"]) == (False, "simulate", ["rounds=2"])
     assert cli.verbosity(["-v"]) == (False, "-v", [])  # no command: the usage error names it
+
+
+def test_a_token_run_summary_states_its_entity_f1(tmp_path):
+    tagged = {**metrics(trained=2, accuracy=0.937), "micro_f1": 0.3023}
+    rows = dict(summary(tmp_path, [tagged]).rows())
+    assert rows["final entity F1"] == "0.302 (micro)"
+    assert "final entity F1" not in dict(summary(tmp_path, [metrics(trained=2, accuracy=0.5)]).rows())
