@@ -88,7 +88,7 @@ class Evaluation:
 
 
 @dataclass(frozen=True)
-class TestWords:
+class HeldOutWords:
     """The server's tagged test sentences: their subword alignment and gold word tags."""
 
     aligned: Aligned
@@ -111,7 +111,7 @@ class TokenEvaluation:
     words_cut: int
 
     @classmethod
-    def of(cls, logits: torch.Tensor, words: TestWords, label_names: Sequence[str], loss_sum: float
+    def of(cls, logits: torch.Tensor, words: HeldOutWords, label_names: Sequence[str], loss_sum: float
            ) -> "TokenEvaluation":
         """From subword logits [N, L, K] at the aligned positions and their summed cross-entropy."""
         predicted = predicted_tags(logits, words.aligned, label_names)
@@ -158,7 +158,7 @@ def evaluate(
     data: TensorDataset,
     *,
     batch_size: int,  # evaluation.batch_size (conf/config.yaml)
-    words: TestWords | None = None,
+    words: HeldOutWords | None = None,
     label_names: Sequence[str] | None = None,
 ) -> Evaluation | TokenEvaluation:
     """The :class:`Evaluation` of ``model`` with trainable weights ``state``.
@@ -213,7 +213,7 @@ def evaluate_head(
     state: Mapping[str, torch.Tensor],
     features: TensorDataset,
     *,
-    words: TestWords | None = None,
+    words: HeldOutWords | None = None,
     label_names: Sequence[str] | None = None,
 ) -> Evaluation | TokenEvaluation:
     """:func:`evaluate` for a round that changed the head alone (the recipe's prototype and

@@ -44,7 +44,7 @@ from server.checkpoint import (
     save_round,
     truncate_metrics,
 )
-from server.evaluate import Evaluation, TestWords, TokenEvaluation, evaluate, evaluate_head
+from server.evaluate import Evaluation, HeldOutWords, TokenEvaluation, evaluate, evaluate_head
 from common.mechanism import ClientLevelDP
 from server.optimizer import ServerOptimizer, server_optimizer
 from server.secagg import secagg_round
@@ -62,7 +62,7 @@ class Prepared:
     partition_sizes: list[int]
     model: torch.nn.Module
     test_features: torch.utils.data.TensorDataset | None = None  # the recipe's head rounds; computed once
-    words: TestWords | None = None  # token classification: the test sentences' words and gold tags
+    words: HeldOutWords | None = None  # token classification: the test sentences' words and gold tags
 
     def head_test_features(self, global_state) -> torch.utils.data.TensorDataset:
         """The test set's features through the frozen encoder (computed at first use)."""
@@ -74,13 +74,13 @@ class Prepared:
 
 
 def test_split(cfg: dict, test, tokenizer, label_names: list[str]) -> tuple[torch.utils.data.TensorDataset,
-                                                                           TestWords | None]:
+                                                                           HeldOutWords | None]:
     """The server's test inputs, and for tagged sentences their words (to score on words)."""
     max_length = int(cfg["train"]["max_length"])
     if "tokens" not in test.column_names:
         return tokenize(test, tokenizer, max_length), None
     aligned = align_words(test, tokenizer, max_length, label_names)
-    return aligned.dataset(), TestWords(aligned, [list(t) for t in test["tags"]])
+    return aligned.dataset(), HeldOutWords(aligned, [list(t) for t in test["tags"]])
 
 
 def prepare(cfg: dict) -> Prepared:
