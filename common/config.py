@@ -46,11 +46,11 @@ def _number(cfg: Mapping, dotted: str, *, minimum: float | None = None, exclusiv
 def _validate_task(cfg: Mapping) -> None:
     """The task and the data must agree; token tagging's own settings."""
     tokens = cfg.get("task", "sequence_classification") == "token_classification"
-    conll = cfg["data"]["source"] == "conll"
-    if tokens and not conll:
-        raise ConfigError("data", "task=token_classification reads tagged words: use data=conll")
-    if conll and not tokens:
-        raise ConfigError("task", "data=conll holds tagged words: add task=token_classification")
+    tagged = cfg["data"]["source"] in ("conll", "hf_tokens")  # common.data.TAGGED_SOURCES
+    if tokens and not tagged:
+        raise ConfigError("data", "task=token_classification reads tagged words: use data=conll or data=hf_tokens")
+    if tagged and not tokens:
+        raise ConfigError("task", f"data={cfg['data']['source']} holds tagged words: add task=token_classification")
     if not tokens:
         return
     _number(cfg, "train.outside_weight", minimum=0, maximum=1)

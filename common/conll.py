@@ -111,6 +111,28 @@ def read_conll(path: str | Path, *, tag_column: int = -1, setting: str = "data.p
     return Sentences(path=path, tokens=tokens, tags=tags)
 
 
+def sentences_from_rows(tokens: Sequence[Sequence[str]], tags: Sequence[Sequence[str]], *, source: str,
+                        setting: str) -> Sentences:
+    """Sentences from a data set's rows (tokens and tag names per row), checked as a file
+    is: a row whose tag count differs from its token count, or a tag that is not IOB2, is a
+    ConfigError naming ``setting``, ``source`` and the row's index (never its text)."""
+    out_tokens, out_tags = [], []
+    for row, (words, labels) in enumerate(zip(tokens, tags)):
+        where = f"{source}: row {row}"
+        if len(words) != len(labels):
+            raise ConfigError(setting, f"{where}: {len(words)} tokens but {len(labels)} tags")
+        previous = "O"
+        for tag in labels:
+            _check_iob2(str(tag), previous, setting=setting, where=where)
+            previous = str(tag)
+        if words:
+            out_tokens.append([str(w) for w in words])
+            out_tags.append([str(t) for t in labels])
+    if not out_tokens:
+        raise ConfigError(setting, f"{source}: no sentences")
+    return Sentences(path=Path(source), tokens=out_tokens, tags=out_tags)
+
+
 def _check_iob2(tag: str, previous: str, *, setting: str, where: str) -> None:
     # An I- without its B- is an error rather than silently repaired to B-: none of the
     # WNUT 17 files has one, so a file that does is not the IOB2 this reader promises.

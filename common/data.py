@@ -46,6 +46,9 @@ log = logging.getLogger(__name__)
 #: OmegaConf's "mandatory, not set" marker, as it appears in a plain-dict config.
 MISSING = "???"
 
+#: The data sources of tagged words (task=token_classification).
+TAGGED_SOURCES = ("conll", "hf_tokens")
+
 
 # ---------------------------------------------------------------------------
 # Loading
@@ -65,7 +68,7 @@ def load_splits(data_cfg: Mapping, *, seed: int, num_clients: int
     loader = _LOADERS.get(source)
     if loader is None:
         raise ConfigError("data.source", f"unknown data source {source!r}; use one of {sorted(_LOADERS)}")
-    if source == "conll":  # tagged words: the label names are the tags, which the loader encodes itself
+    if source in TAGGED_SOURCES:  # tagged words: the label names are the tags, which the loader encodes itself
         return loader(cfg, seed, num_clients)
     train, test, test_setting = loader(cfg, seed, num_clients)
     return _encode_labels(train, test, test_setting)
@@ -114,21 +117,27 @@ def _load_csv(cfg: dict, seed: int, num_clients: int):
     return train, test, "data.test_fraction"
 
 
-def _load_hf(cfg: dict, seed: int, num_clients: int):
+def _hub_train_test(cfg: dict) -> list[tuple[str, str, datasets.Dataset]]:
+    """(setting, split name, Dataset) of ``data.train_split`` and ``data.test_split`` of ``data.name``."""
     name = _required(cfg, "name")
     try:
         splits = datasets.load_dataset(name)
     except Exception as err:  # the Hub raises many types (connection, not found, offline)
         raise ConfigError("data.name", f"cannot load {name!r} from the Hugging Face Hub, which "
-                          f"needs internet access (offline, use data=csv with a local copy): "
+                          f"needs internet access (offline, use data=csv or data=conll with a local copy): "
                           f"{err.__class__.__name__}: {err}") from err
     picked = []
     for key in ("train_split", "test_split"):
         split = _required(cfg, key)
         if split not in splits:
             raise ConfigError(f"data.{key}", f"{name!r} has no split {split!r}; splits are {list(splits)}")
-        picked.append(_standardise(splits[split], cfg, source="data.name"))
-    return picked[0], picked[1], "data.test_split"
+        picked.append((f"data.{key}", split, splits[split]))
+    return picked
+
+
+def _load_hf(cfg: dict, seed: int, num_clients: int):
+    train, test = (_standardise(ds, cfg, source="data.name") for _, _, ds in _hub_train_test(cfg))
+    return train, test, "data.test_split"
 
 
 def _load_conll(cfg: dict, seed: int, num_clients: int) -> tuple[datasets.Dataset, datasets.Dataset, list[str]]:
@@ -137,8 +146,37 @@ def _load_conll(cfg: dict, seed: int, num_clients: int) -> tuple[datasets.Datase
 
     tag_column = cfg["tag_column"]
     train = conll.read_conll(_existing_file(cfg, "path"), tag_column=tag_column, setting="data.path")
+    test = None
     if cfg["test_path"] is not None:
         test = conll.read_conll(_existing_file(cfg, "test_path"), tag_column=tag_column, setting="data.test_path")
+    return _tagged_splits(cfg, train, test, seed)
+
+
+def _load_hf_tokens(cfg: dict, seed: int, num_clients: int) -> tuple[datasets.Dataset, datasets.Dataset, list[str]]:
+    """(train, test, tag names) of a Hub token-classification set (``data=hf_tokens``): a
+    tokens column and a tags column, tags as names or as ids of a ClassLabel feature."""
+    from common import conll
+
+    name = cfg["name"]
+    picked = []
+    for key, split, ds in _hub_train_test(cfg):
+        for setting in ("tokens_column", "tags_column"):
+            if cfg[setting] not in ds.column_names:
+                raise ConfigError(f"data.{setting}", f"column {cfg[setting]!r} not in {name!r} ({split}); "
+                                  f"columns are {ds.column_names}")
+        names = getattr(getattr(ds.features[cfg["tags_column"]], "feature", None), "names", None)
+        tags = [[names[t] for t in row] if names else row for row in ds[cfg["tags_column"]]]
+        picked.append(conll.sentences_from_rows(ds[cfg["tokens_column"]], tags, source=f"{name} {split}",
+                                                setting=key))
+    return _tagged_splits(cfg, picked[0], picked[1], seed)
+
+
+def _tagged_splits(cfg: dict, train, test, seed: int) -> tuple[datasets.Dataset, datasets.Dataset, list[str]]:
+    """Tagged sentences as Datasets (``tokens``, ``tags``, ``label`` the dominant entity's id)
+    and the tag vocabulary; ``test`` None holds out ``data.test_fraction`` of ``train``."""
+    from common import conll
+
+    if test is not None:
         found = conll.label_names(train, test)
         train_ds, test_ds = _sentences(train), _sentences(test)
     else:
@@ -171,6 +209,7 @@ _LOADERS: dict[str, Callable[[dict, int, int], tuple]] = {
     "csv": _load_csv,
     "hf": _load_hf,
     "conll": _load_conll,
+    "hf_tokens": _load_hf_tokens,
 }
 
 

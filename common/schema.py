@@ -268,6 +268,8 @@ SCHEMA = Section({
                 "labels": _LABELS},
         "conll": {"name": Str, "source": Str, "path": Str, "test_path": Nullable(Str), "test_fraction": Float,
                   "tag_column": Int, "labels": _LABELS},
+        "hf_tokens": {"source": Str, "name": Str, "train_split": Str, "test_split": Str, "tokens_column": Str,
+                      "tags_column": Str, "labels": _LABELS},
         "hf": {"source": Str, "name": Str, "train_split": Str, "test_split": Str, **_COLUMNS,
                "labels": Filled(_LABELS)},
     }),

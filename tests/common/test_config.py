@@ -14,6 +14,7 @@ GROUPS = sorted(p.name for p in (ROOT / "conf").iterdir() if p.is_dir())
 EXTRA = {"data/csv": ["data.path=x.csv", "data.text_column=text", "data.label_column=label"],
          "data/hf": ["data.name=x", "data.text_column=text", "data.label_column=label"],
          "data/conll": ["data.path=x.conll", "task=token_classification"],
+         "data/hf_tokens": ["data.name=x", "task=token_classification"],
          "task/token_classification": ["data=conll", "data.path=x.conll"]}
 
 

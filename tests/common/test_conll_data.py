@@ -67,3 +67,42 @@ def test_labels_must_start_with_o_and_cover_the_data():
         load_splits(conll_cfg(labels=[*tags[1:], "O"]), seed=0, num_clients=4)
     with pytest.raises(ConfigError, match="data.labels"):
         load_splits(conll_cfg(labels=tags[:-2]), seed=0, num_clients=4)
+
+
+def _hub_like(tmp_path, rows_by_split, tag_names):
+    """A local data set directory as datasets.load_dataset reads it: one parquet file per
+    split, tags stored as ClassLabel ids (the Hub's usual token-classification layout)."""
+    import datasets
+
+    features = datasets.Features({"tokens": datasets.Sequence(datasets.Value("string")),
+                                  "ner_tags": datasets.Sequence(datasets.ClassLabel(names=tag_names))})
+    for split, rows in rows_by_split.items():
+        ids = [[tag_names.index(t) for t in tags] for _, tags in rows]
+        datasets.Dataset.from_dict({"tokens": [w for w, _ in rows], "ner_tags": ids}, features=features) \
+            .to_parquet(str(tmp_path / f"{split}.parquet"))
+    return tmp_path
+
+
+def test_a_hub_token_set_reads_class_label_tags(tmp_path):
+    names = ["O", "B-PER", "I-PER", "B-LOC", "I-LOC"]
+    rows = {"train": [(["Ada", "Lovelace", "wrote"], ["B-PER", "I-PER", "O"]), (["in", "London"], ["O", "B-LOC"])],
+            "test": [(["Paris", "is", "big"], ["B-LOC", "O", "O"])]}
+    cfg = config_group("data", "hf_tokens", "data.name=x", "task=token_classification")
+    cfg["name"] = str(_hub_like(tmp_path, rows, names))
+    train, test, labels = load_splits(cfg, seed=0, num_clients=1)
+    assert labels == ["O", "B-LOC", "I-LOC", "B-PER", "I-PER"]
+    assert train["tags"] == [["B-PER", "I-PER", "O"], ["O", "B-LOC"]] and test["tokens"] == [["Paris", "is", "big"]]
+    assert train["label"] == [2, 1]  # no entity, LOC, PER: dominant entity ids
+
+
+def test_a_hub_row_that_is_not_iob2_names_the_row_not_its_text(tmp_path):
+    names = ["O", "B-PER", "I-PER", "I-LOC"]
+    rows = {"train": [(["fine"], ["O"]), (["Secret", "Name"], ["O", "I-LOC"])], "test": [(["x"], ["O"])]}
+    cfg = config_group("data", "hf_tokens", "data.name=x", "task=token_classification")
+    cfg["name"] = str(_hub_like(tmp_path, rows, names))
+    with pytest.raises(ConfigError, match=r"data.train_split: .*train: row 1") as err:
+        load_splits(cfg, seed=0, num_clients=1)
+    assert "Secret" not in str(err.value)
+    cfg["tokens_column"] = "words"
+    with pytest.raises(ConfigError, match="data.tokens_column"):
+        load_splits(cfg, seed=0, num_clients=1)
