@@ -241,7 +241,7 @@ SCHEMA = Section({
                            "quantization_range": Int, "modulus_range": Int}),
     "evaluation": Section({"batch_size": Int, "explain_inputs": Int}),
     "simulation": Section({"client_app": Nullable(Str), "cpus_per_client": Float, "gpus_per_client": Float,
-                           "num_cpus": Nullable(Int)}),
+                           "num_cpus": Nullable(Int), "in_flight_per_worker": Legacy(Nullable(Int))}),
     "federation": Section({"ray_address": Nullable(Str)}),
     "round_timeout_s": Float,
     "node_wait_s": Float,

@@ -25,8 +25,12 @@ logging.getLogger("flwr").propagate = False  # Flower logs would reach Hydra's h
 
 
 def make_app(prepared: Prepared | None = None, run_dir: Path | None = None,
-             errors: list[BaseException] | None = None, *, resume: bool = False) -> ServerApp:
-    """A ServerApp bound to a prepared config, or composing one from the run config."""
+             errors: list[BaseException] | None = None, *, resume: bool = False,
+             window: int | None = None) -> ServerApp:
+    """A ServerApp bound to a prepared config, or composing one from the run config.
+
+    ``window``: messages in flight at a time (``server.dispatch``), for the bound config.
+    """
     app = ServerApp()
 
     @app.main()
@@ -42,7 +46,7 @@ def make_app(prepared: Prepared | None = None, run_dir: Path | None = None,
                 run_federation(grid, ready, target)
                 flwr_log(logging.INFO, "fedpriv: privacy report %s", target / "privacy_report.md")
             else:
-                run_federation(grid, prepared, run_dir, resume=resume)
+                run_federation(grid, prepared, run_dir, resume=resume, window=window)
         except BaseException as err:  # the simulation engine would only log it
             if errors is not None:
                 errors.append(err)

@@ -122,6 +122,24 @@ def server_threads(cfg: dict) -> int | None:
     return max(1, int(budget))
 
 
+def message_window(cfg: dict) -> int | None:
+    """How many of a round's messages fedpriv simulate keeps in flight (server.dispatch).
+
+    ``simulation.in_flight_per_worker`` times the number of client workers Ray runs at
+    once (``simulation.num_cpus`` over ``cpus_per_client``); None (all at once) when the
+    setting is null or absent (a run resumed from an older config), or when fedpriv joins
+    a cluster (``federation.ray_address``), whose size it does not know.
+    """
+    sim = cfg["simulation"]
+    per_worker = sim.get("in_flight_per_worker")
+    if per_worker is None or (cfg.get("federation") or {}).get("ray_address"):
+        return None
+    cpus = int(sim["num_cpus"] or os.cpu_count() or 1)
+    per_client = float(sim["cpus_per_client"])
+    workers = max(1, int(cpus / per_client)) if per_client > 0 else cpus
+    return max(1, int(per_worker) * workers)
+
+
 def simulate(cfg_node) -> None:
     """Hydra task: validate, then run the federation on Flower's simulation engine."""
     logging.getLogger("alembic").setLevel(logging.WARNING)  # Flower's state DB migrations
@@ -155,7 +173,8 @@ def simulate(cfg_node) -> None:
     client_app = ClientAppRef(cfg["simulation"].get("client_app") or CLIENT_APP)
     with quiet_terminal(verbose=_verbose):
         run_simulation(
-            server_app=make_app(prepared, run_dir, errors, resume=bool(cfg.get("resume"))),
+            server_app=make_app(prepared, run_dir, errors, resume=bool(cfg.get("resume")),
+                                window=message_window(cfg)),
             client_app=client_app,
             num_supernodes=int(cfg["num_clients"]),
             backend_config=backend_config(cfg),

@@ -44,6 +44,7 @@ from server.checkpoint import (
     save_round,
     truncate_metrics,
 )
+from server.dispatch import send_and_receive
 from server.evaluate import Evaluation, HeldOutWords, TokenEvaluation, evaluate, evaluate_head
 from common.mechanism import ClientLevelDP
 from server.optimizer import ServerOptimizer, server_optimizer
@@ -180,8 +181,13 @@ class RunState:
         return {"run_id": self.run_id, "clients": self.clients_reported, "unreported": self.unreported}
 
 
-def run_federation(grid: Grid, prepared: Prepared, run_dir: Path, *, resume: bool = False) -> dict:
-    """Run (or continue) every round and write the run directory; returns the privacy report."""
+def run_federation(grid: Grid, prepared: Prepared, run_dir: Path, *, resume: bool = False,
+                   window: int | None = None) -> dict:
+    """Run (or continue) every round and write the run directory; returns the privacy report.
+
+    ``window``: at most this many of a round's messages unanswered at a time
+    (``server.dispatch``; None: all at once).
+    """
     cfg, model = prepared.cfg, prepared.model
     run_dir.mkdir(parents=True, exist_ok=True)
     # strategy.name: how each round's released step moves the global model (server.optimizer).
@@ -204,7 +210,7 @@ def run_federation(grid: Grid, prepared: Prepared, run_dir: Path, *, resume: boo
     client_dp = ClientLevelDP(cfg) if cfg["privacy"]["mode"] in ("client", "both") else None
     if client_dp is not None and resume:
         client_dp.restore(run_dir, completed_rounds=first - 1)
-    rounds = _Rounds(grid, prepared, run_dir, state, optimizer, client_dp, nodes)
+    rounds = _Rounds(grid, prepared, run_dir, state, optimizer, client_dp, nodes, window)
 
     with Progress(TextColumn("[bold]fedpriv[/] {task.description}"), BarColumn(),
                   TextColumn("{task.completed}/{task.total} rounds"), TimeElapsedColumn()) as progress:
@@ -259,6 +265,7 @@ class _Rounds:
     optimizer: ServerOptimizer
     client_dp: ClientLevelDP | None
     nodes: list[int]
+    window: int | None = None  # messages in flight at a time (server.dispatch)
 
     def __post_init__(self) -> None:
         self.cfg = self.prepared.cfg
@@ -334,8 +341,9 @@ class _Rounds:
         max_norm = cfg["strategy"]["max_update_norm"] if stage_of(cfg, server_round) != "prototypes" else None
         caps = [c for c in (clip_norm, max_norm) if c is not None]
         content = instruction.to_content(state.global_state)
-        messages = [Message(content=content, dst_node_id=node, message_type="train") for node in sampled]
-        replies = self.grid.send_and_receive(messages, timeout=float(cfg["round_timeout_s"]))
+        replies = send_and_receive(self.grid, sampled,
+                                   lambda node: Message(content=content, dst_node_id=node, message_type="train"),
+                                   timeout=float(cfg["round_timeout_s"]), window=self.window)
         return collect((Reply.of(m) for m in replies), server_round=server_round, sampled=sampled,
                        expected=state.global_state, max_update_norm=float(min(caps)) if caps else None)
 

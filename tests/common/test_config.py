@@ -128,6 +128,8 @@ def assert_names(cfg, setting):
     (["audit.noise=loud"], "audit.noise"),
     (["evaluation.batch_size=all"], "evaluation.batch_size"),
     (["simulation.num_cpus=many"], "simulation.num_cpus"),
+    (["simulation.in_flight_per_worker=0"], "simulation.in_flight_per_worker"),
+    (["simulation.in_flight_per_worker=1.5"], "simulation.in_flight_per_worker"),
 ])
 def test_a_misspelt_key_or_a_wrong_typed_value_is_a_config_error_naming_it(tmp_path, overrides, setting):
     assert_names(compose([*FAST, *overrides], tmp_path), setting)
