@@ -13,6 +13,7 @@ import os
 import platform
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -114,12 +115,128 @@ def build(name: str, num_labels: int, seed: int = 0, config_overrides: dict | No
     return build_model(**cfg, num_labels=num_labels, seed=seed)
 
 
-def simulate(overrides: list[str], run_dir: Path, *, timeout: float = 1800) -> dict:
+class TreeMemory:
+    """Peak memory of a process and all its descendants, sampled from a thread.
+
+    Every ``interval`` seconds: RSS and PSS (``/proc/PID/smaps_rollup``) of the root and
+    of every live descendant (for ``fedpriv simulate``: the driver, Ray's GCS, raylet and
+    the client actors), summed. RSS counts pages shared between processes (the Python
+    and torch libraries, Ray's object store in /dev/shm) once per process that maps them;
+    PSS splits each shared page among its sharers, so its sum is the tree's real
+    footprint. A short-lived peak between two samples is missed (PSS is read every
+    fourth sample, new processes are found every eighth). Also kept: the CPU time
+    (user + system) of the root and of the whole tree at the last sample, i.e. what the
+    server side and all of it used until shortly before the end.
+    """
+
+    def __init__(self, pid: int, interval: float = 0.25, metrics: Path | None = None):
+        import threading
+
+        import psutil
+
+        self._root, self._interval = psutil.Process(pid), interval
+        self.peak_rss = self.peak_pss = self.peak_root_rss = self.peak_largest_rss = 0
+        self.peak_processes = self.samples = 0
+        self.root_cpu = self.tree_cpu = 0.0
+        # The tree's and the root's CPU time when each round's line first appeared in
+        # ``metrics`` (its run's metrics.jsonl): differences are CPU seconds per round,
+        # which other jobs on a shared machine disturb far less than wall time.
+        self._metrics, self.round_cpu, self.round_root_cpu = metrics, [], []
+        self._cpu_of: dict[int, tuple[str, float]] = {}  # pid -> (name, CPU s at its last sample)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> "TreeMemory":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        import psutil
+
+        # Listing the tree walks all of /proc and PSS walks each process' page tables:
+        # measured, doing both every 0.25 s used 12 % of a core on a 2-core machine. So
+        # RSS and CPU (cheap reads) every tick, the list every 8th, PSS every 4th.
+        procs, tick = [self._root], 0
+        while not self._stop.is_set():
+            if tick % 8 == 0:
+                try:
+                    procs = [self._root, *self._root.children(recursive=True)]
+                except psutil.Error:  # the root has exited
+                    return
+            with_pss = tick % 4 == 0
+            rss = pss = largest = 0
+            cpu = 0.0
+            for proc in procs:
+                try:
+                    info = proc.memory_full_info() if with_pss else proc.memory_info()
+                    times = proc.cpu_times()
+                except psutil.Error:  # exited since the list was made
+                    continue
+                rss, largest = rss + info.rss, max(largest, info.rss)
+                pss += info.pss if with_pss else 0
+                cpu += times.user + times.system
+                if tick % 8 == 0 or proc.pid not in self._cpu_of:
+                    self._cpu_of[proc.pid] = (self._name(proc), times.user + times.system)
+                else:
+                    self._cpu_of[proc.pid] = (self._cpu_of[proc.pid][0], times.user + times.system)
+                if proc.pid == self._root.pid:
+                    self.peak_root_rss = max(self.peak_root_rss, info.rss)
+                    self.root_cpu = times.user + times.system
+            self.tree_cpu = max(self.tree_cpu, cpu)
+            if self._metrics is not None and self._metrics.exists():
+                lines = self._metrics.read_bytes().count(b"\n")
+                while len(self.round_cpu) < lines:
+                    self.round_cpu.append(round(self.tree_cpu, 2))
+                    self.round_root_cpu.append(round(self.root_cpu, 2))
+            self.peak_rss, self.peak_pss = max(self.peak_rss, rss), max(self.peak_pss, pss)
+            self.peak_largest_rss = max(self.peak_largest_rss, largest)
+            self.peak_processes = max(self.peak_processes, len(procs))
+            self.samples, tick = self.samples + 1, tick + 1
+            self._stop.wait(self._interval)
+
+    def _name(self, proc) -> str:
+        import psutil
+
+        if proc.pid == self._root.pid:
+            return "driver"
+        try:  # Ray names its workers in the title ("ray::ClientAppActor.run"); others by their executable
+            title = " ".join(proc.cmdline()[:1]) or proc.name()
+        except psutil.Error:
+            return "?"
+        return title.split("/")[-1].split(" ")[0].split(".")[0] if "::" not in title else title.split(".")[0]
+
+    def cpu_by_process(self) -> dict[str, float]:
+        """CPU seconds per process name (actors summed), as last sampled."""
+        out: dict[str, float] = {}
+        for name, cpu in self._cpu_of.values():
+            out[name] = round(out.get(name, 0.0) + cpu, 1)
+        return dict(sorted(out.items(), key=lambda kv: -kv[1]))
+
+    def summary(self) -> dict:
+        mib = 1 << 20
+        return {"peak_tree_rss_mib": round(self.peak_rss / mib, 1), "peak_tree_pss_mib": round(self.peak_pss / mib, 1),
+                "peak_driver_rss_mib": round(self.peak_root_rss / mib, 1),
+                "peak_largest_process_rss_mib": round(self.peak_largest_rss / mib, 1),
+                "peak_processes": self.peak_processes, "samples": self.samples, "interval_s": self._interval,
+                "driver_cpu_s": round(self.root_cpu, 1), "tree_cpu_s": round(self.tree_cpu, 1),
+                "tree_cpu_s_at_round_end": self.round_cpu, "driver_cpu_s_at_round_end": self.round_root_cpu,
+                "cpu_s_by_process": self.cpu_by_process()}
+
+
+def simulate(overrides: list[str], run_dir: Path, *, timeout: float = 1800, memory: bool = False) -> dict:
     """``fedpriv simulate OVERRIDES`` in a fresh process from the repository root (relative
     data paths such as ../shared/data/... resolve from there), as a user runs it.
 
-    Returns {"wall_s": whole command, "rounds": metrics.jsonl records}.
+    Returns {"wall_s": whole command, "rounds": metrics.jsonl records}, and with ``memory``
+    also "memory": the process tree's peaks (:class:`TreeMemory`) and "ru_maxrss_mib",
+    the kernel's peak RSS of the largest single process among the command and the
+    descendants it reaped (``wait4``), a cross-check that misses no short peak.
     """
+    import contextlib
     import shutil
     import subprocess
 
@@ -128,10 +245,35 @@ def simulate(overrides: list[str], run_dir: Path, *, timeout: float = 1800) -> d
     shutil.rmtree(run_dir, ignore_errors=True)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "server.cli", "simulate", *overrides, f"hydra.run.dir={run_dir}"],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-    wall = time.perf_counter() - t0
-    if proc.returncode != 0:
-        raise RuntimeError(f"fedpriv simulate failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-    return {"wall_s": wall, "rounds": read_metrics(run_dir)}
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "server.cli", "simulate", *overrides, f"hydra.run.dir={run_dir}"],
+                                cwd=ROOT, env=env, stdout=out, stderr=err, text=True)
+        sampler = TreeMemory(proc.pid, metrics=run_dir / "metrics.jsonl") if memory else contextlib.nullcontext()
+        try:
+            with sampler:
+                _, status, usage = _wait4(proc.pid, t0 + timeout)
+        except BaseException:
+            proc.kill()
+            proc.wait()
+            raise
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        wall = time.perf_counter() - t0
+        if proc.returncode != 0:
+            err.seek(0)
+            raise RuntimeError(f"fedpriv simulate failed ({proc.returncode}):\n{err.read()[-3000:]}")
+    result = {"wall_s": wall, "rounds": read_metrics(run_dir)}
+    if memory:
+        # ru_maxrss is in KiB on Linux.
+        result.update(memory=sampler.summary(), ru_maxrss_mib=round(usage.ru_maxrss / 1024, 1))
+    return result
 
+
+def _wait4(pid: int, deadline: float):
+    """os.wait4 with a deadline (TimeoutError past it): the child's exit status and rusage."""
+    while True:
+        got, status, usage = os.wait4(pid, os.WNOHANG)
+        if got == pid:
+            return got, status, usage
+        if time.perf_counter() > deadline:
+            raise TimeoutError(f"fedpriv simulate still running after its timeout (pid {pid})")
+        time.sleep(0.2)
