@@ -112,7 +112,6 @@ ROUND_KEYS = (
     "round",
     "accuracy",
     "loss",
-    "micro_f1",
     "macro_f1",
     "weighted_f1",
     "clients_trained",
@@ -120,6 +119,8 @@ ROUND_KEYS = (
     "clients_rejected",
     "clients_failed",
 )
+#: task=token_classification's rounds add the entity-level micro F1 (seqeval).
+TOKEN_ROUND_KEYS = (*ROUND_KEYS[:3], "micro_f1", *ROUND_KEYS[3:])
 
 
 def build_report(
@@ -162,6 +163,7 @@ def build_report(
 
     level = client_level if client_level is not None else _disabled_client_level()
     ordered = sorted(rounds, key=lambda r: r["round"])
+    round_keys = TOKEN_ROUND_KEYS if config.get("task") == "token_classification" else ROUND_KEYS
     final, stale = _final_evaluation(evaluation, ordered)
     report = {
         "schema_version": SCHEMA_VERSION,
@@ -176,7 +178,7 @@ def build_report(
         },
         "client_level": level,
         "secure_aggregation": bool(config["secagg"]),
-        "rounds": [{key: row.get(key) for key in ROUND_KEYS} for row in ordered],
+        "rounds": [{key: row.get(key) for key in round_keys} for row in ordered],
         "evaluation": final,
     }
     reported = [entry for _, entry in entries] if sample_on else []
