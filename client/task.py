@@ -262,6 +262,7 @@ def _locked_round(cfg: Mapping, who: ClientIdentity, data, num_labels: int, *, r
     load_trainable(model, global_state)
     device = select_device(who.device or train["device"])
     shuffle_seed = None if dp_on else int(_key(cfg["seed"], who.client_id, server_round)[:15], 16)
+    outside_weight = float(train.get("outside_weight", 1.0))  # token classification; absent from old configs
     if stage == "encoder":
         result = local_train(
             model, data, epochs=int(train["local_epochs"]), batch_size=batch_size,
@@ -270,7 +271,7 @@ def _locked_round(cfg: Mapping, who: ClientIdentity, data, num_labels: int, *, r
             max_physical_batch_size=who.max_physical_batch_size or train["max_physical_batch_size"],
             amp_dtype=autocast_dtype(device, train["precision"]),
             grad_sample_mode=str(train["grad_sample_mode"]), shuffle_seed=shuffle_seed,
-            outside_weight=float(train.get("outside_weight", 1.0)),
+            outside_weight=outside_weight,
         )
         history = result.history
     else:
@@ -285,7 +286,7 @@ def _locked_round(cfg: Mapping, who: ClientIdentity, data, num_labels: int, *, r
                 model.classifier, feats, epochs=int(train["local_epochs"]), batch_size=batch_size,
                 lr=float(recipe["head_lr"]), weight_decay=float(train["weight_decay"]),
                 optimizer=str(train["optimizer"]), dp=dp, device=device,
-                shuffle_seed=shuffle_seed, features=True, outside_weight=float(train.get("outside_weight", 1.0)),
+                shuffle_seed=shuffle_seed, features=True, outside_weight=outside_weight,
             )
             history = result.history
     local = trainable_state(model)

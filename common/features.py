@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch.utils.data import TensorDataset
 
+from common.conll import IGNORE
 from common.model import model_inputs
 from common.storage import atomic_write_bytes
 
@@ -70,24 +71,24 @@ def token_features(model: torch.nn.Module, data: TensorDataset, *, batch_size: i
     """
     input_ids, attention_mask, labels = data.tensors
     n = len(labels)
-    keep = labels.ne(-100)
-    words = keep.sum(dim=1)
-    width = max(int(words.max()) if n else 0, 1)
+    positions = labelled_positions(labels)
+    width = max(max((len(at) for at in positions), default=0), 1)
     hidden = int(model.config.hidden_size)
     out = torch.zeros(n, width, hidden, dtype=torch.float32)
-    packed = torch.full((n, width), -100, dtype=torch.long)
+    packed = torch.full((n, width), IGNORE, dtype=torch.long)
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    lengths = attention_mask.sum(dim=1)
+    columns = torch.arange(attention_mask.shape[1])
+    last = torch.where(attention_mask.bool(), columns, 0).max(dim=1).values
     try:
         for start in range(0, n, batch_size):
             idx = torch.arange(start, min(start + batch_size, n))
-            cut = max(int(lengths[idx].max()), 1)
+            cut = int(last[idx].max()) + 1  # past the batch's last real token, however it is padded
             batch = model_inputs(input_ids[idx, :cut].to(device), attention_mask[idx, :cut].to(device))
             feats = model.features(**batch).float().cpu()
             for row, i in enumerate(idx.tolist()):
-                at = keep[i, :cut].nonzero().squeeze(1)
+                at = positions[i]  # labelled subwords are real tokens: below ``cut``
                 out[i, :len(at)] = feats[row, at]
                 packed[i, :len(at)] = labels[i, at]
     finally:
@@ -97,7 +98,7 @@ def token_features(model: torch.nn.Module, data: TensorDataset, *, batch_size: i
 
 def labelled_positions(labels: torch.Tensor) -> list[torch.Tensor]:
     """Per sentence, the subword positions :func:`token_features` packed, in slot order."""
-    return [row.ne(-100).nonzero().squeeze(1) for row in labels]
+    return [row.ne(IGNORE).nonzero().squeeze(1) for row in labels]
 
 
 def frozen_features(model: torch.nn.Module, data: TensorDataset) -> TensorDataset:
