@@ -74,7 +74,7 @@ class Prepared:
         return self.test_features
 
 
-def test_split(cfg: dict, test, tokenizer, label_names: list[str]) -> tuple[torch.utils.data.TensorDataset,
+def held_out_inputs(cfg: dict, test, tokenizer, label_names: list[str]) -> tuple[torch.utils.data.TensorDataset,
                                                                            HeldOutWords | None]:
     """The server's test inputs, and for tagged sentences their words (to score on words)."""
     max_length = int(cfg["train"]["max_length"])
@@ -102,7 +102,7 @@ def prepare(cfg: dict) -> Prepared:
             raise cause from None
         raise ConfigError("model", f"cannot build the model: {err}") from err
     check_model(cfg, model)
-    data, words = test_split(cfg, test, tokenizer, labels)
+    data, words = held_out_inputs(cfg, test, tokenizer, labels)
     return Prepared(cfg, labels, data, sizes, model, words=words)
 
 
