@@ -24,19 +24,15 @@ import warnings
 from collections import defaultdict
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import datasets
 import numpy as np
 import torch
-from flwr_datasets.partitioner import (
-    DirichletPartitioner,
-    IidPartitioner,
-    NaturalIdPartitioner,
-    PathologicalPartitioner,
-    Partitioner,
-)
 from omegaconf import DictConfig, OmegaConf
+
+if TYPE_CHECKING:  # imported where used: a device whose features are cached reads no data (1 s of imports)
+    import datasets
+    from flwr_datasets.partitioner import Partitioner
 
 from common import synthetic
 from common.errors import ConfigError
@@ -121,6 +117,8 @@ def _hub_train_test(cfg: dict) -> list[tuple[str, str, datasets.Dataset]]:
     """(setting, split name, Dataset) of ``data.train_split`` and ``data.test_split`` of ``data.name``."""
     name = _required(cfg, "name")
     try:
+        import datasets
+
         splits = datasets.load_dataset(name)
     except Exception as err:  # the Hub raises many types (connection, not found, offline)
         raise ConfigError("data.name", f"cannot load {name!r} from the Hugging Face Hub, which "
@@ -198,6 +196,8 @@ def _sentences(sentences) -> datasets.Dataset:
     """A Dataset of one file's sentences: ``tokens``, ``tags``, ``label`` its dominant entity."""
     from common.conll import dominant_entity
 
+    import datasets
+
     return datasets.Dataset.from_dict({"tokens": sentences.tokens, "tags": sentences.tags,
                                        "label": [dominant_entity(t) for t in sentences.tags]})
 
@@ -216,6 +216,8 @@ _LOADERS: dict[str, Callable[[dict, int, int], tuple]] = {
 def _read_csv(path: Path, setting: str, read_args: dict) -> datasets.Dataset:
     """A local CSV/TSV through HF's CSV builder, which hands these options to pandas."""
     try:
+        import datasets
+
         return datasets.load_dataset("csv", data_files=str(path), split="train", **read_args)
     except Exception as err:  # pandas/arrow parse errors come wrapped in several types
         raise ConfigError(setting, f"cannot read {path} as CSV with delimiter "
@@ -240,7 +242,9 @@ def _standardise(ds: datasets.Dataset, cfg: dict, *, source: str) -> datasets.Da
         log.warning("%s: dropped %d rows with an empty text or label", source, len(ds) - len(kept))
         ds = ds.select(kept)
     if ds.features["text"].dtype != "string":  # pandas reads a number-only text column as numbers
-        ds = ds.cast_column("text", datasets.Value("string"))
+        from datasets import Value
+
+        ds = ds.cast_column("text", Value("string"))
     return ds
 
 
@@ -294,7 +298,9 @@ def _encode_labels(train: datasets.Dataset, test: datasets.Dataset, test_setting
 def _encode(ds: datasets.Dataset, index: Mapping[str, int]) -> datasets.Dataset:
     """``label`` values replaced by their ids in ``index`` (keys: the values as strings)."""
     ids = [index[str(v)] for v in ds["label"]]
-    return ds.remove_columns("label").add_column("label", ids, feature=datasets.Value("int64"))
+    from datasets import Value
+
+    return ds.remove_columns("label").add_column("label", ids, feature=Value("int64"))
 
 
 # ---------------------------------------------------------------------------
@@ -337,6 +343,8 @@ def partition_train(train: datasets.Dataset, partition_cfg: Mapping, *, num_clie
 def _iid(cfg: dict, train: datasets.Dataset, num_clients: int, seed: int):
     # IidPartitioner cuts contiguous shards, so shuffle first: files are often sorted
     # by label (Banking77 is), which would make "IID" shards single-class.
+    from flwr_datasets.partitioner import IidPartitioner
+
     return IidPartitioner(num_partitions=num_clients), "num_clients", train.shuffle(seed=seed)
 
 
@@ -346,6 +354,8 @@ def _dirichlet(cfg: dict, train: datasets.Dataset, num_clients: int, seed: int):
     if min_size * num_clients > len(train):
         raise ConfigError("partition.min_partition_size", f"{min_size} examples for each of "
                           f"{num_clients} clients needs more than the {len(train)} training examples")
+    from flwr_datasets.partitioner import DirichletPartitioner
+
     partitioner = DirichletPartitioner(
         num_partitions=num_clients, partition_by="label", alpha=alpha,
         min_partition_size=min_size, self_balancing=bool(cfg["self_balancing"]),
@@ -355,6 +365,8 @@ def _dirichlet(cfg: dict, train: datasets.Dataset, num_clients: int, seed: int):
 
 def _pathological(cfg: dict, train: datasets.Dataset, num_clients: int, seed: int):
     per_client = _int(cfg, "classes_per_client", minimum=1, section="partition")
+    from flwr_datasets.partitioner import PathologicalPartitioner
+
     partitioner = PathologicalPartitioner(  # common.schema checks class_assignment's values
         num_partitions=num_clients, partition_by="label", num_classes_per_partition=per_client,
         class_assignment_mode=cfg["class_assignment"], shuffle=True, seed=seed)
@@ -370,6 +382,8 @@ def _natural(cfg: dict, train: datasets.Dataset, num_clients: int, seed: int):
     if len(ids) != num_clients:
         raise ConfigError("partition.by", f"column {by!r} has {len(ids)} distinct values but "
                           f"num_clients={num_clients}; natural partitioning needs one per client")
+    from flwr_datasets.partitioner import NaturalIdPartitioner
+
     return NaturalIdPartitioner(partition_by=by), "partition.by", train
 
 

@@ -24,8 +24,10 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import datasets
+if TYPE_CHECKING:
+    import datasets
 
 # Intent name -> (sentence templates, {slot: fillers}). A template's {slot} is filled
 # from the intent's own slot lists or, failing that, from SHARED_SLOTS.
@@ -206,6 +208,8 @@ def generate(*, num_classes: int, num_users: int, train_size: int, test_size: in
         rows["text"].append(text)
         rows["label"].append(label)
         rows["user"].append(user.name)
+    import datasets
+
     full = datasets.Dataset.from_dict(rows)
     return full.select(range(train_size)), full.select(range(train_size, len(full)))
 
