@@ -20,6 +20,7 @@ import hashlib
 import json
 import logging
 import math
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,7 +33,7 @@ from client.ledger import Ledger, LedgerBusy, RoundEntry, load_reply, locked, re
 from client.node_config import ClientIdentity
 from common.accounting import append_steps, epsilon, prototype_entry, sample_rate, train_batch_size
 from common.data import load_client_data, load_local_data, tokenize
-from common.features import cached_features, feature_key, features_key_parts, frozen_features
+from common.features import cached_features, feature_key, features_key_parts, frozen_features, stored_features
 from common.errors import ConfigError
 from common.model import instantiate_model, load_tokenizer, load_trainable, state_digest, trainable_state
 from common.recipe import HEAD_PREFIX, check_model, recipe_of, stage_of, stage_rounds
@@ -59,6 +60,12 @@ class RoundOutcome:
 _MODEL_CACHE: dict[str, torch.nn.Module] = {}
 _DATA_CACHE: dict[str, tuple] = {}
 _TOKENIZER_CACHE: dict[str, Any] = {}
+
+#: Where the last round's time went on this device (seconds), for client.app's profile
+#: line: ``data_s`` (its data read and tokenised), ``model_s`` (the model built or copied),
+#: ``features_s`` (its frozen features, computed or read back), ``train_s`` (local training
+#: or the prototype release). Times only.
+LAST_TIMINGS: dict[str, Any] = {}
 
 
 def _key(*parts: Any) -> str:
@@ -94,7 +101,7 @@ def client_features(cfg: Mapping, who: ClientIdentity, model: torch.nn.Module, d
     """This client's features (the frozen encoder's: pooled, or per word for tagged data),
     computed once, kept on the device."""
     check_model(cfg, model)  # a device refuses, naming model.pooling, what the server should have
-    key = feature_key(*features_key_parts(cfg, who.partition_id, who.data_path))
+    key = _features_key(cfg, who)
 
     def compute():
         log.info("client %s: computing the frozen features of its %d examples (once)", who.client_id, len(data))
@@ -105,6 +112,37 @@ def client_features(cfg: Mapping, who: ClientIdentity, model: torch.nn.Module, d
             model.to("cpu")
 
     return cached_features(Ledger.directory(who.state_dir, who.client_id), key, compute)
+
+
+def _features_key(cfg: Mapping, who: ClientIdentity) -> str:
+    return feature_key(*features_key_parts(cfg, who.partition_id, who.data_path))
+
+
+class _Head(torch.nn.Module):
+    """The head of a frozen-encoder model alone, for a round that reads cached features."""
+
+    def __init__(self, global_state: Mapping[str, torch.Tensor]):
+        super().__init__()
+        out_features, in_features = global_state[f"{HEAD_PREFIX}weight"].shape
+        self.classifier = torch.nn.Linear(int(in_features), int(out_features),
+                                          bias=f"{HEAD_PREFIX}bias" in global_state)
+
+
+def _cached_inputs(cfg: Mapping, who: ClientIdentity, stage: str, global_state: Mapping[str, torch.Tensor]):
+    """(features, number of labels) when this round needs neither the data nor the encoder:
+    a prototype or head round, only the head travels, and this client's features are stored.
+
+    A fresh process (a SuperNode's per-message ClientApp) then reads no data, loads no
+    tokenizer and builds no encoder: 1.5 s of a 2-second message on tiny_bert. The features'
+    key covers the model, the data settings and the bytes of the data file, so the stored
+    features are those the client would compute now, and n is their count.
+    """
+    if stage == "encoder" or set(global_state) != {f"{HEAD_PREFIX}weight", f"{HEAD_PREFIX}bias"}:
+        return None
+    feats = stored_features(Ledger.directory(who.state_dir, who.client_id), _features_key(cfg, who))
+    if feats is None:
+        return None
+    return feats, int(global_state[f"{HEAD_PREFIX}weight"].shape[0])
 
 
 def _current_epsilon(ledger: Ledger) -> float | None:
@@ -172,11 +210,20 @@ def run_round(
     global_state: Mapping[str, torch.Tensor],
 ) -> RoundOutcome:
     """Answer the server's training request for ``server_round``, one round per client at a time."""
-    data, label_names = _client_data(cfg, who.partition_id, who.data_path)
+    LAST_TIMINGS.clear()
+    LAST_TIMINGS.update(server_round=server_round, stage=stage_of(cfg, server_round))
+    t0 = time.perf_counter()
+    cached = _cached_inputs(cfg, who, LAST_TIMINGS["stage"], global_state)
+    if cached is None:
+        data, label_names = _client_data(cfg, who.partition_id, who.data_path)
+        feats, num_labels = None, len(label_names)
+    else:
+        (feats, num_labels), data = cached, None
+    LAST_TIMINGS["data_s"] = time.perf_counter() - t0
     try:
         with locked(who.state_dir, who.client_id, timeout=float(cfg["round_timeout_s"])):
-            return _locked_round(cfg, who, data, len(label_names), run_id=run_id, server_round=server_round,
-                                 global_state=global_state)
+            return _locked_round(cfg, who, data, num_labels, run_id=run_id, server_round=server_round,
+                                 global_state=global_state, feats=feats)
     except LedgerBusy:
         log.warning("client %s declines round %d: its ledger is held by another round", who.client_id, server_round)
         ledger = Ledger.load(who.state_dir, who.client_id)  # atomic writes: a consistent read
@@ -185,7 +232,9 @@ def run_round(
 
 
 def _locked_round(cfg: Mapping, who: ClientIdentity, data, num_labels: int, *, run_id: str, server_round: int,
-                  global_state: Mapping[str, torch.Tensor]) -> RoundOutcome:
+                  global_state: Mapping[str, torch.Tensor], feats=None) -> RoundOutcome:
+    """One round under the client's lock: ``data`` (tokenised), or None with ``feats``, its
+    stored features (:func:`_cached_inputs`)."""
     train = cfg["train"]
     dp_on = cfg["privacy"]["mode"] in ("sample", "both")
     digest = state_digest(global_state)
@@ -207,7 +256,7 @@ def _locked_round(cfg: Mapping, who: ClientIdentity, data, num_labels: int, *, r
         return RoundOutcome(True, "already-trained", None, privacy_summary(cfg, who, ledger, run_id), resent=True,
                             protection=_unchanged(_current_epsilon(ledger)))
 
-    n = len(data)
+    n = len(data) if data is not None else len(feats)
     stage = stage_of(cfg, server_round)
     recipe, plan = recipe_of(cfg), stage_rounds(cfg)
     batch_size = train_batch_size(train, n, private=dp_on)
@@ -258,11 +307,14 @@ def _locked_round(cfg: Mapping, who: ClientIdentity, data, num_labels: int, *, r
             return decline("budget", eps_now)
         dp = DPSettings(sigma, float(sample["max_grad_norm"]), accountant, tuple(ledger.history))
 
-    model = _fresh_model(cfg, num_labels)
+    t0 = time.perf_counter()
+    model = _fresh_model(cfg, num_labels) if feats is None else _Head(global_state)
     load_trainable(model, global_state)
+    LAST_TIMINGS["model_s"] = time.perf_counter() - t0
     device = select_device(who.device or train["device"])
     shuffle_seed = None if dp_on else int(_key(cfg["seed"], who.client_id, server_round)[:15], 16)
     outside_weight = float(train.get("outside_weight", 1.0))  # token classification; absent from old configs
+    t0 = time.perf_counter()
     if stage == "encoder":
         result = local_train(
             model, data, epochs=int(train["local_epochs"]), batch_size=batch_size,
@@ -275,7 +327,9 @@ def _locked_round(cfg: Mapping, who: ClientIdentity, data, num_labels: int, *, r
         )
         history = result.history
     else:
-        feats = client_features(cfg, who, model, data, device)
+        if feats is None:
+            feats = client_features(cfg, who, model, data, device)
+        LAST_TIMINGS["features_s"], t0 = time.perf_counter() - t0, time.perf_counter()
         if stage == "prototypes":
             sums = release_prototypes(*feats.tensors, num_labels, dp.noise_multiplier if dp is not None else None)
             history = None if dp is None else _after_round(dp.prior_history, stage, dp.noise_multiplier, q, steps)
@@ -289,6 +343,7 @@ def _locked_round(cfg: Mapping, who: ClientIdentity, data, num_labels: int, *, r
                 shuffle_seed=shuffle_seed, features=True, outside_weight=outside_weight,
             )
             history = result.history
+    LAST_TIMINGS["train_s"] = time.perf_counter() - t0
     local = trainable_state(model)
     update = {k: (local[k].cpu() - torch.as_tensor(global_state[k])).contiguous() for k in local}
     if stage == "prototypes":

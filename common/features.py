@@ -121,12 +121,9 @@ def cached_features(directory: str | Path, key: str, compute: Callable[[], Tenso
     """
     directory = Path(directory)
     path = directory / f"{FEATURES_PREFIX}{key}.pt"
-    if path.is_file():
-        try:
-            stored = torch.load(path, map_location="cpu", weights_only=True)
-            return TensorDataset(stored["features"], stored["labels"])
-        except Exception:  # a damaged cache is only a cache
-            log.warning("cached features %s did not load; computing them again", path.name)
+    stored = stored_features(directory, key)
+    if stored is not None:
+        return stored
     data = compute()
     buffer = io.BytesIO()
     torch.save({"features": data.tensors[0], "labels": data.tensors[1]}, buffer)
@@ -137,7 +134,33 @@ def cached_features(directory: str | Path, key: str, compute: Callable[[], Tenso
     return data
 
 
+def stored_features(directory: str | Path, key: str) -> TensorDataset | None:
+    """The features stored under ``directory`` for ``key``, or None (absent or damaged)."""
+    path = Path(directory) / f"{FEATURES_PREFIX}{key}.pt"
+    if not path.is_file():
+        return None
+    try:
+        stored = torch.load(path, map_location="cpu", weights_only=True)
+        return TensorDataset(stored["features"], stored["labels"])
+    except Exception:  # a damaged cache is only a cache
+        log.warning("cached features %s did not load; computing them again", path.name)
+        return None
+
+
 def features_key_parts(cfg: Mapping, partition_id: int, data_path: str | None) -> tuple:
-    """What a client's features depend on: the model, its seed, the data and its split."""
+    """What a client's features depend on: the model, its seed, the data and its split, and
+    the bytes of the data files read (so features of an edited file are computed again)."""
+    files = [data_path, *(cfg["data"].get(k) for k in ("path", "test_path"))]
     return (cfg["model"], cfg["seed"], cfg["data"], cfg["partition"], cfg["num_clients"], partition_id,
-            data_path, cfg["train"]["max_length"])
+            data_path, cfg["train"]["max_length"], [_file_digest(f) for f in files])
+
+
+def _file_digest(path: Any) -> str | None:
+    """SHA-256 of a data file's bytes (None: no such setting or no such file)."""
+    if not path or not Path(str(path)).is_file():
+        return None
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

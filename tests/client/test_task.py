@@ -11,6 +11,7 @@ from client.task import budget_epsilon, run_round
 from common.accounting import append_steps, calibrate_noise, epsilon, sample_rate, steps_per_epoch
 from common.data import load_client_data
 from common.model import instantiate_model, trainable_state
+from tests.conftest import compose
 
 
 def global_weights(cfg):
@@ -191,6 +192,7 @@ import client.task as task
 from client.node_config import ClientIdentity
 from client.task import run_round
 from common.model import instantiate_model, trainable_state
+from tests.conftest import compose
 from common.data import load_client_data
 
 cfg = json.loads(sys.argv[1]); run_id = sys.argv[2]; go = sys.argv[3]
@@ -246,3 +248,51 @@ def test_two_processes_overlapping_on_one_state_dir_keep_every_spend(fast_cfg, t
     released_steps = sum(ledger.runs[e.run_id].steps_per_round for e in trained)
     assert sum(h[2] for h in ledger.history) == released_steps
     assert sorted(e.steps for e in trained) == [released_steps // len(trained) * (i + 1) for i in range(len(trained))]
+
+
+HEAD_RECIPE = ["model=tiny_bert", "evaluation.explain_inputs=0", "data.train_size=400", "data.test_size=80",
+               "rounds=3"]  # the default recipe on tiny_bert: prototypes, then head rounds
+
+
+@pytest.mark.parametrize("privacy", ["none", "sample"])
+def test_a_head_round_on_stored_features_reads_no_data_and_builds_no_encoder(tmp_path, monkeypatch, privacy):
+    import client.task as task
+    from common.features import FEATURES_PREFIX
+
+    def run(state_dir, *, drop_features=False, forbid=False):
+        cfg = compose([*HEAD_RECIPE, f"privacy={privacy}", f"state_dir={state_dir}"], tmp_path / "run")
+        weights = global_weights(cfg)
+        first = run_round(cfg, who(cfg), run_id="r1", server_round=1, global_state=weights)
+        assert not first.declined
+        stored = list(state_dir.rglob(f"{FEATURES_PREFIX}*.pt"))
+        assert len(stored) == 1
+        if drop_features:
+            stored[0].unlink()
+        with monkeypatch.context() as m:
+            if forbid:  # the round must need neither the client's data nor its encoder
+                for name in ("_client_data", "_fresh_model", "instantiate_model"):
+                    m.setattr(task, name, lambda *a, **k: pytest.fail("a head round on stored features read "
+                                                                      "data or built the encoder"))
+            second = run_round(cfg, who(cfg), run_id="r1", server_round=2, global_state=weights)
+        assert not second.declined and set(second.update) == set(weights)
+        return second, Ledger.load(state_dir, "0")
+
+    fast, fast_ledger = run(tmp_path / "a", forbid=True)
+    full, full_ledger = run(tmp_path / "b", drop_features=True)  # computes its features again
+    # The same round as a client that computed its features: same n (q), σ and steps ...
+    assert fast_ledger.history == full_ledger.history
+    assert fast.privacy["per_round"] == full.privacy["per_round"]
+    if privacy == "none":  # ... and, without noise, the same update
+        assert all(torch.equal(fast.update[k], full.update[k]) for k in fast.update)
+
+
+def test_stored_features_follow_the_bytes_of_the_data_file(tmp_path):
+    from common.features import feature_key, features_key_parts
+
+    path = tmp_path / "mine.csv"
+    path.write_text("text,label\nhello,a\nbye,b\n")
+    cfg = compose(["model=tiny_bert", "data=csv", f"data.path={path}", "data.labels=[a,b]"], tmp_path / "run")
+    before = feature_key(*features_key_parts(cfg, 0, str(path)))
+    assert feature_key(*features_key_parts(cfg, 0, str(path))) == before
+    path.write_text("text,label\nhello,a\nbye,a\n")  # relabelled in place: same name, same settings
+    assert feature_key(*features_key_parts(cfg, 0, str(path))) != before
