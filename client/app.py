@@ -21,7 +21,13 @@ transparency log (``client/transparency.py``); the log never leaves the device.
 
 from __future__ import annotations
 
+import time
+
+_IMPORT_STARTED = time.time()  # before this module's own imports: what a fresh message pays for them
+
+import json
 import logging
+import os
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -42,6 +48,7 @@ from common.protocol import TrainInstruction, TrainReply
 app = ClientApp()
 logging.getLogger("flwr").propagate = False
 log = logging.getLogger(__name__)
+_IMPORTED = time.time()
 
 #: What a setting name may look like to be sent (``privacy.sample.epsilon``, ``node-config data-path``).
 _SETTING_NAME = re.compile(r"[A-Za-z0-9_.\- ]{1,80}")
@@ -68,12 +75,39 @@ def identity(context: Context, cfg: dict) -> ClientIdentity:
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Answer a train request (plain or a SecAgg+ stage); a failure leaves with a fixed text only."""
+    started = time.time()
     try:
         return _train(msg, context)
     except Exception as exc:
         # The full detail stays here, in the device's own log; the server gets public_reason.
         log.exception("this device could not answer the train request (kept on the device)")
         raise DeviceError(public_reason(exc)) from None
+    finally:
+        if os.environ.get("FEDPRIV_PROFILE"):
+            _profile(os.environ["FEDPRIV_PROFILE"], started)
+
+
+def _process_started() -> float | None:
+    """This process' start (Unix time), from /proc: Linux only, else None."""
+    try:
+        ticks = int(open("/proc/self/stat").read().rsplit(")", 1)[1].split()[19])
+        boot = next(float(line.split()[1]) for line in open("/proc/stat") if line.startswith("btime"))
+        return boot + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
+
+
+def _profile(path: str, started: float) -> None:
+    """One line of this message's timings (see the module's docstring); never fails the reply."""
+    from client.task import LAST_TIMINGS
+
+    line = {"pid": os.getpid(), "process_started": _process_started(), "import_started": _IMPORT_STARTED,
+            "imported": _IMPORTED, "handler_started": started, "handler_ended": time.time(), **LAST_TIMINGS}
+    try:
+        with open(path, "a") as out:
+            out.write(json.dumps(line) + "\n")
+    except OSError:
+        log.warning("FEDPRIV_PROFILE: could not append to the profile file")
 
 
 def _train(msg: Message, context: Context) -> Message:
