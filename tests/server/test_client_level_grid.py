@@ -1,4 +1,5 @@
-"""End-to-end client-level DP and SecAgg+ runs of `fedpriv simulate`, checked from outside."""
+"""Client-level DP and SecAgg+ runs through the real server loop and ClientApp (in
+process, as `fedpriv simulate` runs them), checked from outside."""
 
 import json
 import math
@@ -6,10 +7,10 @@ import math
 import pytest
 from opacus.accountants import RDPAccountant
 
-from tests.conftest import FAST, ONE_ACTOR, run_fedpriv
+from server.grid import InProcessGrid
+from server.loop import prepare, run_federation
+from tests.conftest import FAST, compose, run_fedpriv
 from tests.server.test_simulate_e2e import check_report
-
-pytestmark = pytest.mark.e2e
 
 
 def rdp_epsilon(history, delta):
@@ -20,13 +21,12 @@ def rdp_epsilon(history, delta):
 
 def simulate(tmp_path, name, *overrides):
     run_dir = tmp_path / name
-    proc = run_fedpriv(["simulate", *FAST, ONE_ACTOR, f"hydra.run.dir={run_dir}", *overrides], cwd=tmp_path,
-                      timeout=420)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    cfg = compose([*FAST, *overrides], run_dir)
+    run_federation(InProcessGrid(int(cfg["num_clients"])), prepare(cfg), run_dir)
     return run_dir
 
 
-def test_both_levels_with_secagg_four_clients_three_rounds(tmp_path):
+def test_both_levels_with_secagg_four_clients_three_rounds(task_identity, tmp_path):
     run_dir = simulate(tmp_path, "run", "num_clients=4", "rounds=3", "privacy=both", "secagg=true")
     report = check_report(run_dir)  # the sample level, as before
     assert report["secure_aggregation"] is True
@@ -49,7 +49,7 @@ def test_both_levels_with_secagg_four_clients_three_rounds(tmp_path):
     assert json.loads((run_dir / "privacy_report.json").read_text()) == report
 
 
-def test_client_level_budget_stops_the_run_cleanly(tmp_path):
+def test_client_level_budget_stops_the_run_cleanly(task_identity, tmp_path):
     # sigma = 1 is given; the budget lies between the ε of one and of two rounds.
     e1, e2 = (rdp_epsilon([(1.0, 1.0, r)], 1e-3) for r in (1, 2))
     budget = (e1 + e2) / 2

@@ -97,21 +97,6 @@ def test_two_clients_two_rounds_with_a_lower_client_budget(tmp_path):
     assert json.loads((run_dir / "privacy_report.json").read_text()) == report
 
 
-def test_shared_state_dir_continues_ledgers_and_declines_when_spent(tmp_path):
-    state = tmp_path / "ledgers"
-    first = check_report(simulate(tmp_path, "a", "rounds=2", "privacy.sample.epsilon=3", f"state_dir={state}"))
-    second = check_report(simulate(tmp_path, "b", "rounds=2", "privacy.sample.epsilon=6", f"state_dir={state}"))
-    for c1, c2 in zip(first["sample_level"]["clients"], second["sample_level"]["clients"]):
-        assert c2["per_round"][0]["epsilon"] > c1["epsilon"]  # never restarts at 0
-        assert c2["history"][: len(c1["history"])] == c1["history"]
-        assert 5.9 <= c2["epsilon"] <= 6.0
-    third = check_report(simulate(tmp_path, "c", "rounds=1", "privacy.sample.epsilon=6", f"state_dir={state}"))
-    for c2, c3 in zip(second["sample_level"]["clients"], third["sample_level"]["clients"]):
-        assert c3["exhausted"] and c3["rounds_participated"] == 0
-        assert c3["epsilon"] == c2["epsilon"]
-    assert third["rounds"][0]["clients_trained"] == 0
-
-
 def test_bad_setting_stops_before_training(tmp_path):
     proc = run_fedpriv(["simulate", *FAST, "privacy.sample.epsilon=-1", f"hydra.run.dir={tmp_path / 'bad'}"],
                        cwd=tmp_path, timeout=120)
