@@ -64,7 +64,8 @@ _TOKENIZER_CACHE: dict[str, Any] = {}
 #: Where the last round's time went on this device (seconds), for client.app's profile
 #: line: ``data_s`` (its data read and tokenised), ``model_s`` (the model built or copied),
 #: ``features_s`` (its frozen features, computed or read back), ``train_s`` (local training
-#: or the prototype release). Times only.
+#: or the prototype release), and ``from_stored_features`` (the round read neither data nor
+#: encoder: :func:`_cached_inputs`). Times only.
 LAST_TIMINGS: dict[str, Any] = {}
 
 
@@ -219,7 +220,7 @@ def run_round(
         feats, num_labels = None, len(label_names)
     else:
         (feats, num_labels), data = cached, None
-    LAST_TIMINGS["data_s"] = time.perf_counter() - t0
+    LAST_TIMINGS.update(data_s=time.perf_counter() - t0, from_stored_features=cached is not None)
     try:
         with locked(who.state_dir, who.client_id, timeout=float(cfg["round_timeout_s"])):
             return _locked_round(cfg, who, data, num_labels, run_id=run_id, server_round=server_round,

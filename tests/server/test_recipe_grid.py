@@ -99,3 +99,16 @@ def test_head_recipe_without_dp_is_reproducible_and_reads_cached_features(task_i
     second = [json.loads(line)["accuracy"] for line in (tmp_path / "run2" / "metrics.jsonl").read_text().splitlines()]
     assert cached[0].stat().st_mtime_ns == stamp
     assert second == first
+
+
+def test_the_profile_line_of_each_message_holds_times_only(task_identity, tmp_path, monkeypatch):
+    profile = tmp_path / "profile.jsonl"
+    monkeypatch.setenv("FEDPRIV_PROFILE", str(profile))
+    _run(tmp_path, "recipe=head", "rounds=2", "privacy=none", "model.freeze_encoder=true")
+    lines = [json.loads(line) for line in profile.read_text().splitlines()]
+    assert [(line["server_round"], line["stage"]) for line in lines] == [(1, "head")] * 2 + [(2, "head")] * 2
+    for line in lines:
+        assert line["import_started"] <= line["imported"] <= line["handler_started"] <= line["handler_ended"]
+        assert all(isinstance(v, (int, float)) for k, v in line.items() if k != "stage")  # no data, no paths
+    # Round 2 reads the features round 1 stored: no data read, no encoder built.
+    assert [line["from_stored_features"] for line in lines] == [False, False, True, True]
