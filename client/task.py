@@ -134,9 +134,9 @@ def _cached_inputs(cfg: Mapping, who: ClientIdentity, stage: str, global_state: 
     a prototype or head round, only the head travels, and this client's features are stored.
 
     A fresh process (a SuperNode's per-message ClientApp) then reads no data, loads no
-    tokenizer and builds no encoder: 1.5 s of a 2-second message on tiny_bert. The features'
-    key covers the model, the data settings and the bytes of the data file, so the stored
-    features are those the client would compute now, and n is their count.
+    tokenizer and builds no encoder (1.5 s of each message on tiny_bert: BENCHMARKS.md).
+    The features' key covers the model, the data settings and the bytes of the data file,
+    so the stored features are those the client would compute now, and n is their count.
     """
     if stage == "encoder" or set(global_state) != {f"{HEAD_PREFIX}weight", f"{HEAD_PREFIX}bias"}:
         return None
