@@ -90,8 +90,9 @@ def train(msg: Message, context: Context) -> Message:
 def _process_started() -> float | None:
     """This process' start (Unix time), from /proc: Linux only, else None."""
     try:
-        ticks = int(open("/proc/self/stat").read().rsplit(")", 1)[1].split()[19])
-        boot = next(float(line.split()[1]) for line in open("/proc/stat") if line.startswith("btime"))
+        with open("/proc/self/stat") as stat, open("/proc/stat") as system:
+            ticks = int(stat.read().rsplit(")", 1)[1].split()[19])  # field 22: start time after boot
+            boot = next(float(line.split()[1]) for line in system if line.startswith("btime"))
         return boot + ticks / os.sysconf("SC_CLK_TCK")
     except (OSError, ValueError, IndexError, StopIteration):
         return None
@@ -101,13 +102,13 @@ def _profile(path: str, started: float) -> None:
     """One line of this message's timings (see the module's docstring); never fails the reply."""
     from client.task import LAST_TIMINGS
 
-    line = {"pid": os.getpid(), "process_started": _process_started(), "import_started": _IMPORT_STARTED,
-            "imported": _IMPORTED, "handler_started": started, "handler_ended": time.time(), **LAST_TIMINGS}
     try:
+        line = {"pid": os.getpid(), "process_started": _process_started(), "import_started": _IMPORT_STARTED,
+                "imported": _IMPORTED, "handler_started": started, "handler_ended": time.time(), **LAST_TIMINGS}
         with open(path, "a") as out:
             out.write(json.dumps(line) + "\n")
-    except OSError:
-        log.warning("FEDPRIV_PROFILE: could not append to the profile file")
+    except Exception:  # a profile must never replace the reply or its error
+        log.warning("FEDPRIV_PROFILE: could not append this message's timings")
 
 
 def _train(msg: Message, context: Context) -> Message:

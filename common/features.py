@@ -9,10 +9,12 @@ directory. The server computes those of its test set once per run, in memory.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
 import logging
+import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -159,6 +161,14 @@ def _file_digest(path: Any) -> str | None:
     """SHA-256 of a data file's bytes (None: no such setting or no such file)."""
     if not path or not Path(str(path)).is_file():
         return None
+    stat = os.stat(path)
+    return _digest_of(str(path), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=64)
+def _digest_of(path: str, size: int, mtime_ns: int) -> str:
+    # Keyed by size and modification time too: a simulation actor serving many clients
+    # hashes a shared file once, and a file edited in place is hashed again.
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):

@@ -1,6 +1,7 @@
 """A client's round without Flower: budgets, write-ahead ledger, resend without new spend."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -294,5 +295,7 @@ def test_stored_features_follow_the_bytes_of_the_data_file(tmp_path):
     cfg = compose(["model=tiny_bert", "data=csv", f"data.path={path}", "data.labels=[a,b]"], tmp_path / "run")
     before = feature_key(*features_key_parts(cfg, 0, str(path)))
     assert feature_key(*features_key_parts(cfg, 0, str(path))) == before
-    path.write_text("text,label\nhello,a\nbye,a\n")  # relabelled in place: same name, same settings
+    stamp = path.stat().st_mtime_ns
+    path.write_text("text,label\nhello,a\nbye,a\n")  # relabelled in place: same name, size and settings
+    os.utime(path, ns=(stamp + 10**9, stamp + 10**9))  # a second later, whatever the clock's resolution
     assert feature_key(*features_key_parts(cfg, 0, str(path))) != before
