@@ -17,6 +17,7 @@ from collections.abc import Mapping, Sequence
 
 from common import schema
 from common.accounting import client_noise
+from common.data import TAGGED_SOURCES
 from common.errors import ConfigError
 from common.recipe import validate_recipe
 
@@ -46,7 +47,7 @@ def _number(cfg: Mapping, dotted: str, *, minimum: float | None = None, exclusiv
 def _validate_task(cfg: Mapping) -> None:
     """The task and the data must agree; token tagging's own settings."""
     tokens = cfg.get("task", "sequence_classification") == "token_classification"
-    tagged = cfg["data"]["source"] in ("conll", "hf_tokens")  # common.data.TAGGED_SOURCES
+    tagged = cfg["data"]["source"] in TAGGED_SOURCES
     if tokens and not tagged:
         raise ConfigError("data", "task=token_classification reads tagged words: use data=conll or data=hf_tokens")
     if tagged and not tokens:
