@@ -1,6 +1,6 @@
 """Deployment's per-message overhead and its round time against simulation, one job, one run.
 
-The job is the local demo's (deploy/local-demo.sh): tiny_bert at its defaults, 2 clients,
+The job is the local demo's (deploy/local-demo.sh): tiny_bert at its defaults, 2 clients (``--nodes``),
 sample-level DP, 400 training and 80 test texts, batch 32; ``--rounds`` rounds (3 with
 ``--quick``). Both sides run here, one after the other:
 
@@ -45,9 +45,8 @@ ROOT = _common.ROOT
 DEPLOY = ROOT / "deploy" / "fedpriv-deploy.sh"
 BIN = Path(sys.executable).parent
 GOAL_OVERHEAD_S = 3.0
-JOB = ["model=tiny_bert", "num_clients=2", "privacy=sample", "data.train_size=400", "data.test_size=80",
-       "train.batch_size=32"]
-NODES = 2
+JOB = ["model=tiny_bert", "privacy=sample", "data.train_size=400", "data.test_size=80", "train.batch_size=32"]
+NODES = 2  # the local demo's; --nodes 1: one device alone, whose fresh process shares the CPU with nothing
 
 
 def free_port() -> int:
@@ -129,7 +128,7 @@ def steady(walls: list[float]) -> float:
     return statistics.median(walls[1:]) if len(walls) > 1 else walls[0]
 
 
-def deployment(tmp: Path, overrides: list[str], timeout: float) -> dict:
+def deployment(tmp: Path, overrides: list[str], timeout: float, nodes: int) -> dict:
     procs, run_dir = tmp / "procs", tmp / "deploy-run"
     env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, "PYTHONPATH": str(ROOT),
            "FLWR_HOME": str(tmp / "flwr"), "FEDPRIV_BIN": str(BIN), "PATH": f"{BIN}:{os.environ['PATH']}"}
@@ -153,10 +152,10 @@ def deployment(tmp: Path, overrides: list[str], timeout: float) -> dict:
             if time.monotonic() > deadline:
                 raise RuntimeError((procs / "superlink.log").read_text()[-3000:])
             time.sleep(0.5)
-        for i in range(NODES):
+        for i in range(nodes):
             name = f"supernode-{i}"
             logs[name] = StampedLog(procs / f"{name}.log")
-            node_cfg = (f'partition-id={i} num-partitions={NODES} client-id="device-{i}" '
+            node_cfg = (f'partition-id={i} num-partitions={nodes} client-id="device-{i}" '
                         f'state-dir="{tmp / "devices" / name}"')
             deploy("supernode", procs, name, link, free_port(), node_cfg,
                    extra_env={"FEDPRIV_PROFILE": str(tmp / f"profile-{name}.jsonl")})
@@ -215,14 +214,15 @@ def simulation(tmp: Path, overrides: list[str], timeout: float) -> dict:
 def main() -> None:
     p = _common.parser(__doc__.splitlines()[0])
     p.add_argument("--rounds", type=int, default=None, help="rounds of the job (default 6, 3 with --quick)")
+    p.add_argument("--nodes", type=int, default=NODES, help="SuperNodes = clients (default 2, the local demo's)")
     args = p.parse_args()
     started = time.monotonic()
     rounds = args.rounds or (3 if args.quick else 6)
-    overrides = [*JOB, f"rounds={rounds}"]
+    overrides = [*JOB, f"num_clients={args.nodes}", f"rounds={rounds}"]
     with tempfile.TemporaryDirectory(prefix="fedpriv-deploy-overhead-") as tmp:
         tmp = Path(tmp)
-        print(f"deployment: {rounds} rounds on 2 SuperNodes ...", flush=True)
-        dep = deployment(tmp, overrides, timeout=120 + 60 * rounds)
+        print(f"deployment: {rounds} rounds on {args.nodes} SuperNode(s) ...", flush=True)
+        dep = deployment(tmp, overrides, timeout=120 + 60 * rounds, nodes=args.nodes)
         print(f"simulation: {rounds} rounds ...", flush=True)
         sim = simulation(tmp, overrides, timeout=120 + 30 * rounds)
     overhead = dep["overhead_s_median_from_round_2"]
