@@ -1,8 +1,8 @@
 """Deployment end to end on loopback: Flower's own SuperLink and SuperNodes, TLS and
 SuperNode authentication, set up with deploy/fedpriv-deploy.sh.
 
-One run of 3 rounds carries every check (a round costs ~30-40 s here: each message
-starts a fresh flwr-clientapp process):
+One run of 3 rounds carries every check (~70 s in all on 2 cores: each message starts a
+fresh flwr-clientapp process, and SuperNodes poll every 3 s):
 - two registered SuperNodes train; an unregistered one is refused at activation and
   nothing from it reaches the server;
 - SuperNode "alice" is stopped and restarted (new process, same state-dir) after
