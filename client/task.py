@@ -36,7 +36,7 @@ from common.data import load_client_data, load_local_data, tokenize
 from common.features import cached_features, feature_key, features_key_parts, frozen_features, stored_features
 from common.errors import ConfigError
 from common.model import instantiate_model, load_tokenizer, load_trainable, state_digest, trainable_state
-from common.recipe import HEAD_PREFIX, check_model, recipe_of, stage_of, stage_rounds
+from common.recipe import HEAD_PREFIX, check_model, head_keys, recipe_of, stage_of, stage_rounds
 
 log = logging.getLogger(__name__)
 
@@ -138,7 +138,7 @@ def _cached_inputs(cfg: Mapping, who: ClientIdentity, stage: str, global_state: 
     The features' key covers the model, the data settings and the bytes of the data file,
     so the stored features are those the client would compute now, and n is their count.
     """
-    if stage == "encoder" or set(global_state) != {f"{HEAD_PREFIX}weight", f"{HEAD_PREFIX}bias"}:
+    if stage == "encoder" or len(head_keys(global_state)) != len(global_state):
         return None
     feats = stored_features(Ledger.directory(who.state_dir, who.client_id), _features_key(cfg, who))
     if feats is None:
