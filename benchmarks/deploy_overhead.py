@@ -120,8 +120,12 @@ def breakdown(received: float, sent: float, prof: dict) -> dict:
             **{k: (round(v, 3) if isinstance(v, float) else v) for k, v in parts.items()}}
 
 
-def round_walls(run_dir: Path) -> list[float]:
-    return [json.loads(line)["wall_s"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+def rounds_of(run_dir: Path) -> dict:
+    """The server's per-round wall times and accuracies, from its metrics.jsonl."""
+    from common.storage import read_json_lines
+
+    rounds = read_json_lines(run_dir / "metrics.jsonl")
+    return {"round_wall_s": [r["wall_s"] for r in rounds], "accuracy": [r["accuracy"] for r in rounds]}
 
 
 def steady(walls: list[float]) -> float:
@@ -179,7 +183,7 @@ def deployment(tmp: Path, overrides: list[str], timeout: float, nodes: int) -> d
             raise RuntimeError(f"{name}: {len(pairs)} messages at the SuperNode, {len(profs)} profiled")
         per_message += [{"node": name, **breakdown(r, s, p)} for (r, s), p in zip(pairs, profs)]
     later = [m for m in per_message if m["round"] and m["round"] > 1]
-    walls = round_walls(run_dir)
+    rounds = rounds_of(run_dir)
 
     def median(key, rows):
         values = [m[key] for m in rows if m[key] is not None]
@@ -187,9 +191,8 @@ def deployment(tmp: Path, overrides: list[str], timeout: float, nodes: int) -> d
 
     return {
         "wall_s": round(wall, 1),
-        "round_wall_s": walls,
-        "steady_round_s": steady(walls),
-        "accuracy": [json.loads(line)["accuracy"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()],
+        **rounds,
+        "steady_round_s": steady(rounds["round_wall_s"]),
         "overhead_s_median_from_round_2": median("overhead_s", later),
         "overhead_s_round_1": median("overhead_s", [m for m in per_message if m["round"] == 1]),
         "breakdown_median_from_round_2": {k: median(k, later) for k in per_message[0]
@@ -206,9 +209,8 @@ def simulation(tmp: Path, overrides: list[str], timeout: float) -> dict:
                          env={**os.environ, "PYTHONPATH": str(ROOT)})
     if out.returncode != 0:
         raise RuntimeError(f"fedpriv simulate failed:\n{(out.stdout + out.stderr)[-3000:]}")
-    walls = round_walls(run_dir)
-    return {"wall_s": round(time.monotonic() - started, 1), "round_wall_s": walls, "steady_round_s": steady(walls),
-            "accuracy": [json.loads(line)["accuracy"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]}
+    rounds = rounds_of(run_dir)
+    return {"wall_s": round(time.monotonic() - started, 1), **rounds, "steady_round_s": steady(rounds["round_wall_s"])}
 
 
 def main() -> None:

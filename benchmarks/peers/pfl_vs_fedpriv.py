@@ -57,7 +57,9 @@ def fedpriv_run(overrides: list[str], run_dir: Path, timeout: float) -> dict:
                          env={**os.environ, "PYTHONPATH": str(ROOT)})
     if out.returncode != 0:
         raise RuntimeError(f"fedpriv simulate failed:\n{(out.stdout + out.stderr)[-3000:]}")
-    rounds = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    from common.storage import read_json_lines
+
+    rounds = read_json_lines(run_dir / "metrics.jsonl")
     return {"overrides": overrides, "wall_s": round(time.monotonic() - started, 1),
             "round_s": [r["wall_s"] for r in rounds], "accuracy": [r["accuracy"] for r in rounds]}
 
