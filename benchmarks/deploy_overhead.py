@@ -104,19 +104,20 @@ def breakdown(received: float, sent: float, prof: dict) -> dict:
     train = float(prof.get("train_s", 0.0))
     handler = prof["handler_ended"] - prof["handler_started"]
     started = prof["process_started"]
+    warm = bool(prof.get("warm"))  # forked from fedpriv-superexec's parent: nothing to start or import
     parts = {
         "at_supernode_s": sent - received,
         "train_s": train,
         "overhead_s": sent - received - train,
         "process_wait_s": started - received if started else None,
-        "python_flower_start_s": prof["import_started"] - started if started else None,
-        "fedpriv_imports_s": prof["imported"] - prof["import_started"],
-        "flower_before_handler_s": prof["handler_started"] - prof["imported"],
+        "python_flower_start_s": 0.0 if warm else (prof["import_started"] - started if started else None),
+        "fedpriv_imports_s": 0.0 if warm else prof["imported"] - prof["import_started"],
+        "flower_before_handler_s": prof["handler_started"] - (started if warm else prof["imported"]),
         "handler_besides_training_s": handler - train,
         "data_s": prof.get("data_s"), "model_s": prof.get("model_s"), "features_s": prof.get("features_s"),
         "reply_to_supernode_s": sent - prof["handler_ended"],
     }
-    return {"round": prof.get("server_round"), "stage": prof.get("stage"),
+    return {"round": prof.get("server_round"), "stage": prof.get("stage"), "warm": warm,
             **{k: (round(v, 3) if isinstance(v, float) else v) for k, v in parts.items()}}
 
 
@@ -132,10 +133,11 @@ def steady(walls: list[float]) -> float:
     return statistics.median(walls[1:]) if len(walls) > 1 else walls[0]
 
 
-def deployment(tmp: Path, overrides: list[str], timeout: float, nodes: int) -> dict:
+def deployment(tmp: Path, overrides: list[str], timeout: float, nodes: int, launcher: str) -> dict:
     procs, run_dir = tmp / "procs", tmp / "deploy-run"
     env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, "PYTHONPATH": str(ROOT),
-           "FLWR_HOME": str(tmp / "flwr"), "FEDPRIV_BIN": str(BIN), "PATH": f"{BIN}:{os.environ['PATH']}"}
+           "FLWR_HOME": str(tmp / "flwr"), "FEDPRIV_BIN": str(BIN), "PATH": f"{BIN}:{os.environ['PATH']}",
+           "FEDPRIV_LAUNCHER": launcher}
 
     def deploy(*args, extra_env=None):
         out = subprocess.run(["bash", str(DEPLOY), *map(str, args)], env={**env, **(extra_env or {})},
@@ -217,19 +219,23 @@ def main() -> None:
     p = _common.parser(__doc__.splitlines()[0])
     p.add_argument("--rounds", type=int, default=None, help="rounds of the job (default 6, 3 with --quick)")
     p.add_argument("--nodes", type=int, default=NODES, help="SuperNodes = clients (default 2, the local demo's)")
+    p.add_argument("--launcher", choices=("warm", "flower"), default="warm",
+                   help="the SuperNodes' ClientApp launcher (deploy/fedpriv-deploy.sh FEDPRIV_LAUNCHER): "
+                        "fedpriv-superexec's warm forks (default) or Flower's fresh process per message")
     args = p.parse_args()
     started = time.monotonic()
     rounds = args.rounds or (3 if args.quick else 6)
     overrides = [*JOB, f"num_clients={args.nodes}", f"rounds={rounds}"]
     with tempfile.TemporaryDirectory(prefix="fedpriv-deploy-overhead-") as tmp:
         tmp = Path(tmp)
-        print(f"deployment: {rounds} rounds on {args.nodes} SuperNode(s) ...", flush=True)
-        dep = deployment(tmp, overrides, timeout=120 + 60 * rounds, nodes=args.nodes)
+        print(f"deployment: {rounds} rounds on {args.nodes} SuperNode(s), launcher {args.launcher} ...", flush=True)
+        dep = deployment(tmp, overrides, timeout=120 + 60 * rounds, nodes=args.nodes, launcher=args.launcher)
         print(f"simulation: {rounds} rounds ...", flush=True)
         sim = simulation(tmp, overrides, timeout=120 + 30 * rounds)
     overhead = dep["overhead_s_median_from_round_2"]
     _common.write_json(args.out, {
         "job": overrides,
+        "launcher": args.launcher,
         "machine": _common.machine(),
         "goal_overhead_s": GOAL_OVERHEAD_S,
         "overhead_s": overhead,

@@ -52,6 +52,8 @@ _IMPORTED = time.time()
 
 #: What a setting name may look like to be sent (``privacy.sample.epsilon``, ``node-config data-path``).
 _SETTING_NAME = re.compile(r"[A-Za-z0-9_.\- ]{1,80}")
+#: Set by fedpriv-superexec (client/launcher.py) in a message's forked process: when it began.
+FORKED_AT = "FEDPRIV_FORKED_AT"
 
 
 class DeviceError(RuntimeError):
@@ -103,8 +105,10 @@ def _profile(path: str, started: float) -> None:
     from client.task import LAST_TIMINGS
 
     try:
-        line = {"pid": os.getpid(), "process_started": _process_started(), "import_started": _IMPORT_STARTED,
-                "imported": _IMPORTED, "handler_started": started, "handler_ended": time.time(), **LAST_TIMINGS}
+        forked = os.environ.get(FORKED_AT)  # a fork of fedpriv-superexec's warm parent: imported before
+        line = {"pid": os.getpid(), "process_started": float(forked) if forked else _process_started(),
+                "import_started": _IMPORT_STARTED, "imported": _IMPORTED, "handler_started": started,
+                "handler_ended": time.time(), "warm": bool(forked), **LAST_TIMINGS}
         with open(path, "a") as out:
             out.write(json.dumps(line) + "\n")
     except Exception:  # a profile must never replace the reply or its error

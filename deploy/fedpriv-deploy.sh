@@ -15,12 +15,15 @@
 #                                                   (`flwr run` on simulated SuperNodes; 127.0.0.1
 #                                                   only); pid in RUNDIR/superlink.pid
 #   fedpriv-deploy.sh supernode RUNDIR NAME SUPERLINK_ADDR RUNTIME_PORT NODE_CONFIG [CA KEY]
-#                                                   start a SuperNode; pid in RUNDIR/NAME.pid
+#                                                   start a SuperNode; pid in RUNDIR/NAME.pid, and its
+#                                                   ClientApp launcher fedpriv-superexec (messages start
+#                                                   already imported) in RUNDIR/NAME-launcher.pid;
+#                                                   FEDPRIV_LAUNCHER=flower: Flower's process per message
 #   fedpriv-deploy.sh stop RUNDIR [NAME...]         stop the processes whose pid files are given
 #                                                   (default: every *.pid in RUNDIR)
 #
 # Needs: openssl; ssh-keygen (Debian/Ubuntu: apt-get install -y openssh-client);
-# flower-superlink / flower-supernode / flwr on PATH or in $FEDPRIV_BIN.
+# flower-superlink / flower-supernode / flwr / fedpriv-superexec on PATH or in $FEDPRIV_BIN.
 set -euo pipefail
 
 BIN=${FEDPRIV_BIN:-}
@@ -126,8 +129,20 @@ cmd_supernode() {
     local args=(--superlink "$link" --host 127.0.0.1 --port "$port" --node-config "$nodecfg")
     if [[ -n $ca ]]; then args+=(--root-certificates "$ca"); else args+=(--insecure); fi
     [[ -n $key ]] && args+=(--auth-supernode-private-key "$key")
+    local launcher=${FEDPRIV_LAUNCHER:-warm}
+    case $launcher in
+        warm) args+=(--isolation process) ;;  # fedpriv-superexec launches its ClientApps (client/launcher.py)
+        flower) ;;                            # Flower's flower-superexec: a fresh flwr-clientapp per message
+        *) die "FEDPRIV_LAUNCHER must be warm or flower" ;;
+    esac
     start_bg "$rundir/$name.pid" "$rundir/$name.log" "$(tool flower-supernode)" "${args[@]}"
     echo "fedpriv-deploy: SuperNode $name pid $(cat "$rundir/$name.pid") (log $rundir/$name.log)"
+    if [[ $launcher == warm ]]; then
+        # Its Runtime API is the SuperNode's own --host/--port, loopback HTTP as in Flower's subprocess mode.
+        start_bg "$rundir/$name-launcher.pid" "$rundir/$name-launcher.log" "$(tool fedpriv-superexec)" \
+            --runtime-api-address "127.0.0.1:$port" --insecure --parent-pid "$(cat "$rundir/$name.pid")"
+        echo "fedpriv-deploy: launcher of $name pid $(cat "$rundir/$name-launcher.pid") (log $rundir/$name-launcher.log)"
+    fi
 }
 
 stop_pid() {  # TERM the pid (and its session: the flwr-clientapp/serverapp children), then KILL
@@ -141,7 +156,7 @@ stop_pid() {  # TERM the pid (and its session: the flwr-clientapp/serverapp chil
 cmd_stop() {
     local rundir=$1; shift
     local files=() f
-    if [[ $# -gt 0 ]]; then for f in "$@"; do files+=("$rundir/$f.pid"); done
+    if [[ $# -gt 0 ]]; then for f in "$@"; do files+=("$rundir/$f.pid" "$rundir/$f-launcher.pid"); done
     else shopt -s nullglob; files=("$rundir"/*.pid); fi
     for f in "${files[@]}"; do
         [[ -f $f ]] || continue
@@ -151,7 +166,7 @@ cmd_stop() {
     done
 }
 
-[[ $# -ge 1 ]] || { sed -n '2,23p' "$0"; exit 2; }
+[[ $# -ge 1 ]] || { sed -n '2,26p' "$0"; exit 2; }
 sub=$1; shift
 case $sub in
     certs) cmd_certs "$@" ;;

@@ -1,8 +1,9 @@
 """Deployment end to end on loopback: Flower's own SuperLink and SuperNodes, TLS and
 SuperNode authentication, set up with deploy/fedpriv-deploy.sh.
 
-One run of 3 rounds carries every check (~70 s in all on 2 cores: each message starts a
-fresh flwr-clientapp process, and SuperNodes poll every 3 s):
+One run of 3 rounds carries every check (~70 s in all on 2 cores; SuperNodes poll every 3 s):
+- each SuperNode's messages run in processes forked by its launcher, fedpriv-superexec
+  (client/launcher.py), the deploy script's default; the stopped alice's launcher ends with it;
 - two registered SuperNodes train; an unregistered one is refused at activation and
   nothing from it reaches the server;
 - SuperNode "alice" is stopped and restarted (new process, same state-dir) after
@@ -94,6 +95,7 @@ def test_tls_auth_restart_and_device_cap(tmp_path):
         deploy("register", pki / "n1.pub", "e2e")  # rogue's key is never registered
 
         alice_pid = supernode("alice", configs["alice"])
+        alice_launcher_pid = int((procs / "alice-launcher.pid").read_text())
         supernode("n1", configs["n1"])
         rogue_pid = supernode("rogue", configs["rogue"])
 
@@ -126,6 +128,13 @@ def test_tls_auth_restart_and_device_cap(tmp_path):
         assert not state["rogue"].exists() or not list(state["rogue"].rglob("ledger.json"))
         new_alice_log = (procs / "alice.log").read_text()
         assert "Receiving: train message" in new_alice_log  # the restarted process trained
+        # Every message a SuperNode received ran in a fork of its launcher, none in flwr-clientapp.
+        for name in ("alice", "n1"):
+            received = (procs / f"{name}.log").read_text().count("Receiving: train message")
+            forked = (procs / f"{name}-launcher.log").read_text().count("runs in process")
+            assert received >= 1 and forked == received, (name, received, forked)
+        with pytest.raises(ProcessLookupError):
+            os.kill(alice_launcher_pid, 0)  # stopped with its SuperNode
     finally:
         if flwr_run is not None and flwr_run.poll() is None:
             flwr_run.kill()

@@ -110,5 +110,6 @@ def test_the_profile_line_of_each_message_holds_times_only(task_identity, tmp_pa
     for line in lines:
         assert line["import_started"] <= line["imported"] <= line["handler_started"] <= line["handler_ended"]
         assert all(isinstance(v, (int, float)) for k, v in line.items() if k != "stage")  # no data, no paths
+        assert line["warm"] is False  # not a fork of fedpriv-superexec (client/launcher.py)
     # Round 2 reads the features round 1 stored: no data read, no encoder built.
     assert [line["from_stored_features"] for line in lines] == [False, False, True, True]
