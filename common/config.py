@@ -89,6 +89,8 @@ def validate(cfg: Mapping) -> None:
         # clipping never builds (client.dp_train refuses the pair too, for node-config caps).
         raise ConfigError("train.max_physical_batch_size", "cannot be combined with train.grad_sample_mode=ghost")
     _number(cfg, "node_wait_s", minimum=0)
+    if cfg["simulation"].get("runtime", "engine") not in ("engine", "superlink"):
+        raise ConfigError("simulation.runtime", f"must be engine or superlink, got {cfg['simulation']['runtime']!r}")
     if cfg["simulation"].get("in_flight_per_worker") is not None:
         _number(cfg, "simulation.in_flight_per_worker", minimum=1, exclusive=False, integer=True)
     if cfg["strategy"]["max_update_norm"] is not None:

@@ -20,6 +20,7 @@ from flwr.superlink.grid import InMemoryGrid
 
 from server.deployment import check_simulated_nodes, deployment_config, prepare_deployment
 from server.loop import Prepared, run_federation
+from server.runtime import SPEC_KEY, load_spec, serve
 
 logging.getLogger("flwr").propagate = False  # Flower logs would reach Hydra's handlers twice
 
@@ -36,7 +37,10 @@ def make_app(prepared: Prepared | None = None, run_dir: Path | None = None,
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         try:
-            if prepared is None:  # `flwr run`: Flower's SuperLink, real or simulated SuperNodes
+            spec = context.run_config.get(SPEC_KEY)
+            if prepared is None and spec and isinstance(grid, InMemoryGrid):
+                serve(load_spec(str(spec)), grid)  # `fedpriv simulate simulation.runtime=superlink`
+            elif prepared is None:  # `flwr run`: Flower's SuperLink, real or simulated SuperNodes
                 simulated = isinstance(grid, InMemoryGrid)
                 cfg, target = deployment_config(str(context.run_config.get("overrides", "")), simulated=simulated)
                 flwr_log(logging.INFO, "fedpriv: run directory %s", target)

@@ -141,12 +141,12 @@ def message_window(cfg: dict) -> int | None:
 
 
 def simulate(cfg_node) -> None:
-    """Hydra task: validate, then run the federation on Flower's simulation engine."""
+    """Hydra task: validate, then run the federation on Flower's simulation runtime (``simulation.runtime``)."""
     logging.getLogger("alembic").setLevel(logging.WARNING)  # Flower's state DB migrations
-    from flwr.simulation import run_simulation
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import OmegaConf
 
+    from common.config import validate
     from common.errors import ConfigError
     from server.app import make_app
     from server.loop import prepare
@@ -164,21 +164,36 @@ def simulate(cfg_node) -> None:
             import torch
 
             torch.set_num_threads(min(torch.get_num_threads(), threads))
-        prepared = prepare(cfg)  # a bad setting stops here, before Ray starts
+        on_superlink = cfg["simulation"].get("runtime", "engine") == "superlink"
+        validate(cfg)  # the config alone; with the data and the model below, or while the SuperLink starts
+        prepared = None if on_superlink else prepare(cfg)  # a bad setting stops here, before Ray starts
     except ConfigError as err:
-        print(f"fedpriv: configuration error: {err}", file=sys.stderr)
-        sys.exit(2)  # SystemExit passes through Hydra's error handler; exceptions do not
+        configuration_error(err)
 
     errors: list[BaseException] = []
-    client_app = ClientAppRef(cfg["simulation"].get("client_app") or CLIENT_APP)
-    with quiet_terminal(verbose=_verbose):
-        run_simulation(
-            server_app=make_app(prepared, run_dir, errors, resume=bool(cfg.get("resume")),
-                                window=message_window(cfg)),
-            client_app=client_app,
-            num_supernodes=int(cfg["num_clients"]),
-            backend_config=backend_config(cfg),
-        )
+    client_app = cfg["simulation"].get("client_app") or CLIENT_APP
+    if on_superlink:  # Flower's supported simulation runtime (server.runtime)
+        from server.runtime import run_on_superlink
+
+        try:
+            with quiet_terminal(verbose=_verbose):
+                # The ServerApp, in Flower's simulation process, waits until prepare has passed here.
+                run_on_superlink(cfg, run_dir, resume=bool(cfg.get("resume")), window=message_window(cfg),
+                                 client_app=client_app, backend=backend_config(cfg), threads=threads,
+                                 verbose=_verbose, check=lambda: prepare(cfg))
+        except ConfigError as err:
+            configuration_error(err)
+    else:
+        from flwr.simulation import run_simulation
+
+        with quiet_terminal(verbose=_verbose):
+            run_simulation(
+                server_app=make_app(prepared, run_dir, errors, resume=bool(cfg.get("resume")),
+                                    window=message_window(cfg)),
+                client_app=ClientAppRef(client_app),
+                num_supernodes=int(cfg["num_clients"]),
+                backend_config=backend_config(cfg),
+            )
     if errors:
         raise errors[0]
     if not (run_dir / "privacy_report.json").exists():
@@ -186,6 +201,11 @@ def simulate(cfg_node) -> None:
     code = finish(run_dir)
     if code:  # not sys.exit(0): that would end a -m sweep after its first job
         sys.exit(code)
+
+
+def configuration_error(err) -> None:
+    print(f"fedpriv: configuration error: {err}", file=sys.stderr)
+    sys.exit(2)  # SystemExit passes through Hydra's error handler; exceptions do not
 
 
 def finish(run_dir: Path) -> int:

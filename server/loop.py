@@ -181,12 +181,19 @@ class RunState:
         return {"run_id": self.run_id, "clients": self.clients_reported, "unreported": self.unreported}
 
 
+def round_progress(record: dict) -> str:
+    """The progress display's line for a finished round (its ``metrics.jsonl`` record)."""
+    return (f"round {record['round']}: accuracy {record['accuracy']:.3f}, trained {record['clients_trained']}, "
+            f"declined {record['clients_declined']}, rejected {record['clients_rejected']}")
+
+
 def run_federation(grid: Grid, prepared: Prepared, run_dir: Path, *, resume: bool = False,
-                   window: int | None = None) -> dict:
+                   window: int | None = None, progress_bar: bool = True) -> dict:
     """Run (or continue) every round and write the run directory; returns the privacy report.
 
     ``window``: at most this many of a round's messages unanswered at a time
-    (``server.dispatch``; None: all at once).
+    (``server.dispatch``; None: all at once). ``progress_bar``: False where another process
+    shows the rounds (``server.runtime``).
     """
     cfg, model = prepared.cfg, prepared.model
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -213,16 +220,15 @@ def run_federation(grid: Grid, prepared: Prepared, run_dir: Path, *, resume: boo
     rounds = _Rounds(grid, prepared, run_dir, state, optimizer, client_dp, nodes, window)
 
     with Progress(TextColumn("[bold]fedpriv[/] {task.description}"), BarColumn(),
-                  TextColumn("{task.completed}/{task.total} rounds"), TimeElapsedColumn()) as progress:
+                  TextColumn("{task.completed}/{task.total} rounds"), TimeElapsedColumn(),
+                  disable=not progress_bar) as progress:
         task = progress.add_task("training", total=n_rounds, completed=first - 1)
         for server_round in range(first, n_rounds + 1):
             if client_dp is not None and client_dp.next_round_exceeds_budget(server_round):
                 log.warning("stopping before round %d: %s", server_round, client_dp.stopped["reason"])
                 break  # the last model is kept; the report is written below
             record = rounds.run(server_round)
-            progress.update(task, advance=1, description=(
-                f"round {server_round}: accuracy {record['accuracy']:.3f}, trained {record['clients_trained']}, "
-                f"declined {record['clients_declined']}, rejected {record['clients_rejected']}"))
+            progress.update(task, advance=1, description=round_progress(record))
 
     if client_dp is not None:
         client_dp.write(run_dir)  # also when the budget stopped the run before any round
