@@ -1,6 +1,7 @@
 """Faults through the whole loop: a poisoned update, a client killed mid-round, a server
 killed between rounds and resumed. Processes are started here and stopped here by pid."""
 
+import contextlib
 import json
 import shutil
 import signal
@@ -80,7 +81,23 @@ def kill_tree(proc: subprocess.Popen) -> None:
     psutil.wait_procs(family, timeout=30)
 
 
-def kill_after_round(args, run_dir: Path, tmp_path: Path, after: int) -> None:
+def kill_only(proc: subprocess.Popen, within_s: float = 20) -> None:
+    """SIGKILL the `fedpriv simulate` process alone; every process it started must end by itself
+    (server/runtime.py: the SuperLink, Flower's simulation process, Ray) within ``within_s``."""
+    family = psutil.Process(proc.pid).children(recursive=True)
+    assert family, "the run had started no process yet"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    _, alive = psutil.wait_procs(family, timeout=within_s)
+    left = [(p.pid, p.name()) for p in alive if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    for p in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.send_signal(signal.SIGKILL)
+    assert not left, f"still running {within_s} s after `fedpriv simulate` was killed: {left}"
+
+
+def kill_after_round(args, run_dir: Path, tmp_path: Path, after: int, *, alone: bool = False) -> None:
+    """Kill the run once ``after`` rounds are saved: its whole tree, or (``alone``) only itself."""
     proc = start_simulate(args, tmp_path)
     try:
         deadline = time.monotonic() + 240
@@ -88,6 +105,8 @@ def kill_after_round(args, run_dir: Path, tmp_path: Path, after: int) -> None:
             assert proc.poll() is None, "the run ended before it could be killed"
             assert time.monotonic() < deadline, "no progress"
             time.sleep(0.2)
+        if alone:
+            kill_only(proc)
     finally:
         kill_tree(proc)
     assert len(metrics(run_dir)) < 4, "killed too late to test resume"
@@ -111,7 +130,8 @@ def straight_run(tmp_path_factory) -> Path:
 def test_sigkill_after_round_two_then_resume(tmp_path, privacy, request):
     common = resume_args(privacy)
     killed = tmp_path / "killed"
-    kill_after_round([*common, f"hydra.run.dir={killed}"], killed, tmp_path, after=2)
+    # With privacy: only `fedpriv simulate` is killed, and nothing it started outlives it.
+    kill_after_round([*common, f"hydra.run.dir={killed}"], killed, tmp_path, after=2, alone=privacy == "sample")
 
     resumed = run_fedpriv(["simulate", f"resume={killed}"], cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-3000:]

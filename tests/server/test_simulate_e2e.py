@@ -1,13 +1,15 @@
-"""End-to-end `fedpriv simulate` runs (Flower simulation engine, Ray on loopback).
+"""End-to-end `fedpriv simulate` runs (Flower's simulation runtime, Ray on loopback).
 
 Every check on the report is made from outside the code: ε recomputed with Opacus
 from the reported history, per-round ε never decreasing, never above the budget.
 """
 
 import json
+import re
 import subprocess
 from pathlib import Path
 
+import psutil
 import pytest
 from opacus.accountants import RDPAccountant
 
@@ -70,6 +72,11 @@ def test_two_clients_two_rounds_with_a_lower_client_budget(tmp_path):
     for noise in ("DEPRECATED", "FutureWarning", "Manually terminating"):
         assert noise not in proc.stdout + proc.stderr, noise
     summary = summary_table(proc.stdout)
+    # Flower's simulation runtime (server/runtime.py): its SuperLink was stopped by its pid.
+    cli_log = (run_dir / "cli.log").read_text()
+    link_pid = int(re.search(r"simulation SuperLink pid (\d+)", cli_log).group(1))
+    assert not psutil.pid_exists(link_pid) or psutil.Process(link_pid).status() == psutil.STATUS_ZOMBIE
+    assert "Starting Flower SuperLink" in cli_log  # its log, appended to the run's cli.log
     for name in ("privacy_report.json", "privacy_report.md", "privacy_report.html", "clients_reported.json",
                  "plots/epsilon_per_round.png", "plots/accuracy_per_round.png", ".hydra/config.yaml",
                  "checkpoints/manifest.json", "clients/0/ledger.json", "clients/1/ledger.json"):
@@ -123,13 +130,15 @@ def test_epsilon_sweep_points_keep_separate_ledgers(tmp_path):
             assert budget - 0.02 <= client["epsilon"] <= budget
 
 
-def test_default_recipe_prototypes_then_head_end_to_end(tmp_path):
+@pytest.mark.parametrize("runtime", ["superlink", "engine"])
+def test_default_recipe_prototypes_then_head_end_to_end(tmp_path, runtime):
     """The default recipe (recipe=probe: prototypes, then DP-SGD on the cached-feature head)
-    through `fedpriv simulate`: only the head travels, and ε recomputes from the history."""
+    through `fedpriv simulate`: only the head travels, and ε recomputes from the history. On
+    Flower's simulation runtime (the default) and on the deprecated in-process engine."""
     run_dir = tmp_path / "probe"
     fast = [o for o in FAST if not o.startswith(("recipe=", "train."))]
     proc = run_fedpriv(["simulate", *fast, "model.pooling=mean", "model.freeze_encoder=true", "num_clients=2",
-                        "rounds=3", f"hydra.run.dir={run_dir}"], cwd=tmp_path)
+                        "rounds=3", f"simulation.runtime={runtime}", f"hydra.run.dir={run_dir}"], cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = check_report(run_dir)
     assert report["config"]["recipe"]["name"] == "probe"

@@ -1,0 +1,73 @@
+"""server/runtime.py without a SuperLink: what `fedpriv simulate` hands Flower's simulation runtime
+(federation config, environment, app bundle) and the spec the ServerApp accepts. The runs
+themselves are the e2e tests' (tests/server/test_simulate_e2e.py, test_faults_e2e.py)."""
+
+from __future__ import annotations
+
+import json
+import os
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from server import runtime
+from server.cli import backend_config
+from server.components import CLIENT_APP, ROOT
+from tests.conftest import compose
+
+
+def test_the_federation_config_is_the_engines_backend(tmp_path):
+    cfg = compose(["num_clients=3", "simulation.num_cpus=2", "simulation.cpus_per_client=1",
+                   "simulation.gpus_per_client=0.5"], tmp_path)
+    assert runtime.federation_config(cfg, backend_config(cfg)) == (
+        "num-supernodes=3 client-resources-num-cpus=1 client-resources-num-gpus=0.5 init-args-num-cpus=2")
+    joined = compose(["num_clients=3", "federation.ray_address=auto"], tmp_path)
+    config = runtime.federation_config(joined, backend_config(joined))
+    assert "init-args-num-cpus" not in config  # the cluster owns its CPUs
+
+
+def test_ray_stays_on_loopback_unless_a_cluster_is_named(tmp_path, monkeypatch):
+    monkeypatch.setenv("RAY_ADDRESS", "somewhere:6379")  # never inherited
+    local = runtime.child_env(compose([], tmp_path), tmp_path / "home")
+    assert local["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] == "0" and "RAY_ADDRESS" not in local
+    assert local["FLWR_HOME"] == str(tmp_path / "home")
+    assert local["PYTHONPATH"].split(os.pathsep)[0] == str(ROOT)  # children import this tree's fedpriv
+    cluster = runtime.child_env(compose(["federation.ray_address=ray://head:10001"], tmp_path), tmp_path)
+    assert cluster["RAY_ADDRESS"] == "ray://head:10001" and "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER" not in cluster
+
+
+@pytest.mark.parametrize("client_app", [CLIENT_APP, "tests.server.fault_apps:faulty"])
+def test_the_app_bundle_names_the_server_app_and_the_chosen_client_app(tmp_path, client_app):
+    from flwr.common.config import validate_config
+
+    text = runtime._PYPROJECT.format(serverapp=json.dumps("server.app:app"), clientapp=json.dumps(client_app),
+                                     key=json.dumps(runtime.SPEC_KEY), spec=json.dumps(str(tmp_path / "s.json")))
+    config = tomllib.loads(text)
+    valid, errors, _ = validate_config(config, check_module=True, project_dir=tmp_path)
+    assert valid, errors
+    assert config["tool"]["flwr"]["app"]["components"] == {"serverapp": "server.app:app", "clientapp": client_app}
+    assert config["tool"]["flwr"]["app"]["config"][runtime.SPEC_KEY] == str(tmp_path / "s.json")
+
+
+def test_a_spec_outside_a_private_folder_is_refused(tmp_path):
+    import tempfile
+
+    private = Path(tempfile.mkdtemp(dir=tmp_path))
+    (private / "spec.json").write_text(json.dumps({"run_dir": "x"}))
+    assert runtime.load_spec(str(private / "spec.json")) == {"run_dir": "x"}
+    shared = tmp_path / "shared"
+    shared.mkdir(mode=0o755)
+    shared.chmod(0o755)
+    (shared / "spec.json").write_text("{}")
+    with pytest.raises(PermissionError, match=runtime.SPEC_KEY):
+        runtime.load_spec(str(shared / "spec.json"))
+
+
+def test_the_runtime_setting_is_checked(tmp_path):
+    from common.config import validate
+    from common.errors import ConfigError
+
+    with pytest.raises(ConfigError) as err:
+        validate(compose(["simulation.runtime=ray"], tmp_path))
+    assert err.value.setting == "simulation.runtime"
