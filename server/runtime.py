@@ -139,6 +139,22 @@ def child_env(cfg: dict, home: Path) -> dict:
     return env
 
 
+def absolute_paths(cfg: dict) -> dict:
+    """``cfg`` with its files named from this process' working directory, which Flower's
+    simulation process does not share (it runs in the private folder, where no ``common/``
+    of the user's can shadow fedpriv's): ``data.path``, ``data.test_path``, and
+    ``model.name_or_path`` / ``model.tokenizer`` where they name a local folder."""
+    out = json.loads(json.dumps(cfg))
+    for key in ("path", "test_path"):
+        if out["data"].get(key):
+            out["data"][key] = str(Path(str(out["data"][key])).expanduser().resolve())
+    for key in ("name_or_path", "tokenizer"):
+        value = out["model"].get(key)
+        if value and Path(str(value)).expanduser().exists():
+            out["model"][key] = str(Path(str(value)).expanduser().resolve())
+    return out
+
+
 def _healthy(port: int) -> bool:
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1) as reply:
@@ -213,7 +229,7 @@ def run_on_superlink(cfg: dict, run_dir: Path, *, resume: bool, window: int | No
     app.mkdir()
     port = _free_port()
     spec = work / "spec.json"
-    spec.write_text(json.dumps({"cfg": cfg, "run_dir": str(run_dir), "resume": resume, "window": window,
+    spec.write_text(json.dumps({"cfg": absolute_paths(cfg), "run_dir": str(run_dir), "resume": resume, "window": window,
                                 "watch_pid": os.getpid(), "verbose": verbose, "work": str(work),
                                 "threads": threads}))
     (app / "pyproject.toml").write_text(_PYPROJECT.format(

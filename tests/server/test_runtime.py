@@ -71,3 +71,18 @@ def test_the_runtime_setting_is_checked(tmp_path):
     with pytest.raises(ConfigError) as err:
         validate(compose(["simulation.runtime=ray"], tmp_path))
     assert err.value.setting == "simulation.runtime"
+
+
+def test_files_are_named_from_the_working_directory_of_fedpriv_simulate(tmp_path, monkeypatch):
+    # Flower's simulation process runs in a private folder: a relative data file (the
+    # benchmarks' ../shared/data/...) must reach it as the path the user meant.
+    (tmp_path / "data.csv").write_text("text,label\nhi,a\n")
+    (tmp_path / "encoder").mkdir()
+    monkeypatch.chdir(tmp_path)
+    cfg = compose(["data=csv", "data.path=data.csv", "data.test_path=data.csv", "model.name_or_path=encoder"],
+                  tmp_path / "run")
+    out = runtime.absolute_paths(cfg)
+    assert out["data"]["path"] == out["data"]["test_path"] == str(tmp_path / "data.csv")
+    assert out["model"]["name_or_path"] == str(tmp_path / "encoder")
+    assert runtime.absolute_paths(compose([], tmp_path / "run"))["model"]["name_or_path"] == "minilm"  # a name
+    assert cfg["data"]["path"] == "data.csv"  # the caller's config is left as it was
