@@ -25,7 +25,9 @@ in this process; flwr 1.42 deprecates that function. This runtime runs the same 
 Nothing outlives this process: the SuperLink and ``flwr run`` get SIGKILL when it dies
 (``PR_SET_PDEATHSIG``), Flower stops its own children when the SuperLink goes, and the
 ServerApp kills its process (and so its Ray) within a second of this one's death, so a
-SIGKILLed run can be resumed without a leftover writing into its run directory.
+SIGKILLed run can be resumed without a leftover writing into its run directory. When a
+run ends, this process kills Flower's simulation process and its Ray itself
+(``_end_serverapp``) before it stops the SuperLink: Flower's own shutdown is not waited for.
 """
 
 from __future__ import annotations
@@ -52,8 +54,9 @@ log = logging.getLogger(__name__)
 
 #: The run-config key of the ServerApp's spec (server.app).
 SPEC_KEY = "fedpriv-spec"
-#: Beside the spec: the go-ahead once the config passed, the ServerApp's outcome, the lines the terminal shows.
-GO, OUTCOME, TERMINAL = "go.json", "outcome.json", "terminal.log"
+#: Beside the spec: the go-ahead once the config passed, the ServerApp's outcome, the lines the terminal shows,
+#: and which process runs the ServerApp (Flower's simulation process).
+GO, OUTCOME, TERMINAL, SERVER = "go.json", "outcome.json", "terminal.log", "serverapp.json"
 START_TIMEOUT_S = 60
 
 _PYPROJECT = """[project]
@@ -230,7 +233,8 @@ def run_on_superlink(cfg: dict, run_dir: Path, *, resume: bool, window: int | No
     port = _free_port()
     spec = work / "spec.json"
     spec.write_text(json.dumps({"cfg": absolute_paths(cfg), "run_dir": str(run_dir), "resume": resume, "window": window,
-                                "watch_pid": os.getpid(), "verbose": verbose, "work": str(work),
+                                "watch_pid": os.getpid(), "watch_start": _started(os.getpid()),
+                                "verbose": verbose, "work": str(work),
                                 "threads": threads}))
     (app / "pyproject.toml").write_text(_PYPROJECT.format(
         serverapp=json.dumps("server.app:app"), clientapp=json.dumps(client_app), key=json.dumps(SPEC_KEY),
@@ -274,6 +278,7 @@ def run_on_superlink(cfg: dict, run_dir: Path, *, resume: bool, window: int | No
                 terminal.poll()
                 time.sleep(0.3)
     finally:
+        _end_serverapp(work)
         _stop(run)
         _stop(link)
         outcome = json.loads((work / OUTCOME).read_text()) if (work / OUTCOME).exists() else None
@@ -306,26 +311,62 @@ def _descendants(pid: int) -> list[int]:
     return found
 
 
-def _watch(pid: int) -> None:
+def _started(pid: int) -> str | None:
+    """The process' start time (/proc), which a reused pid does not share; None once it is gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _kill_tree(pid: int) -> None:
+    for child in _descendants(pid):
+        try:
+            os.kill(child, signal.SIGKILL)
+        except OSError:
+            pass
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except OSError:
+        pass
+
+
+def _end_serverapp(work: Path) -> None:
+    """SIGKILL Flower's simulation process and everything below it (its Ray), if it still runs.
+
+    Once the ServerApp is done (its outcome written, or this process giving up), nothing of
+    fedpriv's is left to write there. Flower's own shutdown of that process took longer than
+    5 s after every run measured here, and after a ServerApp that raised one was found alive
+    half an hour later with its Ray, stuck in its exit where its watchdog thread no longer
+    runs."""
+    if not (work / SERVER).exists():
+        return
+    server = json.loads((work / SERVER).read_text())
+    if _alive(server["pid"], server["start"]):
+        _kill_tree(server["pid"])
+
+
+def _alive(pid: int, start: str | None) -> bool:
+    """Whether the process that had ``pid`` and started at ``start`` still runs (a reused pid does not)."""
+    if start is not None:
+        return _started(pid) == start
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
+
+
+def _watch(pid: int, start: str | None) -> None:
     """When ``pid`` (the ``fedpriv simulate``) is gone, SIGKILL every process below this one
     (Ray's raylet, its workers and agents), then this one: Ray's agents outlive their driver
     by tens of seconds otherwise (a test saw them 20 s later)."""
     def watch() -> None:
-        while True:
+        while _alive(pid, start):
             time.sleep(0.5)
-            try:
-                os.kill(pid, 0)
-                continue
-            except PermissionError:
-                continue
-            except ProcessLookupError:
-                pass
-            for child in _descendants(os.getpid()):
-                try:
-                    os.kill(child, signal.SIGKILL)
-                except OSError:
-                    pass
-            os.kill(os.getpid(), signal.SIGKILL)
+        _kill_tree(os.getpid())
 
     threading.Thread(target=watch, name="fedpriv-watch-parent", daemon=True).start()
 
@@ -345,7 +386,8 @@ def serve(spec: dict, grid) -> None:
     from server.terminal import is_noise
 
     work, run_dir, cfg = Path(spec["work"]), Path(spec["run_dir"]), spec["cfg"]
-    _watch(int(spec["watch_pid"]))
+    atomic_write_json(work / SERVER, {"pid": os.getpid(), "start": _started(os.getpid())})
+    _watch(int(spec["watch_pid"]), spec.get("watch_start"))
     waiting = time.monotonic()
     while not (work / GO).exists():  # `fedpriv simulate` checks the data and the model meanwhile
         time.sleep(0.1)

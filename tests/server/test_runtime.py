@@ -86,3 +86,35 @@ def test_files_are_named_from_the_working_directory_of_fedpriv_simulate(tmp_path
     assert out["model"]["name_or_path"] == str(tmp_path / "encoder")
     assert runtime.absolute_paths(compose([], tmp_path / "run"))["model"]["name_or_path"] == "minilm"  # a name
     assert cfg["data"]["path"] == "data.csv"  # the caller's config is left as it was
+
+
+def test_at_the_end_the_simulation_process_is_killed_with_what_it_started(tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    # A stand-in for Flower's simulation process (one was found stuck in its exit), with a child (Ray).
+    stuck = subprocess.Popen([sys.executable, "-c", "import subprocess, sys, time; "
+                              "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)']); "
+                              "time.sleep(600)"])
+    try:
+        deadline = time.monotonic() + 30
+        while not runtime._descendants(stuck.pid):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        below = runtime._descendants(stuck.pid)
+        (tmp_path / runtime.SERVER).write_text(json.dumps({"pid": stuck.pid, "start": runtime._started(stuck.pid)}))
+        runtime._end_serverapp(tmp_path)
+        assert stuck.wait(timeout=10) == -9
+        deadline = time.monotonic() + 10
+        while any(runtime._started(pid) for pid in below):  # reparented and reaped by init
+            assert time.monotonic() < deadline, below
+            time.sleep(0.05)
+    finally:
+        stuck.kill()
+
+
+def test_a_reused_pid_is_not_the_process_that_was_watched():
+    me = os.getpid()
+    assert runtime._alive(me, runtime._started(me))
+    assert not runtime._alive(me, "0")  # same pid, another start: not the watched process
