@@ -181,6 +181,12 @@ class RunState:
         return {"run_id": self.run_id, "clients": self.clients_reported, "unreported": self.unreported}
 
 
+def progress_display(*, disable: bool = False) -> Progress:
+    """The one progress display of rounds (here, or in ``fedpriv simulate`` for server.runtime)."""
+    return Progress(TextColumn("[bold]fedpriv[/] {task.description}"), BarColumn(),
+                    TextColumn("{task.completed}/{task.total} rounds"), TimeElapsedColumn(), disable=disable)
+
+
 def round_progress(record: dict) -> str:
     """The progress display's line for a finished round (its ``metrics.jsonl`` record)."""
     return (f"round {record['round']}: accuracy {record['accuracy']:.3f}, trained {record['clients_trained']}, "
@@ -219,9 +225,7 @@ def run_federation(grid: Grid, prepared: Prepared, run_dir: Path, *, resume: boo
         client_dp.restore(run_dir, completed_rounds=first - 1)
     rounds = _Rounds(grid, prepared, run_dir, state, optimizer, client_dp, nodes, window)
 
-    with Progress(TextColumn("[bold]fedpriv[/] {task.description}"), BarColumn(),
-                  TextColumn("{task.completed}/{task.total} rounds"), TimeElapsedColumn(),
-                  disable=not progress_bar) as progress:
+    with progress_display(disable=not progress_bar) as progress:
         task = progress.add_task("training", total=n_rounds, completed=first - 1)
         for server_round in range(first, n_rounds + 1):
             if client_dp is not None and client_dp.next_round_exceeds_budget(server_round):

@@ -48,7 +48,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from common.storage import atomic_write_json, read_json_lines  # whole or not at all: the other side polls
-from server.loop import round_progress
+from server.loop import progress_display, round_progress
 
 log = logging.getLogger(__name__)
 
@@ -186,11 +186,8 @@ class _Terminal:
     """Prints what the ServerApp wrote for the terminal, and the rounds' progress bar."""
 
     def __init__(self, run_dir: Path, lines: Path, first: int, total: int):
-        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-
         self.metrics, self.lines, self.offset, self.seen = run_dir / "metrics.jsonl", lines, 0, first - 1
-        self.progress = Progress(TextColumn("[bold]fedpriv[/] {task.description}"), BarColumn(),
-                                 TextColumn("{task.completed}/{task.total} rounds"), TimeElapsedColumn())
+        self.progress = progress_display()
         self.task = self.progress.add_task("training", total=total, completed=first - 1)
 
     def __enter__(self):
