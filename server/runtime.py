@@ -58,6 +58,9 @@ SPEC_KEY = "fedpriv-spec"
 #: and which process runs the ServerApp (Flower's simulation process).
 GO, OUTCOME, TERMINAL, SERVER = "go.json", "outcome.json", "terminal.log", "serverapp.json"
 START_TIMEOUT_S = 60
+PREFIX = "fedpriv-simulate-"
+#: What Flower's processes printed, kept in the private folder until ``cli.log`` gets it.
+_LOGS = (("flwr run", "flwr-run.log"), ("simulation SuperLink", "superlink.log"))
 
 _PYPROJECT = """[project]
 name = "fedpriv-simulate"
@@ -223,7 +226,8 @@ def run_on_superlink(cfg: dict, run_dir: Path, *, resume: bool, window: int | No
     what it raises (a ``ConfigError``) stops everything and is raised again."""
     from server.terminal import to_log_file
 
-    work = Path(tempfile.mkdtemp(prefix="fedpriv-simulate-"))
+    sweep_orphans()
+    work = Path(tempfile.mkdtemp(prefix=PREFIX))
     home, app = work / "flwr", work / "app"
     home.mkdir()
     app.mkdir()
@@ -239,7 +243,7 @@ def run_on_superlink(cfg: dict, run_dir: Path, *, resume: bool, window: int | No
     (home / "config.toml").write_text(f'[superlink]\ndefault = "local"\n\n[superlink.local]\n'
                                       f'address = "127.0.0.1:{port}"\ninsecure = true\n')
     env = child_env(cfg, home)
-    link_log, run_log = work / "superlink.log", work / "flwr-run.log"
+    run_log, link_log = (work / path for _, path in _LOGS)
     link = run = None
     first = 1
     if resume and (run_dir / "metrics.jsonl").exists():
@@ -251,7 +255,7 @@ def run_on_superlink(cfg: dict, run_dir: Path, *, resume: bool, window: int | No
                  "--database", str(work / "superlink.db"), "--disable-runtime-dependency-installation"],
                 cwd=work, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 start_new_session=True, preexec_fn=_die_with_parent)
-        to_log_file(log, logging.INFO, f"simulation SuperLink pid {link.pid} on 127.0.0.1:{port}")
+        to_log_file(log, logging.INFO, f"simulation SuperLink pid {link.pid} on 127.0.0.1:{port}, private folder {work}")
         deadline = time.monotonic() + START_TIMEOUT_S
         while not _healthy(port):
             if link.poll() is not None or time.monotonic() > deadline:
@@ -280,15 +284,53 @@ def run_on_superlink(cfg: dict, run_dir: Path, *, resume: bool, window: int | No
         _stop(link)
         outcome = json.loads((work / OUTCOME).read_text()) if (work / OUTCOME).exists() else None
         said = run_log.read_text(errors="replace").strip()[-1000:] if run_log.exists() else ""
-        for name, path in (("flwr run", run_log), ("simulation SuperLink", link_log)):
-            if path.exists():
-                to_log_file(log, logging.INFO, f"--- {name} output ---\n{path.read_text(errors='replace')}")
+        for name, path in _LOGS:
+            if (work / path).exists():
+                to_log_file(log, logging.INFO, f"--- {name} output ---\n{(work / path).read_text(errors='replace')}")
         shutil.rmtree(work, ignore_errors=True)
     if outcome is None:
         raise RuntimeError(f"the simulation ended without its ServerApp's outcome (cli.log has its logs); "
                            f"flwr run said:\n{said}")
     if not outcome["ok"]:
         raise RuntimeError(f"the ServerApp failed: {outcome['error']}")
+
+
+def sweep_orphans() -> None:
+    """Remove the private folders of runs whose ``fedpriv simulate`` was killed (a SIGKILL leaves
+    it no time to), after appending what Flower's processes printed to that run's ``cli.log``.
+
+    Only this user's folders whose watched process is gone (or its pid reused) are touched; a
+    folder is renamed before it is read, so of two runs sweeping at once only one takes it.
+    The folder holds the run's resolved config; it should not wait in /tmp for a reboot."""
+    for folder in Path(tempfile.gettempdir()).glob(PREFIX + "*"):
+        try:
+            if folder.stat().st_uid != os.getuid():
+                continue
+            if folder.suffix == ".swept":  # its sweeper was killed in turn
+                if time.time() - folder.stat().st_ctime > 60:
+                    shutil.rmtree(folder, ignore_errors=True)
+                continue
+            spec = json.loads((folder / "spec.json").read_text())
+        except (OSError, ValueError):
+            continue  # not one of ours, or a run that is writing its spec right now
+        if _alive(int(spec["watch_pid"]), spec.get("watch_start")):
+            continue
+        claimed = folder.with_name(folder.name + ".swept")
+        try:
+            folder.rename(claimed)
+        except OSError:
+            continue  # another run took it
+        run_log = Path(spec["run_dir"]) / "cli.log" if spec.get("run_dir") else None
+        try:
+            if run_log and run_log.is_file():
+                with open(run_log, "a", encoding="utf-8") as out:
+                    for name, path in _LOGS:
+                        if (claimed / path).exists():
+                            out.write(f"--- {name} output (the run was killed; kept by the next run) ---\n"
+                                      f"{(claimed / path).read_text(errors='replace')}\n")
+        except OSError:
+            pass  # the run directory is gone or not ours to write: the folder goes all the same
+        shutil.rmtree(claimed, ignore_errors=True)
 
 
 def _descendants(pid: int) -> list[int]:

@@ -3,6 +3,7 @@ killed between rounds and resumed. Processes are started here and stopped here b
 
 import contextlib
 import json
+import re
 import shutil
 import signal
 import subprocess
@@ -132,9 +133,15 @@ def test_sigkill_after_round_two_then_resume(tmp_path, privacy, request):
     killed = tmp_path / "killed"
     # With privacy: only `fedpriv simulate` is killed, and nothing it started outlives it.
     kill_after_round([*common, f"hydra.run.dir={killed}"], killed, tmp_path, after=2, alone=privacy == "sample")
+    # A SIGKILL leaves the run no time to remove its private folder (server/runtime.py) ...
+    private = Path(re.search(r"private folder (\S+)", (killed / "cli.log").read_text()).group(1))
+    assert private.is_dir()
 
     resumed = run_fedpriv(["simulate", f"resume={killed}"], cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-3000:]
+    # ... so the next run removes it, and what Flower printed in it lands in the killed run's cli.log.
+    assert not private.exists()
+    assert "simulation SuperLink output (the run was killed; kept by the next run)" in (killed / "cli.log").read_text()
     assert [r["round"] for r in metrics(killed)] == [1, 2, 3, 4]  # no round counted twice
     assert (killed / "privacy_report.json").exists()
 

@@ -118,3 +118,32 @@ def test_a_reused_pid_is_not_the_process_that_was_watched():
     me = os.getpid()
     assert runtime._alive(me, runtime._started(me))
     assert not runtime._alive(me, "0")  # same pid, another start: not the watched process
+
+
+def test_a_killed_runs_private_folder_is_swept_into_its_cli_log_by_the_next_run(tmp_path, monkeypatch):
+    import subprocess
+    import sys
+
+    monkeypatch.setattr(runtime.tempfile, "tempdir", str(tmp_path))
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(gone.stdout)  # a `fedpriv simulate` that was SIGKILLed: no time to remove its folder
+
+    def folder(name: str, pid: int, start: str | None) -> tuple[Path, Path]:
+        work, run_dir = tmp_path / f"fedpriv-simulate-{name}", tmp_path / f"run-{name}"
+        work.mkdir()
+        run_dir.mkdir()
+        (run_dir / "cli.log").write_text("earlier lines\n")
+        (work / "spec.json").write_text(json.dumps({"watch_pid": pid, "watch_start": start, "run_dir": str(run_dir)}))
+        (work / "superlink.log").write_text(f"Starting Flower SuperLink {name}\n")
+        (work / "flwr-run.log").write_text(f"flwr run {name}\n")
+        return work, run_dir
+
+    killed, killed_run = folder("killed", dead_pid, "1")
+    reused, _ = folder("reused", os.getpid(), "0")  # its pid now belongs to another process
+    alive, alive_run = folder("alive", os.getpid(), runtime._started(os.getpid()))
+    runtime.sweep_orphans()
+    assert not killed.exists() and not reused.exists() and not list(tmp_path.glob("*.swept"))
+    log = (killed_run / "cli.log").read_text()
+    assert log.startswith("earlier lines\n")  # appended, nothing lost
+    assert "Starting Flower SuperLink killed" in log and "flwr run killed" in log
+    assert alive.exists() and (alive_run / "cli.log").read_text() == "earlier lines\n"  # a live run's is its own
