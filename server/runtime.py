@@ -304,8 +304,8 @@ def sweep_orphans() -> None:
     The folder holds the run's resolved config; it should not wait in /tmp for a reboot."""
     for folder in Path(tempfile.gettempdir()).glob(PREFIX + "*"):
         try:
-            if folder.stat().st_uid != os.getuid():
-                continue
+            if folder.is_symlink() or folder.lstat().st_uid != os.getuid():
+                continue  # another user's, or a link someone placed: never followed
             if folder.suffix == ".swept":  # its sweeper was killed in turn
                 if time.time() - folder.stat().st_ctime > 60:
                     shutil.rmtree(folder, ignore_errors=True)

@@ -141,7 +141,11 @@ def test_a_killed_runs_private_folder_is_swept_into_its_cli_log_by_the_next_run(
     killed, killed_run = folder("killed", dead_pid, "1")
     reused, _ = folder("reused", os.getpid(), "0")  # its pid now belongs to another process
     alive, alive_run = folder("alive", os.getpid(), runtime._started(os.getpid()))
+    elsewhere, _ = folder("target", dead_pid, "1")
+    elsewhere = elsewhere.rename(tmp_path / "elsewhere")
+    (tmp_path / "fedpriv-simulate-link").symlink_to(elsewhere)  # a link is never followed
     runtime.sweep_orphans()
+    assert (elsewhere / "spec.json").exists() and (tmp_path / "fedpriv-simulate-link").is_symlink()
     assert not killed.exists() and not reused.exists() and not list(tmp_path.glob("*.swept"))
     log = (killed_run / "cli.log").read_text()
     assert log.startswith("earlier lines\n")  # appended, nothing lost
