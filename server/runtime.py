@@ -60,7 +60,8 @@ GO, OUTCOME, TERMINAL, SERVER = "go.json", "outcome.json", "terminal.log", "serv
 START_TIMEOUT_S = 60
 PREFIX = "fedpriv-simulate-"
 #: What Flower's processes printed, kept in the private folder until ``cli.log`` gets it.
-_LOGS = (("flwr run", "flwr-run.log"), ("simulation SuperLink", "superlink.log"))
+RUN_LOG, LINK_LOG = "flwr-run.log", "superlink.log"
+_LOGS = (("flwr run", RUN_LOG), ("simulation SuperLink", LINK_LOG))
 
 _PYPROJECT = """[project]
 name = "fedpriv-simulate"
@@ -243,7 +244,7 @@ def run_on_superlink(cfg: dict, run_dir: Path, *, resume: bool, window: int | No
     (home / "config.toml").write_text(f'[superlink]\ndefault = "local"\n\n[superlink.local]\n'
                                       f'address = "127.0.0.1:{port}"\ninsecure = true\n')
     env = child_env(cfg, home)
-    run_log, link_log = (work / path for _, path in _LOGS)
+    run_log, link_log = work / RUN_LOG, work / LINK_LOG
     link = run = None
     first = 1
     if resume and (run_dir / "metrics.jsonl").exists():
@@ -284,9 +285,8 @@ def run_on_superlink(cfg: dict, run_dir: Path, *, resume: bool, window: int | No
         _stop(link)
         outcome = json.loads((work / OUTCOME).read_text()) if (work / OUTCOME).exists() else None
         said = run_log.read_text(errors="replace").strip()[-1000:] if run_log.exists() else ""
-        for name, path in _LOGS:
-            if (work / path).exists():
-                to_log_file(log, logging.INFO, f"--- {name} output ---\n{(work / path).read_text(errors='replace')}")
+        for name, text in _flower_outputs(work):
+            to_log_file(log, logging.INFO, f"--- {name} output ---\n{text}")
         shutil.rmtree(work, ignore_errors=True)
     if outcome is None:
         raise RuntimeError(f"the simulation ended without its ServerApp's outcome (cli.log has its logs); "
@@ -320,17 +320,20 @@ def sweep_orphans() -> None:
             folder.rename(claimed)
         except OSError:
             continue  # another run took it
-        run_log = Path(spec["run_dir"]) / "cli.log" if spec.get("run_dir") else None
+        cli_log = Path(spec["run_dir"]) / "cli.log" if spec.get("run_dir") else None
         try:
-            if run_log and run_log.is_file():
-                with open(run_log, "a", encoding="utf-8") as out:
-                    for name, path in _LOGS:
-                        if (claimed / path).exists():
-                            out.write(f"--- {name} output (the run was killed; kept by the next run) ---\n"
-                                      f"{(claimed / path).read_text(errors='replace')}\n")
+            if cli_log and cli_log.is_file():
+                with open(cli_log, "a", encoding="utf-8") as out:
+                    for name, text in _flower_outputs(claimed):
+                        out.write(f"--- {name} output (the run was killed; kept by the next run) ---\n{text}\n")
         except OSError:
             pass  # the run directory is gone or not ours to write: the folder goes all the same
         shutil.rmtree(claimed, ignore_errors=True)
+
+
+def _flower_outputs(work: Path) -> list[tuple[str, str]]:
+    """What Flower's processes printed into a private folder, by process, as ``cli.log`` takes it."""
+    return [(name, (work / path).read_text(errors="replace")) for name, path in _LOGS if (work / path).exists()]
 
 
 def _descendants(pid: int) -> list[int]:
