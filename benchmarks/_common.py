@@ -103,7 +103,6 @@ def model_cfg(name: str) -> dict:
     from omegaconf import OmegaConf
 
     cfg = OmegaConf.to_container(OmegaConf.load(CONF / "model" / f"{name}.yaml"), resolve=True)
-    cfg.pop("_target_", None)
     return cfg
 
 

@@ -28,7 +28,6 @@ _IMPORT_STARTED = time.time()  # before this module's own imports: what a fresh 
 import json
 import logging
 import os
-import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,9 +36,11 @@ from flwr.clientapp import ClientApp
 
 from client import transparency
 from client.device import release_memory
+from client.ledger import Ledger
 from client.node_config import ClientIdentity, node_identity
+from client.policy import refusal, setting_name
 from client.secagg import is_secagg, secagg_train
-from client.task import run_round
+from client.task import current_epsilon, privacy_summary, run_round
 from common.errors import ConfigError
 from common.mechanism import clip_update
 from common.model import state_norm
@@ -50,8 +51,6 @@ logging.getLogger("flwr").propagate = False
 log = logging.getLogger(__name__)
 _IMPORTED = time.time()
 
-#: What a setting name may look like to be sent (``privacy.sample.epsilon``, ``node-config data-path``).
-_SETTING_NAME = re.compile(r"[A-Za-z0-9_.\- ]{1,80}")
 #: Set by fedpriv-superexec (client/launcher.py) in a message's forked process: when it began.
 FORKED_AT = "FEDPRIV_FORKED_AT"
 
@@ -63,8 +62,7 @@ class DeviceError(RuntimeError):
 def public_reason(exc: BaseException) -> str:
     """The text that may leave the device for ``exc``: no value, path or row of its data."""
     if isinstance(exc, ConfigError):
-        setting = str(getattr(exc, "setting", ""))
-        name = setting if _SETTING_NAME.fullmatch(setting) else "(unnamed)"
+        name = setting_name(getattr(exc, "setting", ""))
         return f"the device refused the request: setting {name} is invalid; details are in the device's log"
     return f"training failed on the device ({type(exc).__name__}); details are in the device's log"
 
@@ -147,12 +145,20 @@ class Answered:
 def answer(instruction: TrainInstruction, global_state: dict, context: Context) -> Answered:
     """The reply to one training request, plain or SecAgg+.
 
-    With client-level DP (C in the instruction) the update is clipped to C here, after
-    the ledger committed the unclipped reply: clipping is a deterministic
-    post-processing, so a resent round clips the kept reply identically.
+    First the device's own checks (``client.policy``): the run config must pass the
+    server's validator and the owner's policy, else the device declines before it reads
+    its data or touches its ledger. With client-level DP (C in the instruction) the update
+    is clipped to C here, after the ledger committed the unclipped reply: clipping is a
+    deterministic post-processing, so a resent round clips the kept reply identically.
     """
-    cfg = instruction.cfg()
-    who = identity(context, cfg)
+    try:
+        cfg = instruction.cfg()
+    except ValueError:
+        cfg = None  # not JSON: declined below as an invalid config
+    who = identity(context, cfg if isinstance(cfg, dict) else {})
+    refused = refusal(cfg, who, client_clip_norm=instruction.client_clip_norm)
+    if refused is not None:
+        return _declined(instruction, who, cfg, *refused)
     try:
         outcome = run_round(cfg, who, run_id=instruction.run_id, server_round=instruction.server_round,
                             global_state=global_state)
@@ -167,3 +173,14 @@ def answer(instruction: TrainInstruction, global_state: dict, context: Context) 
                        update, fits)
     event = transparency.DECLINED if outcome.declined else transparency.RESENT if outcome.resent else transparency.SENT
     return Answered(reply, who, instruction.run_id, event, outcome.protection, norm_before)
+
+
+def _declined(instruction: TrainInstruction, who: ClientIdentity, cfg, reason: str, valid: bool) -> Answered:
+    """A decline by the device's own checks: nothing trained, nothing spent, the ledger only read."""
+    log.warning("client %s declines round %d: %s", who.client_id, instruction.server_round, reason)
+    ledger = Ledger.load(who.state_dir, who.client_id)  # atomic writes: a consistent read without the lock
+    summary = privacy_summary(cfg, who, ledger, instruction.run_id) if valid else {"client_id": who.client_id}
+    eps = current_epsilon(ledger)
+    protection = {"epsilon_before": eps, "epsilon_after": eps, "delta": ledger.delta}
+    reply = TrainReply(who.client_id, instruction.server_round, True, reason, summary, None, None)
+    return Answered(reply, who, instruction.run_id, transparency.DECLINED, protection)

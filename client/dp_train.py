@@ -20,6 +20,11 @@ Privacy caveats, stated plainly:
   Poisson step are not).
 - ``amp_dtype`` (CUDA autocast) computes per-example gradients in bf16/fp16; see
   ``client.device`` for what that means for clipping.
+- A non-finite value never reaches the noise: a feature row with an inf or NaN is zeroed
+  before it is normalised or trained on, and so is an example's per-example gradient
+  (hooks mode) before clipping; otherwise one example could turn its class's released sum,
+  or the whole noised step, into NaN. Ghost clipping has no per-example gradients: there an
+  example whose norm is not finite gets clipping coefficient 0 (``client.ghost``).
 - Token classification (labels [N, L]): the example, and so the unit clipped, noised
   and accounted, is one sentence; its loss is the sum of its tokens' losses
   (:func:`sentence_loss`). One person's data spread over many sentences is protected
@@ -143,6 +148,8 @@ def local_train(
     if tokens and dp is not None and grad_sample_mode == "ghost":
         raise ValueError("train.grad_sample_mode=ghost takes one loss per example from Opacus' criterion; "
                          "token classification sums each sentence's token losses here: use hooks")
+    if features:
+        data = TensorDataset(finite_rows(data.tensors[0]), *data.tensors[1:])
     model.to(device).train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = _optimizer(optimizer, params, lr=lr, weight_decay=weight_decay)
@@ -254,12 +261,37 @@ def _run_steps(loader, optimizer, params: list, batch_loss, *, epochs: int, ghos
                 empty += 1
                 continue
             batch_loss(batch)
+            _zero_nonfinite_examples(params)
             optimizer.step()
             # A physical batch that is not the last of its Poisson batch only clips and
             # accumulates: it is no step of the mechanism.
             if not getattr(optimizer, "_is_last_step_skipped", False):
                 steps += 1
     return steps, empty
+
+
+def finite_rows(x: torch.Tensor) -> torch.Tensor:
+    """``x`` with every row that holds a non-finite value set to zeros (a copy when any is)."""
+    bad = ~torch.isfinite(x.reshape(len(x), -1)).all(dim=1)
+    if not bool(bad.any()):
+        return x
+    x = x.clone()
+    x[bad] = 0
+    return x
+
+
+def _zero_nonfinite_examples(params: list) -> None:
+    """Zero, in every parameter, the per-example gradients of an example that has a
+    non-finite one anywhere, before Opacus clips them (its clipping would give NaN)."""
+    samples = [p.grad_sample for p in params if isinstance(getattr(p, "grad_sample", None), torch.Tensor)]
+    if not samples or samples[0].dim() == 0:
+        return
+    finite = torch.ones(len(samples[0]), dtype=torch.bool, device=samples[0].device)
+    for gs in samples:
+        finite &= torch.isfinite(gs.reshape(len(gs), -1)).all(dim=1)
+    if not bool(finite.all()):
+        for gs in samples:
+            gs[~finite] = 0
 
 
 def _accumulated_backward(model, input_ids, attention_mask, labels, chunk: int, device, amp_dtype, criterion):
@@ -346,7 +378,8 @@ def release_prototypes(features: torch.Tensor, labels: torch.Tensor, num_labels:
                        sigma: float | None) -> torch.Tensor:
     """The client's prototype release: per-class sums of unit-norm features, noised.
 
-    Each feature row is L2-normalised here (whatever ``model.normalize`` says), so one
+    A row with a non-finite value is zeroed (it adds nothing). Each feature row is
+    L2-normalised here (whatever ``model.normalize`` says), so one
     example moves one class's sum by at most norm 1: sensitivity
     ``common.accounting.PROTOTYPE_SENSITIVITY``. N(0, σ²) goes on every entry of all
     ``num_labels`` sums, classes this client does not hold included, and no per-class count
@@ -354,7 +387,7 @@ def release_prototypes(features: torch.Tensor, labels: torch.Tensor, num_labels:
     noise (privacy none or client-level DP only; the report then claims no sample-level
     guarantee). Noise comes from ``os.urandom`` (as DP-SGD's).
     """
-    unit = F.normalize(features.to(torch.float64), p=2, dim=1)
+    unit = F.normalize(finite_rows(features.to(torch.float64)), p=2, dim=1)
     sums = torch.zeros(int(num_labels), unit.shape[1], dtype=torch.float64)
     sums.index_add_(0, labels.to(torch.long), unit)
     if sigma is not None:

@@ -27,8 +27,10 @@ class _LeanLoss(DPTensorFastGradientClipping):
         reduced = per_sample.mean(dim=0) if self.loss_reduction == "mean" else per_sample.sum(dim=0)
         torch.autograd.grad(reduced, _probe_params(self.module), retain_graph=True, allow_unused=True)
         self.optimizer.zero_grad()
-        coeff = self.module.get_clipping_coef()
-        second = torch.sum(coeff.to(per_sample.device) * per_sample)
+        coeff = self.module.get_clipping_coef().to(per_sample.device)
+        # An example whose norm or loss is not finite contributes nothing (client.dp_train).
+        keep = torch.isfinite(coeff) & torch.isfinite(per_sample)
+        second = torch.sum(torch.where(keep, coeff * per_sample, torch.zeros_like(per_sample)))
         self.module.disable_hooks()
         try:
             second.backward()

@@ -31,6 +31,7 @@ from client.device import autocast_dtype, select_device
 from client.dp_train import DPSettings, calibrate_run, local_train, planned_steps_per_round, release_prototypes
 from client.ledger import Ledger, LedgerBusy, RoundEntry, load_reply, locked, reply_key, save_reply
 from client.node_config import ClientIdentity
+from client.policy import REASON_DELTA
 from common.accounting import append_steps, epsilon, prototype_entry, sample_rate, train_batch_size
 from common.data import load_client_data, load_local_data, tokenize
 from common.features import cached_features, feature_key, features_key_parts, frozen_features, stored_features
@@ -146,7 +147,7 @@ def _cached_inputs(cfg: Mapping, who: ClientIdentity, stage: str, global_state: 
     return feats, int(global_state[f"{HEAD_PREFIX}weight"].shape[0])
 
 
-def _current_epsilon(ledger: Ledger) -> float | None:
+def current_epsilon(ledger: Ledger) -> float | None:
     """The ledger's ε so far (None before its first DP spend, when it has no δ pinned)."""
     if not ledger.history or ledger.delta is None:
         return None
@@ -229,7 +230,7 @@ def run_round(
         log.warning("client %s declines round %d: its ledger is held by another round", who.client_id, server_round)
         ledger = Ledger.load(who.state_dir, who.client_id)  # atomic writes: a consistent read
         return RoundOutcome(True, REASON_BUSY, None, privacy_summary(cfg, who, ledger, run_id),
-                            protection=_unchanged(_current_epsilon(ledger)))
+                            protection=_unchanged(ledger))
 
 
 def _locked_round(cfg: Mapping, who: ClientIdentity, data, num_labels: int, *, run_id: str, server_round: int,
@@ -248,14 +249,14 @@ def _locked_round(cfg: Mapping, who: ClientIdentity, data, num_labels: int, *, r
         if done.status == "trained" and done.reply_key == key and kept is not None:
             log.info("client %s: round %d already answered; resending the kept reply", who.client_id, server_round)
             return RoundOutcome(False, "", kept, privacy_summary(cfg, who, ledger, run_id), resent=True,
-                                protection=_unchanged(_current_epsilon(ledger)))
+                                protection=_unchanged(ledger))
         if done.status == "declined":
             return RoundOutcome(True, done.reason, None, privacy_summary(cfg, who, ledger, run_id), resent=True,
-                                protection=_unchanged(_current_epsilon(ledger)))
+                                protection=_unchanged(ledger))
         # Trained for this round on other global weights (or the reply was lost):
         # training again would spend twice for one round, so decline instead.
         return RoundOutcome(True, "already-trained", None, privacy_summary(cfg, who, ledger, run_id), resent=True,
-                            protection=_unchanged(_current_epsilon(ledger)))
+                            protection=_unchanged(ledger))
 
     n = len(data) if data is not None else len(feats)
     stage = stage_of(cfg, server_round)
@@ -269,7 +270,7 @@ def _locked_round(cfg: Mapping, who: ClientIdentity, data, num_labels: int, *, r
         ledger.rounds.append(RoundEntry(run_id, server_round, "declined", eps_now, reason=reason))
         ledger.commit(who.state_dir, previous)
         return RoundOutcome(True, reason, None, privacy_summary(cfg, who, ledger, run_id),
-                            protection=_unchanged(eps_now))
+                            protection={"epsilon_before": eps_now, "epsilon_after": eps_now, "delta": ledger.delta})
 
     dp = None
     if dp_on:
@@ -287,6 +288,11 @@ def _locked_round(cfg: Mapping, who: ClientIdentity, data, num_labels: int, *, r
             log.warning("client %s declines round %d: privacy.sample.delta=%g is not below 1/n = 1/%d",
                         who.client_id, server_round, delta, n)
             return decline(REASON_DELTA_N, epsilon(ledger.history, delta, accountant))
+        limit = who.policy.delta_limit(n)
+        if limit is not None and delta > limit:
+            log.warning("client %s declines round %d: privacy.sample.delta=%g is above its cap %g (node-config "
+                        "max-delta, default min(1e-5, 1/(10 n)))", who.client_id, server_round, delta, limit)
+            return decline(REASON_DELTA, epsilon(ledger.history, delta, accountant))
         if delta > 1 / (10 * n):
             log.warning("client %s: privacy.sample.delta=%g is above 1/(10 n) for its %d examples: "
                         "a weak guarantee", who.client_id, delta, n)
@@ -364,7 +370,7 @@ def _locked_round(cfg: Mapping, who: ClientIdentity, data, num_labels: int, *, r
             "sigma": dp.noise_multiplier, "clip_norm": 1.0 if proto else dp.max_grad_norm,
             "sample_rate": 1.0 if proto else q, "steps": steps,
             "epsilon_before": epsilon(list(dp.prior_history), ledger.delta, dp.accountant) if dp.prior_history else 0.0,
-            "epsilon_after": eps,
+            "epsilon_after": eps, "delta": ledger.delta,
         }
     else:
         eps = None  # no guarantee at all: there is no ε to state
@@ -376,6 +382,7 @@ def _locked_round(cfg: Mapping, who: ClientIdentity, data, num_labels: int, *, r
     return RoundOutcome(False, "", update, privacy_summary(cfg, who, ledger, run_id), protection=protection)
 
 
-def _unchanged(eps: float | None) -> dict[str, Any]:
-    """A round that spent nothing (declined or resent): ε before and after are the ledger's."""
-    return {"epsilon_before": eps, "epsilon_after": eps}
+def _unchanged(ledger: Ledger) -> dict[str, Any]:
+    """A round that spent nothing (declined or resent): ε before and after are the ledger's, at its δ."""
+    eps = current_epsilon(ledger)
+    return {"epsilon_before": eps, "epsilon_after": eps, "delta": ledger.delta}

@@ -16,8 +16,9 @@ never sent. Before a reply leaves, the client appends one line (:func:`record`):
 - the update's L2 norm before and after client-side clipping (client-level DP), and
   ``masked`` (SecAgg+: the server saw only the sum);
 - ``protection``: the noise that protected it (mechanism, σ, clipping norm C, sampling
-  rate q, steps) and ``epsilon_before`` / ``epsilon_after``: this device's cumulative
-  sample-level ε (the ledger's, at its δ) before and after the round;
+  rate q, steps; null when the update left with no noise added on the device) and
+  ``epsilon_before`` / ``epsilon_after``: this device's cumulative sample-level ε before and
+  after the round, at ``delta``, the δ its ledger is pinned to (null before its first spend);
 - ``never_sent``: what never leaves this device.
 
 Nothing in a line is derived from a single example: the norms are of the whole update,
@@ -104,6 +105,7 @@ def record(state_dir: str | Path, client_id: str, *, run_id: str, server_round: 
                        if k in protection} or None,
         "epsilon_before": protection.get("epsilon_before"),
         "epsilon_after": protection.get("epsilon_after"),
+        "delta": protection.get("delta"),  # the ledger's δ: an ε means nothing without it
         "reason": reason if event == DECLINED else "",
         "never_sent": list(NEVER_SENT),
     }

@@ -79,7 +79,7 @@ def build_model(
     config_overrides: Mapping,
     lora: Mapping | None,
     freeze_embeddings: bool,
-    tokenizer: str | None,  # consumed by load_tokenizer; kept so the config group instantiates
+    tokenizer: str | None,  # consumed by load_tokenizer; kept so every model key is a parameter
     # The conf/model/*.yaml files name these three; these defaults are for configs written
     # before the settings existed (a resumed old run's .hydra/config.yaml): the encoder
     # trained, through HF's pooler, unnormalised (common.schema lets just these be absent).
@@ -435,12 +435,51 @@ def _module_hint(model: nn.Module) -> str:
             "-1.attention.self.value names the last layer's value projection)")
 
 
-def instantiate_model(cfg: Mapping, num_labels: int) -> nn.Module:
-    """``cfg.model`` through Hydra's instantiate (the config group's ``_target_``)."""
-    from hydra.utils import instantiate
+#: The one ``model._target_`` tolerated, as stored configs of older runs name it; nothing is
+#: ever instantiated from a config (it may come from another party).
+MODEL_FACTORY = "common.model.build_model"
+#: The ``model.*`` keys :func:`build_model` takes from a config, each checked by
+#: ``common.schema`` first; anything else in ``model`` is refused there.
+MODEL_KEYS = ("name_or_path", "tokenizer", "pretrained", "config_overrides", "lora", "freeze_embeddings",
+              "freeze_encoder", "pooling", "normalize", "token_layer")
+#: What ``model.config_overrides`` may set on a Hugging Face config: sizes, dropouts and
+#: initialisation, scalars only. No loader option (``trust_remote_code``, ``revision``,
+#: ``cache_dir``, ``code_revision`` ...) and no nested value can be named there.
+CONFIG_OVERRIDE_KEYS = frozenset({
+    "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "hidden_act",
+    "hidden_dropout_prob", "attention_probs_dropout_prob", "classifier_dropout", "max_position_embeddings",
+    "type_vocab_size", "layer_norm_eps", "initializer_range", "num_key_value_heads", "head_dim",
+})
 
-    return instantiate(dict(cfg["model"]), num_labels=num_labels, seed=int(cfg["seed"]),
-                       task=str(cfg.get("task", TASKS[0])), _convert_="all")
+
+def instantiate_model(cfg: Mapping, num_labels: int) -> nn.Module:
+    """:func:`build_model` from ``cfg.model``'s allow-listed keys (:data:`MODEL_KEYS`).
+
+    Never Hydra's ``instantiate``: a run config reaches a device from the server, and
+    instantiate would call any ``_target_`` nested anywhere in it. ``model._target_`` must be
+    :data:`MODEL_FACTORY` (``common.schema`` refuses any other value before this runs).
+    """
+    model_cfg = cfg["model"]
+    target = model_cfg.get("_target_", MODEL_FACTORY)
+    if target != MODEL_FACTORY:
+        raise ConfigError("model._target_", f"must be {MODEL_FACTORY}")
+    kwargs = {key: model_cfg[key] for key in MODEL_KEYS if key in model_cfg}
+    kwargs["config_overrides"] = _overrides(kwargs.get("config_overrides") or {})
+    kwargs["lora"] = dict(kwargs["lora"]) if kwargs.get("lora") else None
+    return build_model(**kwargs, num_labels=num_labels, seed=int(cfg["seed"]), task=str(cfg.get("task", TASKS[0])))
+
+
+def _overrides(overrides: Mapping) -> dict:
+    """``model.config_overrides`` as scalars under :data:`CONFIG_OVERRIDE_KEYS`, or a ConfigError."""
+    out = {}
+    for key, value in dict(overrides).items():
+        setting = f"model.config_overrides.{key}"
+        if key not in CONFIG_OVERRIDE_KEYS:
+            raise ConfigError(setting, f"is not a model setting fedpriv passes on; allowed: {sorted(CONFIG_OVERRIDE_KEYS)}")
+        if not isinstance(value, (str, int, float, bool)) and value is not None:
+            raise ConfigError(setting, "must be a string, number or boolean")
+        out[key] = value
+    return out
 
 
 # --- the parameters that travel -------------------------------------------------

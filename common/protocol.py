@@ -20,7 +20,9 @@ A field missing from a message makes it malformed; nothing is filled in.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -173,3 +175,24 @@ class TrainReply:
             return self.arrays.to_torch_state_dict()
         except Exception as err:  # a payload that does not even decode
             raise ProtocolError(f"undecodable update ({err.__class__.__name__})", self.client_id) from None
+
+
+#: Set (to "1") in the environment of the processes that host a *simulation* (``fedpriv
+#: simulate``'s runtimes, a local simulation SuperLink, the in-process grid's simulated
+#: nodes). A ClientApp that does not see it is a device in deployment: its state directory
+#: and privacy policy come from its own node-config alone. A message cannot set it.
+SIMULATION_ENV = "FEDPRIV_SIMULATION"
+
+
+@contextmanager
+def simulation_env():
+    """``SIMULATION_ENV`` set in this process while the block runs (then as it was)."""
+    before = os.environ.get(SIMULATION_ENV)
+    os.environ[SIMULATION_ENV] = "1"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(SIMULATION_ENV, None)
+        else:
+            os.environ[SIMULATION_ENV] = before

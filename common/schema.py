@@ -27,7 +27,7 @@ from typing import Any
 
 from common.accounting import ACCOUNTANTS
 from common.errors import ConfigError
-from common.model import POOLINGS, TASKS
+from common.model import CONFIG_OVERRIDE_KEYS, MODEL_FACTORY, POOLINGS, TASKS
 
 PRIVACY_MODES = ("none", "sample", "client", "both")
 CLIPPING_MODES = ("fixed", "adaptive")
@@ -65,7 +65,6 @@ Float = _Type("a number", _is_number)
 Bool = _Type("true or false", lambda v: isinstance(v, bool))
 Str = _Type("a string", lambda v: isinstance(v, str))
 Scalar = _Type("a string, number or boolean", lambda v: isinstance(v, (str, int, float, bool)))
-Anything = _Type("anything", lambda v: True)
 
 
 class Nullable(Spec):
@@ -134,15 +133,18 @@ class ListOf(Spec):
 
 
 class MapOf(Spec):
-    """A map with keys of the user's choosing (``model.config_overrides``)."""
+    """A map with keys of the user's choosing (``privacy.sample.client_budgets``), or of an
+    allow-list (``keys``: ``model.config_overrides``)."""
 
-    def __init__(self, value: Spec):
-        self.value = value
+    def __init__(self, value: Spec, keys: frozenset[str] | None = None):
+        self.value, self.keys = value, keys
 
     def check(self, value: Any, setting: str) -> None:
         if not isinstance(value, Mapping):
             raise ConfigError(setting, f"must be {self.describe()}, got {value!r}")
         for k, v in value.items():
+            if self.keys is not None and k not in self.keys:
+                raise ConfigError(f"{setting}.{k}", f"is not a setting fedpriv passes on; allowed: {sorted(self.keys)}")
             self.value.check(v, f"{setting}.{k}")
 
     def describe(self) -> str:
@@ -247,11 +249,11 @@ SCHEMA = Section({
     "round_timeout_s": Float,
     "node_wait_s": Float,
     "model": Section({
-        "_target_": Str,
+        "_target_": Legacy(Choice(MODEL_FACTORY)),  # only in older runs' configs; never instantiated
         "name_or_path": Str,
         "tokenizer": Nullable(Str),
         "pretrained": Bool,
-        "config_overrides": MapOf(Anything),
+        "config_overrides": MapOf(Nullable(Scalar), keys=CONFIG_OVERRIDE_KEYS),
         "lora": Nullable(Section({"r": Int, "alpha": Int, "dropout": Float,
                                   "target_modules": OneOf(Str, ListOf(Str))})),
         "freeze_embeddings": Bool,

@@ -119,7 +119,9 @@ cmd_simulation_link() {
     # Its Control API takes runs from anyone who reaches it, without TLS: loopback only.
     local args=(--simulation --insecure --host 127.0.0.1 --port "$port" --database "$rundir/superlink.db"
                 --disable-runtime-dependency-installation)
-    (cd "$rundir" && start_bg "$rundir/superlink.pid" "$rundir/superlink.log" "$(tool flower-superlink)" "${args[@]}")
+    # Its simulated clients take their state dir from the run config (FEDPRIV_SIMULATION:
+    # client/node_config.py); a SuperNode's device never does.
+    (cd "$rundir" && export FEDPRIV_SIMULATION=1 && start_bg "$rundir/superlink.pid" "$rundir/superlink.log" "$(tool flower-superlink)" "${args[@]}")
     echo "fedpriv-deploy: simulation SuperLink pid $(cat "$rundir/superlink.pid") on 127.0.0.1:$port (log $rundir/superlink.log)"
 }
 

@@ -186,7 +186,9 @@ def simulate(cfg_node) -> None:
     else:
         from flwr.simulation import run_simulation
 
-        with quiet_terminal(verbose=_verbose):
+        from common.protocol import simulation_env
+
+        with quiet_terminal(verbose=_verbose), simulation_env():  # Ray's workers inherit it
             run_simulation(
                 server_app=make_app(prepared, run_dir, errors, resume=bool(cfg.get("resume")),
                                     window=message_window(cfg)),

@@ -16,12 +16,15 @@ Flower builds a Message only inside a run, so the caller sets
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from collections.abc import Mapping
 from pathlib import Path
 
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.common.constant import ErrorCode
+
+from common.protocol import simulation_env
 
 RUN_ID = 7
 
@@ -34,8 +37,9 @@ def as_server_of_run(run_id: int = RUN_ID) -> None:
 
 
 class InProcessGrid:
-    """``node_configs``: node id -> its node config, or a number n of simulated nodes
-    (node ``c`` is partition ``c`` of n, as in ``fedpriv simulate``)."""
+    """``node_configs``: node id -> its node config (a device in deployment: its own
+    state-dir and privacy policy), or a number n of simulated nodes (node ``c`` is partition
+    ``c`` of n, keeping its ledger under the run's ``state_dir``, as in ``fedpriv simulate``)."""
 
     class run:  # noqa: N801 - what server.secagg reads: grid.run.run_id
         run_id = RUN_ID
@@ -45,6 +49,7 @@ class InProcessGrid:
 
         from server.components import CLIENT_APP
 
+        self.simulated = isinstance(node_configs, int)
         if isinstance(node_configs, int):
             node_configs = {c: {"partition-id": c, "num-partitions": node_configs} for c in range(node_configs)}
         self.app = load_app(CLIENT_APP, ValueError, project_dir=Path(__file__).resolve().parents[1])
@@ -59,7 +64,8 @@ class InProcessGrid:
         for msg in messages:
             msg = copy.deepcopy(msg)
             try:
-                replies.append(self.app(message=msg, context=self.contexts[msg.metadata.dst_node_id]))
+                with simulation_env() if self.simulated else contextlib.nullcontext():
+                    replies.append(self.app(message=msg, context=self.contexts[msg.metadata.dst_node_id]))
             except Exception as ex:
                 reason = str(type(ex)) + ":<'" + str(ex) + "'>"
                 replies.append(Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason),

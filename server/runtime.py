@@ -47,6 +47,7 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
+from common.protocol import SIMULATION_ENV
 from common.storage import atomic_write_json, read_json_lines  # whole or not at all: the other side polls
 from server.loop import progress_display, round_progress
 
@@ -136,6 +137,7 @@ def child_env(cfg: dict, home: Path) -> dict:
     env["PATH"] = os.pathsep.join([str(Path(_tool("flower-superexec")).parent), *filter(None, [os.environ.get("PATH")])])
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
     env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
+    env[SIMULATION_ENV] = "1"  # its clients are simulated: they read the run's state_dir (client/node_config.py)
     env.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "0.1")
     env["PYTHONUNBUFFERED"] = "1"  # their logs reach cli.log even when they are stopped  # the SuperLink's own launcher: 1 s by default
     address = (cfg.get("federation") or {}).get("ray_address")

@@ -56,7 +56,6 @@ def model_group(option: str) -> dict:
     from omegaconf import OmegaConf
 
     cfg = OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "model" / f"{option}.yaml"), resolve=True)
-    cfg.pop("_target_")
     return cfg
 
 

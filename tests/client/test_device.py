@@ -83,14 +83,37 @@ def test_node_config_keys(tmp_path):
     assert who.client_id.startswith("device-")
     assert node_identity({"state-dir": str(tmp_path / "s"), "data-path": "x.csv"}, cfg).client_id == who.client_id
     assert node_identity({"state-dir": str(tmp_path / "s"), "client-id": "alice"}, cfg).client_id == "alice"
-    demo = node_identity({"partition-id": 1, "num-partitions": 2}, {"state_dir": str(tmp_path / "sim")})
+    demo = node_identity({"partition-id": 1, "num-partitions": 2}, {"state_dir": str(tmp_path / "sim")},
+                         simulation=True)
     assert (demo.client_id, demo.partition_id, demo.state_dir) == ("1", 1, str(tmp_path / "sim"))
     with pytest.raises(ConfigError, match="node-config state-dir"):
         node_identity({"partition-id": 0}, cfg)  # deployment: the server holds no state_dir
+    # Nor may it name one: a device in deployment never reads the run config's state_dir.
+    with pytest.raises(ConfigError, match="node-config state-dir"):
+        node_identity({"partition-id": 0}, {"state_dir": str(tmp_path / "server-chosen")})
+    assert not (tmp_path / "server-chosen").exists()
     for key, bad in (("max-physical-batch-size", 0), ("max-physical-batch-size", 2.5),
-                     ("max-epsilon", "x"), ("device", "tpu"), ("client-id", "../x")):
+                     ("max-epsilon", "x"), ("device", "tpu"), ("client-id", "../x"), ("require-dp", "maybe"),
+                     ("max-delta", 1.0), ("max-delta", "x"), ("max-client-clip-norm", -1)):
         with pytest.raises(ConfigError, match=f"node-config {key}"):
             node_identity({"state-dir": str(tmp_path / "s"), key: bad}, cfg)
+
+
+def test_device_policy_defaults(tmp_path, monkeypatch):
+    """In deployment a device requires its own noise and caps δ by its n; a simulated client
+    (FEDPRIV_SIMULATION, set by the simulation's host) has no policy beyond the run's."""
+    monkeypatch.delenv("FEDPRIV_SIMULATION", raising=False)
+    device = node_identity({"state-dir": str(tmp_path / "s")}, {})
+    assert device.policy.require_dp and device.policy.deployed
+    assert device.policy.delta_limit(100) == 1e-5 and device.policy.delta_limit(50_000) == pytest.approx(2e-6)
+    owner = node_identity({"state-dir": str(tmp_path / "s"), "require-dp": "false", "max-delta": "1e-4",
+                           "max-client-clip-norm": 2, "max-epsilon": 1}, {})
+    assert not owner.policy.require_dp and owner.policy.delta_limit(10) == 1e-4
+    assert (owner.policy.max_client_clip_norm, owner.policy.max_epsilon) == (2.0, 1.0)
+    monkeypatch.setenv("FEDPRIV_SIMULATION", "1")
+    sim = node_identity({"partition-id": 0}, {"state_dir": str(tmp_path / "sim")})
+    assert not sim.policy.require_dp and sim.policy.delta_limit(10) is None
+    assert sim.state_dir == str(tmp_path / "sim")
 
 
 def _seeded_generators(monkeypatch, seed):

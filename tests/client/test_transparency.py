@@ -16,7 +16,7 @@ from server.grid import InProcessGrid
 from server.loop import prepare, run_federation
 
 LINE_KEYS = {"time", "run_id", "round", "event", "tensors", "bytes", "update_norm_before_clip",
-             "update_norm_after_clip", "masked", "protection", "epsilon_before", "epsilon_after", "reason",
+             "update_norm_after_clip", "masked", "protection", "epsilon_before", "epsilon_after", "delta", "reason",
              "never_sent"}
 
 

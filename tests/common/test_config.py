@@ -34,8 +34,8 @@ def test_every_config_group_composes_and_validates(tmp_path, group, option):
     cfg = compose_option(group, option, tmp_path)
     schema.check(cfg)
     validate(cfg)
-    if group == "model":
-        assert cfg["model"]["_target_"] == "common.model.build_model"
+    if group == "model":  # nothing in conf/ names code to call: the model is built from typed keys
+        assert "_target_" not in cfg["model"]
 
 
 def test_every_group_is_tested():

@@ -28,7 +28,8 @@ def _run(tmp_path, *overrides):
     cfg = compose([*(o for o in FAST if not o.startswith(("recipe=", "train."))), *RECIPE, *overrides],
                   tmp_path / "run")
     prepared = prepare(cfg)
-    grid = InProcessGrid({n: {"state-dir": str(tmp_path / f"dev{n}"), "partition-id": n - 1} for n in (1, 2)})
+    grid = InProcessGrid({n: {"state-dir": str(tmp_path / f"dev{n}"), "partition-id": n - 1, "require-dp": False}  # some runs: privacy=none
+                         for n in (1, 2)})
     run_dir = tmp_path / "run"
     report = run_federation(grid, prepared, run_dir)
     manifest = Manifest.load(run_dir)
@@ -94,7 +95,8 @@ def test_head_recipe_without_dp_is_reproducible_and_reads_cached_features(task_i
     stamp = cached[0].stat().st_mtime_ns
     cfg2 = dict(cfg)
     prepared = prepare(cfg2)
-    grid = InProcessGrid({n: {"state-dir": str(tmp_path / f"dev{n}"), "partition-id": n - 1} for n in (1, 2)})
+    grid = InProcessGrid({n: {"state-dir": str(tmp_path / f"dev{n}"), "partition-id": n - 1, "require-dp": False}  # some runs: privacy=none
+                         for n in (1, 2)})
     run_federation(grid, prepared, tmp_path / "run2")
     second = [json.loads(line)["accuracy"] for line in (tmp_path / "run2" / "metrics.jsonl").read_text().splitlines()]
     assert cached[0].stat().st_mtime_ns == stamp
