@@ -336,6 +336,28 @@ def combined_noise_multiplier(update_sigma: float, count_stddev: float | None,
     return (update_sigma ** -2 + (count_stddev / count_sensitivity) ** -2) ** -0.5
 
 
+def client_level_sigma(mechanism: object) -> float:
+    """σ_eff of a report's ``client_level.mechanism`` (DESIGN.md), the σ its ε follows from.
+
+    ``update_noise_multiplier`` > 0, and ``count_stddev`` and ``count_sensitivity`` either
+    both null (fixed clipping) or both > 0: then :func:`combined_noise_multiplier`. Raises
+    ValueError naming what is missing or invalid, so nothing is recomputed from it.
+    """
+    if not isinstance(mechanism, Mapping):
+        raise ValueError("client_level.mechanism is missing")
+    sigma = _positive(mechanism.get("update_noise_multiplier"), "update_noise_multiplier")
+    std, sens = mechanism.get("count_stddev"), mechanism.get("count_sensitivity")
+    if std is None and sens is None:
+        return combined_noise_multiplier(sigma, None)
+    return combined_noise_multiplier(sigma, _positive(std, "count_stddev"), _positive(sens, "count_sensitivity"))
+
+
+def _positive(value: object, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"client_level.mechanism.{name} is {value!r}, not a number > 0")
+    return float(value)
+
+
 @dataclass(frozen=True)
 class ClientNoise:
     """The client-level noise of a run, fixed before round 1."""

@@ -179,6 +179,9 @@ class ClientLevelDP:
             self.releases += 1
         self.per_round.append({
             "round": server_round, "epsilon": self.epsilon_after(self.releases), "released": released,
+            # ε after this many releases: what the report recomputes this round's ε from (a
+            # resumed run's count includes a release whose row a crash dropped; restore()).
+            "releases": self.releases,
             "clients_contributed": clients, "clipping_norm": clipping_norm,
         })
 

@@ -17,10 +17,13 @@ the renderers or matplotlib.
 
 from __future__ import annotations
 
+import json
+import math
 from collections.abc import Iterable
 
 from common import __version__
-from common.accounting import ACCOUNTANTS, epsilon, history_prefix
+from common.accounting import (ACCOUNTANTS, client_epsilon, client_history, client_level_sigma, epsilon,
+                               history_prefix)
 from common.schema import PRIVACY_MODES
 from common.errors import ConfigError
 
@@ -135,8 +138,9 @@ def build_report(
 
     ``config`` is the resolved config; ``clients_reported`` the parsed
     ``clients_reported.json`` (``{"run_id": ..., "clients": {id: entry}}``); ``rounds``
-    the rows of ``metrics.jsonl``; ``client_level`` the server's client-level block,
-    used as is (the disabled block when ``None``); ``evaluation`` the final model's block
+    the rows of ``metrics.jsonl``; ``client_level`` the server's client-level block
+    (the disabled block when ``None``), its ε recomputed from its mechanism
+    (:func:`_client_level`); ``evaluation`` the final model's block
     (``evaluation.json``), ``None`` for a run that wrote none (one from before per-class
     results, or stopped before round 1): the report's ``evaluation`` is then null.
 
@@ -161,7 +165,7 @@ def build_report(
     derived = [_client_row(cid, entry, delta, accountant, sample_cfg) for cid, entry in entries] if sample_on else []
     clients = [row for row, _ in derived]
 
-    level = client_level if client_level is not None else _disabled_client_level()
+    level, level_caveats = _client_level(client_level if client_level is not None else _disabled_client_level())
     ordered = sorted(rounds, key=lambda r: r["round"])
     round_keys = TOKEN_ROUND_KEYS if config.get("task") == "token_classification" else ROUND_KEYS
     final, stale = _final_evaluation(evaluation, ordered)
@@ -184,6 +188,7 @@ def build_report(
     reported = [entry for _, entry in entries] if sample_on else []
     dropped = [left_out for _, left_out in derived]
     report["caveats"] = _caveats(report, mode, reported, clients_reported.get("unreported") or {}, dropped)
+    report["caveats"] += level_caveats
     if stale is not None:
         last = ordered[-1]["round"] if ordered else None
         report["caveats"].append(
@@ -224,6 +229,113 @@ def _disabled_client_level() -> dict:
         "assumptions": [],
         "per_round": [],
     }
+
+
+#: A stated client-level number within this relative distance of the recomputed one is kept as
+#: stated (σ_eff from the mechanism's two noises differs from the server's σ by float rounding).
+CLIENT_LEVEL_RTOL = 1e-9
+
+
+def _client_level(level: dict) -> tuple[dict, list[str]]:
+    """(the client-level block with its numbers recomputed, caveats naming each one replaced).
+
+    ``client_level.json`` is never trusted (DESIGN.md): ε follows from the mechanism's σ_eff
+    (:func:`common.accounting.client_level_sigma`) at q = 1 over the released rounds, at the
+    block's δ. The released rounds are the ``per_round`` entries marked released, or the
+    block's ``rounds_released`` where it counts more (a resumed run keeps a release whose
+    round a crash cut short counted, without its entry); a round's ε is that after its
+    entry's cumulative ``releases`` (the released entries up to it where the entry has none).
+    A number that disagrees is replaced and said; an entry whose count is impossible is left
+    out and said. With no usable mechanism or δ nothing can be recomputed: ε is null and said.
+    """
+    if not level.get("enabled"):
+        return level, []
+    level = dict(level)
+    entries = [dict(p) for p in level.get("per_round") or [] if isinstance(p, dict)]
+    stated = level.get("epsilon")
+    try:
+        sigma = client_level_sigma(level.get("mechanism"))
+        delta = level.get("delta")
+        if isinstance(delta, bool) or not isinstance(delta, (int, float)) or not 0 < delta < 1:
+            raise ValueError(f"client_level.delta is {delta!r}, not a number in (0, 1)")
+    except ValueError as err:
+        level["epsilon"] = None
+        level["per_round"] = [{**p, "epsilon": None} for p in entries]
+        return level, [f"client_level.json stated client-level ε {_json(stated)}, which cannot be recomputed: "
+                       f"{err}. The report shows no client-level ε (null), per round neither."]
+
+    released = [bool(p.get("released", True)) for p in entries]
+    total = sum(released)
+    counted = level.get("rounds_released")
+    if _is_count(counted) and counted > total:
+        total = counted
+    caveats, rows, changed, dropped, seen, floor = [], [], [], [], 0, 0
+    for entry, was_released in zip(entries, released):
+        seen += was_released
+        count = entry.get("releases", seen)
+        if not _is_count(count) or not max(seen, floor) <= count <= total:
+            dropped.append(entry.get("round"))
+            continue
+        floor = count
+        eps = client_epsilon(sigma, count, delta)
+        if not _same(entry.get("epsilon"), eps):
+            changed.append(entry.get("round"))
+            entry["epsilon"] = eps
+        rows.append(entry)
+    level["per_round"] = rows
+
+    eps = client_epsilon(sigma, total, delta)
+    if not _same(stated, eps):
+        level["epsilon"] = eps
+        caveats.append(f"client_level.json stated client-level ε {_json(stated)}; recomputed from the mechanism "
+                       f"(σ = {sigma:.4g}) and {total} released rounds at δ = {delta:g}: {eps:.4g}, which the "
+                       "report shows.")
+    if not _same(level.get("noise_multiplier"), sigma):
+        caveats.append(f"client_level.json stated noise multiplier {_json(level.get('noise_multiplier'))}; its "
+                       f"mechanism gives σ = {sigma:.4g}, which the report shows.")
+        level["noise_multiplier"] = sigma
+    if "history" in level:
+        history = [list(h) for h in client_history(level["noise_multiplier"], total)]
+        if not _same_history(level["history"], history):
+            caveats.append(f"client_level.json stated history {_json(level['history'])}; the mechanism and "
+                           f"{total} released rounds give {_json(history)}, which the report shows.")
+            level["history"] = history
+    if "rounds_released" in level and level["rounds_released"] != total:
+        caveats.append(f"client_level.json stated {_json(level['rounds_released'])} rounds released; its per-round "
+                       f"entries give {total}, which the report shows.")
+        level["rounds_released"] = total
+    if changed:
+        caveats.append(f"client_level.json stated a client-level ε for round(s) {', '.join(map(str, changed))} that "
+                       "its mechanism does not give; the report shows the ε recomputed after each round's releases.")
+    if dropped:
+        caveats.append(f"client_level.json's entry for round(s) {', '.join(map(str, dropped))} states a count of "
+                       "released rounds that cannot be (not an integer, fewer than the releases before it, or more "
+                       "than the run released): its client-level ε cannot be derived and is left out.")
+    return level, caveats
+
+
+def _is_count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _same(stated: object, derived: float) -> bool:
+    """``stated`` is ``derived`` up to float rounding (:data:`CLIENT_LEVEL_RTOL`)."""
+    return (isinstance(stated, (int, float)) and not isinstance(stated, bool)
+            and math.isclose(stated, derived, rel_tol=CLIENT_LEVEL_RTOL, abs_tol=0.0))
+
+
+def _same_history(stated: object, derived: list[list]) -> bool:
+    if not isinstance(stated, list) or len(stated) != len(derived):
+        return False
+    for s, d in zip(stated, derived):
+        if not isinstance(s, list) or len(s) != 3 or not (_same(s[0], d[0]) and _same(s[1], d[1])
+                                                          and _is_count(s[2]) and s[2] == d[2]):
+            return False
+    return True
+
+
+def _json(value: object) -> str:
+    return json.dumps(value)
 
 
 def _sorted_entries(items: Iterable[tuple[str, dict]]) -> list[tuple[str, dict]]:

@@ -48,7 +48,7 @@ def epsilon_plot(report: dict) -> bytes:
         ax.axhline(budget, color="red", linestyle="--", linewidth=1,
                    label=f"budget ε = {budget:g}")
         drawn = True
-    client_points = [(p["round"], p["epsilon"]) for p in level.get("per_round") or []]
+    client_points = [(p["round"], p["epsilon"]) for p in level.get("per_round") or [] if p["epsilon"] is not None]
     if level.get("enabled") and client_points:
         xs, ys = zip(*client_points)
         ax.plot(xs, ys, color="black", linewidth=2.5, marker="s", label="client-level ε")

@@ -188,7 +188,7 @@ def test_release_noises_at_the_round_c_then_adapts_then_accounts_that_c():
     values = torch.cat([v.flatten() for v in step.values()])
     assert abs(float(values.std()) / (dp.noise.update_sigma * c_round / 40) - 1) < 0.05
     assert dp.clipping_norm > c_round  # nothing fit: C grows for the next round
-    assert dp.per_round[-1] == {"round": 1, "epsilon": dp.epsilon_after(1), "released": True,
+    assert dp.per_round[-1] == {"round": 1, "epsilon": dp.epsilon_after(1), "released": True, "releases": 1,
                                 "clients_contributed": 40, "clipping_norm": c_round}
     dp.skip(2, clients=1)
     assert dp.releases == 1 and dp.per_round[-1]["released"] is False

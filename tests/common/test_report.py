@@ -101,6 +101,17 @@ def write_run_dir(run_dir: Path, config=None, reported=None, rounds=ROUNDS) -> P
     return run_dir
 
 
+def minimal_client_level(sigma=1.1, delta=1e-3, rounds=2):
+    """A client-level block with only the schema's keys and the mechanism, its ε consistent with it."""
+    return {"enabled": True, "unit": "all data of one client",
+            "epsilon": opacus_epsilon([[sigma, 1.0, rounds]], delta),
+            "delta": delta, "noise_multiplier": sigma, "clipping_norm": 0.5,
+            "assumptions": ["no amplification (q = 1)"],
+            "mechanism": {"update_noise_multiplier": sigma, "count_stddev": None, "count_sensitivity": None},
+            "per_round": [{"round": r, "epsilon": opacus_epsilon([[sigma, 1.0, r]], delta)}
+                          for r in range(1, rounds + 1)]}
+
+
 def by_id(report):
     return {c["client_id"]: c for c in report["sample_level"]["clients"]}
 
@@ -186,14 +197,12 @@ def test_client_level_defaults_to_disabled_block_and_is_used_as_given():
         "enabled": False, "unit": "all data of one client", "epsilon": None, "delta": None,
         "noise_multiplier": None, "clipping_norm": None, "assumptions": [], "per_round": [],
     }
-    given = {"enabled": True, "unit": "all data of one client", "epsilon": 0.9,
-             "delta": 1e-3, "noise_multiplier": 1.1, "clipping_norm": 0.5,
-             "assumptions": ["no amplification (q = 1)"],
-             "per_round": [{"round": 1, "epsilon": 0.6}, {"round": 2, "epsilon": 0.9}]}
+    given = minimal_client_level()
     report = build_report(config=make_config(mode="both"), clients_reported=make_reported(),
                           rounds=ROUNDS, client_level=given)
-    assert report["client_level"] == given
-    assert set(report["client_level"]) == CLIENT_LEVEL_KEYS
+    assert report["client_level"] == given  # consistent with its mechanism: nothing to replace
+    assert set(report["client_level"]) == CLIENT_LEVEL_KEYS | {"mechanism"}
+    assert not any("client_level.json" in c for c in report["caveats"])
 
 
 def test_rounds_sorted_with_counts_and_without_extra_keys():
@@ -282,10 +291,7 @@ def test_render_run_dir_writes_all_five_files(tmp_path):
 
 def test_render_run_dir_reads_client_level_json(tmp_path):
     run_dir = write_run_dir(tmp_path / "run", config=make_config(mode="both"))
-    level = {"enabled": True, "unit": "all data of one client", "epsilon": 0.9,
-             "delta": 1e-3, "noise_multiplier": 1.1, "clipping_norm": 0.5,
-             "assumptions": ["no amplification (q = 1)"],
-             "per_round": [{"round": 1, "epsilon": 0.6}, {"round": 2, "epsilon": 0.9}]}
+    level = minimal_client_level()
     (run_dir / "client_level.json").write_text(json.dumps(level))
     report = render_run_dir(run_dir)
     assert report["client_level"] == level
@@ -489,3 +495,129 @@ def test_read_metrics_is_the_one_reader(tmp_path):
         read_metrics(tmp_path)
     (tmp_path / "metrics.jsonl").write_text('{"round": 1}\n{"round": 2}\n{"round": 3, "acc')
     assert read_metrics(tmp_path) == [{"round": 1}, {"round": 2}] == completed_rounds(tmp_path)
+
+
+# ------------------------------------------------------------------ client_level.json is recomputed, never trusted
+
+# The issue's run: 4 clients, 3 rounds, fixed clipping, σ calibrated to privacy.client.epsilon = 10 at
+# δ = 1e-3 (0.7587); its client_level.json was edited to state ε = 0.1.
+ISSUE_CLIENT = {"clipping": "fixed", "clipping_norm": 1.0, "noise_multiplier": None, "epsilon": 10.0,
+                "delta": 1e-3, "target_quantile": 0.5, "clip_lr": 0.2, "clipped_count_stddev": None}
+
+
+def honest_client_level(released=3, **client):
+    """client_level.json as the server writes it (common.mechanism), after ``released`` rounds."""
+    from common.mechanism import ClientLevelDP
+
+    dp = ClientLevelDP({"rounds": 3, "num_clients": 4, "secagg": False,
+                        "privacy": {"mode": "both", "client": {**ISSUE_CLIENT, **client}}})
+    for r in range(1, released + 1):
+        dp.record(r, released=True, clients=4, clipping_norm=dp.clipping_norm)
+    return dp
+
+
+def oracle_client_epsilon(mechanism: dict, releases: int, delta: float) -> float:
+    """ε from DESIGN.md's words alone, with Opacus' RDP analysis and its default alphas."""
+    from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
+
+    sigma_u, std, sens = (mechanism[k] for k in ("update_noise_multiplier", "count_stddev", "count_sensitivity"))
+    sigma = sigma_u if std is None else (sigma_u ** -2 + (std / sens) ** -2) ** -0.5
+    rdp = compute_rdp(q=1.0, noise_multiplier=sigma, steps=releases, orders=RDPAccountant.DEFAULT_ALPHAS)
+    return float(get_privacy_spent(orders=RDPAccountant.DEFAULT_ALPHAS, rdp=rdp, delta=delta)[0])
+
+
+def render_with_client_level(tmp_path, level: dict) -> tuple[dict, Path]:
+    run_dir = write_run_dir(tmp_path / "run", config=make_config(mode="both"))
+    (run_dir / "client_level.json").write_text(json.dumps(level))
+    return render_run_dir(run_dir), run_dir  # what `fedpriv report RUN_DIR` runs
+
+
+def level_caveats(report):
+    return [c for c in report["caveats"] if "client_level.json" in c]
+
+
+@pytest.mark.parametrize("clipping", [{}, {"clipping": "adaptive", "clipped_count_stddev": 2.0}],
+                         ids=["fixed", "adaptive"])
+def test_edited_client_level_epsilon_is_recomputed_from_the_mechanism_and_named(tmp_path, clipping):
+    level = honest_client_level(**clipping).block()
+    level["epsilon"] = 0.1
+    level["per_round"][2]["epsilon"] = 0.1
+    report, run_dir = render_with_client_level(tmp_path, level)
+    shown = report["client_level"]
+    expected = oracle_client_epsilon(level["mechanism"], 3, 1e-3)
+    assert shown["epsilon"] == pytest.approx(expected, rel=1e-9)
+    assert [p["epsilon"] for p in shown["per_round"]] == pytest.approx(
+        [oracle_client_epsilon(level["mechanism"], r, 1e-3) for r in (1, 2, 3)], rel=1e-9)
+    named = level_caveats(report)
+    assert any("client-level ε 0.1;" in c and f"{expected:.4g}" in c and "3 released rounds" in c for c in named)
+    assert any("round(s) 3" in c for c in named)
+    md = (run_dir / "privacy_report.md").read_text()
+    assert f"{expected:.4f}" in md and "ε = 0.1000" not in md
+    assert json.loads((run_dir / "privacy_report.json").read_text()) == report
+    if not clipping:  # the issue's numbers: σ = 0.7587 over 3 releases at δ = 1e-3 gives 9.999
+        assert round(shown["noise_multiplier"], 4) == 0.7587 and round(shown["epsilon"], 3) == 9.999
+
+
+def test_unedited_client_level_json_is_shown_unchanged(tmp_path):
+    level = honest_client_level(clipping="adaptive", clipped_count_stddev=2.0).block()
+    report, _ = render_with_client_level(tmp_path, level)
+    assert report["client_level"] == level
+    assert level_caveats(report) == []
+
+
+def test_a_resumed_run_that_counted_a_crashed_release_is_not_lowered(tmp_path):
+    # Round 3 was released and written, then the server crashed before its metrics line; the
+    # resumed run redoes round 3 and keeps the lost release counted (common.mechanism.restore):
+    # 4 releases, 3 per_round entries. The report must not lower that ε to 3 releases.
+    dp = honest_client_level(released=3)
+    dp.write(tmp_path)
+    resumed = honest_client_level(released=0)
+    resumed.restore(tmp_path, completed_rounds=2)
+    resumed.record(3, released=True, clients=4, clipping_norm=resumed.clipping_norm)
+    level = resumed.block()
+    assert level["rounds_released"] == 4 and len(level["per_round"]) == 3
+    report, _ = render_with_client_level(tmp_path, level)
+    assert report["client_level"] == level
+    assert level_caveats(report) == []
+    assert report["client_level"]["epsilon"] == pytest.approx(oracle_client_epsilon(level["mechanism"], 4, 1e-3))
+
+
+def test_edited_noise_multiplier_and_history_are_replaced_and_named(tmp_path):
+    level = honest_client_level().block()
+    level["noise_multiplier"] = 50.0
+    level["history"] = [[50.0, 1.0, 3]]
+    report, _ = render_with_client_level(tmp_path, level)
+    shown = report["client_level"]
+    assert round(shown["noise_multiplier"], 4) == 0.7587
+    assert shown["history"] == [[shown["noise_multiplier"], 1.0, 3]]
+    assert opacus_epsilon(shown["history"], 1e-3) == pytest.approx(shown["epsilon"], rel=1e-9)
+    named = " ".join(level_caveats(report))
+    assert "50" in named and "0.7587" in named
+
+
+@pytest.mark.parametrize("edit", [
+    lambda b: b.pop("mechanism"),
+    lambda b: b["mechanism"].update(update_noise_multiplier="x"),
+    lambda b: b["mechanism"].update(update_noise_multiplier=0.0),
+    lambda b: b["mechanism"].update(count_stddev=2.0),  # no sensitivity stated
+    lambda b: b.update(delta=None),
+], ids=["no mechanism", "sigma not a number", "sigma zero", "count without sensitivity", "no delta"])
+def test_client_level_that_cannot_be_recomputed_shows_no_epsilon(tmp_path, edit):
+    level = honest_client_level().block()
+    level["epsilon"] = 0.1
+    edit(level)
+    report, run_dir = render_with_client_level(tmp_path, level)
+    shown = report["client_level"]
+    assert shown["epsilon"] is None
+    assert all(p["epsilon"] is None for p in shown["per_round"])
+    named = level_caveats(report)
+    assert len(named) == 1 and "cannot be recomputed" in named[0] and "0.1" in named[0]
+    assert "ε = 0.1000" not in (run_dir / "privacy_report.md").read_text()
+
+
+def test_per_round_entry_with_an_impossible_release_count_is_dropped_and_said(tmp_path):
+    level = honest_client_level().block()
+    level["per_round"][1]["releases"] = 0  # fewer than the rounds released up to it
+    report, _ = render_with_client_level(tmp_path, level)
+    assert [p["round"] for p in report["client_level"]["per_round"]] == [1, 3]
+    assert any("round(s) 2" in c and "left out" in c for c in level_caveats(report))
