@@ -372,9 +372,10 @@ def test_load_client_data_reads_an_edited_file_again_in_the_same_process(tmp_pat
 
     cfg = {"data": csv_cfg(path=str(path), test_fraction=0.5), "partition": partition("iid"), "seed": 0,
            "num_clients": 1}
-    write(40, bump=False)
-    assert len(load_client_data(cfg, 0)[0]) == 20
-    write(80, bump=True)
-    assert len(load_client_data(cfg, 0)[0]) == 40
-    write(10, bump=True)  # rows an owner deleted are not trained on
-    assert len(load_client_data(cfg, 0)[0]) == 5
+    sizes = []
+    for rows, bump in ((40, False), (80, True), (10, True)):  # grown; then rows an owner deleted
+        write(rows, bump)
+        train, _, _ = load_splits(cfg["data"], seed=0, num_clients=1)  # the file as it is now
+        sizes.append(len(load_client_data(cfg, 0)[0]))
+        assert sizes[-1] == len(train)
+    assert sizes[1] > sizes[0] > sizes[2]
