@@ -21,6 +21,7 @@ import json
 import logging
 import math
 import time
+import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,8 +34,9 @@ from client.ledger import Ledger, LedgerBusy, RoundEntry, load_reply, locked, re
 from client.node_config import ClientIdentity
 from client.policy import REASON_DELTA
 from common.accounting import append_steps, epsilon, prototype_entry, sample_rate, train_batch_size
-from common.data import load_client_data, load_local_data, tokenize
-from common.features import cached_features, feature_key, features_key_parts, frozen_features, stored_features
+from common.data import file_digest, load_client_data, load_local_data, read_as_hashed, tokenize
+from common.features import (cached_features, data_digests, data_files, feature_key, features_key_parts,
+                             frozen_features, stored_features)
 from common.errors import ConfigError
 from common.model import instantiate_model, load_tokenizer, load_trainable, state_digest, trainable_state
 from common.recipe import HEAD_PREFIX, check_model, head_keys, recipe_of, stage_of, stage_rounds
@@ -59,7 +61,13 @@ class RoundOutcome:
 # (a simulation actor serves every client it is given, so the tokenizer is shared too:
 # loading it again for each new client cost ~35 ms each).
 _MODEL_CACHE: dict[str, torch.nn.Module] = {}
-_DATA_CACHE: dict[str, tuple] = {}
+#: Per (data settings, partition, device file): (the digests of the data files read, (the
+#: tokenised data, label names)). A file edited, grown or cut since has other digests: it is
+#: read again, and its entry replaced.
+_DATA_CACHE: dict[str, tuple[list[str | None], tuple]] = {}
+#: The tokenised data :func:`_client_data` returned -> the digests of the bytes it was read
+#: from, which its features are stored under (:func:`client_features`).
+_READ_FROM: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _TOKENIZER_CACHE: dict[str, Any] = {}
 
 #: Where the last round's time went on this device (seconds), for client.app's profile
@@ -87,23 +95,32 @@ def _client_data(cfg: Mapping, partition_id: int, data_path: str | None = None):
     key = _key(cfg["data"], cfg["partition"], cfg["seed"], cfg["num_clients"],
                cfg["model"]["tokenizer"] or cfg["model"]["name_or_path"],
                cfg["train"]["max_length"], partition_id, data_path)
-    if key not in _DATA_CACHE:
-        partition, label_names = (load_local_data(cfg, data_path) if data_path
-                                  else load_client_data(cfg, partition_id))
+    files = data_files(cfg, data_path)
+    cached = _DATA_CACHE.get(key)
+    if cached is None or cached[0] != [file_digest(f) for f in files.values()]:
+        # Hashed before the read and again after it: the digests kept are those of the bytes read.
+        (partition, label_names), digests = read_as_hashed(
+            files, lambda: load_local_data(cfg, data_path) if data_path else load_client_data(cfg, partition_id))
         tok_key = _key(cfg["model"]["tokenizer"] or cfg["model"]["name_or_path"])
         if tok_key not in _TOKENIZER_CACHE:
             _TOKENIZER_CACHE[tok_key] = load_tokenizer(cfg["model"])
         tokenizer = _TOKENIZER_CACHE[tok_key]
-        _DATA_CACHE[key] = (tokenize(partition, tokenizer, int(cfg["train"]["max_length"]), label_names),
-                            label_names)
-    return _DATA_CACHE[key]
+        data = tokenize(partition, tokenizer, int(cfg["train"]["max_length"]), label_names)
+        _READ_FROM[data] = digests
+        cached = _DATA_CACHE[key] = (digests, (data, label_names))
+    return cached[1]
 
 
 def client_features(cfg: Mapping, who: ClientIdentity, model: torch.nn.Module, data, device) -> Any:
     """This client's features (the frozen encoder's: pooled, or per word for tagged data),
     computed once, kept on the device."""
     check_model(cfg, model)  # a device refuses, naming model.pooling, what the server should have
-    key = _features_key(cfg, who)
+    # Stored under the digests of the bytes ``data`` was read from, not the files' now: a file
+    # changed since the read must not have these features stored as its own.
+    digests = _READ_FROM.get(data)
+    if digests is None:  # data a caller read itself: the files as they are now
+        digests = data_digests(cfg, who.data_path)
+    key = _features_key(cfg, who, digests)
 
     def compute():
         log.info("client %s: computing the frozen features of its %d examples (once)", who.client_id, len(data))
@@ -113,11 +130,12 @@ def client_features(cfg: Mapping, who: ClientIdentity, model: torch.nn.Module, d
         finally:
             model.to("cpu")
 
-    return cached_features(Ledger.directory(who.state_dir, who.client_id), key, compute)
+    return cached_features(Ledger.directory(who.state_dir, who.client_id), key, compute, digests=digests,
+                           n=len(data))
 
 
-def _features_key(cfg: Mapping, who: ClientIdentity) -> str:
-    return feature_key(*features_key_parts(cfg, who.partition_id, who.data_path))
+def _features_key(cfg: Mapping, who: ClientIdentity, digests: list[str | None]) -> str:
+    return feature_key(*features_key_parts(cfg, who.partition_id, who.data_path, digests))
 
 
 class _Head(torch.nn.Module):
@@ -136,12 +154,15 @@ def _cached_inputs(cfg: Mapping, who: ClientIdentity, stage: str, global_state: 
 
     A fresh process (a SuperNode's per-message ClientApp) then reads no data, loads no
     tokenizer and builds no encoder (1.5 s of each message on tiny_bert: BENCHMARKS.md).
-    The features' key covers the model, the data settings and the bytes of the data file,
-    so the stored features are those the client would compute now, and n is their count.
+    The features' key covers the model, the data settings and the bytes of the data files,
+    and the file holds the digests and n they were computed from, checked here against the
+    files now: so the stored features are those the client would compute now, and n is their count.
     """
     if stage == "encoder" or len(head_keys(global_state)) != len(global_state):
         return None
-    feats = stored_features(Ledger.directory(who.state_dir, who.client_id), _features_key(cfg, who))
+    digests = data_digests(cfg, who.data_path)
+    feats = stored_features(Ledger.directory(who.state_dir, who.client_id), _features_key(cfg, who, digests),
+                            digests=digests)
     if feats is None:
         return None
     return feats, int(global_state[f"{HEAD_PREFIX}weight"].shape[0])

@@ -17,6 +17,7 @@ seed, so they agree on the splits without ever exchanging data.
 from __future__ import annotations
 
 import csv
+import functools
 import hashlib
 import json
 import logging
@@ -24,7 +25,7 @@ import warnings
 from collections import defaultdict
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 import torch
@@ -403,11 +404,59 @@ def _describe(cfg: dict) -> str:
 
 
 # ---------------------------------------------------------------------------
+# The bytes of a data file
+
+_T = TypeVar("_T")
+
+
+def file_digest(path: Any) -> str | None:
+    """SHA-256 of a data file's bytes (None: no such setting or no such file), the path
+    resolved as the loaders resolve it (``~`` expanded, relative to the current directory)."""
+    if not path:
+        return None
+    source = Path(str(path)).expanduser().resolve()
+    if not source.is_file():
+        return None
+    stat = source.stat()
+    return _digest_of(str(source), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=64)
+def _digest_of(path: str, size: int, mtime_ns: int) -> str:
+    # Keyed by size and modification time too: a simulation actor serving many clients
+    # hashes a shared file once, and a file edited in place is hashed again.
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def read_as_hashed(files: Mapping[str, Any], read: Callable[[], _T], *, attempts: int = 3
+                   ) -> tuple[_T, list[str | None]]:
+    """``read()`` and the digests (:func:`file_digest`) of the bytes it read of ``files``
+    (setting -> path, in order): hashed before the read and again after it, and read again
+    if a file changed meanwhile, so what is cached or stored under the digests is what
+    those bytes hold, never a file's older or half-written rows."""
+    for _ in range(attempts):
+        before = [file_digest(f) for f in files.values()]
+        value = read()
+        after = [file_digest(f) for f in files.values()]
+        if after == before:
+            return value, before
+    changed = next(k for (k, f), a, b in zip(files.items(), after, before) if a != b)
+    raise ConfigError(changed, f"{files[changed]} changed while it was read, {attempts} times; "
+                      "read it when it is no longer being written")
+
+
+# ---------------------------------------------------------------------------
 # What each client uses
 
 #: One process serves many rounds and (in simulation) many clients: load and
-#: partition once per distinct data configuration.
-_CACHE: dict[str, tuple[list[datasets.Dataset], list[str]]] = {}
+#: partition once per distinct data configuration and bytes of its files. Per
+#: configuration: (the digests of data.path and data.test_path read, (partitions, label
+#: names)); a file edited, grown or cut since is read again, and replaces the entry.
+_CACHE: dict[str, tuple[list[str | None], tuple[list[datasets.Dataset], list[str]]]] = {}
 
 
 def load_client_data(cfg: Mapping, partition_id: int) -> tuple[datasets.Dataset, list[str]]:
@@ -415,13 +464,18 @@ def load_client_data(cfg: Mapping, partition_id: int) -> tuple[datasets.Dataset,
     relevant = {"data": _plain(cfg["data"]), "partition": _plain(cfg["partition"]),
                 "seed": cfg["seed"], "num_clients": cfg["num_clients"]}
     key = hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()
-    if key not in _CACHE:
-        train, _, names = load_splits(relevant["data"], seed=relevant["seed"],
-                                      num_clients=relevant["num_clients"])
-        parts = partition_train(train, relevant["partition"], num_clients=relevant["num_clients"],
-                                seed=relevant["seed"])
-        _CACHE[key] = (parts, names)
-    parts, names = _CACHE[key]
+    files = {f"data.{k}": relevant["data"].get(k) for k in ("path", "test_path")}
+    cached = _CACHE.get(key)
+    if cached is None or cached[0] != [file_digest(f) for f in files.values()]:
+        def read():
+            train, _, names = load_splits(relevant["data"], seed=relevant["seed"],
+                                          num_clients=relevant["num_clients"])
+            return partition_train(train, relevant["partition"], num_clients=relevant["num_clients"],
+                                   seed=relevant["seed"]), names
+
+        value, digests = read_as_hashed(files, read)
+        cached = _CACHE[key] = (digests, value)
+    parts, names = cached[1]
     if not 0 <= partition_id < len(parts):
         raise ConfigError("num_clients", f"partition id {partition_id} is outside [0, {len(parts)})")
     return parts[partition_id], names

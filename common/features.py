@@ -4,18 +4,17 @@ per sentence, or per word for token classification).
 A client computes the features of its own data once per (model, data, tokenizer,
 max_length) and keeps them in its own state directory, next to its ledger
 (``<state_dir>/<client_id>/features-<key>.pt``): never sent, deleted with the state
-directory. The server computes those of its test set once per run, in memory.
+directory. The file holds n and the digests of the data files they were computed from,
+and is read back only while both still hold. The server computes those of its test set once per run, in memory.
 """
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import io
 import json
 import logging
-import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +22,7 @@ import torch
 from torch.utils.data import TensorDataset
 
 from common.conll import IGNORE
+from common.data import file_digest
 from common.model import model_inputs
 from common.storage import atomic_write_bytes
 
@@ -114,21 +114,25 @@ def feature_key(*parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
 
-def cached_features(directory: str | Path, key: str, compute: Callable[[], TensorDataset]) -> TensorDataset:
-    """The features stored under ``directory`` for ``key``, computed (and stored) if absent.
+def cached_features(directory: str | Path, key: str, compute: Callable[[], TensorDataset], *,
+                    digests: Sequence[str | None], n: int | None = None) -> TensorDataset:
+    """The features stored under ``directory`` for ``key``, computed (and stored) if absent
+    or not those of the data as it is (:func:`stored_features`).
 
-    Written atomically, so a crash leaves the old file or none; a file that does not load
-    is computed again. Other keys' files in ``directory`` are removed: one client keeps
-    the features of its current setting only.
+    ``compute`` must give the features of the bytes ``digests`` name (:func:`data_digests`),
+    which are stored with them, with their count. Written atomically, so a crash leaves the
+    old file or none; a file that does not load is computed again. Other keys' files in
+    ``directory`` are removed: one client keeps the features of its current setting only.
     """
     directory = Path(directory)
     path = directory / f"{FEATURES_PREFIX}{key}.pt"
-    stored = stored_features(directory, key)
+    stored = stored_features(directory, key, digests=digests, n=n)
     if stored is not None:
         return stored
     data = compute()
     buffer = io.BytesIO()
-    torch.save({"features": data.tensors[0], "labels": data.tensors[1]}, buffer)
+    torch.save({"features": data.tensors[0], "labels": data.tensors[1], "n": len(data.tensors[0]),
+                "digests": list(digests)}, buffer)
     atomic_write_bytes(path, buffer.getvalue(), mode=0o600)
     for other in directory.glob(f"{FEATURES_PREFIX}*.pt"):
         if other != path:
@@ -136,41 +140,48 @@ def cached_features(directory: str | Path, key: str, compute: Callable[[], Tenso
     return data
 
 
-def stored_features(directory: str | Path, key: str) -> TensorDataset | None:
-    """The features stored under ``directory`` for ``key``, or None (absent or damaged)."""
+def stored_features(directory: str | Path, key: str, *, digests: Sequence[str | None],
+                    n: int | None = None) -> TensorDataset | None:
+    """The features stored under ``directory`` for ``key``, or None: absent, damaged, or not
+    those of the data as it is, that is, their stored digests are not ``digests`` (the data
+    files' now), their stored n is not their count (or ``n``, where given), or they have no
+    such record (older code wrote them): such features are computed again, never trained on."""
     path = Path(directory) / f"{FEATURES_PREFIX}{key}.pt"
     if not path.is_file():
         return None
     try:
         stored = torch.load(path, map_location="cpu", weights_only=True)
-        return TensorDataset(stored["features"], stored["labels"])
+        features, labels = stored["features"], stored["labels"]
+        count, stored_digests = stored.get("n"), stored.get("digests")
     except Exception:  # a damaged cache is only a cache
         log.warning("cached features %s did not load; computing them again", path.name)
         return None
-
-
-def features_key_parts(cfg: Mapping, partition_id: int, data_path: str | None) -> tuple:
-    """What a client's features depend on: the model, its seed, the data and its split, and
-    the bytes of the data files read (so features of an edited file are computed again)."""
-    files = [data_path, *(cfg["data"].get(k) for k in ("path", "test_path"))]
-    return (cfg["model"], cfg["seed"], cfg["data"], cfg["partition"], cfg["num_clients"], partition_id,
-            data_path, cfg["train"]["max_length"], [_file_digest(f) for f in files])
-
-
-def _file_digest(path: Any) -> str | None:
-    """SHA-256 of a data file's bytes (None: no such setting or no such file)."""
-    if not path or not Path(str(path)).is_file():
+    if (stored_digests != list(digests) or count != len(features) or len(labels) != len(features)
+            or (n is not None and count != n)):
+        log.warning("cached features %s are not those of the data files as they are now (their n or data "
+                    "digests differ, or were not recorded); computing them again", path.name)
         return None
-    stat = os.stat(path)
-    return _digest_of(str(path), stat.st_size, stat.st_mtime_ns)
+    return TensorDataset(features, labels)
 
 
-@functools.lru_cache(maxsize=64)
-def _digest_of(path: str, size: int, mtime_ns: int) -> str:
-    # Keyed by size and modification time too: a simulation actor serving many clients
-    # hashes a shared file once, and a file edited in place is hashed again.
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+def data_files(cfg: Mapping, data_path: str | None) -> dict[str, Any]:
+    """The files a client's data is read from, by setting (None where unset; a Hub name is
+    no file): its own (node-config data-path), the run's data.path and data.test_path."""
+    return {"node-config data-path": data_path,
+            **{f"data.{k}": cfg["data"].get(k) for k in ("path", "test_path")}}
+
+
+def data_digests(cfg: Mapping, data_path: str | None) -> list[str | None]:
+    """The digests of :func:`data_files`' bytes as they are now, in that order."""
+    return [file_digest(f) for f in data_files(cfg, data_path).values()]
+
+
+def features_key_parts(cfg: Mapping, partition_id: int, data_path: str | None,
+                       digests: Sequence[str | None] | None = None) -> tuple:
+    """What a client's features depend on: the model, its seed, the data and its split, and
+    the bytes of the data files read (``digests``, of the data the features are computed
+    from; by default the files' now), so features of an edited file are computed again."""
+    if digests is None:
+        digests = data_digests(cfg, data_path)
+    return (cfg["model"], cfg["seed"], cfg["data"], cfg["partition"], cfg["num_clients"], partition_id,
+            data_path, cfg["train"]["max_length"], list(digests))

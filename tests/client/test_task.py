@@ -299,3 +299,86 @@ def test_stored_features_follow_the_bytes_of_the_data_file(tmp_path):
     path.write_text("text,label\nhello,a\nbye,a\n")  # relabelled in place: same name, size and settings
     os.utime(path, ns=(stamp + 10**9, stamp + 10**9))  # a second later, whatever the clock's resolution
     assert feature_key(*features_key_parts(cfg, 0, str(path))) != before
+
+
+DEVICE_RECIPE = [*HEAD_RECIPE, "privacy=sample", "train.batch_size=32", "+data.labels=[a,b]"]
+
+
+def write_device_file(path, rows):
+    """A device's own CSV of ``rows`` rows, a second newer than the last one (whatever the
+    clock's resolution), so that an edit in place shows in its modification time."""
+    stamp = path.stat().st_mtime_ns if path.exists() else None
+    path.write_text("text,label\n" + "".join(f"message number {i},{'ab'[i % 2]}\n" for i in range(rows)))
+    if stamp is not None:
+        os.utime(path, ns=(stamp + 10**9, stamp + 10**9))
+
+
+def device_round(tmp_path, path, server_round):
+    cfg = compose([*DEVICE_RECIPE, f"state_dir={tmp_path / 'state'}"], tmp_path / "run")
+    weights = trainable_state(instantiate_model(cfg, 2))
+    me = ClientIdentity(client_id="dev", partition_id=0, state_dir=cfg["state_dir"], data_path=str(path))
+    out = run_round(cfg, me, run_id="r1", server_round=server_round, global_state=weights)
+    assert not out.declined
+    return cfg, out
+
+
+def stored_rows(tmp_path):
+    from common.features import FEATURES_PREFIX
+
+    [path] = (tmp_path / "state").rglob(f"{FEATURES_PREFIX}*.pt")
+    return path, torch.load(path, weights_only=True)
+
+
+def head_q(cfg, n):
+    return sample_rate(n, cfg["train"]["batch_size"])
+
+
+@pytest.mark.parametrize("rows_after", [600, 200])  # the device's file grew; an owner deleted rows
+def test_a_long_lived_process_trains_on_the_device_file_as_it_is_now(tmp_path, rows_after):
+    """One process, two rounds: the file changed between them, so the second round's n is
+    the file's new count, and the features stored (where later processes look) are those of
+    the new rows."""
+    path = tmp_path / "mine.csv"
+    write_device_file(path, 300)
+    device_round(tmp_path, path, 1)  # the prototypes: the features of 300 rows, stored
+    assert len(stored_rows(tmp_path)[1]["features"]) == 300
+    write_device_file(path, rows_after)
+    cfg, out = device_round(tmp_path, path, 2)  # a head round, in the same process
+    assert out.privacy["history"][-1][1] == pytest.approx(head_q(cfg, rows_after))
+    assert len(stored_rows(tmp_path)[1]["features"]) == rows_after
+
+
+def _old_format(stored, digests):
+    return {"features": stored["features"][:10], "labels": stored["labels"][:10]}
+
+
+def _other_digest(stored, digests):
+    return {"features": stored["features"][:10], "labels": stored["labels"][:10], "n": 10,
+            "digests": ["0" * 64 if d else d for d in digests]}
+
+
+def _n_disagrees(stored, digests):
+    return {"features": stored["features"][:10], "labels": stored["labels"][:10], "n": 300, "digests": digests}
+
+
+@pytest.mark.parametrize("tamper", [_old_format, _other_digest, _n_disagrees])
+@pytest.mark.parametrize("fresh_process", [False, True])
+def test_stored_features_that_do_not_match_the_data_are_not_trained_on(tmp_path, tamper, fresh_process):
+    """A features file without n and the data's digest (older code's), with another file's
+    digest, or whose n is not its rows' count, is computed again and overwritten: the round's
+    n is the file's 300 rows, not the stored file's 10."""
+    import client.task as task
+    from common.data import file_digest
+
+    path = tmp_path / "mine.csv"
+    write_device_file(path, 300)
+    cfg, _ = device_round(tmp_path, path, 1)
+    stored_path, stored = stored_rows(tmp_path)
+    digests = [file_digest(f) for f in (path, cfg["data"].get("path"), cfg["data"].get("test_path"))]
+    torch.save(tamper(stored, digests), stored_path)
+    if fresh_process:  # a SuperNode's next ClientApp process: nothing in memory
+        task._DATA_CACHE.clear()
+    cfg, out = device_round(tmp_path, path, 2)
+    assert out.privacy["history"][-1][1] == pytest.approx(head_q(cfg, 300))
+    _, again = stored_rows(tmp_path)
+    assert len(again["features"]) == again["n"] == 300 and again["digests"] == digests

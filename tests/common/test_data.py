@@ -357,3 +357,25 @@ def test_a_device_file_is_read_with_the_csv_groups_settings_where_the_run_has_no
 
     assert DEVICE_FILE == {key: config_group("data", "csv")[key] for key in DEVICE_FILE}
 
+
+
+def test_load_client_data_reads_an_edited_file_again_in_the_same_process(tmp_path):
+    """The in-process cache follows the file's bytes: a file grown (or cut) in place is read
+    again, not served from the rows of its first read."""
+    path = tmp_path / "train.csv"
+
+    def write(rows, bump):
+        stamp = path.stat().st_mtime_ns if path.exists() else 0
+        path.write_text("text,label\n" + "".join(f"message {i},{'ab'[i % 2]}\n" for i in range(rows)))
+        if bump:  # a second later, whatever the clock's resolution
+            os.utime(path, ns=(stamp + 10**9, stamp + 10**9))
+
+    cfg = {"data": csv_cfg(path=str(path), test_fraction=0.5), "partition": partition("iid"), "seed": 0,
+           "num_clients": 1}
+    sizes = []
+    for rows, bump in ((40, False), (80, True), (10, True)):  # grown; then rows an owner deleted
+        write(rows, bump)
+        train, _, _ = load_splits(cfg["data"], seed=0, num_clients=1)  # the file as it is now
+        sizes.append(len(load_client_data(cfg, 0)[0]))
+        assert sizes[-1] == len(train)
+    assert sizes[1] > sizes[0] > sizes[2]
