@@ -35,22 +35,37 @@ EVENT_WORDS = {
 }
 
 
+def unprotected(lines: list[dict]) -> list[dict]:
+    """The lines of updates that left with no noise added on the device (no ``protection``)."""
+    return [line for line in lines if line["event"] in (transparency.SENT, transparency.RESENT)
+            and not line.get("protection")]
+
+
 def summarise(lines: list[dict]) -> dict:
-    """Totals over one client's log: messages, bytes, runs joined, privacy spent so far."""
-    eps = [line["epsilon_after"] for line in lines if line.get("epsilon_after") is not None]
+    """Totals over one client's log: messages, bytes, runs joined, privacy spent so far, and
+    first the updates that left without protection (an ε elsewhere in the log says nothing
+    about those)."""
+    eps = [line for line in lines if line.get("epsilon_after") is not None]
+    bare = unprotected(lines)
     return {
+        "sent_without_protection": len(bare),
+        "unprotected_rounds": [(line["run_id"], line["round"]) for line in bare],
         "messages": len(lines),
         "updates_sent": sum(line["event"] == transparency.SENT for line in lines),
         "declined": sum(line["event"] == transparency.DECLINED for line in lines),
         "resent": sum(line["event"] == transparency.RESENT for line in lines),
         "bytes": sum(int(line["bytes"]) for line in lines),
         "runs": list(OrderedDict.fromkeys(line["run_id"] for line in lines)),
-        "epsilon": max(eps) if eps else None,  # ε never goes down: the latest is the largest
+        # ε never goes down: the latest is the largest; it is worth nothing without its δ.
+        "epsilon": max(line["epsilon_after"] for line in eps) if eps else None,
+        "delta": max(eps, key=lambda line: line["epsilon_after"]).get("delta") if eps else None,
     }
 
 
-def _eps(value) -> str:
-    return "none (no privacy protection)" if value is None else f"{value:.2f}"
+def _eps(value, delta=None) -> str:
+    if value is None:
+        return "none (no privacy protection)"
+    return f"{value:.2f}" if delta is None else f"{value:.2f} at delta {delta:.3g}"
 
 
 def _size(n: int) -> str:
@@ -80,7 +95,8 @@ def _noise(line: dict) -> str:
 
 def rows(lines: list[dict]) -> list[list[str]]:
     return [[line["time"], line["run_id"][:8], str(line["round"]), EVENT_WORDS[line["event"]], _what(line),
-             _size(int(line["bytes"])), _noise(line), _eps(line["epsilon_before"]), _eps(line["epsilon_after"])]
+             _size(int(line["bytes"])), _noise(line), _eps(line["epsilon_before"], line.get("delta")),
+             _eps(line["epsilon_after"], line.get("delta"))]
             for line in lines]
 
 
@@ -118,7 +134,10 @@ def to_html(logs: dict[str, list[dict]]) -> str:
              "<h1>What left this device</h1>", f"<p>{esc(PLAIN_WORDS)}</p>"]
     for client_id, lines in logs.items():
         total = summarise(lines)
-        parts.append(f"<h2>Client {esc(client_id)}</h2><p>{esc(_totals_sentence(total))}</p>")
+        parts.append(f"<h2>Client {esc(client_id)}</h2>")
+        if (warning := _unprotected_sentence(total)) is not None:
+            parts.append(f"<p><strong>{esc(warning)}</strong></p>")
+        parts.append(f"<p>{esc(_totals_sentence(total))}</p>")
         for run_id in total["runs"]:
             run_lines = [line for line in lines if line["run_id"] == run_id]
             parts.append(f"<h3>Run {esc(run_id)}</h3><table><tr>"
@@ -134,10 +153,19 @@ def to_html(logs: dict[str, list[dict]]) -> str:
     return "\n".join(parts)
 
 
+def _unprotected_sentence(total: dict) -> str | None:
+    """The first thing an owner reads when any update left without the device's own noise."""
+    if not total["sent_without_protection"]:
+        return None
+    where = ", ".join(f"run {run[:8]} round {rnd}" for run, rnd in total["unprotected_rounds"])
+    return (f"WARNING: {total['sent_without_protection']} update(s) sent without protection (no noise added on "
+            f"this device; the privacy spent below does not cover them): {where}.")
+
+
 def _totals_sentence(total: dict) -> str:
     return (f"{total['messages']} message(s) in {len(total['runs'])} run(s): {total['updates_sent']} update(s) "
             f"sent, {total['resent']} resent, {total['declined']} declined; {_size(total['bytes'])} in all; "
-            f"privacy spent so far: {_eps(total['epsilon'])}.")
+            f"privacy spent so far: {_eps(total['epsilon'], total['delta'])}.")
 
 
 def main(argv: list[str]) -> int:
@@ -157,6 +185,8 @@ def main(argv: list[str]) -> int:
     for client_id, lines in logs.items():
         console.rule(f"client {client_id}")
         total = summarise(lines)
+        if (warning := _unprotected_sentence(total)) is not None:
+            console.print(f"[bold red]{warning}[/]", soft_wrap=True)
         for run_id in total["runs"]:
             table = Table(*HEADERS, title=f"run {run_id}", show_lines=False)
             for row in rows([line for line in lines if line["run_id"] == run_id]):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from flwr.app import Context, Message, RecordDict
 
 from client import transparency
@@ -129,3 +130,23 @@ def test_a_sample_level_round_within_the_policy_trains(tmp_path, fast_cfg):
     line = log_lines(tmp_path)[-1]
     assert line["event"] == "sent" and line["protection"]["mechanism"] == "DP-SGD"
     assert line["delta"] == cfg["privacy"]["sample"]["delta"] and line["epsilon_after"] > 0
+
+
+def test_a_non_finite_feature_never_reaches_the_released_prototypes(tmp_path, fast_cfg, monkeypatch):
+    """A feature row with inf (a broken encoder, a crafted input): the release stays finite."""
+    import client.task as task
+
+    cfg = fast_cfg("recipe=probe", "model.pooling=mean", "model.normalize=true", "model.freeze_encoder=true")
+    computed = task.frozen_features
+
+    def poisoned(model, data):
+        feats = computed(model, data)
+        feats.tensors[0][0, 0] = float("inf")
+        return feats
+
+    monkeypatch.setattr(task, "frozen_features", poisoned)
+    reply = TrainReply.from_content(send(cfg, device(tmp_path), weights(cfg)).content)
+    assert not reply.declined
+    released = reply.arrays.to_torch_state_dict()
+    assert all(torch.isfinite(v).all() for v in released.values())
+    assert log_lines(tmp_path)[-1]["protection"]["mechanism"] == "prototype release"

@@ -183,3 +183,34 @@ def test_secure_vector_checks_the_update_before_masking():
                 {"a": torch.zeros(4), "b": torch.zeros(2)}):
         with pytest.raises(ValueError):
             secure_vector(bad, glob, ["a", "b"], fits=True, clipping_range=0.5, max_norm=0.5)
+
+
+def test_a_non_finite_feature_row_adds_nothing_to_the_prototype_release():
+    """One inf row: its class's released sum is that of the other rows (no noise: exact)."""
+    from client.dp_train import release_prototypes
+
+    feats = torch.randn(6, 4, generator=torch.Generator().manual_seed(0))
+    labels = torch.tensor([0, 0, 1, 1, 2, 2])
+    bad = feats.clone()
+    bad[0, 1] = math.inf
+    bad[2, 0] = math.nan
+    released = release_prototypes(bad, labels, 3, None)
+    keep = torch.tensor([False, True, False, True, True, True])
+    expected = release_prototypes(feats[keep], labels[keep], 3, None)
+    assert torch.isfinite(released).all()
+    assert torch.allclose(released, expected)
+    assert torch.isfinite(release_prototypes(bad, labels, 3, 0.5)).all()  # with noise too
+
+
+def test_a_non_finite_example_never_turns_the_noised_step_into_nan():
+    """Head training on features: the update stays finite, within the clipped-and-noised law."""
+    feats = F.normalize(torch.randn(32, 8, generator=torch.Generator().manual_seed(1)), dim=1)
+    feats[3] = math.inf
+    data = TensorDataset(feats, torch.arange(32) % 3)
+    head = torch.nn.Linear(8, 3)
+    before = trainable_state(head)
+    result = local_train(head, data, epochs=1, batch_size=32, lr=0.1, optimizer="sgd", features=True,
+                         dp=DPSettings(1.0, 1.0, "rdp", ()))
+    after = trainable_state(head)
+    assert result.steps >= 1
+    assert all(torch.isfinite(after[k]).all() and not torch.equal(after[k], before[k]) for k in after)

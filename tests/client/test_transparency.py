@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from client import transparency
 from client.ledger import Ledger
@@ -192,7 +193,8 @@ def test_device_log_renders_the_log_for_its_owner(task_identity, metered, fast_c
     out = capsys.readouterr().out
     lines = transparency.read(cfg["state_dir"], "0")
     assert "2 message(s) in 1 run(s): 2 update(s) sent" in out
-    assert f"privacy spent so far: {lines[-1]['epsilon_after']:.2f}" in out
+    assert f"privacy spent so far: {lines[-1]['epsilon_after']:.2f} at delta 1e-05" in out
+    assert "without protection" not in out
     text = page.read_text()
     assert "What left this device" in text and "data:image/png;base64," in text
     assert text.count("sent an update") == 2
@@ -202,6 +204,27 @@ def test_device_log_renders_the_log_for_its_owner(task_identity, metered, fast_c
         assert cli.main() == 1
     finally:
         sys.argv = argv
+
+
+def test_an_update_sent_without_protection_is_counted_and_named_first(tmp_path, capsys):
+    """A DP round's ε must not hide an update that left with no noise added on the device."""
+    from client import device_log
+
+    update = {"w": torch.ones(2)}
+    dp = {"mechanism": "DP-SGD", "sigma": 1.0, "clip_norm": 1.0, "sample_rate": 0.1, "steps": 3,
+          "epsilon_before": 0.0, "epsilon_after": 0.8, "delta": 1e-5}
+    transparency.record(tmp_path, "7", run_id="run-a", server_round=1, event="sent", update=update, sent_bytes=10,
+                        protection=dp)
+    transparency.record(tmp_path, "7", run_id="run-b", server_round=4, event="sent", update=update, sent_bytes=10,
+                        protection=None)
+    total = device_log.summarise(transparency.read(tmp_path, "7"))
+    assert total["sent_without_protection"] == 1 and total["unprotected_rounds"] == [("run-b", 4)]
+    assert (total["epsilon"], total["delta"]) == (0.8, 1e-5)
+    assert device_log.main([str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    warning = out.index("1 update(s) sent without protection")
+    assert warning < out.index("run run-a") and "run run-b round 4" in out
+    assert "0.80 at delta 1e-05" in out
 
 
 def test_a_torn_last_line_is_dropped_and_a_bad_middle_line_is_corruption(tmp_path):

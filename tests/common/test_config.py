@@ -71,7 +71,8 @@ def test_the_schema_holds_exactly_the_keys_the_yaml_composes(tmp_path):
     composed = set()
     for group, option in EVERY_OPTION:
         composed |= _flat(compose_option(group, option, tmp_path))
-    assert composed == _schema_keys(schema.SCHEMA)
+    # model._target_ is no longer composed: the schema only tolerates it in older runs' configs.
+    assert composed == _schema_keys(schema.SCHEMA) - {"model._target_"}
 
 
 def test_the_schemas_options_are_the_implementations_and_the_config_groups(tmp_path):
@@ -88,6 +89,24 @@ def test_the_schemas_options_are_the_implementations_and_the_config_groups(tmp_p
             cfg = compose_option(group, option, tmp_path)[group]
             assert cfg["mode" if group == "privacy" else "name"] == option
     assert compose([], tmp_path)["strategy"]["name"] == "fedavg"  # the default stays plain FedAvg
+
+
+@pytest.mark.parametrize("model,setting", [
+    ({"_target_": "builtins.open"}, "model._target_"),
+    ({"config_overrides": {"payload": {"_target_": "builtins.open", "_args_": ["x", "w"]}}},
+     "model.config_overrides.payload"),
+    ({"config_overrides": {"trust_remote_code": True}}, "model.config_overrides.trust_remote_code"),
+    ({"config_overrides": {"hidden_size": [32]}}, "model.config_overrides.hidden_size"),
+])
+def test_no_code_and_no_loader_option_can_be_named_in_the_model(tmp_path, model, setting):
+    """What a device validates a server's config with: only scalar, allow-listed model settings."""
+    cfg = compose(["model=tiny_bert"], tmp_path)
+    cfg["model"].update(model)
+    assert_names(cfg, setting)
+    with pytest.raises(ConfigError):
+        from common.model import instantiate_model
+
+        instantiate_model(cfg, 2)  # the builder refuses them too, whoever calls it
 
 
 def assert_names(cfg, setting):
