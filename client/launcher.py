@@ -17,8 +17,10 @@ What that means for the device, stated outright:
   message reaches another. The parent touches no data and no CUDA (a CUDA context does not
   survive a fork; a child initialises its own).
 - **Randomness.** DP noise is drawn from generators seeded from ``os.urandom`` when a round
-  builds them (``common.randomness``), in the child. Python's ``random`` reseeds itself in a
-  fork child; numpy's global generator does not, so the child reseeds it from the OS.
+  builds them (``common.randomness``), in the child. The global generators a fork child
+  inherits would draw what its siblings draw (torch's, so the same dropout masks in every
+  message; numpy's), so the child reseeds each from the OS: torch's CPU generator (and
+  CUDA's, when the child initialises it), numpy's, and Python's ``random``.
 - **Which code runs.** The ClientApp is the one installed on the device: the app bundle a
   run brings names the component (``client.app:app``), and a module the parent already
   imported is not imported again from the bundle. A server cannot replace the device's
@@ -61,15 +63,24 @@ def warm_up(modules: tuple[str, ...] = WARM_MODULES) -> None:
 
 
 def fresh_child() -> None:
-    """What a fork child resets so that it starts as a new process would: numpy's global
-    generator from the OS (Python's ``random`` reseeds itself after a fork). It also notes
-    when it began, for ``FEDPRIV_PROFILE`` (client/app.py)."""
+    """What a fork child resets so that no two children share a random stream: every global
+    generator, from the OS. torch's CPU generator (``torch.seed``, which also queues CUDA's
+    seeding for when the child initialises CUDA; a parent never does), CUDA's now if it is
+    initialised, numpy's and Python's ``random`` (CPython reseeds it after a fork; done here
+    all the same). It also notes when it began, for ``FEDPRIV_PROFILE`` (client/app.py)."""
+    import random
+
     import numpy as np
+    import torch
 
     from client.app import FORKED_AT
 
     os.environ[FORKED_AT] = repr(time.time())
+    torch.seed()
+    if torch.cuda.is_initialized():
+        torch.cuda.seed_all()
     np.random.seed(None)
+    random.seed()
 
 
 def run_clientapp_task(spec) -> None:

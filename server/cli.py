@@ -80,7 +80,14 @@ def _checkout_entry_point(name: str) -> str:
 
 
 def backend_config(cfg: dict) -> dict:
-    """Flower's Ray backend settings: a local Ray on loopback, or an existing cluster.
+    """Flower's Ray backend settings: a private Ray on loopback, or an existing cluster.
+
+    Without ``federation.ray_address`` fedpriv starts a Ray of its own whatever else runs on
+    the machine: ``address="local"``, since ``ray.init()`` with no address joins any cluster
+    it finds (a running ``ray start --head``, or the ``/tmp/ray/ray_current_cluster`` a dead
+    one left), which then refuses ``num_cpus`` (Flower's exit code 700). The SuperLink runtime
+    cannot pass an address through Flower's federation config; its processes get
+    ``RAY_ADDRESS=local`` instead (``server.runtime.child_env``).
 
     With ``federation.ray_address`` (``auto``, ``ray://head:10001``, ``head:6379``)
     fedpriv joins that cluster instead of starting one: the cluster owns the CPUs
@@ -99,6 +106,7 @@ def backend_config(cfg: dict) -> dict:
     return {
         "client_resources": resources,
         "init_args": {
+            "address": "local",  # a new Ray, never one already running here
             "num_cpus": int(sim["num_cpus"] or os.cpu_count() or 1),
             "include_dashboard": False,
             "_node_ip_address": "127.0.0.1",  # Ray's services listen on loopback only

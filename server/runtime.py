@@ -11,9 +11,10 @@ in this process; flwr 1.42 deprecates that function. This runtime runs the same 
    connection is that SuperLink.
 2. It starts ``flower-superlink --simulation`` on 127.0.0.1 and a free port and submits the
    bundle with ``flwr run --federation-config``: ``num-supernodes`` = ``num_clients``, Ray's
-   CPUs and per-client resources from ``simulation.*``. Ray stays on loopback
-   (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``) unless ``federation.ray_address`` names a
-   cluster (``RAY_ADDRESS`` of those processes only).
+   CPUs and per-client resources from ``simulation.*``. Ray is a private one on loopback
+   (``RAY_ADDRESS=local``, ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``), whatever other Ray runs
+   on the machine, unless ``federation.ray_address`` names a cluster (``RAY_ADDRESS`` of
+   those processes only).
 3. Flower's simulation process runs fedpriv's ServerApp, which reads the config from the
    run-config key ``fedpriv-spec`` (``serve``): the same ``run_federation`` with the same
    resume flag and message window. Its log records go to the run's ``cli.log``; the ones
@@ -128,7 +129,14 @@ def federation_config(cfg: dict, backend: dict) -> str:
 
 
 def child_env(cfg: dict, home: Path) -> dict:
-    """The environment of the SuperLink, and so of Flower's simulation process and Ray's workers."""
+    """The environment of the SuperLink, and so of Flower's simulation process and Ray's workers.
+
+    Flower's simulation process calls ``ray.init`` with no address, which reads ``RAY_ADDRESS``
+    (this process' own is never inherited): ``federation.ray_address`` to join that cluster,
+    or else ``local``, so that Ray starts a private one on loopback instead of joining any
+    cluster already running on the machine or named by a stale ``/tmp/ray/ray_current_cluster``
+    (Flower's federation config has no key for ``ray.init``'s address; see
+    ``server.cli.backend_config``)."""
     from server.components import ROOT
 
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
@@ -144,6 +152,7 @@ def child_env(cfg: dict, home: Path) -> dict:
     if address:
         env["RAY_ADDRESS"] = str(address)
     else:
+        env["RAY_ADDRESS"] = "local"  # ray.init() starts a new Ray: never one already running here
         env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # Ray's switch to its loopback address
     return env
 

@@ -1,11 +1,13 @@
 """fedpriv-superexec (client/launcher.py): each task in its own forked process, which starts as a
-fresh one would (its own numpy generator, no CUDA context, the parent untouched), is reaped,
-and whose failure ends in the child, never in the launcher's loop."""
+fresh one would (its own torch, numpy and random generators, no CUDA context, the parent
+untouched), is reaped, and whose failure ends in the child, never in the launcher's loop."""
 
 from __future__ import annotations
 
 import json
 import os
+import random
+import signal
 import sys
 import time
 from pathlib import Path
@@ -51,6 +53,44 @@ def test_each_task_runs_in_its_own_child_with_its_own_numpy_generator(tmp_path):
     assert np.random.random(4).tolist() == parent_next  # the parent's own state is untouched
     assert all(before <= float(c["forked_at"]) <= time.time() for c in children)
     assert FORKED_AT not in os.environ
+
+
+def test_children_of_one_parent_draw_from_their_own_global_generators():
+    """Two children forked from one parent draw different torch (dropout masks), numpy and
+    random values: without fresh_child both would continue the parent's state."""
+    import torch
+
+    torch.manual_seed(1234)
+    np.random.seed(1234)
+    random.seed(1234)
+    draws = []
+    for _ in range(2):
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: never back into pytest
+            code = 1
+            try:
+                os.close(read)
+                launcher.fresh_child()
+                os.write(write, json.dumps({"torch": torch.rand(4).tolist(), "numpy": np.random.random(4).tolist(),
+                                            "random": [random.random() for _ in range(4)]}).encode())
+                code = 0
+            finally:
+                os._exit(code)
+        os.close(write)
+        deadline = time.monotonic() + 60
+        while (ended := os.waitpid(pid, os.WNOHANG))[0] == 0:
+            if time.monotonic() > deadline:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+                pytest.fail("a child did not end")
+            time.sleep(0.02)
+        with os.fdopen(read) as pipe:
+            out = pipe.read()
+        assert os.waitstatus_to_exitcode(ended[1]) == 0
+        draws.append(json.loads(out))
+    for generator in ("torch", "numpy", "random"):
+        assert draws[0][generator] != draws[1][generator], generator
 
 
 @pytest.mark.parametrize("failure, code", [(SystemExit(3), 3), (RuntimeError("boom"), 1), (None, 0)],
