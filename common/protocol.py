@@ -185,14 +185,17 @@ SIMULATION_ENV = "FEDPRIV_SIMULATION"
 
 
 @contextmanager
-def simulation_env():
-    """``SIMULATION_ENV`` set in this process while the block runs (then as it was)."""
-    before = os.environ.get(SIMULATION_ENV)
-    os.environ[SIMULATION_ENV] = "1"
+def simulation_env(**extra: str):
+    """``SIMULATION_ENV`` (and ``extra`` variables) set in this process while the block runs,
+    then as they were."""
+    wanted = {SIMULATION_ENV: "1", **extra}
+    before = {key: os.environ.get(key) for key in wanted}
+    os.environ.update(wanted)
     try:
         yield
     finally:
-        if before is None:
-            os.environ.pop(SIMULATION_ENV, None)
-        else:
-            os.environ[SIMULATION_ENV] = before
+        for key, value in before.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value

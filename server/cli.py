@@ -109,7 +109,7 @@ def backend_config(cfg: dict) -> dict:
             "address": "local",  # a new Ray, never one already running here
             "num_cpus": int(sim["num_cpus"] or os.cpu_count() or 1),
             "include_dashboard": False,
-            "_node_ip_address": "127.0.0.1",  # Ray's services listen on loopback only
+            "_node_ip_address": "127.0.0.1",  # with RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 (set where Ray starts): loopback only
         },
     }
 
@@ -196,7 +196,9 @@ def simulate(cfg_node) -> None:
 
         from common.protocol import simulation_env
 
-        with quiet_terminal(verbose=_verbose), simulation_env():  # Ray's workers inherit it
+        # Ray's workers inherit the marker; a Ray of fedpriv's own listens on loopback only.
+        loopback = {} if (cfg.get("federation") or {}).get("ray_address") else {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+        with quiet_terminal(verbose=_verbose), simulation_env(**loopback):
             run_simulation(
                 server_app=make_app(prepared, run_dir, errors, resume=bool(cfg.get("resume")),
                                     window=message_window(cfg)),
