@@ -99,7 +99,7 @@ def paired_ratio(samples_a: list[float], samples_b: list[float]) -> float:
 
 
 def model_cfg(name: str) -> dict:
-    """conf/model/<name>.yaml as a plain dict (for common.model.build_model)."""
+    """conf/model/<name>.yaml as a plain dict (for common.model.factory.build_model)."""
     from omegaconf import OmegaConf
 
     cfg = OmegaConf.to_container(OmegaConf.load(CONF / "model" / f"{name}.yaml"), resolve=True)
@@ -107,7 +107,7 @@ def model_cfg(name: str) -> dict:
 
 
 def build(name: str, num_labels: int, seed: int = 0, config_overrides: dict | None = None):
-    from common.model import build_model
+    from common.model.factory import build_model
 
     cfg = model_cfg(name)
     cfg["config_overrides"] = {**cfg["config_overrides"], **(config_overrides or {})}

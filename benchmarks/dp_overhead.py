@@ -30,7 +30,7 @@ import time
 
 import _common
 
-# case -> (model, grad_sample_mode); "ghost" is fedpriv's (lean first pass, client/ghost.py),
+# case -> (model, grad_sample_mode); "ghost" is fedpriv's (lean first pass, client/training/ghost.py),
 # "ghost_opacus" Opacus' own two full backward passes, for comparison.
 CASES = {"minilm_lora": ("minilm_lora", "hooks"), "minilm_full": ("minilm_full", "ghost"),
          "minilm_full_opacus_ghost": ("minilm_full", "ghost_opacus")}
@@ -64,7 +64,7 @@ def stepper(model_name: str, mode: str | None):
     from torch import nn
     from torch.utils.data import DataLoader, TensorDataset
 
-    from common.model import model_inputs
+    from common.model.factory import model_inputs
 
     ids, mask, labels = batch()
     overrides = {"num_hidden_layers": LAYERS} if LAYERS else {}
@@ -83,8 +83,8 @@ def stepper(model_name: str, mode: str | None):
             grad_sample_mode=mode.removesuffix("_opacus"), criterion=nn.CrossEntropyLoss(), wrap_model=False)
         if mode in ("ghost", "ghost_opacus"):
             _, optimizer, criterion, _ = private
-            if mode == "ghost":  # what local_train uses: the lean first pass (client/ghost.py)
-                from client.ghost import LeanGhostCriterion
+            if mode == "ghost":  # what local_train uses: the lean first pass (client/training/ghost.py)
+                from client.training.ghost import LeanGhostCriterion
 
                 criterion = LeanGhostCriterion(criterion)
         else:

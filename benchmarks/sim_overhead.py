@@ -7,12 +7,12 @@ resolved ``.hydra/config.yaml`` and does the same training in one process: same
 data split and tokenisation, same model, per client the same DP-SGD ``local_train``
 (σ calibrated as the client does), FedAvg of the updates — no Ray, no messages, no
 ledgers, no checkpoints, no report. It times its per-round central evaluation (the
-server's own ``server.evaluate.evaluate``) separately, so two ratios are given: over
+server's own ``server.round.evaluate.evaluate``) separately, so two ratios are given: over
 the training-only loop (the goal's figure: everything else simulate does is its
 overhead) and over the loop with evaluation.
 
-Same training, checked against ``client/task.py``: a client with an empty ledger
-calibrates σ once per run with ``client.dp_train.calibrate_run`` and no prior history,
+Same training, checked against ``client/round.py``: a client with an empty ledger
+calibrates σ once per run with ``client.training.dp_train.calibrate_run`` and no prior history,
 as here;
 ``local_train`` gets the same lr, weight decay, optimizer, C, accountant and
 ``grad_sample_mode``, no physical-batch cap, fp32 on CPU, and a fresh deep copy of
@@ -47,10 +47,10 @@ def loop_child(config_path: str) -> None:
     import torch
     from omegaconf import OmegaConf
 
-    from client.dp_train import DPSettings, calibrate_run, local_train
-    from common.data import load_splits, partition_train, tokenize
-    from common.model import instantiate_model, load_tokenizer, load_trainable, trainable_state
-    from server.evaluate import evaluate
+    from client.training.dp_train import DPSettings, calibrate_run, local_train
+    from common.data.loading import load_splits, partition_train, tokenize
+    from common.model.factory import instantiate_model, load_tokenizer, load_trainable, trainable_state
+    from server.round.evaluate import evaluate
 
     torch.set_num_threads(1)
     cfg = OmegaConf.to_container(OmegaConf.load(config_path), resolve=True)

@@ -1,9 +1,9 @@
 """Tuning sweeps for DP fine-tuning: many federated runs side by side, Ray left out.
 
-Each run is the real round loop (``server.loop.run_federation``: the ClientApp's
+Each run is the real round loop (``server.round.loop.run_federation``: the ClientApp's
 rounds with ledger, σ calibrated for the planned run, budget check and DP-SGD, the
 server's update checks, aggregation, mechanism, evaluation, checkpoints and report)
-over an in-process Grid (``server.grid.InProcessGrid``) whose nodes run one after another
+over an in-process Grid (``server.runtime.grid.InProcessGrid``) whose nodes run one after another
 in the worker's process. Only Ray and Flower's transport are missing, which makes it
 fast enough to sweep learning rate × clipping norm × batch size × local epochs, several
 runs side by side. The tuned values then go
@@ -113,7 +113,7 @@ GRIDS = {
 
 def compose_specs(named: list[tuple[str, list[str]]]) -> list[dict]:
     """One run spec {name, overrides, cfg} per (name, Hydra overrides), resolved as a run would."""
-    from server.compose import compose_config  # Hydra and the packaged conf/ live here
+    from server.runtime.compose import compose_config  # Hydra and the packaged conf/ live here
 
     specs = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -138,8 +138,8 @@ def one_run(spec: dict, device: str) -> dict:
     import torch
 
     from common.report import read_metrics
-    from server.grid import InProcessGrid, as_server_of_run
-    from server.loop import prepare, run_federation
+    from server.runtime.grid import InProcessGrid, as_server_of_run
+    from server.round.loop import prepare, run_federation
 
     cfg = spec["cfg"]
     cfg["train"]["device"] = device

@@ -7,7 +7,7 @@ accuracy after the last round (mean, min and max over the seeds), with the wall 
 of each run. Writes the JSON and a plot (accuracy vs ε, the non-private level as a band).
 
 Engines: ``simulate`` (default) runs each point as a real ``fedpriv simulate``;
-``inprocess`` runs the same round loop (``server.loop.run_federation`` over an
+``inprocess`` runs the same round loop (``server.round.loop.run_federation`` over an
 in-process Grid of real ClientApps: benchmarks/tune.py) without Ray, several runs side
 by side, on ``--device cuda`` where there is one. On a GPU machine without Hydra,
 compose here and run there:
@@ -154,7 +154,7 @@ def majority_share(cfg: dict) -> float:
     predicting one class scores."""
     from collections import Counter
 
-    from common.data import load_splits
+    from common.data.loading import load_splits
 
     _, test, _ = load_splits(cfg["data"], seed=int(cfg["seed"]), num_clients=int(cfg["num_clients"]))
     return max(Counter(test["label"]).values()) / len(test)

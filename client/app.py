@@ -1,4 +1,4 @@
-"""The fedpriv ClientApp: a thin Flower handler around ``client.task.run_round``.
+"""The fedpriv ClientApp: a thin Flower handler around ``client.round.run_round``.
 
 Message contract: ``common.protocol`` (a :class:`TrainInstruction` with the global
 trainable weights in; a :class:`TrainReply` out: the update unless the client declined,
@@ -16,7 +16,7 @@ says whether it fit unclipped (adaptive clipping's bit). SecAgg+
 rounds arrive as Flower's legacy SecAgg+ messages: see ``client/secagg.py``.
 
 Before a reply leaves, the device appends what it sends and what that cost to its own
-transparency log (``client/transparency.py``); the log never leaves the device.
+transparency log (``client/privacy/transparency.py``); the log never leaves the device.
 """
 
 from __future__ import annotations
@@ -34,16 +34,16 @@ from typing import Any
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-from client import transparency
+from client.privacy import transparency
 from client.device import release_memory
-from client.ledger import Ledger
-from client.node_config import ClientIdentity, node_identity
-from client.policy import refusal, setting_name
+from client.privacy.ledger import Ledger
+from client.privacy.node_config import ClientIdentity, node_identity
+from client.privacy.policy import refusal, setting_name
 from client.secagg import is_secagg, secagg_train
-from client.task import current_epsilon, privacy_summary, run_round
+from client.round import current_epsilon, privacy_summary, run_round
 from common.errors import ConfigError
-from common.mechanism import clip_update
-from common.model import state_norm
+from common.privacy.mechanism import clip_update
+from common.model.factory import state_norm
 from common.protocol import TrainInstruction, TrainReply
 
 app = ClientApp()
@@ -68,7 +68,7 @@ def public_reason(exc: BaseException) -> str:
 
 
 def identity(context: Context, cfg: dict) -> ClientIdentity:
-    """This client's identity and own settings, from its node config (client.node_config)."""
+    """This client's identity and own settings, from its node config (client.privacy.node_config)."""
     return node_identity(context.node_config, cfg)
 
 
@@ -100,7 +100,7 @@ def _process_started() -> float | None:
 
 def _profile(path: str, started: float) -> None:
     """One line of this message's timings (see the module's docstring); never fails the reply."""
-    from client.task import LAST_TIMINGS
+    from client.round import LAST_TIMINGS
 
     try:
         forked = os.environ.get(FORKED_AT)  # a fork of fedpriv-superexec's warm parent: imported before
@@ -145,7 +145,7 @@ class Answered:
 def answer(instruction: TrainInstruction, global_state: dict, context: Context) -> Answered:
     """The reply to one training request, plain or SecAgg+.
 
-    First the device's own checks (``client.policy``): the run config must pass the
+    First the device's own checks (``client.privacy.policy``): the run config must pass the
     server's validator and the owner's policy, else the device declines before it reads
     its data or touches its ledger. With client-level DP (C in the instruction) the update
     is clipped to C here, after the ledger committed the unclipped reply: clipping is a

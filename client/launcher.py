@@ -17,7 +17,7 @@ What that means for the device, stated outright:
   message reaches another. The parent touches no data and no CUDA (a CUDA context does not
   survive a fork; a child initialises its own).
 - **Randomness.** DP noise is drawn from generators seeded from ``os.urandom`` when a round
-  builds them (``common.randomness``), in the child. The global generators a fork child
+  builds them (``common.privacy.randomness``), in the child. The global generators a fork child
   inherits would draw what its siblings draw (torch's, so the same dropout masks in every
   message; numpy's), so the child reseeds each from the OS: torch's CPU generator (and
   CUDA's, when the child initialises it), numpy's, and Python's ``random``.
@@ -48,7 +48,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 
-#: What every message would import (client.app pulls client.task, torch, Opacus, transformers).
+#: What every message would import (client.app pulls client.round, torch, Opacus, transformers).
 WARM_MODULES = ("client.app", "flwr.supernode.runtime.run_clientapp")
 #: Seconds between two asks for a task (flower-superexec: 1 s); an ask is one loopback request.
 POLL_S = 0.05

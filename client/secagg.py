@@ -1,6 +1,6 @@
 """The client's side of a SecAgg+ round: Flower's ``secaggplus_mod`` around fedpriv's answer.
 
-The server drives Flower's legacy SecAgg+ workflow (``server/secagg.py``), so a
+The server drives Flower's legacy SecAgg+ workflow (``server/round/secagg.py``), so a
 secure round reaches the ClientApp as four ``train`` messages carrying the record
 ``secaggplus_configs``. Flower's ``secaggplus_mod`` handles the key exchange and the
 masking; for the masked-vector stage it calls ``legacy_fit`` here, which speaks the
@@ -15,7 +15,7 @@ Update checks run here, before masking (DESIGN.md): under SecAgg the server can 
 check the sum. A declining client still sends a vector of zeros so that the protocol's
 masks cancel; it contributes nothing and the server counts it as declined.
 
-The device's transparency log (``client/transparency.py``) counts every message this
+The device's transparency log (``client/privacy/transparency.py``) counts every message this
 device sends in the round: the bytes of the first two stages are kept in the node's
 ``context.state`` until the masked-vector stage writes the round's line (before the
 masked vector leaves); the unmask stage then adds its own bytes to that line.
@@ -33,8 +33,8 @@ from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 from flwr.compat.common import recorddict_compat as compat
 
-from client import transparency
-from common.model import state_norm
+from client.privacy import transparency
+from common.model.factory import state_norm
 from common.protocol import TrainInstruction
 
 # answer(instruction, global_state, context) -> client.app.Answered (its .reply a TrainReply, its .log the line)

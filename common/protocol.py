@@ -3,7 +3,7 @@
 Every key that travels is named here, once. The server builds a :class:`TrainInstruction`
 and the client reads it back; the client builds a :class:`TrainReply` and the server
 reads it back through :meth:`TrainReply.from_content`, whether it came as plain records
-or, under SecAgg+, as the plain part of a legacy FitRes (``server.secagg.plain_part``).
+or, under SecAgg+, as the plain part of a legacy FitRes (``server.round.secagg.plain_part``).
 The server's allow-list (``REPLY_RECORDS`` / ``SECURE_REPLY_RECORDS``) is derived from
 the reply's fields, so a field cannot be added on one side and forgotten on the other.
 

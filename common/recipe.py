@@ -12,8 +12,8 @@ Stages, in run order (``recipe.*``, DESIGN.md "Recipe"):
    trainable parameters (adapters and head, or all of ``minilm_full``) train through the
    encoder, as before recipes existed.
 
-The release mechanism (noise, sensitivity) lives in ``client.dp_train``; its accounting
-in ``common.accounting``; this module holds the schedule and the server's read-out.
+The release mechanism (noise, sensitivity) lives in ``client.training.dp_train``; its accounting
+in ``common.privacy.accounting``; this module holds the schedule and the server's read-out.
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ def stage_of(cfg: Mapping, server_round: int) -> str:
 
 
 def validate_recipe(cfg: Mapping) -> None:
-    """Config-only checks of ``recipe.*`` (``common.config.validate`` calls this)."""
+    """Config-only checks of ``recipe.*`` (``common.config.validate.validate`` calls this)."""
     recipe = recipe_of(cfg)
     if not isinstance(recipe["prototypes"], bool):
         raise ConfigError("recipe.prototypes", f"must be true or false, got {recipe['prototypes']!r}")
@@ -113,7 +113,7 @@ def head_keys(state: Mapping[str, torch.Tensor]) -> list[str]:
 
 
 def round_aggregation(cfg: Mapping, server_round: int, state: Mapping[str, torch.Tensor]) -> dict:
-    """``server.aggregate.aggregate``'s stage arguments for ``server_round``: which tensors
+    """``server.round.aggregate.aggregate``'s stage arguments for ``server_round``: which tensors
     move (``keys``; None = all) and whether the round is the prototype read-out."""
     stage = stage_of(cfg, server_round)
     return {"keys": None if stage == "encoder" else head_keys(state),

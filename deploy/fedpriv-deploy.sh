@@ -120,7 +120,7 @@ cmd_simulation_link() {
     local args=(--simulation --insecure --host 127.0.0.1 --port "$port" --database "$rundir/superlink.db"
                 --disable-runtime-dependency-installation)
     # Its simulated clients take their state dir from the run config (FEDPRIV_SIMULATION:
-    # client/node_config.py); a SuperNode's device never does.
+    # client/privacy/node_config.py); a SuperNode's device never does.
     (cd "$rundir" && export FEDPRIV_SIMULATION=1 && start_bg "$rundir/superlink.pid" "$rundir/superlink.log" "$(tool flower-superlink)" "${args[@]}")
     echo "fedpriv-deploy: simulation SuperLink pid $(cat "$rundir/superlink.pid") on 127.0.0.1:$port (log $rundir/superlink.log)"
 }

@@ -1,9 +1,9 @@
-"""The fedpriv ServerApp: a thin Flower entry point around ``server.loop``.
+"""The fedpriv ServerApp: a thin Flower entry point around ``server.round.loop``.
 
 ``fedpriv simulate`` builds it with the already validated config (``make_app``);
 ``flwr run`` loads ``app`` (pyproject's [tool.flwr.app.components]) and composes the config
 from the run-config key ``overrides`` (Hydra override strings, space-separated; see
-``server.deployment``), on real SuperNodes or on a SuperLink's local simulation (its
+``server.runtime.deployment``), on real SuperNodes or on a SuperLink's local simulation (its
 in-memory Grid). There the run directory and the report are announced through Flower's
 logger: its lines are what ``flwr run --stream`` and ``flwr log`` show of the run.
 """
@@ -18,9 +18,9 @@ from flwr.common import log as flwr_log
 from flwr.serverapp import Grid, ServerApp
 from flwr.superlink.grid import InMemoryGrid
 
-from server.deployment import check_simulated_nodes, deployment_config, prepare_deployment
-from server.loop import Prepared, run_federation
-from server.runtime import SPEC_KEY, load_spec, serve
+from server.runtime.deployment import check_simulated_nodes, deployment_config, prepare_deployment
+from server.round.loop import Prepared, run_federation
+from server.runtime.superlink import SPEC_KEY, load_spec, serve
 
 logging.getLogger("flwr").propagate = False  # Flower logs would reach Hydra's handlers twice
 
@@ -30,7 +30,7 @@ def make_app(prepared: Prepared | None = None, run_dir: Path | None = None,
              window: int | None = None) -> ServerApp:
     """A ServerApp bound to a prepared config, or composing one from the run config.
 
-    ``window``: messages in flight at a time (``server.dispatch``), for the bound config.
+    ``window``: messages in flight at a time (``server.round.dispatch``), for the bound config.
     """
     app = ServerApp()
 

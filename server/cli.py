@@ -2,7 +2,7 @@
 ``fedpriv audit``, ``fedpriv export`` and ``fedpriv predict``.
 
 ``simulate`` coordinates, so it lives with the server; it loads the ClientApp by its
-component string (``server.components.CLIENT_APP``, as ``flwr run`` does), never by
+component string (``server.runtime.pinning.CLIENT_APP``, as ``flwr run`` does), never by
 importing client code. The audit trains like a client, so its runner is client code too:
 the CLI finds it through the ``fedpriv.commands`` entry points (packaging metadata,
 pyproject's ``[project.entry-points."fedpriv.commands"]``), not by a name in ``server/``.
@@ -16,7 +16,7 @@ import sys
 import tomllib
 from pathlib import Path
 
-from server.components import CLIENT_APP, ROOT, ClientAppRef, load, pin
+from server.runtime.pinning import CLIENT_APP, ROOT, ClientAppRef, load, pin
 
 USAGE = """usage: fedpriv [-v] simulate [HYDRA_OVERRIDES ...]   run N simulated clients (Hydra; -m for sweeps;
                                                 -v: the full logs on the terminal, not only warnings)
@@ -36,7 +36,7 @@ COMMANDS = "fedpriv.commands"
 
 log = logging.getLogger("fedpriv")
 
-#: ``fedpriv -v``: the terminal shows every log line and third-party message (server.terminal).
+#: ``fedpriv -v``: the terminal shows every log line and third-party message (server.runtime.terminal).
 VERBOSE_FLAGS = ("-v", "--verbose")
 _verbose = False
 
@@ -87,7 +87,7 @@ def backend_config(cfg: dict) -> dict:
     it finds (a running ``ray start --head``, or the ``/tmp/ray/ray_current_cluster`` a dead
     one left), which then refuses ``num_cpus`` (Flower's exit code 700). The SuperLink runtime
     cannot pass an address through Flower's federation config; its processes get
-    ``RAY_ADDRESS=local`` instead (``server.runtime.child_env``).
+    ``RAY_ADDRESS=local`` instead (``server.runtime.superlink.child_env``).
 
     With ``federation.ray_address`` (``auto``, ``ray://head:10001``, ``head:6379``)
     fedpriv joins that cluster instead of starting one: the cluster owns the CPUs
@@ -131,7 +131,7 @@ def server_threads(cfg: dict) -> int | None:
 
 
 def message_window(cfg: dict) -> int | None:
-    """How many of a round's messages fedpriv simulate keeps in flight (server.dispatch).
+    """How many of a round's messages fedpriv simulate keeps in flight (server.round.dispatch).
 
     ``simulation.in_flight_per_worker`` times the number of client workers Ray runs at
     once (``simulation.num_cpus`` over ``cpus_per_client``); None (all at once) when the
@@ -154,11 +154,11 @@ def simulate(cfg_node) -> None:
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import OmegaConf
 
-    from common.config import validate
+    from common.config.validate import validate
     from common.errors import ConfigError
     from server.app import make_app
-    from server.loop import prepare
-    from server.terminal import quiet_terminal
+    from server.round.loop import prepare
+    from server.runtime.terminal import quiet_terminal
 
     try:
         if cfg_node.get("resume"):
@@ -180,8 +180,8 @@ def simulate(cfg_node) -> None:
 
     errors: list[BaseException] = []
     client_app = cfg["simulation"].get("client_app") or CLIENT_APP
-    if on_superlink:  # Flower's supported simulation runtime (server.runtime)
-        from server.runtime import run_on_superlink
+    if on_superlink:  # Flower's supported simulation runtime (server.runtime.superlink)
+        from server.runtime.superlink import run_on_superlink
 
         try:
             with quiet_terminal(verbose=_verbose):
@@ -224,8 +224,8 @@ def finish(run_dir: Path) -> int:
     """Print the run's summary table, last; 1 when no client trained and not because all declined."""
     from rich.console import Console
 
-    from server.summary import RunSummary
-    from server.terminal import to_log_file
+    from server.runtime.summary import RunSummary
+    from server.runtime.terminal import to_log_file
 
     summary = RunSummary.of(run_dir)
     failure, note = summary.failure(), summary.note()
@@ -266,7 +266,7 @@ def resume_config(cfg_node, task_overrides) -> tuple[dict, Path]:
 def _hydra_simulate(argv: list[str]) -> None:
     import hydra
 
-    from server.compose import conf_path
+    from server.runtime.compose import conf_path
 
     resume = [a.split("=", 1)[1] for a in argv if a.startswith("resume=")]
     if resume and resume[0] not in ("", "null"):
@@ -298,11 +298,11 @@ def audit(argv: list[str]) -> int:
     """
     import json
 
-    from common.audit import CONSISTENT, EXCEEDS, verdict
-    from server.compose import compose_config
+    from common.privacy.audit_bounds import CONSISTENT, EXCEEDS, verdict
+    from server.runtime.compose import compose_config
 
     cfg, run_dir = compose_config(argv)
-    from common.config import validate
+    from common.config.validate import validate
 
     validate(cfg)
     a = cfg["audit"]
@@ -335,9 +335,9 @@ def explain(argv: list[str]) -> int:
     """Predicted class per text, and the page with attention maps and token shading."""
     import argparse
 
-    from server.checkpoint import CheckpointError
-    from server.explain_page import CLI_PAGE, write_explanations
-    from server.released import load_released
+    from server.round.checkpoint import CheckpointError
+    from server.release.explain_page import CLI_PAGE, write_explanations
+    from server.release.released import load_released
 
     parser = argparse.ArgumentParser(prog="fedpriv explain", description="What the released global model "
                                      "of a run predicts for the given texts and what it attends to; no client data.")
@@ -359,11 +359,11 @@ def explain(argv: list[str]) -> int:
 
 
 def export_command(argv: list[str]) -> int:
-    """``fedpriv export RUN_DIR OUT [--round N] [--merge]`` (server.export)."""
+    """``fedpriv export RUN_DIR OUT [--round N] [--merge]`` (server.release.export)."""
     import argparse
 
-    from server.checkpoint import CheckpointError
-    from server.export import ExportError, export
+    from server.round.checkpoint import CheckpointError
+    from server.release.export import ExportError, export
 
     parser = argparse.ArgumentParser(prog="fedpriv export", description="export a run's released model")
     parser.add_argument("run_dir", metavar="RUN_DIR")
@@ -383,13 +383,13 @@ def export_command(argv: list[str]) -> int:
 
 
 def predict_command(argv: list[str]) -> int:
-    """``fedpriv predict MODEL_OR_RUN --text T ... | --file F.csv [--text-column C]`` (server.predict)."""
+    """``fedpriv predict MODEL_OR_RUN --text T ... | --file F.csv [--text-column C]`` (server.release.predict)."""
     import argparse
     import csv
 
-    from server.checkpoint import CheckpointError
-    from server.export import ExportError
-    from server.predict import predictor, read_texts
+    from server.round.checkpoint import CheckpointError
+    from server.release.export import ExportError
+    from server.release.predict import predictor, read_texts
 
     parser = argparse.ArgumentParser(prog="fedpriv predict", description="label texts with a model or a run")
     parser.add_argument("model", metavar="MODEL_OR_RUN", help="an exported model or a run directory")
@@ -439,7 +439,7 @@ def main() -> int:
     _verbose, command, rest = verbosity(argv)
     _offline_env()
     if not _verbose:
-        from server.terminal import quiet_environment
+        from server.runtime.terminal import quiet_environment
 
         quiet_environment()
     try:

@@ -34,7 +34,7 @@ ONE_ACTOR = "simulation.num_cpus=1"
 
 def compose(overrides, run_dir: Path) -> dict:
     """The resolved config exactly as a run would see it (Hydra compose + resolve)."""
-    from server.compose import compose_config
+    from server.runtime.compose import compose_config
 
     cfg, _ = compose_config([*overrides, f"hydra.run.dir={run_dir}"])
     return cfg
@@ -52,7 +52,7 @@ def config_group(group: str, option: str, *overrides: str) -> dict:
 
 
 def model_group(option: str) -> dict:
-    """conf/model/<option>.yaml as common.model.build_model's keyword arguments."""
+    """conf/model/<option>.yaml as common.model.factory.build_model's keyword arguments."""
     from omegaconf import OmegaConf
 
     cfg = OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "model" / f"{option}.yaml"), resolve=True)
@@ -81,10 +81,10 @@ def child_env() -> dict:
 @contextlib.contextmanager
 def server_of_run():
     """Flower refuses to build a Message outside a run; pretend to be one (server node 1 of
-    server.grid's run), and leave Flower's task identity as it was found."""
+    server.runtime.grid's run), and leave Flower's task identity as it was found."""
     from flwr.supercore.task_identity import TaskIdentity
 
-    from server.grid import as_server_of_run
+    from server.runtime.grid import as_server_of_run
 
     saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
     as_server_of_run()

@@ -2,7 +2,7 @@
 
 - No module in ``server/`` imports ``client``: not by an import statement, not by an import
   string (``"client.x"``, ``"client.x:y"``, as Flower or importlib would load it). The one
-  exception is ``server.components.CLIENT_APP``, the ClientApp's component string that
+  exception is ``server.runtime.pinning.CLIENT_APP``, the ClientApp's component string that
   Flower loads, as it does under ``flwr run``. (``fedpriv audit``'s runner is named in
   pyproject's ``fedpriv.commands`` entry points, packaging metadata, not in ``server/``.)
 - No module in ``common/`` imports ``client`` or ``server``.
@@ -14,14 +14,14 @@ import ast
 import re
 from pathlib import Path
 
-from server.components import CLIENT_APP
+from server.runtime.pinning import CLIENT_APP
 from tests.conftest import ROOT
 
 PACKAGES = ("server", "client", "common")
 #: A string that names one of fedpriv's modules: "client.app", "client.app:app", "common:x".
 IMPORT_STRING = re.compile(r"(server|client|common)(\.[A-Za-z_]\w*)*(:[A-Za-z_][\w.]*)?")
 #: (module, import string) pairs allowed to cross a rule.
-ALLOWED_STRINGS = {("server.components", CLIENT_APP)}
+ALLOWED_STRINGS = {("server.runtime.pinning", CLIENT_APP)}
 
 
 def modules(root: Path) -> dict[str, Path]:
@@ -133,8 +133,8 @@ def test_the_one_import_string_from_server_to_client_is_the_client_app():
 def test_the_checker_reads_the_real_tree():
     edges = graph(ROOT)
     assert {"server.app", "server.cli", "client.app", "common.errors"} <= set(edges)
-    assert "server.loop" in edges["server.app"]  # a top-level import
-    assert "server.compose" in edges["server.cli"]  # an import inside a function
+    assert "server.round.loop" in edges["server.app"]  # a top-level import
+    assert "server.runtime.compose" in edges["server.cli"]  # an import inside a function
     assert "common.errors" in edges["client.app"]
 
 

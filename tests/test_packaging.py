@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from server.components import CLIENT_APP, CONF_PACKAGE, PACKAGES
+from server.runtime.pinning import CLIENT_APP, CONF_PACKAGE, PACKAGES
 from tests.conftest import FAST, ONE_ACTOR, ROOT
 
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
@@ -74,7 +74,7 @@ def test_wheel_metadata_declares_the_command_entry_points_and_scipy(wheel):
         info = next(n.split("/")[0] for n in whl.namelist() if n.endswith(".dist-info/METADATA"))
         entry_points = whl.read(f"{info}/entry_points.txt").decode()
         metadata = whl.read(f"{info}/METADATA").decode()
-    assert "[fedpriv.commands]\naudit = client.audit:run_audit\ndevice-log = client.device_log:main" in entry_points
+    assert "[fedpriv.commands]\naudit = client.canary_audit:run_audit\ndevice-log = client.privacy.device_log:main" in entry_points
     assert "fedpriv = server.cli:main" in entry_points
     assert "Requires-Dist: scipy" in metadata
 
@@ -88,8 +88,8 @@ def test_pyproject_names_the_same_client_app_and_exactly_the_packages():
                for init in (ROOT / package).rglob("__init__.py")]
     assert sorted(setuptools["packages"]) == sorted([*on_disk, CONF_PACKAGE])
     assert setuptools["package-dir"] == {CONF_PACKAGE: "conf"}
-    assert PYPROJECT["project"]["entry-points"]["fedpriv.commands"] == {"audit": "client.audit:run_audit",
-                                                                        "device-log": "client.device_log:main"}
+    assert PYPROJECT["project"]["entry-points"]["fedpriv.commands"] == {"audit": "client.canary_audit:run_audit",
+                                                                        "device-log": "client.privacy.device_log:main"}
 
 
 def test_every_third_party_import_is_a_declared_dependency():
@@ -152,7 +152,7 @@ def test_installed_wheel_reads_its_packaged_conf_from_another_directory(wheel, t
                           cwd=cwd, capture_output=True, text=True, timeout=300, env=_outside_env())
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert f"pkg://{CONF_PACKAGE}" in done.stdout
-    where = subprocess.run([venv / "bin" / "python", "-c", "import server.components as c, json; c.pin(); "
+    where = subprocess.run([venv / "bin" / "python", "-c", "import server.runtime.pinning as c, json; c.pin(); "
                             "import common, fedpriv_conf; print(json.dumps([common.__file__, fedpriv_conf.__file__]))"],
                            cwd=tmp_path, capture_output=True, text=True, timeout=120, env=_outside_env())
     assert where.returncode == 0, where.stderr[-3000:]

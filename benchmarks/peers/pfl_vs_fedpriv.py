@@ -77,9 +77,9 @@ def pfl_child(overrides_json: str, out_path: str) -> None:
     from pfl.metrics import Metrics, Weighted
     from pfl.model.pytorch import PyTorchModel
 
-    from common.data import load_client_data, load_splits, tokenize
-    from common.model import instantiate_model, load_tokenizer, model_inputs
-    from server.compose import compose_config
+    from common.data.loading import load_client_data, load_splits, tokenize
+    from common.model.factory import instantiate_model, load_tokenizer, model_inputs
+    from server.runtime.compose import compose_config
 
     overrides = json.loads(overrides_json)
     cfg, _ = compose_config([*overrides, f"hydra.run.dir={tempfile.mkdtemp()}"])

@@ -10,7 +10,7 @@
   blocks.
 
 ``from common.report import X`` keeps working for every public name. Importing this
-package loads no matplotlib: ``common.mechanism`` imports it for one constant.
+package loads no matplotlib: ``common.privacy.mechanism`` imports it for one constant.
 """
 
 from common.report.build import (

@@ -1,17 +1,17 @@
 """Building the privacy report: the schema-v1 dict, its ε recomputed, its caveats.
 
 The report is derived, never authoritative: every ε in it is recomputed here from the
-Opacus histories that clients reported (with :func:`common.accounting.epsilon`, the
+Opacus histories that clients reported (with :func:`common.privacy.accounting.epsilon`, the
 only place ε is computed), so ``fedpriv report RUN_DIR`` can rebuild it at any time
 and anyone can check its numbers with Opacus alone. What a client merely claims is not
 copied: a round's ε comes from the history cut at that round's cumulative step count
-(:func:`common.accounting.history_prefix`), and the budget from the run's config
+(:func:`common.privacy.accounting.history_prefix`), and the budget from the run's config
 (``privacy.sample.epsilon``, ``privacy.sample.client_budgets``); a lower cap that only
 the device knows (its node-config ``max-epsilon``) is shown as reported by the device.
 
 This module also holds the schema's constants (the two units, the caveat sentences,
 the budget sources). It imports nothing heavier than the accountant, so code that
-only needs a constant (``common.mechanism`` needs ``CLIENT_UNIT``) does not pay for
+only needs a constant (``common.privacy.mechanism`` needs ``CLIENT_UNIT``) does not pay for
 the renderers or matplotlib.
 """
 
@@ -22,9 +22,9 @@ import math
 from collections.abc import Iterable
 
 from common import __version__
-from common.accounting import (ACCOUNTANTS, client_epsilon, client_history, client_level_sigma, epsilon,
+from common.privacy.accounting import (ACCOUNTANTS, client_epsilon, client_history, client_level_sigma, epsilon,
                                history_prefix)
-from common.schema import PRIVACY_MODES
+from common.config.schema import PRIVACY_MODES
 from common.errors import ConfigError
 
 SCHEMA_VERSION = 1
@@ -82,7 +82,7 @@ BUDGET_RUN = "run"  # privacy.sample.epsilon
 BUDGET_CLIENT_BUDGETS = "client_budgets"  # privacy.sample.client_budgets[client_id]
 BUDGET_DEVICE = "reported by the device"  # lower than both: its node-config max-epsilon (unverifiable)
 
-#: The report's ``evaluation`` block, in this order (server.evaluate.Evaluation.block).
+#: The report's ``evaluation`` block, in this order (server.round.evaluate.Evaluation.block).
 EVALUATION_KEYS = (
     "round",
     "num_examples",
@@ -95,7 +95,7 @@ EVALUATION_KEYS = (
     "confusion_matrix",
 )
 
-#: task=token_classification's block (server.evaluate.TokenEvaluation.block): entity-level
+#: task=token_classification's block (server.round.evaluate.TokenEvaluation.block): entity-level
 #: scores from seqeval, keyed by the entity types as the data names them; ``words_cut``
 #: counts the test words ``train.max_length`` cut off (scored as predicted O).
 TOKEN_EVALUATION_KEYS = (
@@ -240,7 +240,7 @@ def _client_level(level: dict) -> tuple[dict, list[str]]:
     """(the client-level block with its numbers recomputed, caveats naming each one replaced).
 
     ``client_level.json`` is never trusted (DESIGN.md): ε follows from the mechanism's σ_eff
-    (:func:`common.accounting.client_level_sigma`) at q = 1 over the released rounds, at the
+    (:func:`common.privacy.accounting.client_level_sigma`) at q = 1 over the released rounds, at the
     block's δ. The released rounds are the ``per_round`` entries marked released, or the
     block's ``rounds_released`` where it counts more (a resumed run keeps a release whose
     round a crash cut short counted, without its entry); a round's ε is that after its

@@ -23,7 +23,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from common.accounting import ACCOUNTANTS
+from common.privacy.accounting import ACCOUNTANTS
 from common.report.build import CLIENT_UNIT
 from common.report.plots import (
     ACCURACY_PLOT,

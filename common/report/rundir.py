@@ -1,9 +1,9 @@
 """Reading a run directory (DESIGN.md "Run directory"): the one reader of ``metrics.jsonl``.
 
-The server's resume (``server.checkpoint.completed_rounds``), ``fedpriv report RUN_DIR``
+The server's resume (``server.round.checkpoint.completed_rounds``), ``fedpriv report RUN_DIR``
 and the benchmarks all read a run's rounds through :func:`read_metrics`, so that they
 agree on what a torn last line means. The file is written only by appending one line
-per completed round (``server.loop``), after that round's checkpoint is durable.
+per completed round (``server.round.loop``), after that round's checkpoint is durable.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from common.storage import read_json_lines
 
 #: One JSON object per completed round, in the run directory.
 METRICS = "metrics.jsonl"
-#: The per-class evaluation of the last completed round's model (server.loop writes it).
+#: The per-class evaluation of the last completed round's model (server.round.loop writes it).
 EVALUATION = "evaluation.json"
 
 

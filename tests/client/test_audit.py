@@ -7,10 +7,10 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import TensorDataset
 
-from client.audit import canary_directions, flat_trainable
-from client.dp_train import DPSettings, local_train
-from common.audit import joint_scores
-from common.model import model_inputs
+from client.canary_audit import canary_directions, flat_trainable
+from client.training.dp_train import DPSettings, local_train
+from common.privacy.audit_bounds import joint_scores
+from common.model.factory import model_inputs
 from tests.client.test_dp_train import tiny_data, tiny_model
 
 LORA = dict(r=4, alpha=8, dropout=0.0, target_modules=["query", "value"])
@@ -64,8 +64,8 @@ def test_one_step_without_noise_separates_included_canaries_exactly(clip):
 
 
 def test_real_examples_come_from_the_held_out_split_the_size_of_the_client(fast_cfg):
-    from client.audit import real_examples
-    from common.data import load_client_data, load_splits
+    from client.canary_audit import real_examples
+    from common.data.loading import load_client_data, load_splits
 
     cfg = fast_cfg("data.test_size=200")
     examples, names = real_examples(cfg, 1)
@@ -78,8 +78,8 @@ def test_real_examples_come_from_the_held_out_split_the_size_of_the_client(fast_
 
 
 def test_run_audit_reports_its_power_and_a_verdict_that_cannot_be_consistent_below_it(fast_cfg):
-    from client.audit import REAL_DATA, run_audit
-    from common.audit import max_detectable_epsilon
+    from client.canary_audit import REAL_DATA, run_audit
+    from common.privacy.audit_bounds import max_detectable_epsilon
 
     cfg = fast_cfg("rounds=1", "data.train_size=40", "train.max_length=8")
     result = run_audit(cfg, canaries=20, guesses=10, client=cfg["audit"]["client"], noise=cfg["audit"]["noise"],
@@ -107,7 +107,7 @@ def test_the_power_preset_composes_from_the_command_line(tmp_path):
 
 
 def test_dropout_off_in_the_preset_reaches_the_model(tmp_path):
-    from common.model import instantiate_model
+    from common.model.factory import instantiate_model
     from tests.conftest import compose
 
     model = instantiate_model(compose(["audit=power", "model=tiny_bert"], tmp_path / "run"), 2)
@@ -119,7 +119,7 @@ STUB = {}
 
 
 def stub_run_audit(cfg, **kwargs):
-    """What client.audit.run_audit returns, with the numbers a test sets in STUB."""
+    """What client.canary_audit.run_audit returns, with the numbers a test sets in STUB."""
     return {"client": 0, "canaries": kwargs["canaries"], "guesses": kwargs["guesses"], "confidence": 0.95,
             "delta": 1e-5, "noise": kwargs["noise"], **STUB}
 

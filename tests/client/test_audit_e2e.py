@@ -16,7 +16,7 @@ import math
 
 import pytest
 
-from client.audit import run_audit
+from client.canary_audit import run_audit
 
 PRESET = ["audit=power"]
 # 60 "in" + 60 "out": all right gives 3.66, one wrong 3.19, two wrong 2.90. Measured:

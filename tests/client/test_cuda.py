@@ -9,10 +9,10 @@ import copy
 import pytest
 import torch
 
-from client.dp_train import DPSettings, local_train
-from common.mechanism import clip_update
-from common.accounting import epsilon
-from common.model import trainable_state
+from client.training.dp_train import DPSettings, local_train
+from common.privacy.mechanism import clip_update
+from common.privacy.accounting import epsilon
+from common.model.factory import trainable_state
 from tests.client.test_dp_train import reference_clipped_mean, tiny_data, tiny_model
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -6,12 +6,12 @@ import copy
 import pytest
 import torch
 
-import client.dp_train as dp_train
+import client.training.dp_train as dp_train
 from client import device as dev
-from client.dp_train import DPSettings, local_train
-from client.node_config import node_identity
+from client.training.dp_train import DPSettings, local_train
+from client.privacy.node_config import node_identity
 from common.errors import ConfigError
-from common.model import trainable_state
+from common.model.factory import trainable_state
 from tests.client.test_dp_train import tiny_data, tiny_model
 
 

@@ -14,11 +14,11 @@ import pytest
 import torch
 from flwr.app import Context, Message, RecordDict
 
-from client import transparency
+from client.privacy import transparency
 from client.app import DeviceError, app
-from client.ledger import Ledger
-from common.data import load_client_data
-from common.model import instantiate_model, trainable_state
+from client.privacy.ledger import Ledger
+from common.data.loading import load_client_data
+from common.model.factory import instantiate_model, trainable_state
 from common.protocol import TrainInstruction, TrainReply
 from tests.conftest import server_of_run
 
@@ -134,7 +134,7 @@ def test_a_sample_level_round_within_the_policy_trains(tmp_path, fast_cfg):
 
 def test_a_non_finite_feature_never_reaches_the_released_prototypes(tmp_path, fast_cfg, monkeypatch):
     """A feature row with inf (a broken encoder, a crafted input): the release stays finite."""
-    import client.task as task
+    import client.round as task
 
     cfg = fast_cfg("recipe=probe", "model.pooling=mean", "model.normalize=true", "model.freeze_encoder=true")
     computed = task.frozen_features

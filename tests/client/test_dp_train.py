@@ -8,9 +8,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import TensorDataset
 
-from client.dp_train import DPSettings, local_train
-from common.accounting import epsilon
-from common.model import build_model, model_inputs, trainable_state
+from client.training.dp_train import DPSettings, local_train
+from common.privacy.accounting import epsilon
+from common.model.factory import build_model, model_inputs, trainable_state
 from tests.conftest import model_group
 
 TINY = dict(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
@@ -155,7 +155,7 @@ def test_model_is_reusable_after_dp_training(mode):
 @pytest.mark.parametrize("scale", [1e-4, 0.3, 1.0, 7.0, 1e6])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 def test_clip_update_bounds_the_norm_and_keeps_the_direction(scale, dtype):
-    from common.mechanism import clip_update
+    from common.privacy.mechanism import clip_update
 
     gen = torch.Generator().manual_seed(3)
     update = {"a": (torch.randn(50, 7, generator=gen) * scale).to(dtype), "b": (torch.randn(7, generator=gen) * scale).to(dtype)}
@@ -187,7 +187,7 @@ def test_secure_vector_checks_the_update_before_masking():
 
 def test_a_non_finite_feature_row_adds_nothing_to_the_prototype_release():
     """One inf row: its class's released sum is that of the other rows (no noise: exact)."""
-    from client.dp_train import release_prototypes
+    from client.training.dp_train import release_prototypes
 
     feats = torch.randn(6, 4, generator=torch.Generator().manual_seed(0))
     labels = torch.tensor([0, 0, 1, 1, 2, 2])

@@ -114,7 +114,7 @@ def test_warm_up_imports_the_client_app_and_leaves_cuda_alone():
     import subprocess
 
     probe = ("import sys, client.launcher as l; l.warm_up(); import torch; "
-             "print(all(m in sys.modules for m in ('client.app', 'client.task', 'opacus')), "
+             "print(all(m in sys.modules for m in ('client.app', 'client.round', 'opacus')), "
              "torch.cuda.is_initialized())")
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120,
                          cwd=Path(launcher.__file__).parents[1])

@@ -6,8 +6,8 @@ import os
 import pytest
 import torch
 
-from client.ledger import Ledger, RoundEntry, RunCalibration, load_reply, reply_key, save_reply
-from common.accounting import epsilon
+from client.privacy.ledger import Ledger, RoundEntry, RunCalibration, load_reply, reply_key, save_reply
+from common.privacy.accounting import epsilon
 from common.storage import atomic_write_bytes
 
 
@@ -100,7 +100,7 @@ def test_commit_refuses_to_change_the_pinned_delta(tmp_path):
 def test_state_dir_lock_excludes_another_holder_and_times_out(tmp_path):
     import threading
 
-    from client.ledger import LedgerBusy, locked
+    from client.privacy.ledger import LedgerBusy, locked
 
     held, release = threading.Event(), threading.Event()
 

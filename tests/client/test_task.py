@@ -6,12 +6,12 @@ import os
 import pytest
 import torch
 
-from client.ledger import Ledger
-from client.node_config import ClientIdentity
-from client.task import budget_epsilon, run_round
-from common.accounting import append_steps, calibrate_noise, epsilon, sample_rate, steps_per_epoch
-from common.data import load_client_data
-from common.model import instantiate_model, trainable_state
+from client.privacy.ledger import Ledger
+from client.privacy.node_config import ClientIdentity
+from client.round import budget_epsilon, run_round
+from common.privacy.accounting import append_steps, calibrate_noise, epsilon, sample_rate, steps_per_epoch
+from common.data.loading import load_client_data
+from common.model.factory import instantiate_model, trainable_state
 from tests.conftest import compose
 
 
@@ -189,12 +189,12 @@ def test_planned_steps_are_the_steps_opacus_runs_at_a_short_batch_count(fast_cfg
 
 _OVERLAP_CHILD = r"""
 import json, sys, time
-import client.task as task
-from client.node_config import ClientIdentity
-from client.task import run_round
-from common.model import instantiate_model, trainable_state
+import client.round as task
+from client.privacy.node_config import ClientIdentity
+from client.round import run_round
+from common.model.factory import instantiate_model, trainable_state
 from tests.conftest import compose
-from common.data import load_client_data
+from common.data.loading import load_client_data
 
 cfg = json.loads(sys.argv[1]); run_id = sys.argv[2]; go = sys.argv[3]
 _, labels = load_client_data(cfg, 0)
@@ -257,8 +257,8 @@ HEAD_RECIPE = ["model=tiny_bert", "evaluation.explain_inputs=0", "data.train_siz
 
 @pytest.mark.parametrize("privacy", ["none", "sample"])
 def test_a_head_round_on_stored_features_reads_no_data_and_builds_no_encoder(tmp_path, monkeypatch, privacy):
-    import client.task as task
-    from common.features import FEATURES_PREFIX
+    import client.round as task
+    from common.data.features import FEATURES_PREFIX
 
     def run(state_dir, *, drop_features=False, forbid=False):
         cfg = compose([*HEAD_RECIPE, f"privacy={privacy}", f"state_dir={state_dir}"], tmp_path / "run")
@@ -288,7 +288,7 @@ def test_a_head_round_on_stored_features_reads_no_data_and_builds_no_encoder(tmp
 
 
 def test_stored_features_follow_the_bytes_of_the_data_file(tmp_path):
-    from common.features import feature_key, features_key_parts
+    from common.data.features import feature_key, features_key_parts
 
     path = tmp_path / "mine.csv"
     path.write_text("text,label\nhello,a\nbye,b\n")
@@ -323,7 +323,7 @@ def device_round(tmp_path, path, server_round):
 
 
 def stored_rows(tmp_path):
-    from common.features import FEATURES_PREFIX
+    from common.data.features import FEATURES_PREFIX
 
     [path] = (tmp_path / "state").rglob(f"{FEATURES_PREFIX}*.pt")
     return path, torch.load(path, weights_only=True)
@@ -367,8 +367,8 @@ def test_stored_features_that_do_not_match_the_data_are_not_trained_on(tmp_path,
     """A features file without n and the data's digest (older code's), with another file's
     digest, or whose n is not its rows' count, is computed again and overwritten: the round's
     n is the file's 300 rows, not the stored file's 10."""
-    import client.task as task
-    from common.data import file_digest
+    import client.round as task
+    from common.data.loading import file_digest
 
     path = tmp_path / "mine.csv"
     write_device_file(path, 300)

@@ -12,9 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import TensorDataset
 
-from client.dp_train import DPSettings, local_train, sentence_loss
-from common.features import token_features
-from common.model import TokenClassifier, build_model, model_inputs, trainable_state
+from client.training.dp_train import DPSettings, local_train, sentence_loss
+from common.data.features import token_features
+from common.model.factory import TokenClassifier, build_model, model_inputs, trainable_state
 from tests.conftest import model_group
 
 TINY = dict(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,

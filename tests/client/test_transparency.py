@@ -1,4 +1,4 @@
-"""The device's transparency log (client/transparency.py) against what the ledger records
+"""The device's transparency log (client/privacy/transparency.py) against what the ledger records
 and what the server really received, through the real ClientApp and the real round loop."""
 
 from __future__ import annotations
@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from client import transparency
-from client.ledger import Ledger
+from client.privacy import transparency
+from client.privacy.ledger import Ledger
 from common.protocol import CLIENT_ID, PRIVACY, TrainReply
-from server.grid import InProcessGrid
-from server.loop import prepare, run_federation
+from server.runtime.grid import InProcessGrid
+from server.round.loop import prepare, run_federation
 
 LINE_KEYS = {"time", "run_id", "round", "event", "tensors", "bytes", "update_norm_before_clip",
              "update_norm_after_clip", "masked", "protection", "epsilon_before", "epsilon_after", "delta", "reason",
@@ -54,7 +54,7 @@ class MeteredGrid(InProcessGrid):
 @pytest.fixture
 def metered(monkeypatch):
     """Tell each MeteredGrid which round the loop is in, so bytes are counted per round."""
-    import server.loop as loop
+    import server.round.loop as loop
 
     original = loop._Rounds.run
 
@@ -131,7 +131,7 @@ def test_log_follows_the_ledger_across_a_restart_a_resend_and_a_decline(task_ide
     from common.protocol import TrainInstruction
     from flwr.app import Message
 
-    from server.checkpoint import Manifest, load_round
+    from server.round.checkpoint import Manifest, load_round
 
     manifest = Manifest.load(run_dir)
     before_round2 = load_round(run_dir, manifest, 1)
@@ -152,7 +152,7 @@ def test_nothing_from_the_training_data_is_in_the_log(task_identity, metered, fa
     cfg = fast_cfg("num_clients=2", "rounds=1")
     prepared = prepare(cfg)
     _run(MeteredGrid(2), cfg, tmp_path / "run")
-    from common.data import load_splits
+    from common.data.loading import load_splits
 
     train, _, labels = load_splits(cfg["data"], seed=int(cfg["seed"]), num_clients=2)
     text = transparency.log_path(cfg["state_dir"], "0").read_text()
@@ -208,8 +208,7 @@ def test_device_log_renders_the_log_for_its_owner(task_identity, metered, fast_c
 
 def test_an_update_sent_without_protection_is_counted_and_named_first(tmp_path, capsys):
     """A DP round's ε must not hide an update that left with no noise added on the device."""
-    from client import device_log
-
+    from client.privacy import device_log
     update = {"w": torch.ones(2)}
     dp = {"mechanism": "DP-SGD", "sigma": 1.0, "clip_norm": 1.0, "sample_rate": 0.1, "steps": 3,
           "epsilon_before": 0.0, "epsilon_after": 0.8, "delta": 1e-5}

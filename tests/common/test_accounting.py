@@ -5,7 +5,7 @@ import math
 import pytest
 from opacus.accountants import PRVAccountant, RDPAccountant
 
-from common.accounting import (
+from common.privacy.accounting import (
     append_steps,
     calibrate_noise,
     epsilon,
@@ -133,7 +133,7 @@ def _gaussian_rdp_epsilon(sigma, rounds, delta):
 
 
 def test_client_epsilon_is_the_composed_gaussian_mechanism_at_q_one():
-    from common.accounting import client_epsilon
+    from common.privacy.accounting import client_epsilon
 
     for sigma, rounds in [(0.76, 1), (0.76, 3), (2.0, 20)]:
         assert client_epsilon(sigma, rounds, 1e-3) == pytest.approx(_gaussian_rdp_epsilon(sigma, rounds, 1e-3), rel=1e-9)
@@ -143,7 +143,7 @@ def test_client_epsilon_is_the_composed_gaussian_mechanism_at_q_one():
 
 
 def test_client_noise_calibrates_to_the_budget_over_planned_rounds():
-    from common.accounting import client_epsilon, client_noise
+    from common.privacy.accounting import client_epsilon, client_noise
 
     cfg = {"clipping": "fixed", "noise_multiplier": None, "epsilon": 10.0, "delta": 1e-3}
     noise = client_noise(cfg, rounds=3, num_clients=4)
@@ -152,7 +152,7 @@ def test_client_noise_calibrates_to_the_budget_over_planned_rounds():
 
 
 def test_adaptive_split_keeps_the_combined_sigma_and_refuses_a_too_small_count_noise():
-    from common.accounting import adaptive_noise_split
+    from common.privacy.accounting import adaptive_noise_split
     from common.errors import ConfigError
 
     sigma_u = adaptive_noise_split(1.0, 2.0)

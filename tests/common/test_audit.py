@@ -1,4 +1,4 @@
-"""The one-run audit bound (common/audit.py) on cases whose answer is known."""
+"""The one-run audit bound (common/privacy/audit_bounds.py) on cases whose answer is known."""
 
 import math
 import random
@@ -6,7 +6,7 @@ import random
 import pytest
 import torch
 
-from common.audit import (audit, epsilon_lower_bound, guesses, joint_scores, max_detectable_epsilon, p_correct,
+from common.privacy.audit_bounds import (audit, epsilon_lower_bound, guesses, joint_scores, max_detectable_epsilon, p_correct,
                           tail, verdict)
 
 

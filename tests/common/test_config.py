@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from common import schema
-from common.config import validate, validate_partitions
+from common.config import schema
+from common.config.validate import validate, validate_partitions
 from common.errors import ConfigError
 from tests.conftest import FAST, ROOT, compose
 
@@ -76,8 +76,8 @@ def test_the_schema_holds_exactly_the_keys_the_yaml_composes(tmp_path):
 
 
 def test_the_schemas_options_are_the_implementations_and_the_config_groups(tmp_path):
-    from common.data import _LOADERS, _PARTITIONERS
-    from server.optimizer import ServerOptimizer
+    from common.data.loading import _LOADERS, _PARTITIONERS
+    from server.round.optimizer import ServerOptimizer
 
     fields = schema.SCHEMA.fields
     assert set(fields["data"].options) == set(_LOADERS)
@@ -104,7 +104,7 @@ def test_no_code_and_no_loader_option_can_be_named_in_the_model(tmp_path, model,
     cfg["model"].update(model)
     assert_names(cfg, setting)
     with pytest.raises(ConfigError):
-        from common.model import instantiate_model
+        from common.model.factory import instantiate_model
 
         instantiate_model(cfg, 2)  # the builder refuses them too, whoever calls it
 
@@ -170,7 +170,7 @@ def test_a_missing_key_is_a_config_error_naming_it(tmp_path, dotted):
 
 def test_the_labels_the_server_fills_into_any_data_group_validate(tmp_path):
     cfg = compose(FAST, tmp_path)  # data=synthetic, which has no labels key of its own
-    cfg["data"]["labels"] = ["account", "billing"]  # server.deployment.prepare_deployment
+    cfg["data"]["labels"] = ["account", "billing"]  # server.runtime.deployment.prepare_deployment
     validate(cfg)
 
 
@@ -186,7 +186,7 @@ def test_a_config_written_before_recipes_and_pooling_still_validates(tmp_path):
 
 
 def test_every_model_option_builds(tmp_path):
-    from common.model import count_parameters, instantiate_model
+    from common.model.factory import count_parameters, instantiate_model
 
     for option in options("model"):
         cfg = compose([f"model={option}"], tmp_path)
@@ -294,7 +294,7 @@ def test_empty_partition_and_oversized_batch(tmp_path):
 
 
 def test_unknown_csv_column_is_named_by_prepare(tmp_path):
-    from server.loop import prepare
+    from server.round.loop import prepare
 
     csv_path = Path(tmp_path) / "d.csv"
     csv_path.write_text("text,label\n" + "".join(f"hello {i},{i % 2}\n" for i in range(40)))
@@ -314,7 +314,7 @@ def test_unknown_csv_column_is_named_by_prepare(tmp_path):
     (["train.grad_sample_mode=ghost", "train.max_physical_batch_size=8"], "train.max_physical_batch_size"),
 ])
 def test_prepare_names_the_setting_before_training(tmp_path, overrides, setting):
-    from server.loop import prepare
+    from server.round.loop import prepare
 
     base = ["model=tiny_bert", "num_clients=2"] + ([] if "data=csv" in overrides else ["data.train_size=400"])
     with pytest.raises(ConfigError) as err:

@@ -1,4 +1,4 @@
-"""CoNLL files, IOB2 checks and word-to-subword alignment (common/conll.py)."""
+"""CoNLL files, IOB2 checks and word-to-subword alignment (common/data/conll.py)."""
 
 import functools
 from collections import Counter
@@ -7,11 +7,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from common.conll import (
+from common.data.conll import (
     IGNORE, NO_ENTITY, Sentences, align, dominant_entity, label_names, predicted_tags, read_conll,
 )
 from common.errors import ConfigError
-from common.ner_metrics import entity_report
+from common.report.ner_metrics import entity_report
 from tests.conftest import SHARED_DATA, model_group
 
 WNUT = SHARED_DATA / "wnut17"
@@ -27,7 +27,7 @@ def wnut(path: Path) -> Sentences:
 
 @functools.lru_cache(maxsize=None)
 def tokenizer():
-    from common.model import load_tokenizer
+    from common.model.factory import load_tokenizer
 
     return load_tokenizer(model_group("tiny_bert"))  # the MiniLM WordPiece tokenizer
 

@@ -1,14 +1,14 @@
-"""data=conll through common.data: the tag vocabulary as label names, sentences
+"""data=conll through common.data.loading: the tag vocabulary as label names, sentences
 partitioned by their dominant entity ("no entity" a class of its own), alignment."""
 
 from collections import Counter
 
 import pytest
 
-from common.conll import NO_ENTITY, dominant_entity
-from common.data import load_splits, partition_train, tokenize
+from common.data.conll import NO_ENTITY, dominant_entity
+from common.data.loading import load_splits, partition_train, tokenize
 from common.errors import ConfigError
-from common.model import load_tokenizer
+from common.model.factory import load_tokenizer
 from tests.conftest import SHARED_DATA, config_group
 
 WNUT = SHARED_DATA / "wnut17"

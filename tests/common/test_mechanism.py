@@ -7,8 +7,8 @@ import pytest
 import torch
 from opacus.accountants import RDPAccountant
 
-from common.mechanism import ClientLevelDP
-from server.aggregate import RoundReplies, aggregate
+from common.privacy.mechanism import ClientLevelDP
+from server.round.aggregate import RoundReplies, aggregate
 
 
 def client_cfg(**client):
@@ -177,7 +177,7 @@ def test_resume_with_more_rounds_keeps_the_calibrated_sigma_and_the_budget_stop(
 
 
 def test_release_noises_at_the_round_c_then_adapts_then_accounts_that_c():
-    # The one order (common.mechanism.ClientLevelDP.release): the noise and the ledger row use
+    # The one order (common.privacy.mechanism.ClientLevelDP.release): the noise and the ledger row use
     # the C the clients clipped to; only the next round sees the adapted C.
     dp = ClientLevelDP(client_cfg(clipping="adaptive", clipped_count_stddev=1.5, noise_multiplier=1.0))
     c_round = dp.clipping_norm

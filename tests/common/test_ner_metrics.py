@@ -1,4 +1,4 @@
-"""Entity-level scores (common/ner_metrics.py) against hand counts and seqeval's own."""
+"""Entity-level scores (common/report/ner_metrics.py) against hand counts and seqeval's own."""
 
 import json
 import random
@@ -7,8 +7,8 @@ import warnings
 import pytest
 from seqeval.metrics import f1_score, precision_score, recall_score
 
-from common.conll import read_conll
-from common.ner_metrics import entity_report
+from common.data.conll import read_conll
+from common.report.ner_metrics import entity_report
 from tests.conftest import SHARED_DATA
 
 GOLD = [["B-person", "I-person", "O", "B-location"],

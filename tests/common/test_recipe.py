@@ -13,8 +13,8 @@ import pytest
 import torch
 from opacus.accountants import RDPAccountant
 
-from client.dp_train import DPSettings, calibrate_run, local_train, release_prototypes
-from common.accounting import epsilon, prototype_entry
+from client.training.dp_train import DPSettings, calibrate_run, local_train, release_prototypes
+from common.privacy.accounting import epsilon, prototype_entry
 from common.errors import ConfigError
 from common.recipe import head_from_prototypes, stage_of, stage_rounds, validate_recipe
 from tests.conftest import config_group

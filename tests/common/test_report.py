@@ -65,7 +65,7 @@ def client_entry(cid, history, accountant="rdp", **extra):
         "client_id": cid, "accountant": accountant, "delta": DELTA, "budget_epsilon": 8.0,
         "noise_multiplier": 0.71, "max_grad_norm": 1.0, "sample_rate": 0.016,
         "history": history,
-        # steps: the history's cumulative step count after that round (client.task.privacy_summary)
+        # steps: the history's cumulative step count after that round (client.round.privacy_summary)
         "per_round": [{"round": 1, "epsilon": 3.2018, "steps": 30}, {"round": 2, "epsilon": 4.0704, "steps": 120}]
         if history and sum(h[2] for h in history) >= 120 else
         [{"round": 1, "epsilon": 3.2018, "steps": sum(h[2] for h in history)}] if history else [],
@@ -453,7 +453,7 @@ def test_caveat_lists_exactly_the_counts_that_are_released():
 
 
 def test_history_prefix_cuts_at_a_cumulative_step_count():
-    from common.accounting import history_prefix
+    from common.privacy.accounting import history_prefix
 
     history = [[0.9, 0.02, 50], [0.71, 0.016, 70]]
     assert history_prefix(history, 0) == []
@@ -475,10 +475,10 @@ def test_a_server_optimizer_is_named_as_post_processing():
     assert any("strategy fedadam" in c and "post-processing" in c for c in report["caveats"])
 
 
-@pytest.mark.parametrize("module", ["common.mechanism", "common.report"])
+@pytest.mark.parametrize("module", ["common.privacy.mechanism", "common.report"])
 def test_importing_the_report_or_the_mechanism_loads_no_matplotlib(module):
     # Only drawing a figure needs matplotlib (common.report.plots imports it lazily);
-    # common.mechanism imports the report package for CLIENT_UNIT alone. A fresh
+    # common.privacy.mechanism imports the report package for CLIENT_UNIT alone. A fresh
     # interpreter: this one may have drawn a plot already.
     code = f"import sys, {module}; print(sorted(m for m in sys.modules if m.split('.')[0] == 'matplotlib'))"
     root = Path(__file__).resolve().parents[2]
@@ -488,7 +488,7 @@ def test_importing_the_report_or_the_mechanism_loads_no_matplotlib(module):
 
 
 def test_read_metrics_is_the_one_reader(tmp_path):
-    from server.checkpoint import completed_rounds
+    from server.round.checkpoint import completed_rounds
 
     assert read_metrics(tmp_path, missing_ok=True) == [] == completed_rounds(tmp_path)
     with pytest.raises(FileNotFoundError, match="metrics.jsonl"):
@@ -506,8 +506,8 @@ ISSUE_CLIENT = {"clipping": "fixed", "clipping_norm": 1.0, "noise_multiplier": N
 
 
 def honest_client_level(released=3, **client):
-    """client_level.json as the server writes it (common.mechanism), after ``released`` rounds."""
-    from common.mechanism import ClientLevelDP
+    """client_level.json as the server writes it (common.privacy.mechanism), after ``released`` rounds."""
+    from common.privacy.mechanism import ClientLevelDP
 
     dp = ClientLevelDP({"rounds": 3, "num_clients": 4, "secagg": False,
                         "privacy": {"mode": "both", "client": {**ISSUE_CLIENT, **client}}})
@@ -567,7 +567,7 @@ def test_unedited_client_level_json_is_shown_unchanged(tmp_path):
 
 def test_a_resumed_run_that_counted_a_crashed_release_is_not_lowered(tmp_path):
     # Round 3 was released and written, then the server crashed before its metrics line; the
-    # resumed run redoes round 3 and keeps the lost release counted (common.mechanism.restore):
+    # resumed run redoes round 3 and keeps the lost release counted (common.privacy.mechanism.restore):
     # 4 releases, 3 per_round entries. The report must not lower that ε to 3 releases.
     dp = honest_client_level(released=3)
     dp.write(tmp_path)

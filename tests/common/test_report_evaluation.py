@@ -20,7 +20,7 @@ from common.report import (
     render_run_dir,
 )
 from common.report.plots import most_confused_pairs
-from server.evaluate import Evaluation
+from server.round.evaluate import Evaluation
 from tests.common.test_report import PNG_MAGIC, ROUNDS, make_config, make_reported, write_run_dir
 
 # Untrusted names from a data file: a pipe, markup, and dollars that matplotlib would read as mathtext.

@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 from opacus.accountants import RDPAccountant
 
-from common.accounting import calibrate_noise, epsilon, sample_rate, steps_per_epoch
+from common.privacy.accounting import calibrate_noise, epsilon, sample_rate, steps_per_epoch
 from tests.conftest import FAST, ROOT, compose
 
 pytestmark = pytest.mark.e2e

@@ -5,12 +5,12 @@ import csv
 
 import pytest
 
-from client.node_config import ClientIdentity
-from client.task import run_round
-from common.data import load_local_data
+from client.privacy.node_config import ClientIdentity
+from client.round import run_round
+from common.data.loading import load_local_data
 from common.errors import ConfigError
-from common.model import instantiate_model, trainable_state
-from server.deployment import check_simulated_nodes, deployment_config, prepare_deployment
+from common.model.factory import instantiate_model, trainable_state
+from server.runtime.deployment import check_simulated_nodes, deployment_config, prepare_deployment
 from tests.conftest import FAST
 
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
-from server.aggregate import Reply, aggregate, check_update, collect
+from server.round.aggregate import Reply, aggregate, check_update, collect
 
 ROUND = 3
 GLOBAL = {"a.weight": torch.full((4, 3), 0.5), "b.bias": torch.linspace(-1.0, 1.0, 5)}  # non-zero: the step is added to it

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from server.checkpoint import (
+from server.round.checkpoint import (
     CheckpointError,
     Manifest,
     completed_rounds,
@@ -97,7 +97,7 @@ def test_completed_rounds_rejects_gaps_and_garbage(tmp_path):
 # --- server optimizer state (FedAvgM momentum, FedAdam moments) -------------------------
 
 def _opt_steps():
-    from server.optimizer import FedAdam
+    from server.round.optimizer import FedAdam
 
     g = torch.Generator().manual_seed(1)
     steps = [{k: torch.randn(v.shape, generator=g, dtype=torch.float64) * 0.1 for k, v in STATE.items()}
@@ -106,7 +106,7 @@ def _opt_steps():
 
 
 def test_resume_continues_the_optimizer_state_exactly(tmp_path):
-    from server.checkpoint import load_optimizer_state
+    from server.round.checkpoint import load_optimizer_state
 
     FedAdam, steps = _opt_steps()
     straight, state = FedAdam(server_lr=0.1), dict(STATE)
@@ -126,7 +126,7 @@ def test_resume_continues_the_optimizer_state_exactly(tmp_path):
 
 
 def test_tampered_optimizer_state_is_refused(tmp_path):
-    from server.checkpoint import load_optimizer_state
+    from server.round.checkpoint import load_optimizer_state
 
     FedAdam, steps = _opt_steps()
     opt = FedAdam(server_lr=0.1)
@@ -140,7 +140,7 @@ def test_tampered_optimizer_state_is_refused(tmp_path):
 
 
 def test_missing_or_foreign_optimizer_state_is_refused(tmp_path):
-    from server.checkpoint import load_optimizer_state
+    from server.round.checkpoint import load_optimizer_state
 
     manifest = Manifest("run")
     save_round(tmp_path, manifest, 1, STATE)  # a fedavg round: nothing to restore

@@ -8,7 +8,7 @@ from server import cli
 
 
 def test_audit_runs_the_client_side_runner_named_in_the_entry_points():
-    from client.audit import run_audit
+    from client.canary_audit import run_audit
 
     assert cli.load_command("audit") is run_audit
 

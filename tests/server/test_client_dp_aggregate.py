@@ -6,8 +6,8 @@ import math
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
-from common.mechanism import ClientLevelDP, clip_update
-from server.aggregate import Reply, RoundReplies, SecureSum, aggregate, check_sum, collect
+from common.privacy.mechanism import ClientLevelDP, clip_update
+from server.round.aggregate import Reply, RoundReplies, SecureSum, aggregate, check_sum, collect
 from tests.conftest import config_group
 
 C = 1.0

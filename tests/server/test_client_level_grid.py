@@ -7,8 +7,8 @@ import math
 import pytest
 from opacus.accountants import RDPAccountant
 
-from server.grid import InProcessGrid
-from server.loop import prepare, run_federation
+from server.runtime.grid import InProcessGrid
+from server.round.loop import prepare, run_federation
 from tests.conftest import FAST, compose, run_fedpriv
 from tests.server.test_simulate_e2e import check_report
 

@@ -1,4 +1,4 @@
-"""server/components.py: the ClientApp reference and fedpriv's packages pinned to their folder."""
+"""server/runtime/pinning.py: the ClientApp reference and fedpriv's packages pinned to their folder."""
 
 import json
 import subprocess
@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import ray.cloudpickle
 
-from server.components import CLIENT_APP, ROOT, ClientAppRef, load
+from server.runtime.pinning import CLIENT_APP, ROOT, ClientAppRef, load
 from tests.conftest import child_env
 
 # What a Ray actor does with its task's arguments, in a process whose working directory

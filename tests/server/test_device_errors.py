@@ -1,7 +1,7 @@
 """What leaves a device when it fails: a fixed reason and a setting's name, never its data.
 
-The real server loop (``server.loop.run_federation``) runs against the real ClientApp
-(``client.app.app``) over the in-process Grid (``server.grid``) that turns a raised exception into an
+The real server loop (``server.round.loop.run_federation``) runs against the real ClientApp
+(``client.app.app``) over the in-process Grid (``server.runtime.grid``) that turns a raised exception into an
 error reply exactly as Flower does (``flwr/supernode/runtime/run_clientapp.py`` and the
 simulation's ``vce_api``: ``str(type(ex)) + ":<'" + str(ex) + "'>"``). One device holds
 a CSV with a label outside the run's labels, the other a data-path that does not
@@ -17,8 +17,8 @@ import logging
 import pytest
 
 import client.app as client_app
-from server.grid import InProcessGrid
-from server.loop import prepare, run_federation
+from server.runtime.grid import InProcessGrid
+from server.round.loop import prepare, run_federation
 
 SECRET_LABEL = "zq-billing-secret-label"
 SECRET_DIR = "private-folder-of-alice-7f3a"
@@ -33,7 +33,7 @@ def test_device_data_never_reaches_the_server(task_identity, fast_cfg, tmp_path,
     absent = secret_dir / "absent.csv"
     cfg = fast_cfg("num_clients=2", "rounds=1", "node_wait_s=5", f"secagg={str(secagg).lower()}")
     prepared = prepare(cfg)
-    cfg["data"]["labels"] = list(prepared.label_names)  # as server.deployment does for devices
+    cfg["data"]["labels"] = list(prepared.label_names)  # as server.runtime.deployment does for devices
     grid = InProcessGrid({
         1: {"state-dir": str(tmp_path / "dev1"), "client-id": "alice", "data-path": str(bad_labels)},
         2: {"state-dir": str(tmp_path / "dev2"), "client-id": "bob", "data-path": str(absent)},

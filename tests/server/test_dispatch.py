@@ -1,4 +1,4 @@
-"""A round's messages go out at most a window at a time (server.dispatch), through the loop too."""
+"""A round's messages go out at most a window at a time (server.round.dispatch), through the loop too."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ from uuid import uuid4
 from flwr.app import ConfigRecord, Message, RecordDict
 
 from server.cli import message_window
-from server.dispatch import send_and_receive
-from server.grid import InProcessGrid
-from server.loop import prepare, run_federation
+from server.round.dispatch import send_and_receive
+from server.runtime.grid import InProcessGrid
+from server.round.loop import prepare, run_federation
 from tests.conftest import FAST, compose
 
 

@@ -10,9 +10,9 @@ import torch.nn.functional as F
 from sklearn.metrics import f1_score, precision_recall_fscore_support
 from torch.utils.data import DataLoader, TensorDataset
 
-from common.data import load_splits, tokenize
-from common.model import instantiate_model, load_tokenizer, model_inputs, trainable_state
-from server.evaluate import Evaluation, evaluate
+from common.data.loading import load_splits, tokenize
+from common.model.factory import instantiate_model, load_tokenizer, model_inputs, trainable_state
+from server.round.evaluate import Evaluation, evaluate
 
 
 @torch.no_grad()

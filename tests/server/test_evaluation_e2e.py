@@ -10,11 +10,11 @@ import pytest
 import torch
 from sklearn.metrics import f1_score, precision_recall_fscore_support
 
-from common.model import model_inputs
+from common.model.factory import model_inputs
 from common.report import CAVEAT_HELD_OUT, read_metrics, render_run_dir
-from server.grid import InProcessGrid
-from server.loop import prepare, run_federation
-from server.released import load_released
+from server.runtime.grid import InProcessGrid
+from server.round.loop import prepare, run_federation
+from server.release.released import load_released
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -10,14 +10,14 @@ import numpy as np
 import pytest
 import torch
 
-from common.model import build_model, load_tokenizer, model_inputs
-from server.explain import explain_texts
-from server.explain_page import RUN_PAGE, render_page, write_run_explanations
+from common.model.factory import build_model, load_tokenizer, model_inputs
+from server.release.explain import explain_texts
+from server.release.explain_page import RUN_PAGE, render_page, write_run_explanations
 from tests.conftest import compose, model_group
 
 LORA = {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["query", "value"]}
 VARIANTS = {
-    "pooled": {},  # common.model.PooledClassifier, encoder at .backbone
+    "pooled": {},  # common.model.factory.PooledClassifier, encoder at .backbone
     "hf": {"pooling": "pooler", "normalize": None},  # HF's BertForSequenceClassification
     "hf_lora": {"pooling": "pooler", "normalize": None, "lora": LORA},  # peft's wrapper around it
     "pooled_lora": {"lora": LORA},  # peft inside the PooledClassifier's encoder
@@ -158,8 +158,8 @@ def test_page_names_the_prediction_and_escapes_every_text(keyed_model):
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     """A 2-client, 1-round tiny_bert run through the real round loop and ClientApp (in process)."""
-    from server.grid import InProcessGrid
-    from server.loop import prepare, run_federation
+    from server.runtime.grid import InProcessGrid
+    from server.round.loop import prepare, run_federation
     from tests.conftest import server_of_run
 
     where = tmp_path_factory.mktemp("explain") / "run"
@@ -172,7 +172,7 @@ def run_dir(tmp_path_factory):
 
 def test_cli_writes_the_page_of_the_released_model(run_dir, monkeypatch, capsys):
     from server.cli import main
-    from server.released import load_released
+    from server.release.released import load_released
 
     labels = load_released(run_dir).label_names
     monkeypatch.setattr(sys, "argv", ["fedpriv", "explain", str(run_dir), "--text", "I was charged twice",
@@ -197,7 +197,7 @@ def test_cli_writes_the_page_of_the_released_model(run_dir, monkeypatch, capsys)
 
 
 def test_run_page_explains_test_inputs_of_distinct_classes(run_dir):
-    from server.released import load_released
+    from server.release.released import load_released
 
     released = load_released(run_dir)
     written_by_the_run = (run_dir / RUN_PAGE).read_text()  # run_federation's last step (evaluation.explain_inputs)

@@ -55,8 +55,8 @@ print(json.dumps({"labels": labels, "probs": probs, "max_length": max_length}))
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """{name: run_dir} of the two real runs."""
-    from server.grid import InProcessGrid
-    from server.loop import prepare, run_federation
+    from server.runtime.grid import InProcessGrid
+    from server.round.loop import prepare, run_federation
     from tests.conftest import server_of_run
 
     made = {}
@@ -83,8 +83,8 @@ def load_outside(out: Path, layout: str, texts: list[str], tmp_path: Path) -> di
 
 def held_out(run_dir: Path) -> tuple[list[str], list[str], list[str]]:
     """The run's test texts, their label names, and the run's label names in id order."""
-    from common.data import load_splits
-    from server.released import run_config
+    from common.data.loading import load_splits
+    from server.release.released import run_config
 
     cfg = run_config(run_dir)
     _, test, labels = load_splits(cfg["data"], seed=int(cfg["seed"]), num_clients=int(cfg["num_clients"]))
@@ -134,7 +134,7 @@ def test_pooled_head_exports_as_setfit(runs, tmp_path, server_round):
     import joblib
     from safetensors.torch import load_file
 
-    from server.export import export
+    from server.release.export import export
 
     run_dir = runs["pooled"]
     out = tmp_path / "out"
@@ -170,7 +170,7 @@ def test_pooled_head_exports_as_setfit(runs, tmp_path, server_round):
 def test_hf_head_exports_for_the_pipeline(runs, tmp_path):
     from safetensors.torch import load_file
 
-    from server.export import export
+    from server.release.export import export
 
     run_dir = runs["hf"]
     out = tmp_path / "out"
@@ -195,8 +195,8 @@ def test_hf_head_exports_for_the_pipeline(runs, tmp_path):
 
 
 def test_tampered_checkpoint_is_refused(runs, tmp_path):
-    from server.checkpoint import CheckpointError
-    from server.export import export
+    from server.round.checkpoint import CheckpointError
+    from server.release.export import export
 
     run_dir = tmp_path / "run"
     shutil.copytree(runs["hf"], run_dir)
@@ -245,8 +245,8 @@ def test_cli_export_and_predict(runs, tmp_path, capsys, monkeypatch):
 
 def released_of(model_cfg: dict, labels: list[str], *, seed: int = 0, perturb: bool = True):
     """A Released around a freshly built model whose LoRA B weights are non-zero (so the adapter matters)."""
-    from common.model import build_model, load_tokenizer
-    from server.released import Released
+    from common.model.factory import build_model, load_tokenizer
+    from server.release.released import Released
 
     model = build_model(num_labels=len(labels), seed=seed, **model_cfg)
     if perturb:
@@ -276,7 +276,7 @@ def test_lora_hf_head_merged_and_as_adapter(tmp_path):
     from peft import AutoPeftModelForSequenceClassification
     from transformers import AutoModelForSequenceClassification
 
-    from server.export import ExportError, write_model
+    from server.release.export import ExportError, write_model
 
     tiny = {**model_group("tiny_bert"), "pooling": "pooler", "normalize": None, "freeze_encoder": False,
             "lora": TINY_LORA}
@@ -309,7 +309,7 @@ def test_lora_under_a_pooled_head_is_merged_into_setfit(tmp_path, labels):
     """sklearn's binary head is one logit: its probabilities must still be our softmax."""
     from setfit import SetFitModel
 
-    from server.export import write_model
+    from server.release.export import write_model
 
     pooled = {**model_group("tiny_bert"), "freeze_encoder": False, "lora": TINY_LORA}
     released = released_of(pooled, labels)

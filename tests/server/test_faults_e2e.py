@@ -15,8 +15,8 @@ import psutil
 import pytest
 import torch
 
-from client.ledger import Ledger
-from common.accounting import calibrate_noise, sample_rate, steps_per_epoch
+from client.privacy.ledger import Ledger
+from common.privacy.accounting import calibrate_noise, sample_rate, steps_per_epoch
 from tests.conftest import FAST, ONE_ACTOR, child_env, compose, run_fedpriv
 
 pytestmark = pytest.mark.e2e
@@ -84,7 +84,7 @@ def kill_tree(proc: subprocess.Popen) -> None:
 
 def kill_only(proc: subprocess.Popen, within_s: float = 20) -> None:
     """SIGKILL the `fedpriv simulate` process alone; every process it started must end by itself
-    (server/runtime.py: the SuperLink, Flower's simulation process, Ray) within ``within_s``."""
+    (server/runtime/superlink.py: the SuperLink, Flower's simulation process, Ray) within ``within_s``."""
     family = psutil.Process(proc.pid).children(recursive=True)
     assert family, "the run had started no process yet"
     proc.send_signal(signal.SIGKILL)
@@ -138,7 +138,7 @@ def test_sigkill_after_round_two_then_resume(tmp_path, privacy, request):
     killed = tmp_path / "killed"
     kill_after_round([*common, f"hydra.run.dir={killed}"], killed, tmp_path, after=2, rounds=rounds,
                      alone=privacy == "sample")
-    # A SIGKILL leaves the run no time to remove its private folder (server/runtime.py) ...
+    # A SIGKILL leaves the run no time to remove its private folder (server/runtime/superlink.py) ...
     private = Path(re.search(r"private folder (\S+)", (killed / "cli.log").read_text()).group(1))
     assert private.is_dir()
 
@@ -161,7 +161,7 @@ def test_sigkill_after_round_two_then_resume(tmp_path, privacy, request):
         # for all rounds, each round's steps, nothing spent twice.
         report = json.loads((killed / "privacy_report.json").read_text())
         for client in report["sample_level"]["clients"]:
-            from common.data import load_client_data
+            from common.data.loading import load_client_data
             n = len(load_client_data(cfg, int(client["client_id"]))[0])
             q, steps = sample_rate(n, 32), steps_per_epoch(n, 32)
             sigma = calibrate_noise(target_epsilon=8.0, delta=1e-5, sample_rate=q, steps=rounds * steps)

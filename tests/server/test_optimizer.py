@@ -14,8 +14,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from flwr.serverapp.strategy import FedAdam as FlowerFedAdam
 from flwr.serverapp.strategy import FedAvgM as FlowerFedAvgM
 
-from server.aggregate import RoundReplies, aggregate
-from server.optimizer import FedAdam, FedAvg, FedAvgM, server_optimizer
+from server.round.aggregate import RoundReplies, aggregate
+from server.round.optimizer import FedAdam, FedAvg, FedAvgM, server_optimizer
 from tests.conftest import compose
 
 SHAPES = {"lora.A": (4, 3), "head.bias": (5,)}

@@ -2,9 +2,9 @@
 
 import pytest
 
-from client.ledger import Ledger
+from client.privacy.ledger import Ledger
 from common.errors import ConfigError
-from server.loop import prepare
+from server.round.loop import prepare
 
 
 @pytest.mark.parametrize("override,setting,value", [("privacy.sample.delta=1e-3", "privacy.sample.delta", "1e-05"),

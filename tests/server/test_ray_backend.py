@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from server import runtime
+from server.runtime import superlink as runtime
 from server.cli import backend_config, server_threads
-from server.components import ROOT
+from server.runtime.pinning import ROOT
 from tests.conftest import compose
 
 

@@ -13,11 +13,11 @@ import pytest
 import torch
 from opacus.accountants import RDPAccountant
 
-from common.features import FEATURES_PREFIX
-from server.checkpoint import Manifest, load_round
-from server.loop import prepare, run_federation
+from common.data.features import FEATURES_PREFIX
+from server.round.checkpoint import Manifest, load_round
+from server.round.loop import prepare, run_federation
 from tests.conftest import FAST, compose
-from server.grid import InProcessGrid
+from server.runtime.grid import InProcessGrid
 
 RECIPE = ["model.pooling=mean", "num_clients=2", "node_wait_s=5", "train.batch_size=null",
           "train.sample_rate=0.25"]

@@ -1,4 +1,4 @@
-"""server/runtime.py without a SuperLink: what `fedpriv simulate` hands Flower's simulation runtime
+"""server/runtime/superlink.py without a SuperLink: what `fedpriv simulate` hands Flower's simulation runtime
 (federation config, environment, app bundle) and the spec the ServerApp accepts. The runs
 themselves are the e2e tests' (tests/server/test_simulate_e2e.py, test_faults_e2e.py)."""
 
@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from server import runtime
+from server.runtime import superlink as runtime
 from server.cli import backend_config
-from server.components import CLIENT_APP, ROOT
+from server.runtime.pinning import CLIENT_APP, ROOT
 from tests.conftest import compose
 
 
@@ -68,7 +68,7 @@ def test_a_spec_outside_a_private_folder_is_refused(tmp_path):
 
 
 def test_the_runtime_setting_is_checked(tmp_path):
-    from common.config import validate
+    from common.config.validate import validate
     from common.errors import ConfigError
 
     with pytest.raises(ConfigError) as err:

@@ -19,14 +19,14 @@ from flwr.common.constant import ErrorCode
 from flwr.common.secure_aggregation.quantization import dequantize
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 
-from common.mechanism import clip_update
+from common.privacy.mechanism import clip_update
 from client.app import Answered
-from client.node_config import ClientIdentity
+from client.privacy.node_config import ClientIdentity
 from client.secagg import secagg_train
 from common.protocol import TrainInstruction, TrainReply
-from server.aggregate import aggregate
-from common.mechanism import ClientLevelDP
-from server.secagg import secagg_round
+from server.round.aggregate import aggregate
+from common.privacy.mechanism import ClientLevelDP
+from server.round.secagg import secagg_round
 from tests.conftest import config_group
 
 C = 1.0
@@ -180,7 +180,7 @@ def test_declined_client_masks_zeros_and_noise_goes_on_the_secure_sum(task_ident
 
 
 # ------------------------------------------------------------------ one reply parser for both paths
-# The SecAgg+ replies pass the same checks as plain ones (server.aggregate.collect): the
+# The SecAgg+ replies pass the same checks as plain ones (server.round.aggregate.collect): the
 # allow-list of plain metrics, the round tag, one reply per client id, and every sampled
 # node accounted for as trained, declined, rejected, failed or missing.
 

@@ -34,7 +34,7 @@ def simulated(tmp_path: Path, name: str, *overrides: str) -> tuple[Path, subproc
 
 
 def summary_table(stdout: str) -> dict[str, str]:
-    """The rows of the summary table (server.summary) that ends ``stdout``; folded cells joined."""
+    """The rows of the summary table (server.runtime.summary) that ends ``stdout``; folded cells joined."""
     lines = stdout.rstrip().splitlines()
     start = max(i for i, line in enumerate(lines) if line.strip() == "fedpriv run")
     assert lines[-1].startswith("└"), lines[-3:]  # nothing after the table
@@ -68,11 +68,11 @@ def test_two_clients_two_rounds_with_a_lower_client_budget(tmp_path):
     # Client 1 may spend a third of the run's budget: it trains early, then declines.
     run_dir, proc = simulated(tmp_path, "run", "rounds=3", "+privacy.sample.client_budgets.1=3.0")
     report = check_report(run_dir)
-    # A quiet terminal (server.terminal): no third-party noise, the summary table printed last.
+    # A quiet terminal (server.runtime.terminal): no third-party noise, the summary table printed last.
     for noise in ("DEPRECATED", "FutureWarning", "Manually terminating"):
         assert noise not in proc.stdout + proc.stderr, noise
     summary = summary_table(proc.stdout)
-    # Flower's simulation runtime (server/runtime.py): its SuperLink was stopped by its pid.
+    # Flower's simulation runtime (server/runtime/superlink.py): its SuperLink was stopped by its pid.
     cli_log = (run_dir / "cli.log").read_text()
     link_pid = int(re.search(r"simulation SuperLink pid (\d+)", cli_log).group(1))
     assert not psutil.pid_exists(link_pid) or psutil.Process(link_pid).status() == psutil.STATUS_ZOMBIE

@@ -14,8 +14,8 @@ import warnings
 import pytest
 
 from server import cli
-from server.summary import RunSummary, every_client_failed, first_client_error
-from server.terminal import ACTOR_NOISE, is_noise, quiet_environment, quiet_terminal
+from server.runtime.summary import RunSummary, every_client_failed, first_client_error
+from server.runtime.terminal import ACTOR_NOISE, is_noise, quiet_environment, quiet_terminal
 
 RAY_TIP = ("Tip: In future versions of Ray, Ray will no longer override accelerator visible devices env var if "
            "num_gpus=0 or num_gpus=None (default).")
@@ -35,7 +35,7 @@ def test_only_the_known_third_party_messages_are_noise():
     # Another deprecation of Flower's, another FutureWarning, or fedpriv's own words are not.
     assert not is_noise(record("flwr", "DEPRECATED FEATURE: Passing `enable_tf_gpu_growth=True` is deprecated."))
     assert not is_noise(record("py.warnings", "/x/torch/nn.py:1: FutureWarning: something else changes\n"))
-    assert not is_noise(record("server.loop", f"round 1 skipped: {RAY_TIP}"))
+    assert not is_noise(record("server.round.loop", f"round 1 skipped: {RAY_TIP}"))
 
 
 @pytest.fixture
@@ -61,8 +61,8 @@ def emit_run_messages() -> None:
     warn_deprecated_feature(BANNER)
     warnings.warn_explicit(RAY_TIP, FutureWarning, "/x/ray/_private/worker.py", 2051, module="ray._private.worker")
     warnings.warn_explicit("another library changes", FutureWarning, "/x/other.py", 3, module="other")
-    logging.getLogger("server.loop").info("model: 165 of 1010469 parameters train")
-    logging.getLogger("server.loop").warning("round 1 skipped: 0 updates accepted")
+    logging.getLogger("server.round.loop").info("model: 165 of 1010469 parameters train")
+    logging.getLogger("server.round.loop").warning("round 1 skipped: 0 updates accepted")
 
 
 @pytest.mark.parametrize("verbose", [False, True], ids=["default", "verbose"])
@@ -137,7 +137,7 @@ def test_every_client_failed_and_the_first_error():
     assert first_client_error(records) == "round 2, node 2: x"
     assert first_client_error([metrics(failed={"node 2": ERROR})]) == (
         "round 1, node 2: the device refused the request: setting node-config data-path is invalid")
-    cut = "2: <class 'client.app.DeviceError'>:<'the device refused the re"  # server.aggregate keeps 300 characters
+    cut = "2: <class 'client.app.DeviceError'>:<'the device refused the re"  # server.round.aggregate keeps 300 characters
     assert first_client_error([metrics(failed={"node 2": cut})]) == "round 1, node 2: the device refused the re"
 
 
@@ -168,11 +168,11 @@ def test_summary_rows_state_epsilon_against_the_budget(tmp_path):
 
 def test_a_run_in_which_every_client_failed_exits_1_with_the_first_error(task_identity, fast_cfg, tmp_path, capsys):
     """The real loop over the in-process grid: both devices' data-path does not exist."""
-    from server.grid import InProcessGrid
-    from server.loop import prepare, run_federation
+    from server.runtime.grid import InProcessGrid
+    from server.round.loop import prepare, run_federation
 
     prepared = prepare(fast_cfg("num_clients=2", "rounds=2", "node_wait_s=5"))
-    prepared.cfg["data"]["labels"] = list(prepared.label_names)  # as server.deployment does for devices
+    prepared.cfg["data"]["labels"] = list(prepared.label_names)  # as server.runtime.deployment does for devices
     grid = InProcessGrid({n: {"state-dir": str(tmp_path / f"dev{n}"), "client-id": f"c{n}",
                               "data-path": str(tmp_path / "absent.csv")} for n in (1, 2)})
     run_dir = tmp_path / "run"

@@ -10,12 +10,12 @@ import pytest
 import torch
 from opacus.accountants import RDPAccountant
 
-from common.conll import read_conll
-from common.features import FEATURES_PREFIX
-from server.checkpoint import Manifest, load_round
-from server.evaluate import evaluate, evaluate_head
-from server.grid import InProcessGrid
-from server.loop import prepare, run_federation
+from common.data.conll import read_conll
+from common.data.features import FEATURES_PREFIX
+from server.round.checkpoint import Manifest, load_round
+from server.round.evaluate import evaluate, evaluate_head
+from server.runtime.grid import InProcessGrid
+from server.round.loop import prepare, run_federation
 from tests.conftest import SHARED_DATA, compose
 
 WNUT = SHARED_DATA / "wnut17"

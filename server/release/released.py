@@ -1,0 +1,73 @@
+"""The released model of a finished run, read back from its run directory.
+
+What leaves fedpriv (``fedpriv export``, ``explain``, ``predict``) is built from this
+and nothing else: the run's resolved config (``.hydra/config.yaml``), the global
+trainable weights of one round from ``checkpoints/`` (verified against the manifest's
+SHA-256, as resume verifies them) and the model that config builds. No client data is
+read; the label names come from the data config's own reader (``data.labels`` in a
+deployment run), exactly as the run derived them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import datasets
+import torch
+from omegaconf import OmegaConf
+
+from common.data.loading import load_splits, tokenize
+from common.errors import ConfigError
+from common.model.factory import instantiate_model, load_tokenizer, load_trainable
+from server.round.checkpoint import CheckpointError, Manifest, load_round
+
+
+@dataclass
+class Released:
+    run_dir: Path
+    cfg: dict
+    server_round: int
+    model: torch.nn.Module  # eval mode, the round's trainable weights loaded
+    tokenizer: object
+    label_names: list[str]
+    checkpoint_sha256: str  # the manifest's hash of the loaded checkpoint
+    test: datasets.Dataset | None  # the run's server-side test split, read with the labels (one read of the data)
+
+    def test_split(self) -> datasets.Dataset:
+        """The run's server-side test split as text: ``text`` and ``label`` (an index into label_names)."""
+        return self.test
+
+    def test_set(self) -> torch.utils.data.TensorDataset:
+        """The run's server-side test split, tokenized as the run evaluated it."""
+        return tokenize(self.test_split(), self.tokenizer, int(self.cfg["train"]["max_length"]))
+
+
+def run_config(run_dir: Path) -> dict:
+    path = Path(run_dir) / ".hydra" / "config.yaml"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing: {run_dir} is not a fedpriv run directory")
+    return OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+
+
+def load_released(run_dir: str | Path, server_round: int | None = None) -> Released:
+    """The global model after ``server_round`` (default: the last checkpointed round)."""
+    run_dir = Path(run_dir)
+    cfg = run_config(run_dir)
+    if cfg.get("task") == "token_classification":
+        raise ConfigError("task", "explain, export and predict read sequence classifiers; a "
+                          "token_classification run's model is in its checkpoints but not yet exported")
+    manifest = Manifest.load(run_dir)
+    if not manifest.rounds:
+        raise CheckpointError(f"{run_dir / 'checkpoints'} holds no round")
+    chosen = max(manifest.rounds) if server_round is None else int(server_round)
+    if chosen not in manifest.rounds:
+        raise CheckpointError(f"no checkpoint of round {chosen} in {run_dir / 'checkpoints'} "
+                              f"(rounds {min(manifest.rounds)}..{max(manifest.rounds)})")
+    state = load_round(run_dir, manifest, chosen)
+    _, test, labels = load_splits(cfg["data"], seed=int(cfg["seed"]), num_clients=int(cfg["num_clients"]))
+    model = instantiate_model(cfg, len(labels))
+    load_trainable(model, state)
+    model.eval()
+    return Released(run_dir, cfg, chosen, model, load_tokenizer(cfg["model"]), list(labels),
+                    manifest.rounds[chosen]["sha256"], test)

@@ -1,0 +1,484 @@
+"""``fedpriv simulate`` on Flower's supported simulation runtime (``simulation.runtime=superlink``).
+
+The engine runtime (``simulation.runtime=engine``) calls ``flwr.simulation.run_simulation``
+in this process; flwr 1.42 deprecates that function. This runtime runs the same job the way
+``flwr run`` does since flwr 1.28, on a SuperLink that executes simulations itself:
+
+1. This process (Hydra, resume, sweeps, ``prepare``: a bad setting still exits 2 before
+   anything starts) writes the resolved config to a private folder (``mkdtemp``, mode 700)
+   with an app bundle that is only a ``pyproject.toml`` naming fedpriv's ServerApp and the
+   ClientApp (``simulation.client_app`` or fedpriv's), and a private ``FLWR_HOME`` whose one
+   connection is that SuperLink.
+2. It starts ``flower-superlink --simulation`` on 127.0.0.1 and a free port and submits the
+   bundle with ``flwr run --federation-config``: ``num-supernodes`` = ``num_clients``, Ray's
+   CPUs and per-client resources from ``simulation.*``. Ray is a private one on loopback
+   (``RAY_ADDRESS=local``, ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``), whatever other Ray runs
+   on the machine, unless ``federation.ray_address`` names a cluster (``RAY_ADDRESS`` of
+   those processes only).
+3. Flower's simulation process runs fedpriv's ServerApp, which reads the config from the
+   run-config key ``fedpriv-spec`` (``serve``): the same ``run_federation`` with the same
+   resume flag and message window. Its log records go to the run's ``cli.log``; the ones
+   the terminal shows (``server.runtime.terminal``) go to a file this process prints.
+4. This process shows the rounds' progress from ``metrics.jsonl``, stops the SuperLink and
+   the ``flwr run`` by process id, appends their logs to ``cli.log``, and prints the summary
+   (``server.cli.finish``).
+
+Nothing outlives this process: the SuperLink and ``flwr run`` get SIGKILL when it dies
+(``PR_SET_PDEATHSIG``), Flower stops its own children when the SuperLink goes, and the
+ServerApp kills its process (and so its Ray) within a second of this one's death, so a
+SIGKILLed run can be resumed without a leftover writing into its run directory. When a
+run ends, this process kills Flower's simulation process and its Ray itself
+(``_end_serverapp``) before it stops the SuperLink: Flower's own shutdown is not waited for.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+
+from common.protocol import SIMULATION_ENV
+from common.storage import atomic_write_json, read_json_lines  # whole or not at all: the other side polls
+from server.round.loop import progress_display, round_progress
+
+log = logging.getLogger(__name__)
+
+#: The run-config key of the ServerApp's spec (server.app).
+SPEC_KEY = "fedpriv-spec"
+#: Beside the spec: the go-ahead once the config passed, the ServerApp's outcome, the lines the terminal shows,
+#: and which process runs the ServerApp (Flower's simulation process).
+GO, OUTCOME, TERMINAL, SERVER = "go.json", "outcome.json", "terminal.log", "serverapp.json"
+START_TIMEOUT_S = 60
+PREFIX = "fedpriv-simulate-"
+#: What Flower's processes printed, kept in the private folder until ``cli.log`` gets it.
+RUN_LOG, LINK_LOG = "flwr-run.log", "superlink.log"
+_LOGS = (("flwr run", RUN_LOG), ("simulation SuperLink", LINK_LOG))
+
+_PYPROJECT = """[project]
+name = "fedpriv-simulate"
+version = "1.0.0"
+description = "fedpriv simulate on Flower's simulation runtime"
+license = "Apache-2.0"
+
+[tool.flwr.app]
+publisher = "fedpriv"
+
+[tool.flwr.app.components]
+serverapp = {serverapp}
+clientapp = {clientapp}
+
+[tool.flwr.app.config]
+{key} = {spec}
+"""
+
+
+def _tool(name: str) -> str:
+    """Flower's command ``name`` of the flwr this process imports: next to this Python (a venv),
+    else where that flwr's installation record put its scripts, else on PATH."""
+    from importlib.metadata import PackageNotFoundError, distribution
+
+    here = Path(sys.executable).parent / name
+    if here.exists():
+        return str(here)
+    try:
+        flwr = distribution("flwr")
+        recorded = [flwr.locate_file(f) for f in flwr.files or () if f.name == name]
+    except PackageNotFoundError:
+        recorded = []
+    found = next((str(Path(p).resolve()) for p in recorded if Path(p).exists()), None) or shutil.which(name)
+    if not found:
+        raise RuntimeError(f"{name} not found next to {sys.executable}, in flwr's installation or on PATH")
+    return found
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _die_with_parent() -> None:  # preexec_fn: SIGKILL this child when the process that started it dies
+    import ctypes
+
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+def federation_config(cfg: dict, backend: dict) -> str:
+    """``flwr run --federation-config``: the simulation's size and Ray resources (``backend``:
+    ``server.cli.backend_config``, what the engine runtime gives ``run_simulation``)."""
+    def number(value) -> str:  # Flower reads 1.0 CPUs as a float and refuses it where it needs an int
+        return str(int(value)) if float(value).is_integer() else str(float(value))
+
+    parts = [f"num-supernodes={int(cfg['num_clients'])}",
+             f"client-resources-num-cpus={number(backend['client_resources']['num_cpus'])}",
+             f"client-resources-num-gpus={number(backend['client_resources']['num_gpus'])}"]
+    if "num_cpus" in backend["init_args"]:  # not when joining a cluster, which owns its CPUs
+        parts.append(f"init-args-num-cpus={number(backend['init_args']['num_cpus'])}")
+    return " ".join(parts)
+
+
+def child_env(cfg: dict, home: Path) -> dict:
+    """The environment of the SuperLink, and so of Flower's simulation process and Ray's workers.
+
+    Flower's simulation process calls ``ray.init`` with no address, which reads ``RAY_ADDRESS``
+    (this process' own is never inherited): ``federation.ray_address`` to join that cluster,
+    or else ``local``, so that Ray starts a private one on loopback instead of joining any
+    cluster already running on the machine or named by a stale ``/tmp/ray/ray_current_cluster``
+    (Flower's federation config has no key for ``ray.init``'s address; see
+    ``server.cli.backend_config``)."""
+    from server.runtime.pinning import ROOT
+
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["FLWR_HOME"] = str(home)
+    # The SuperLink starts flower-superexec and flwr-simulation by name: the same flwr's first.
+    env["PATH"] = os.pathsep.join([str(Path(_tool("flower-superexec")).parent), *filter(None, [os.environ.get("PATH")])])
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
+    env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
+    env[SIMULATION_ENV] = "1"  # its clients are simulated: they read the run's state_dir (client/privacy/node_config.py)
+    env.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "0.1")
+    env["PYTHONUNBUFFERED"] = "1"  # their logs reach cli.log even when they are stopped  # the SuperLink's own launcher: 1 s by default
+    address = (cfg.get("federation") or {}).get("ray_address")
+    if address:
+        env["RAY_ADDRESS"] = str(address)
+    else:
+        env["RAY_ADDRESS"] = "local"  # ray.init() starts a new Ray: never one already running here
+        env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # Ray's switch to its loopback address
+    return env
+
+
+def absolute_paths(cfg: dict) -> dict:
+    """``cfg`` with its files named from this process' working directory, which Flower's
+    simulation process does not share (it runs in the private folder, where no ``common/``
+    of the user's can shadow fedpriv's): ``data.path``, ``data.test_path``, and
+    ``model.name_or_path`` / ``model.tokenizer`` where they name a local folder."""
+    out = json.loads(json.dumps(cfg))
+    for key in ("path", "test_path"):
+        if out["data"].get(key):
+            out["data"][key] = str(Path(str(out["data"][key])).expanduser().resolve())
+    for key in ("name_or_path", "tokenizer"):
+        value = out["model"].get(key)
+        if value and Path(str(value)).expanduser().exists():
+            out["model"][key] = str(Path(str(value)).expanduser().resolve())
+    return out
+
+
+def _healthy(port: int) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1) as reply:
+            return reply.status == 200
+    except OSError:
+        return False
+
+
+def _stop(proc: subprocess.Popen | None, wait_s: float = 15) -> None:
+    """TERM the process' session (it leads one), then KILL what is left."""
+    if proc is None or proc.poll() is not None:
+        return
+    for sig, wait in ((signal.SIGTERM, wait_s), (signal.SIGKILL, 5)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+class _Terminal:
+    """Prints what the ServerApp wrote for the terminal, and the rounds' progress bar."""
+
+    def __init__(self, run_dir: Path, lines: Path, first: int, total: int):
+        self.metrics, self.lines, self.offset, self.seen = run_dir / "metrics.jsonl", lines, 0, first - 1
+        self.progress = progress_display()
+        self.task = self.progress.add_task("training", total=total, completed=first - 1)
+
+    def __enter__(self):
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.poll()
+        self.progress.stop()
+
+    def poll(self) -> None:
+        if self.lines.exists():
+            with open(self.lines, "rb") as fh:
+                fh.seek(self.offset)
+                chunk = fh.read()
+            complete = chunk[: chunk.rfind(b"\n") + 1]
+            self.offset += len(complete)
+            for line in complete.decode(errors="replace").splitlines():
+                self.progress.console.print(line, markup=False, highlight=False, style="")
+        rounds = read_json_lines(self.metrics) if self.metrics.exists() else []
+        for record in rounds[self.seen:] if len(rounds) > self.seen else []:
+            self.progress.update(self.task, completed=record["round"], description=round_progress(record))
+        self.seen = max(self.seen, len(rounds))
+
+
+def run_on_superlink(cfg: dict, run_dir: Path, *, resume: bool, window: int | None, client_app: str,
+                     backend: dict, threads: int | None, verbose: bool, check: Callable[[], object]) -> None:
+    """Run the job on a private simulation SuperLink; raises when the ServerApp failed.
+
+    ``backend``: Ray's settings (``server.cli.backend_config``); ``threads``: the ServerApp's
+    torch threads (``server.cli.server_threads``). ``check`` (``server.round.loop.prepare``) runs
+    here while Flower starts; the ServerApp begins only once it passed (the ``go`` file), and
+    what it raises (a ``ConfigError``) stops everything and is raised again."""
+    from server.runtime.terminal import to_log_file
+
+    sweep_orphans()
+    work = Path(tempfile.mkdtemp(prefix=PREFIX))
+    home, app = work / "flwr", work / "app"
+    home.mkdir()
+    app.mkdir()
+    port = _free_port()
+    spec = work / "spec.json"
+    spec.write_text(json.dumps({"cfg": absolute_paths(cfg), "run_dir": str(run_dir), "resume": resume, "window": window,
+                                "watch_pid": os.getpid(), "watch_start": _started(os.getpid()),
+                                "verbose": verbose, "work": str(work),
+                                "threads": threads}))
+    (app / "pyproject.toml").write_text(_PYPROJECT.format(
+        serverapp=json.dumps("server.app:app"), clientapp=json.dumps(client_app), key=json.dumps(SPEC_KEY),
+        spec=json.dumps(str(spec))))
+    (home / "config.toml").write_text(f'[superlink]\ndefault = "local"\n\n[superlink.local]\n'
+                                      f'address = "127.0.0.1:{port}"\ninsecure = true\n')
+    env = child_env(cfg, home)
+    run_log, link_log = work / RUN_LOG, work / LINK_LOG
+    link = run = None
+    first = 1
+    if resume and (run_dir / "metrics.jsonl").exists():
+        first = len(read_json_lines(run_dir / "metrics.jsonl")) + 1
+    try:
+        with open(link_log, "wb") as out:
+            link = subprocess.Popen(
+                [_tool("flower-superlink"), "--simulation", "--insecure", "--host", "127.0.0.1", "--port", str(port),
+                 "--database", str(work / "superlink.db"), "--disable-runtime-dependency-installation"],
+                cwd=work, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                start_new_session=True, preexec_fn=_die_with_parent)
+        to_log_file(log, logging.INFO, f"simulation SuperLink pid {link.pid} on 127.0.0.1:{port}, private folder {work}")
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while not _healthy(port):
+            if link.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the simulation SuperLink did not start:\n{link_log.read_text()[-2000:]}")
+            time.sleep(0.2)
+        with open(run_log, "wb") as out:
+            run = subprocess.Popen(
+                [_tool("flwr"), "run", str(app), "local", "--stream", "--federation-config", federation_config(cfg, backend)],
+                cwd=work, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                start_new_session=True, preexec_fn=_die_with_parent)
+        try:
+            check()
+        except BaseException:
+            atomic_write_json(work / GO, {"go": False})
+            raise
+        atomic_write_json(work / GO, {"go": True})
+        with _Terminal(run_dir, work / TERMINAL, first, int(cfg["rounds"])) as terminal:
+            # Once the ServerApp wrote its outcome, the report and every ledger are on disk:
+            # what Flower still does (shutting Ray down, ending the stream) is not waited for.
+            while run.poll() is None and not (work / OUTCOME).exists():
+                terminal.poll()
+                time.sleep(0.3)
+    finally:
+        _end_serverapp(work)
+        _stop(run)
+        _stop(link)
+        outcome = json.loads((work / OUTCOME).read_text()) if (work / OUTCOME).exists() else None
+        said = run_log.read_text(errors="replace").strip()[-1000:] if run_log.exists() else ""
+        for name, text in _flower_outputs(work):
+            to_log_file(log, logging.INFO, f"--- {name} output ---\n{text}")
+        shutil.rmtree(work, ignore_errors=True)
+    if outcome is None:
+        raise RuntimeError(f"the simulation ended without its ServerApp's outcome (cli.log has its logs); "
+                           f"flwr run said:\n{said}")
+    if not outcome["ok"]:
+        raise RuntimeError(f"the ServerApp failed: {outcome['error']}")
+
+
+def sweep_orphans() -> None:
+    """Remove the private folders of runs whose ``fedpriv simulate`` was killed (a SIGKILL leaves
+    it no time to), after appending what Flower's processes printed to that run's ``cli.log``.
+
+    Only this user's folders whose watched process is gone (or its pid reused) are touched; a
+    folder is renamed before it is read, so of two runs sweeping at once only one takes it.
+    The folder holds the run's resolved config; it should not wait in /tmp for a reboot."""
+    for folder in Path(tempfile.gettempdir()).glob(PREFIX + "*"):
+        try:
+            if folder.is_symlink() or folder.lstat().st_uid != os.getuid():
+                continue  # another user's, or a link someone placed: never followed
+            if folder.suffix == ".swept":  # its sweeper was killed in turn
+                if time.time() - folder.stat().st_ctime > 60:
+                    shutil.rmtree(folder, ignore_errors=True)
+                continue
+            spec = json.loads((folder / "spec.json").read_text())
+        except (OSError, ValueError):
+            continue  # not one of ours, or a run that is writing its spec right now
+        if _alive(int(spec["watch_pid"]), spec.get("watch_start")):
+            continue
+        claimed = folder.with_name(folder.name + ".swept")
+        try:
+            folder.rename(claimed)
+        except OSError:
+            continue  # another run took it
+        cli_log = Path(spec["run_dir"]) / "cli.log" if spec.get("run_dir") else None
+        try:
+            if cli_log and cli_log.is_file():
+                with open(cli_log, "a", encoding="utf-8") as out:
+                    for name, text in _flower_outputs(claimed):
+                        out.write(f"--- {name} output (the run was killed; kept by the next run) ---\n{text}\n")
+        except OSError:
+            pass  # the run directory is gone or not ours to write: the folder goes all the same
+        shutil.rmtree(claimed, ignore_errors=True)
+
+
+def _flower_outputs(work: Path) -> list[tuple[str, str]]:
+    """What Flower's processes printed into a private folder, by process, as ``cli.log`` takes it."""
+    return [(name, (work / path).read_text(errors="replace")) for name, path in _LOGS if (work / path).exists()]
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every process below ``pid``, from /proc (Linux; elsewhere none)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = entry.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(entry.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def _started(pid: int) -> str | None:
+    """The process' start time (/proc), which a reused pid does not share; None once it is gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _kill_tree(pid: int) -> None:
+    for child in _descendants(pid):
+        try:
+            os.kill(child, signal.SIGKILL)
+        except OSError:
+            pass
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except OSError:
+        pass
+
+
+def _end_serverapp(work: Path) -> None:
+    """SIGKILL Flower's simulation process and everything below it (its Ray), if it still runs.
+
+    Once the ServerApp is done (its outcome written, or this process giving up), nothing of
+    fedpriv's is left to write there. Flower's own shutdown of that process took longer than
+    5 s after every run measured here, and after a ServerApp that raised one was found alive
+    half an hour later with its Ray, stuck in its exit where its watchdog thread no longer
+    runs."""
+    if not (work / SERVER).exists():
+        return
+    server = json.loads((work / SERVER).read_text())
+    if _alive(server["pid"], server["start"]):
+        _kill_tree(server["pid"])
+
+
+def _alive(pid: int, start: str | None) -> bool:
+    """Whether the process that had ``pid`` and started at ``start`` still runs (a reused pid does not)."""
+    if start is not None:
+        return _started(pid) == start
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
+
+
+def _watch(pid: int, start: str | None) -> None:
+    """When ``pid`` (the ``fedpriv simulate``) is gone, SIGKILL every process below this one
+    (Ray's raylet, its workers and agents), then this one: Ray's agents outlive their driver
+    by tens of seconds otherwise (a test saw them 20 s later)."""
+    def watch() -> None:
+        while _alive(pid, start):
+            time.sleep(0.5)
+        _kill_tree(os.getpid())
+
+    threading.Thread(target=watch, name="fedpriv-watch-parent", daemon=True).start()
+
+
+def load_spec(path: str) -> dict:
+    """The spec a ``fedpriv simulate`` wrote, refused unless it is in a private folder of this user."""
+    spec = Path(path)
+    folder = spec.parent.stat()
+    if folder.st_uid != os.getuid() or folder.st_mode & 0o077:
+        raise PermissionError(f"{SPEC_KEY} must be in a private folder of this user (mkdtemp's)")
+    return json.loads(spec.read_text())
+
+
+def serve(spec: dict, grid) -> None:
+    """The ServerApp's side: run the spec's job, its log in the run's cli.log, its outcome beside it."""
+    from server.round.loop import prepare, run_federation
+    from server.runtime.terminal import is_noise
+
+    work, run_dir, cfg = Path(spec["work"]), Path(spec["run_dir"]), spec["cfg"]
+    atomic_write_json(work / SERVER, {"pid": os.getpid(), "start": _started(os.getpid())})
+    _watch(int(spec["watch_pid"]), spec.get("watch_start"))
+    waiting = time.monotonic()
+    while not (work / GO).exists():  # `fedpriv simulate` checks the data and the model meanwhile
+        time.sleep(0.1)
+    if not json.loads((work / GO).read_text())["go"]:
+        return  # refused there, with the setting's name; nothing was written here
+    run_dir.mkdir(parents=True, exist_ok=True)
+    root = logging.getLogger()
+    waited = time.monotonic() - waiting
+    to_file = logging.FileHandler(run_dir / "cli.log")
+    to_file.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
+    to_terminal = logging.FileHandler(work / TERMINAL)
+    to_terminal.setLevel(logging.INFO if spec["verbose"] else logging.WARNING)
+    to_terminal.addFilter(lambda record: not is_noise(record))
+    to_terminal.setFormatter(logging.Formatter("[%(name)s][%(levelname)s] - %(message)s"))
+    level = root.level
+    root.setLevel(logging.INFO)
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # Flower's log uploads, one request per 0.2 s
+    root.addHandler(to_file)
+    root.addHandler(to_terminal)
+    logging.captureWarnings(True)
+    log.info("ServerApp in Flower's simulation process %d (waited %.1f s for the config check)", os.getpid(), waited)
+    try:
+        threads = spec["threads"]
+        if threads is not None:
+            import torch
+
+            torch.set_num_threads(min(torch.get_num_threads(), threads))
+        run_federation(grid, prepare(cfg), run_dir, resume=bool(spec["resume"]), window=spec["window"],
+                       progress_bar=False)
+        outcome = {"ok": True}
+    except BaseException as err:
+        log.exception("the ServerApp failed")
+        outcome = {"ok": False, "error": f"{type(err).__name__}: {err}".splitlines()[0][:500]}
+        raise
+    finally:
+        atomic_write_json(work / OUTCOME, outcome)
+        logging.captureWarnings(False)
+        for handler in (to_file, to_terminal):
+            root.removeHandler(handler)
+            handler.close()
+        root.setLevel(level)
