@@ -276,3 +276,21 @@ def _wait4(pid: int, deadline: float):
         if time.perf_counter() > deadline:
             raise TimeoutError(f"fedpriv simulate still running after its timeout (pid {pid})")
         time.sleep(0.2)
+
+
+# The real data sets of the utility figure and of tune.py: the same runs in both.
+DATASETS = {
+    "banking77": lambda root: [
+        "data=csv", f"data.path={root}/banking77/train.csv", f"data.test_path={root}/banking77/test.csv",
+        "data.label_column=category"],
+    "sms_spam": lambda root: [
+        "data=csv", f"data.path={root}/sms_spam_collection/SMSSpamCollection", "data.delimiter=\\t",
+        "data.column_names=[label,text]", "data.quoting=QUOTE_NONE", "data.drop_duplicates=true",
+        "data.test_fraction=0.2"],
+}
+COMMON = ["num_clients=10", "partition=dirichlet", "partition.alpha=0.5"]
+
+
+def dataset_overrides(name: str, root: str = "../shared/data") -> list[str]:
+    """The Hydra overrides that load data set ``name`` from ``root``."""
+    return DATASETS[name](root)

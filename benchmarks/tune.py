@@ -35,7 +35,7 @@ for _key in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
     os.environ.setdefault(_key, "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from utility import COMMON, DATASETS, dataset_overrides  # noqa: E402  the same runs as the utility figure
+from _common import COMMON, DATASETS, dataset_overrides  # noqa: E402  the same runs as the utility figure
 
 
 

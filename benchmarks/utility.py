@@ -28,25 +28,9 @@ import time
 from pathlib import Path
 
 import _common
+from _common import COMMON, DATASETS, dataset_overrides  # shared with tune.py, which this script drives
 
-DATASETS = {
-    "banking77": lambda root: [
-        "data=csv", f"data.path={root}/banking77/train.csv", f"data.test_path={root}/banking77/test.csv",
-        "data.label_column=category"],
-    "sms_spam": lambda root: [
-        "data=csv", f"data.path={root}/sms_spam_collection/SMSSpamCollection", "data.delimiter=\\t",
-        "data.column_names=[label,text]", "data.quoting=QUOTE_NONE", "data.drop_duplicates=true",
-        "data.test_fraction=0.2"],
-}
-COMMON = ["num_clients=10", "partition=dirichlet", "partition.alpha=0.5"]
 SEEDS = [0, 1, 2]
-
-
-def dataset_overrides(name: str, root: str = "../shared/data") -> list[str]:
-    """The Hydra overrides that load data set ``name`` from ``root``."""
-    return DATASETS[name](root)
-
-
 LEVELS = ["1", "3", "8", "none"]
 GOAL = 0.95  # accuracy at eps=8 over the non-private federated accuracy
 
