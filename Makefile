@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION := 1
 
-.PHONY: demo test venv clean
+.PHONY: demo test test-fast lint venv clean
 venv: $(STAMP)
 
 $(STAMP): pyproject.toml
@@ -24,6 +24,14 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+
+# The everyday loop: every test that starts no process (those are marked e2e).
+test-fast: $(STAMP)
+	$(VENV)/bin/python -m pytest -m "not e2e" $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 clean:
 	rm -rf $(VENV) outputs multirun .pytest_cache
