@@ -18,8 +18,12 @@ from flwr.common import log as flwr_log
 from flwr.serverapp import Grid, ServerApp
 from flwr.superlink.grid import InMemoryGrid
 
-from server.runtime.deployment import check_simulated_nodes, deployment_config, prepare_deployment
 from server.round.loop import Prepared, run_federation
+from server.runtime.deployment import (
+    check_simulated_nodes,
+    deployment_config,
+    prepare_deployment,
+)
 from server.runtime.serve import SPEC_KEY, load_spec, serve
 
 logging.getLogger("flwr").propagate = False  # Flower logs would reach Hydra's handlers twice

@@ -19,7 +19,9 @@ import threading
 import time
 from pathlib import Path
 
-from common.storage import atomic_write_json  # whole or not at all: the other side polls
+from common.storage import (
+    atomic_write_json,  # whole or not at all: the other side polls
+)
 
 log = logging.getLogger(__name__)
 

@@ -49,9 +49,21 @@ from collections.abc import Callable
 from pathlib import Path
 
 from common.protocol import SIMULATION_ENV
-from common.storage import atomic_write_json, read_json_lines  # whole or not at all: the other side polls
+from common.storage import (  # whole or not at all: the other side polls
+    atomic_write_json,
+    read_json_lines,
+)
 from server.round.loop import progress_display, round_progress
-from server.runtime.serve import GO, OUTCOME, SERVER, SPEC_KEY, TERMINAL, alive, kill_tree, started
+from server.runtime.serve import (
+    GO,
+    OUTCOME,
+    SERVER,
+    SPEC_KEY,
+    TERMINAL,
+    alive,
+    kill_tree,
+    started,
+)
 
 log = logging.getLogger(__name__)
 

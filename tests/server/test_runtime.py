@@ -13,7 +13,7 @@ import pytest
 
 from server.runtime import serve
 from server.runtime import superlink as runtime
-from server.cli import backend_config
+from server.runtime.simulate import backend_config
 from server.runtime.pinning import CLIENT_APP, ROOT
 from tests.conftest import compose
 
