@@ -7,6 +7,9 @@ its log in the run's ``cli.log`` and writes its outcome beside the spec (``serve
 sides share nothing but the private folder's files named here, and the process helpers below
 (the watchdog here, the end of a run there).
 
+``federate`` is the round loop plus the run's end, in every runtime (``server.app``): the
+explanation page of a few test inputs, drawn from the model, tokenizer and test texts the
+loop still holds.
 """
 
 from __future__ import annotations
@@ -32,6 +35,36 @@ SPEC_KEY = "fedpriv-spec"
 GO, OUTCOME, TERMINAL, SERVER = "go.json", "outcome.json", "terminal.log", "serverapp.json"
 
 
+def federate(grid, prepared, run_dir: Path, **loop_options) -> dict:
+    """Run (or continue) the federation, then write its explanation page; returns the privacy report.
+
+    ``loop_options``: ``server.round.loop.run_rounds``' (resume, window, progress_bar)."""
+    from server.round.loop import run_rounds
+
+    end = run_rounds(grid, prepared, run_dir, **loop_options)
+    explain_run_end(end)
+    return end.report
+
+
+def explain_run_end(end) -> None:
+    """What the released model attends to on ``evaluation.explain_inputs`` of the server's test
+    inputs (server.release.explain_page), from the run's end in memory (``RunEnd``).
+
+    A page that cannot be drawn is a warning, never a failed run: the model and the report are written."""
+    cfg = end.prepared.cfg
+    count = int(cfg["evaluation"]["explain_inputs"])
+    if count <= 0 or cfg.get("task") == "token_classification":  # explain reads sequence classifiers only
+        return
+    from server.release.explain_page import write_run_explanations
+    from server.release.released import Released
+
+    try:
+        page = write_run_explanations(end.run_dir, Released.at_end(end), count=count)
+        log.info("what the model attends to on %d test inputs: %s", count, page)
+    except Exception:
+        log.warning("could not write the test inputs' explanations in %s", end.run_dir, exc_info=True)
+
+
 def load_spec(path: str) -> dict:
     """The spec a ``fedpriv simulate`` wrote, refused unless it is in a private folder of this user."""
     spec = Path(path)
@@ -43,7 +76,7 @@ def load_spec(path: str) -> dict:
 
 def serve(spec: dict, grid) -> None:
     """The ServerApp's side: run the spec's job, its log in the run's cli.log, its outcome beside it."""
-    from server.round.loop import prepare, run_federation
+    from server.round.loop import prepare
 
     work, run_dir, cfg = Path(spec["work"]), Path(spec["run_dir"]), spec["cfg"]
     atomic_write_json(work / SERVER, {"pid": os.getpid(), "start": started(os.getpid())})
@@ -63,8 +96,8 @@ def serve(spec: dict, grid) -> None:
             import torch
 
             torch.set_num_threads(min(torch.get_num_threads(), threads))
-        run_federation(grid, prepare(cfg), run_dir, resume=bool(spec["resume"]), window=spec["window"],
-                       progress_bar=False)
+        federate(grid, prepare(cfg), run_dir, resume=bool(spec["resume"]), window=spec["window"],
+                 progress_bar=False)
         outcome = {"ok": True}
     except BaseException as err:
         log.exception("the ServerApp failed")
