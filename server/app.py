@@ -1,4 +1,5 @@
-"""The fedpriv ServerApp: a thin Flower entry point around ``server.round.loop``.
+"""The fedpriv ServerApp: a thin Flower entry point around the round loop and the run's end
+(``server.runtime.serve.federate``).
 
 ``fedpriv simulate`` builds it with the already validated config (``make_app``);
 ``flwr run`` loads ``app`` (pyproject's [tool.flwr.app.components]) and composes the config
@@ -18,9 +19,13 @@ from flwr.common import log as flwr_log
 from flwr.serverapp import Grid, ServerApp
 from flwr.superlink.grid import InMemoryGrid
 
-from server.runtime.deployment import check_simulated_nodes, deployment_config, prepare_deployment
-from server.round.loop import Prepared, run_federation
-from server.runtime.superlink import SPEC_KEY, load_spec, serve
+from server.round.loop import Prepared
+from server.runtime.deployment import (
+    check_simulated_nodes,
+    deployment_config,
+    prepare_deployment,
+)
+from server.runtime.serve import SPEC_KEY, federate, load_spec, serve
 
 logging.getLogger("flwr").propagate = False  # Flower logs would reach Hydra's handlers twice
 
@@ -47,10 +52,10 @@ def make_app(prepared: Prepared | None = None, run_dir: Path | None = None,
                 ready = prepare_deployment(cfg)
                 if simulated:  # the engine registers its nodes while this thread prepares
                     check_simulated_nodes(cfg, list(grid.get_node_ids()))
-                run_federation(grid, ready, target)
+                federate(grid, ready, target)
                 flwr_log(logging.INFO, "fedpriv: privacy report %s", target / "privacy_report.md")
             else:
-                run_federation(grid, prepared, run_dir, resume=resume, window=window)
+                federate(grid, prepared, run_dir, resume=resume, window=window)
         except BaseException as err:  # the simulation engine would only log it
             if errors is not None:
                 errors.append(err)

@@ -134,7 +134,7 @@ def test_the_checker_reads_the_real_tree():
     edges = graph(ROOT)
     assert {"server.app", "server.cli", "client.app", "common.errors"} <= set(edges)
     assert "server.round.loop" in edges["server.app"]  # a top-level import
-    assert "server.runtime.compose" in edges["server.cli"]  # an import inside a function
+    assert "server.runtime.simulate" in edges["server.cli"]  # an import inside a function
     assert "common.errors" in edges["client.app"]
 
 

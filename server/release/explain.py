@@ -10,11 +10,7 @@ one token-level summary, **leave-one-out**: how much the predicted class's proba
 drops when the model reads the text without that token. Positive: the token pushes the
 model towards its prediction; negative: away from it. It is exact (no approximation to
 converge) and reads in plain words; attention weights say where the model looks, not
-what decides. Measured on tiny_bert trained to key on a planted word (the test's
-set-up): one-step gradient x input ranked the word first in 85-95 % of sentences with
-frozen word embeddings and 20 % with trained ones; integrated gradients found it in all,
-but its 20-step sums came to 40-170 % of the logit change they must equal (200 steps to
-converge); leave-one-out found it in all.
+what decides. Gradient-based scores missed a planted word that it found (docs/server.md).
 Its blind spot: a token whose information another token repeats scores near zero.
 
 Each text is run alone, truncated at ``train.max_length`` and never padded, so no

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import datasets
 import torch
@@ -21,6 +22,9 @@ from common.data.loading import load_splits, tokenize
 from common.errors import ConfigError
 from common.model.factory import instantiate_model, load_tokenizer, load_trainable
 from server.round.checkpoint import CheckpointError, Manifest, load_round
+
+if TYPE_CHECKING:
+    from server.round.loop import RunEnd
 
 
 @dataclass
@@ -33,6 +37,18 @@ class Released:
     label_names: list[str]
     checkpoint_sha256: str  # the manifest's hash of the loaded checkpoint
     test: datasets.Dataset | None  # the run's server-side test split, read with the labels (one read of the data)
+
+    @classmethod
+    def at_end(cls, end: RunEnd) -> Released:
+        """The released model of a run that just ended, from what its round loop holds in memory:
+        what :func:`load_released` would read back, without reading the data or building the model again."""
+        prepared = end.prepared
+        if prepared.tokenizer is None or prepared.test_split is None:
+            raise ValueError("the run's end holds no tokenizer or test texts to explain")
+        load_trainable(prepared.model, end.global_state)
+        prepared.model.eval()
+        return cls(Path(end.run_dir), prepared.cfg, end.server_round, prepared.model, prepared.tokenizer,
+                   list(prepared.label_names), end.checkpoint_sha256, prepared.test_split)
 
     def test_split(self) -> datasets.Dataset:
         """The run's server-side test split as text: ``text`` and ``label`` (an index into label_names)."""

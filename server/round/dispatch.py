@@ -4,10 +4,9 @@ Flower's simulation engine hands messages to its workers from one thread that, e
 0.1 s, asks the in-memory LinkState for each node's next message, and that query scans
 every message still stored (``InMemoryLinkState.get_message_ins``; a message stays
 stored until the server has pulled its reply). With all N of a round's messages pushed
-at once, one sweep costs O(N²): measured here 0.04 s at N = 100 and 4.2 s at N = 1,000,
-repeated for the whole round on one of the machine's cores, under the lock the reply
-path needs too. With at most ``window`` messages in flight the sweep is O(N · window)
-(~4 µs per node and stored message) and the workers still never wait, as long as the
+at once, one sweep costs O(N²), on one core, under the lock the reply path needs too
+(docs/server.md has the measurements). With at most ``window`` messages in flight the
+sweep is O(N · window) and the workers still never wait, as long as the
 window holds each worker's next message while it trains on the current one (a reply
 reaches the next worker after at most one pull pause and one of Flower's sweeps).
 

@@ -168,8 +168,7 @@ def evaluate(
     (attention-masked) length. The test split is padded to ``train.max_length``
     (common.data.loading.tokenize) and the columns cut are padding every example of the batch
     masks out, so the logits are those of the padded batch up to float rounding
-    (the metrics agree to ~1e-7; the test compares them). On the synthetic set (mean
-    22 of 40 tokens) MiniLM's evaluation took 4.4 s instead of 7.4 s on one thread.
+    (the metrics agree to ~1e-7; the test compares them), in less time (docs/server.md).
     Left-padded data, whose padding is not a suffix, is evaluated uncut. Batches go to
     the model's device (the server's model lives on the CPU; a GPU sweep moves it).
     Tagged data (labels [N, L], with ``words`` and ``label_names``) gives a

@@ -19,6 +19,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+import datasets
 import torch
 from flwr.app import Message
 from flwr.serverapp import Grid
@@ -64,6 +65,10 @@ class Prepared:
     model: torch.nn.Module
     test_features: torch.utils.data.TensorDataset | None = None  # the recipe's head rounds; computed once
     words: HeldOutWords | None = None  # token classification: the test sentences' words and gold tags
+    # What explaining the released model at the run's end needs (server.runtime.serve), kept
+    # so that the data is not read and the model not built a second time.
+    tokenizer: object | None = None
+    test_split: datasets.Dataset | None = None  # the test split as text: ``text`` and ``label``
 
     def head_test_features(self, global_state) -> torch.utils.data.TensorDataset:
         """The test set's features through the frozen encoder (computed at first use)."""
@@ -103,7 +108,7 @@ def prepare(cfg: dict) -> Prepared:
         raise ConfigError("model", f"cannot build the model: {err}") from err
     check_model(cfg, model)
     data, words = held_out_inputs(cfg, test, tokenizer, labels)
-    return Prepared(cfg, labels, data, sizes, model, words=words)
+    return Prepared(cfg, labels, data, sizes, model, words=words, tokenizer=tokenizer, test_split=test)
 
 
 def check_simulated_ledgers(cfg: dict) -> None:
@@ -193,13 +198,33 @@ def round_progress(record: dict) -> str:
             f"declined {record['clients_declined']}, rejected {record['clients_rejected']}")
 
 
+@dataclass
+class RunEnd:
+    """A finished run as the loop leaves it: its report, and the released model in memory
+    (``global_state`` of ``server_round``, its last checkpoint, for ``prepared.model``)."""
+
+    report: dict
+    run_dir: Path
+    prepared: Prepared
+    server_round: int
+    checkpoint_sha256: str  # the manifest's hash of that round's checkpoint
+    global_state: dict[str, torch.Tensor]
+
+
 def run_federation(grid: Grid, prepared: Prepared, run_dir: Path, *, resume: bool = False,
                    window: int | None = None, progress_bar: bool = True) -> dict:
-    """Run (or continue) every round and write the run directory; returns the privacy report.
+    """:func:`run_rounds`' privacy report: the round loop alone, for callers with no use for its end."""
+    return run_rounds(grid, prepared, run_dir, resume=resume, window=window, progress_bar=progress_bar).report
+
+
+def run_rounds(grid: Grid, prepared: Prepared, run_dir: Path, *, resume: bool = False,
+               window: int | None = None, progress_bar: bool = True) -> RunEnd:
+    """Run (or continue) every round and write the run directory and its privacy report.
 
     ``window``: at most this many of a round's messages unanswered at a time
     (``server.round.dispatch``; None: all at once). ``progress_bar``: False where another process
-    shows the rounds (``server.runtime.superlink``).
+    shows the rounds (``server.runtime.superlink``). What the run's end does with the model
+    (the explanation page) is the runtime's (``server.runtime.serve.federate``).
     """
     cfg, model = prepared.cfg, prepared.model
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -241,26 +266,8 @@ def run_federation(grid: Grid, prepared: Prepared, run_dir: Path, *, resume: boo
                           evaluation=read_evaluation(run_dir))
     write_report(run_dir, report)
     log.info("privacy report: %s", run_dir / "privacy_report.md")
-    if cfg.get("task") != "token_classification":  # explain reads sequence classifiers only
-        _explain_test_inputs(run_dir, int(cfg["evaluation"]["explain_inputs"]))
-    return report
-
-
-def _explain_test_inputs(run_dir: Path, count: int) -> None:
-    """What the released model attends to on a few of the server's test inputs (server.release.explain_page).
-
-    Read back from the verified checkpoint, as ``fedpriv explain`` reads it; a page that
-    cannot be drawn is a warning, never a failed run: the model and the report are written.
-    """
-    if count <= 0:
-        return
-    from server.release.explain_page import write_run_explanations
-
-    try:
-        page = write_run_explanations(run_dir, count=count)
-        log.info("what the model attends to on %d test inputs: %s", count, page)
-    except Exception:
-        log.warning("could not write the test inputs' explanations in %s", run_dir, exc_info=True)
+    done = len(state.rounds)  # rounds 1..done are checkpointed, and global_state is done's
+    return RunEnd(report, run_dir, prepared, done, state.manifest.rounds[done]["sha256"], state.global_state)
 
 
 @dataclass

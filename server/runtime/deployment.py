@@ -92,7 +92,7 @@ def prepare_deployment(cfg: dict) -> Prepared:
         log.warning("the server holds no training data: partition checks (delta < 1/n) are left to "
                     "the devices' own data; %d test examples", len(test))
         prepared = Prepared(cfg, labels, tokenize(test, tokenizer, int(cfg["train"]["max_length"])), [],
-                            instantiate_model(cfg, len(labels)))
+                            instantiate_model(cfg, len(labels)), tokenizer=tokenizer, test_split=test)
         check_model(cfg, prepared.model)  # before any device is asked to train
     data["labels"] = list(prepared.label_names)
     return prepared

@@ -1,4 +1,5 @@
-"""``fedpriv simulate`` on Flower's supported simulation runtime (``simulation.runtime=superlink``).
+"""``fedpriv simulate`` on Flower's supported simulation runtime (``simulation.runtime=superlink``):
+the launcher's side. The ServerApp's side, in Flower's simulation process, is ``server.runtime.serve``.
 
 The engine runtime (``simulation.runtime=engine``) calls ``flwr.simulation.run_simulation``
 in this process; flwr 1.42 deprecates that function. This runtime runs the same job the way
@@ -16,12 +17,12 @@ in this process; flwr 1.42 deprecates that function. This runtime runs the same 
    on the machine, unless ``federation.ray_address`` names a cluster (``RAY_ADDRESS`` of
    those processes only).
 3. Flower's simulation process runs fedpriv's ServerApp, which reads the config from the
-   run-config key ``fedpriv-spec`` (``serve``): the same ``run_federation`` with the same
+   run-config key ``fedpriv-spec`` (``server.runtime.serve``): the same round loop with the same
    resume flag and message window. Its log records go to the run's ``cli.log``; the ones
    the terminal shows (``server.runtime.terminal``) go to a file this process prints.
 4. This process shows the rounds' progress from ``metrics.jsonl``, stops the SuperLink and
    the ``flwr run`` by process id, appends their logs to ``cli.log``, and prints the summary
-   (``server.cli.finish``).
+   (``server.runtime.simulate.finish``).
 
 Nothing outlives this process: the SuperLink and ``flwr run`` get SIGKILL when it dies
 (``PR_SET_PDEATHSIG``), Flower stops its own children when the SuperLink goes, and the
@@ -42,23 +43,30 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
 from common.protocol import SIMULATION_ENV
-from common.storage import atomic_write_json, read_json_lines  # whole or not at all: the other side polls
+from common.storage import (  # whole or not at all: the other side polls
+    atomic_write_json,
+    read_json_lines,
+)
 from server.round.loop import progress_display, round_progress
+from server.runtime.serve import (
+    GO,
+    OUTCOME,
+    SERVER,
+    SPEC_KEY,
+    TERMINAL,
+    alive,
+    kill_tree,
+    started,
+)
 
 log = logging.getLogger(__name__)
 
-#: The run-config key of the ServerApp's spec (server.app).
-SPEC_KEY = "fedpriv-spec"
-#: Beside the spec: the go-ahead once the config passed, the ServerApp's outcome, the lines the terminal shows,
-#: and which process runs the ServerApp (Flower's simulation process).
-GO, OUTCOME, TERMINAL, SERVER = "go.json", "outcome.json", "terminal.log", "serverapp.json"
 START_TIMEOUT_S = 60
 PREFIX = "fedpriv-simulate-"
 #: What Flower's processes printed, kept in the private folder until ``cli.log`` gets it.
@@ -116,7 +124,7 @@ def _die_with_parent() -> None:  # preexec_fn: SIGKILL this child when the proce
 
 def federation_config(cfg: dict, backend: dict) -> str:
     """``flwr run --federation-config``: the simulation's size and Ray resources (``backend``:
-    ``server.cli.backend_config``, what the engine runtime gives ``run_simulation``)."""
+    ``server.runtime.simulate.backend_config``, what the engine runtime gives ``run_simulation``)."""
     def number(value) -> str:  # Flower reads 1.0 CPUs as a float and refuses it where it needs an int
         return str(int(value)) if float(value).is_integer() else str(float(value))
 
@@ -136,7 +144,7 @@ def child_env(cfg: dict, home: Path) -> dict:
     or else ``local``, so that Ray starts a private one on loopback instead of joining any
     cluster already running on the machine or named by a stale ``/tmp/ray/ray_current_cluster``
     (Flower's federation config has no key for ``ray.init``'s address; see
-    ``server.cli.backend_config``)."""
+    ``server.runtime.simulate.backend_config``)."""
     from server.runtime.pinning import ROOT
 
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
@@ -146,8 +154,8 @@ def child_env(cfg: dict, home: Path) -> dict:
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
     env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
     env[SIMULATION_ENV] = "1"  # its clients are simulated: they read the run's state_dir (client/privacy/node_config.py)
-    env.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "0.1")
-    env["PYTHONUNBUFFERED"] = "1"  # their logs reach cli.log even when they are stopped  # the SuperLink's own launcher: 1 s by default
+    env.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "0.1")  # the SuperLink's own launcher: 1 s by default
+    env["PYTHONUNBUFFERED"] = "1"  # their logs reach cli.log even when they are stopped
     address = (cfg.get("federation") or {}).get("ray_address")
     if address:
         env["RAY_ADDRESS"] = str(address)
@@ -232,8 +240,8 @@ def run_on_superlink(cfg: dict, run_dir: Path, *, resume: bool, window: int | No
                      backend: dict, threads: int | None, verbose: bool, check: Callable[[], object]) -> None:
     """Run the job on a private simulation SuperLink; raises when the ServerApp failed.
 
-    ``backend``: Ray's settings (``server.cli.backend_config``); ``threads``: the ServerApp's
-    torch threads (``server.cli.server_threads``). ``check`` (``server.round.loop.prepare``) runs
+    ``backend``: Ray's settings (``server.runtime.simulate.backend_config``); ``threads``: the ServerApp's
+    torch threads (``server.runtime.simulate.server_threads``). ``check`` (``server.round.loop.prepare``) runs
     here while Flower starts; the ServerApp begins only once it passed (the ``go`` file), and
     what it raises (a ``ConfigError``) stops everything and is raised again."""
     from server.runtime.terminal import to_log_file
@@ -246,7 +254,7 @@ def run_on_superlink(cfg: dict, run_dir: Path, *, resume: bool, window: int | No
     port = _free_port()
     spec = work / "spec.json"
     spec.write_text(json.dumps({"cfg": absolute_paths(cfg), "run_dir": str(run_dir), "resume": resume, "window": window,
-                                "watch_pid": os.getpid(), "watch_start": _started(os.getpid()),
+                                "watch_pid": os.getpid(), "watch_start": started(os.getpid()),
                                 "verbose": verbose, "work": str(work),
                                 "threads": threads}))
     (app / "pyproject.toml").write_text(_PYPROJECT.format(
@@ -324,7 +332,7 @@ def sweep_orphans() -> None:
             spec = json.loads((folder / "spec.json").read_text())
         except (OSError, ValueError):
             continue  # not one of ours, or a run that is writing its spec right now
-        if _alive(int(spec["watch_pid"]), spec.get("watch_start")):
+        if alive(int(spec["watch_pid"]), spec.get("watch_start")):
             continue
         claimed = folder.with_name(folder.name + ".swept")
         try:
@@ -347,138 +355,14 @@ def _flower_outputs(work: Path) -> list[tuple[str, str]]:
     return [(name, (work / path).read_text(errors="replace")) for name, path in _LOGS if (work / path).exists()]
 
 
-def _descendants(pid: int) -> list[int]:
-    """Every process below ``pid``, from /proc (Linux; elsewhere none)."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = entry.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        children.setdefault(int(fields[1]), []).append(int(entry.parent.name))
-    found, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
-
-
-def _started(pid: int) -> str | None:
-    """The process' start time (/proc), which a reused pid does not share; None once it is gone."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return None
-
-
-def _kill_tree(pid: int) -> None:
-    for child in _descendants(pid):
-        try:
-            os.kill(child, signal.SIGKILL)
-        except OSError:
-            pass
-    try:
-        os.kill(pid, signal.SIGKILL)
-    except OSError:
-        pass
-
-
 def _end_serverapp(work: Path) -> None:
     """SIGKILL Flower's simulation process and everything below it (its Ray), if it still runs.
 
     Once the ServerApp is done (its outcome written, or this process giving up), nothing of
-    fedpriv's is left to write there. Flower's own shutdown of that process took longer than
-    5 s after every run measured here, and after a ServerApp that raised one was found alive
-    half an hour later with its Ray, stuck in its exit where its watchdog thread no longer
-    runs."""
+    fedpriv's is left to write there, and Flower's own shutdown of it is slow and can hang
+    (BENCHMARKS.md, "fedpriv simulate on Flower's simulation runtime")."""
     if not (work / SERVER).exists():
         return
     server = json.loads((work / SERVER).read_text())
-    if _alive(server["pid"], server["start"]):
-        _kill_tree(server["pid"])
-
-
-def _alive(pid: int, start: str | None) -> bool:
-    """Whether the process that had ``pid`` and started at ``start`` still runs (a reused pid does not)."""
-    if start is not None:
-        return _started(pid) == start
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    return True
-
-
-def _watch(pid: int, start: str | None) -> None:
-    """When ``pid`` (the ``fedpriv simulate``) is gone, SIGKILL every process below this one
-    (Ray's raylet, its workers and agents), then this one: Ray's agents outlive their driver
-    by tens of seconds otherwise (a test saw them 20 s later)."""
-    def watch() -> None:
-        while _alive(pid, start):
-            time.sleep(0.5)
-        _kill_tree(os.getpid())
-
-    threading.Thread(target=watch, name="fedpriv-watch-parent", daemon=True).start()
-
-
-def load_spec(path: str) -> dict:
-    """The spec a ``fedpriv simulate`` wrote, refused unless it is in a private folder of this user."""
-    spec = Path(path)
-    folder = spec.parent.stat()
-    if folder.st_uid != os.getuid() or folder.st_mode & 0o077:
-        raise PermissionError(f"{SPEC_KEY} must be in a private folder of this user (mkdtemp's)")
-    return json.loads(spec.read_text())
-
-
-def serve(spec: dict, grid) -> None:
-    """The ServerApp's side: run the spec's job, its log in the run's cli.log, its outcome beside it."""
-    from server.round.loop import prepare, run_federation
-    from server.runtime.terminal import is_noise
-
-    work, run_dir, cfg = Path(spec["work"]), Path(spec["run_dir"]), spec["cfg"]
-    atomic_write_json(work / SERVER, {"pid": os.getpid(), "start": _started(os.getpid())})
-    _watch(int(spec["watch_pid"]), spec.get("watch_start"))
-    waiting = time.monotonic()
-    while not (work / GO).exists():  # `fedpriv simulate` checks the data and the model meanwhile
-        time.sleep(0.1)
-    if not json.loads((work / GO).read_text())["go"]:
-        return  # refused there, with the setting's name; nothing was written here
-    run_dir.mkdir(parents=True, exist_ok=True)
-    root = logging.getLogger()
-    waited = time.monotonic() - waiting
-    to_file = logging.FileHandler(run_dir / "cli.log")
-    to_file.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
-    to_terminal = logging.FileHandler(work / TERMINAL)
-    to_terminal.setLevel(logging.INFO if spec["verbose"] else logging.WARNING)
-    to_terminal.addFilter(lambda record: not is_noise(record))
-    to_terminal.setFormatter(logging.Formatter("[%(name)s][%(levelname)s] - %(message)s"))
-    level = root.level
-    root.setLevel(logging.INFO)
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # Flower's log uploads, one request per 0.2 s
-    root.addHandler(to_file)
-    root.addHandler(to_terminal)
-    logging.captureWarnings(True)
-    log.info("ServerApp in Flower's simulation process %d (waited %.1f s for the config check)", os.getpid(), waited)
-    try:
-        threads = spec["threads"]
-        if threads is not None:
-            import torch
-
-            torch.set_num_threads(min(torch.get_num_threads(), threads))
-        run_federation(grid, prepare(cfg), run_dir, resume=bool(spec["resume"]), window=spec["window"],
-                       progress_bar=False)
-        outcome = {"ok": True}
-    except BaseException as err:
-        log.exception("the ServerApp failed")
-        outcome = {"ok": False, "error": f"{type(err).__name__}: {err}".splitlines()[0][:500]}
-        raise
-    finally:
-        atomic_write_json(work / OUTCOME, outcome)
-        logging.captureWarnings(False)
-        for handler in (to_file, to_terminal):
-            root.removeHandler(handler)
-            handler.close()
-        root.setLevel(level)
+    if alive(server["pid"], server["start"]):
+        kill_tree(server["pid"])

@@ -7,7 +7,7 @@ from uuid import uuid4
 
 from flwr.app import ConfigRecord, Message, RecordDict
 
-from server.cli import message_window
+from server.runtime.simulate import message_window
 from server.round.dispatch import send_and_receive
 from server.runtime.grid import InProcessGrid
 from server.round.loop import prepare, run_federation

@@ -157,16 +157,22 @@ def test_page_names_the_prediction_and_escapes_every_text(keyed_model):
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
-    """A 2-client, 1-round tiny_bert run through the real round loop and ClientApp (in process)."""
+    """A 2-client, 1-round tiny_bert run through the real round loop and ClientApp (in process),
+    ended as every runtime ends it (server.runtime.serve.federate: the page from memory)."""
+    from server.round.loop import prepare
     from server.runtime.grid import InProcessGrid
-    from server.round.loop import prepare, run_federation
+    from server.runtime.serve import federate
     from tests.conftest import server_of_run
 
     where = tmp_path_factory.mktemp("explain") / "run"
     cfg = compose(["model=tiny_bert", "data.train_size=400", "data.test_size=80", "num_clients=2", "rounds=1"],
                   where)
-    with server_of_run():
-        run_federation(InProcessGrid(2), prepare(cfg), where)
+    def read_back(*args, **kwargs):
+        raise AssertionError("the run's end reads the run directory back")
+
+    with server_of_run(), pytest.MonkeyPatch.context() as patch:
+        patch.setattr("server.release.explain_page.load_released", read_back)  # the page comes from memory
+        federate(InProcessGrid(2), prepare(cfg), where)
     return where
 
 
@@ -200,8 +206,8 @@ def test_run_page_explains_test_inputs_of_distinct_classes(run_dir):
     from server.release.released import load_released
 
     released = load_released(run_dir)
-    written_by_the_run = (run_dir / RUN_PAGE).read_text()  # run_federation's last step (evaluation.explain_inputs)
-    path = write_run_explanations(run_dir, count=3)
+    written_by_the_run = (run_dir / RUN_PAGE).read_text()  # the run's end, from memory (evaluation.explain_inputs)
+    path = write_run_explanations(run_dir, count=3)  # from the run directory, as `fedpriv explain` reads it
     assert path == run_dir / RUN_PAGE and path.read_text() == written_by_the_run
     page = Tags()
     page.feed(path.read_text())

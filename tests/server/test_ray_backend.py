@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from server.runtime import superlink as runtime
-from server.cli import backend_config, server_threads
+from server.runtime.simulate import backend_config, server_threads
 from server.runtime.pinning import ROOT
 from tests.conftest import compose
 

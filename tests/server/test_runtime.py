@@ -1,4 +1,4 @@
-"""server/runtime/superlink.py without a SuperLink: what `fedpriv simulate` hands Flower's simulation runtime
+"""server/runtime/superlink.py and serve.py without a SuperLink: what `fedpriv simulate` hands Flower's simulation runtime
 (federation config, environment, app bundle) and the spec the ServerApp accepts. The runs
 themselves are the e2e tests' (tests/server/test_simulate_e2e.py, test_faults_e2e.py)."""
 
@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from server.runtime import serve
 from server.runtime import superlink as runtime
-from server.cli import backend_config
+from server.runtime.simulate import backend_config
 from server.runtime.pinning import CLIENT_APP, ROOT
 from tests.conftest import compose
 
@@ -45,12 +46,12 @@ def test_the_app_bundle_names_the_server_app_and_the_chosen_client_app(tmp_path,
     from flwr.common.config import validate_config
 
     text = runtime._PYPROJECT.format(serverapp=json.dumps("server.app:app"), clientapp=json.dumps(client_app),
-                                     key=json.dumps(runtime.SPEC_KEY), spec=json.dumps(str(tmp_path / "s.json")))
+                                     key=json.dumps(serve.SPEC_KEY), spec=json.dumps(str(tmp_path / "s.json")))
     config = tomllib.loads(text)
     valid, errors, _ = validate_config(config, check_module=True, project_dir=tmp_path)
     assert valid, errors
     assert config["tool"]["flwr"]["app"]["components"] == {"serverapp": "server.app:app", "clientapp": client_app}
-    assert config["tool"]["flwr"]["app"]["config"][runtime.SPEC_KEY] == str(tmp_path / "s.json")
+    assert config["tool"]["flwr"]["app"]["config"][serve.SPEC_KEY] == str(tmp_path / "s.json")
 
 
 def test_a_spec_outside_a_private_folder_is_refused(tmp_path):
@@ -58,13 +59,13 @@ def test_a_spec_outside_a_private_folder_is_refused(tmp_path):
 
     private = Path(tempfile.mkdtemp(dir=tmp_path))
     (private / "spec.json").write_text(json.dumps({"run_dir": "x"}))
-    assert runtime.load_spec(str(private / "spec.json")) == {"run_dir": "x"}
+    assert serve.load_spec(str(private / "spec.json")) == {"run_dir": "x"}
     shared = tmp_path / "shared"
     shared.mkdir(mode=0o755)
     shared.chmod(0o755)
     (shared / "spec.json").write_text("{}")
-    with pytest.raises(PermissionError, match=runtime.SPEC_KEY):
-        runtime.load_spec(str(shared / "spec.json"))
+    with pytest.raises(PermissionError, match=serve.SPEC_KEY):
+        serve.load_spec(str(shared / "spec.json"))
 
 
 def test_the_runtime_setting_is_checked(tmp_path):
@@ -102,15 +103,15 @@ def test_at_the_end_the_simulation_process_is_killed_with_what_it_started(tmp_pa
                               "time.sleep(600)"])
     try:
         deadline = time.monotonic() + 30
-        while not runtime._descendants(stuck.pid):
+        while not serve.descendants(stuck.pid):
             assert time.monotonic() < deadline
             time.sleep(0.05)
-        below = runtime._descendants(stuck.pid)
-        (tmp_path / runtime.SERVER).write_text(json.dumps({"pid": stuck.pid, "start": runtime._started(stuck.pid)}))
+        below = serve.descendants(stuck.pid)
+        (tmp_path / serve.SERVER).write_text(json.dumps({"pid": stuck.pid, "start": serve.started(stuck.pid)}))
         runtime._end_serverapp(tmp_path)
         assert stuck.wait(timeout=10) == -9
         deadline = time.monotonic() + 10
-        while any(runtime._started(pid) for pid in below):  # reparented and reaped by init
+        while any(serve.started(pid) for pid in below):  # reparented and reaped by init
             assert time.monotonic() < deadline, below
             time.sleep(0.05)
     finally:
@@ -119,8 +120,8 @@ def test_at_the_end_the_simulation_process_is_killed_with_what_it_started(tmp_pa
 
 def test_a_reused_pid_is_not_the_process_that_was_watched():
     me = os.getpid()
-    assert runtime._alive(me, runtime._started(me))
-    assert not runtime._alive(me, "0")  # same pid, another start: not the watched process
+    assert serve.alive(me, serve.started(me))
+    assert not serve.alive(me, "0")  # same pid, another start: not the watched process
 
 
 def test_a_killed_runs_private_folder_is_swept_into_its_cli_log_by_the_next_run(tmp_path, monkeypatch):
@@ -143,7 +144,7 @@ def test_a_killed_runs_private_folder_is_swept_into_its_cli_log_by_the_next_run(
 
     killed, killed_run = folder("killed", dead_pid, "1")
     reused, _ = folder("reused", os.getpid(), "0")  # its pid now belongs to another process
-    alive, alive_run = folder("alive", os.getpid(), runtime._started(os.getpid()))
+    alive, alive_run = folder("alive", os.getpid(), serve.started(os.getpid()))
     elsewhere, _ = folder("target", dead_pid, "1")
     elsewhere = elsewhere.rename(tmp_path / "elsewhere")
     (tmp_path / "fedpriv-simulate-link").symlink_to(elsewhere)  # a link is never followed

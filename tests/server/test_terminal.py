@@ -14,6 +14,7 @@ import warnings
 import pytest
 
 from server import cli
+from server.runtime import simulate
 from server.runtime.summary import RunSummary, every_client_failed, first_client_error
 from server.runtime.terminal import ACTOR_NOISE, is_noise, quiet_environment, quiet_terminal
 
@@ -179,7 +180,7 @@ def test_a_run_in_which_every_client_failed_exits_1_with_the_first_error(task_id
     run_federation(grid, prepared, run_dir)
     assert json.loads((run_dir / "privacy_report.json").read_text())  # the untrained model's report exists ...
 
-    assert cli.finish(run_dir) == 1  # ... but the run failed
+    assert simulate.finish(run_dir) == 1  # ... but the run failed
     out, err = capsys.readouterr()
     failure = [line for line in err.splitlines() if line.startswith("fedpriv:")]
     assert failure == ["fedpriv: no client trained in any round; first client error: round 1, node 1: the device "
