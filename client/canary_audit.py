@@ -61,7 +61,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import TensorDataset
 
-from client.training.dp_train import DPSettings, calibrate_run, local_train
+from client.training.dp_train import DPSettings, TrainSettings, calibrate_run, local_train
 from common.privacy.accounting import epsilon, sample_rate, train_batch_size
 from common.privacy.audit_bounds import audit, joint_scores, verdict
 from common.data.loading import load_client_data, load_splits, tokenize
@@ -179,10 +179,10 @@ def run_audit(cfg: Mapping, *, canaries: int, guesses: int, client: int, noise: 
         # the examples' own descent directions at the round's start model.
         directions = canary_directions(model, known)
         start = flat_trainable(model)
-        result = local_train(model, data, epochs=local_epochs, batch_size=batch_size, lr=float(train["lr"]),
-                             weight_decay=float(train["weight_decay"]), optimizer=str(train["optimizer"]),
-                             dp=DPSettings(sigma, clip, accountant, tuple(history)),
-                             grad_sample_mode=str(train["grad_sample_mode"]))
+        result = local_train(model, data, TrainSettings(
+            epochs=local_epochs, batch_size=batch_size, lr=float(train["lr"]),
+            weight_decay=float(train["weight_decay"]), optimizer=str(train["optimizer"]),
+            dp=DPSettings(sigma, clip, accountant, tuple(history)), grad_sample_mode=str(train["grad_sample_mode"])))
         history = result.history
         scores += joint_scores(directions, flat_trainable(model) - start, ridge)[:canaries]
     scores = scores.tolist()

@@ -29,7 +29,8 @@ from typing import Any
 import torch
 
 from client.device import autocast_dtype, select_device
-from client.training.dp_train import DPSettings, calibrate_run, local_train, planned_steps_per_round, release_prototypes
+from client.training.dp_train import (DPSettings, TrainSettings, calibrate_run, local_train, planned_steps_per_round,
+                                      release_prototypes)
 from client.privacy.ledger import Ledger, LedgerBusy, RoundEntry, load_reply, locked, reply_key, save_reply
 from client.privacy.node_config import ClientIdentity
 from client.privacy.policy import REASON_DELTA
@@ -344,15 +345,15 @@ def _locked_round(cfg: Mapping, who: ClientIdentity, data, num_labels: int, *, r
     outside_weight = float(train.get("outside_weight", 1.0))  # token classification; absent from old configs
     t0 = time.perf_counter()
     if stage == "encoder":
-        result = local_train(
-            model, data, epochs=int(train["local_epochs"]), batch_size=batch_size,
+        result = local_train(model, data, TrainSettings(
+            epochs=int(train["local_epochs"]), batch_size=batch_size,
             lr=float(train["lr"]), weight_decay=float(train["weight_decay"]),
             optimizer=str(train["optimizer"]), dp=dp, device=device,
             max_physical_batch_size=who.max_physical_batch_size or train["max_physical_batch_size"],
             amp_dtype=autocast_dtype(device, train["precision"]),
             grad_sample_mode=str(train["grad_sample_mode"]), shuffle_seed=shuffle_seed,
             outside_weight=outside_weight,
-        )
+        ))
         history = result.history
     else:
         if feats is None:
@@ -364,12 +365,12 @@ def _locked_round(cfg: Mapping, who: ClientIdentity, data, num_labels: int, *, r
         else:
             # DP-SGD on the head alone: the encoder is frozen in this stage, so its cached
             # features are exactly what a full forward pass would feed the head.
-            result = local_train(
-                model.classifier, feats, epochs=int(train["local_epochs"]), batch_size=batch_size,
+            result = local_train(model.classifier, feats, TrainSettings(
+                epochs=int(train["local_epochs"]), batch_size=batch_size,
                 lr=float(recipe["head_lr"]), weight_decay=float(train["weight_decay"]),
                 optimizer=str(train["optimizer"]), dp=dp, device=device,
                 shuffle_seed=shuffle_seed, features=True, outside_weight=outside_weight,
-            )
+            ))
             history = result.history
     LAST_TIMINGS["train_s"] = time.perf_counter() - t0
     local = trainable_state(model)
