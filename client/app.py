@@ -136,10 +136,10 @@ class Answered:
 
     def log(self, sent_bytes: int, *, masked: bool = False, tensors: dict | None = None) -> dict:
         """Append this reply's line to the log (``tensors``: what travelled, if not the update)."""
-        return transparency.record(
-            self.who.state_dir, self.who.client_id, run_id=self.run_id, server_round=self.reply.server_round,
-            event=self.event, update=self.reply.update, sent_bytes=sent_bytes, protection=self.protection,
-            reason=self.reply.reason, norm_before_clip=self.norm_before_clip, masked=masked, tensors=tensors)
+        line = transparency.Reply(self.run_id, self.reply.server_round, self.event, self.reply.update,
+                                  self.protection, self.reply.reason, self.norm_before_clip)
+        return transparency.record(self.who.state_dir, self.who.client_id, line, sent_bytes=sent_bytes,
+                                   masked=masked, tensors=tensors)
 
 
 def answer(instruction: TrainInstruction, global_state: dict, context: Context) -> Answered:
