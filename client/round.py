@@ -56,6 +56,12 @@ class RoundOutcome:
     # transparency log (client.privacy.transparency): sigma, clip_norm, sample_rate, steps,
     # mechanism, epsilon_before, epsilon_after. Never sent.
     protection: dict[str, Any] | None = None
+    # Where the round's time went on this device (seconds), for client.app's profile line:
+    # ``data_s`` (its data read and tokenised), ``model_s`` (the model built or copied),
+    # ``features_s`` (its frozen features, computed or read back), ``train_s`` (local training
+    # or the prototype release), and ``from_stored_features`` (the round read neither data nor
+    # encoder: :func:`_cached_inputs`). Times only: the line leaves the process. Never sent.
+    timings: dict[str, Any] = field(default_factory=dict)
 
 
 # Models and tokenised partitions are costly to rebuild; one process serves many rounds
@@ -70,14 +76,6 @@ _DATA_CACHE: dict[str, tuple[list[str | None], tuple]] = {}
 #: from, which its features are stored under (:func:`client_features`).
 _READ_FROM: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _TOKENIZER_CACHE: dict[str, Any] = {}
-
-#: Where the last round's time went on this device (seconds), for client.app's profile
-#: line: ``data_s`` (its data read and tokenised), ``model_s`` (the model built or copied),
-#: ``features_s`` (its frozen features, computed or read back), ``train_s`` (local training
-#: or the prototype release), and ``from_stored_features`` (the round read neither data nor
-#: encoder: :func:`_cached_inputs`). Times only.
-LAST_TIMINGS: dict[str, Any] = {}
-
 
 def _key(*parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
@@ -234,29 +232,28 @@ def run_round(
     global_state: Mapping[str, torch.Tensor],
 ) -> RoundOutcome:
     """Answer the server's training request for ``server_round``, one round per client at a time."""
-    LAST_TIMINGS.clear()
-    LAST_TIMINGS.update(server_round=server_round, stage=stage_of(cfg, server_round))
+    timings = {"server_round": server_round, "stage": stage_of(cfg, server_round)}  # RoundOutcome.timings
     t0 = time.perf_counter()
-    cached = _cached_inputs(cfg, who, LAST_TIMINGS["stage"], global_state)
+    cached = _cached_inputs(cfg, who, timings["stage"], global_state)
     if cached is None:
         data, label_names = _client_data(cfg, who.partition_id, who.data_path)
         feats, num_labels = None, len(label_names)
     else:
         (feats, num_labels), data = cached, None
-    LAST_TIMINGS.update(data_s=time.perf_counter() - t0, from_stored_features=cached is not None)
+    timings.update(data_s=time.perf_counter() - t0, from_stored_features=cached is not None)
     try:
         with locked(who.state_dir, who.client_id, timeout=float(cfg["round_timeout_s"])):
             return _locked_round(cfg, who, data, num_labels, run_id=run_id, server_round=server_round,
-                                 global_state=global_state, feats=feats)
+                                 global_state=global_state, feats=feats, timings=timings)
     except LedgerBusy:
         log.warning("client %s declines round %d: its ledger is held by another round", who.client_id, server_round)
         ledger = Ledger.load(who.state_dir, who.client_id)  # atomic writes: a consistent read
         return RoundOutcome(True, REASON_BUSY, None, privacy_summary(cfg, who, ledger, run_id),
-                            protection=_unchanged(ledger))
+                            protection=_unchanged(ledger), timings=timings)
 
 
 def _locked_round(cfg: Mapping, who: ClientIdentity, data, num_labels: int, *, run_id: str, server_round: int,
-                  global_state: Mapping[str, torch.Tensor], feats=None) -> RoundOutcome:
+                  global_state: Mapping[str, torch.Tensor], feats=None, timings: dict[str, Any]) -> RoundOutcome:
     """One round under the client's lock: ``data`` (tokenised), or None with ``feats``, its
     stored features (:func:`_cached_inputs`)."""
     train = cfg["train"]
@@ -271,14 +268,14 @@ def _locked_round(cfg: Mapping, who: ClientIdentity, data, num_labels: int, *, r
         if done.status == "trained" and done.reply_key == key and kept is not None:
             log.info("client %s: round %d already answered; resending the kept reply", who.client_id, server_round)
             return RoundOutcome(False, "", kept, privacy_summary(cfg, who, ledger, run_id), resent=True,
-                                protection=_unchanged(ledger))
+                                protection=_unchanged(ledger), timings=timings)
         if done.status == "declined":
             return RoundOutcome(True, done.reason, None, privacy_summary(cfg, who, ledger, run_id), resent=True,
-                                protection=_unchanged(ledger))
+                                protection=_unchanged(ledger), timings=timings)
         # Trained for this round on other global weights (or the reply was lost):
         # training again would spend twice for one round, so decline instead.
         return RoundOutcome(True, "already-trained", None, privacy_summary(cfg, who, ledger, run_id), resent=True,
-                            protection=_unchanged(ledger))
+                            protection=_unchanged(ledger), timings=timings)
 
     n = len(data) if data is not None else len(feats)
     stage = stage_of(cfg, server_round)
@@ -292,7 +289,8 @@ def _locked_round(cfg: Mapping, who: ClientIdentity, data, num_labels: int, *, r
         ledger.rounds.append(RoundEntry(run_id, server_round, "declined", eps_now, reason=reason))
         ledger.commit(who.state_dir, previous)
         return RoundOutcome(True, reason, None, privacy_summary(cfg, who, ledger, run_id),
-                            protection={"epsilon_before": eps_now, "epsilon_after": eps_now, "delta": ledger.delta})
+                            protection={"epsilon_before": eps_now, "epsilon_after": eps_now, "delta": ledger.delta},
+                            timings=timings)
 
     dp = None
     if dp_on:
@@ -339,7 +337,7 @@ def _locked_round(cfg: Mapping, who: ClientIdentity, data, num_labels: int, *, r
     t0 = time.perf_counter()
     model = _fresh_model(cfg, num_labels) if feats is None else _Head(global_state)
     load_trainable(model, global_state)
-    LAST_TIMINGS["model_s"] = time.perf_counter() - t0
+    timings["model_s"] = time.perf_counter() - t0
     device = select_device(who.device or train["device"])
     shuffle_seed = None if dp_on else int(_key(cfg["seed"], who.client_id, server_round)[:15], 16)
     outside_weight = float(train.get("outside_weight", 1.0))  # token classification; absent from old configs
@@ -358,7 +356,7 @@ def _locked_round(cfg: Mapping, who: ClientIdentity, data, num_labels: int, *, r
     else:
         if feats is None:
             feats = client_features(cfg, who, model, data, device)
-        LAST_TIMINGS["features_s"], t0 = time.perf_counter() - t0, time.perf_counter()
+        timings["features_s"], t0 = time.perf_counter() - t0, time.perf_counter()
         if stage == "prototypes":
             sums = release_prototypes(*feats.tensors, num_labels, dp.noise_multiplier if dp is not None else None)
             history = None if dp is None else _after_round(dp.prior_history, stage, dp.noise_multiplier, q, steps)
@@ -372,7 +370,7 @@ def _locked_round(cfg: Mapping, who: ClientIdentity, data, num_labels: int, *, r
                 shuffle_seed=shuffle_seed, features=True, outside_weight=outside_weight,
             ))
             history = result.history
-    LAST_TIMINGS["train_s"] = time.perf_counter() - t0
+    timings["train_s"] = time.perf_counter() - t0
     local = trainable_state(model)
     update = {k: (local[k].cpu() - torch.as_tensor(global_state[k])).contiguous() for k in local}
     if stage == "prototypes":
@@ -401,7 +399,8 @@ def _locked_round(cfg: Mapping, who: ClientIdentity, data, num_labels: int, *, r
     ledger.rounds.append(RoundEntry(run_id, server_round, "trained", eps, reply_key=key,
                                     steps=sum(int(h[2]) for h in ledger.history)))
     ledger.commit(who.state_dir, previous)
-    return RoundOutcome(False, "", update, privacy_summary(cfg, who, ledger, run_id), protection=protection)
+    return RoundOutcome(False, "", update, privacy_summary(cfg, who, ledger, run_id), protection=protection,
+                        timings=timings)
 
 
 def _unchanged(ledger: Ledger) -> dict[str, Any]:
