@@ -47,7 +47,7 @@ def loop_child(config_path: str) -> None:
     import torch
     from omegaconf import OmegaConf
 
-    from client.training.dp_train import DPSettings, calibrate_run, local_train
+    from client.training.dp_train import DPSettings, TrainSettings, calibrate_run, local_train
     from common.data.loading import load_splits, partition_train, tokenize
     from common.model.factory import instantiate_model, load_tokenizer, load_trainable, trainable_state
     from server.round.evaluate import evaluate
@@ -78,9 +78,9 @@ def loop_child(config_path: str) -> None:
                 dp = DPSettings(sigmas[c], float(sample["max_grad_norm"]), sample["accountant"], ())
             local = copy.deepcopy(model)
             load_trainable(local, global_state)
-            result = local_train(local, part, epochs=epochs, batch_size=bs, lr=float(train["lr"]),
-                                 weight_decay=float(train["weight_decay"]), optimizer=str(train["optimizer"]),
-                                 dp=dp, grad_sample_mode=str(train["grad_sample_mode"]))
+            result = local_train(local, part, TrainSettings(
+                epochs=epochs, batch_size=bs, lr=float(train["lr"]), weight_decay=float(train["weight_decay"]),
+                optimizer=str(train["optimizer"]), dp=dp, grad_sample_mode=str(train["grad_sample_mode"])))
             taken[c] = taken.get(c, 0) + result.steps
             after = trainable_state(local)
             updates.append({k: after[k] - global_state[k] for k in after})

@@ -28,7 +28,7 @@ _IMPORT_STARTED = time.time()  # before this module's own imports: what a fresh 
 import json
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from flwr.app import Context, Message
@@ -76,15 +76,16 @@ def identity(context: Context, cfg: dict) -> ClientIdentity:
 def train(msg: Message, context: Context) -> Message:
     """Answer a train request (plain or a SecAgg+ stage); a failure leaves with a fixed text only."""
     started = time.time()
+    timings: dict[str, Any] = {}  # the round's (RoundOutcome.timings), once one is answered
     try:
-        return _train(msg, context)
+        return _train(msg, context, timings)
     except Exception as exc:
         # The full detail stays here, in the device's own log; the server gets public_reason.
         log.exception("this device could not answer the train request (kept on the device)")
         raise DeviceError(public_reason(exc)) from None
     finally:
         if os.environ.get("FEDPRIV_PROFILE"):
-            _profile(os.environ["FEDPRIV_PROFILE"], started)
+            _profile(os.environ["FEDPRIV_PROFILE"], started, timings)
 
 
 def _process_started() -> float | None:
@@ -98,26 +99,30 @@ def _process_started() -> float | None:
         return None
 
 
-def _profile(path: str, started: float) -> None:
-    """One line of this message's timings (see the module's docstring); never fails the reply."""
-    from client.round import LAST_TIMINGS
-
+def _profile(path: str, started: float, timings: dict[str, Any]) -> None:
+    """One line of this message's timings (see the module's docstring); never fails the reply.
+    ``timings``: its round's (empty when the message answered no round)."""
     try:
         forked = os.environ.get(FORKED_AT)  # a fork of fedpriv-superexec's warm parent: imported before
         line = {"pid": os.getpid(), "process_started": float(forked) if forked else _process_started(),
                 "import_started": _IMPORT_STARTED, "imported": _IMPORTED, "handler_started": started,
-                "handler_ended": time.time(), "warm": bool(forked), **LAST_TIMINGS}
+                "handler_ended": time.time(), "warm": bool(forked), **timings}
         with open(path, "a") as out:
             out.write(json.dumps(line) + "\n")
     except Exception:  # a profile must never replace the reply or its error
         log.warning("FEDPRIV_PROFILE: could not append this message's timings")
 
 
-def _train(msg: Message, context: Context) -> Message:
+def _train(msg: Message, context: Context, timings: dict[str, Any]) -> Message:
+    def timed(instruction: TrainInstruction, global_state: dict, context: Context) -> Answered:
+        answered = answer(instruction, global_state, context)
+        timings.update(answered.timings)  # for train()'s profile line, whichever path answered
+        return answered
+
     if is_secagg(msg):  # a SecAgg+ round: Flower's mod drives the stages (client/secagg.py)
-        return secagg_train(msg, context, answer)
+        return secagg_train(msg, context, timed)
     instruction, global_state = TrainInstruction.from_content(msg.content)
-    answered = answer(instruction, global_state, context)
+    answered = timed(instruction, global_state, context)
     content = answered.reply.to_content()
     answered.log(transparency.content_bytes(content))  # before it leaves
     return Message(content=content, reply_to=msg)
@@ -133,13 +138,14 @@ class Answered:
     event: str
     protection: dict[str, Any] | None
     norm_before_clip: float | None = None
+    timings: dict[str, Any] = field(default_factory=dict)  # the round's, for the profile line; never sent
 
     def log(self, sent_bytes: int, *, masked: bool = False, tensors: dict | None = None) -> dict:
         """Append this reply's line to the log (``tensors``: what travelled, if not the update)."""
-        return transparency.record(
-            self.who.state_dir, self.who.client_id, run_id=self.run_id, server_round=self.reply.server_round,
-            event=self.event, update=self.reply.update, sent_bytes=sent_bytes, protection=self.protection,
-            reason=self.reply.reason, norm_before_clip=self.norm_before_clip, masked=masked, tensors=tensors)
+        line = transparency.Reply(self.run_id, self.reply.server_round, self.event, self.reply.update,
+                                  self.protection, self.reply.reason, self.norm_before_clip)
+        return transparency.record(self.who.state_dir, self.who.client_id, line, sent_bytes=sent_bytes,
+                                   masked=masked, tensors=tensors)
 
 
 def answer(instruction: TrainInstruction, global_state: dict, context: Context) -> Answered:
@@ -172,7 +178,7 @@ def answer(instruction: TrainInstruction, global_state: dict, context: Context) 
     reply = TrainReply(who.client_id, instruction.server_round, outcome.declined, outcome.reason, outcome.privacy,
                        update, fits)
     event = transparency.DECLINED if outcome.declined else transparency.RESENT if outcome.resent else transparency.SENT
-    return Answered(reply, who, instruction.run_id, event, outcome.protection, norm_before)
+    return Answered(reply, who, instruction.run_id, event, outcome.protection, norm_before, outcome.timings)
 
 
 def _declined(instruction: TrainInstruction, who: ClientIdentity, cfg, reason: str, valid: bool) -> Answered:

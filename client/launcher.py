@@ -3,8 +3,8 @@
 Flower's SuperNode, in its default ``--isolation subprocess``, starts ``flower-superexec``,
 which asks the SuperNode's Runtime API for a task once a second and starts a fresh
 ``flwr-clientapp`` process for each one: Python, Flower, torch, Opacus and fedpriv are
-imported again for every message (3.5 s of the 4.2 s per-message overhead measured on 2
-cores; BENCHMARKS.md, deployment). With ``flower-supernode --isolation process`` the
+imported again for every message (most of a message's overhead: BENCHMARKS.md,
+deployment). With ``flower-supernode --isolation process`` the
 SuperNode leaves launching to a process outside it; this is one. It imports the ClientApp
 and its libraries once, then for each task the SuperNode hands out it forks a child that
 runs Flower's own ``run_clientapp`` with that task's token (the same pull of message,

@@ -11,6 +11,9 @@ The order is the privacy contract (DESIGN.md, "Privacy semantics"):
 5. If ε after this round would exceed the client's cap, decline: no training.
 6. Train with DP-SGD, then commit the reply and the ledger durably — before the
    caller may release anything.
+
+:func:`_locked_round` is that order, one function a step: :func:`_resend` (2),
+:func:`_decide` (3–5), :func:`_train_stage` and :func:`_commit` (6).
 """
 
 from __future__ import annotations
@@ -29,7 +32,8 @@ from typing import Any
 import torch
 
 from client.device import autocast_dtype, select_device
-from client.training.dp_train import DPSettings, calibrate_run, local_train, planned_steps_per_round, release_prototypes
+from client.training.dp_train import (DPSettings, TrainSettings, calibrate_run, local_train, planned_steps_per_round,
+                                      release_prototypes)
 from client.privacy.ledger import Ledger, LedgerBusy, RoundEntry, load_reply, locked, reply_key, save_reply
 from client.privacy.node_config import ClientIdentity
 from client.privacy.policy import REASON_DELTA
@@ -55,6 +59,12 @@ class RoundOutcome:
     # transparency log (client.privacy.transparency): sigma, clip_norm, sample_rate, steps,
     # mechanism, epsilon_before, epsilon_after. Never sent.
     protection: dict[str, Any] | None = None
+    # Where the round's time went on this device (seconds), for client.app's profile line:
+    # ``data_s`` (its data read and tokenised), ``model_s`` (the model built or copied),
+    # ``features_s`` (its frozen features, computed or read back), ``train_s`` (local training
+    # or the prototype release), and ``from_stored_features`` (the round read neither data nor
+    # encoder: :func:`_cached_inputs`). Times only: the line leaves the process. Never sent.
+    timings: dict[str, Any] = field(default_factory=dict)
 
 
 # Models and tokenised partitions are costly to rebuild; one process serves many rounds
@@ -69,14 +79,6 @@ _DATA_CACHE: dict[str, tuple[list[str | None], tuple]] = {}
 #: from, which its features are stored under (:func:`client_features`).
 _READ_FROM: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _TOKENIZER_CACHE: dict[str, Any] = {}
-
-#: Where the last round's time went on this device (seconds), for client.app's profile
-#: line: ``data_s`` (its data read and tokenised), ``model_s`` (the model built or copied),
-#: ``features_s`` (its frozen features, computed or read back), ``train_s`` (local training
-#: or the prototype release), and ``from_stored_features`` (the round read neither data nor
-#: encoder: :func:`_cached_inputs`). Times only.
-LAST_TIMINGS: dict[str, Any] = {}
-
 
 def _key(*parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
@@ -224,6 +226,54 @@ REASON_BUSY = "busy: another round holds this client's ledger"
 REASON_DELTA_N = "privacy.sample.delta: not below 1/n for this device's data"
 
 
+
+@dataclass(frozen=True)
+class _Round:
+    """One training request being answered: what every step of the round reads, and where
+    its time goes (the outcome's ``timings``)."""
+
+    cfg: Mapping
+    who: ClientIdentity
+    run_id: str
+    server_round: int
+    global_state: Mapping[str, torch.Tensor]
+    timings: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class _Inputs:
+    """This round's examples: ``data`` (tokenised), or None with ``feats``, its stored
+    features (:func:`_cached_inputs`)."""
+
+    data: Any
+    feats: Any
+    num_labels: int
+
+    @property
+    def n(self) -> int:
+        return len(self.data) if self.data is not None else len(self.feats)
+
+
+@dataclass(frozen=True)
+class RoundPlan:
+    """What this round would run and spend, fixed before it is decided: the budget check
+    accounts exactly this q and these steps, and the round then trains with them."""
+
+    stage: str  # common.recipe.STAGES
+    n: int  # this device's examples (never sent)
+    batch_size: int
+    sample_rate: float  # q
+    steps: int  # DP-SGD steps of this round; 1 for the prototype release
+
+
+@dataclass(frozen=True)
+class Decline:
+    """A round the device's checks refuse: nothing trains, nothing is spent."""
+
+    reason: str  # a fixed text: it leaves the device
+    epsilon: float | None  # the ledger's ε now, before and after this round
+
+
 def run_round(
     cfg: Mapping,
     who: ClientIdentity,
@@ -233,174 +283,240 @@ def run_round(
     global_state: Mapping[str, torch.Tensor],
 ) -> RoundOutcome:
     """Answer the server's training request for ``server_round``, one round per client at a time."""
-    LAST_TIMINGS.clear()
-    LAST_TIMINGS.update(server_round=server_round, stage=stage_of(cfg, server_round))
+    r = _Round(cfg, who, run_id, server_round, global_state,
+               timings={"server_round": server_round, "stage": stage_of(cfg, server_round)})
     t0 = time.perf_counter()
-    cached = _cached_inputs(cfg, who, LAST_TIMINGS["stage"], global_state)
+    cached = _cached_inputs(cfg, who, r.timings["stage"], global_state)
     if cached is None:
         data, label_names = _client_data(cfg, who.partition_id, who.data_path)
-        feats, num_labels = None, len(label_names)
+        inputs = _Inputs(data, None, len(label_names))
     else:
-        (feats, num_labels), data = cached, None
-    LAST_TIMINGS.update(data_s=time.perf_counter() - t0, from_stored_features=cached is not None)
+        inputs = _Inputs(None, *cached)
+    r.timings.update(data_s=time.perf_counter() - t0, from_stored_features=cached is not None)
     try:
         with locked(who.state_dir, who.client_id, timeout=float(cfg["round_timeout_s"])):
-            return _locked_round(cfg, who, data, num_labels, run_id=run_id, server_round=server_round,
-                                 global_state=global_state, feats=feats)
+            return _locked_round(r, inputs)
     except LedgerBusy:
         log.warning("client %s declines round %d: its ledger is held by another round", who.client_id, server_round)
         ledger = Ledger.load(who.state_dir, who.client_id)  # atomic writes: a consistent read
-        return RoundOutcome(True, REASON_BUSY, None, privacy_summary(cfg, who, ledger, run_id),
-                            protection=_unchanged(ledger))
+        return _outcome(r, ledger, None, REASON_BUSY, protection=_unchanged(ledger))
 
 
-def _locked_round(cfg: Mapping, who: ClientIdentity, data, num_labels: int, *, run_id: str, server_round: int,
-                  global_state: Mapping[str, torch.Tensor], feats=None) -> RoundOutcome:
-    """One round under the client's lock: ``data`` (tokenised), or None with ``feats``, its
-    stored features (:func:`_cached_inputs`)."""
-    train = cfg["train"]
-    dp_on = cfg["privacy"]["mode"] in ("sample", "both")
-    digest = state_digest(global_state)
-    key = reply_key(run_id, server_round, digest)
-
-    ledger = Ledger.load(who.state_dir, who.client_id)
-    done = ledger.entry(run_id, server_round)
+def _locked_round(r: _Round, inputs: _Inputs) -> RoundOutcome:
+    """One round under the client's lock, in the contract's order (module docstring)."""
+    key = reply_key(r.run_id, r.server_round, state_digest(r.global_state))
+    ledger = Ledger.load(r.who.state_dir, r.who.client_id)
+    done = ledger.entry(r.run_id, r.server_round)
     if done is not None:
-        kept = load_reply(who.state_dir, who.client_id, done.reply_key) if done.status == "trained" else None
-        if done.status == "trained" and done.reply_key == key and kept is not None:
-            log.info("client %s: round %d already answered; resending the kept reply", who.client_id, server_round)
-            return RoundOutcome(False, "", kept, privacy_summary(cfg, who, ledger, run_id), resent=True,
-                                protection=_unchanged(ledger))
-        if done.status == "declined":
-            return RoundOutcome(True, done.reason, None, privacy_summary(cfg, who, ledger, run_id), resent=True,
-                                protection=_unchanged(ledger))
-        # Trained for this round on other global weights (or the reply was lost):
-        # training again would spend twice for one round, so decline instead.
-        return RoundOutcome(True, "already-trained", None, privacy_summary(cfg, who, ledger, run_id), resent=True,
-                            protection=_unchanged(ledger))
+        return _resend(r, ledger, done, key)
+    previous = copy.deepcopy(ledger)  # the ledger as read: what a commit must extend
+    plan = _plan(r, inputs.n)
+    dp = _decide(r, ledger, plan)  # σ and C for this round; None without sample-level DP
+    if isinstance(dp, Decline):
+        return _decline(r, ledger, previous, dp)
+    update, history = _train_stage(r, inputs, plan, dp)
+    return _commit(r, ledger, previous, plan, dp, update, history, key)
 
-    n = len(data) if data is not None else len(feats)
-    stage = stage_of(cfg, server_round)
-    recipe, plan = recipe_of(cfg), stage_rounds(cfg)
-    batch_size = train_batch_size(train, n, private=dp_on)
+
+def _outcome(r: _Round, ledger: Ledger, update: dict[str, torch.Tensor] | None, reason: str = "", *,
+             protection: dict[str, Any] | None, resent: bool = False) -> RoundOutcome:
+    """Every answer of a round: a decline is exactly an answer without an update; each carries
+    the ledger's summary as it now stands and the round's timings."""
+    return RoundOutcome(update is None, reason, update, privacy_summary(r.cfg, r.who, ledger, r.run_id),
+                        resent=resent, protection=protection, timings=r.timings)
+
+
+def _resend(r: _Round, ledger: Ledger, done: RoundEntry, key: str) -> RoundOutcome:
+    """A round the ledger already holds is answered from it again: no new spend."""
+    kept = load_reply(r.who.state_dir, r.who.client_id, done.reply_key) if done.status == "trained" else None
+    if done.status == "trained" and done.reply_key == key and kept is not None:
+        log.info("client %s: round %d already answered; resending the kept reply", r.who.client_id, r.server_round)
+        return _outcome(r, ledger, kept, resent=True, protection=_unchanged(ledger))
+    if done.status == "declined":
+        return _outcome(r, ledger, None, done.reason, resent=True, protection=_unchanged(ledger))
+    # Trained for this round on other global weights (or the reply was lost):
+    # training again would spend twice for one round, so decline instead.
+    return _outcome(r, ledger, None, "already-trained", resent=True, protection=_unchanged(ledger))
+
+
+def _sample_level(cfg: Mapping) -> bool:
+    """Whether this run's rounds spend sample-level DP on the device (DP-SGD, the noised release)."""
+    return cfg["privacy"]["mode"] in ("sample", "both")
+
+
+def _plan(r: _Round, n: int) -> RoundPlan:
+    """The stage of ``r.server_round`` and the batch size, q and steps it would run on ``n`` examples."""
+    train = r.cfg["train"]
+    stage = stage_of(r.cfg, r.server_round)
+    batch_size = train_batch_size(train, n, private=_sample_level(r.cfg))
     steps = 1 if stage == "prototypes" else planned_steps_per_round(n, batch_size, int(train["local_epochs"]))
-    q = sample_rate(n, batch_size)
-    previous = copy.deepcopy(ledger)
+    return RoundPlan(stage, n, batch_size, sample_rate(n, batch_size), steps)
 
-    def decline(reason: str, eps_now: float | None) -> RoundOutcome:
-        ledger.rounds.append(RoundEntry(run_id, server_round, "declined", eps_now, reason=reason))
-        ledger.commit(who.state_dir, previous)
-        return RoundOutcome(True, reason, None, privacy_summary(cfg, who, ledger, run_id),
-                            protection={"epsilon_before": eps_now, "epsilon_after": eps_now, "delta": ledger.delta})
 
-    dp = None
-    if dp_on:
-        sample = cfg["privacy"]["sample"]
-        delta, accountant = float(sample["delta"]), str(sample["accountant"])
-        try:
-            ledger.check_pins(delta, accountant)
-        except ConfigError as err:
-            # The server checks simulated clients' ledgers up front (server.round.loop.prepare);
-            # a device says only which setting disagrees with its ledger.
-            log.warning("client %s declines round %d: %s", who.client_id, server_round, err)
-            return decline(f"{err.setting}: differs from this device's ledger",
-                           epsilon(ledger.history, float(ledger.delta), ledger.accountant))
-        if not delta < 1 / n:
-            log.warning("client %s declines round %d: privacy.sample.delta=%g is not below 1/n = 1/%d",
-                        who.client_id, server_round, delta, n)
-            return decline(REASON_DELTA_N, epsilon(ledger.history, delta, accountant))
-        limit = who.policy.delta_limit(n)
-        if limit is not None and delta > limit:
-            log.warning("client %s declines round %d: privacy.sample.delta=%g is above its cap %g (node-config "
-                        "max-delta, default min(1e-5, 1/(10 n)))", who.client_id, server_round, delta, limit)
-            return decline(REASON_DELTA, epsilon(ledger.history, delta, accountant))
-        if delta > 1 / (10 * n):
-            log.warning("client %s: privacy.sample.delta=%g is above 1/(10 n) for its %d examples: "
-                        "a weak guarantee", who.client_id, delta, n)
-        calib = ledger.runs.get(run_id)
-        if calib is None:
-            calib = calibrate_run(sample, n=n, batch_size=batch_size, local_epochs=int(train["local_epochs"]),
-                                  rounds=plan["head"] + plan["encoder"], prior_history=ledger.history,
-                                  prototype_share=float(recipe["prototype_share"]) if plan["prototypes"] else None)
-            ledger.runs[run_id] = calib
-            log.info("client %s: calibrated sigma=%s for %d planned steps (q=%.4f), prototype sigma=%s",
-                     who.client_id, calib.noise_multiplier, calib.planned_steps, q, calib.prototype_noise)
-        sigma = calib.prototype_noise if stage == "prototypes" else calib.noise_multiplier
-        eps_after = math.inf if sigma is None else epsilon(_after_round(ledger.history, stage, sigma, q, steps),
-                                                           delta, accountant)
-        if eps_after > budget_epsilon(cfg, who):
-            eps_now = epsilon(ledger.history, delta, accountant)
-            log.info("client %s declines round %d: eps %.4f -> %.4f would exceed its budget %.4f",
-                     who.client_id, server_round, eps_now, eps_after, budget_epsilon(cfg, who))
-            return decline("budget", eps_now)
-        dp = DPSettings(sigma, float(sample["max_grad_norm"]), accountant, tuple(ledger.history))
+def _decide(r: _Round, ledger: Ledger, plan: RoundPlan) -> DPSettings | Decline | None:
+    """Whether this round may train, and with which σ and C: None when the run adds no
+    sample-level noise, a :class:`Decline` when a check or the budget refuses it."""
+    if not _sample_level(r.cfg):
+        return None
+    sample = r.cfg["privacy"]["sample"]
+    delta, accountant = float(sample["delta"]), str(sample["accountant"])
+    refused = _delta_refusal(r, ledger, plan.n, delta, accountant)
+    if refused is not None:
+        return refused
+    calib = _calibration(r, ledger, plan)
+    sigma = calib.prototype_noise if plan.stage == "prototypes" else calib.noise_multiplier
+    eps_after = math.inf if sigma is None else epsilon(
+        _after_round(ledger.history, plan.stage, sigma, plan.sample_rate, plan.steps), delta, accountant)
+    budget = budget_epsilon(r.cfg, r.who)
+    if eps_after > budget:
+        eps_now = epsilon(ledger.history, delta, accountant)
+        log.info("client %s declines round %d: eps %.4f -> %.4f would exceed its budget %.4f",
+                 r.who.client_id, r.server_round, eps_now, eps_after, budget)
+        return Decline("budget", eps_now)
+    return DPSettings(sigma, float(sample["max_grad_norm"]), accountant, tuple(ledger.history))
 
+
+def _delta_refusal(r: _Round, ledger: Ledger, n: int, delta: float, accountant: str) -> Decline | None:
+    """The device's own δ checks: the ledger's pins, δ < 1/n, the owner's cap (node-config
+    max-delta, via the device policy's ``delta_limit``)."""
+    who, server_round = r.who, r.server_round
+    try:
+        ledger.check_pins(delta, accountant)
+    except ConfigError as err:
+        # The server checks simulated clients' ledgers up front (server.round.loop.prepare);
+        # a device says only which setting disagrees with its ledger.
+        log.warning("client %s declines round %d: %s", who.client_id, server_round, err)
+        return Decline(f"{err.setting}: differs from this device's ledger",
+                       epsilon(ledger.history, float(ledger.delta), ledger.accountant))
+    if not delta < 1 / n:
+        log.warning("client %s declines round %d: privacy.sample.delta=%g is not below 1/n = 1/%d",
+                    who.client_id, server_round, delta, n)
+        return Decline(REASON_DELTA_N, epsilon(ledger.history, delta, accountant))
+    limit = who.policy.delta_limit(n)
+    if limit is not None and delta > limit:
+        log.warning("client %s declines round %d: privacy.sample.delta=%g is above its cap %g (node-config "
+                    "max-delta, default min(1e-5, 1/(10 n)))", who.client_id, server_round, delta, limit)
+        return Decline(REASON_DELTA, epsilon(ledger.history, delta, accountant))
+    if delta > 1 / (10 * n):
+        log.warning("client %s: privacy.sample.delta=%g is above 1/(10 n) for its %d examples: "
+                    "a weak guarantee", who.client_id, delta, n)
+    return None
+
+
+def _calibration(r: _Round, ledger: Ledger, plan: RoundPlan):
+    """The run's σ: calibrated on its first round against the prior spend, stored in the
+    ledger (committed with this round), and reused by every later round of the run."""
+    calib = ledger.runs.get(r.run_id)
+    if calib is None:
+        sample, recipe, rounds = r.cfg["privacy"]["sample"], recipe_of(r.cfg), stage_rounds(r.cfg)
+        calib = calibrate_run(sample, n=plan.n, batch_size=plan.batch_size,
+                              local_epochs=int(r.cfg["train"]["local_epochs"]),
+                              rounds=rounds["head"] + rounds["encoder"], prior_history=ledger.history,
+                              prototype_share=float(recipe["prototype_share"]) if rounds["prototypes"] else None)
+        ledger.runs[r.run_id] = calib
+        log.info("client %s: calibrated sigma=%s for %d planned steps (q=%.4f), prototype sigma=%s",
+                 r.who.client_id, calib.noise_multiplier, calib.planned_steps, plan.sample_rate, calib.prototype_noise)
+    return calib
+
+
+def _decline(r: _Round, ledger: Ledger, previous: Ledger, decline: Decline) -> RoundOutcome:
+    """Record the decline in the ledger (durably: a resent round gives the same answer)."""
+    ledger.rounds.append(RoundEntry(r.run_id, r.server_round, "declined", decline.epsilon, reason=decline.reason))
+    ledger.commit(r.who.state_dir, previous)
+    return _outcome(r, ledger, None, decline.reason,
+                    protection={"epsilon_before": decline.epsilon, "epsilon_after": decline.epsilon,
+                                "delta": ledger.delta})
+
+
+def _train_stage(r: _Round, inputs: _Inputs, plan: RoundPlan,
+                 dp: DPSettings | None) -> tuple[dict[str, torch.Tensor], list | None]:
+    """This round's stage, trained or released: the update to send, and the accountant
+    history after it (None without DP)."""
     t0 = time.perf_counter()
-    model = _fresh_model(cfg, num_labels) if feats is None else _Head(global_state)
-    load_trainable(model, global_state)
-    LAST_TIMINGS["model_s"] = time.perf_counter() - t0
-    device = select_device(who.device or train["device"])
-    shuffle_seed = None if dp_on else int(_key(cfg["seed"], who.client_id, server_round)[:15], 16)
-    outside_weight = float(train.get("outside_weight", 1.0))  # token classification; absent from old configs
+    model = _fresh_model(r.cfg, inputs.num_labels) if inputs.feats is None else _Head(r.global_state)
+    load_trainable(model, r.global_state)
+    r.timings["model_s"] = time.perf_counter() - t0
+    device = select_device(r.who.device or r.cfg["train"]["device"])
     t0 = time.perf_counter()
-    if stage == "encoder":
-        result = local_train(
-            model, data, epochs=int(train["local_epochs"]), batch_size=batch_size,
-            lr=float(train["lr"]), weight_decay=float(train["weight_decay"]),
-            optimizer=str(train["optimizer"]), dp=dp, device=device,
-            max_physical_batch_size=who.max_physical_batch_size or train["max_physical_batch_size"],
-            amp_dtype=autocast_dtype(device, train["precision"]),
-            grad_sample_mode=str(train["grad_sample_mode"]), shuffle_seed=shuffle_seed,
-            outside_weight=outside_weight,
-        )
-        history = result.history
+    release = None
+    if plan.stage == "encoder":
+        history = local_train(model, inputs.data, _train_settings(r, plan, dp, device)).history
     else:
-        if feats is None:
-            feats = client_features(cfg, who, model, data, device)
-        LAST_TIMINGS["features_s"], t0 = time.perf_counter() - t0, time.perf_counter()
-        if stage == "prototypes":
-            sums = release_prototypes(*feats.tensors, num_labels, dp.noise_multiplier if dp is not None else None)
-            history = None if dp is None else _after_round(dp.prior_history, stage, dp.noise_multiplier, q, steps)
+        feats = inputs.feats if inputs.feats is not None else client_features(r.cfg, r.who, model, inputs.data,
+                                                                               device)
+        r.timings["features_s"], t0 = time.perf_counter() - t0, time.perf_counter()
+        if plan.stage == "prototypes":
+            sigma = dp.noise_multiplier if dp is not None else None
+            release = release_prototypes(*feats.tensors, inputs.num_labels, sigma)
+            history = None if dp is None else _after_round(dp.prior_history, plan.stage, sigma, plan.sample_rate,
+                                                           plan.steps)
         else:
             # DP-SGD on the head alone: the encoder is frozen in this stage, so its cached
             # features are exactly what a full forward pass would feed the head.
-            result = local_train(
-                model.classifier, feats, epochs=int(train["local_epochs"]), batch_size=batch_size,
-                lr=float(recipe["head_lr"]), weight_decay=float(train["weight_decay"]),
-                optimizer=str(train["optimizer"]), dp=dp, device=device,
-                shuffle_seed=shuffle_seed, features=True, outside_weight=outside_weight,
-            )
-            history = result.history
-    LAST_TIMINGS["train_s"] = time.perf_counter() - t0
+            history = local_train(model.classifier, feats, _train_settings(r, plan, dp, device)).history
+    r.timings["train_s"] = time.perf_counter() - t0
+    return _update(model, r.global_state, release), history
+
+
+def _train_settings(r: _Round, plan: RoundPlan, dp: DPSettings | None, device: torch.device) -> TrainSettings:
+    """How this round's ``local_train`` trains (the encoder stage, or the head on its features)."""
+    train = r.cfg["train"]
+    shared = {
+        "epochs": int(train["local_epochs"]), "batch_size": plan.batch_size, "dp": dp, "device": device,
+        "weight_decay": float(train["weight_decay"]), "optimizer": str(train["optimizer"]),
+        # Without DP a seeded shuffle makes the run reproducible; DP's sampling must stay unpredictable.
+        "shuffle_seed": None if dp is not None else int(_key(r.cfg["seed"], r.who.client_id, r.server_round)[:15], 16),
+        "outside_weight": float(train.get("outside_weight", 1.0)),  # token classification; absent from old configs
+    }
+    if plan.stage == "head":
+        # A linear head on cached features: the recipe's own lr, and no physical batch cap,
+        # autocast or ghost clipping (the defaults): those are for the encoder's memory and time.
+        return TrainSettings(lr=float(recipe_of(r.cfg)["head_lr"]), features=True, **shared)
+    return TrainSettings(lr=float(train["lr"]), grad_sample_mode=str(train["grad_sample_mode"]),
+                         max_physical_batch_size=r.who.max_physical_batch_size or train["max_physical_batch_size"],
+                         amp_dtype=autocast_dtype(device, train["precision"]), **shared)
+
+
+def _update(model: torch.nn.Module, global_state: Mapping[str, torch.Tensor],
+            release: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """local − global trainable weights; for the prototype stage, the release instead."""
     local = trainable_state(model)
     update = {k: (local[k].cpu() - torch.as_tensor(global_state[k])).contiguous() for k in local}
-    if stage == "prototypes":
+    if release is not None:
         # The round's reply is the release itself in the head's weight; the server turns the
         # sum of all clients' releases into the head (common.recipe.head_from_prototypes).
         update = {k: torch.zeros_like(v) for k, v in update.items()}
-        update[f"{HEAD_PREFIX}weight"] = sums.to(update[f"{HEAD_PREFIX}weight"].dtype)
+        update[f"{HEAD_PREFIX}weight"] = release.to(update[f"{HEAD_PREFIX}weight"].dtype)
+    return update
 
+
+def _commit(r: _Round, ledger: Ledger, previous: Ledger, plan: RoundPlan, dp: DPSettings | None,
+            update: dict[str, torch.Tensor], history: list | None, key: str) -> RoundOutcome:
+    """Write-ahead: the reply and the ledger entry are durable before anything leaves."""
     protection = None
+    eps = None  # without DP there is no guarantee at all: no ε to state
     if dp is not None:
         ledger.history = [tuple(h) for h in history]
-        ledger.pin(float(cfg["privacy"]["sample"]["delta"]), dp.accountant)  # the first spend fixes δ
+        ledger.pin(float(r.cfg["privacy"]["sample"]["delta"]), dp.accountant)  # the first spend fixes δ
         eps = epsilon(ledger.history, ledger.delta, dp.accountant)
-        proto = stage == "prototypes"  # one Gaussian release of sensitivity 1 at q = 1
-        protection = {
-            "mechanism": "prototype release" if proto else "DP-SGD",
-            "sigma": dp.noise_multiplier, "clip_norm": 1.0 if proto else dp.max_grad_norm,
-            "sample_rate": 1.0 if proto else q, "steps": steps,
-            "epsilon_before": epsilon(list(dp.prior_history), ledger.delta, dp.accountant) if dp.prior_history else 0.0,
-            "epsilon_after": eps, "delta": ledger.delta,
-        }
-    else:
-        eps = None  # no guarantee at all: there is no ε to state
-    # Write-ahead: the reply and the ledger entry are durable before anything leaves.
-    save_reply(who.state_dir, who.client_id, key, update)
-    ledger.rounds.append(RoundEntry(run_id, server_round, "trained", eps, reply_key=key,
+        protection = _protection(plan, dp, ledger, eps)
+    save_reply(r.who.state_dir, r.who.client_id, key, update)
+    ledger.rounds.append(RoundEntry(r.run_id, r.server_round, "trained", eps, reply_key=key,
                                     steps=sum(int(h[2]) for h in ledger.history)))
-    ledger.commit(who.state_dir, previous)
-    return RoundOutcome(False, "", update, privacy_summary(cfg, who, ledger, run_id), protection=protection)
+    ledger.commit(r.who.state_dir, previous)
+    return _outcome(r, ledger, update, protection=protection)
+
+
+def _protection(plan: RoundPlan, dp: DPSettings, ledger: Ledger, eps_after: float) -> dict[str, Any]:
+    """What protected this round's release and what it cost (RoundOutcome.protection)."""
+    proto = plan.stage == "prototypes"  # one Gaussian release of sensitivity 1 at q = 1
+    return {
+        "mechanism": "prototype release" if proto else "DP-SGD",
+        "sigma": dp.noise_multiplier, "clip_norm": 1.0 if proto else dp.max_grad_norm,
+        "sample_rate": 1.0 if proto else plan.sample_rate, "steps": plan.steps,
+        "epsilon_before": epsilon(list(dp.prior_history), ledger.delta, dp.accountant) if dp.prior_history else 0.0,
+        "epsilon_after": eps_after, "delta": ledger.delta,
+    }
 
 
 def _unchanged(ledger: Ledger) -> dict[str, Any]:

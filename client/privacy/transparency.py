@@ -33,6 +33,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Mapping
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -77,23 +78,35 @@ def _finite(value: float | None) -> float | None:
     return None if value is None or not math.isfinite(float(value)) else float(value)
 
 
-def record(state_dir: str | Path, client_id: str, *, run_id: str, server_round: int, event: str,
-           update: Mapping[str, torch.Tensor] | None, sent_bytes: int, protection: Mapping[str, Any] | None,
-           reason: str = "", norm_before_clip: float | None = None, masked: bool = False,
+@dataclass(frozen=True)
+class Reply:
+    """What one reply's line says, fixed once the round is answered; what travelled and its
+    size are known only when it is sent (:func:`record`'s other arguments)."""
+
+    run_id: str
+    server_round: int
+    event: str  # one of EVENTS
+    update: Mapping[str, torch.Tensor] | None  # what the reply carries, after clipping (None: declined)
+    protection: Mapping[str, Any] | None  # client.round.RoundOutcome.protection
+    reason: str = ""
+    norm_before_clip: float | None = None  # client-level DP: the update's norm before clipping
+
+
+def record(state_dir: str | Path, client_id: str, reply: Reply, *, sent_bytes: int, masked: bool = False,
            tensors: Mapping[str, torch.Tensor] | None = None) -> dict:
     """Append the line for one reply; call it before the reply leaves.
 
-    ``update``: what the reply carries (None: declined); its norm is the one after
-    clipping. ``tensors``: what travelled if not the update itself (SecAgg+'s vector
-    holds every key, zeros for a decline): only names and shapes are logged.
+    ``tensors``: what travelled if not the update itself (SecAgg+'s vector holds every key,
+    zeros for a decline): only names and shapes are logged.
     """
+    event, update, norm_before_clip = reply.event, reply.update, reply.norm_before_clip
     if event not in EVENTS:
         raise ValueError(f"event must be one of {EVENTS}, got {event!r}")
-    protection = dict(protection or {})
+    protection = dict(reply.protection or {})
     line = {
         "time": datetime.now(UTC).isoformat(timespec="seconds"),
-        "run_id": run_id,
-        "round": int(server_round),
+        "run_id": reply.run_id,
+        "round": int(reply.server_round),
         "event": event,
         "tensors": {k: list(v.shape) for k, v in (tensors if tensors is not None else update or {}).items()},
         "bytes": int(sent_bytes),
@@ -106,7 +119,7 @@ def record(state_dir: str | Path, client_id: str, *, run_id: str, server_round: 
         "epsilon_before": protection.get("epsilon_before"),
         "epsilon_after": protection.get("epsilon_after"),
         "delta": protection.get("delta"),  # the ledger's δ: an ε means nothing without it
-        "reason": reason if event == DECLINED else "",
+        "reason": reply.reason if event == DECLINED else "",
         "never_sent": list(NEVER_SENT),
     }
     with locked(state_dir, client_id, lock_file=LOCK):

@@ -98,27 +98,31 @@ class _Private:
     ghost: bool
 
 
-def local_train(
-    model: nn.Module,
-    data: TensorDataset,
-    *,
-    epochs: int,
-    batch_size: int,
-    lr: float,
-    weight_decay: float = 0.0,
-    optimizer: str,  # train.optimizer: conf/train/default.yaml holds its default, not this function
-    dp: DPSettings | None,
-    device: str | torch.device = "cpu",
-    max_physical_batch_size: int | None = None,
-    amp_dtype: torch.dtype | None = None,
-    shuffle_seed: int | None = None,
-    grad_sample_mode: str = "hooks",
-    features: bool = False,
-    outside_weight: float = 1.0,
-) -> TrainResult:
+@dataclass(frozen=True)
+class TrainSettings:
+    """How :func:`local_train` trains, fixed once per round (``client.round``; the audit, once
+    per run): one object, so that a round's call trains with the batch size and σ its budget
+    check accounted. Fields as in :func:`local_train`'s docstring."""
+
+    epochs: int
+    batch_size: int
+    lr: float
+    optimizer: str  # train.optimizer: conf/train/default.yaml holds its default, not this class
+    dp: DPSettings | None  # None: ordinary mini-batch steps, no guarantee at all
+    weight_decay: float = 0.0
+    device: str | torch.device = "cpu"
+    max_physical_batch_size: int | None = None
+    amp_dtype: torch.dtype | None = None
+    shuffle_seed: int | None = None
+    grad_sample_mode: str = "hooks"
+    features: bool = False
+    outside_weight: float = 1.0
+
+
+def local_train(model: nn.Module, data: TensorDataset, settings: TrainSettings) -> TrainResult:
     """Train ``model``'s trainable parameters in place on ``data``.
 
-    With ``dp`` the steps are DP-SGD and the result carries the accountant history;
+    With ``settings.dp`` the steps are DP-SGD and the result carries the accountant history;
     without it they are ordinary mini-batch steps (no guarantee at all), shuffled
     with ``shuffle_seed`` when given so that non-private runs are reproducible.
     ``shuffle_seed`` is ignored under DP: its sampling must not be predictable.
@@ -136,63 +140,81 @@ def local_train(
     loss of one batch (:func:`_batch_loss`), and the loop over (physical) batches
     (:func:`_run_steps`).
     """
-    if grad_sample_mode not in ("hooks", "ghost"):
-        raise ValueError(f"train.grad_sample_mode must be hooks or ghost, got {grad_sample_mode!r}")
-    if dp is not None and grad_sample_mode == "ghost" and max_physical_batch_size:
-        # Opacus' BatchMemoryManager accumulates per-example gradients across physical
-        # batches; ghost clipping has none to accumulate.
-        raise ValueError("train.grad_sample_mode=ghost cannot be combined with max_physical_batch_size")
-    if len(data) == 0:
-        raise ValueError("no training data on this client")
-    tokens = data.tensors[-1].dim() == 2
-    if tokens and dp is not None and grad_sample_mode == "ghost":
-        raise ValueError("train.grad_sample_mode=ghost takes one loss per example from Opacus' criterion; "
-                         "token classification sums each sentence's token losses here: use hooks")
-    if features:
+    s = settings
+    _check(s, data)
+    if s.features:
         data = TensorDataset(finite_rows(data.tensors[0]), *data.tensors[1:])
-    model.to(device).train()
+    model.to(s.device).train()
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = _optimizer(optimizer, params, lr=lr, weight_decay=weight_decay)
-    seeded = dp is None and shuffle_seed is not None
-    sampling_gen = torch.Generator().manual_seed(shuffle_seed) if seeded else urandom_generator()
-    loader = DataLoader(data, batch_size=batch_size, shuffle=dp is None, generator=sampling_gen)
-    private = _make_private(model, opt, loader, dp, grad_sample_mode, device) if dp is not None else None
+    opt = _optimizer(s.optimizer, params, lr=s.lr, weight_decay=s.weight_decay)
+    seeded = s.dp is None and s.shuffle_seed is not None
+    sampling_gen = torch.Generator().manual_seed(s.shuffle_seed) if seeded else urandom_generator()
+    loader = DataLoader(data, batch_size=s.batch_size, shuffle=s.dp is None, generator=sampling_gen)
+    private = _make_private(model, opt, loader, s.dp, s.grad_sample_mode, s.device) if s.dp is not None else None
     if private is not None:
         opt, loader = private.optimizer, private.loader
-    if tokens:
-        def criterion(logits, labels):
-            return sentence_loss(logits, labels, outside_weight=outside_weight)
-    else:
-        criterion = private.criterion if private is not None else F.cross_entropy
+    criterion = _criterion(s, private, tokens=data.tensors[-1].dim() == 2)
 
     def batch_loss(batch) -> torch.Tensor:
-        return _batch_loss(model, batch, criterion, device=device, amp_dtype=amp_dtype, features=features,
-                           accumulate=int(max_physical_batch_size) if dp is None and max_physical_batch_size else None)
+        return _batch_loss(model, batch, criterion, device=s.device, amp_dtype=s.amp_dtype, features=s.features,
+                           accumulate=int(s.max_physical_batch_size) if s.dp is None and s.max_physical_batch_size
+                           else None)
 
     stack = contextlib.ExitStack()
     # Without DP, dropout is seeded too, so a non-private run (and its resume) is
     # reproducible; with DP it keeps drawing from the process' unseeded generator.
     stack.enter_context(torch.random.fork_rng(devices=[]))
     if seeded:
-        torch.manual_seed(shuffle_seed)
-    if private is not None and max_physical_batch_size:
+        torch.manual_seed(s.shuffle_seed)
+    if private is not None and s.max_physical_batch_size:
         from opacus.utils.batch_memory_manager import BatchMemoryManager
 
         loader = stack.enter_context(BatchMemoryManager(
-            data_loader=loader, max_physical_batch_size=int(max_physical_batch_size), optimizer=opt))
+            data_loader=loader, max_physical_batch_size=int(s.max_physical_batch_size), optimizer=opt))
     try:
-        steps, empty = _run_steps(loader, opt, params, batch_loss, epochs=epochs,
+        steps, empty = _run_steps(loader, opt, params, batch_loss, epochs=s.epochs,
                                   ghost=private is not None and private.ghost)
     finally:
         stack.close()
         if private is not None:
-            private.hooks.cleanup()  # the model may be reused; leave no Opacus hooks behind
-            for p in params:
-                for attr in ("grad_sample", "summed_grad"):
-                    if hasattr(p, attr):
-                        delattr(p, attr)
-    return TrainResult(steps=steps, empty_batches=empty, sample_rate=sample_rate(len(data), batch_size),
+            _release_opacus(private, params)
+    return TrainResult(steps=steps, empty_batches=empty, sample_rate=sample_rate(len(data), s.batch_size),
                        history=list(private.engine.accountant.history) if private is not None else None)
+
+
+def _check(settings: TrainSettings, data: TensorDataset) -> None:
+    """Refuse, before anything trains, the combinations Opacus or the loss cannot run."""
+    if settings.grad_sample_mode not in ("hooks", "ghost"):
+        raise ValueError(f"train.grad_sample_mode must be hooks or ghost, got {settings.grad_sample_mode!r}")
+    ghost = settings.dp is not None and settings.grad_sample_mode == "ghost"
+    if ghost and settings.max_physical_batch_size:
+        # Opacus' BatchMemoryManager accumulates per-example gradients across physical
+        # batches; ghost clipping has none to accumulate.
+        raise ValueError("train.grad_sample_mode=ghost cannot be combined with max_physical_batch_size")
+    if len(data) == 0:
+        raise ValueError("no training data on this client")
+    if ghost and data.tensors[-1].dim() == 2:
+        raise ValueError("train.grad_sample_mode=ghost takes one loss per example from Opacus' criterion; "
+                         "token classification sums each sentence's token losses here: use hooks")
+
+
+def _criterion(settings: TrainSettings, private: _Private | None, *, tokens: bool):
+    """The loss of a batch: a sentence's summed token losses for tagged data, else cross-entropy
+    (ghost mode: Opacus' wrapped criterion, which runs both backward passes)."""
+    if tokens:
+        def criterion(logits, labels):
+            return sentence_loss(logits, labels, outside_weight=settings.outside_weight)
+        return criterion
+    return private.criterion if private is not None else F.cross_entropy
+
+
+def _release_opacus(private: _Private, params: list) -> None:
+    """Leave no Opacus hooks or per-example state behind: the model may be reused."""
+    private.hooks.cleanup()
+    for p in params:
+        for attr in ("grad_sample", "summed_grad"):
+            if hasattr(p, attr):
+                delattr(p, attr)
 
 
 def _make_private(model: nn.Module, optimizer: torch.optim.Optimizer, loader: DataLoader, dp: DPSettings,

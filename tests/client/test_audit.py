@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch.utils.data import TensorDataset
 
 from client.canary_audit import canary_directions, flat_trainable
-from client.training.dp_train import DPSettings, local_train
+from client.training.dp_train import DPSettings, TrainSettings, local_train
 from common.privacy.audit_bounds import joint_scores
 from common.model.factory import model_inputs
 from tests.client.test_dp_train import tiny_data, tiny_model
@@ -54,8 +54,8 @@ def test_one_step_without_noise_separates_included_canaries_exactly(clip):
     known = TensorDataset(*(torch.cat([c, r]) for c, r in zip(canaries.tensors, real.tensors)))
     directions = canary_directions(model, known)
     start = flat_trainable(model)
-    local_train(model, data, epochs=1, batch_size=len(data), lr=0.1, optimizer="sgd",
-                dp=DPSettings(0.0, clip, "rdp", ()))
+    local_train(model, data, TrainSettings(
+        epochs=1, batch_size=len(data), lr=0.1, optimizer="sgd", dp=DPSettings(0.0, clip, "rdp", ())))
     scores = joint_scores(directions, flat_trainable(model) - start, ridge=1e-9)[:12]
     assert scores[~included].abs().max() < 0.05 * scores[included].min()
 

@@ -9,7 +9,7 @@ import copy
 import pytest
 import torch
 
-from client.training.dp_train import DPSettings, local_train
+from client.training.dp_train import DPSettings, TrainSettings, local_train
 from common.privacy.mechanism import clip_update
 from common.privacy.accounting import epsilon
 from common.model.factory import trainable_state
@@ -21,9 +21,9 @@ CUDA = torch.device("cuda")
 
 def full_batch_update(model, data, *, sigma, clip, mode="hooks", amp=None, physical=None):
     before = trainable_state(model)
-    result = local_train(model, data, epochs=1, batch_size=len(data), lr=1.0, optimizer="sgd",
-                         dp=DPSettings(sigma, clip, "rdp", ()), device=CUDA, grad_sample_mode=mode,
-                         amp_dtype=amp, max_physical_batch_size=physical)
+    result = local_train(model, data, TrainSettings(
+        epochs=1, batch_size=len(data), lr=1.0, optimizer="sgd", dp=DPSettings(sigma, clip, "rdp", ()), device=CUDA,
+        grad_sample_mode=mode, amp_dtype=amp, max_physical_batch_size=physical))
     assert result.steps == 1 and result.history == [(sigma, 1.0, 1)]
     after = trainable_state(model)
     return {k: after[k].cpu() - before[k].cpu() for k in before}
@@ -83,8 +83,9 @@ def test_lora_under_dp_on_cuda_changes_adapters_only_and_counts_every_step():
     model = tiny_model(lora=dict(r=2, alpha=4, dropout=0.0, target_modules=["query", "value"]))
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     before = trainable_state(model)
-    result = local_train(model, tiny_data(32), epochs=2, batch_size=8, lr=0.01, optimizer="sgd",
-                         dp=DPSettings(0.8, 1.0, "rdp", ()), device=CUDA, amp_dtype=torch.bfloat16)
+    result = local_train(model, tiny_data(32), TrainSettings(
+        epochs=2, batch_size=8, lr=0.01, optimizer="sgd", dp=DPSettings(0.8, 1.0, "rdp", ()), device=CUDA,
+        amp_dtype=torch.bfloat16))
     assert result.history == [(0.8, 0.25, 8)] and result.steps == 8
     assert 0 < epsilon(result.history, 1e-5) < float("inf")
     after = trainable_state(model)

@@ -8,7 +8,7 @@ import torch
 
 import client.training.dp_train as dp_train
 from client import device as dev
-from client.training.dp_train import DPSettings, local_train
+from client.training.dp_train import DPSettings, TrainSettings, local_train
 from client.privacy.node_config import node_identity
 from common.errors import ConfigError
 from common.model.factory import trainable_state
@@ -134,8 +134,9 @@ def test_batch_memory_manager_keeps_logical_batch_and_accounting(monkeypatch):
         _seeded_generators(monkeypatch, seed=7)
         model = copy.deepcopy(base)
         before = trainable_state(model)
-        result = local_train(model, data, epochs=2, batch_size=12, lr=0.5, optimizer="sgd",
-                             dp=DPSettings(0.0, 1.0, "rdp", prior), max_physical_batch_size=cap)
+        result = local_train(model, data, TrainSettings(
+            epochs=2, batch_size=12, lr=0.5, optimizer="sgd", dp=DPSettings(0.0, 1.0, "rdp", prior),
+            max_physical_batch_size=cap))
         outcomes[cap] = (result, before, trainable_state(model))
     plain, split = outcomes[None][0], outcomes[3][0]
     # Same Poisson batches, same logical steps, the very same accountant history.
@@ -160,13 +161,14 @@ def test_physical_batches_are_capped(monkeypatch):
         return original(*args, **kwargs)
     model.forward = spy
     _seeded_generators(monkeypatch, seed=3)
-    local_train(model, tiny_data(40), epochs=1, batch_size=20, lr=0.1, optimizer="sgd",
-                dp=DPSettings(1.0, 1.0, "rdp", ()), max_physical_batch_size=4)
+    local_train(model, tiny_data(40), TrainSettings(
+        epochs=1, batch_size=20, lr=0.1, optimizer="sgd", dp=DPSettings(1.0, 1.0, "rdp", ()),
+        max_physical_batch_size=4))
     assert seen and max(seen) <= 4
     # Without DP the same cap splits the batch into accumulated chunks.
     seen.clear()
-    local_train(model, tiny_data(40), epochs=1, batch_size=20, lr=0.1, optimizer="sgd", dp=None,
-                max_physical_batch_size=4)
+    local_train(model, tiny_data(40), TrainSettings(
+        epochs=1, batch_size=20, lr=0.1, optimizer="sgd", dp=None, max_physical_batch_size=4))
     assert seen and max(seen) <= 4
 
 
@@ -176,8 +178,9 @@ def test_autocast_path_runs_under_opacus_and_keeps_fp32_weights(monkeypatch):
     _seeded_generators(monkeypatch, seed=5)
     model = tiny_model()
     before = trainable_state(model)
-    result = local_train(model, tiny_data(24), epochs=1, batch_size=8, lr=0.5, optimizer="sgd",
-                         dp=DPSettings(0.5, 1.0, "rdp", ()), amp_dtype=torch.bfloat16)
+    result = local_train(model, tiny_data(24), TrainSettings(
+        epochs=1, batch_size=8, lr=0.5, optimizer="sgd", dp=DPSettings(0.5, 1.0, "rdp", ()),
+        amp_dtype=torch.bfloat16))
     after = trainable_state(model)
     assert result.steps == 3 and result.history == [(0.5, 1 / 3, 3)]
     assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in after.values())

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import TensorDataset
 
-from client.training.dp_train import DPSettings, local_train
+from client.training.dp_train import DPSettings, TrainSettings, local_train
 from common.privacy.accounting import epsilon
 from common.model.factory import build_model, model_inputs, trainable_state
 from tests.conftest import model_group
@@ -35,8 +35,9 @@ def tiny_data(n, length=12, num_labels=3, seed=0):
 def one_full_batch_update(model, data, *, sigma, clip, mode="hooks"):
     """One DP-SGD step (SGD, lr 1) on a batch that is the whole dataset (q = 1)."""
     before = trainable_state(model)
-    result = local_train(model, data, epochs=1, batch_size=len(data), lr=1.0, optimizer="sgd",
-                         dp=DPSettings(sigma, clip, "rdp", ()), grad_sample_mode=mode)
+    result = local_train(model, data, TrainSettings(
+        epochs=1, batch_size=len(data), lr=1.0, optimizer="sgd", dp=DPSettings(sigma, clip, "rdp", ()),
+        grad_sample_mode=mode))
     assert result.steps == 1 and result.sample_rate == 1.0
     after = trainable_state(model)
     return {k: after[k] - before[k] for k in before}
@@ -107,8 +108,8 @@ def test_lora_adapters_and_head_change_under_dp_and_nothing_else():
     trainable_before = trainable_state(model)
     assert any("lora_A" in k for k in trainable_before) and any("lora_B" in k for k in trainable_before)
     assert any("classifier" in k for k in trainable_before)
-    local_train(model, tiny_data(32), epochs=2, batch_size=8, lr=0.01, optimizer="adamw",
-                dp=DPSettings(0.8, 1.0, "rdp", ()))
+    local_train(model, tiny_data(32), TrainSettings(
+        epochs=2, batch_size=8, lr=0.01, optimizer="adamw", dp=DPSettings(0.8, 1.0, "rdp", ())))
     after = trainable_state(model)
     for name, before in trainable_before.items():
         assert not torch.equal(after[name], before), f"{name} did not change under DP"
@@ -123,8 +124,8 @@ def test_empty_poisson_batches_are_noise_only_steps(mode):
     model = tiny_model()
     before = trainable_state(model)
     # q = 1/20: a batch is empty with probability 0.95^20 = 36 %.
-    result = local_train(model, data, epochs=4, batch_size=1, lr=0.01, optimizer="sgd",
-                         dp=DPSettings(1.0, 1.0, "rdp", ()), grad_sample_mode=mode)
+    result = local_train(model, data, TrainSettings(
+        epochs=4, batch_size=1, lr=0.01, optimizer="sgd", dp=DPSettings(1.0, 1.0, "rdp", ()), grad_sample_mode=mode))
     assert result.steps == 80 and result.empty_batches > 0
     assert result.history == [(1.0, 0.05, 80)]  # every step counted, empty ones too
     assert not any(torch.equal(trainable_state(model)[k], before[k]) for k in before)
@@ -134,8 +135,8 @@ def test_empty_poisson_batches_are_noise_only_steps(mode):
 def test_history_continues_from_prior():
     model = tiny_model()
     prior = ((1.0, 0.25, 8),)
-    result = local_train(model, tiny_data(16), epochs=1, batch_size=4, lr=0.01, optimizer="adamw",
-                         dp=DPSettings(1.0, 1.0, "rdp", prior))
+    result = local_train(model, tiny_data(16), TrainSettings(
+        epochs=1, batch_size=4, lr=0.01, optimizer="adamw", dp=DPSettings(1.0, 1.0, "rdp", prior)))
     assert result.history == [(1.0, 0.25, 12)]
     assert epsilon(result.history, 1e-5) > epsilon(prior, 1e-5)
 
@@ -145,8 +146,9 @@ def test_model_is_reusable_after_dp_training(mode):
     # The client keeps a model per process; a second DP round must not hit Opacus' re-wrap failure.
     model = tiny_model()
     for _ in range(2):
-        local_train(model, tiny_data(16), epochs=1, batch_size=4, lr=0.01, optimizer="adamw",
-                    dp=DPSettings(1.0, 1.0, "rdp", ()), grad_sample_mode=mode)
+        local_train(model, tiny_data(16), TrainSettings(
+            epochs=1, batch_size=4, lr=0.01, optimizer="adamw", dp=DPSettings(1.0, 1.0, "rdp", ()),
+            grad_sample_mode=mode))
 
 
 # --------------------------------------------------------------------------- client level
@@ -209,8 +211,8 @@ def test_a_non_finite_example_never_turns_the_noised_step_into_nan():
     data = TensorDataset(feats, torch.arange(32) % 3)
     head = torch.nn.Linear(8, 3)
     before = trainable_state(head)
-    result = local_train(head, data, epochs=1, batch_size=32, lr=0.1, optimizer="sgd", features=True,
-                         dp=DPSettings(1.0, 1.0, "rdp", ()))
+    result = local_train(head, data, TrainSettings(
+        epochs=1, batch_size=32, lr=0.1, optimizer="sgd", features=True, dp=DPSettings(1.0, 1.0, "rdp", ())))
     after = trainable_state(head)
     assert result.steps >= 1
     assert all(torch.isfinite(after[k]).all() and not torch.equal(after[k], before[k]) for k in after)

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import TensorDataset
 
-from client.training.dp_train import DPSettings, local_train, sentence_loss
+from client.training.dp_train import DPSettings, TrainSettings, local_train, sentence_loss
 from common.data.features import token_features
 from common.model.factory import TokenClassifier, build_model, model_inputs, trainable_state
 from tests.conftest import model_group
@@ -47,8 +47,9 @@ def tagged_data(n, length=10, seed=0):
 def step(model, data, *, clip, weight, sigma=0.0):
     """One DP-SGD step (SGD, lr 1) on the whole dataset as one batch (q = 1)."""
     before = trainable_state(model)
-    result = local_train(model, data, epochs=1, batch_size=len(data), lr=1.0, optimizer="sgd",
-                         dp=DPSettings(sigma, clip, "rdp", ()), outside_weight=weight)
+    result = local_train(model, data, TrainSettings(
+        epochs=1, batch_size=len(data), lr=1.0, optimizer="sgd", dp=DPSettings(sigma, clip, "rdp", ()),
+        outside_weight=weight))
     assert result.steps == 1
     after = trainable_state(model)
     return {k: after[k] - before[k] for k in before}
@@ -123,8 +124,9 @@ def test_head_stage_on_packed_features_equals_a_full_forward():
     assert int(feats.tensors[1].ne(-100).sum()) == int(data.tensors[2].ne(-100).sum())
     head = copy.deepcopy(model).classifier
     before = {k: v.detach().clone() for k, v in head.named_parameters()}
-    local_train(head, feats, epochs=1, batch_size=len(feats), lr=1.0, optimizer="sgd",
-                dp=DPSettings(0.0, 0.05, "rdp", ()), features=True, outside_weight=0.3)
+    local_train(head, feats, TrainSettings(
+        epochs=1, batch_size=len(feats), lr=1.0, optimizer="sgd", dp=DPSettings(0.0, 0.05, "rdp", ()), features=True,
+        outside_weight=0.3))
     for name, value in head.named_parameters():
         torch.testing.assert_close(value.detach() - before[name], full[f"classifier.{name}"], rtol=1e-4, atol=1e-7)
 
@@ -144,5 +146,6 @@ def test_token_layer_cuts_the_encoder_and_counts_from_the_end():
 
 def test_ghost_clipping_is_refused_for_tokens():
     with pytest.raises(ValueError, match="grad_sample_mode"):
-        local_train(token_model(), tagged_data(4), epochs=1, batch_size=4, lr=1.0, optimizer="sgd",
-                    dp=DPSettings(1.0, 1.0, "rdp", ()), grad_sample_mode="ghost")
+        local_train(token_model(), tagged_data(4), TrainSettings(
+            epochs=1, batch_size=4, lr=1.0, optimizer="sgd", dp=DPSettings(1.0, 1.0, "rdp", ()),
+            grad_sample_mode="ghost"))

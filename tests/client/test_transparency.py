@@ -212,10 +212,8 @@ def test_an_update_sent_without_protection_is_counted_and_named_first(tmp_path, 
     update = {"w": torch.ones(2)}
     dp = {"mechanism": "DP-SGD", "sigma": 1.0, "clip_norm": 1.0, "sample_rate": 0.1, "steps": 3,
           "epsilon_before": 0.0, "epsilon_after": 0.8, "delta": 1e-5}
-    transparency.record(tmp_path, "7", run_id="run-a", server_round=1, event="sent", update=update, sent_bytes=10,
-                        protection=dp)
-    transparency.record(tmp_path, "7", run_id="run-b", server_round=4, event="sent", update=update, sent_bytes=10,
-                        protection=None)
+    transparency.record(tmp_path, "7", transparency.Reply("run-a", 1, "sent", update, protection=dp), sent_bytes=10)
+    transparency.record(tmp_path, "7", transparency.Reply("run-b", 4, "sent", update, protection=None), sent_bytes=10)
     total = device_log.summarise(transparency.read(tmp_path, "7"))
     assert total["sent_without_protection"] == 1 and total["unprotected_rounds"] == [("run-b", 4)]
     assert (total["epsilon"], total["delta"]) == (0.8, 1e-5)

@@ -187,7 +187,7 @@ def test_a_dp_step_trains_the_head_and_adapters_of_a_pooled_model(mode, lora):
     # equals an independent per-example reference, and every trainable tensor moves.
     import copy
 
-    from client.training.dp_train import DPSettings, local_train
+    from client.training.dp_train import DPSettings, TrainSettings, local_train
 
     model = tiny(pooling="mean", normalize=True, lora=lora)
     if lora:  # LoRA B starts at zero: give A's gradient a path, as after a first round
@@ -201,8 +201,9 @@ def test_a_dp_step_trains_the_head_and_adapters_of_a_pooled_model(mode, lora):
     reference, norms = reference_clipped_mean(copy.deepcopy(model), data, clip)
     assert max(norms) > clip, "the test must exercise clipping"
     before = trainable_state(model)
-    result = local_train(model, data, epochs=1, batch_size=len(data), lr=1.0, optimizer="sgd",
-                         dp=DPSettings(0.0, clip, "rdp", ()), grad_sample_mode=mode)
+    result = local_train(model, data, TrainSettings(
+        epochs=1, batch_size=len(data), lr=1.0, optimizer="sgd", dp=DPSettings(0.0, clip, "rdp", ()),
+        grad_sample_mode=mode))
     assert result.steps == 1 and result.sample_rate == 1.0
     after = trainable_state(model)
     for name in reference:

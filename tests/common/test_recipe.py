@@ -13,7 +13,7 @@ import pytest
 import torch
 from opacus.accountants import RDPAccountant
 
-from client.training.dp_train import DPSettings, calibrate_run, local_train, release_prototypes
+from client.training.dp_train import DPSettings, TrainSettings, calibrate_run, local_train, release_prototypes
 from common.privacy.accounting import epsilon, prototype_entry
 from common.errors import ConfigError
 from common.recipe import head_from_prototypes, stage_of, stage_rounds, validate_recipe
@@ -139,8 +139,9 @@ def test_head_stage_dp_sgd_on_features_accounts_and_adds_the_stated_noise():
     # Zero features: every example's weight gradient is exactly 0, so the weights move by
     # Opacus' noise alone: N(0, (σC)²) per step, divided by the expected batch q·n = 50.
     data = torch.utils.data.TensorDataset(torch.zeros(200, 96), torch.randint(0, 3, (200,)))
-    result = local_train(head, data, epochs=2, batch_size=50, lr=1.0, optimizer="sgd",
-                         dp=DPSettings(2.0, 1.0, "rdp", ((2.0, 1.0, 1),)), features=True)
+    result = local_train(head, data, TrainSettings(
+        epochs=2, batch_size=50, lr=1.0, optimizer="sgd", dp=DPSettings(2.0, 1.0, "rdp", ((2.0, 1.0, 1),)),
+        features=True))
     assert result.steps == 8
     assert result.history == [(2.0, 1.0, 1), (2.0, 0.25, 8)]
     moved = (head.weight.detach() - before).flatten()
