@@ -34,7 +34,10 @@ from client.privacy.ledger import Ledger, LedgerBusy, RoundEntry, load_reply, lo
 from client.privacy.node_config import ClientIdentity
 from client.privacy.policy import REASON_DELTA
 from common.privacy.accounting import append_steps, epsilon, prototype_entry, sample_rate, train_batch_size
-from common.data.loading import file_digest, load_client_data, load_local_data, read_as_hashed, tokenize
+from common.data.cache import file_digest, read_as_hashed
+from common.data.partition import load_client_data
+from common.data.sources import load_local_data
+from common.data.tokenizing import tokenize
 from common.data.features import (cached_features, data_digests, data_files, feature_key, features_key_parts,
                              frozen_features, stored_features)
 from common.errors import ConfigError

@@ -228,9 +228,9 @@ _LABELS = Nullable(ListOf(Scalar))
 
 #: The composed config. Where an implementation defines the allowed values, they come
 #: from it (POOLINGS, ACCOUNTANTS); the options of ``data``, ``partition`` and ``strategy``
-#: are checked against common.data.loading's loaders and partitioners and server.round.optimizer's
-#: rules by tests/common/test_config.py (common imports no server code, and validation
-#: needs no data library).
+#: are checked against common.data.sources' loaders, common.data.partition's partitioners
+#: and server.round.optimizer's rules by tests/common/test_config.py (common imports no
+#: server code, and validation needs no data library).
 SCHEMA = Section({
     "task": Legacy(Choice(*TASKS)),
     "seed": Int,

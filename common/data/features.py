@@ -22,7 +22,7 @@ import torch
 from torch.utils.data import TensorDataset
 
 from common.data.conll import IGNORE
-from common.data.loading import file_digest
+from common.data.cache import file_digest
 from common.model.factory import model_inputs
 from common.storage import atomic_write_bytes
 

@@ -27,7 +27,9 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from common.privacy.accounting import check_pins
 from common.config.validate import validate, validate_partitions
-from common.data.loading import align_words, load_splits, partition_train, tokenize
+from common.data.partition import partition_train
+from common.data.sources import load_splits
+from common.data.tokenizing import align_words, tokenize
 from common.data.features import frozen_features
 from common.errors import ConfigError
 from common.model.factory import count_parameters, instantiate_model, load_tokenizer, load_trainable, trainable_state

@@ -65,7 +65,8 @@ def test_one_step_without_noise_separates_included_canaries_exactly(clip):
 
 def test_real_examples_come_from_the_held_out_split_the_size_of_the_client(fast_cfg):
     from client.canary_audit import real_examples
-    from common.data.loading import load_client_data, load_splits
+    from common.data.partition import load_client_data
+    from common.data.sources import load_splits
 
     cfg = fast_cfg("data.test_size=200")
     examples, names = real_examples(cfg, 1)

@@ -10,7 +10,7 @@ from client.privacy.ledger import Ledger
 from client.privacy.node_config import ClientIdentity
 from client.round import budget_epsilon, run_round
 from common.privacy.accounting import append_steps, calibrate_noise, epsilon, sample_rate, steps_per_epoch
-from common.data.loading import load_client_data
+from common.data.partition import load_client_data
 from common.model.factory import instantiate_model, trainable_state
 from tests.conftest import compose
 
@@ -194,7 +194,7 @@ from client.privacy.node_config import ClientIdentity
 from client.round import run_round
 from common.model.factory import instantiate_model, trainable_state
 from tests.conftest import compose
-from common.data.loading import load_client_data
+from common.data.partition import load_client_data
 
 cfg = json.loads(sys.argv[1]); run_id = sys.argv[2]; go = sys.argv[3]
 _, labels = load_client_data(cfg, 0)
@@ -368,7 +368,7 @@ def test_stored_features_that_do_not_match_the_data_are_not_trained_on(tmp_path,
     digest, or whose n is not its rows' count, is computed again and overwritten: the round's
     n is the file's 300 rows, not the stored file's 10."""
     import client.round as task
-    from common.data.loading import file_digest
+    from common.data.cache import file_digest
 
     path = tmp_path / "mine.csv"
     write_device_file(path, 300)

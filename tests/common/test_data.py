@@ -1,4 +1,4 @@
-"""Data loading, partitioning and tokenisation (common/data/loading.py, common/data/synthetic.py)."""
+"""Data loading, partitioning and tokenisation (common/data/sources.py, partition.py, tokenizing.py, synthetic.py)."""
 
 import os
 
@@ -13,7 +13,9 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from common.data.loading import load_client_data, load_splits, partition_train, tokenize
+from common.data.partition import load_client_data, partition_train
+from common.data.sources import load_splits
+from common.data.tokenizing import tokenize
 from common.errors import ConfigError
 from tests.conftest import config_group
 
@@ -353,7 +355,7 @@ def test_tokenize_pads_to_fixed_shapes():
 def test_a_device_file_is_read_with_the_csv_groups_settings_where_the_run_has_none():
     # data=synthetic has no CSV keys, so a device's own file (node-config data-path) is
     # read as conf/data/csv.yaml reads one; the csv group's own keys win where it is the run's.
-    from common.data.loading import DEVICE_FILE
+    from common.data.sources import DEVICE_FILE
 
     assert DEVICE_FILE == {key: config_group("data", "csv")[key] for key in DEVICE_FILE}
 
