@@ -51,7 +51,8 @@ def loop_child(config_path: str) -> None:
     from common.data.partition import partition_train
     from common.data.sources import load_splits
     from common.data.tokenizing import tokenize
-    from common.model.factory import instantiate_model, load_tokenizer, load_trainable, trainable_state
+    from common.model.factory import instantiate_model, load_tokenizer
+    from common.model.state import load_trainable, trainable_state
     from server.round.evaluate import evaluate
 
     torch.set_num_threads(1)

@@ -67,7 +67,8 @@ from common.privacy.audit_bounds import audit, joint_scores, verdict
 from common.data.partition import load_client_data
 from common.data.sources import load_splits
 from common.data.tokenizing import tokenize
-from common.model.factory import instantiate_model, load_tokenizer, model_inputs
+from common.model.factory import instantiate_model, load_tokenizer
+from common.model.state import model_inputs
 
 
 def make_canaries(m: int, *, length: int, num_labels: int, vocab_size: int, cls_id: int, sep_id: int,

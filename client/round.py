@@ -41,7 +41,8 @@ from common.data.tokenizing import tokenize
 from common.data.features import (cached_features, data_digests, data_files, feature_key, features_key_parts,
                              frozen_features, stored_features)
 from common.errors import ConfigError
-from common.model.factory import instantiate_model, load_tokenizer, load_trainable, state_digest, trainable_state
+from common.model.factory import instantiate_model, load_tokenizer
+from common.model.state import load_trainable, state_digest, trainable_state
 from common.recipe import HEAD_PREFIX, check_model, head_keys, recipe_of, stage_of, stage_rounds
 
 log = logging.getLogger(__name__)

@@ -27,7 +27,8 @@ from typing import Any
 
 from common.privacy.accounting import ACCOUNTANTS
 from common.errors import ConfigError
-from common.model.factory import CONFIG_OVERRIDE_KEYS, MODEL_FACTORY, POOLINGS, TASKS
+from common.model.factory import CONFIG_OVERRIDE_KEYS, MODEL_FACTORY, TASKS
+from common.model.pooling import POOLINGS
 
 PRIVACY_MODES = ("none", "sample", "client", "both")
 CLIPPING_MODES = ("fixed", "adaptive")

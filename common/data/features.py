@@ -23,7 +23,7 @@ from torch.utils.data import TensorDataset
 
 from common.data.conll import IGNORE
 from common.data.cache import file_digest
-from common.model.factory import model_inputs
+from common.model.state import model_inputs
 from common.storage import atomic_write_bytes
 
 log = logging.getLogger(__name__)

@@ -37,7 +37,7 @@ import torch
 
 from common.privacy.accounting import (CLIENT_ACCOUNTANT, CLIENT_SAMPLE_RATE, COUNT_SENSITIVITY, ClientNoise,
                                client_epsilon, client_history, client_noise)
-from common.model.factory import state_norm
+from common.model.state import state_norm
 from common.privacy.randomness import urandom_generator
 from common.report import CLIENT_UNIT
 from common.storage import atomic_write_json

@@ -32,7 +32,8 @@ from common.data.sources import load_splits
 from common.data.tokenizing import align_words, tokenize
 from common.data.features import frozen_features
 from common.errors import ConfigError
-from common.model.factory import count_parameters, instantiate_model, load_tokenizer, load_trainable, trainable_state
+from common.model.factory import instantiate_model, load_tokenizer
+from common.model.state import count_parameters, load_trainable, trainable_state
 from common.protocol import TrainInstruction
 from common.recipe import check_model, round_aggregation, stage_of
 from common.report import EVALUATION, build_report, read_evaluation, write_report

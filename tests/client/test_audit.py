@@ -10,7 +10,7 @@ from torch.utils.data import TensorDataset
 from client.canary_audit import canary_directions, flat_trainable
 from client.training.dp_train import DPSettings, local_train
 from common.privacy.audit_bounds import joint_scores
-from common.model.factory import model_inputs
+from common.model.state import model_inputs
 from tests.client.test_dp_train import tiny_data, tiny_model
 
 LORA = dict(r=4, alpha=8, dropout=0.0, target_modules=["query", "value"])

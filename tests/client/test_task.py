@@ -11,7 +11,8 @@ from client.privacy.node_config import ClientIdentity
 from client.round import budget_epsilon, run_round
 from common.privacy.accounting import append_steps, calibrate_noise, epsilon, sample_rate, steps_per_epoch
 from common.data.partition import load_client_data
-from common.model.factory import instantiate_model, trainable_state
+from common.model.factory import instantiate_model
+from common.model.state import trainable_state
 from tests.conftest import compose
 
 
@@ -192,7 +193,8 @@ import json, sys, time
 import client.round as task
 from client.privacy.node_config import ClientIdentity
 from client.round import run_round
-from common.model.factory import instantiate_model, trainable_state
+from common.model.factory import instantiate_model
+from common.model.state import trainable_state
 from tests.conftest import compose
 from common.data.partition import load_client_data
 

@@ -187,7 +187,8 @@ def test_a_config_written_before_recipes_and_pooling_still_validates(tmp_path):
 
 
 def test_every_model_option_builds(tmp_path):
-    from common.model.factory import count_parameters, instantiate_model
+    from common.model.factory import instantiate_model
+    from common.model.state import count_parameters
 
     for option in options("model"):
         cfg = compose([f"model={option}"], tmp_path)

@@ -12,7 +12,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from common.data.sources import load_splits
 from common.data.tokenizing import tokenize
-from common.model.factory import instantiate_model, load_tokenizer, model_inputs, trainable_state
+from common.model.factory import instantiate_model, load_tokenizer
+from common.model.state import model_inputs, trainable_state
 from server.round.evaluate import Evaluation, evaluate
 
 
