@@ -39,7 +39,7 @@ from common.privacy.accounting import (CLIENT_ACCOUNTANT, CLIENT_SAMPLE_RATE, CO
                                client_epsilon, client_history, client_noise)
 from common.model.state import state_norm
 from common.privacy.randomness import urandom_generator
-from common.report import CLIENT_UNIT
+from common.privacy.units import CLIENT_UNIT
 from common.storage import atomic_write_json
 
 log = logging.getLogger(__name__)

@@ -9,10 +9,10 @@ copied: a round's ε comes from the history cut at that round's cumulative step 
 (``privacy.sample.epsilon``, ``privacy.sample.client_budgets``); a lower cap that only
 the device knows (its node-config ``max-epsilon``) is shown as reported by the device.
 
-This module also holds the schema's constants (the two units, the caveat sentences,
-the budget sources). It imports nothing heavier than the accountant, so code that
-only needs a constant (``common.privacy.mechanism`` needs ``CLIENT_UNIT``) does not pay for
-the renderers or matplotlib.
+This module also holds the schema's constants (the caveat sentences, the budget
+sources; the units' words are :mod:`common.privacy.units`'). It imports nothing heavier
+than the accountant, so code that only needs a constant does not pay for the renderers
+or matplotlib.
 """
 
 from __future__ import annotations
@@ -26,13 +26,10 @@ from common.privacy.accounting import (ACCOUNTANTS, client_epsilon, client_histo
                                history_prefix)
 from common.config.schema import PRIVACY_MODES
 from common.errors import ConfigError
+from common.privacy.units import CLIENT_UNIT, SAMPLE_UNIT, SENTENCE_UNIT
 
 SCHEMA_VERSION = 1
 MODES = PRIVACY_MODES  # the config's own list: a report accepts exactly the modes a run can have
-SAMPLE_UNIT = "one training example of one client"
-#: task=token_classification: the example is a sentence, whatever number of words it has.
-SENTENCE_UNIT = "one sentence (one training example) of one client"
-CLIENT_UNIT = "all data of one client"
 
 # Scripts grep for this exact sentence; do not reword it.
 CAVEAT_EVAL_METRICS = "evaluation metrics are released without DP noise"

@@ -477,8 +477,7 @@ def test_a_server_optimizer_is_named_as_post_processing():
 
 @pytest.mark.parametrize("module", ["common.privacy.mechanism", "common.report"])
 def test_importing_the_report_or_the_mechanism_loads_no_matplotlib(module):
-    # Only drawing a figure needs matplotlib (common.report.plots imports it lazily);
-    # common.privacy.mechanism imports the report package for CLIENT_UNIT alone. A fresh
+    # Only drawing a figure needs matplotlib (common.report.plots imports it lazily). A fresh
     # interpreter: this one may have drawn a plot already.
     code = f"import sys, {module}; print(sorted(m for m in sys.modules if m.split('.')[0] == 'matplotlib'))"
     root = Path(__file__).resolve().parents[2]
