@@ -432,6 +432,11 @@ def _caveats(report: dict, mode: str, reported: list[dict], unreported: dict,
     ``unreported`` maps a client id to the rounds whose reply never reached the server;
     ``dropped`` the rounds of each client whose per-round ε could not be derived.
     """
+    return [*_run_caveats(report, mode), *_client_caveats(report["sample_level"], reported, unreported, dropped)]
+
+
+def _run_caveats(report: dict, mode: str) -> list[str]:
+    """What the run's settings leave uncovered or reveal, whichever clients took part."""
     caveats = [CAVEAT_EVAL_METRICS]
     if report["config"].get("task") == "token_classification":
         caveats.append(CAVEAT_HELD_OUT_ENTITIES)
@@ -444,17 +449,8 @@ def _caveats(report: dict, mode: str, reported: list[dict], unreported: dict,
     ]
     if mode in ("sample", "both"):
         caveats.append(_caveat_sample_rate(report["config"]))
-    recipe = report["config"].get("recipe") or {}
-    if recipe.get("prototypes"):
-        caveats.append(
-            "Round 1 released DP class prototypes (recipe.prototypes): each client sent its per-class "
-            "sums of unit-norm pooled features, for all classes and with no per-class counts. "
-            + ("Every entry carried N(0, σ_p²) noise at sensitivity 1 (one example moves one class's sum "
-               "by norm at most 1); the release is one (σ_p, q = 1, 1 step) entry of each client's history, "
-               "and its ε is included above. " if mode in ("sample", "both") else
-               "Without sample-level DP these sums carry no per-example noise. ")
-            + "The server turned their sum into the head's starting weights (post-processing)."
-        )
+    if (report["config"].get("recipe") or {}).get("prototypes"):
+        caveats.append(_caveat_prototypes(mode))
     if mode == "none":
         caveats.append(CAVEAT_NO_DP)
     precision = (report["config"].get("train") or {}).get("precision", "fp32")
@@ -479,8 +475,13 @@ def _caveats(report: dict, mode: str, reported: list[dict], unreported: dict,
         caveats.append(
             "Secure aggregation is off: the server sees each client's individual update."
         )
+    return caveats
 
-    sample = report["sample_level"]
+
+def _client_caveats(sample: dict, reported: list[dict], unreported: dict,
+                    dropped: list[list] | None) -> list[str]:
+    """Per client, what its report disagrees with, leaves out or exceeds; then the replies that never came."""
+    caveats = []
     for row, entry, left_out in zip(sample["clients"], reported, dropped or [[]] * len(reported)):
         cid = row["client_id"]
         # A client that accounted with another δ or accountant reports an ε the report
@@ -516,6 +517,19 @@ def _caveats(report: dict, mode: str, reported: list[dict], unreported: dict,
             "shows; the ledger on the client is authoritative and its next report includes it."
         )
     return caveats
+
+
+def _caveat_prototypes(mode: str) -> str:
+    """What the recipe's round-1 prototype release revealed, and what covers it."""
+    return (
+        "Round 1 released DP class prototypes (recipe.prototypes): each client sent its per-class "
+        "sums of unit-norm pooled features, for all classes and with no per-class counts. "
+        + ("Every entry carried N(0, σ_p²) noise at sensitivity 1 (one example moves one class's sum "
+           "by norm at most 1); the release is one (σ_p, q = 1, 1 step) entry of each client's history, "
+           "and its ε is included above. " if mode in ("sample", "both") else
+           "Without sample-level DP these sums carry no per-example noise. ")
+        + "The server turned their sum into the head's starting weights (post-processing)."
+    )
 
 
 def _caveat_sample_rate(config: dict) -> str:
