@@ -6,8 +6,6 @@ split themselves and agree without exchanging data.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import warnings
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
@@ -16,7 +14,7 @@ if TYPE_CHECKING:  # imported where used: a device whose features are cached rea
     import datasets
     from flwr_datasets.partitioner import Partitioner
 
-from common.data.cache import file_digest, read_as_hashed
+from common.data.cache import DATA_CACHE
 from common.data.settings import integer, plain, positive_float, required
 from common.data.sources import load_splits
 from common.errors import ConfigError
@@ -117,31 +115,22 @@ def _describe(cfg: dict) -> str:
     return ", ".join(f"partition.{k}={v!r}" for k, v in cfg.items())
 
 
-
-#: One process serves many rounds and (in simulation) many clients: load and
-#: partition once per distinct data configuration and bytes of its files. Per
-#: configuration: (the digests of data.path and data.test_path read, (partitions, label
-#: names)); a file edited, grown or cut since is read again, and replaces the entry.
-_CACHE: dict[str, tuple[list[str | None], tuple[list[datasets.Dataset], list[str]]]] = {}
-
-
 def load_client_data(cfg: Mapping, partition_id: int) -> tuple[datasets.Dataset, list[str]]:
-    """This client's training partition and the label names, from the whole config."""
+    """This client's training partition and the label names, from the whole config.
+
+    The data configuration's partitions are read and cut once per process and bytes of its
+    files (:data:`common.data.cache.DATA_CACHE`): every client of a simulation actor is served from them.
+    """
     relevant = {"data": plain(cfg["data"]), "partition": plain(cfg["partition"]),
                 "seed": cfg["seed"], "num_clients": cfg["num_clients"]}
-    key = hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()
-    files = {f"data.{k}": relevant["data"].get(k) for k in ("path", "test_path")}
-    cached = _CACHE.get(key)
-    if cached is None or cached[0] != [file_digest(f) for f in files.values()]:
-        def read():
-            train, _, names = load_splits(relevant["data"], seed=relevant["seed"],
-                                          num_clients=relevant["num_clients"])
-            return partition_train(train, relevant["partition"], num_clients=relevant["num_clients"],
-                                   seed=relevant["seed"]), names
 
-        value, digests = read_as_hashed(files, read)
-        cached = _CACHE[key] = (digests, value)
-    parts, names = cached[1]
+    def read():
+        train, _, names = load_splits(relevant["data"], seed=relevant["seed"], num_clients=relevant["num_clients"])
+        return partition_train(train, relevant["partition"], num_clients=relevant["num_clients"],
+                               seed=relevant["seed"]), names
+
+    files = {f"data.{k}": relevant["data"].get(k) for k in ("path", "test_path")}
+    parts, names = DATA_CACHE.get(("partitions", relevant), read, files)
     if not 0 <= partition_id < len(parts):
         raise ConfigError("num_clients", f"partition id {partition_id} is outside [0, {len(parts)})")
     return parts[partition_id], names
