@@ -33,7 +33,7 @@ def record_bytes(state: dict) -> dict:
 def main() -> None:
     args = _common.parser(__doc__.splitlines()[0]).parse_args()
     started = time.monotonic()
-    from common.model.factory import trainable_state
+    from common.model.state import trainable_state
 
     num_labels = 77  # Banking77's intents: the head is 384 x 77 + 77
     model = _common.build("minilm_lora", num_labels)

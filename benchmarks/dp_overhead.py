@@ -64,7 +64,7 @@ def stepper(model_name: str, mode: str | None):
     from torch import nn
     from torch.utils.data import DataLoader, TensorDataset
 
-    from common.model.factory import model_inputs
+    from common.model.state import model_inputs
 
     ids, mask, labels = batch()
     overrides = {"num_hidden_layers": LAYERS} if LAYERS else {}

@@ -48,8 +48,11 @@ def loop_child(config_path: str) -> None:
     from omegaconf import OmegaConf
 
     from client.training.dp_train import DPSettings, TrainSettings, calibrate_run, local_train
-    from common.data.loading import load_splits, partition_train, tokenize
-    from common.model.factory import instantiate_model, load_tokenizer, load_trainable, trainable_state
+    from common.data.partition import partition_train
+    from common.data.sources import load_splits
+    from common.data.tokenizing import tokenize
+    from common.model.factory import instantiate_model, load_tokenizer
+    from common.model.state import load_trainable, trainable_state
     from server.round.evaluate import evaluate
 
     torch.set_num_threads(1)

@@ -138,7 +138,7 @@ def majority_share(cfg: dict) -> float:
     predicting one class scores."""
     from collections import Counter
 
-    from common.data.loading import load_splits
+    from common.data.sources import load_splits
 
     _, test, _ = load_splits(cfg["data"], seed=int(cfg["seed"]), num_clients=int(cfg["num_clients"]))
     return max(Counter(test["label"]).values()) / len(test)

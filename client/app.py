@@ -43,7 +43,7 @@ from client.secagg import is_secagg, secagg_train
 from client.round import current_epsilon, privacy_summary, run_round
 from common.errors import ConfigError
 from common.privacy.mechanism import clip_update
-from common.model.factory import state_norm
+from common.model.state import state_norm
 from common.protocol import TrainInstruction, TrainReply
 
 app = ClientApp()

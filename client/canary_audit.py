@@ -22,8 +22,11 @@ from torch.utils.data import TensorDataset
 from client.training.dp_train import DPSettings, TrainSettings, calibrate_run, local_train
 from common.privacy.accounting import epsilon, sample_rate, train_batch_size
 from common.privacy.audit_bounds import audit, joint_scores, verdict
-from common.data.loading import load_client_data, load_splits, tokenize
-from common.model.factory import instantiate_model, load_tokenizer, model_inputs
+from common.data.partition import load_client_data
+from common.data.sources import load_splits
+from common.data.tokenizing import tokenize
+from common.model.factory import instantiate_model, load_tokenizer
+from common.model.state import model_inputs
 
 
 def make_canaries(m: int, *, length: int, num_labels: int, vocab_size: int, cls_id: int, sep_id: int,

@@ -19,12 +19,9 @@ The order is the privacy contract (DESIGN.md, "Privacy semantics"):
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
 import logging
 import math
 import time
-import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -38,11 +35,15 @@ from client.privacy.ledger import Ledger, LedgerBusy, RoundEntry, load_reply, lo
 from client.privacy.node_config import ClientIdentity
 from client.privacy.policy import REASON_DELTA
 from common.privacy.accounting import append_steps, epsilon, prototype_entry, sample_rate, train_batch_size
-from common.data.loading import file_digest, load_client_data, load_local_data, read_as_hashed, tokenize
+from common.data.cache import DATA_CACHE, BoundedCache, key_of
+from common.data.partition import load_client_data
+from common.data.sources import load_local_data
+from common.data.tokenizing import tokenize
 from common.data.features import (cached_features, data_digests, data_files, feature_key, features_key_parts,
                              frozen_features, stored_features)
 from common.errors import ConfigError
-from common.model.factory import instantiate_model, load_tokenizer, load_trainable, state_digest, trainable_state
+from common.model.factory import instantiate_model, load_tokenizer
+from common.model.state import load_trainable, state_digest, trainable_state
 from common.recipe import HEAD_PREFIX, check_model, head_keys, recipe_of, stage_of, stage_rounds
 
 log = logging.getLogger(__name__)
@@ -67,21 +68,15 @@ class RoundOutcome:
     timings: dict[str, Any] = field(default_factory=dict)
 
 
-# Models and tokenised partitions are costly to rebuild; one process serves many rounds
-# (a simulation actor serves every client it is given, so the tokenizer is shared too:
-# loading it again for each new client cost ~35 ms each).
+# Models and tokenised partitions are costly to rebuild; one process serves many rounds (a
+# simulation actor serves every client it is given). The tokenised partitions are kept in the
+# process's one bounded data cache (common.data.cache.DATA_CACHE), next to the partitions they
+# are cut from; the model (one) and the tokenizer (shared by every client: loading it again
+# for each new client cost ~35 ms each) are kept here.
 _MODEL_CACHE: dict[str, torch.nn.Module] = {}
-#: Per (data settings, partition, device file): (the digests of the data files read, (the
-#: tokenised data, label names)). A file edited, grown or cut since has other digests: it is
-#: read again, and its entry replaced.
-_DATA_CACHE: dict[str, tuple[list[str | None], tuple]] = {}
-#: The tokenised data :func:`_client_data` returned -> the digests of the bytes it was read
-#: from, which its features are stored under (:func:`client_features`).
-_READ_FROM: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-_TOKENIZER_CACHE: dict[str, Any] = {}
+_TOKENIZER_CACHE = BoundedCache(maxsize=2)
 
-def _key(*parts: Any) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+_key = key_of  # the one key function (common.data.cache): the caches' keys, and a round's shuffle seed without DP
 
 
 def _fresh_model(cfg: Mapping, num_labels: int) -> torch.nn.Module:
@@ -94,23 +89,18 @@ def _fresh_model(cfg: Mapping, num_labels: int) -> torch.nn.Module:
 
 
 def _client_data(cfg: Mapping, partition_id: int, data_path: str | None = None):
-    key = _key(cfg["data"], cfg["partition"], cfg["seed"], cfg["num_clients"],
-               cfg["model"]["tokenizer"] or cfg["model"]["name_or_path"],
-               cfg["train"]["max_length"], partition_id, data_path)
-    files = data_files(cfg, data_path)
-    cached = _DATA_CACHE.get(key)
-    if cached is None or cached[0] != [file_digest(f) for f in files.values()]:
-        # Hashed before the read and again after it: the digests kept are those of the bytes read.
-        (partition, label_names), digests = read_as_hashed(
-            files, lambda: load_local_data(cfg, data_path) if data_path else load_client_data(cfg, partition_id))
-        tok_key = _key(cfg["model"]["tokenizer"] or cfg["model"]["name_or_path"])
-        if tok_key not in _TOKENIZER_CACHE:
-            _TOKENIZER_CACHE[tok_key] = load_tokenizer(cfg["model"])
-        tokenizer = _TOKENIZER_CACHE[tok_key]
-        data = tokenize(partition, tokenizer, int(cfg["train"]["max_length"]), label_names)
-        _READ_FROM[data] = digests
-        cached = _DATA_CACHE[key] = (digests, (data, label_names))
-    return cached[1]
+    """(this client's tokenised partition, label names), from :data:`DATA_CACHE` while the data
+    files hold the bytes it was read from (a file edited, grown or cut since is read again)."""
+    tokenizer_name = cfg["model"]["tokenizer"] or cfg["model"]["name_or_path"]
+
+    def read():
+        partition, label_names = load_local_data(cfg, data_path) if data_path else load_client_data(cfg, partition_id)
+        tokenizer = _TOKENIZER_CACHE.get((tokenizer_name,), lambda: load_tokenizer(cfg["model"]))
+        return tokenize(partition, tokenizer, int(cfg["train"]["max_length"]), label_names), label_names
+
+    parts = ("tokenised", cfg["data"], cfg["partition"], cfg["seed"], cfg["num_clients"], tokenizer_name,
+             cfg["train"]["max_length"], partition_id, data_path)
+    return DATA_CACHE.get(parts, read, data_files(cfg, data_path))
 
 
 def client_features(cfg: Mapping, who: ClientIdentity, model: torch.nn.Module, data, device) -> Any:
@@ -119,7 +109,7 @@ def client_features(cfg: Mapping, who: ClientIdentity, model: torch.nn.Module, d
     check_model(cfg, model)  # a device refuses, naming model.pooling, what the server should have
     # Stored under the digests of the bytes ``data`` was read from, not the files' now: a file
     # changed since the read must not have these features stored as its own.
-    digests = _READ_FROM.get(data)
+    digests = DATA_CACHE.read_from(data)
     if digests is None:  # data a caller read itself: the files as they are now
         digests = data_digests(cfg, who.data_path)
     key = _features_key(cfg, who, digests)

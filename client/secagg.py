@@ -34,7 +34,7 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 from flwr.compat.common import recorddict_compat as compat
 
 from client.privacy import transparency
-from common.model.factory import state_norm
+from common.model.state import state_norm
 from common.protocol import TrainInstruction
 
 # answer(instruction, global_state, context) -> client.app.Answered (its .reply a TrainReply, its .log the line)

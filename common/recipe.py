@@ -25,7 +25,6 @@ from torch import nn
 
 from common.errors import ConfigError
 
-STAGES = ("prototypes", "head", "encoder")
 #: The head every recipe stage can address: PooledClassifier's and HF's classifier Linear.
 HEAD_PREFIX = "classifier."
 

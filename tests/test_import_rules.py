@@ -123,6 +123,15 @@ def test_the_tree_keeps_the_import_rules():
     assert violations(ROOT) == []
 
 
+def test_privacy_imports_nothing_of_the_report():
+    # The report presents what the privacy modules compute (their units' words included:
+    # common.privacy.units), never the other way round.
+    edges = graph(ROOT)
+    found = {(name, target) for name, targets in edges.items() if name.startswith("common.privacy")
+             for target in targets if target.startswith("common.report")}
+    assert found == set()
+
+
 def test_the_one_import_string_from_server_to_client_is_the_client_app():
     known = modules(ROOT)
     crossing = {(name, text) for name, path in known.items() if name.split(".")[0] == "server"

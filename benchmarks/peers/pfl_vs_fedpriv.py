@@ -77,8 +77,11 @@ def pfl_child(overrides_json: str, out_path: str) -> None:
     from pfl.metrics import Metrics, Weighted
     from pfl.model.pytorch import PyTorchModel
 
-    from common.data.loading import load_client_data, load_splits, tokenize
-    from common.model.factory import instantiate_model, load_tokenizer, model_inputs
+    from common.data.partition import load_client_data
+    from common.data.sources import load_splits
+    from common.data.tokenizing import tokenize
+    from common.model.factory import instantiate_model, load_tokenizer
+    from common.model.state import model_inputs
     from server.runtime.compose import compose_config
 
     overrides = json.loads(overrides_json)

@@ -42,7 +42,7 @@ import torch
 from flwr.app import RecordDict
 
 from client.privacy.ledger import Ledger, locked
-from common.model.factory import state_norm
+from common.model.state import state_norm
 from common.storage import append_json_line, atomic_write_bytes, read_json_lines
 
 LOG = "transparency.jsonl"

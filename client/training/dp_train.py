@@ -58,7 +58,7 @@ from common.privacy.accounting import (
     steps_per_epoch,
 )
 from common.data.conll import IGNORE, OUTSIDE_ID
-from common.model.factory import model_inputs
+from common.model.state import model_inputs
 from common.privacy.randomness import urandom_generator
 
 log = logging.getLogger(__name__)

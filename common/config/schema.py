@@ -27,7 +27,8 @@ from typing import Any
 
 from common.privacy.accounting import ACCOUNTANTS
 from common.errors import ConfigError
-from common.model.factory import CONFIG_OVERRIDE_KEYS, MODEL_FACTORY, POOLINGS, TASKS
+from common.model.factory import CONFIG_OVERRIDE_KEYS, MODEL_FACTORY, TASKS
+from common.model.pooling import POOLINGS
 
 PRIVACY_MODES = ("none", "sample", "client", "both")
 CLIPPING_MODES = ("fixed", "adaptive")
@@ -228,9 +229,9 @@ _LABELS = Nullable(ListOf(Scalar))
 
 #: The composed config. Where an implementation defines the allowed values, they come
 #: from it (POOLINGS, ACCOUNTANTS); the options of ``data``, ``partition`` and ``strategy``
-#: are checked against common.data.loading's loaders and partitioners and server.round.optimizer's
-#: rules by tests/common/test_config.py (common imports no server code, and validation
-#: needs no data library).
+#: are checked against common.data.sources' loaders, common.data.partition's partitioners
+#: and server.round.optimizer's rules by tests/common/test_config.py (common imports no
+#: server code, and validation needs no data library).
 SCHEMA = Section({
     "task": Legacy(Choice(*TASKS)),
     "seed": Int,

@@ -17,7 +17,7 @@ from collections.abc import Mapping, Sequence
 
 from common.config import schema
 from common.privacy.accounting import client_noise
-from common.data.loading import TAGGED_SOURCES
+from common.data.sources import TAGGED_SOURCES
 from common.errors import ConfigError
 from common.recipe import validate_recipe
 

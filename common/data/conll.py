@@ -196,7 +196,7 @@ class Aligned:
 def align(sentences: Sentences, tokenizer, max_length: int, label_ids: Mapping[str, int]) -> Aligned:
     """Tokenise words into subwords, padded and truncated to ``max_length``.
 
-    Always padded to ``max_length``, as :func:`common.data.loading.tokenize` is: Opacus' empty
+    Always padded to ``max_length``, as :func:`common.data.tokenizing.tokenize` is: Opacus' empty
     Poisson batches must have the real batches' shape.
     """
     if not getattr(tokenizer, "is_fast", False):

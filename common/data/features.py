@@ -10,9 +10,7 @@ and is read back only while both still hold. The server computes those of its te
 
 from __future__ import annotations
 
-import hashlib
 import io
-import json
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -22,8 +20,8 @@ import torch
 from torch.utils.data import TensorDataset
 
 from common.data.conll import IGNORE
-from common.data.loading import file_digest
-from common.model.factory import model_inputs
+from common.data.cache import file_digest, key_of
+from common.model.state import model_inputs
 from common.storage import atomic_write_bytes
 
 log = logging.getLogger(__name__)
@@ -111,7 +109,7 @@ def frozen_features(model: torch.nn.Module, data: TensorDataset) -> TensorDatase
 
 def feature_key(*parts: Any) -> str:
     """A short, stable key for what the features depend on."""
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
+    return key_of(*parts)[:24]
 
 
 def cached_features(directory: str | Path, key: str, compute: Callable[[], TensorDataset], *,

@@ -10,13 +10,10 @@ A *history* is exactly Opacus' accountant history: a list of
 ``(noise_multiplier, sample_rate, steps)`` entries, consecutive equal
 ``(sigma, q)`` pairs merged as Opacus merges them.
 
-Sampling: Opacus' ``DPDataLoader`` samples each example with probability
-``1 / ceil(n / batch_size)`` and draws ``int(1 / that)`` batches per epoch, which
-float rounding makes one fewer than ``ceil(n / batch_size)`` for some sizes (93, 99,
-105, ... batches); ``make_private`` then accounts ``q = 1 / len(dp_loader)``, one
-over the batches it really draws. :func:`steps_per_epoch` asks Opacus' own sampler,
-and :func:`sample_rate` is the q its accountant records, so the (q, steps) we plan
-and check budgets with are exactly the ones Opacus runs and records.
+Sampling: :func:`steps_per_epoch` asks Opacus' own sampler how many batches it draws,
+and :func:`sample_rate` is the q its accountant records, so the (q, steps) planned and
+checked against budgets are exactly the ones Opacus runs and records (which are not
+always ``ceil(n / batch_size)`` batches: docs/privacy.md).
 """
 
 from __future__ import annotations

@@ -1,30 +1,17 @@
 """One-run privacy auditing: canary guesses → a lower bound on ε.
 
-Steinke, Nasr & Jagielski (2023), "Privacy Auditing with One (1) Training Run". Each
-of ``m`` canaries is included in the training data independently with probability
-1/2. After one training run the auditor scores every canary (higher = looks
-included), guesses "included" for the ``k_plus`` highest scores, "excluded" for the
-``k_minus`` lowest, and abstains on the rest. With ``r`` guesses of which ``v`` are
-right:
+Steinke, Nasr & Jagielski (2023), "Privacy Auditing with One (1) Training Run": each of
+``m`` canaries is in the training data with probability 1/2; the auditor guesses
+"included" for the ``k_plus`` highest-scoring canaries and "excluded" for the ``k_minus``
+lowest. Under (ε, δ)-DP the number of right guesses among ``r`` is dominated by
+Binomial(r, e^ε / (1 + e^ε)), plus 2·m·δ (a conservative stand-in for the paper's δ
+term), so the lower bound is the largest ε that ``v`` right guesses reject at confidence
+1-β (the argument: docs/privacy.md).
 
-* If training is ε-DP with respect to adding/removing one example, the number of
-  correct guesses is stochastically dominated by Binomial(r, p(ε)) with
-  p(ε) = e^ε / (1 + e^ε): each guess, whatever was guessed before, is right with
-  probability at most p(ε) (the inclusion bits are independent fair coins and the
-  guesses are post-processing of the trained model).
-* For (ε, δ)-DP the paper adds a δ-dependent term to that tail; we use the simple
-  upper bound 2·m·δ on it (conservative: it only makes the lower bound smaller).
-
-So ε is *rejected* at confidence 1-β when P[Binomial(r, p(ε)) ≥ v] + 2mδ ≤ β, and the
-lower bound is the largest rejected ε (the tail grows with ε, so bisection finds it).
-The audit's power is the bound it would report if every guess were right,
-``max_detectable_epsilon(r, m, δ)``: 120 guesses of 160 canaries at δ = 1e-5 show at
-most 3.66, 150 of 200 at most 3.88. Only when that maximum reaches the accounted ε can
-the audit confirm the accounting, so ``verdict`` says ``inconclusive`` below it. At
-δ = 0, showing ε = 8 takes 8,932 guesses, all right; with the 2mδ term at δ = 1e-5 no
-number of canaries gets there (the most is ≈ 6.07, at m ≈ 2,000, where 2mδ starts
-eating the 5 % left to the tail), so at the default ε = 8, δ = 1e-5 every audit is
-``inconclusive`` unless it finds ε exceeded.
+Caveat: the audit can confirm the accounting only when the bound it could show with every
+guess right (:func:`max_detectable_epsilon`) reaches the accounted ε; below that
+:func:`verdict` says ``inconclusive``. At the default ε = 8, δ = 1e-5 every audit is
+inconclusive unless it finds ε exceeded (docs/privacy.md has the numbers).
 Nothing here depends on how the model was trained; see client/canary_audit.py for the run.
 ``joint_scores`` (below) is the white-box score client/canary_audit.py uses: any function of
 the released output and of data fixed before the bits were drawn keeps the bound valid.

@@ -17,11 +17,8 @@ sensitivity 1), and the accountant uses the combined σ of the two releases
 states both noises and the count's sensitivity, so the combined σ, and from it ε,
 can be recomputed from the report alone.
 
-Flower's DP wrappers are not used as is (STACK.md): they draw noise from numpy's
-global RNG (a user seed makes it predictable), divide by the number that replied
-when they average, and their adaptive rule steps C the wrong way when the clipped
-fraction exceeds the target. All noise here comes from a torch generator seeded
-from ``os.urandom``.
+All noise here comes from a torch generator seeded from ``os.urandom``, never from the
+config's seed (why Flower's DP wrappers are not used: docs/privacy.md).
 """
 
 from __future__ import annotations
@@ -37,9 +34,9 @@ import torch
 
 from common.privacy.accounting import (CLIENT_ACCOUNTANT, CLIENT_SAMPLE_RATE, COUNT_SENSITIVITY, ClientNoise,
                                client_epsilon, client_history, client_noise)
-from common.model.factory import state_norm
+from common.model.state import state_norm
 from common.privacy.randomness import urandom_generator
-from common.report import CLIENT_UNIT
+from common.privacy.units import CLIENT_UNIT
 from common.storage import atomic_write_json
 
 log = logging.getLogger(__name__)

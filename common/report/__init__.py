@@ -9,10 +9,11 @@
 * :mod:`common.report.render` — the JSON, Markdown and HTML files, from one list of
   blocks.
 
-``from common.report import X`` keeps working for every public name. Importing this
-package loads no matplotlib: ``common.privacy.mechanism`` imports it for one constant.
+``from common.report import X`` keeps working for every public name (the units' words
+are :mod:`common.privacy.units`'). Importing this package loads no matplotlib.
 """
 
+from common.privacy.units import CLIENT_UNIT, SAMPLE_UNIT
 from common.report.build import (
     BUDGET_CLIENT_BUDGETS,
     BUDGET_DEVICE,
@@ -23,11 +24,9 @@ from common.report.build import (
     CAVEAT_NO_CSPRNG,
     CAVEAT_NO_DP,
     CAVEAT_RELEASED_TO_SERVER,
-    CLIENT_UNIT,
     EVALUATION_KEYS,
     MODES,
     ROUND_KEYS,
-    SAMPLE_UNIT,
     SCHEMA_VERSION,
     build_report,
 )

@@ -9,10 +9,10 @@ copied: a round's ε comes from the history cut at that round's cumulative step 
 (``privacy.sample.epsilon``, ``privacy.sample.client_budgets``); a lower cap that only
 the device knows (its node-config ``max-epsilon``) is shown as reported by the device.
 
-This module also holds the schema's constants (the two units, the caveat sentences,
-the budget sources). It imports nothing heavier than the accountant, so code that
-only needs a constant (``common.privacy.mechanism`` needs ``CLIENT_UNIT``) does not pay for
-the renderers or matplotlib.
+This module also holds the schema's constants (the caveat sentences, the budget
+sources; the units' words are :mod:`common.privacy.units`'). It imports nothing heavier
+than the accountant, so code that only needs a constant does not pay for the renderers
+or matplotlib.
 """
 
 from __future__ import annotations
@@ -26,13 +26,10 @@ from common.privacy.accounting import (ACCOUNTANTS, client_epsilon, client_histo
                                history_prefix)
 from common.config.schema import PRIVACY_MODES
 from common.errors import ConfigError
+from common.privacy.units import CLIENT_UNIT, SAMPLE_UNIT, SENTENCE_UNIT
 
 SCHEMA_VERSION = 1
 MODES = PRIVACY_MODES  # the config's own list: a report accepts exactly the modes a run can have
-SAMPLE_UNIT = "one training example of one client"
-#: task=token_classification: the example is a sentence, whatever number of words it has.
-SENTENCE_UNIT = "one sentence (one training example) of one client"
-CLIENT_UNIT = "all data of one client"
 
 # Scripts grep for this exact sentence; do not reword it.
 CAVEAT_EVAL_METRICS = "evaluation metrics are released without DP noise"
@@ -435,6 +432,11 @@ def _caveats(report: dict, mode: str, reported: list[dict], unreported: dict,
     ``unreported`` maps a client id to the rounds whose reply never reached the server;
     ``dropped`` the rounds of each client whose per-round ε could not be derived.
     """
+    return [*_run_caveats(report, mode), *_client_caveats(report["sample_level"], reported, unreported, dropped)]
+
+
+def _run_caveats(report: dict, mode: str) -> list[str]:
+    """What the run's settings leave uncovered or reveal, whichever clients took part."""
     caveats = [CAVEAT_EVAL_METRICS]
     if report["config"].get("task") == "token_classification":
         caveats.append(CAVEAT_HELD_OUT_ENTITIES)
@@ -447,17 +449,8 @@ def _caveats(report: dict, mode: str, reported: list[dict], unreported: dict,
     ]
     if mode in ("sample", "both"):
         caveats.append(_caveat_sample_rate(report["config"]))
-    recipe = report["config"].get("recipe") or {}
-    if recipe.get("prototypes"):
-        caveats.append(
-            "Round 1 released DP class prototypes (recipe.prototypes): each client sent its per-class "
-            "sums of unit-norm pooled features, for all classes and with no per-class counts. "
-            + ("Every entry carried N(0, σ_p²) noise at sensitivity 1 (one example moves one class's sum "
-               "by norm at most 1); the release is one (σ_p, q = 1, 1 step) entry of each client's history, "
-               "and its ε is included above. " if mode in ("sample", "both") else
-               "Without sample-level DP these sums carry no per-example noise. ")
-            + "The server turned their sum into the head's starting weights (post-processing)."
-        )
+    if (report["config"].get("recipe") or {}).get("prototypes"):
+        caveats.append(_caveat_prototypes(mode))
     if mode == "none":
         caveats.append(CAVEAT_NO_DP)
     precision = (report["config"].get("train") or {}).get("precision", "fp32")
@@ -482,8 +475,13 @@ def _caveats(report: dict, mode: str, reported: list[dict], unreported: dict,
         caveats.append(
             "Secure aggregation is off: the server sees each client's individual update."
         )
+    return caveats
 
-    sample = report["sample_level"]
+
+def _client_caveats(sample: dict, reported: list[dict], unreported: dict,
+                    dropped: list[list] | None) -> list[str]:
+    """Per client, what its report disagrees with, leaves out or exceeds; then the replies that never came."""
+    caveats = []
     for row, entry, left_out in zip(sample["clients"], reported, dropped or [[]] * len(reported)):
         cid = row["client_id"]
         # A client that accounted with another δ or accountant reports an ε the report
@@ -519,6 +517,19 @@ def _caveats(report: dict, mode: str, reported: list[dict], unreported: dict,
             "shows; the ledger on the client is authoritative and its next report includes it."
         )
     return caveats
+
+
+def _caveat_prototypes(mode: str) -> str:
+    """What the recipe's round-1 prototype release revealed, and what covers it."""
+    return (
+        "Round 1 released DP class prototypes (recipe.prototypes): each client sent its per-class "
+        "sums of unit-norm pooled features, for all classes and with no per-class counts. "
+        + ("Every entry carried N(0, σ_p²) noise at sensitivity 1 (one example moves one class's sum "
+           "by norm at most 1); the release is one (σ_p, q = 1, 1 step) entry of each client's history, "
+           "and its ε is included above. " if mode in ("sample", "both") else
+           "Without sample-level DP these sums carry no per-example noise. ")
+        + "The server turned their sum into the head's starting weights (post-processing)."
+    )
 
 
 def _caveat_sample_rate(config: dict) -> str:

@@ -1,10 +1,9 @@
 """The report's figures, as PNG bytes: cumulative ε per round, accuracy and loss per round,
 and the final model's confusion matrix.
 
-matplotlib is imported here only, and only inside the functions that draw: importing
-it costs about a third of a second and tens of MB, and most processes that import
-``common.report`` (a simulation actor, ``common.privacy.mechanism`` for a constant) never
-draw a figure. Figures are drawn on an explicit Agg canvas, never through pyplot: no
+matplotlib is imported here only, and only inside the functions that draw: most
+processes that import ``common.report`` (a simulation actor) never draw a figure, and
+should not pay for its import (BENCHMARKS.md). Figures are drawn on an explicit Agg canvas, never through pyplot: no
 display is needed, no process-wide backend is switched, and no global figure list
 leaks memory.
 """

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from common.privacy.accounting import ACCOUNTANTS
-from common.report.build import CLIENT_UNIT
+from common.privacy.units import CLIENT_UNIT
 from common.report.plots import (
     ACCURACY_PLOT,
     CONFUSION_PLOT,

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from common.model.factory import model_inputs
+from common.model.state import model_inputs
 
 
 #: Variants of a text per forward pass in :func:`leave_one_out`: T up to train.max_length

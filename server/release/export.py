@@ -34,7 +34,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from common.model.factory import PooledClassifier
+from common.model.pooling import PooledClassifier
 from server.round.checkpoint import Manifest
 from server.release.released import Released, load_released
 

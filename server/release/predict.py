@@ -38,7 +38,7 @@ def predictor(path: str | Path, *, server_round: int | None = None) -> Predict:
 def _run_predictor(run_dir: Path, server_round: int | None) -> Predict:
     import torch
 
-    from common.model.factory import model_inputs
+    from common.model.state import model_inputs
     from server.release.released import load_released
 
     released = load_released(run_dir, server_round)

@@ -18,9 +18,11 @@ import datasets
 import torch
 from omegaconf import OmegaConf
 
-from common.data.loading import load_splits, tokenize
+from common.data.sources import load_splits
+from common.data.tokenizing import tokenize
 from common.errors import ConfigError
-from common.model.factory import instantiate_model, load_tokenizer, load_trainable
+from common.model.factory import instantiate_model, load_tokenizer
+from common.model.state import load_trainable
 from server.round.checkpoint import CheckpointError, Manifest, load_round
 
 if TYPE_CHECKING:

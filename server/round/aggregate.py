@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from flwr.app import Message, RecordDict
 
-from common.model.factory import state_norm
+from common.model.state import state_norm
 from common.protocol import REPLY_RECORDS, SECURE_REPLY_RECORDS, ProtocolError, TrainReply
 from common.recipe import HEAD_PREFIX, head_from_prototypes
 from server.round.optimizer import FedAvg, ServerOptimizer

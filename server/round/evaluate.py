@@ -17,7 +17,7 @@ from torch.utils.data import TensorDataset
 
 from common.data.conll import IGNORE, Aligned, predicted_tags
 from common.data.features import labelled_positions
-from common.model.factory import load_trainable, model_inputs
+from common.model.state import load_trainable, model_inputs
 from common.report.ner_metrics import entity_report
 
 #: sklearn's value for a ratio whose denominator is zero: a class never predicted has

@@ -28,10 +28,13 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from common.privacy.accounting import check_pins
 from common.config.validate import validate, validate_partitions
-from common.data.loading import align_words, load_splits, partition_train, tokenize
+from common.data.partition import partition_train
+from common.data.sources import load_splits
+from common.data.tokenizing import align_words, tokenize
 from common.data.features import frozen_features
 from common.errors import ConfigError
-from common.model.factory import count_parameters, instantiate_model, load_tokenizer, load_trainable, trainable_state
+from common.model.factory import instantiate_model, load_tokenizer
+from common.model.state import count_parameters, load_trainable, trainable_state
 from common.protocol import TrainInstruction
 from common.recipe import check_model, round_aggregation, stage_of
 from common.report import EVALUATION, build_report, read_evaluation, write_report

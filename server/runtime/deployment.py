@@ -30,7 +30,8 @@ import shlex
 from pathlib import Path
 
 from common.config.validate import validate
-from common.data.loading import load_local_data, tokenize
+from common.data.sources import load_local_data
+from common.data.tokenizing import tokenize
 from common.errors import ConfigError
 from common.model.factory import instantiate_model, load_tokenizer
 from common.recipe import check_model

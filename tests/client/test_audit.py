@@ -10,7 +10,7 @@ from torch.utils.data import TensorDataset
 from client.canary_audit import canary_directions, flat_trainable
 from client.training.dp_train import DPSettings, TrainSettings, local_train
 from common.privacy.audit_bounds import joint_scores
-from common.model.factory import model_inputs
+from common.model.state import model_inputs
 from tests.client.test_dp_train import tiny_data, tiny_model
 
 LORA = dict(r=4, alpha=8, dropout=0.0, target_modules=["query", "value"])
@@ -65,7 +65,8 @@ def test_one_step_without_noise_separates_included_canaries_exactly(clip):
 
 def test_real_examples_come_from_the_held_out_split_the_size_of_the_client(fast_cfg):
     from client.canary_audit import real_examples
-    from common.data.loading import load_client_data, load_splits
+    from common.data.partition import load_client_data
+    from common.data.sources import load_splits
 
     cfg = fast_cfg("data.test_size=200")
     examples, names = real_examples(cfg, 1)

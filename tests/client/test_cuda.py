@@ -12,7 +12,7 @@ import torch
 from client.training.dp_train import DPSettings, TrainSettings, local_train
 from common.privacy.mechanism import clip_update
 from common.privacy.accounting import epsilon
-from common.model.factory import trainable_state
+from common.model.state import trainable_state
 from tests.client.test_dp_train import reference_clipped_mean, tiny_data, tiny_model
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

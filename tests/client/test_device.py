@@ -11,7 +11,7 @@ from client import device as dev
 from client.training.dp_train import DPSettings, TrainSettings, local_train
 from client.privacy.node_config import node_identity
 from common.errors import ConfigError
-from common.model.factory import trainable_state
+from common.model.state import trainable_state
 from tests.client.test_dp_train import tiny_data, tiny_model
 
 

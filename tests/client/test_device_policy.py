@@ -17,8 +17,9 @@ from flwr.app import Context, Message, RecordDict
 from client.privacy import transparency
 from client.app import DeviceError, app
 from client.privacy.ledger import Ledger
-from common.data.loading import load_client_data
-from common.model.factory import instantiate_model, trainable_state
+from common.data.partition import load_client_data
+from common.model.factory import instantiate_model
+from common.model.state import trainable_state
 from common.protocol import TrainInstruction, TrainReply
 from tests.conftest import server_of_run
 

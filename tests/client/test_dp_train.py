@@ -10,7 +10,8 @@ from torch.utils.data import TensorDataset
 
 from client.training.dp_train import DPSettings, TrainSettings, local_train
 from common.privacy.accounting import epsilon
-from common.model.factory import build_model, model_inputs, trainable_state
+from common.model.factory import build_model
+from common.model.state import model_inputs, trainable_state
 from tests.conftest import model_group
 
 TINY = dict(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,

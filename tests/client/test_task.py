@@ -10,8 +10,9 @@ from client.privacy.ledger import Ledger
 from client.privacy.node_config import ClientIdentity
 from client.round import budget_epsilon, run_round
 from common.privacy.accounting import append_steps, calibrate_noise, epsilon, sample_rate, steps_per_epoch
-from common.data.loading import load_client_data
-from common.model.factory import instantiate_model, trainable_state
+from common.data.partition import load_client_data
+from common.model.factory import instantiate_model
+from common.model.state import trainable_state
 from tests.conftest import compose
 
 
@@ -192,9 +193,10 @@ import json, sys, time
 import client.round as task
 from client.privacy.node_config import ClientIdentity
 from client.round import run_round
-from common.model.factory import instantiate_model, trainable_state
+from common.model.factory import instantiate_model
+from common.model.state import trainable_state
 from tests.conftest import compose
-from common.data.loading import load_client_data
+from common.data.partition import load_client_data
 
 cfg = json.loads(sys.argv[1]); run_id = sys.argv[2]; go = sys.argv[3]
 _, labels = load_client_data(cfg, 0)
@@ -367,8 +369,7 @@ def test_stored_features_that_do_not_match_the_data_are_not_trained_on(tmp_path,
     """A features file without n and the data's digest (older code's), with another file's
     digest, or whose n is not its rows' count, is computed again and overwritten: the round's
     n is the file's 300 rows, not the stored file's 10."""
-    import client.round as task
-    from common.data.loading import file_digest
+    from common.data.cache import DATA_CACHE, file_digest
 
     path = tmp_path / "mine.csv"
     write_device_file(path, 300)
@@ -377,8 +378,42 @@ def test_stored_features_that_do_not_match_the_data_are_not_trained_on(tmp_path,
     digests = [file_digest(f) for f in (path, cfg["data"].get("path"), cfg["data"].get("test_path"))]
     torch.save(tamper(stored, digests), stored_path)
     if fresh_process:  # a SuperNode's next ClientApp process: nothing in memory
-        task._DATA_CACHE.clear()
+        DATA_CACHE.clear()
     cfg, out = device_round(tmp_path, path, 2)
     assert out.privacy["history"][-1][1] == pytest.approx(head_q(cfg, 300))
     _, again = stored_rows(tmp_path)
     assert len(again["features"]) == again["n"] == 300 and again["digests"] == digests
+
+
+def test_a_process_serving_many_clients_keeps_at_most_the_bound(tmp_path, monkeypatch):
+    """One simulation actor, 50 clients: the data cache never holds more than its bound
+    (not 50 tokenised partitions), the data set is read and partitioned once for all of them,
+    and a client served again while its entry is kept gets the very same tensors."""
+    import client.round as task
+    import common.data.partition as partition
+    from common.data.cache import DATA_CACHE
+    from common.data.sources import load_splits
+    from common.data.tokenizing import tokenize
+
+    cfg = compose(["model=tiny_bert", "partition=iid", "num_clients=50", "data.train_size=200",
+                   "data.test_size=20", "train.max_length=16"], tmp_path / "run")
+    DATA_CACHE.clear()
+    reads, tokenised = [], []
+    monkeypatch.setattr(partition, "load_splits", lambda *a, **k: reads.append(1) or load_splits(*a, **k))
+    monkeypatch.setattr(task, "tokenize", lambda *a, **k: tokenised.append(1) or tokenize(*a, **k))
+
+    first, names = task._client_data(cfg, 0)
+    again, _ = task._client_data(cfg, 0)
+    assert again is first and len(tokenised) == 1  # a hit: nothing tokenised again
+    sizes = []
+    for pid in range(50):
+        data, _ = task._client_data(cfg, pid)
+        assert len(data) == 4 and DATA_CACHE.read_from(data) == [None, None, None]  # no data files
+        sizes.append(len(DATA_CACHE))
+    assert max(sizes) == DATA_CACHE.maxsize < 50
+    assert len(reads) == 1 and len(tokenised) == 50  # the data read once; each client tokenised once
+    assert task._client_data(cfg, 49)[0] is data and len(tokenised) == 50  # the last client: still kept
+    task._client_data(cfg, 0)  # long evicted: read again, from the partitions still kept
+    assert len(tokenised) == 51 and len(reads) == 1 and len(DATA_CACHE) == DATA_CACHE.maxsize
+    assert len(task._TOKENIZER_CACHE) == 1  # one tokenizer for every client
+

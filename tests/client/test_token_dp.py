@@ -14,7 +14,9 @@ from torch.utils.data import TensorDataset
 
 from client.training.dp_train import DPSettings, TrainSettings, local_train, sentence_loss
 from common.data.features import token_features
-from common.model.factory import TokenClassifier, build_model, model_inputs, trainable_state
+from common.model.factory import build_model
+from common.model.pooling import TokenClassifier
+from common.model.state import model_inputs, trainable_state
 from tests.conftest import model_group
 
 TINY = dict(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,

@@ -152,7 +152,7 @@ def test_nothing_from_the_training_data_is_in_the_log(task_identity, metered, fa
     cfg = fast_cfg("num_clients=2", "rounds=1")
     prepared = prepare(cfg)
     _run(MeteredGrid(2), cfg, tmp_path / "run")
-    from common.data.loading import load_splits
+    from common.data.sources import load_splits
 
     train, _, labels = load_splits(cfg["data"], seed=int(cfg["seed"]), num_clients=2)
     text = transparency.log_path(cfg["state_dir"], "0").read_text()

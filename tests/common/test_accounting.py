@@ -152,12 +152,15 @@ def test_client_noise_calibrates_to_the_budget_over_planned_rounds():
 
 
 def test_adaptive_split_keeps_the_combined_sigma_and_refuses_a_too_small_count_noise():
-    from common.privacy.accounting import adaptive_noise_split
+    from common.privacy.accounting import adaptive_noise_split, combined_noise_multiplier
     from common.errors import ConfigError
 
     sigma_u = adaptive_noise_split(1.0, 2.0)
     # 0/1 bits: the count has sensitivity 1, so σ = (σ_u⁻² + σ_b⁻²)^-½ (no factor 2).
-    assert (sigma_u ** -2 + 2.0 ** -2) ** -0.5 == pytest.approx(1.0) and sigma_u > 1.0
+    assert combined_noise_multiplier(sigma_u, 2.0) == pytest.approx(1.0) and sigma_u > 1.0
+    assert combined_noise_multiplier(2.0, 2.0) == pytest.approx(2 ** 0.5)  # (¼ + ¼)^-½
+    assert combined_noise_multiplier(2.0, 4.0, 2.0) == pytest.approx(2 ** 0.5)  # the count: its noise / sensitivity
+    assert combined_noise_multiplier(1.3, None) == 1.3  # fixed clipping: the update sum's σ alone
     with pytest.raises(ConfigError) as err:
         adaptive_noise_split(1.0, 1.0)
     assert err.value.setting == "privacy.client.clipped_count_stddev"

@@ -76,7 +76,8 @@ def test_the_schema_holds_exactly_the_keys_the_yaml_composes(tmp_path):
 
 
 def test_the_schemas_options_are_the_implementations_and_the_config_groups(tmp_path):
-    from common.data.loading import _LOADERS, _PARTITIONERS
+    from common.data.partition import _PARTITIONERS
+    from common.data.sources import _LOADERS
     from server.round.optimizer import ServerOptimizer
 
     fields = schema.SCHEMA.fields
@@ -186,7 +187,8 @@ def test_a_config_written_before_recipes_and_pooling_still_validates(tmp_path):
 
 
 def test_every_model_option_builds(tmp_path):
-    from common.model.factory import count_parameters, instantiate_model
+    from common.model.factory import instantiate_model
+    from common.model.state import count_parameters
 
     for option in options("model"):
         cfg = compose([f"model={option}"], tmp_path)

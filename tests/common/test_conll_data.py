@@ -1,4 +1,4 @@
-"""data=conll through common.data.loading: the tag vocabulary as label names, sentences
+"""data=conll through common.data.sources, .partition and .tokenizing: the tag vocabulary as label names, sentences
 partitioned by their dominant entity ("no entity" a class of its own), alignment."""
 
 from collections import Counter
@@ -6,7 +6,9 @@ from collections import Counter
 import pytest
 
 from common.data.conll import NO_ENTITY, dominant_entity
-from common.data.loading import load_splits, partition_train, tokenize
+from common.data.partition import partition_train
+from common.data.sources import load_splits
+from common.data.tokenizing import tokenize
 from common.errors import ConfigError
 from common.model.factory import load_tokenizer
 from tests.conftest import SHARED_DATA, config_group

@@ -1,4 +1,4 @@
-"""Data loading, partitioning and tokenisation (common/data/loading.py, common/data/synthetic.py)."""
+"""Data loading, partitioning and tokenisation (common/data/sources.py, partition.py, tokenizing.py, synthetic.py)."""
 
 import os
 
@@ -13,7 +13,9 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from common.data.loading import load_client_data, load_splits, partition_train, tokenize
+from common.data.partition import load_client_data, partition_train
+from common.data.sources import load_splits
+from common.data.tokenizing import tokenize
 from common.errors import ConfigError
 from tests.conftest import config_group
 
@@ -353,7 +355,7 @@ def test_tokenize_pads_to_fixed_shapes():
 def test_a_device_file_is_read_with_the_csv_groups_settings_where_the_run_has_none():
     # data=synthetic has no CSV keys, so a device's own file (node-config data-path) is
     # read as conf/data/csv.yaml reads one; the csv group's own keys win where it is the run's.
-    from common.data.loading import DEVICE_FILE
+    from common.data.sources import DEVICE_FILE
 
     assert DEVICE_FILE == {key: config_group("data", "csv")[key] for key in DEVICE_FILE}
 
@@ -379,3 +381,30 @@ def test_load_client_data_reads_an_edited_file_again_in_the_same_process(tmp_pat
         sizes.append(len(load_client_data(cfg, 0)[0]))
         assert sizes[-1] == len(train)
     assert sizes[1] > sizes[0] > sizes[2]
+
+
+def test_the_bounded_cache_drops_the_least_recently_used_and_follows_the_files_bytes(tmp_path):
+    from common.data.cache import BoundedCache, file_digest
+
+    class Read:  # what a read returns (weakly referenceable, as a tokenised dataset is)
+        pass
+
+    cache, reads = BoundedCache(2), []
+
+    def reader(name):
+        return lambda: reads.append(name) or (Read(), name)
+
+    a = cache.get(("a",), reader("a"))
+    cache.get(("b",), reader("b"))
+    assert cache.get(("a",), reader("a")) is a  # a hit, and now the most recently used
+    cache.get(("c",), reader("c"))  # drops b, not a
+    assert len(cache) == 2 and cache.get(("a",), reader("a")) is a and reads == ["a", "b", "c"]
+    cache.get(("b",), reader("b"))
+    assert reads == ["a", "b", "c", "b"]
+    path = tmp_path / "f.csv"
+    path.write_text("one")
+    first = cache.get(("f",), reader("f"), {"data.path": str(path)})
+    assert cache.get(("f",), reader("f"), {"data.path": str(path)}) is first
+    assert cache.read_from(first[0]) == [file_digest(path)] and cache.read_from(Read()) is None
+    path.write_text("one two")  # grown in place: read again
+    assert cache.get(("f",), reader("f"), {"data.path": str(path)}) is not first and reads[-2:] == ["f", "f"]

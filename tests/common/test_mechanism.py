@@ -7,6 +7,7 @@ import pytest
 import torch
 from opacus.accountants import RDPAccountant
 
+from common.privacy.accounting import combined_noise_multiplier
 from common.privacy.mechanism import ClientLevelDP
 from server.round.aggregate import RoundReplies, aggregate
 
@@ -64,7 +65,7 @@ def test_adaptive_clipping_grows_c_when_updates_do_not_fit_and_shrinks_it_when_t
     assert down.clipping_norm < 0.5 * math.exp(-0.2 * 0.5 * 30) * 2
     # The update sum carries more noise than sigma so that both releases together are sigma.
     assert up.noise.update_sigma > up.sigma
-    assert (up.noise.update_sigma ** -2 + 1.5 ** -2) ** -0.5 == pytest.approx(1.0)  # 0/1 bits: sensitivity 1
+    assert combined_noise_multiplier(up.noise.update_sigma, 1.5) == pytest.approx(1.0)  # 0/1 bits: sensitivity 1
 
 
 def test_budget_stops_before_the_round_that_would_exceed_it():
@@ -111,8 +112,7 @@ def test_restore_continues_spend_and_c_from_client_level_json(tmp_path):
 def _epsilon_from_mechanism(block) -> float:
     """ε recomputed from the report's ``mechanism`` object alone, as DESIGN.md states it."""
     mech = block["mechanism"]
-    sigma_u, std, sens = mech["update_noise_multiplier"], mech["count_stddev"], mech["count_sensitivity"]
-    sigma = sigma_u if std is None else (sigma_u ** -2 + (std / sens) ** -2) ** -0.5
+    sigma = combined_noise_multiplier(mech["update_noise_multiplier"], mech["count_stddev"], mech["count_sensitivity"])
     acc = RDPAccountant()
     acc.history = [(sigma, 1.0, len([p for p in block["per_round"] if p.get("released", True)]))]
     return acc.get_epsilon(block["delta"])
@@ -132,8 +132,9 @@ def test_adaptive_clipping_epsilon_recomputes_from_the_mechanism_within_the_budg
     block = dp.block()
     mech = block["mechanism"]
     assert mech["count_sensitivity"] == 1.0 and mech["count_stddev"] == dp.noise.count_stddev
-    mahalanobis = math.sqrt(mech["update_noise_multiplier"] ** -2 + mech["count_stddev"] ** -2)
-    assert 1 / mahalanobis == pytest.approx(dp.sigma, rel=1e-9)
+    combined = combined_noise_multiplier(mech["update_noise_multiplier"], mech["count_stddev"],
+                                         mech["count_sensitivity"])
+    assert combined == pytest.approx(dp.sigma, rel=1e-9)  # 1 / that Mahalanobis sensitivity
     recomputed = _epsilon_from_mechanism(block)
     assert recomputed <= block["epsilon"] + 1e-6 and recomputed <= budget
 

@@ -1,4 +1,4 @@
-"""model.pooling / model.normalize and layer-count-free LoRA targets (common.model.factory)."""
+"""model.pooling / model.normalize and layer-count-free LoRA targets (common.model.pooling, common.model.lora)."""
 
 import json
 
@@ -7,7 +7,8 @@ import torch
 from torch.utils.data import TensorDataset
 
 from common.errors import ConfigError
-from common.model.factory import build_model, load_trainable, model_inputs, trainable_state
+from common.model.factory import build_model
+from common.model.state import load_trainable, model_inputs, trainable_state
 from tests.client.test_dp_train import reference_clipped_mean
 from tests.conftest import ROOT, model_group
 
@@ -43,14 +44,14 @@ def batch(n=6, length=10):
 
 
 def test_auto_reads_the_checkpoints_sentence_transformers_config():
-    from common.model.factory import checkpoint_pooling
+    from common.model.pooling import checkpoint_pooling
 
     # all-MiniLM-L6-v2 ships Transformer -> Pooling (mean) -> Normalize.
     assert checkpoint_pooling(minilm_dir()) == ("mean", True)
 
 
 def test_no_sentence_transformers_files_means_none(tmp_path):
-    from common.model.factory import checkpoint_pooling
+    from common.model.pooling import checkpoint_pooling
 
     assert checkpoint_pooling(tmp_path) is None
     (tmp_path / "modules.json").write_text(json.dumps([
@@ -71,7 +72,7 @@ def write_st(tmp_path, pooling: dict, after=("Normalize",)):
 
 
 def test_checkpoint_config_variants(tmp_path):
-    from common.model.factory import checkpoint_pooling
+    from common.model.pooling import checkpoint_pooling
 
     # the newer sentence-transformers format, and no Normalize module
     assert checkpoint_pooling(write_st(tmp_path / "a", {"pooling_mode": "cls"}, after=())) == ("cls", False)
@@ -85,7 +86,7 @@ def test_checkpoint_config_variants(tmp_path):
     ({"pooling_mode": "mean"}, ("Dense", "Normalize")),  # a layer we would silently skip
 ])
 def test_a_checkpoint_pooling_fedpriv_cannot_reproduce_names_model_pooling(tmp_path, pooling, after):
-    from common.model.factory import checkpoint_pooling
+    from common.model.pooling import checkpoint_pooling
 
     with pytest.raises(ConfigError) as err:
         checkpoint_pooling(write_st(tmp_path / "m", pooling, after))

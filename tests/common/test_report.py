@@ -477,8 +477,7 @@ def test_a_server_optimizer_is_named_as_post_processing():
 
 @pytest.mark.parametrize("module", ["common.privacy.mechanism", "common.report"])
 def test_importing_the_report_or_the_mechanism_loads_no_matplotlib(module):
-    # Only drawing a figure needs matplotlib (common.report.plots imports it lazily);
-    # common.privacy.mechanism imports the report package for CLIENT_UNIT alone. A fresh
+    # Only drawing a figure needs matplotlib (common.report.plots imports it lazily). A fresh
     # interpreter: this one may have drawn a plot already.
     code = f"import sys, {module}; print(sorted(m for m in sys.modules if m.split('.')[0] == 'matplotlib'))"
     root = Path(__file__).resolve().parents[2]
@@ -517,11 +516,14 @@ def honest_client_level(released=3, **client):
 
 
 def oracle_client_epsilon(mechanism: dict, releases: int, delta: float) -> float:
-    """ε from DESIGN.md's words alone, with Opacus' RDP analysis and its default alphas."""
+    """ε from DESIGN.md's words, with Opacus' RDP analysis and its default alphas (the combined σ
+    is common.privacy.accounting.combined_noise_multiplier's, which tests/common/test_accounting.py pins)."""
     from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
 
-    sigma_u, std, sens = (mechanism[k] for k in ("update_noise_multiplier", "count_stddev", "count_sensitivity"))
-    sigma = sigma_u if std is None else (sigma_u ** -2 + (std / sens) ** -2) ** -0.5
+    from common.privacy.accounting import combined_noise_multiplier
+
+    sigma = combined_noise_multiplier(*(mechanism[k] for k in ("update_noise_multiplier", "count_stddev",
+                                                               "count_sensitivity")))
     rdp = compute_rdp(q=1.0, noise_multiplier=sigma, steps=releases, orders=RDPAccountant.DEFAULT_ALPHAS)
     return float(get_privacy_spent(orders=RDPAccountant.DEFAULT_ALPHAS, rdp=rdp, delta=delta)[0])
 

@@ -7,9 +7,10 @@ import pytest
 
 from client.privacy.node_config import ClientIdentity
 from client.round import run_round
-from common.data.loading import load_local_data
+from common.data.sources import load_local_data
 from common.errors import ConfigError
-from common.model.factory import instantiate_model, trainable_state
+from common.model.factory import instantiate_model
+from common.model.state import trainable_state
 from server.runtime.deployment import check_simulated_nodes, deployment_config, prepare_deployment
 from tests.conftest import FAST
 

@@ -10,8 +10,10 @@ import torch.nn.functional as F
 from sklearn.metrics import f1_score, precision_recall_fscore_support
 from torch.utils.data import DataLoader, TensorDataset
 
-from common.data.loading import load_splits, tokenize
-from common.model.factory import instantiate_model, load_tokenizer, model_inputs, trainable_state
+from common.data.sources import load_splits
+from common.data.tokenizing import tokenize
+from common.model.factory import instantiate_model, load_tokenizer
+from common.model.state import model_inputs, trainable_state
 from server.round.evaluate import Evaluation, evaluate
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 from sklearn.metrics import f1_score, precision_recall_fscore_support
 
-from common.model.factory import model_inputs
+from common.model.state import model_inputs
 from common.report import CAVEAT_HELD_OUT, read_metrics, render_run_dir
 from server.runtime.grid import InProcessGrid
 from server.round.loop import prepare, run_federation

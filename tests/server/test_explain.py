@@ -10,14 +10,15 @@ import numpy as np
 import pytest
 import torch
 
-from common.model.factory import build_model, load_tokenizer, model_inputs
+from common.model.factory import build_model, load_tokenizer
+from common.model.state import model_inputs
 from server.release.explain import explain_texts
 from server.release.explain_page import RUN_PAGE, render_page, write_run_explanations
 from tests.conftest import compose, model_group
 
 LORA = {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["query", "value"]}
 VARIANTS = {
-    "pooled": {},  # common.model.factory.PooledClassifier, encoder at .backbone
+    "pooled": {},  # common.model.pooling.PooledClassifier, encoder at .backbone
     "hf": {"pooling": "pooler", "normalize": None},  # HF's BertForSequenceClassification
     "hf_lora": {"pooling": "pooler", "normalize": None, "lora": LORA},  # peft's wrapper around it
     "pooled_lora": {"lora": LORA},  # peft inside the PooledClassifier's encoder

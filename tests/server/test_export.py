@@ -83,7 +83,7 @@ def load_outside(out: Path, layout: str, texts: list[str], tmp_path: Path) -> di
 
 def held_out(run_dir: Path) -> tuple[list[str], list[str], list[str]]:
     """The run's test texts, their label names, and the run's label names in id order."""
-    from common.data.loading import load_splits
+    from common.data.sources import load_splits
     from server.release.released import run_config
 
     cfg = run_config(run_dir)

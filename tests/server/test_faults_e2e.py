@@ -161,7 +161,7 @@ def test_sigkill_after_round_two_then_resume(tmp_path, privacy, request):
         # for all rounds, each round's steps, nothing spent twice.
         report = json.loads((killed / "privacy_report.json").read_text())
         for client in report["sample_level"]["clients"]:
-            from common.data.loading import load_client_data
+            from common.data.partition import load_client_data
             n = len(load_client_data(cfg, int(client["client_id"]))[0])
             q, steps = sample_rate(n, 32), steps_per_epoch(n, 32)
             sigma = calibrate_noise(target_epsilon=8.0, delta=1e-5, sample_rate=q, steps=rounds * steps)
