@@ -98,3 +98,30 @@ def server_of_run():
 def task_identity():
     with server_of_run() as identity:
         yield identity
+
+
+@pytest.fixture(autouse=True)
+def _processes_only_in_e2e(request, monkeypatch):
+    """A test that starts a process (subprocess, fork) is an end-to-end test: it must be marked
+    ``e2e``, so that ``make test-fast`` (``-m "not e2e"``) starts none."""
+    if request.node.get_closest_marker("e2e") is not None:
+        yield
+        return
+    started = []
+    popen_init = subprocess.Popen.__init__
+
+    def tracked_popen(self, args, *rest, **kwargs):
+        started.append(args if isinstance(args, str) else " ".join(map(str, args))[:120])
+        return popen_init(self, args, *rest, **kwargs)
+
+    fork = os.fork
+
+    def tracked_fork():
+        started.append("os.fork()")
+        return fork()
+
+    monkeypatch.setattr(subprocess.Popen, "__init__", tracked_popen)
+    monkeypatch.setattr(os, "fork", tracked_fork)
+    yield
+    if started:
+        pytest.fail(f"this test started a process ({started[0]}); mark it @pytest.mark.e2e", pytrace=False)

@@ -145,6 +145,7 @@ def _decoy_cwd(tmp_path: Path) -> Path:
     return cwd
 
 
+@pytest.mark.e2e  # builds and installs a wheel
 def test_installed_wheel_reads_its_packaged_conf_from_another_directory(wheel, tmp_path):
     venv = _venv_with(wheel, tmp_path)
     cwd = _decoy_cwd(tmp_path)

@@ -19,6 +19,8 @@ import pytest
 from client import launcher
 from client.app import FORKED_AT
 
+pytestmark = pytest.mark.e2e  # every test here forks the launcher's children
+
 
 def spec(task_id: int) -> SimpleNamespace:
     return SimpleNamespace(task_id=task_id)

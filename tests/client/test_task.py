@@ -215,6 +215,7 @@ print(json.dumps({"declined": out.declined, "reason": out.reason, "sent": out.up
 """
 
 
+@pytest.mark.e2e  # starts a process
 def test_two_processes_overlapping_on_one_state_dir_keep_every_spend(fast_cfg, tmp_path):
     # Two runs share one state_dir and their rounds overlap: each must see the other's
     # spend, so the ledger holds every released round's steps (before the lock, one

@@ -112,7 +112,8 @@ def test_restore_continues_spend_and_c_from_client_level_json(tmp_path):
 def _epsilon_from_mechanism(block) -> float:
     """ε recomputed from the report's ``mechanism`` object alone, as DESIGN.md states it."""
     mech = block["mechanism"]
-    sigma = combined_noise_multiplier(mech["update_noise_multiplier"], mech["count_stddev"], mech["count_sensitivity"])
+    sigma_u, stddev, sensitivity = mech["update_noise_multiplier"], mech["count_stddev"], mech["count_sensitivity"]
+    sigma = sigma_u if stddev is None else (sigma_u ** -2 + (stddev / sensitivity) ** -2) ** -0.5  # written here
     acc = RDPAccountant()
     acc.history = [(sigma, 1.0, len([p for p in block["per_round"] if p.get("released", True)]))]
     return acc.get_epsilon(block["delta"])

@@ -475,6 +475,7 @@ def test_a_server_optimizer_is_named_as_post_processing():
     assert any("strategy fedadam" in c and "post-processing" in c for c in report["caveats"])
 
 
+@pytest.mark.e2e  # starts a process
 @pytest.mark.parametrize("module", ["common.privacy.mechanism", "common.report"])
 def test_importing_the_report_or_the_mechanism_loads_no_matplotlib(module):
     # Only drawing a figure needs matplotlib (common.report.plots imports it lazily). A fresh
@@ -516,14 +517,13 @@ def honest_client_level(released=3, **client):
 
 
 def oracle_client_epsilon(mechanism: dict, releases: int, delta: float) -> float:
-    """ε from DESIGN.md's words, with Opacus' RDP analysis and its default alphas (the combined σ
-    is common.privacy.accounting.combined_noise_multiplier's, which tests/common/test_accounting.py pins)."""
+    """ε from DESIGN.md's words, written here: σ_eff = (σ_u⁻² + (count_stddev / count_sensitivity)⁻²)^-½
+    (σ_u alone with fixed clipping), then Opacus' RDP analysis at q = 1 with its default alphas."""
     from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
 
-    from common.privacy.accounting import combined_noise_multiplier
-
-    sigma = combined_noise_multiplier(*(mechanism[k] for k in ("update_noise_multiplier", "count_stddev",
-                                                               "count_sensitivity")))
+    sigma_u, stddev, sensitivity = (mechanism[k] for k in ("update_noise_multiplier", "count_stddev",
+                                                           "count_sensitivity"))
+    sigma = sigma_u if stddev is None else (sigma_u ** -2 + (stddev / sensitivity) ** -2) ** -0.5
     rdp = compute_rdp(q=1.0, noise_multiplier=sigma, steps=releases, orders=RDPAccountant.DEFAULT_ALPHAS)
     return float(get_privacy_spent(orders=RDPAccountant.DEFAULT_ALPHAS, rdp=rdp, delta=delta)[0])
 

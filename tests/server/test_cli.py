@@ -60,6 +60,7 @@ def stub(*args, **kwargs):
     return "stub"
 
 
+@pytest.mark.e2e  # one subprocess for every command
 def test_every_command_answers_help_with_its_usage_and_exit_0(tmp_path):
     done = subprocess.run([sys.executable, "-c", HELP_SCRIPT, json.dumps(COMMAND_NAMES)], cwd=tmp_path,
                           env=child_env(), capture_output=True, text=True, timeout=300)

@@ -26,6 +26,7 @@ def simulate(tmp_path, name, *overrides):
     return run_dir
 
 
+@pytest.mark.e2e  # starts a process
 def test_both_levels_with_secagg_four_clients_three_rounds(task_identity, tmp_path):
     run_dir = simulate(tmp_path, "run", "num_clients=4", "rounds=3", "privacy=both", "secagg=true")
     report = check_report(run_dir)  # the sample level, as before

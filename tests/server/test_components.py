@@ -21,6 +21,7 @@ print(json.dumps({"type": type(app).__name__, "server_imported": "server" in sys
 """
 
 
+@pytest.mark.e2e  # starts a process
 def test_a_pickled_client_app_ref_loads_fedpriv_in_a_folder_that_shadows_it(tmp_path):
     for package in ("server", "client", "common"):
         (tmp_path / package).mkdir()

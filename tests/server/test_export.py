@@ -129,6 +129,7 @@ def check_card(out: Path, run_dir: Path, server_round: int, sha: str, library: s
     assert meta["checkpoint_sha256"] == sha and meta["round"] == server_round
 
 
+@pytest.mark.e2e  # starts a process
 @pytest.mark.parametrize("server_round", [1, None], ids=["round1", "final"])
 def test_pooled_head_exports_as_setfit(runs, tmp_path, server_round):
     import joblib
@@ -167,6 +168,7 @@ def test_pooled_head_exports_as_setfit(runs, tmp_path, server_round):
     check_card(out, run_dir, chosen, sha, "setfit")
 
 
+@pytest.mark.e2e  # starts a process
 def test_hf_head_exports_for_the_pipeline(runs, tmp_path):
     from safetensors.torch import load_file
 

@@ -59,6 +59,7 @@ ray.shutdown()
 """
 
 
+@pytest.mark.e2e  # starts a process
 @pytest.mark.parametrize("simulation_runtime", ["engine", "superlink"])
 def test_a_private_ray_never_joins_the_cluster_a_dead_one_recorded(tmp_path, simulation_runtime):
     """The record `ray start --head` leaves in <temp dir>/ray/ray_current_cluster (still there when

@@ -92,6 +92,7 @@ def test_files_are_named_from_the_working_directory_of_fedpriv_simulate(tmp_path
     assert cfg["data"]["path"] == "data.csv"  # the caller's config is left as it was
 
 
+@pytest.mark.e2e  # starts a process
 def test_at_the_end_the_simulation_process_is_killed_with_what_it_started(tmp_path):
     import subprocess
     import sys
@@ -124,6 +125,7 @@ def test_a_reused_pid_is_not_the_process_that_was_watched():
     assert not serve.alive(me, "0")  # same pid, another start: not the watched process
 
 
+@pytest.mark.e2e  # starts a process
 def test_a_killed_runs_private_folder_is_swept_into_its_cli_log_by_the_next_run(tmp_path, monkeypatch):
     import subprocess
     import sys

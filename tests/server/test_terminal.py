@@ -96,6 +96,7 @@ def test_quiet_terminal_omits_the_noise_and_cli_log_keeps_everything(job_logging
     assert not any(isinstance(h, logging.FileHandler) for h in FLOWER_LOGGER.handlers)
 
 
+@pytest.mark.e2e  # starts a process
 def test_actors_inherit_a_filter_for_the_peft_warning_only(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "PYTHONWARNINGS"}
     quiet_environment(env)
