@@ -13,7 +13,7 @@ what is exported is exactly what the run evaluated. Three layouts, one per kind 
   ``AutoPeftModelForSequenceClassification``. Refused for a randomly initialised base,
   which no one can load by name;
 * ``setfit`` — a head over mean- or [CLS]-pooled (optionally L2-normalised) features
-  (:class:`common.model.factory.PooledClassifier`): a SentenceTransformer body (Transformer,
+  (:class:`common.model.pooling.PooledClassifier`): a SentenceTransformer body (Transformer,
   Pooling, Normalize modules: the pooling travels with the model) and a scikit-learn
   LogisticRegression head whose decision function is our linear head, so SetFit's
   ``predict`` is the argmax of our logits and ``predict_proba`` their softmax. SetFit's

@@ -166,7 +166,7 @@ def evaluate(
     Every example is scored once, as in a plain pass over ``data``; only the batching
     differs: examples go longest first and each batch is cut to its longest real
     (attention-masked) length. The test split is padded to ``train.max_length``
-    (common.data.loading.tokenize) and the columns cut are padding every example of the batch
+    (common.data.tokenizing.tokenize) and the columns cut are padding every example of the batch
     masks out, so the logits are those of the padded batch up to float rounding
     (the metrics agree to ~1e-7; the test compares them), in less time (docs/server.md).
     Left-padded data, whose padding is not a suffix, is evaluated uncut. Batches go to
