@@ -247,7 +247,9 @@ def simulate(overrides: list[str], run_dir: Path, *, timeout: float = 1800, memo
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         proc = subprocess.Popen([sys.executable, "-m", "server.cli", "simulate", *overrides, f"hydra.run.dir={run_dir}"],
                                 cwd=ROOT, env=env, stdout=out, stderr=err, text=True)
-        sampler = TreeMemory(proc.pid, metrics=run_dir / "metrics.jsonl") if memory else contextlib.nullcontext()
+        from common.rundir import RunDir
+
+        sampler = TreeMemory(proc.pid, metrics=RunDir(run_dir).metrics) if memory else contextlib.nullcontext()
         try:
             with sampler:
                 _, status, usage = _wait4(proc.pid, t0 + timeout)

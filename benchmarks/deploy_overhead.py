@@ -123,9 +123,9 @@ def breakdown(received: float, sent: float, prof: dict) -> dict:
 
 def rounds_of(run_dir: Path) -> dict:
     """The server's per-round wall times and accuracies, from its metrics.jsonl."""
-    from common.storage import read_json_lines
+    from common.report import read_metrics
 
-    rounds = read_json_lines(run_dir / "metrics.jsonl")
+    rounds = read_metrics(run_dir)
     return {"round_wall_s": [r["wall_s"] for r in rounds], "accuracy": [r["accuracy"] for r in rounds]}
 
 
@@ -169,7 +169,9 @@ def deployment(tmp: Path, overrides: list[str], timeout: float, nodes: int, laun
             [BIN / "flwr", "run", ".", "bench", "--stream", "--run-config",
              'overrides="' + " ".join([*overrides, f"hydra.run.dir={run_dir}"]) + '"'],
             cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-        if not (run_dir / "privacy_report.json").exists():
+        from common.rundir import RunDir
+
+        if not RunDir(run_dir).report_json.exists():
             raise RuntimeError(f"the deployment run wrote no report:\n{(run.stdout + run.stderr)[-3000:]}")
     finally:
         subprocess.run(["bash", str(DEPLOY), "stop", str(procs)], env=env, capture_output=True, timeout=90)

@@ -43,9 +43,8 @@ import _common
 GOAL = 1.15
 
 
-def loop_child(config_path: str) -> None:
+def loop_child(run_dir: str) -> None:
     import torch
-    from omegaconf import OmegaConf
 
     from client.training.dp_train import DPSettings, TrainSettings, calibrate_run, local_train
     from common.data.partition import partition_train
@@ -53,10 +52,11 @@ def loop_child(config_path: str) -> None:
     from common.data.tokenizing import tokenize
     from common.model.factory import instantiate_model, load_tokenizer
     from common.model.state import load_trainable, trainable_state
+    from common.rundir import RunDir
     from server.round.evaluate import evaluate
 
     torch.set_num_threads(1)
-    cfg = OmegaConf.to_container(OmegaConf.load(config_path), resolve=True)
+    cfg = RunDir(run_dir).config()
     n_clients, train = int(cfg["num_clients"]), cfg["train"]
     bs, epochs = int(train["batch_size"]), int(train["local_epochs"])
     data, test, labels = load_splits(cfg["data"], seed=int(cfg["seed"]), num_clients=n_clients)
@@ -110,9 +110,9 @@ def check_same_training(run_dir: Path, loop: dict) -> None:
             raise RuntimeError(f"client {client}: loop took {loop['steps'][client]} steps, simulate {steps}")
 
 
-def run_loop(config_path: Path) -> dict:
+def run_loop(run_dir: Path) -> dict:
     t0 = time.perf_counter()
-    out = subprocess.run([sys.executable, __file__, "--loop-child", str(config_path)], capture_output=True,
+    out = subprocess.run([sys.executable, __file__, "--loop-child", str(run_dir)], capture_output=True,
                          text=True, env={**_common.os.environ, "PYTHONPATH": str(_common.ROOT)})
     wall = time.perf_counter() - t0
     if out.returncode != 0:
@@ -143,7 +143,7 @@ def main() -> None:
         for i in range(warmup + reps):
             run_dir = Path(tmp) / f"sim{i}"
             sim = _common.simulate(overrides, run_dir)
-            loop = run_loop(run_dir / ".hydra" / "config.yaml")
+            loop = run_loop(run_dir)
             check_same_training(run_dir, loop)
             pair = {"simulate_s": round(sim["wall_s"], 2), "loop_s": round(loop["wall_s"], 2),
                     "loop_eval_s": round(loop["eval_s"], 2),

@@ -456,7 +456,7 @@ def _train_settings(r: _Round, plan: RoundPlan, dp: DPSettings | None, device: t
         "weight_decay": float(train["weight_decay"]), "optimizer": str(train["optimizer"]),
         # Without DP a seeded shuffle makes the run reproducible; DP's sampling must stay unpredictable.
         "shuffle_seed": None if dp is not None else int(_key(r.cfg["seed"], r.who.client_id, r.server_round)[:15], 16),
-        "outside_weight": float(train.get("outside_weight", 1.0)),  # token classification; absent from old configs
+        "outside_weight": float(train["outside_weight"]),  # token classification
     }
     if plan.stage == "head":
         # A linear head on cached features: the recipe's own lr, and no physical batch cap,

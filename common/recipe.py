@@ -28,14 +28,8 @@ from common.errors import ConfigError
 #: The head every recipe stage can address: PooledClassifier's and HF's classifier Linear.
 HEAD_PREFIX = "classifier."
 
-#: Defaults of a config written before recipes existed (a resumed old run): every round
-#: trained through the encoder.
-LEGACY = {"name": "finetune", "prototypes": False, "prototype_share": 0.5, "prototype_scale": 20.0,
-          "head_lr": None, "encoder_rounds": None}
-
-
 def recipe_of(cfg: Mapping) -> dict:
-    return {**LEGACY, **dict(cfg.get("recipe") or {})}
+    return dict(cfg["recipe"])
 
 
 def stage_rounds(cfg: Mapping) -> dict[str, int]:

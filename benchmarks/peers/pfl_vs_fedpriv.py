@@ -57,9 +57,9 @@ def fedpriv_run(overrides: list[str], run_dir: Path, timeout: float) -> dict:
                          env={**os.environ, "PYTHONPATH": str(ROOT)})
     if out.returncode != 0:
         raise RuntimeError(f"fedpriv simulate failed:\n{(out.stdout + out.stderr)[-3000:]}")
-    from common.storage import read_json_lines
+    from common.report import read_metrics
 
-    rounds = read_json_lines(run_dir / "metrics.jsonl")
+    rounds = read_metrics(run_dir)
     return {"overrides": overrides, "wall_s": round(time.monotonic() - started, 1),
             "round_s": [r["wall_s"] for r in rounds], "accuracy": [r["accuracy"] for r in rounds]}
 

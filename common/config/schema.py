@@ -13,10 +13,9 @@ first — and each failure is one :class:`ConfigError` naming the setting:
 Ranges and relations between settings (``delta < 1``, thresholds below share counts)
 stay in ``common.config.validate``. A group whose keys depend on the option (``data`` by
 ``data.source``, ``partition`` and ``strategy`` by their ``name``) is a :class:`Variant`.
-A key marked :class:`Legacy` may be absent from a config written before it existed (a
-resumed old run's ``.hydra/config.yaml``); the code that reads it keeps what those runs
-did (``common.recipe.LEGACY``, ``common.model.factory.build_model``'s ``pooling``). One marked
-:class:`Filled` is one the server adds where the group has none (``data.labels``).
+Every key is required: a stored config of an older run is brought up to date before it
+is checked (``common.config.upgrade``). One marked :class:`Filled` is one the server adds
+where the group has none (``data.labels``).
 """
 
 from __future__ import annotations
@@ -27,7 +26,7 @@ from typing import Any
 
 from common.privacy.accounting import ACCOUNTANTS
 from common.errors import ConfigError
-from common.model.factory import CONFIG_OVERRIDE_KEYS, MODEL_FACTORY, TASKS
+from common.model.factory import CONFIG_OVERRIDE_KEYS, TASKS
 from common.model.pooling import POOLINGS
 
 PRIVACY_MODES = ("none", "sample", "client", "both")
@@ -152,8 +151,9 @@ class MapOf(Spec):
         return f"a map of {self.value.describe()}"
 
 
-class Legacy(Spec):
-    """A key that configs written before it existed lack (see the module docstring)."""
+class Filled(Spec):
+    """A key the server fills in where a group lacks it: ``data.labels`` (deployment puts the
+    run's classes into every data group, so that they travel to the devices)."""
 
     def __init__(self, spec: Spec):
         self.spec = spec
@@ -165,13 +165,8 @@ class Legacy(Spec):
         return self.spec.describe()
 
 
-class Filled(Legacy):
-    """A key the server fills in where a group lacks it: ``data.labels`` (deployment puts the
-    run's classes into every data group, so that they travel to the devices)."""
-
-
 class Section(Spec):
-    """A map with exactly these keys (a :class:`Legacy` or :class:`Filled` one may be absent)."""
+    """A map with exactly these keys (a :class:`Filled` one may be absent)."""
 
     def __init__(self, fields: Mapping[str, Spec]):
         self.fields = dict(fields)
@@ -214,7 +209,7 @@ def _check_fields(value: Mapping, fields: Mapping[str, Spec], setting: str) -> N
                               f"{setting or 'the config'} has {sorted(fields)}")
     for key, spec in fields.items():
         if key not in value:
-            if isinstance(spec, Legacy):
+            if isinstance(spec, Filled):
                 continue
             raise ConfigError(_join(setting, key), "is missing")
         spec.check(value[key], _join(setting, key))
@@ -233,7 +228,7 @@ _LABELS = Nullable(ListOf(Scalar))
 #: and server.round.optimizer's rules by tests/common/test_config.py (common imports no
 #: server code, and validation needs no data library).
 SCHEMA = Section({
-    "task": Legacy(Choice(*TASKS)),
+    "task": Choice(*TASKS),
     "seed": Int,
     "num_clients": Int,
     "rounds": Int,
@@ -244,13 +239,12 @@ SCHEMA = Section({
                            "quantization_range": Int, "modulus_range": Int}),
     "evaluation": Section({"batch_size": Int, "explain_inputs": Int}),
     "simulation": Section({"client_app": Nullable(Str), "cpus_per_client": Float, "gpus_per_client": Float,
-                           "num_cpus": Nullable(Int), "in_flight_per_worker": Legacy(Nullable(Int)),
-                           "runtime": Legacy(Str)}),
+                           "num_cpus": Nullable(Int), "in_flight_per_worker": Nullable(Int),
+                           "runtime": Choice("superlink", "engine")}),
     "federation": Section({"ray_address": Nullable(Str)}),
     "round_timeout_s": Float,
     "node_wait_s": Float,
     "model": Section({
-        "_target_": Legacy(Choice(MODEL_FACTORY)),  # only in older runs' configs; never instantiated
         "name_or_path": Str,
         "tokenizer": Nullable(Str),
         "pretrained": Bool,
@@ -258,10 +252,10 @@ SCHEMA = Section({
         "lora": Nullable(Section({"r": Int, "alpha": Int, "dropout": Float,
                                   "target_modules": OneOf(Str, ListOf(Str))})),
         "freeze_embeddings": Bool,
-        "freeze_encoder": Legacy(Bool),
-        "pooling": Legacy(Choice(*POOLINGS)),
-        "normalize": Legacy(Nullable(Bool)),
-        "token_layer": Legacy(Int),
+        "freeze_encoder": Bool,
+        "pooling": Choice(*POOLINGS),
+        "normalize": Nullable(Bool),
+        "token_layer": Int,
     }),
     "data": Variant("source", {
         "synthetic": {"name": Str, "source": Str, "num_classes": Int, "num_users": Int, "train_size": Int,
@@ -297,17 +291,19 @@ SCHEMA = Section({
         "fedavgm": {**_STRATEGY, "server_momentum": Float},
         "fedadam": {**_STRATEGY, "beta_1": Float, "beta_2": Float, "tau": Float},
     }),
-    "recipe": Legacy(Section({"name": Str, "prototypes": Bool, "prototype_share": Float, "prototype_scale": Float,
-                              "head_lr": Float, "encoder_rounds": Nullable(Int)})),
+    "recipe": Section({"name": Str, "prototypes": Bool, "prototype_share": Float, "prototype_scale": Float,
+                       "head_lr": Nullable(Float), "encoder_rounds": Nullable(Int)}),  # head_lr null: no head stage
     "train": Section({
         "local_epochs": Int,
         "batch_size": Nullable(Int),
-        "sample_rate": Legacy(Nullable(Float)),  # read only when batch_size is null, which old configs never were
+        "sample_rate": Nullable(Float),
+        "sample_rate_dp": Float,
+        "sample_rate_no_dp": Float,
         "optimizer": Choice("sgd", "adamw"),
         "lr": Float,
         "weight_decay": Float,
         "max_length": Int,
-        "outside_weight": Legacy(Float),
+        "outside_weight": Float,
         "device": Choice("cpu", "cuda", "auto"),
         "precision": Choice("fp32", "bf16", "fp16", "auto"),
         "max_physical_batch_size": Nullable(Int),

@@ -46,7 +46,7 @@ def _number(cfg: Mapping, dotted: str, *, minimum: float | None = None, exclusiv
 
 def _validate_task(cfg: Mapping) -> None:
     """The task and the data must agree; token tagging's own settings."""
-    tokens = cfg.get("task", "sequence_classification") == "token_classification"
+    tokens = cfg["task"] == "token_classification"
     tagged = cfg["data"]["source"] in TAGGED_SOURCES
     if tokens and not tagged:
         raise ConfigError("data", "task=token_classification reads tagged words: use data=conll or data=hf_tokens")
@@ -89,9 +89,7 @@ def validate(cfg: Mapping) -> None:
         # clipping never builds (client.training.dp_train refuses the pair too, for node-config caps).
         raise ConfigError("train.max_physical_batch_size", "cannot be combined with train.grad_sample_mode=ghost")
     _number(cfg, "node_wait_s", minimum=0)
-    if cfg["simulation"].get("runtime", "engine") not in ("engine", "superlink"):
-        raise ConfigError("simulation.runtime", f"must be engine or superlink, got {cfg['simulation']['runtime']!r}")
-    if cfg["simulation"].get("in_flight_per_worker") is not None:
+    if cfg["simulation"]["in_flight_per_worker"] is not None:
         _number(cfg, "simulation.in_flight_per_worker", minimum=1, exclusive=False, integer=True)
     if cfg["strategy"]["max_update_norm"] is not None:
         _number(cfg, "strategy.max_update_norm", minimum=0)

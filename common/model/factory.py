@@ -60,14 +60,11 @@ def build_model(
     lora: Mapping | None,
     freeze_embeddings: bool,
     tokenizer: str | None,  # consumed by load_tokenizer; kept so every model key is a parameter
-    # The conf/model/*.yaml files name these three; these defaults are for configs written
-    # before the settings existed (a resumed old run's .hydra/config.yaml): the encoder
-    # trained, through HF's pooler, unnormalised (common.config.schema lets just these be absent).
-    freeze_encoder: bool = False,
-    pooling: str = "pooler",
-    normalize: bool | None = None,
-    token_layer: int = -1,
-    task: str = TASKS[0],
+    freeze_encoder: bool,
+    pooling: str,
+    normalize: bool | None,
+    token_layer: int,
+    task: str = TASKS[0],  # not a model.* key: the top-level task (conf/task/)
 ) -> nn.Module:
     """A sequence classifier in train mode whose ``requires_grad`` marks what travels.
 
@@ -152,9 +149,6 @@ def _freeze(model: nn.Module, *, embeddings: bool, encoder: bool, lora: Mapping 
                 param.requires_grad_(False)
 
 
-#: The one ``model._target_`` tolerated, as stored configs of older runs name it; nothing is
-#: ever instantiated from a config (it may come from another party).
-MODEL_FACTORY = "common.model.factory.build_model"
 #: The ``model.*`` keys :func:`build_model` takes from a config, each checked by
 #: ``common.config.schema`` first; anything else in ``model`` is refused there.
 MODEL_KEYS = ("name_or_path", "tokenizer", "pretrained", "config_overrides", "lora", "freeze_embeddings",
@@ -173,17 +167,16 @@ def instantiate_model(cfg: Mapping, num_labels: int) -> nn.Module:
     """:func:`build_model` from ``cfg.model``'s allow-listed keys (:data:`MODEL_KEYS`).
 
     Never Hydra's ``instantiate``: a run config reaches a device from the server, and
-    instantiate would call any ``_target_`` nested anywhere in it. ``model._target_`` must be
-    :data:`MODEL_FACTORY` (``common.config.schema`` refuses any other value before this runs).
+    instantiate would call any ``_target_`` nested anywhere in it. A config that names one
+    is refused (``common.config.schema`` refuses it too, before this runs).
     """
     model_cfg = cfg["model"]
-    target = model_cfg.get("_target_", MODEL_FACTORY)
-    if target != MODEL_FACTORY:
-        raise ConfigError("model._target_", f"must be {MODEL_FACTORY}")
-    kwargs = {key: model_cfg[key] for key in MODEL_KEYS if key in model_cfg}
-    kwargs["config_overrides"] = _overrides(kwargs.get("config_overrides") or {})
-    kwargs["lora"] = dict(kwargs["lora"]) if kwargs.get("lora") else None
-    return build_model(**kwargs, num_labels=num_labels, seed=int(cfg["seed"]), task=str(cfg.get("task", TASKS[0])))
+    if "_target_" in model_cfg:
+        raise ConfigError("model._target_", "is not a setting: nothing a config names is ever called")
+    kwargs = {key: model_cfg[key] for key in MODEL_KEYS}
+    kwargs["config_overrides"] = _overrides(kwargs["config_overrides"] or {})
+    kwargs["lora"] = dict(kwargs["lora"]) if kwargs["lora"] else None
+    return build_model(**kwargs, num_labels=num_labels, seed=int(cfg["seed"]), task=str(cfg["task"]))
 
 
 def _overrides(overrides: Mapping) -> dict:

@@ -136,11 +136,6 @@ def prototype_entry(sigma: float) -> HistoryEntry:
     return (float(sigma), PROTOTYPE_SAMPLE_RATE, 1)
 
 
-#: train.sample_rate null: the share of n in each batch. DP-SGD wants large batches (the noise
-#: is averaged over the batch); without per-example noise more, smaller steps learn more.
-#: Measured on Banking77 (10 clients, Dirichlet 0.5, head stage; without DP 0.05 beat 0.1 on
-#: seeds 0 / 1 / 2: 0.894 / 0.898 / 0.885 against 0.884 / 0.883 / 0.863; BENCHMARKS.md).
-DEFAULT_SAMPLE_RATE = {True: 0.25, False: 0.05}
 
 
 def train_batch_size(train: Mapping, n: int, *, private: bool = True) -> int:
@@ -148,14 +143,15 @@ def train_batch_size(train: Mapping, n: int, *, private: bool = True) -> int:
 
     ``train.batch_size`` when set (an explicit value always wins); else
     ``train.sample_rate`` × n, rounded, at least 1 and at most n, where a null
-    sample_rate is :data:`DEFAULT_SAMPLE_RATE` for ``private`` (sample-level DP) or not.
-    The accounted q is then ``sample_rate(n, B)``, as always.
+    sample_rate is ``train.sample_rate_dp`` under sample-level DP (``private``), else
+    ``train.sample_rate_no_dp``. The accounted q is then ``sample_rate(n, B)``, as always.
     """
     if train["batch_size"] is not None:
         return int(train["batch_size"])
     rate = train["sample_rate"]
-    rate = DEFAULT_SAMPLE_RATE[bool(private)] if rate is None else float(rate)
-    return max(1, min(int(n), round(rate * int(n))))
+    if rate is None:
+        rate = train["sample_rate_dp"] if private else train["sample_rate_no_dp"]
+    return max(1, min(int(n), round(float(rate) * int(n))))
 
 
 @functools.lru_cache(maxsize=4096)

@@ -41,7 +41,6 @@ from common.storage import atomic_write_json
 
 log = logging.getLogger(__name__)
 
-CLIENT_LEVEL_FILE = "client_level.json"
 
 
 # --------------------------------------------------------------------------- client half
@@ -241,10 +240,11 @@ class ClientLevelDP:
                 f"that both releases together are one Gaussian mechanism at σ = {self.sigma:.4g}.")
         return out
 
-    def write(self, run_dir: Path) -> None:
-        atomic_write_json(Path(run_dir) / CLIENT_LEVEL_FILE, self.block())
+    def write(self, path: Path) -> None:
+        """Write the block to ``path`` (the run directory's ``client_level.json``: common.rundir)."""
+        atomic_write_json(path, self.block())
 
-    def restore(self, run_dir: Path, completed_rounds: int) -> None:
+    def restore(self, path: Path, completed_rounds: int) -> None:
         """Continue a resumed run: spend, per-round ε and C as of its last completed round.
 
         The stored noise is kept: a resume may change ``rounds``, which would calibrate
@@ -255,7 +255,6 @@ class ClientLevelDP:
         noised aggregate may already have been written: its release stays counted
         (conservative — the redone round counts again), only its row is dropped.
         """
-        path = Path(run_dir) / CLIENT_LEVEL_FILE
         if not path.exists():
             return
         block = json.loads(path.read_text())

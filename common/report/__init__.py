@@ -32,7 +32,7 @@ from common.report.build import (
 )
 from common.report.plots import ACCURACY_PLOT, CONFUSION_PLOT, EPSILON_PLOT
 from common.report.render import HTML_STYLE, MODE_WORDS, Block, write_report
-from common.report.rundir import EVALUATION, METRICS, read_evaluation, read_metrics, render_run_dir
+from common.report.rundir import read_evaluation, read_metrics, render_run_dir
 
 __all__ = [
     "ACCURACY_PLOT",
@@ -49,10 +49,8 @@ __all__ = [
     "CLIENT_UNIT",
     "CONFUSION_PLOT",
     "EPSILON_PLOT",
-    "EVALUATION",
     "EVALUATION_KEYS",
     "HTML_STYLE",
-    "METRICS",
     "MODES",
     "MODE_WORDS",
     "ROUND_KEYS",

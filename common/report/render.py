@@ -33,6 +33,7 @@ from common.report.plots import (
     confusion_plot,
     epsilon_plot,
 )
+from common.rundir import RunDir
 from common.storage import atomic_write_bytes
 
 
@@ -52,9 +53,10 @@ def write_report(run_dir: Path, report: dict) -> None:
         (run_dir / CONFUSION_PLOT).unlink(missing_ok=True)
     blocks = document(report)
     json_text = json.dumps(report, indent=2) + "\n"
-    atomic_write_bytes(run_dir / "privacy_report.json", json_text.encode())
-    atomic_write_bytes(run_dir / "privacy_report.md", to_markdown(blocks).encode())
-    atomic_write_bytes(run_dir / "privacy_report.html", to_html(blocks).encode())
+    run = RunDir(run_dir)
+    atomic_write_bytes(run.report_json, json_text.encode())
+    atomic_write_bytes(run.report_md, to_markdown(blocks).encode())
+    atomic_write_bytes(run.report_html, to_html(blocks).encode())
 
 
 # --------------------------------------------------------------------------- document

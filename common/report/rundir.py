@@ -11,16 +11,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from omegaconf import OmegaConf
-
 from common.report.build import build_report
 from common.report.render import write_report
+from common.rundir import RunDir
 from common.storage import read_json_lines
 
-#: One JSON object per completed round, in the run directory.
-METRICS = "metrics.jsonl"
-#: The per-class evaluation of the last completed round's model (server.round.loop writes it).
-EVALUATION = "evaluation.json"
 
 
 def read_metrics(run_dir: Path, *, missing_ok: bool = False) -> list[dict]:
@@ -32,7 +27,7 @@ def read_metrics(run_dir: Path, *, missing_ok: bool = False) -> list[dict]:
     ``FileNotFoundError``, or no rounds with ``missing_ok`` (a run that has not
     completed one yet).
     """
-    path = Path(run_dir) / METRICS
+    path = RunDir(run_dir).metrics
     if missing_ok and not path.exists():
         return []
     return read_json_lines(_required(path))
@@ -42,7 +37,7 @@ def read_evaluation(run_dir: Path) -> dict | None:
     """``run_dir/evaluation.json``, or None where the run wrote none (one from before
     per-class results, or one that completed no round). A file that is not a JSON object
     raises ``ValueError`` naming it."""
-    path = Path(run_dir) / EVALUATION
+    path = RunDir(run_dir).evaluation
     if not path.exists():
         return None
     try:
@@ -59,12 +54,12 @@ def render_run_dir(run_dir: Path) -> dict:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise FileNotFoundError(f"run directory not found: {run_dir}")
-    config_path = _required(run_dir / ".hydra" / "config.yaml")
-    config = OmegaConf.to_container(OmegaConf.load(config_path), resolve=False)
+    run = RunDir(run_dir)
+    _required(run.config_file)
+    config = run.config()
     rounds = read_metrics(run_dir)
-    clients_reported = json.loads(_required(run_dir / "clients_reported.json").read_text())
-    level_path = run_dir / "client_level.json"
-    client_level = json.loads(level_path.read_text()) if level_path.exists() else None
+    clients_reported = json.loads(_required(run.clients_reported).read_text())
+    client_level = json.loads(run.client_level.read_text()) if run.client_level.exists() else None
     report = build_report(
         config=config,
         clients_reported=clients_reported,

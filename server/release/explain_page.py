@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from common.report.render import HTML_STYLE
+from common.rundir import RunDir
 from common.storage import atomic_write_bytes
 from server.release.explain import Explanation, explain_released
 from server.release.released import load_released
@@ -145,7 +146,6 @@ def attention_png(x: Explanation) -> bytes:
 CLI_PAGE = "explain.html"
 #: The page a run writes at its end for a few inputs of the server's test split; its
 #: own name, so that ``fedpriv explain`` never overwrites it.
-RUN_PAGE = "explain_test_set.html"
 
 
 def write_explanations(released, texts: Sequence[str], out: Path, *, source: str,
@@ -180,7 +180,7 @@ def write_run_explanations(run_dir: Path, released=None, *, count: int = 3) -> P
     chosen = _spread_over_classes(list(test["label"]), count)
     if not chosen:
         raise ValueError(f"the server's test split of {run_dir} is empty: nothing to explain")
-    out = run_dir / RUN_PAGE
+    out = RunDir(run_dir).explain_page
     write_explanations(released, [test[i]["text"] for i in chosen], out,
                        source="from the server's test split (the run's own evaluation data)",
                        true_labels=[released.label_names[test[i]["label"]] for i in chosen])

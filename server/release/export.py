@@ -35,11 +35,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from common.model.pooling import PooledClassifier
+from common.rundir import RunDir
 from server.round.checkpoint import Manifest
 from server.release.released import Released, load_released
 
 EXPORT_META = "fedpriv_export.json"
-REPORT = "privacy_report.json"
 
 #: The layouts (see the module docstring) and the library that loads each.
 LIBRARIES = {"transformers": "transformers", "peft": "peft", "setfit": "setfit"}
@@ -63,7 +63,7 @@ def export(run_dir: str | Path, out: str | Path, *, server_round: int | None = N
     from server.release.model_card import write_card
 
     run_dir, out = Path(run_dir), Path(out)
-    report_path = run_dir / REPORT
+    report_path = RunDir(run_dir).report_json
     if not report_path.is_file():
         raise FileNotFoundError(f"{report_path} is missing: the model card states the run's ε from it "
                                 f"(run `fedpriv report {run_dir}` to re-render it)")
@@ -90,7 +90,7 @@ def export(run_dir: str | Path, out: str | Path, *, server_round: int | None = N
         "base_model": base_model_name(released.cfg["model"]),
     }
     (out / EXPORT_META).write_text(json.dumps(meta, indent=2) + "\n")
-    shutil.copyfile(report_path, out / REPORT)
+    shutil.copyfile(report_path, out / report_path.name)  # the report travels with the model
     write_card(out, meta, report, released.cfg)
     return Exported(out, layout, merged, meta)
 

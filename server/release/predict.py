@@ -13,6 +13,7 @@ import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from common.rundir import RunDir
 from server.release.export import EXPORT_META, ExportError
 
 #: (label, probability of that label) per text.
@@ -21,7 +22,7 @@ Predict = Callable[[Sequence[str]], list[tuple[str, float]]]
 
 def predictor(path: str | Path, *, server_round: int | None = None) -> Predict:
     path = Path(path)
-    if (path / ".hydra" / "config.yaml").is_file():
+    if RunDir(path).is_run():
         return _run_predictor(path, server_round)
     if server_round is not None:
         raise ExportError(f"--round: {path} is an exported model, which holds one round already")

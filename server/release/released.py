@@ -16,13 +16,13 @@ from typing import TYPE_CHECKING
 
 import datasets
 import torch
-from omegaconf import OmegaConf
 
 from common.data.sources import load_splits
 from common.data.tokenizing import tokenize
 from common.errors import ConfigError
 from common.model.factory import instantiate_model, load_tokenizer
 from common.model.state import load_trainable
+from common.rundir import RunDir
 from server.round.checkpoint import CheckpointError, Manifest, load_round
 
 if TYPE_CHECKING:
@@ -62,25 +62,25 @@ class Released:
 
 
 def run_config(run_dir: Path) -> dict:
-    path = Path(run_dir) / ".hydra" / "config.yaml"
-    if not path.exists():
-        raise FileNotFoundError(f"{path} is missing: {run_dir} is not a fedpriv run directory")
-    return OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+    run = RunDir(run_dir)
+    if not run.is_run():
+        raise FileNotFoundError(f"{run.config_file} is missing: {run_dir} is not a fedpriv run directory")
+    return run.config()
 
 
 def load_released(run_dir: str | Path, server_round: int | None = None) -> Released:
     """The global model after ``server_round`` (default: the last checkpointed round)."""
     run_dir = Path(run_dir)
     cfg = run_config(run_dir)
-    if cfg.get("task") == "token_classification":
+    if cfg["task"] == "token_classification":
         raise ConfigError("task", "explain, export and predict read sequence classifiers; a "
                           "token_classification run's model is in its checkpoints but not yet exported")
     manifest = Manifest.load(run_dir)
     if not manifest.rounds:
-        raise CheckpointError(f"{run_dir / 'checkpoints'} holds no round")
+        raise CheckpointError(f"{RunDir(run_dir).checkpoints} holds no round")
     chosen = max(manifest.rounds) if server_round is None else int(server_round)
     if chosen not in manifest.rounds:
-        raise CheckpointError(f"no checkpoint of round {chosen} in {run_dir / 'checkpoints'} "
+        raise CheckpointError(f"no checkpoint of round {chosen} in {RunDir(run_dir).checkpoints} "
                               f"(rounds {min(manifest.rounds)}..{max(manifest.rounds)})")
     state = load_round(run_dir, manifest, chosen)
     _, test, labels = load_splits(cfg["data"], seed=int(cfg["seed"]), num_clients=int(cfg["num_clients"]))

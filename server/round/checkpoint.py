@@ -28,7 +28,8 @@ from typing import Any
 
 import torch
 
-from common.report.rundir import METRICS, read_metrics
+from common.report.rundir import read_metrics
+from common.rundir import RunDir
 from common.storage import atomic_write_bytes, atomic_write_json
 
 MANIFEST = "manifest.json"
@@ -48,7 +49,7 @@ class Manifest:
 
     @classmethod
     def load(cls, run_dir: Path) -> "Manifest":
-        path = run_dir / "checkpoints" / MANIFEST
+        path = RunDir(run_dir).checkpoints / MANIFEST
         if not path.exists():
             raise CheckpointError(f"{path} is missing: {run_dir} has no checkpoints to resume from")
         raw = json.loads(path.read_text())
@@ -56,7 +57,7 @@ class Manifest:
         return cls(raw["run_id"], {int(k): v for k, v in raw["rounds"].items()})
 
     def save(self, run_dir: Path) -> None:
-        atomic_write_json(run_dir / "checkpoints" / MANIFEST, {
+        atomic_write_json(RunDir(run_dir).checkpoints / MANIFEST, {
             "run_id": self.run_id,
             "rounds": {str(k): v for k, v in sorted(self.rounds.items())},
         })
@@ -67,13 +68,13 @@ def _write(run_dir: Path, name: str, obj: Any) -> str:
     buf = io.BytesIO()
     torch.save(obj, buf)
     blob = buf.getvalue()
-    atomic_write_bytes(run_dir / "checkpoints" / name, blob)
+    atomic_write_bytes(RunDir(run_dir).checkpoints / name, blob)
     return hashlib.sha256(blob).hexdigest()
 
 
 def _read(run_dir: Path, name: str, sha256: str) -> Any:
     """``checkpoints/name``, unpickled (weights only) only after its hash matches."""
-    path = run_dir / "checkpoints" / name
+    path = RunDir(run_dir).checkpoints / name
     if not path.exists():
         raise CheckpointError(f"{path} is missing")
     blob = path.read_bytes()
@@ -108,17 +109,17 @@ def save_round(run_dir: Path, manifest: Manifest, server_round: int, state: Mapp
         manifest.rounds[r] = {k: v for k, v in manifest.rounds[r].items() if not k.startswith("optimizer")}
     manifest.save(run_dir)
     for r in stale:
-        (run_dir / "checkpoints" / f"optimizer_{r:04d}.pt").unlink(missing_ok=True)
+        (RunDir(run_dir).checkpoints / f"optimizer_{r:04d}.pt").unlink(missing_ok=True)
 
 
 def load_round(run_dir: Path, manifest: Manifest, server_round: int) -> dict[str, torch.Tensor]:
     """Round ``server_round``'s global weights, verified against the manifest's hash."""
     entry = manifest.rounds.get(server_round)
     if entry is None:
-        raise CheckpointError(f"no checkpoint of round {server_round} in {run_dir / 'checkpoints'}")
+        raise CheckpointError(f"no checkpoint of round {server_round} in {RunDir(run_dir).checkpoints}")
     state = _read(run_dir, entry["file"], entry["sha256"])
     if not _is_tensor_dict(state):
-        raise CheckpointError(f"{run_dir / 'checkpoints' / entry['file']} does not hold a dict of tensors")
+        raise CheckpointError(f"{RunDir(run_dir).checkpoints / entry['file']} does not hold a dict of tensors")
     return state
 
 
@@ -131,16 +132,16 @@ def load_optimizer_state(run_dir: Path, manifest: Manifest, server_round: int, *
     """
     entry = manifest.rounds.get(server_round)
     if entry is None:
-        raise CheckpointError(f"no checkpoint of round {server_round} in {run_dir / 'checkpoints'}")
+        raise CheckpointError(f"no checkpoint of round {server_round} in {RunDir(run_dir).checkpoints}")
     if "optimizer_file" not in entry:
-        raise CheckpointError(f"round {server_round} has no optimizer state in {run_dir / 'checkpoints'}: "
+        raise CheckpointError(f"round {server_round} has no optimizer state in {RunDir(run_dir).checkpoints}: "
                               f"cannot continue strategy {optimizer_name} exactly")
     if entry.get("optimizer") != optimizer_name:
         raise CheckpointError(f"round {server_round}'s optimizer state belongs to {entry.get('optimizer')}, "
                               f"not {optimizer_name}")
     state = _read(run_dir, entry["optimizer_file"], entry["optimizer_sha256"])
     if not isinstance(state, dict) or not all(_is_tensor_dict(part) for part in state.values()):
-        raise CheckpointError(f"{run_dir / 'checkpoints' / entry['optimizer_file']} does not hold optimizer state")
+        raise CheckpointError(f"{RunDir(run_dir).checkpoints / entry['optimizer_file']} does not hold optimizer state")
     return state
 
 
@@ -156,11 +157,11 @@ def completed_rounds(run_dir: Path) -> list[dict]:
         raise CheckpointError(str(err)) from err
     rounds = [r["round"] for r in records]
     if rounds != list(range(1, len(rounds) + 1)):
-        raise CheckpointError(f"{run_dir / METRICS}: rounds {rounds} are not 1..{len(rounds)}")
+        raise CheckpointError(f"{RunDir(run_dir).metrics}: rounds {rounds} are not 1..{len(rounds)}")
     return records
 
 
 def truncate_metrics(run_dir: Path, records: list[dict]) -> None:
     """Rewrite ``metrics.jsonl`` with exactly ``records`` (drops a torn tail before appending)."""
     text = "".join(json.dumps(r, allow_nan=False) + "\n" for r in records)
-    atomic_write_bytes(run_dir / METRICS, text.encode())
+    atomic_write_bytes(RunDir(run_dir).metrics, text.encode())

@@ -37,7 +37,8 @@ from common.model.factory import instantiate_model, load_tokenizer
 from common.model.state import count_parameters, load_trainable, trainable_state
 from common.protocol import TrainInstruction
 from common.recipe import check_model, round_aggregation, stage_of
-from common.report import EVALUATION, build_report, read_evaluation, write_report
+from common.report import build_report, read_evaluation, write_report
+from common.rundir import RunDir
 from common.storage import append_json_line, atomic_write_bytes, atomic_write_json
 from server.round.aggregate import Reply, RoundReplies, aggregate, collect
 from server.round.checkpoint import (
@@ -159,7 +160,7 @@ class RunState:
 
     @classmethod
     def fresh(cls, run_dir: Path, model: torch.nn.Module, optimizer: ServerOptimizer) -> "RunState":
-        if (run_dir / "metrics.jsonl").exists():
+        if RunDir(run_dir).metrics.exists():
             raise ConfigError("hydra.run.dir", f"{run_dir} already holds a run; use resume={run_dir} to continue it")
         state = cls(uuid.uuid4().hex, Manifest(""), trainable_state(model), [], {}, {})
         state.manifest.run_id = state.run_id
@@ -178,7 +179,7 @@ class RunState:
         rounds = completed_rounds(run_dir)
         truncate_metrics(run_dir, rounds)
         done = len(rounds)
-        reported_path = run_dir / "clients_reported.json"
+        reported_path = RunDir(run_dir).clients_reported
         reported = json.loads(reported_path.read_text()) if reported_path.exists() else {}
         log.info("resuming run %s after round %d", manifest.run_id, done)
         return cls(manifest.run_id, manifest, load_round(run_dir, manifest, done), rounds,
@@ -241,7 +242,7 @@ def run_rounds(grid: Grid, prepared: Prepared, run_dir: Path, *, resume: bool = 
     else:
         # DESIGN.md: .hydra/config.yaml holds the *resolved* config (Hydra writes it with
         # interpolations such as ${hydra:run.dir}); resume and `fedpriv report` read it.
-        atomic_write_bytes(run_dir / ".hydra" / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(cfg)).encode())
+        atomic_write_bytes(RunDir(run_dir).config_file, OmegaConf.to_yaml(OmegaConf.create(cfg)).encode())
         state = RunState.fresh(run_dir, model, optimizer)
     trainable, total = count_parameters(model)
     log.info("model: %d of %d parameters train and travel (%.2f%%)", trainable, total, 100 * trainable / total)
@@ -250,7 +251,7 @@ def run_rounds(grid: Grid, prepared: Prepared, run_dir: Path, *, resume: bool = 
     first, n_rounds = len(state.rounds) + 1, int(cfg["rounds"])
     client_dp = ClientLevelDP(cfg) if cfg["privacy"]["mode"] in ("client", "both") else None
     if client_dp is not None and resume:
-        client_dp.restore(run_dir, completed_rounds=first - 1)
+        client_dp.restore(RunDir(run_dir).client_level, completed_rounds=first - 1)
     rounds = _Rounds(grid, prepared, run_dir, state, optimizer, client_dp, nodes, window)
 
     with progress_display(disable=not progress_bar) as progress:
@@ -263,12 +264,12 @@ def run_rounds(grid: Grid, prepared: Prepared, run_dir: Path, *, resume: bool = 
             progress.update(task, advance=1, description=round_progress(record))
 
     if client_dp is not None:
-        client_dp.write(run_dir)  # also when the budget stopped the run before any round
+        client_dp.write(RunDir(run_dir).client_level)  # also when the budget stopped the run before any round
     report = build_report(config=cfg, clients_reported=state.reported(), rounds=state.rounds,
                           client_level=client_dp.block() if client_dp is not None else None,
                           evaluation=read_evaluation(run_dir))
     write_report(run_dir, report)
-    log.info("privacy report: %s", run_dir / "privacy_report.md")
+    log.info("privacy report: %s", RunDir(run_dir).report_md)
     done = len(state.rounds)  # rounds 1..done are checkpointed, and global_state is done's
     return RunEnd(report, run_dir, prepared, done, state.manifest.rounds[done]["sha256"], state.global_state)
 
@@ -320,11 +321,11 @@ class _Rounds:
             if skipped:  # a released round was accounted by aggregate (common.privacy.mechanism.release)
                 client_dp.skip(server_round, clients=len(result.trained))
             # Written before the checkpoint: a crash after it can only over-count.
-            client_dp.write(self.run_dir)
+            client_dp.write(RunDir(self.run_dir).client_level)
         evaluation = self._evaluate(server_round)
 
         state.save(self.run_dir, server_round, self.optimizer)
-        atomic_write_json(self.run_dir / "clients_reported.json", state.reported())
+        atomic_write_json(RunDir(self.run_dir).clients_reported, state.reported())
         record = {
             "round": server_round, "accuracy": evaluation.accuracy, "loss": evaluation.loss,
             **({"micro_f1": evaluation.micro_f1} if isinstance(evaluation, TokenEvaluation) else {}),
@@ -341,8 +342,8 @@ class _Rounds:
         # the final model's and `fedpriv report` rebuilds it from the run directory. Written
         # before the metrics line: a crash between the two leaves it one round ahead, which a
         # resume overwrites and the report refuses (common.report.build).
-        atomic_write_json(self.run_dir / EVALUATION, evaluation.block(self.prepared.label_names, server_round))
-        append_json_line(self.run_dir / "metrics.jsonl", record)  # last: the round is complete
+        atomic_write_json(RunDir(self.run_dir).evaluation, evaluation.block(self.prepared.label_names, server_round))
+        append_json_line(RunDir(self.run_dir).metrics, record)  # last: the round is complete
         state.rounds.append(record)
         return record
 

@@ -8,6 +8,7 @@ audit trains like a client, so its runner is client code: the CLI hands in its l
 
 from __future__ import annotations
 
+from common.rundir import RunDir
 import json
 from collections.abc import Callable
 
@@ -35,7 +36,7 @@ def run(overrides: list[str], runner: Callable[[], Callable[..., dict]]) -> int:
     accounted = float(result["epsilon_accounted"])
     result["verdict"] = found = verdict(bound, power, accounted)  # one rule, whoever ran the audit
     run_dir.mkdir(parents=True, exist_ok=True)
-    out = run_dir / "audit.json"
+    out = RunDir(run_dir).audit
     out.write_text(json.dumps({"config": cfg, "audit": result}, indent=2, default=str) + "\n")
     print(f"fedpriv audit: {result['correct']}/{result['guesses']} canary guesses right "
           f"({result['canaries']} canaries) -> epsilon >= {bound:.3f} at {result['confidence']:.0%} confidence; "

@@ -22,6 +22,7 @@ import threading
 import time
 from pathlib import Path
 
+from common.rundir import RunDir
 from common.storage import (
     atomic_write_json,  # whole or not at all: the other side polls
 )
@@ -53,7 +54,7 @@ def explain_run_end(end) -> None:
     A page that cannot be drawn is a warning, never a failed run: the model and the report are written."""
     cfg = end.prepared.cfg
     count = int(cfg["evaluation"]["explain_inputs"])
-    if count <= 0 or cfg.get("task") == "token_classification":  # explain reads sequence classifiers only
+    if count <= 0 or cfg["task"] == "token_classification":  # explain reads sequence classifiers only
         return
     from server.release.explain_page import write_run_explanations
     from server.release.released import Released
@@ -114,7 +115,7 @@ def _log_to_run(run_dir: Path, work: Path, *, verbose: bool):
     from server.runtime.terminal import is_noise
 
     root = logging.getLogger()
-    to_file = logging.FileHandler(run_dir / "cli.log")
+    to_file = logging.FileHandler(RunDir(run_dir).cli_log)
     to_file.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
     to_terminal = logging.FileHandler(work / TERMINAL)
     to_terminal.setLevel(logging.INFO if verbose else logging.WARNING)

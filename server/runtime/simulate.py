@@ -14,6 +14,7 @@ import os
 import sys
 from pathlib import Path
 
+from common.rundir import RunDir
 from server.runtime.pinning import CLIENT_APP, ClientAppRef
 
 log = logging.getLogger("fedpriv")
@@ -102,7 +103,7 @@ def message_window(cfg: dict) -> int | None:
     a cluster (``federation.ray_address``), whose size it does not know.
     """
     sim = cfg["simulation"]
-    per_worker = sim.get("in_flight_per_worker")
+    per_worker = sim["in_flight_per_worker"]
     if per_worker is None or (cfg.get("federation") or {}).get("ray_address"):
         return None
     cpus = int(sim["num_cpus"] or os.cpu_count() or 1)
@@ -121,13 +122,13 @@ def simulate(cfg_node, *, verbose: bool = False) -> None:
     except ConfigError as err:
         configuration_error(err)
     errors: list[BaseException] = []
-    if cfg["simulation"].get("runtime", "engine") == "superlink":
+    if cfg["simulation"]["runtime"] == "superlink":
         _on_superlink(cfg, run_dir, verbose=verbose)
     else:
         _on_engine(cfg, run_dir, prepared, errors, verbose=verbose)
     if errors:
         raise errors[0]
-    if not (run_dir / "privacy_report.json").exists():
+    if not RunDir(run_dir).report_json.exists():
         raise RuntimeError("the simulation ended without a privacy report; see the log above")
     code = finish(run_dir)
     if code:  # not sys.exit(0): that would end a -m sweep after its first job
@@ -157,7 +158,7 @@ def _checked(cfg_node):
 
         torch.set_num_threads(min(torch.get_num_threads(), threads))
     validate(cfg)  # the config alone; with the data and the model below, or while the SuperLink starts
-    on_superlink = cfg["simulation"].get("runtime", "engine") == "superlink"
+    on_superlink = cfg["simulation"]["runtime"] == "superlink"
     return cfg, run_dir, None if on_superlink else prepare(cfg)
 
 
@@ -226,20 +227,19 @@ def finish(run_dir: Path) -> int:
 
 
 def resume_config(cfg_node, task_overrides) -> tuple[dict, Path]:
-    """The stored config of the run to resume; only ``rounds`` may change (DESIGN.md)."""
-    from omegaconf import OmegaConf
-
+    """The stored config of the run to resume, brought up to date (``common.config.upgrade``);
+    only ``rounds`` may change (DESIGN.md)."""
     from common.errors import ConfigError
 
     run_dir = Path(str(cfg_node.resume)).resolve()
-    stored_path = run_dir / ".hydra" / "config.yaml"
-    if not stored_path.exists():
-        raise ConfigError("resume", f"{stored_path} does not exist: not a fedpriv run directory")
+    run = RunDir(run_dir)
+    if not run.is_run():
+        raise ConfigError("resume", f"{run.config_file} does not exist: not a fedpriv run directory")
     refused = [o for o in task_overrides if o.split("=", 1)[0].lstrip("+~") not in ("resume", "rounds")]
     if refused:
         raise ConfigError("resume", f"a resumed run keeps its stored configuration; refused overrides: {refused} "
                                     "(only rounds may change)")
-    cfg = OmegaConf.to_container(OmegaConf.load(stored_path), resolve=True)
+    cfg = run.config()
     if any(o.split("=", 1)[0] == "rounds" for o in task_overrides):
         cfg["rounds"] = int(cfg_node.rounds)
     cfg["resume"] = str(run_dir)

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from common.report.rundir import read_metrics
+from common.rundir import RunDir
 
 #: How a failure reads in ``metrics.jsonl``: Flower's error code, then its reason
 #: ``str(type(ex)) + ":<'" + str(ex) + "'>"``, cut at 300 characters (server.round.aggregate). The
@@ -59,7 +60,7 @@ class RunSummary:
 
     @classmethod
     def of(cls, run_dir: Path) -> "RunSummary":
-        report = json.loads((Path(run_dir) / "privacy_report.json").read_text())
+        report = json.loads(RunDir(run_dir).report_json.read_text())
         sample, level = report["sample_level"], report["client_level"]
         return cls(Path(run_dir), int(report["config"]["rounds"]), read_metrics(run_dir, missing_ok=True),
                    list(sample["clients"]) if sample.get("enabled") else [],
@@ -110,7 +111,7 @@ class RunSummary:
             rows.append(("client-level ε", f"{self.client_level['epsilon']:.3f}"))
         rows.append(("declines", str(sum(r["clients_declined"] for r in self.records))))
         rows.append(("rejections", str(sum(r["clients_rejected"] for r in self.records))))
-        rows.append(("report", str(self.run_dir / "privacy_report.md")))
+        rows.append(("report", str(RunDir(self.run_dir).report_md)))
         return rows
 
     def table(self):

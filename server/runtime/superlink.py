@@ -49,10 +49,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 from common.protocol import SIMULATION_ENV
-from common.storage import (  # whole or not at all: the other side polls
-    atomic_write_json,
-    read_json_lines,
-)
+from common.report.rundir import read_metrics
+from common.rundir import RunDir
+from common.storage import atomic_write_json  # whole or not at all: the other side polls
 from server.round.loop import progress_display, round_progress
 from server.runtime.serve import (
     GO,
@@ -209,7 +208,7 @@ class _Terminal:
     """Prints what the ServerApp wrote for the terminal, and the rounds' progress bar."""
 
     def __init__(self, run_dir: Path, lines: Path, first: int, total: int):
-        self.metrics, self.lines, self.offset, self.seen = run_dir / "metrics.jsonl", lines, 0, first - 1
+        self.run_dir, self.lines, self.offset, self.seen = run_dir, lines, 0, first - 1
         self.progress = progress_display()
         self.task = self.progress.add_task("training", total=total, completed=first - 1)
 
@@ -230,7 +229,7 @@ class _Terminal:
             self.offset += len(complete)
             for line in complete.decode(errors="replace").splitlines():
                 self.progress.console.print(line, markup=False, highlight=False, style="")
-        rounds = read_json_lines(self.metrics) if self.metrics.exists() else []
+        rounds = read_metrics(self.run_dir, missing_ok=True)  # a torn last line: that round is not done yet
         for record in rounds[self.seen:] if len(rounds) > self.seen else []:
             self.progress.update(self.task, completed=record["round"], description=round_progress(record))
         self.seen = max(self.seen, len(rounds))
@@ -266,8 +265,8 @@ def run_on_superlink(cfg: dict, run_dir: Path, *, resume: bool, window: int | No
     run_log, link_log = work / RUN_LOG, work / LINK_LOG
     link = run = None
     first = 1
-    if resume and (run_dir / "metrics.jsonl").exists():
-        first = len(read_json_lines(run_dir / "metrics.jsonl")) + 1
+    if resume:
+        first = len(read_metrics(run_dir, missing_ok=True)) + 1
     try:
         with open(link_log, "wb") as out:
             link = subprocess.Popen(
@@ -339,7 +338,7 @@ def sweep_orphans() -> None:
             folder.rename(claimed)
         except OSError:
             continue  # another run took it
-        cli_log = Path(spec["run_dir"]) / "cli.log" if spec.get("run_dir") else None
+        cli_log = RunDir(spec["run_dir"]).cli_log if spec.get("run_dir") else None
         try:
             if cli_log and cli_log.is_file():
                 with open(cli_log, "a", encoding="utf-8") as out:

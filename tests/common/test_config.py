@@ -1,5 +1,6 @@
 """Config validation names the bad setting; every config group composes and validates."""
 
+import copy
 from pathlib import Path
 
 import pytest
@@ -54,7 +55,7 @@ def _flat(cfg, prefix=""):
 
 
 def _schema_keys(spec, prefix=""):
-    if isinstance(spec, (schema.Legacy, schema.Nullable)):
+    if isinstance(spec, (schema.Filled, schema.Nullable)):
         return _schema_keys(spec.spec, prefix)
     fields = {}
     if isinstance(spec, schema.Section):
@@ -71,8 +72,7 @@ def test_the_schema_holds_exactly_the_keys_the_yaml_composes(tmp_path):
     composed = set()
     for group, option in EVERY_OPTION:
         composed |= _flat(compose_option(group, option, tmp_path))
-    # model._target_ is no longer composed: the schema only tolerates it in older runs' configs.
-    assert composed == _schema_keys(schema.SCHEMA) - {"model._target_"}
+    assert composed == _schema_keys(schema.SCHEMA)
 
 
 def test_the_schemas_options_are_the_implementations_and_the_config_groups(tmp_path):
@@ -175,15 +175,27 @@ def test_the_labels_the_server_fills_into_any_data_group_validate(tmp_path):
     validate(cfg)
 
 
-def test_a_config_written_before_recipes_and_pooling_still_validates(tmp_path):
-    # A resumed old run's .hydra/config.yaml: common.recipe.LEGACY and build_model's
-    # pooling keep what those runs did; the schema lets exactly these keys be absent.
+def test_a_config_written_before_recipes_and_pooling_is_upgraded_to_what_it_did(tmp_path):
+    # A resumed old run's .hydra/config.yaml: the schema wants every key, and
+    # common.config.upgrade fills each absent one with what that run did.
+    from common.config.upgrade import upgrade
+
     cfg = compose(["model=minilm_lora", "train.batch_size=64"], tmp_path)
-    del cfg["recipe"]
-    for key in ("pooling", "normalize", "freeze_encoder"):
-        del cfg["model"][key]
-    del cfg["train"]["sample_rate"]
-    validate(cfg)
+    old = copy.deepcopy(cfg)
+    del old["recipe"], old["task"], old["simulation"]["runtime"]
+    for key in ("pooling", "normalize", "freeze_encoder", "token_layer"):
+        del old["model"][key]
+    for key in ("sample_rate", "sample_rate_dp", "sample_rate_no_dp", "outside_weight"):
+        del old["train"][key]
+    old["model"]["_target_"] = "common.model.build_model"
+    with pytest.raises(ConfigError):
+        validate(old)
+    new = upgrade(old)
+    validate(new)
+    assert new["recipe"]["name"] == "finetune" and not new["recipe"]["prototypes"]  # every round trained the encoder
+    assert (new["model"]["pooling"], new["model"]["freeze_encoder"], new["model"]["token_layer"]) == ("pooler", False, -1)
+    assert new["simulation"]["runtime"] == "engine" and "_target_" not in new["model"]
+    assert upgrade(cfg) == cfg  # today's config is left as it is
 
 
 def test_every_model_option_builds(tmp_path):

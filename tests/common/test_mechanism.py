@@ -99,14 +99,14 @@ def test_restore_continues_spend_and_c_from_client_level_json(tmp_path):
     for r in (1, 2):
         dp.record(r, released=True, clients=4, clipping_norm=dp.clipping_norm)
         dp.adapt(fits_count=0, n_planned=4)
-        dp.write(tmp_path)
+        dp.write(tmp_path / "client_level.json")
     again = ClientLevelDP(client_cfg(clipping="adaptive", clipped_count_stddev=2.0))
-    again.restore(tmp_path, completed_rounds=2)
+    again.restore(tmp_path / "client_level.json", completed_rounds=2)
     assert again.releases == 2 and again.clipping_norm == dp.clipping_norm
     assert again.block()["per_round"] == dp.block()["per_round"]
     with pytest.raises(ValueError):
         ClientLevelDP(client_cfg(clipping="adaptive", clipped_count_stddev=2.0, noise_multiplier=2.0)).restore(
-            tmp_path, completed_rounds=2)
+            tmp_path / "client_level.json", completed_rounds=2)
 
 
 def _epsilon_from_mechanism(block) -> float:
@@ -166,12 +166,12 @@ def test_resume_with_more_rounds_keeps_the_calibrated_sigma_and_the_budget_stop(
     dp = ClientLevelDP(first)
     for r in (1, 2):
         dp.record(r, released=True, clients=4, clipping_norm=dp.clipping_norm)
-        dp.write(tmp_path)
+        dp.write(tmp_path / "client_level.json")
     longer = client_cfg(noise_multiplier=None, epsilon=10.0)
     longer["rounds"] = 6  # would calibrate a larger sigma
     again = ClientLevelDP(longer)
     assert again.sigma != dp.sigma
-    again.restore(tmp_path, completed_rounds=2)
+    again.restore(tmp_path / "client_level.json", completed_rounds=2)
     assert again.sigma == dp.sigma and again.releases == 2
     assert not again.next_round_exceeds_budget(3)  # round 3 was planned at this sigma
     again.record(3, released=True, clients=4, clipping_norm=again.clipping_norm)

@@ -257,8 +257,10 @@ def test_a_model_config_written_before_pooling_existed_builds_the_pooler_model()
     # pooler model's trainable weights, so that is what must be built.
     from transformers import BertForSequenceClassification
 
-    from common.model.factory import build_model
+    from common.config.upgrade import upgrade
+    from common.model.factory import instantiate_model
 
-    old = {k: v for k, v in conf("minilm_full").items() if k not in ("freeze_encoder", "pooling", "normalize")}
-    model = build_model(**old, num_labels=3, seed=0)
+    old = {k: v for k, v in conf("minilm_full").items() if k not in ("freeze_encoder", "pooling", "normalize",
+                                                                      "token_layer")}
+    model = instantiate_model(upgrade({"model": {**old, "_target_": "common.model.build_model"}, "seed": 0}), 3)
     assert isinstance(model, BertForSequenceClassification)

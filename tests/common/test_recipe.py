@@ -30,8 +30,10 @@ def test_schedule_runs_prototypes_then_head_then_encoder():
     assert stage_rounds(cfg) == {"prototypes": 1, "head": 3, "encoder": 2}
     assert [stage_of(cfg, r) for r in range(1, 7)] == ["prototypes", "head", "head", "head", "encoder", "encoder"]
     assert [stage_of(_cfg(rounds=3, prototypes=False, encoder_rounds=None), r) for r in (1, 2, 3)] == ["encoder"] * 3
-    # A config written before recipes existed trains through the encoder in every round.
-    assert [stage_of({"rounds": 2}, r) for r in (1, 2)] == ["encoder", "encoder"]
+    # A config written before recipes existed, brought up to date, trains through the encoder in every round.
+    from common.config.upgrade import upgrade
+
+    assert [stage_of(upgrade({"rounds": 2}), r) for r in (1, 2)] == ["encoder", "encoder"]
 
 
 @pytest.mark.parametrize("recipe, setting", [

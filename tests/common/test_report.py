@@ -572,9 +572,9 @@ def test_a_resumed_run_that_counted_a_crashed_release_is_not_lowered(tmp_path):
     # resumed run redoes round 3 and keeps the lost release counted (common.privacy.mechanism.restore):
     # 4 releases, 3 per_round entries. The report must not lower that ε to 3 releases.
     dp = honest_client_level(released=3)
-    dp.write(tmp_path)
+    dp.write(tmp_path / "client_level.json")
     resumed = honest_client_level(released=0)
-    resumed.restore(tmp_path, completed_rounds=2)
+    resumed.restore(tmp_path / "client_level.json", completed_rounds=2)
     resumed.record(3, released=True, clients=4, clipping_norm=resumed.clipping_norm)
     level = resumed.block()
     assert level["rounds_released"] == 4 and len(level["per_round"]) == 3

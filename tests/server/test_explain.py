@@ -13,7 +13,8 @@ import torch
 from common.model.factory import build_model, load_tokenizer
 from common.model.state import model_inputs
 from server.release.explain import explain_texts
-from server.release.explain_page import RUN_PAGE, render_page, write_run_explanations
+from common.rundir import RunDir
+from server.release.explain_page import render_page, write_run_explanations
 from tests.conftest import compose, model_group
 
 LORA = {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["query", "value"]}
@@ -207,9 +208,9 @@ def test_run_page_explains_test_inputs_of_distinct_classes(run_dir):
     from server.release.released import load_released
 
     released = load_released(run_dir)
-    written_by_the_run = (run_dir / RUN_PAGE).read_text()  # the run's end, from memory (evaluation.explain_inputs)
+    written_by_the_run = RunDir(run_dir).explain_page.read_text()  # the run's end, from memory (evaluation.explain_inputs)
     path = write_run_explanations(run_dir, count=3)  # from the run directory, as `fedpriv explain` reads it
-    assert path == run_dir / RUN_PAGE and path.read_text() == written_by_the_run
+    assert path == RunDir(run_dir).explain_page and path.read_text() == written_by_the_run
     page = Tags()
     page.feed(path.read_text())
     test = released.test_split()
