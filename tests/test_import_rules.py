@@ -132,6 +132,27 @@ def test_privacy_imports_nothing_of_the_report():
     assert found == set()
 
 
+#: Rooms and the rooms above them, which they must not import: a room sits below what hosts it.
+LAYERS = {
+    "server.round": ("server.runtime", "server.release", "server.app", "server.cli"),  # the loop, hosted by a runtime
+    "server.release": ("server.runtime", "server.app", "server.cli"),  # reads a finished run
+    "server.runtime": ("server.app", "server.cli"),  # server.app is the ServerApp's thin entry point
+    "client.training": ("client.round", "client.app", "client.secagg"),
+    "client.privacy": ("client.round", "client.app", "client.secagg", "client.training"),
+    "common.privacy": ("common.report", "common.config", "common.data"),
+    "common.model": ("common.privacy", "common.data", "common.config", "common.report"),
+}
+
+
+def test_no_room_imports_a_room_above_it():
+    edges = graph(ROOT)
+    found = sorted((name, target) for name, targets in edges.items() for target in targets
+                   for room, above in LAYERS.items()
+                   if (name == room or name.startswith(room + ".")) and any(
+                       target == up or target.startswith(up + ".") for up in above))
+    assert found == []
+
+
 def test_the_one_import_string_from_server_to_client_is_the_client_app():
     known = modules(ROOT)
     crossing = {(name, text) for name, path in known.items() if name.split(".")[0] == "server"
@@ -142,7 +163,7 @@ def test_the_one_import_string_from_server_to_client_is_the_client_app():
 def test_the_checker_reads_the_real_tree():
     edges = graph(ROOT)
     assert {"server.app", "server.cli", "client.app", "common.errors"} <= set(edges)
-    assert "server.round.loop" in edges["server.app"]  # a top-level import
+    assert "server.runtime.serverapp" in edges["server.app"]  # a top-level import
     assert "server.runtime.simulate" in edges["server.cli"]  # an import inside a function
     assert "common.errors" in edges["client.app"]
 

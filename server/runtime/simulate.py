@@ -185,7 +185,7 @@ def _on_engine(cfg: dict, run_dir: Path, prepared, errors: list[BaseException], 
     from flwr.simulation import run_simulation
 
     from common.protocol import simulation_env
-    from server.app import make_app
+    from server.runtime.serverapp import make_app
     from server.runtime.terminal import quiet_terminal
 
     # Ray's workers inherit the marker; a Ray of fedpriv's own listens on loopback only.
