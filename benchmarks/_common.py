@@ -32,8 +32,13 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 #: tiny_bert as the machinery benchmarks measured it: HF's classifier over BERT's pooler with
 #: the encoder trainable (conf/model/tiny_bert.yaml now defaults to the recipe's frozen,
 #: mean-pooled features, which recipe=finetune cannot train).
-TINY_FINETUNE = ["model=tiny_bert", "recipe=finetune", "model.pooling=pooler", "model.normalize=null",
-                 "model.freeze_encoder=false"]
+TINY_FINETUNE = [
+    "model=tiny_bert",
+    "recipe=finetune",
+    "model.pooling=pooler",
+    "model.normalize=null",
+    "model.freeze_encoder=false",
+]
 
 
 def parser(description: str) -> argparse.ArgumentParser:
@@ -87,10 +92,12 @@ def interleaved(variants: Mapping[str, Callable[[], object]], *, reps: int, warm
             if i >= warmup:
                 samples[name].append(dt)
                 cpu[name].append(dc)
-    return {"median_s": {k: statistics.median(v) for k, v in samples.items()},
-            "samples_s": {k: [round(x, 4) for x in v] for k, v in samples.items()},
-            "cpu_median_s": {k: statistics.median(v) for k, v in cpu.items()},
-            "cpu_samples_s": {k: [round(x, 4) for x in v] for k, v in cpu.items()}}
+    return {
+        "median_s": {k: statistics.median(v) for k, v in samples.items()},
+        "samples_s": {k: [round(x, 4) for x in v] for k, v in samples.items()},
+        "cpu_median_s": {k: statistics.median(v) for k, v in cpu.items()},
+        "cpu_samples_s": {k: [round(x, 4) for x in v] for k, v in cpu.items()},
+    }
 
 
 def paired_ratio(samples_a: list[float], samples_b: list[float]) -> float:
@@ -217,13 +224,20 @@ class TreeMemory:
 
     def summary(self) -> dict:
         mib = 1 << 20
-        return {"peak_tree_rss_mib": round(self.peak_rss / mib, 1), "peak_tree_pss_mib": round(self.peak_pss / mib, 1),
-                "peak_driver_rss_mib": round(self.peak_root_rss / mib, 1),
-                "peak_largest_process_rss_mib": round(self.peak_largest_rss / mib, 1),
-                "peak_processes": self.peak_processes, "samples": self.samples, "interval_s": self._interval,
-                "driver_cpu_s": round(self.root_cpu, 1), "tree_cpu_s": round(self.tree_cpu, 1),
-                "tree_cpu_s_at_round_end": self.round_cpu, "driver_cpu_s_at_round_end": self.round_root_cpu,
-                "cpu_s_by_process": self.cpu_by_process()}
+        return {
+            "peak_tree_rss_mib": round(self.peak_rss / mib, 1),
+            "peak_tree_pss_mib": round(self.peak_pss / mib, 1),
+            "peak_driver_rss_mib": round(self.peak_root_rss / mib, 1),
+            "peak_largest_process_rss_mib": round(self.peak_largest_rss / mib, 1),
+            "peak_processes": self.peak_processes,
+            "samples": self.samples,
+            "interval_s": self._interval,
+            "driver_cpu_s": round(self.root_cpu, 1),
+            "tree_cpu_s": round(self.tree_cpu, 1),
+            "tree_cpu_s_at_round_end": self.round_cpu,
+            "driver_cpu_s_at_round_end": self.round_root_cpu,
+            "cpu_s_by_process": self.cpu_by_process(),
+        }
 
 
 def simulate(overrides: list[str], run_dir: Path, *, timeout: float = 1800, memory: bool = False) -> dict:
@@ -245,8 +259,14 @@ def simulate(overrides: list[str], run_dir: Path, *, timeout: float = 1800, memo
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     t0 = time.perf_counter()
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        proc = subprocess.Popen([sys.executable, "-m", "server.cli", "simulate", *overrides, f"hydra.run.dir={run_dir}"],
-                                cwd=ROOT, env=env, stdout=out, stderr=err, text=True)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "server.cli", "simulate", *overrides, f"hydra.run.dir={run_dir}"],
+            cwd=ROOT,
+            env=env,
+            stdout=out,
+            stderr=err,
+            text=True,
+        )
         from common.rundir import RunDir
 
         sampler = TreeMemory(proc.pid, metrics=RunDir(run_dir).metrics) if memory else contextlib.nullcontext()
@@ -283,12 +303,20 @@ def _wait4(pid: int, deadline: float):
 # The real data sets of the utility figure and of tune.py: the same runs in both.
 DATASETS = {
     "banking77": lambda root: [
-        "data=csv", f"data.path={root}/banking77/train.csv", f"data.test_path={root}/banking77/test.csv",
-        "data.label_column=category"],
+        "data=csv",
+        f"data.path={root}/banking77/train.csv",
+        f"data.test_path={root}/banking77/test.csv",
+        "data.label_column=category",
+    ],
     "sms_spam": lambda root: [
-        "data=csv", f"data.path={root}/sms_spam_collection/SMSSpamCollection", "data.delimiter=\\t",
-        "data.column_names=[label,text]", "data.quoting=QUOTE_NONE", "data.drop_duplicates=true",
-        "data.test_fraction=0.2"],
+        "data=csv",
+        f"data.path={root}/sms_spam_collection/SMSSpamCollection",
+        "data.delimiter=\\t",
+        "data.column_names=[label,text]",
+        "data.quoting=QUOTE_NONE",
+        "data.drop_duplicates=true",
+        "data.test_fraction=0.2",
+    ],
 }
 COMMON = ["num_clients=10", "partition=dirichlet", "partition.alpha=0.5"]
 

@@ -36,7 +36,6 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 import _common
@@ -114,11 +113,17 @@ def breakdown(received: float, sent: float, prof: dict) -> dict:
         "fedpriv_imports_s": 0.0 if warm else prof["imported"] - prof["import_started"],
         "flower_before_handler_s": prof["handler_started"] - (started if warm else prof["imported"]),
         "handler_besides_training_s": handler - train,
-        "data_s": prof.get("data_s"), "model_s": prof.get("model_s"), "features_s": prof.get("features_s"),
+        "data_s": prof.get("data_s"),
+        "model_s": prof.get("model_s"),
+        "features_s": prof.get("features_s"),
         "reply_to_supernode_s": sent - prof["handler_ended"],
     }
-    return {"round": prof.get("server_round"), "stage": prof.get("stage"), "warm": warm,
-            **{k: (round(v, 3) if isinstance(v, float) else v) for k, v in parts.items()}}
+    return {
+        "round": prof.get("server_round"),
+        "stage": prof.get("stage"),
+        "warm": warm,
+        **{k: (round(v, 3) if isinstance(v, float) else v) for k, v in parts.items()},
+    }
 
 
 def rounds_of(run_dir: Path) -> dict:
@@ -135,13 +140,23 @@ def steady(walls: list[float]) -> float:
 
 def deployment(tmp: Path, overrides: list[str], timeout: float, nodes: int, launcher: str) -> dict:
     procs, run_dir = tmp / "procs", tmp / "deploy-run"
-    env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, "PYTHONPATH": str(ROOT),
-           "FLWR_HOME": str(tmp / "flwr"), "FEDPRIV_BIN": str(BIN), "PATH": f"{BIN}:{os.environ['PATH']}",
-           "FEDPRIV_LAUNCHER": launcher}
+    env = {
+        **{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"},
+        "PYTHONPATH": str(ROOT),
+        "FLWR_HOME": str(tmp / "flwr"),
+        "FEDPRIV_BIN": str(BIN),
+        "PATH": f"{BIN}:{os.environ['PATH']}",
+        "FEDPRIV_LAUNCHER": launcher,
+    }
 
     def deploy(*args, extra_env=None):
-        out = subprocess.run(["bash", str(DEPLOY), *map(str, args)], env={**env, **(extra_env or {})},
-                             capture_output=True, text=True, timeout=60)
+        out = subprocess.run(
+            ["bash", str(DEPLOY), *map(str, args)],
+            env={**env, **(extra_env or {})},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         if out.returncode != 0:
             raise RuntimeError(f"fedpriv-deploy.sh {args[0]} failed:\n{out.stdout}{out.stderr}")
 
@@ -153,22 +168,43 @@ def deployment(tmp: Path, overrides: list[str], timeout: float, nodes: int, laun
         deploy("superlink", procs, "127.0.0.1", port)
         deploy("connection", "bench", link)
         deadline = time.monotonic() + 60
-        while subprocess.run([BIN / "flwr", "supernode", "list", "bench"], env=env,
-                             capture_output=True).returncode != 0:
+        while (
+            subprocess.run([BIN / "flwr", "supernode", "list", "bench"], env=env, capture_output=True).returncode != 0
+        ):
             if time.monotonic() > deadline:
                 raise RuntimeError((procs / "superlink.log").read_text()[-3000:])
             time.sleep(0.5)
         for i in range(nodes):
             name = f"supernode-{i}"
             logs[name] = StampedLog(procs / f"{name}.log")
-            node_cfg = (f'partition-id={i} num-partitions={nodes} client-id="device-{i}" '
-                        f'state-dir="{tmp / "devices" / name}"')
-            deploy("supernode", procs, name, link, free_port(), node_cfg,
-                   extra_env={"FEDPRIV_PROFILE": str(tmp / f"profile-{name}.jsonl")})
+            node_cfg = (
+                f'partition-id={i} num-partitions={nodes} client-id="device-{i}" state-dir="{tmp / "devices" / name}"'
+            )
+            deploy(
+                "supernode",
+                procs,
+                name,
+                link,
+                free_port(),
+                node_cfg,
+                extra_env={"FEDPRIV_PROFILE": str(tmp / f"profile-{name}.jsonl")},
+            )
         run = subprocess.run(
-            [BIN / "flwr", "run", ".", "bench", "--stream", "--run-config",
-             'overrides="' + " ".join([*overrides, f"hydra.run.dir={run_dir}"]) + '"'],
-            cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+            [
+                BIN / "flwr",
+                "run",
+                ".",
+                "bench",
+                "--stream",
+                "--run-config",
+                'overrides="' + " ".join([*overrides, f"hydra.run.dir={run_dir}"]) + '"',
+            ],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
         from common.rundir import RunDir
 
         if not RunDir(run_dir).report_json.exists():
@@ -199,8 +235,9 @@ def deployment(tmp: Path, overrides: list[str], timeout: float, nodes: int, laun
         "steady_round_s": steady(rounds["round_wall_s"]),
         "overhead_s_median_from_round_2": median("overhead_s", later),
         "overhead_s_round_1": median("overhead_s", [m for m in per_message if m["round"] == 1]),
-        "breakdown_median_from_round_2": {k: median(k, later) for k in per_message[0]
-                                          if k.endswith("_s")} if later else None,
+        "breakdown_median_from_round_2": {k: median(k, later) for k in per_message[0] if k.endswith("_s")}
+        if later
+        else None,
         "messages": per_message,
     }
 
@@ -208,9 +245,14 @@ def deployment(tmp: Path, overrides: list[str], timeout: float, nodes: int, laun
 def simulation(tmp: Path, overrides: list[str], timeout: float) -> dict:
     run_dir = tmp / "sim-run"
     started = time.monotonic()
-    out = subprocess.run([BIN / "fedpriv", "simulate", *overrides, f"hydra.run.dir={run_dir}"], cwd=tmp,
-                         capture_output=True, text=True, timeout=timeout,
-                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+    out = subprocess.run(
+        [BIN / "fedpriv", "simulate", *overrides, f"hydra.run.dir={run_dir}"],
+        cwd=tmp,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
     if out.returncode != 0:
         raise RuntimeError(f"fedpriv simulate failed:\n{(out.stdout + out.stderr)[-3000:]}")
     rounds = rounds_of(run_dir)
@@ -221,9 +263,13 @@ def main() -> None:
     p = _common.parser(__doc__.splitlines()[0])
     p.add_argument("--rounds", type=int, default=None, help="rounds of the job (default 6, 3 with --quick)")
     p.add_argument("--nodes", type=int, default=NODES, help="SuperNodes = clients (default 2, the local demo's)")
-    p.add_argument("--launcher", choices=("warm", "flower"), default="warm",
-                   help="the SuperNodes' ClientApp launcher (deploy/fedpriv-deploy.sh FEDPRIV_LAUNCHER): "
-                        "fedpriv-superexec's warm forks (default) or Flower's fresh process per message")
+    p.add_argument(
+        "--launcher",
+        choices=("warm", "flower"),
+        default="warm",
+        help="the SuperNodes' ClientApp launcher (deploy/fedpriv-deploy.sh FEDPRIV_LAUNCHER): "
+        "fedpriv-superexec's warm forks (default) or Flower's fresh process per message",
+    )
     args = p.parse_args()
     started = time.monotonic()
     rounds = args.rounds or (3 if args.quick else 6)
@@ -235,17 +281,21 @@ def main() -> None:
         print(f"simulation: {rounds} rounds ...", flush=True)
         sim = simulation(tmp, overrides, timeout=120 + 30 * rounds)
     overhead = dep["overhead_s_median_from_round_2"]
-    _common.write_json(args.out, {
-        "job": overrides,
-        "launcher": args.launcher,
-        "machine": _common.machine(),
-        "goal_overhead_s": GOAL_OVERHEAD_S,
-        "overhead_s": overhead,
-        "meets_goal": overhead is not None and overhead <= GOAL_OVERHEAD_S,
-        "steady_round_ratio_deployment_over_simulation": round(dep["steady_round_s"] / sim["steady_round_s"], 2),
-        "deployment": dep,
-        "simulation": sim,
-    }, started)
+    _common.write_json(
+        args.out,
+        {
+            "job": overrides,
+            "launcher": args.launcher,
+            "machine": _common.machine(),
+            "goal_overhead_s": GOAL_OVERHEAD_S,
+            "overhead_s": overhead,
+            "meets_goal": overhead is not None and overhead <= GOAL_OVERHEAD_S,
+            "steady_round_ratio_deployment_over_simulation": round(dep["steady_round_s"] / sim["steady_round_s"], 2),
+            "deployment": dep,
+            "simulation": sim,
+        },
+        started,
+    )
 
 
 if __name__ == "__main__":

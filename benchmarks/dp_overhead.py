@@ -32,8 +32,11 @@ import _common
 
 # case -> (model, grad_sample_mode); "ghost" is fedpriv's (lean first pass, client/training/ghost.py),
 # "ghost_opacus" Opacus' own two full backward passes, for comparison.
-CASES = {"minilm_lora": ("minilm_lora", "hooks"), "minilm_full": ("minilm_full", "ghost"),
-         "minilm_full_opacus_ghost": ("minilm_full", "ghost_opacus")}
+CASES = {
+    "minilm_lora": ("minilm_lora", "hooks"),
+    "minilm_full": ("minilm_full", "ghost"),
+    "minilm_full_opacus_ghost": ("minilm_full", "ghost_opacus"),
+}
 DEFAULT_CASES = ["minilm_lora", "minilm_full"]
 GOALS = {"minilm_lora": 1.05, "minilm_full": 1.5, "minilm_full_opacus_ghost": 1.5}
 MEMORY_GOAL = 1.1
@@ -46,7 +49,7 @@ def batch(num_labels: int = 77, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(1000, 29000, (BATCH, LENGTH), generator=g)
     mask = torch.ones(BATCH, LENGTH, dtype=torch.long)
-    mask[: BATCH // 2, LENGTH // 2:] = 0  # half the batch padded, as real text is
+    mask[: BATCH // 2, LENGTH // 2 :] = 0  # half the batch padded, as real text is
     return ids, mask, torch.randint(0, num_labels, (BATCH,), generator=g)
 
 
@@ -77,10 +80,16 @@ def stepper(model_name: str, mode: str | None):
         from opacus import PrivacyEngine
 
         private = PrivacyEngine(accountant="rdp").make_private(
-            module=model, optimizer=optimizer,
+            module=model,
+            optimizer=optimizer,
             data_loader=DataLoader(TensorDataset(ids, mask, labels), batch_size=BATCH),
-            noise_multiplier=1.0, max_grad_norm=1.0, poisson_sampling=False,
-            grad_sample_mode=mode.removesuffix("_opacus"), criterion=nn.CrossEntropyLoss(), wrap_model=False)
+            noise_multiplier=1.0,
+            max_grad_norm=1.0,
+            poisson_sampling=False,
+            grad_sample_mode=mode.removesuffix("_opacus"),
+            criterion=nn.CrossEntropyLoss(),
+            wrap_model=False,
+        )
         if mode in ("ghost", "ghost_opacus"):
             _, optimizer, criterion, _ = private
             if mode == "ghost":  # what local_train uses: the lean first pass (client/training/ghost.py)
@@ -205,21 +214,40 @@ def main() -> None:
     results = {}
     for name in args.cases:
         model_name, mode = CASES[name]
-        case = {"model": model_name, "grad_sample_mode": mode,
-                **time_case(model_name, mode, reps, steps, warmup),
-                **memory_case(model_name, mode, mem_steps, mem_reps)}
+        case = {
+            "model": model_name,
+            "grad_sample_mode": mode,
+            **time_case(model_name, mode, reps, steps, warmup),
+            **memory_case(model_name, mode, mem_steps, mem_reps),
+        }
         case["goal"] = f"time <= {GOALS[name]}x, memory <= {MEMORY_GOAL}x"
         case["goal_met"] = {"time": case["time_ratio"] <= GOALS[name], "memory": case["memory_ratio"] <= MEMORY_GOAL}
         results[name] = case
-        print(name, json.dumps({k: case[k] for k in ("time_ratio", "wall_time_ratio", "memory_ratio",
-                                                     "step_cpu_s_median")}), flush=True)
-    _common.write_json(args.out, {
-        "benchmark": "dp_overhead", "quick": args.quick, "machine": machine,
-        "batch_size": BATCH, "max_length": LENGTH, "layers": LAYERS or 6,
-        "settings": {"reps": reps, "steps_per_sample": steps, "warmup": warmup,
-                     "memory_steps": mem_steps, "memory_reps": mem_reps},
-        "cases": results,
-    }, started)
+        print(
+            name,
+            json.dumps({k: case[k] for k in ("time_ratio", "wall_time_ratio", "memory_ratio", "step_cpu_s_median")}),
+            flush=True,
+        )
+    _common.write_json(
+        args.out,
+        {
+            "benchmark": "dp_overhead",
+            "quick": args.quick,
+            "machine": machine,
+            "batch_size": BATCH,
+            "max_length": LENGTH,
+            "layers": LAYERS or 6,
+            "settings": {
+                "reps": reps,
+                "steps_per_sample": steps,
+                "warmup": warmup,
+                "memory_steps": mem_steps,
+                "memory_reps": mem_reps,
+            },
+            "cases": results,
+        },
+        started,
+    )
 
 
 if __name__ == "__main__":

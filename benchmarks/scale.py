@@ -41,10 +41,13 @@ def _per_round(at_round_end: list[float]) -> list[float]:
 def main() -> None:
     p = _common.parser(__doc__.splitlines()[0])
     p.add_argument("--clients", type=int, nargs="*")
-    p.add_argument("--model", choices=sorted(MODELS),
-                   help="minilm_head (default): the defaults; tiny_bert (default with --quick): the default "
-                        "recipe on tiny_bert's frozen features, whose start-up and features cost seconds less "
-                        "per run; tiny_bert_finetune: the former job (recipe=finetune)")
+    p.add_argument(
+        "--model",
+        choices=sorted(MODELS),
+        help="minilm_head (default): the defaults; tiny_bert (default with --quick): the default "
+        "recipe on tiny_bert's frozen features, whose start-up and features cost seconds less "
+        "per run; tiny_bert_finetune: the former job (recipe=finetune)",
+    )
     p.add_argument("--rounds", type=int)
     p.add_argument("--extra", nargs="*", default=[], help="more Hydra overrides for every run")
     args = p.parse_args()
@@ -56,8 +59,15 @@ def main() -> None:
     per_n = {}
     with tempfile.TemporaryDirectory(prefix="fedpriv-scale-") as tmp:
         for n in clients:
-            overrides = [*MODELS[model], f"num_clients={n}", f"rounds={rounds}", "partition=iid",
-                         f"data.train_size={EXAMPLES_PER_CLIENT * n}", "data.test_size=200", *args.extra]
+            overrides = [
+                *MODELS[model],
+                f"num_clients={n}",
+                f"rounds={rounds}",
+                "partition=iid",
+                f"data.train_size={EXAMPLES_PER_CLIENT * n}",
+                "data.test_size=200",
+                *args.extra,
+            ]
             # A federation of N nodes waits for all N to register; at 1,000 that takes longer
             # than the 120 s default on 2 cores, and the round timeout scales likewise.
             overrides += [f"node_wait_s={max(120, n)}", f"round_timeout_s={max(600, 3 * n)}"]
@@ -66,16 +76,21 @@ def main() -> None:
             steady = statistics.median(walls[1:])
             cpu = _per_round(run["memory"]["tree_cpu_s_at_round_end"])
             driver_cpu = _per_round(run["memory"]["driver_cpu_s_at_round_end"])
-            per_n[str(n)] = {"round_wall_s": walls, "steady_round_s": round(steady, 3),
-                             "per_client_round_s": round(steady / n, 4),
-                             "per_client_round1_s": round(walls[0] / n, 4),
-                             "round_cpu_s": cpu, "per_client_round_cpu_s": round(statistics.median(cpu) / n, 4),
-                             "round_driver_cpu_s": driver_cpu,
-                             "per_client_round_driver_cpu_s": round(statistics.median(driver_cpu) / n, 5),
-                             "command_wall_s": round(run["wall_s"], 1),
-                             "trained": [r["clients_trained"] for r in run["rounds"]],
-                             "accuracy": run["rounds"][-1]["accuracy"],
-                             "memory": run["memory"], "ru_maxrss_mib": run["ru_maxrss_mib"]}
+            per_n[str(n)] = {
+                "round_wall_s": walls,
+                "steady_round_s": round(steady, 3),
+                "per_client_round_s": round(steady / n, 4),
+                "per_client_round1_s": round(walls[0] / n, 4),
+                "round_cpu_s": cpu,
+                "per_client_round_cpu_s": round(statistics.median(cpu) / n, 4),
+                "round_driver_cpu_s": driver_cpu,
+                "per_client_round_driver_cpu_s": round(statistics.median(driver_cpu) / n, 5),
+                "command_wall_s": round(run["wall_s"], 1),
+                "trained": [r["clients_trained"] for r in run["rounds"]],
+                "accuracy": run["rounds"][-1]["accuracy"],
+                "memory": run["memory"],
+                "ru_maxrss_mib": run["ru_maxrss_mib"],
+            }
             print(n, per_n[str(n)], flush=True)
     ns = sorted(int(k) for k in per_n)
     lo, hi = per_n[str(ns[0])], per_n[str(ns[-1])]
@@ -84,17 +99,27 @@ def main() -> None:
     growth = hi["per_client_round_s"] / lo["per_client_round_s"]
     # CPU time is sampled every 0.25 s (benchmarks._common.TreeMemory): a round shorter than
     # that can read as 0 CPU seconds (tiny_bert's head rounds on stored features take ~0.1 s).
-    cpu_growth = (hi["per_client_round_cpu_s"] / lo["per_client_round_cpu_s"]
-                  if lo["per_client_round_cpu_s"] > 0 else None)
-    _common.write_json(args.out, {
-        "benchmark": "scale", "quick": args.quick, "machine": machine, "model": model,
-        "overrides": [*MODELS[model], *args.extra], "examples_per_client": EXAMPLES_PER_CLIENT,
-        "rounds": rounds, "clients": per_n,
-        "per_client_cost_ratio_largest_over_smallest": round(growth, 3),
-        "per_client_cpu_ratio_largest_over_smallest": None if cpu_growth is None else round(cpu_growth, 3),
-        "goal": "cost per client per round flat in clients: at the largest N <= 1.1 x that at the smallest",
-        "goal_met": growth <= 1.1,
-    }, started)
+    cpu_growth = (
+        hi["per_client_round_cpu_s"] / lo["per_client_round_cpu_s"] if lo["per_client_round_cpu_s"] > 0 else None
+    )
+    _common.write_json(
+        args.out,
+        {
+            "benchmark": "scale",
+            "quick": args.quick,
+            "machine": machine,
+            "model": model,
+            "overrides": [*MODELS[model], *args.extra],
+            "examples_per_client": EXAMPLES_PER_CLIENT,
+            "rounds": rounds,
+            "clients": per_n,
+            "per_client_cost_ratio_largest_over_smallest": round(growth, 3),
+            "per_client_cpu_ratio_largest_over_smallest": None if cpu_growth is None else round(cpu_growth, 3),
+            "goal": "cost per client per round flat in clients: at the largest N <= 1.1 x that at the smallest",
+            "goal_met": growth <= 1.1,
+        },
+        started,
+    )
 
 
 if __name__ == "__main__":

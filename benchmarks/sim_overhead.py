@@ -61,8 +61,10 @@ def loop_child(run_dir: str) -> None:
     bs, epochs = int(train["batch_size"]), int(train["local_epochs"])
     data, test, labels = load_splits(cfg["data"], seed=int(cfg["seed"]), num_clients=n_clients)
     tok = load_tokenizer(cfg["model"])
-    parts = [tokenize(p, tok, int(train["max_length"]))
-             for p in partition_train(data, cfg["partition"], num_clients=n_clients, seed=int(cfg["seed"]))]
+    parts = [
+        tokenize(p, tok, int(train["max_length"]))
+        for p in partition_train(data, cfg["partition"], num_clients=n_clients, seed=int(cfg["seed"]))
+    ]
     test = tokenize(test, tok, int(train["max_length"]))
     model = instantiate_model(cfg, len(labels))
     global_state = trainable_state(model)
@@ -76,14 +78,25 @@ def loop_child(run_dir: str) -> None:
             dp = None
             if dp_on:
                 if c not in sigmas:
-                    sigmas[c] = calibrate_run(sample, n=len(part), batch_size=bs, local_epochs=epochs,
-                                              rounds=int(cfg["rounds"])).noise_multiplier
+                    sigmas[c] = calibrate_run(
+                        sample, n=len(part), batch_size=bs, local_epochs=epochs, rounds=int(cfg["rounds"])
+                    ).noise_multiplier
                 dp = DPSettings(sigmas[c], float(sample["max_grad_norm"]), sample["accountant"], ())
             local = copy.deepcopy(model)
             load_trainable(local, global_state)
-            result = local_train(local, part, TrainSettings(
-                epochs=epochs, batch_size=bs, lr=float(train["lr"]), weight_decay=float(train["weight_decay"]),
-                optimizer=str(train["optimizer"]), dp=dp, grad_sample_mode=str(train["grad_sample_mode"])))
+            result = local_train(
+                local,
+                part,
+                TrainSettings(
+                    epochs=epochs,
+                    batch_size=bs,
+                    lr=float(train["lr"]),
+                    weight_decay=float(train["weight_decay"]),
+                    optimizer=str(train["optimizer"]),
+                    dp=dp,
+                    grad_sample_mode=str(train["grad_sample_mode"]),
+                ),
+            )
             taken[c] = taken.get(c, 0) + result.steps
             after = trainable_state(local)
             updates.append({k: after[k] - global_state[k] for k in after})
@@ -91,8 +104,15 @@ def loop_child(run_dir: str) -> None:
         t0 = time.perf_counter()
         evaluate(model, global_state, test, batch_size=int(cfg["evaluation"]["batch_size"]))  # the server's own
         eval_s += time.perf_counter() - t0
-    print(json.dumps({"eval_s": eval_s, "sigma": {str(c): v for c, v in sigmas.items()},
-                      "steps": {str(c): v for c, v in taken.items()}}))
+    print(
+        json.dumps(
+            {
+                "eval_s": eval_s,
+                "sigma": {str(c): v for c, v in sigmas.items()},
+                "steps": {str(c): v for c, v in taken.items()},
+            }
+        )
+    )
 
 
 def check_same_training(run_dir: Path, loop: dict) -> None:
@@ -104,16 +124,21 @@ def check_same_training(run_dir: Path, loop: dict) -> None:
         (calib,) = ledger["runs"].values()  # a fresh state_dir: this run only
         steps = sum(int(h[2]) for h in ledger["history"])
         if calib["noise_multiplier"] != loop["sigma"][client]:
-            raise RuntimeError(f"client {client}: loop sigma {loop['sigma'][client]} != simulate's "
-                               f"{calib['noise_multiplier']}")
+            raise RuntimeError(
+                f"client {client}: loop sigma {loop['sigma'][client]} != simulate's {calib['noise_multiplier']}"
+            )
         if steps != loop["steps"][client]:
             raise RuntimeError(f"client {client}: loop took {loop['steps'][client]} steps, simulate {steps}")
 
 
 def run_loop(run_dir: Path) -> dict:
     t0 = time.perf_counter()
-    out = subprocess.run([sys.executable, __file__, "--loop-child", str(run_dir)], capture_output=True,
-                         text=True, env={**_common.os.environ, "PYTHONPATH": str(_common.ROOT)})
+    out = subprocess.run(
+        [sys.executable, __file__, "--loop-child", str(run_dir)],
+        capture_output=True,
+        text=True,
+        env={**_common.os.environ, "PYTHONPATH": str(_common.ROOT)},
+    )
     wall = time.perf_counter() - t0
     if out.returncode != 0:
         raise RuntimeError(out.stderr[-3000:])
@@ -134,8 +159,14 @@ def main() -> None:
     reps = args.reps or (1 if args.quick else 3)
     warmup = args.warmup if args.warmup is not None else (0 if args.quick else 1)
     body = _common.TINY_FINETUNE if args.quick else [f"model={model}", "recipe=finetune"]
-    overrides = [*body, "train.batch_size=64", "train.local_epochs=1",
-                 "num_clients=10", "rounds=5", "simulation.num_cpus=1"]
+    overrides = [
+        *body,
+        "train.batch_size=64",
+        "train.local_epochs=1",
+        "num_clients=10",
+        "rounds=5",
+        "simulation.num_cpus=1",
+    ]
     if args.quick:
         overrides += ["data.train_size=800", "data.test_size=100"]
     samples = []
@@ -145,24 +176,37 @@ def main() -> None:
             sim = _common.simulate(overrides, run_dir)
             loop = run_loop(run_dir)
             check_same_training(run_dir, loop)
-            pair = {"simulate_s": round(sim["wall_s"], 2), "loop_s": round(loop["wall_s"], 2),
-                    "loop_eval_s": round(loop["eval_s"], 2),
-                    "simulate_round_s": [r["wall_s"] for r in sim["rounds"]], "warmup": i < warmup}
+            pair = {
+                "simulate_s": round(sim["wall_s"], 2),
+                "loop_s": round(loop["wall_s"], 2),
+                "loop_eval_s": round(loop["eval_s"], 2),
+                "simulate_round_s": [r["wall_s"] for r in sim["rounds"]],
+                "warmup": i < warmup,
+            }
             print(pair, flush=True)
             samples.append(pair)
     timed = [s for s in samples if not s["warmup"]]
     ratio_train = statistics.median(s["simulate_s"] / (s["loop_s"] - s["loop_eval_s"]) for s in timed)
     ratio_all = statistics.median(s["simulate_s"] / s["loop_s"] for s in timed)
-    _common.write_json(args.out, {
-        "benchmark": "sim_overhead", "quick": args.quick, "machine": machine,
-        "overrides": overrides, "reps": reps, "warmup": warmup, "samples": samples,
-        "simulate_s_median": statistics.median(s["simulate_s"] for s in timed),
-        "loop_s_median": statistics.median(s["loop_s"] for s in timed),
-        "ratio_over_training_loop": round(ratio_train, 3),
-        "ratio_over_loop_with_evaluation": round(ratio_all, 3),
-        "goal": f"ratio_over_training_loop <= {GOAL}",
-        "goal_met": ratio_train <= GOAL,
-    }, started)
+    _common.write_json(
+        args.out,
+        {
+            "benchmark": "sim_overhead",
+            "quick": args.quick,
+            "machine": machine,
+            "overrides": overrides,
+            "reps": reps,
+            "warmup": warmup,
+            "samples": samples,
+            "simulate_s_median": statistics.median(s["simulate_s"] for s in timed),
+            "loop_s_median": statistics.median(s["loop_s"] for s in timed),
+            "ratio_over_training_loop": round(ratio_train, 3),
+            "ratio_over_loop_with_evaluation": round(ratio_all, 3),
+            "goal": f"ratio_over_training_loop <= {GOAL}",
+            "goal_met": ratio_train <= GOAL,
+        },
+        started,
+    )
 
 
 if __name__ == "__main__":

@@ -38,7 +38,6 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from _common import COMMON, DATASETS, dataset_overrides  # noqa: E402  the same runs as the utility figure
 
 
-
 def _cross(*axes):
     """Every combination of the axes' override lists, as flat override lists."""
     return [[o for part in combo for o in part] for combo in itertools.product(*axes)]
@@ -52,62 +51,119 @@ QV8 = ["model.lora.r=8", "model.lora.target_modules=[query,value]"]
 GRIDS = {
     "smoke": _cross([["rounds=1"]], [["privacy.sample.epsilon=8"], ["privacy=none"]]),
     "lr_batch_epochs": (
-        _cross([["rounds=5", "privacy.sample.epsilon=8", "train.optimizer=sgd", *QV8]],
-               [[f"train.lr={lr}"] for lr in (1, 2, 4, 8)],
-               [[f"train.batch_size={b}"] for b in (64, 256)],
-               [[f"train.local_epochs={e}"] for e in (1, 3)])
-        + _cross([["rounds=5", "privacy=none", "train.optimizer=sgd", *QV8]],
-                 [[f"train.lr={lr}"] for lr in (0.25, 0.5, 1, 2)],
-                 [[f"train.batch_size={b}"] for b in (64, 256)],
-                 [[f"train.local_epochs={e}"] for e in (1, 3)])),
+        _cross(
+            [["rounds=5", "privacy.sample.epsilon=8", "train.optimizer=sgd", *QV8]],
+            [[f"train.lr={lr}"] for lr in (1, 2, 4, 8)],
+            [[f"train.batch_size={b}"] for b in (64, 256)],
+            [[f"train.local_epochs={e}"] for e in (1, 3)],
+        )
+        + _cross(
+            [["rounds=5", "privacy=none", "train.optimizer=sgd", *QV8]],
+            [[f"train.lr={lr}"] for lr in (0.25, 0.5, 1, 2)],
+            [[f"train.batch_size={b}"] for b in (64, 256)],
+            [[f"train.local_epochs={e}"] for e in (1, 3)],
+        )
+    ),
     # SGD above learns slowly even without DP (best 0.48 on Banking77 in 5 rounds):
     # AdamW on the privatised gradient (post-processing: no privacy cost).
-    "adamw": _cross([["rounds=5", "train.optimizer=adamw", "train.batch_size=64", *QV8]],
-                    [["privacy.sample.epsilon=8"], ["privacy=none"]],
-                    [[f"train.lr={lr}"] for lr in (0.001, 0.003, 0.01)],
-                    [[f"train.local_epochs={e}"] for e in (1, 3)]),
+    "adamw": _cross(
+        [["rounds=5", "train.optimizer=adamw", "train.batch_size=64", *QV8]],
+        [["privacy.sample.epsilon=8"], ["privacy=none"]],
+        [[f"train.lr={lr}"] for lr in (0.001, 0.003, 0.01)],
+        [[f"train.local_epochs={e}"] for e in (1, 3)],
+    ),
     # Noise goes into every trainable coordinate: LoRA rank 1 has 8x fewer adapter
     # weights than rank 8 for the noise to push around.
-    "rank": (_cross([["rounds=5", "privacy.sample.epsilon=8", "model.lora.r=1", QV8[1]]],
-                    [["train.optimizer=sgd", "train.lr=1", "train.batch_size=64", "train.local_epochs=1"],
-                     ["train.optimizer=sgd", "train.lr=2", "train.batch_size=256", "train.local_epochs=3"],
-                     ["train.optimizer=sgd", "train.lr=4", "train.batch_size=256", "train.local_epochs=3"],
-                     ["train.optimizer=adamw", "train.lr=0.003", "train.batch_size=64", "train.local_epochs=1"],
-                     ["train.optimizer=adamw", "train.lr=0.003", "train.batch_size=256", "train.local_epochs=3"],
-                     ["train.optimizer=adamw", "train.lr=0.01", "train.batch_size=256", "train.local_epochs=3"]])
-             + [["rounds=5", "privacy.sample.epsilon=8", *QV8, "train.optimizer=adamw", "train.lr=0.003",
-                 "train.batch_size=256", "train.local_epochs=3"]]
-             + _cross([["rounds=5", "privacy=none", "model.lora.r=1", QV8[1]]],
-                      [["train.optimizer=sgd", "train.lr=2", "train.batch_size=256", "train.local_epochs=3"],
-                       ["train.optimizer=adamw", "train.lr=0.003", "train.batch_size=256", "train.local_epochs=3"],
-                       ["train.optimizer=adamw", "train.lr=0.01", "train.batch_size=256", "train.local_epochs=3"],
-                       ["train.optimizer=adamw", "train.lr=0.01", "train.batch_size=64", "train.local_epochs=3"]])),
+    "rank": (
+        _cross(
+            [["rounds=5", "privacy.sample.epsilon=8", "model.lora.r=1", QV8[1]]],
+            [
+                ["train.optimizer=sgd", "train.lr=1", "train.batch_size=64", "train.local_epochs=1"],
+                ["train.optimizer=sgd", "train.lr=2", "train.batch_size=256", "train.local_epochs=3"],
+                ["train.optimizer=sgd", "train.lr=4", "train.batch_size=256", "train.local_epochs=3"],
+                ["train.optimizer=adamw", "train.lr=0.003", "train.batch_size=64", "train.local_epochs=1"],
+                ["train.optimizer=adamw", "train.lr=0.003", "train.batch_size=256", "train.local_epochs=3"],
+                ["train.optimizer=adamw", "train.lr=0.01", "train.batch_size=256", "train.local_epochs=3"],
+            ],
+        )
+        + [
+            [
+                "rounds=5",
+                "privacy.sample.epsilon=8",
+                *QV8,
+                "train.optimizer=adamw",
+                "train.lr=0.003",
+                "train.batch_size=256",
+                "train.local_epochs=3",
+            ]
+        ]
+        + _cross(
+            [["rounds=5", "privacy=none", "model.lora.r=1", QV8[1]]],
+            [
+                ["train.optimizer=sgd", "train.lr=2", "train.batch_size=256", "train.local_epochs=3"],
+                ["train.optimizer=adamw", "train.lr=0.003", "train.batch_size=256", "train.local_epochs=3"],
+                ["train.optimizer=adamw", "train.lr=0.01", "train.batch_size=256", "train.local_epochs=3"],
+                ["train.optimizer=adamw", "train.lr=0.01", "train.batch_size=64", "train.local_epochs=3"],
+            ],
+        )
+    ),
     # Adapters on the last layer's value projection only (768 weights): the noise has
     # almost nothing but the head to push around.
-    "last_layer": (_cross([["rounds=5", "privacy.sample.epsilon=8", "model.lora.r=1",
-                            "model.lora.target_modules=[5.attention.self.value]"]],
-                          [["train.optimizer=sgd", "train.lr=1", "train.batch_size=64", "train.local_epochs=1"],
-                           ["train.optimizer=sgd", "train.lr=2", "train.batch_size=256", "train.local_epochs=3"],
-                           ["train.optimizer=sgd", "train.lr=4", "train.batch_size=256", "train.local_epochs=3"],
-                           ["train.optimizer=adamw", "train.lr=0.003", "train.batch_size=256", "train.local_epochs=3"],
-                           ["train.optimizer=adamw", "train.lr=0.01", "train.batch_size=256", "train.local_epochs=3"]])
-                   + _cross([["rounds=5", "privacy=none", "model.lora.r=1",
-                              "model.lora.target_modules=[5.attention.self.value]"]],
-                            [["train.optimizer=sgd", "train.lr=1", "train.batch_size=64", "train.local_epochs=1"],
-                             ["train.optimizer=sgd", "train.lr=0.5", "train.batch_size=64", "train.local_epochs=3"],
-                             ["train.optimizer=adamw", "train.lr=0.01", "train.batch_size=64", "train.local_epochs=3"]])),
+    "last_layer": (
+        _cross(
+            [
+                [
+                    "rounds=5",
+                    "privacy.sample.epsilon=8",
+                    "model.lora.r=1",
+                    "model.lora.target_modules=[5.attention.self.value]",
+                ]
+            ],
+            [
+                ["train.optimizer=sgd", "train.lr=1", "train.batch_size=64", "train.local_epochs=1"],
+                ["train.optimizer=sgd", "train.lr=2", "train.batch_size=256", "train.local_epochs=3"],
+                ["train.optimizer=sgd", "train.lr=4", "train.batch_size=256", "train.local_epochs=3"],
+                ["train.optimizer=adamw", "train.lr=0.003", "train.batch_size=256", "train.local_epochs=3"],
+                ["train.optimizer=adamw", "train.lr=0.01", "train.batch_size=256", "train.local_epochs=3"],
+            ],
+        )
+        + _cross(
+            [["rounds=5", "privacy=none", "model.lora.r=1", "model.lora.target_modules=[5.attention.self.value]"]],
+            [
+                ["train.optimizer=sgd", "train.lr=1", "train.batch_size=64", "train.local_epochs=1"],
+                ["train.optimizer=sgd", "train.lr=0.5", "train.batch_size=64", "train.local_epochs=3"],
+                ["train.optimizer=adamw", "train.lr=0.01", "train.batch_size=64", "train.local_epochs=3"],
+            ],
+        )
+    ),
     # Between the two: which adapter placements keep SMS Spam learning under DP.
-    "placement": _cross([["rounds=5", "privacy.sample.epsilon=8", "train.optimizer=sgd", "train.lr=1",
-                          "train.batch_size=64", "train.local_epochs=1"]],
-                        [["model.lora.r=2", "model.lora.target_modules=[4.attention.self.value,5.attention.self.value]"],
-                         ["model.lora.r=4", "model.lora.target_modules=[5.attention.self.query,5.attention.self.value]"],
-                         ["model.lora.r=8", "model.lora.target_modules=[5.attention.self.query,5.attention.self.value]"],
-                         ["model.lora.r=1", "model.lora.target_modules=[value]"]]),
-    "sms": _cross([["rounds=5", "train.batch_size=64", *QV8]],
-                  [["privacy.sample.epsilon=8"], ["privacy=none"]],
-                  [["train.optimizer=adamw", "train.lr=0.003", "train.local_epochs=1"],
-                   ["train.optimizer=adamw", "train.lr=0.003", "train.local_epochs=3"],
-                   ["train.optimizer=sgd", "train.lr=1", "train.local_epochs=1"]]),
+    "placement": _cross(
+        [
+            [
+                "rounds=5",
+                "privacy.sample.epsilon=8",
+                "train.optimizer=sgd",
+                "train.lr=1",
+                "train.batch_size=64",
+                "train.local_epochs=1",
+            ]
+        ],
+        [
+            ["model.lora.r=2", "model.lora.target_modules=[4.attention.self.value,5.attention.self.value]"],
+            ["model.lora.r=4", "model.lora.target_modules=[5.attention.self.query,5.attention.self.value]"],
+            ["model.lora.r=8", "model.lora.target_modules=[5.attention.self.query,5.attention.self.value]"],
+            ["model.lora.r=1", "model.lora.target_modules=[value]"],
+        ],
+    ),
+    "sms": _cross(
+        [["rounds=5", "train.batch_size=64", *QV8]],
+        [["privacy.sample.epsilon=8"], ["privacy=none"]],
+        [
+            ["train.optimizer=adamw", "train.lr=0.003", "train.local_epochs=1"],
+            ["train.optimizer=adamw", "train.lr=0.003", "train.local_epochs=3"],
+            ["train.optimizer=sgd", "train.lr=1", "train.local_epochs=1"],
+        ],
+    ),
 }
 
 
@@ -138,8 +194,8 @@ def one_run(spec: dict, device: str) -> dict:
     import torch
 
     from common.report import read_metrics
-    from server.runtime.grid import InProcessGrid, as_server_of_run
     from server.round.loop import prepare, run_federation
+    from server.runtime.grid import InProcessGrid, as_server_of_run
 
     cfg = spec["cfg"]
     cfg["train"]["device"] = device
@@ -153,10 +209,14 @@ def one_run(spec: dict, device: str) -> dict:
         rounds = read_metrics(run_dir)
     clients = report["sample_level"]["clients"]
     eps = [c["epsilon"] for c in clients if c.get("epsilon") is not None]
-    return {"name": spec["name"], "final_accuracy": rounds[-1]["accuracy"],
-            "rounds": [{k: r[k] for k in ("round", "accuracy", "loss", "clients_trained")} for r in rounds],
-            "max_client_epsilon": max(eps) if eps else None,
-            "sigmas": [c["noise_multiplier"] for c in clients], "wall_s": time.perf_counter() - started}
+    return {
+        "name": spec["name"],
+        "final_accuracy": rounds[-1]["accuracy"],
+        "rounds": [{k: r[k] for k in ("round", "accuracy", "loss", "clients_trained")} for r in rounds],
+        "max_client_epsilon": max(eps) if eps else None,
+        "sigmas": [c["noise_multiplier"] for c in clients],
+        "wall_s": time.perf_counter() - started,
+    }
 
 
 def _worker(args):
@@ -176,8 +236,12 @@ def run_specs(specs: list[dict], *, device: str, workers: int, on_result=None) -
     with ctx.Pool(workers, maxtasksperchild=1) as pool:
         for res in pool.imap_unordered(_worker, [(spec, device) for spec in specs]):
             results.append(res)
-            print(json.dumps({k: res.get(k) for k in ("name", "final_accuracy", "max_client_epsilon", "wall_s",
-                                                      "error")}), flush=True)
+            print(
+                json.dumps(
+                    {k: res.get(k) for k in ("name", "final_accuracy", "max_client_epsilon", "wall_s", "error")}
+                ),
+                flush=True,
+            )
             if on_result:
                 on_result(results)
     return results
@@ -192,8 +256,12 @@ def run(args) -> None:
             grid["dataset"] += f"+{more['dataset']}"
     started = time.perf_counter()
     # Written after every run: a sweep cut short keeps what it has.
-    run_specs(grid["runs"], device=args.device, workers=args.workers,
-              on_result=lambda results: _write(args.out, grid, args.device, started, results))
+    run_specs(
+        grid["runs"],
+        device=args.device,
+        workers=args.workers,
+        on_result=lambda results: _write(args.out, grid, args.device, started, results),
+    )
 
 
 def _write(path, grid, device, started, results) -> None:
@@ -201,11 +269,17 @@ def _write(path, grid, device, started, results) -> None:
 
     import torch
 
-    out = {"dataset": grid["dataset"], "grid": grid["grid"], "device": device,
-           "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-           "platform": platform.platform(), "torch": torch.__version__, "runs_planned": len(grid["runs"]),
-           "wall_s": time.perf_counter() - started,
-           "results": sorted(results, key=lambda r: -(r.get("final_accuracy") or -1))}
+    out = {
+        "dataset": grid["dataset"],
+        "grid": grid["grid"],
+        "device": device,
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "runs_planned": len(grid["runs"]),
+        "wall_s": time.perf_counter() - started,
+        "results": sorted(results, key=lambda r: -(r.get("final_accuracy") or -1)),
+    }
     Path(path).write_text(json.dumps(out, indent=1))
 
 

@@ -44,14 +44,21 @@ def main() -> None:
     p.add_argument("--levels", nargs="*", default=LEVELS)
     p.add_argument("--extra", nargs="*", default=[], help="more Hydra overrides for every run")
     p.add_argument("--plot", type=Path, help="PNG to write (default: next to --out)")
-    p.add_argument("--engine", choices=["simulate", "inprocess"], default="simulate",
-                   help="simulate: each run a real `fedpriv simulate`; inprocess: the same round loop over an "
-                        "in-process Grid, no Ray (benchmarks/tune.py)")
+    p.add_argument(
+        "--engine",
+        choices=["simulate", "inprocess"],
+        default="simulate",
+        help="simulate: each run a real `fedpriv simulate`; inprocess: the same round loop over an "
+        "in-process Grid, no Ray (benchmarks/tune.py)",
+    )
     p.add_argument("--device", default="cpu", help="inprocess: where clients train (cpu | cuda)")
     p.add_argument("--workers", type=int, default=1, help="inprocess: runs side by side")
     p.add_argument("--data-root", default="../shared/data")
-    p.add_argument("--compose-only", type=Path, help="inprocess: write the composed runs here and stop "
-                                                      "(for a machine without Hydra)")
+    p.add_argument(
+        "--compose-only",
+        type=Path,
+        help="inprocess: write the composed runs here and stop (for a machine without Hydra)",
+    )
     p.add_argument("--from", dest="from_file", type=Path, help="inprocess: run runs composed by --compose-only")
     args = p.parse_args()
     started = time.monotonic()
@@ -74,11 +81,26 @@ def main() -> None:
             # has the same q and σ is calibrated once: a Dirichlet split gives each client
             # its own q, and each calibration costs seconds of RDP (BENCHMARKS.md).
             common = [c for c in common if not c.startswith(("partition", "num_clients"))] + [
-                "partition=iid", "num_clients=4", "train.max_length=24"]
-        runs = [{"dataset": ds, "level": level, "seed": seed,
-                 "overrides": [*common, *dataset_overrides(ds, args.data_root), f"seed={seed}",
-                               *(["privacy=none"] if level == "none" else [f"privacy.sample.epsilon={level}"])]}
-                for ds in datasets for level in levels for seed in seeds]
+                "partition=iid",
+                "num_clients=4",
+                "train.max_length=24",
+            ]
+        runs = [
+            {
+                "dataset": ds,
+                "level": level,
+                "seed": seed,
+                "overrides": [
+                    *common,
+                    *dataset_overrides(ds, args.data_root),
+                    f"seed={seed}",
+                    *(["privacy=none"] if level == "none" else [f"privacy.sample.epsilon={level}"]),
+                ],
+            }
+            for ds in datasets
+            for level in levels
+            for seed in seeds
+        ]
     if args.engine == "inprocess" or args.from_file:
         outcomes = _inprocess(runs, args)
         if outcomes is None:
@@ -88,9 +110,9 @@ def main() -> None:
     per_seed: dict[str, dict[str, list]] = {}
     for run, outcome in zip(runs, outcomes):
         per_seed.setdefault(run["dataset"], {}).setdefault(run["level"], []).append(
-            {"seed": run.get("seed", 0), **outcome})
-    results = {ds: {level: over_seeds(points) for level, points in levels.items()}
-               for ds, levels in per_seed.items()}
+            {"seed": run.get("seed", 0), **outcome}
+        )
+    results = {ds: {level: over_seeds(points) for level, points in levels.items()} for ds, levels in per_seed.items()}
     cfgs: dict[str, dict] = {}  # one composed config per data set (its test split)
     for run in runs:
         if run["dataset"] not in cfgs:
@@ -98,12 +120,25 @@ def main() -> None:
     summary = summarise(results, cfgs)
     plot = args.plot or args.out.with_suffix(".png")
     _plot(results, plot, model=model, rounds=rounds)
-    _common.write_json(args.out, {
-        "benchmark": "utility", "quick": args.quick, "machine": machine, "model": model, "rounds": rounds,
-        "engine": "inprocess" if (args.engine == "inprocess" or args.from_file) else "simulate",
-        "device": args.device, "gpu": _gpu_name(), "overrides": common, "results": results, "summary": summary,
-        "plot": str(plot), "goal": f"accuracy at eps=8 >= {GOAL} x non-private federated accuracy",
-    }, started)
+    _common.write_json(
+        args.out,
+        {
+            "benchmark": "utility",
+            "quick": args.quick,
+            "machine": machine,
+            "model": model,
+            "rounds": rounds,
+            "engine": "inprocess" if (args.engine == "inprocess" or args.from_file) else "simulate",
+            "device": args.device,
+            "gpu": _gpu_name(),
+            "overrides": common,
+            "results": results,
+            "summary": summary,
+            "plot": str(plot),
+            "goal": f"accuracy at eps=8 >= {GOAL} x non-private federated accuracy",
+        },
+        started,
+    )
 
 
 def over_seeds(points: list[dict]) -> dict:
@@ -113,9 +148,14 @@ def over_seeds(points: list[dict]) -> dict:
 
     final = [p["final_accuracy"] for p in points]
     rounds = [statistics.fmean(r) for r in zip(*(p["accuracy_per_round"] for p in points))]
-    return {"final_accuracy": round(statistics.fmean(final), 4), "min_final_accuracy": min(final),
-            "max_final_accuracy": max(final), "accuracy_per_round": [round(a, 4) for a in rounds],
-            "mean_wall_s": round(statistics.fmean(p["wall_s"] for p in points), 1), "runs": points}
+    return {
+        "final_accuracy": round(statistics.fmean(final), 4),
+        "min_final_accuracy": min(final),
+        "max_final_accuracy": max(final),
+        "accuracy_per_round": [round(a, 4) for a in rounds],
+        "mean_wall_s": round(statistics.fmean(p["wall_s"] for p in points), 1),
+        "runs": points,
+    }
 
 
 def _default(key: str):
@@ -157,8 +197,12 @@ def summarise(results: dict, cfgs: dict) -> dict:
             ratio = res["8"]["final_accuracy"] / res["none"]["final_accuracy"]
             majority = majority_share(cfgs[ds])
             learned = res["none"]["final_accuracy"] > majority + 0.05
-            summary[ds] = {"eps8_over_nonprivate": round(ratio, 3), "majority_share": round(majority, 4),
-                           "nonprivate_learned": learned, "goal_met": (ratio >= GOAL) if learned else None}
+            summary[ds] = {
+                "eps8_over_nonprivate": round(ratio, 3),
+                "majority_share": round(majority, 4),
+                "nonprivate_learned": learned,
+                "goal_met": (ratio >= GOAL) if learned else None,
+            }
     return summary
 
 
@@ -173,8 +217,14 @@ def _simulated(runs: list[dict]) -> list[dict]:
             out = _common.simulate(run["overrides"], run_root / f"{run['dataset']}-{run['level']}")
             acc = [r["accuracy"] for r in out["rounds"]]
             outcomes.append({"final_accuracy": acc[-1], "accuracy_per_round": acc, "wall_s": round(out["wall_s"], 1)})
-            print(f"[{len(outcomes)}/{len(runs)}]", run["dataset"], run["level"], f"seed={run.get('seed', 0)}",
-                  outcomes[-1], flush=True)
+            print(
+                f"[{len(outcomes)}/{len(runs)}]",
+                run["dataset"],
+                run["level"],
+                f"seed={run.get('seed', 0)}",
+                outcomes[-1],
+                flush=True,
+            )
     finally:
         shutil.rmtree(run_root, ignore_errors=True)
     return outcomes
@@ -190,8 +240,9 @@ def _inprocess(runs: list[dict], args) -> list[dict] | None:
             model = next(o for o in runs[0]["overrides"] if o.startswith("model=")).split("=", 1)[1]
             rounds = int(runs[0]["cfg"]["rounds"])
             common = [o for o in runs[0]["overrides"] if o in runs[-1]["overrides"]]
-            args.compose_only.write_text(json.dumps({"model": model, "rounds": rounds, "overrides": common,
-                                                     "runs": runs}, indent=1))
+            args.compose_only.write_text(
+                json.dumps({"model": model, "rounds": rounds, "overrides": common, "runs": runs}, indent=1)
+            )
             print(f"{len(runs)} runs -> {args.compose_only}")
             return None
     by_name = {r["name"]: r for r in tune.run_specs(runs, device=args.device, workers=args.workers)}
@@ -200,9 +251,14 @@ def _inprocess(runs: list[dict], args) -> list[dict] | None:
         res = by_name[run["name"]]
         if "error" in res:
             raise RuntimeError(f"{run['name']}: {res['error']}")
-        outcomes.append({"final_accuracy": res["final_accuracy"],
-                         "accuracy_per_round": [r["accuracy"] for r in res["rounds"]],
-                         "max_client_epsilon": res["max_client_epsilon"], "wall_s": round(res["wall_s"], 1)})
+        outcomes.append(
+            {
+                "final_accuracy": res["final_accuracy"],
+                "accuracy_per_round": [r["accuracy"] for r in res["rounds"]],
+                "max_client_epsilon": res["max_client_epsilon"],
+                "wall_s": round(res["wall_s"], 1),
+            }
+        )
     return outcomes
 
 
@@ -232,8 +288,10 @@ def _plot(results: dict, path: Path, *, model: str, rounds: int) -> None:
         if eps:
             points = [res[f"{e:g}"] for e in eps]
             mean = [p["final_accuracy"] for p in points]
-            spread = [[max(0.0, m - p["min_final_accuracy"]) for m, p in zip(mean, points)],  # mean is rounded
-                      [max(0.0, p["max_final_accuracy"] - m) for m, p in zip(mean, points)]]
+            spread = [
+                [max(0.0, m - p["min_final_accuracy"]) for m, p in zip(mean, points)],  # mean is rounded
+                [max(0.0, p["max_final_accuracy"] - m) for m, p in zip(mean, points)],
+            ]
             ax.errorbar(eps, mean, yerr=spread, fmt="o-", color=color, capsize=3, label=f"{ds} (DP)")
         if "none" in res:
             none = res["none"]
@@ -242,8 +300,7 @@ def _plot(results: dict, path: Path, *, model: str, rounds: int) -> None:
     ax.set_xlabel("sample-level ε (δ = 1e-5)")
     ax.set_ylabel("final test accuracy")
     seeds = len(next(iter(next(iter(results.values())).values()))["runs"])
-    ax.set_title(f"{model}, 10 clients, Dirichlet α=0.5, {rounds} rounds; mean, min–max of {seeds} seeds",
-                 fontsize=8)
+    ax.set_title(f"{model}, 10 clients, Dirichlet α=0.5, {rounds} rounds; mean, min–max of {seeds} seeds", fontsize=8)
     ax.set_xscale("log")
     ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.set_xticks([1, 3, 8])

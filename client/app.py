@@ -34,16 +34,16 @@ from typing import Any
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-from client.privacy import transparency
 from client.device import release_memory
+from client.privacy import transparency
 from client.privacy.ledger import Ledger
 from client.privacy.node_config import ClientIdentity, node_identity
 from client.privacy.policy import refusal, setting_name
-from client.secagg import is_secagg, secagg_train
 from client.round import current_epsilon, privacy_summary, run_round
+from client.secagg import is_secagg, secagg_train
 from common.errors import ConfigError
-from common.privacy.mechanism import clip_update
 from common.model.state import state_norm
+from common.privacy.mechanism import clip_update
 from common.protocol import TrainInstruction, TrainReply
 
 app = ClientApp()
@@ -104,9 +104,16 @@ def _profile(path: str, started: float, timings: dict[str, Any]) -> None:
     ``timings``: its round's (empty when the message answered no round)."""
     try:
         forked = os.environ.get(FORKED_AT)  # a fork of fedpriv-superexec's warm parent: imported before
-        line = {"pid": os.getpid(), "process_started": float(forked) if forked else _process_started(),
-                "import_started": _IMPORT_STARTED, "imported": _IMPORTED, "handler_started": started,
-                "handler_ended": time.time(), "warm": bool(forked), **timings}
+        line = {
+            "pid": os.getpid(),
+            "process_started": float(forked) if forked else _process_started(),
+            "import_started": _IMPORT_STARTED,
+            "imported": _IMPORTED,
+            "handler_started": started,
+            "handler_ended": time.time(),
+            "warm": bool(forked),
+            **timings,
+        }
         with open(path, "a") as out:
             out.write(json.dumps(line) + "\n")
     except Exception:  # a profile must never replace the reply or its error
@@ -142,10 +149,18 @@ class Answered:
 
     def log(self, sent_bytes: int, *, masked: bool = False, tensors: dict | None = None) -> dict:
         """Append this reply's line to the log (``tensors``: what travelled, if not the update)."""
-        line = transparency.Reply(self.run_id, self.reply.server_round, self.event, self.reply.update,
-                                  self.protection, self.reply.reason, self.norm_before_clip)
-        return transparency.record(self.who.state_dir, self.who.client_id, line, sent_bytes=sent_bytes,
-                                   masked=masked, tensors=tensors)
+        line = transparency.Reply(
+            self.run_id,
+            self.reply.server_round,
+            self.event,
+            self.reply.update,
+            self.protection,
+            self.reply.reason,
+            self.norm_before_clip,
+        )
+        return transparency.record(
+            self.who.state_dir, self.who.client_id, line, sent_bytes=sent_bytes, masked=masked, tensors=tensors
+        )
 
 
 def answer(instruction: TrainInstruction, global_state: dict, context: Context) -> Answered:
@@ -166,8 +181,9 @@ def answer(instruction: TrainInstruction, global_state: dict, context: Context) 
     if refused is not None:
         return _declined(instruction, who, cfg, *refused)
     try:
-        outcome = run_round(cfg, who, run_id=instruction.run_id, server_round=instruction.server_round,
-                            global_state=global_state)
+        outcome = run_round(
+            cfg, who, run_id=instruction.run_id, server_round=instruction.server_round, global_state=global_state
+        )
     finally:
         release_memory()  # an idle device holds no GPU cache between rounds
     update, fits, norm_before = outcome.update, None, None
@@ -175,8 +191,9 @@ def answer(instruction: TrainInstruction, global_state: dict, context: Context) 
         norm_before = state_norm(update)
         clipped = clip_update(update, instruction.client_clip_norm)
         update, fits = clipped.update, clipped.fits
-    reply = TrainReply(who.client_id, instruction.server_round, outcome.declined, outcome.reason, outcome.privacy,
-                       update, fits)
+    reply = TrainReply(
+        who.client_id, instruction.server_round, outcome.declined, outcome.reason, outcome.privacy, update, fits
+    )
     event = transparency.DECLINED if outcome.declined else transparency.RESENT if outcome.resent else transparency.SENT
     return Answered(reply, who, instruction.run_id, event, outcome.protection, norm_before, outcome.timings)
 

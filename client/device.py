@@ -36,8 +36,10 @@ def select_device(name: str | None) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"device={name} was asked for, but no CUDA device is visible to this process "
-                           "(check the driver and CUDA_VISIBLE_DEVICES, or use device=auto or cpu)")
+        raise RuntimeError(
+            f"device={name} was asked for, but no CUDA device is visible to this process "
+            "(check the driver and CUDA_VISIBLE_DEVICES, or use device=auto or cpu)"
+        )
     return torch.device(name)
 
 

@@ -88,9 +88,14 @@ def run_clientapp_task(spec) -> None:
     from flwr.supercore.tls import validate_and_resolve_root_certificates
     from flwr.supernode.runtime.run_clientapp import run_clientapp
 
-    run_clientapp(runtime_api_address=spec.runtime_api_address, token=spec.token, insecure=spec.insecure,
-                  certificates=validate_and_resolve_root_certificates(spec.root_certificates_path, spec.insecure),
-                  parent_pid=spec.parent_pid, runtime_dependency_install=False)
+    run_clientapp(
+        runtime_api_address=spec.runtime_api_address,
+        token=spec.token,
+        insecure=spec.insecure,
+        certificates=validate_and_resolve_root_certificates(spec.root_certificates_path, spec.insecure),
+        parent_pid=spec.parent_pid,
+        runtime_dependency_install=False,
+    )
 
 
 class ForkExecutor:
@@ -145,15 +150,20 @@ class ForkExecutor:
             if code is not None:
                 self.ended.append(code)
             if code:
-                log.warning("fedpriv-superexec: process %d ended with code %s (its task's status says why)",
-                            pid, code)
+                log.warning("fedpriv-superexec: process %d ended with code %s (its task's status says why)", pid, code)
 
     def close(self) -> None:
         self.reconcile()
 
 
-def serve(runtime_api_address: str, *, insecure: bool, root_certificates_path: str | None,
-          parent_pid: int | None, poll_s: float = POLL_S) -> None:
+def serve(
+    runtime_api_address: str,
+    *,
+    insecure: bool,
+    root_certificates_path: str | None,
+    parent_pid: int | None,
+    poll_s: float = POLL_S,
+) -> None:
     """Warm up, then take the SuperNode's ClientApp tasks until stopped or the SuperNode ends."""
     from flwr.proto.runtime_pb2 import AcquireTaskRequest  # pylint: disable=E0611
     from flwr.supercore.app_utils import start_parent_process_monitor
@@ -174,17 +184,20 @@ def serve(runtime_api_address: str, *, insecure: bool, root_certificates_path: s
     executor = ForkExecutor()
     plugin = ClientAppPlugin(runtime_api_address, insecure, root_certificates_path, False, executor=executor)
     client = RuntimeHttpClient.from_server_address(
-        server_address=runtime_api_address, insecure=insecure,
+        server_address=runtime_api_address,
+        insecure=insecure,
         root_certificates=validate_and_resolve_root_certificates(root_certificates_path, insecure),
         interceptors=[RuntimeVersionHttpInterceptor(component_name="SuperExec")],
-        retry_invoker=make_simple_http_retry_invoker())
+        retry_invoker=make_simple_http_retry_invoker(),
+    )
     if parent_pid is not None:
         start_parent_process_monitor(parent_pid)  # SIGINT here when the SuperNode is gone
     try:
         while True:
             executor.reconcile()
-            reply = client.AcquireTask(AcquireTaskRequest(supported_task_types=plugin.supported_task_types,
-                                                          agentapp_fab_hashes=set()))
+            reply = client.AcquireTask(
+                AcquireTaskRequest(supported_task_types=plugin.supported_task_types, agentapp_fab_hashes=set())
+            )
             if reply.HasField("task") and reply.token:
                 result = plugin.launch_task(token=reply.token, task=reply.task)
                 if result.status != LaunchResultStatus.ACCEPTED:
@@ -210,8 +223,13 @@ def main(argv: list[str] | None = None) -> None:
     if not 0.005 <= args.poll_interval <= 60:
         p.error("--poll-interval must be between 0.005 and 60 seconds")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    serve(args.runtime_api_address, insecure=args.insecure, root_certificates_path=args.root_certificates,
-          parent_pid=args.parent_pid, poll_s=args.poll_interval)
+    serve(
+        args.runtime_api_address,
+        insecure=args.insecure,
+        root_certificates_path=args.root_certificates,
+        parent_pid=args.parent_pid,
+        poll_s=args.poll_interval,
+    )
 
 
 if __name__ == "__main__":

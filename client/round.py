@@ -29,21 +29,34 @@ from typing import Any
 import torch
 
 from client.device import autocast_dtype, select_device
-from client.training.dp_train import (DPSettings, TrainSettings, calibrate_run, local_train, planned_steps_per_round,
-                                      release_prototypes)
 from client.privacy.ledger import Ledger, LedgerBusy, RoundEntry, load_reply, locked, reply_key, save_reply
 from client.privacy.node_config import ClientIdentity
 from client.privacy.policy import REASON_DELTA
-from common.privacy.accounting import append_steps, epsilon, prototype_entry, sample_rate, train_batch_size
+from client.training.dp_train import (
+    DPSettings,
+    TrainSettings,
+    calibrate_run,
+    local_train,
+    planned_steps_per_round,
+    release_prototypes,
+)
 from common.data.cache import DATA_CACHE, BoundedCache, key_of
+from common.data.features import (
+    cached_features,
+    data_digests,
+    data_files,
+    feature_key,
+    features_key_parts,
+    frozen_features,
+    stored_features,
+)
 from common.data.partition import load_client_data
 from common.data.sources import load_local_data
 from common.data.tokenizing import tokenize
-from common.data.features import (cached_features, data_digests, data_files, feature_key, features_key_parts,
-                             frozen_features, stored_features)
 from common.errors import ConfigError
 from common.model.factory import instantiate_model, load_tokenizer
 from common.model.state import load_trainable, state_digest, trainable_state
+from common.privacy.accounting import append_steps, epsilon, prototype_entry, sample_rate, train_batch_size
 from common.recipe import HEAD_PREFIX, check_model, head_keys, recipe_of, stage_of, stage_rounds
 
 log = logging.getLogger(__name__)
@@ -98,8 +111,17 @@ def _client_data(cfg: Mapping, partition_id: int, data_path: str | None = None):
         tokenizer = _TOKENIZER_CACHE.get((tokenizer_name,), lambda: load_tokenizer(cfg["model"]))
         return tokenize(partition, tokenizer, int(cfg["train"]["max_length"]), label_names), label_names
 
-    parts = ("tokenised", cfg["data"], cfg["partition"], cfg["seed"], cfg["num_clients"], tokenizer_name,
-             cfg["train"]["max_length"], partition_id, data_path)
+    parts = (
+        "tokenised",
+        cfg["data"],
+        cfg["partition"],
+        cfg["seed"],
+        cfg["num_clients"],
+        tokenizer_name,
+        cfg["train"]["max_length"],
+        partition_id,
+        data_path,
+    )
     return DATA_CACHE.get(parts, read, data_files(cfg, data_path))
 
 
@@ -122,8 +144,7 @@ def client_features(cfg: Mapping, who: ClientIdentity, model: torch.nn.Module, d
         finally:
             model.to("cpu")
 
-    return cached_features(Ledger.directory(who.state_dir, who.client_id), key, compute, digests=digests,
-                           n=len(data))
+    return cached_features(Ledger.directory(who.state_dir, who.client_id), key, compute, digests=digests, n=len(data))
 
 
 def _features_key(cfg: Mapping, who: ClientIdentity, digests: list[str | None]) -> str:
@@ -136,8 +157,9 @@ class _Head(torch.nn.Module):
     def __init__(self, global_state: Mapping[str, torch.Tensor]):
         super().__init__()
         out_features, in_features = global_state[f"{HEAD_PREFIX}weight"].shape
-        self.classifier = torch.nn.Linear(int(in_features), int(out_features),
-                                          bias=f"{HEAD_PREFIX}bias" in global_state)
+        self.classifier = torch.nn.Linear(
+            int(in_features), int(out_features), bias=f"{HEAD_PREFIX}bias" in global_state
+        )
 
 
 def _cached_inputs(cfg: Mapping, who: ClientIdentity, stage: str, global_state: Mapping[str, torch.Tensor]):
@@ -153,8 +175,9 @@ def _cached_inputs(cfg: Mapping, who: ClientIdentity, stage: str, global_state: 
     if stage == "encoder" or len(head_keys(global_state)) != len(global_state):
         return None
     digests = data_digests(cfg, who.data_path)
-    feats = stored_features(Ledger.directory(who.state_dir, who.client_id), _features_key(cfg, who, digests),
-                            digests=digests)
+    feats = stored_features(
+        Ledger.directory(who.state_dir, who.client_id), _features_key(cfg, who, digests), digests=digests
+    )
     if feats is None:
         return None
     return feats, int(global_state[f"{HEAD_PREFIX}weight"].shape[0])
@@ -203,8 +226,9 @@ def privacy_summary(cfg: Mapping, who: ClientIdentity, ledger: Ledger, run_id: s
         "history": [list(h) for h in ledger.history],
         # steps: the history's cumulative step count after that round, so the server can
         # recompute each round's ε from ``history`` instead of trusting ``epsilon``.
-        "per_round": [{"round": e.round, "epsilon": e.epsilon, "steps": e.steps}
-                      for e in entries if e.status == "trained"],
+        "per_round": [
+            {"round": e.round, "epsilon": e.epsilon, "steps": e.steps} for e in entries if e.status == "trained"
+        ],
         "rounds_participated": sum(e.status == "trained" for e in entries),
         "rounds_declined": sum(e.status == "declined" for e in entries),
         "exhausted": bool(entries and entries[-1].status == "declined" and entries[-1].reason == "budget"),
@@ -214,7 +238,6 @@ def privacy_summary(cfg: Mapping, who: ClientIdentity, ledger: Ledger, run_id: s
 #: Decline reasons: fixed texts (with the setting's name), since they leave the device.
 REASON_BUSY = "busy: another round holds this client's ledger"
 REASON_DELTA_N = "privacy.sample.delta: not below 1/n for this device's data"
-
 
 
 @dataclass(frozen=True)
@@ -273,8 +296,14 @@ def run_round(
     global_state: Mapping[str, torch.Tensor],
 ) -> RoundOutcome:
     """Answer the server's training request for ``server_round``, one round per client at a time."""
-    r = _Round(cfg, who, run_id, server_round, global_state,
-               timings={"server_round": server_round, "stage": stage_of(cfg, server_round)})
+    r = _Round(
+        cfg,
+        who,
+        run_id,
+        server_round,
+        global_state,
+        timings={"server_round": server_round, "stage": stage_of(cfg, server_round)},
+    )
     t0 = time.perf_counter()
     cached = _cached_inputs(cfg, who, r.timings["stage"], global_state)
     if cached is None:
@@ -308,12 +337,26 @@ def _locked_round(r: _Round, inputs: _Inputs) -> RoundOutcome:
     return _commit(r, ledger, previous, plan, dp, update, history, key)
 
 
-def _outcome(r: _Round, ledger: Ledger, update: dict[str, torch.Tensor] | None, reason: str = "", *,
-             protection: dict[str, Any] | None, resent: bool = False) -> RoundOutcome:
+def _outcome(
+    r: _Round,
+    ledger: Ledger,
+    update: dict[str, torch.Tensor] | None,
+    reason: str = "",
+    *,
+    protection: dict[str, Any] | None,
+    resent: bool = False,
+) -> RoundOutcome:
     """Every answer of a round: a decline is exactly an answer without an update; each carries
     the ledger's summary as it now stands and the round's timings."""
-    return RoundOutcome(update is None, reason, update, privacy_summary(r.cfg, r.who, ledger, r.run_id),
-                        resent=resent, protection=protection, timings=r.timings)
+    return RoundOutcome(
+        update is None,
+        reason,
+        update,
+        privacy_summary(r.cfg, r.who, ledger, r.run_id),
+        resent=resent,
+        protection=protection,
+        timings=r.timings,
+    )
 
 
 def _resend(r: _Round, ledger: Ledger, done: RoundEntry, key: str) -> RoundOutcome:
@@ -355,13 +398,22 @@ def _decide(r: _Round, ledger: Ledger, plan: RoundPlan) -> DPSettings | Decline 
         return refused
     calib = _calibration(r, ledger, plan)
     sigma = calib.prototype_noise if plan.stage == "prototypes" else calib.noise_multiplier
-    eps_after = math.inf if sigma is None else epsilon(
-        _after_round(ledger.history, plan.stage, sigma, plan.sample_rate, plan.steps), delta, accountant)
+    eps_after = (
+        math.inf
+        if sigma is None
+        else epsilon(_after_round(ledger.history, plan.stage, sigma, plan.sample_rate, plan.steps), delta, accountant)
+    )
     budget = budget_epsilon(r.cfg, r.who)
     if eps_after > budget:
         eps_now = epsilon(ledger.history, delta, accountant)
-        log.info("client %s declines round %d: eps %.4f -> %.4f would exceed its budget %.4f",
-                 r.who.client_id, r.server_round, eps_now, eps_after, budget)
+        log.info(
+            "client %s declines round %d: eps %.4f -> %.4f would exceed its budget %.4f",
+            r.who.client_id,
+            r.server_round,
+            eps_now,
+            eps_after,
+            budget,
+        )
         return Decline("budget", eps_now)
     return DPSettings(sigma, float(sample["max_grad_norm"]), accountant, tuple(ledger.history))
 
@@ -376,20 +428,37 @@ def _delta_refusal(r: _Round, ledger: Ledger, n: int, delta: float, accountant: 
         # The server checks simulated clients' ledgers up front (server.round.loop.prepare);
         # a device says only which setting disagrees with its ledger.
         log.warning("client %s declines round %d: %s", who.client_id, server_round, err)
-        return Decline(f"{err.setting}: differs from this device's ledger",
-                       epsilon(ledger.history, float(ledger.delta), ledger.accountant))
+        return Decline(
+            f"{err.setting}: differs from this device's ledger",
+            epsilon(ledger.history, float(ledger.delta), ledger.accountant),
+        )
     if not delta < 1 / n:
-        log.warning("client %s declines round %d: privacy.sample.delta=%g is not below 1/n = 1/%d",
-                    who.client_id, server_round, delta, n)
+        log.warning(
+            "client %s declines round %d: privacy.sample.delta=%g is not below 1/n = 1/%d",
+            who.client_id,
+            server_round,
+            delta,
+            n,
+        )
         return Decline(REASON_DELTA_N, epsilon(ledger.history, delta, accountant))
     limit = who.policy.delta_limit(n)
     if limit is not None and delta > limit:
-        log.warning("client %s declines round %d: privacy.sample.delta=%g is above its cap %g (node-config "
-                    "max-delta, default min(1e-5, 1/(10 n)))", who.client_id, server_round, delta, limit)
+        log.warning(
+            "client %s declines round %d: privacy.sample.delta=%g is above its cap %g (node-config "
+            "max-delta, default min(1e-5, 1/(10 n)))",
+            who.client_id,
+            server_round,
+            delta,
+            limit,
+        )
         return Decline(REASON_DELTA, epsilon(ledger.history, delta, accountant))
     if delta > 1 / (10 * n):
-        log.warning("client %s: privacy.sample.delta=%g is above 1/(10 n) for its %d examples: "
-                    "a weak guarantee", who.client_id, delta, n)
+        log.warning(
+            "client %s: privacy.sample.delta=%g is above 1/(10 n) for its %d examples: a weak guarantee",
+            who.client_id,
+            delta,
+            n,
+        )
     return None
 
 
@@ -399,13 +468,24 @@ def _calibration(r: _Round, ledger: Ledger, plan: RoundPlan):
     calib = ledger.runs.get(r.run_id)
     if calib is None:
         sample, recipe, rounds = r.cfg["privacy"]["sample"], recipe_of(r.cfg), stage_rounds(r.cfg)
-        calib = calibrate_run(sample, n=plan.n, batch_size=plan.batch_size,
-                              local_epochs=int(r.cfg["train"]["local_epochs"]),
-                              rounds=rounds["head"] + rounds["encoder"], prior_history=ledger.history,
-                              prototype_share=float(recipe["prototype_share"]) if rounds["prototypes"] else None)
+        calib = calibrate_run(
+            sample,
+            n=plan.n,
+            batch_size=plan.batch_size,
+            local_epochs=int(r.cfg["train"]["local_epochs"]),
+            rounds=rounds["head"] + rounds["encoder"],
+            prior_history=ledger.history,
+            prototype_share=float(recipe["prototype_share"]) if rounds["prototypes"] else None,
+        )
         ledger.runs[r.run_id] = calib
-        log.info("client %s: calibrated sigma=%s for %d planned steps (q=%.4f), prototype sigma=%s",
-                 r.who.client_id, calib.noise_multiplier, calib.planned_steps, plan.sample_rate, calib.prototype_noise)
+        log.info(
+            "client %s: calibrated sigma=%s for %d planned steps (q=%.4f), prototype sigma=%s",
+            r.who.client_id,
+            calib.noise_multiplier,
+            calib.planned_steps,
+            plan.sample_rate,
+            calib.prototype_noise,
+        )
     return calib
 
 
@@ -413,13 +493,18 @@ def _decline(r: _Round, ledger: Ledger, previous: Ledger, decline: Decline) -> R
     """Record the decline in the ledger (durably: a resent round gives the same answer)."""
     ledger.rounds.append(RoundEntry(r.run_id, r.server_round, "declined", decline.epsilon, reason=decline.reason))
     ledger.commit(r.who.state_dir, previous)
-    return _outcome(r, ledger, None, decline.reason,
-                    protection={"epsilon_before": decline.epsilon, "epsilon_after": decline.epsilon,
-                                "delta": ledger.delta})
+    return _outcome(
+        r,
+        ledger,
+        None,
+        decline.reason,
+        protection={"epsilon_before": decline.epsilon, "epsilon_after": decline.epsilon, "delta": ledger.delta},
+    )
 
 
-def _train_stage(r: _Round, inputs: _Inputs, plan: RoundPlan,
-                 dp: DPSettings | None) -> tuple[dict[str, torch.Tensor], list | None]:
+def _train_stage(
+    r: _Round, inputs: _Inputs, plan: RoundPlan, dp: DPSettings | None
+) -> tuple[dict[str, torch.Tensor], list | None]:
     """This round's stage, trained or released: the update to send, and the accountant
     history after it (None without DP)."""
     t0 = time.perf_counter()
@@ -432,14 +517,14 @@ def _train_stage(r: _Round, inputs: _Inputs, plan: RoundPlan,
     if plan.stage == "encoder":
         history = local_train(model, inputs.data, _train_settings(r, plan, dp, device)).history
     else:
-        feats = inputs.feats if inputs.feats is not None else client_features(r.cfg, r.who, model, inputs.data,
-                                                                               device)
+        feats = inputs.feats if inputs.feats is not None else client_features(r.cfg, r.who, model, inputs.data, device)
         r.timings["features_s"], t0 = time.perf_counter() - t0, time.perf_counter()
         if plan.stage == "prototypes":
             sigma = dp.noise_multiplier if dp is not None else None
             release = release_prototypes(*feats.tensors, inputs.num_labels, sigma)
-            history = None if dp is None else _after_round(dp.prior_history, plan.stage, sigma, plan.sample_rate,
-                                                           plan.steps)
+            history = (
+                None if dp is None else _after_round(dp.prior_history, plan.stage, sigma, plan.sample_rate, plan.steps)
+            )
         else:
             # DP-SGD on the head alone: the encoder is frozen in this stage, so its cached
             # features are exactly what a full forward pass would feed the head.
@@ -452,8 +537,12 @@ def _train_settings(r: _Round, plan: RoundPlan, dp: DPSettings | None, device: t
     """How this round's ``local_train`` trains (the encoder stage, or the head on its features)."""
     train = r.cfg["train"]
     shared = {
-        "epochs": int(train["local_epochs"]), "batch_size": plan.batch_size, "dp": dp, "device": device,
-        "weight_decay": float(train["weight_decay"]), "optimizer": str(train["optimizer"]),
+        "epochs": int(train["local_epochs"]),
+        "batch_size": plan.batch_size,
+        "dp": dp,
+        "device": device,
+        "weight_decay": float(train["weight_decay"]),
+        "optimizer": str(train["optimizer"]),
         # Without DP a seeded shuffle makes the run reproducible; DP's sampling must stay unpredictable.
         "shuffle_seed": None if dp is not None else int(_key(r.cfg["seed"], r.who.client_id, r.server_round)[:15], 16),
         "outside_weight": float(train["outside_weight"]),  # token classification
@@ -462,13 +551,18 @@ def _train_settings(r: _Round, plan: RoundPlan, dp: DPSettings | None, device: t
         # A linear head on cached features: the recipe's own lr, and no physical batch cap,
         # autocast or ghost clipping (the defaults): those are for the encoder's memory and time.
         return TrainSettings(lr=float(recipe_of(r.cfg)["head_lr"]), features=True, **shared)
-    return TrainSettings(lr=float(train["lr"]), grad_sample_mode=str(train["grad_sample_mode"]),
-                         max_physical_batch_size=r.who.max_physical_batch_size or train["max_physical_batch_size"],
-                         amp_dtype=autocast_dtype(device, train["precision"]), **shared)
+    return TrainSettings(
+        lr=float(train["lr"]),
+        grad_sample_mode=str(train["grad_sample_mode"]),
+        max_physical_batch_size=r.who.max_physical_batch_size or train["max_physical_batch_size"],
+        amp_dtype=autocast_dtype(device, train["precision"]),
+        **shared,
+    )
 
 
-def _update(model: torch.nn.Module, global_state: Mapping[str, torch.Tensor],
-            release: torch.Tensor | None) -> dict[str, torch.Tensor]:
+def _update(
+    model: torch.nn.Module, global_state: Mapping[str, torch.Tensor], release: torch.Tensor | None
+) -> dict[str, torch.Tensor]:
     """local − global trainable weights; for the prototype stage, the release instead."""
     local = trainable_state(model)
     update = {k: (local[k].cpu() - torch.as_tensor(global_state[k])).contiguous() for k in local}
@@ -480,8 +574,16 @@ def _update(model: torch.nn.Module, global_state: Mapping[str, torch.Tensor],
     return update
 
 
-def _commit(r: _Round, ledger: Ledger, previous: Ledger, plan: RoundPlan, dp: DPSettings | None,
-            update: dict[str, torch.Tensor], history: list | None, key: str) -> RoundOutcome:
+def _commit(
+    r: _Round,
+    ledger: Ledger,
+    previous: Ledger,
+    plan: RoundPlan,
+    dp: DPSettings | None,
+    update: dict[str, torch.Tensor],
+    history: list | None,
+    key: str,
+) -> RoundOutcome:
     """Write-ahead: the reply and the ledger entry are durable before anything leaves."""
     protection = None
     eps = None  # without DP there is no guarantee at all: no ε to state
@@ -491,8 +593,11 @@ def _commit(r: _Round, ledger: Ledger, previous: Ledger, plan: RoundPlan, dp: DP
         eps = epsilon(ledger.history, ledger.delta, dp.accountant)
         protection = _protection(plan, dp, ledger, eps)
     save_reply(r.who.state_dir, r.who.client_id, key, update)
-    ledger.rounds.append(RoundEntry(r.run_id, r.server_round, "trained", eps, reply_key=key,
-                                    steps=sum(int(h[2]) for h in ledger.history)))
+    ledger.rounds.append(
+        RoundEntry(
+            r.run_id, r.server_round, "trained", eps, reply_key=key, steps=sum(int(h[2]) for h in ledger.history)
+        )
+    )
     ledger.commit(r.who.state_dir, previous)
     return _outcome(r, ledger, update, protection=protection)
 
@@ -502,10 +607,13 @@ def _protection(plan: RoundPlan, dp: DPSettings, ledger: Ledger, eps_after: floa
     proto = plan.stage == "prototypes"  # one Gaussian release of sensitivity 1 at q = 1
     return {
         "mechanism": "prototype release" if proto else "DP-SGD",
-        "sigma": dp.noise_multiplier, "clip_norm": 1.0 if proto else dp.max_grad_norm,
-        "sample_rate": 1.0 if proto else plan.sample_rate, "steps": plan.steps,
+        "sigma": dp.noise_multiplier,
+        "clip_norm": 1.0 if proto else dp.max_grad_norm,
+        "sample_rate": 1.0 if proto else plan.sample_rate,
+        "steps": plan.steps,
         "epsilon_before": epsilon(list(dp.prior_history), ledger.delta, dp.accountant) if dp.prior_history else 0.0,
-        "epsilon_after": eps_after, "delta": ledger.delta,
+        "epsilon_after": eps_after,
+        "delta": ledger.delta,
     }
 
 

@@ -24,6 +24,7 @@ masked vector leaves); the unmask stage then adds its own bytes to that line.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -38,7 +39,7 @@ from common.model.state import state_norm
 from common.protocol import TrainInstruction
 
 # answer(instruction, global_state, context) -> client.app.Answered (its .reply a TrainReply, its .log the line)
-Answer = Callable[[TrainInstruction, Mapping[str, torch.Tensor], Context], "Answered"]
+Answer = Callable[[TrainInstruction, Mapping[str, torch.Tensor], Context], Any]
 #: This device's bytes so far in the current SecAgg+ round, and which round's line the unmask stage adds to.
 _TRAFFIC = "fedpriv.secagg-traffic"
 
@@ -58,20 +59,38 @@ def secagg_train(msg: Message, context: Context, answer: Answer) -> Message:
     if stage == Stage.COLLECT_MASKED_VECTORS and answered:
         done, arrays = answered[0]
         done.log(so_far + sent, masked=True, tensors=arrays)  # before the masked vector leaves
-        context.state.config_records[_TRAFFIC] = ConfigRecord({
-            "bytes": 0, "run-id": done.run_id, "round": int(done.reply.server_round),
-            "client-id": done.who.client_id, "state-dir": str(done.who.state_dir)})
+        context.state.config_records[_TRAFFIC] = ConfigRecord(
+            {
+                "bytes": 0,
+                "run-id": done.run_id,
+                "round": int(done.reply.server_round),
+                "client-id": done.who.client_id,
+                "state-dir": str(done.who.state_dir),
+            }
+        )
     elif stage == Stage.UNMASK and traffic is not None and "run-id" in traffic:
-        transparency.add_bytes(str(traffic["state-dir"]), str(traffic["client-id"]), run_id=str(traffic["run-id"]),
-                               server_round=int(traffic["round"]), extra=sent)
+        transparency.add_bytes(
+            str(traffic["state-dir"]),
+            str(traffic["client-id"]),
+            run_id=str(traffic["run-id"]),
+            server_round=int(traffic["round"]),
+            extra=sent,
+        )
         del context.state.config_records[_TRAFFIC]
     else:
         context.state.config_records[_TRAFFIC] = ConfigRecord({"bytes": so_far + sent})
     return out
 
 
-def secure_vector(update: Mapping[str, torch.Tensor] | None, global_state: Mapping[str, torch.Tensor],
-                  keys: list[str], *, fits: bool, clipping_range: float, max_norm: float | None) -> list[np.ndarray]:
+def secure_vector(
+    update: Mapping[str, torch.Tensor] | None,
+    global_state: Mapping[str, torch.Tensor],
+    keys: list[str],
+    *,
+    fits: bool,
+    clipping_range: float,
+    max_norm: float | None,
+) -> list[np.ndarray]:
     """The arrays to mask: the checked update in ``keys`` order, then ``[fits · R]``."""
     if update is None:  # declined: zeros keep the protocol whole and add nothing
         update = {k: torch.zeros_like(v) for k, v in global_state.items()}
@@ -96,10 +115,20 @@ def legacy_fit(msg: Message, context: Context, answer: Answer, answered: list | 
     global_state = {k: torch.from_numpy(np.array(a)) for k, a in zip(keys, arrays, strict=True)}
     done = answer(instruction, global_state, context)
     reply = done.reply
-    vector = secure_vector(reply.update, global_state, keys, fits=bool(reply.fits), clipping_range=secagg_range,
-                           max_norm=instruction.client_clip_norm)
+    vector = secure_vector(
+        reply.update,
+        global_state,
+        keys,
+        fits=bool(reply.fits),
+        clipping_range=secagg_range,
+        max_norm=instruction.client_clip_norm,
+    )
     if answered is not None:  # what the masked vector carries: every key, zeros for a decline
         answered.append((done, {k: global_state[k] for k in keys}))
-    fitres = FitRes(status=Status(code=Code.OK, message=""), parameters=ndarrays_to_parameters(vector),
-                    num_examples=1, metrics=reply.secure_metrics())
+    fitres = FitRes(
+        status=Status(code=Code.OK, message=""),
+        parameters=ndarrays_to_parameters(vector),
+        num_examples=1,
+        metrics=reply.secure_metrics(),
+    )
     return Message(compat.fitres_to_recorddict(fitres, keep_input=False), reply_to=msg)

@@ -78,16 +78,21 @@ class TrainInstruction:
     @classmethod
     def from_config(cls, config: Mapping) -> "TrainInstruction":
         clip = config.get(CLIENT_CLIP_NORM)
-        return cls(str(config[RUN_ID]), int(config[SERVER_ROUND]), str(config[RUN_CONFIG]),
-                   float(clip) if clip is not None else None)
+        return cls(
+            str(config[RUN_ID]),
+            int(config[SERVER_ROUND]),
+            str(config[RUN_CONFIG]),
+            float(clip) if clip is not None else None,
+        )
 
     def cfg(self) -> dict:
         return json.loads(self.run_config)
 
     def to_content(self, global_state: Mapping[str, torch.Tensor]) -> RecordDict:
         """A plain round's train message."""
-        return RecordDict({ARRAYS: ArrayRecord(torch_state_dict=dict(global_state)),
-                           CONFIG: ConfigRecord(self.to_config())})
+        return RecordDict(
+            {ARRAYS: ArrayRecord(torch_state_dict=dict(global_state)), CONFIG: ConfigRecord(self.to_config())}
+        )
 
     @staticmethod
     def from_content(content: RecordDict) -> tuple["TrainInstruction", dict[str, torch.Tensor]]:
@@ -132,7 +137,9 @@ class TrainReply:
 
     def to_content(self) -> RecordDict:
         """A plain reply."""
-        content = RecordDict({METRICS: MetricRecord(self._metrics(secure=False)), PRIVACY: ConfigRecord(self._privacy())})
+        content = RecordDict(
+            {METRICS: MetricRecord(self._metrics(secure=False)), PRIVACY: ConfigRecord(self._privacy())}
+        )
         if self.update is not None:
             content[ARRAYS] = ArrayRecord(torch_state_dict=self.update)
         return content

@@ -28,6 +28,7 @@ from common.errors import ConfigError
 #: The head every recipe stage can address: PooledClassifier's and HF's classifier Linear.
 HEAD_PREFIX = "classifier."
 
+
 def recipe_of(cfg: Mapping) -> dict:
     return dict(cfg["recipe"])
 
@@ -62,15 +63,19 @@ def validate_recipe(cfg: Mapping) -> None:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
             raise ConfigError(f"recipe.{key}", f"must be a number > 0, got {value!r}")
     if not recipe["prototype_share"] < 1:
-        raise ConfigError("recipe.prototype_share", f"must be < 1 (the rest is DP-SGD's), got {recipe['prototype_share']!r}")
+        raise ConfigError(
+            "recipe.prototype_share", f"must be < 1 (the rest is DP-SGD's), got {recipe['prototype_share']!r}"
+        )
     enc = recipe["encoder_rounds"]
     if enc is not None and (isinstance(enc, bool) or not isinstance(enc, int) or enc < 0):
         raise ConfigError("recipe.encoder_rounds", f"must be null or an integer >= 0, got {enc!r}")
     plan = stage_rounds(cfg)
     if plan["head"] < 0:
-        raise ConfigError("recipe.encoder_rounds",
-                          f"{enc} encoder rounds{' after the prototype round' if plan['prototypes'] else ''} "
-                          f"do not fit in rounds={cfg['rounds']}")
+        raise ConfigError(
+            "recipe.encoder_rounds",
+            f"{enc} encoder rounds{' after the prototype round' if plan['prototypes'] else ''} "
+            f"do not fit in rounds={cfg['rounds']}",
+        )
     if plan["head"] > 0:
         lr = recipe["head_lr"]
         if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
@@ -83,14 +88,20 @@ def check_model(cfg: Mapping, model: nn.Module) -> None:
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     if plan["prototypes"] or plan["head"]:
         if not hasattr(model, "features"):
-            raise ConfigError("model.pooling", "the recipe's prototype and head stages read pooled features: "
-                              "set model.pooling=auto|mean|cls (or recipe=finetune)")
+            raise ConfigError(
+                "model.pooling",
+                "the recipe's prototype and head stages read pooled features: "
+                "set model.pooling=auto|mean|cls (or recipe=finetune)",
+            )
         head = head_shape(model)
         if plan["prototypes"] and head[1] != model.config.hidden_size:
             raise ConfigError("recipe.prototypes", "the head does not read the pooled features directly")
     if plan["encoder"] and not any(not n.startswith(HEAD_PREFIX) for n in trainable):
-        raise ConfigError("recipe.encoder_rounds", "the model trains no encoder parameters (freeze_encoder, "
-                          "no adapters): encoder rounds would train the head the slow way; use 0")
+        raise ConfigError(
+            "recipe.encoder_rounds",
+            "the model trains no encoder parameters (freeze_encoder, "
+            "no adapters): encoder rounds would train the head the slow way; use 0",
+        )
 
 
 def head_shape(model: nn.Module) -> tuple[int, int]:
@@ -109,8 +120,10 @@ def round_aggregation(cfg: Mapping, server_round: int, state: Mapping[str, torch
     """``server.round.aggregate.aggregate``'s stage arguments for ``server_round``: which tensors
     move (``keys``; None = all) and whether the round is the prototype read-out."""
     stage = stage_of(cfg, server_round)
-    return {"keys": None if stage == "encoder" else head_keys(state),
-            "prototype_scale": float(recipe_of(cfg)["prototype_scale"]) if stage == "prototypes" else None}
+    return {
+        "keys": None if stage == "encoder" else head_keys(state),
+        "prototype_scale": float(recipe_of(cfg)["prototype_scale"]) if stage == "prototypes" else None,
+    }
 
 
 def head_from_prototypes(sums: torch.Tensor, scale: float) -> torch.Tensor:

@@ -94,13 +94,17 @@ def report(argv: list[str]) -> int:
 
     from common.report import render_run_dir
 
-    parser = argparse.ArgumentParser(prog="fedpriv report", description="re-render a run's privacy report "
-                                     "from its run directory (every epsilon recomputed)")
+    parser = argparse.ArgumentParser(
+        prog="fedpriv report",
+        description="re-render a run's privacy report from its run directory (every epsilon recomputed)",
+    )
     parser.add_argument("run_dir", type=Path, metavar="RUN_DIR")
     args = parser.parse_args(argv)
     report = render_run_dir(args.run_dir)
-    print(f"fedpriv: report re-rendered in {args.run_dir / 'privacy_report.md'} "
-          f"({len(report['sample_level']['clients'])} clients)")
+    print(
+        f"fedpriv: report re-rendered in {args.run_dir / 'privacy_report.md'} "
+        f"({len(report['sample_level']['clients'])} clients)"
+    )
     return 0
 
 
@@ -133,8 +137,11 @@ def explain(argv: list[str]) -> int:
     from server.release.released import load_released
     from server.round.checkpoint import CheckpointError
 
-    parser = argparse.ArgumentParser(prog="fedpriv explain", description="What the released global model "
-                                     "of a run predicts for the given texts and what it attends to; no client data.")
+    parser = argparse.ArgumentParser(
+        prog="fedpriv explain",
+        description="What the released global model "
+        "of a run predicts for the given texts and what it attends to; no client data.",
+    )
     parser.add_argument("run_dir", type=Path, metavar="RUN_DIR")
     parser.add_argument("--text", action="append", required=True, help="a text to explain (repeatable)")
     parser.add_argument("--out", type=Path, help=f"the HTML page (default: RUN_DIR/{CLI_PAGE})")
@@ -171,8 +178,10 @@ def export_command(argv: list[str]) -> int:
         print(f"fedpriv export: {err}", file=sys.stderr)
         return 2
     merged = " (LoRA adapter merged into the encoder)" if done.merged else ""
-    print(f"fedpriv: round {done.meta['round']} exported to {done.out} as a {done.layout} model{merged}; "
-          f"model card {done.out / 'README.md'}")
+    print(
+        f"fedpriv: round {done.meta['round']} exported to {done.out} as a {done.layout} model{merged}; "
+        f"model card {done.out / 'README.md'}"
+    )
     return 0
 
 

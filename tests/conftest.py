@@ -20,11 +20,21 @@ for key in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
 # Small and fast: a 2-layer random BERT on 400 synthetic messages.
 # recipe=finetune: every round trains through the encoder (the machinery these tests check);
 # the recipe's prototype and head stages have tests of their own. model.pooling=pooler with
-# normalize null and the encoder trainable: HF's own classifier (BertForSequenceClassification), the model these figures were set with.
+# normalize null and the encoder trainable: HF's own classifier (BertForSequenceClassification),
+# the model these figures were set with.
 # evaluation.explain_inputs=0: the run-end explanation page has tests of its own (tests/server/test_explain.py).
-FAST = ["model=tiny_bert", "recipe=finetune", "model.pooling=pooler", "model.normalize=null",
-        "model.freeze_encoder=false", "evaluation.explain_inputs=0", "data.train_size=400", "data.test_size=80", "train.batch_size=32",
-        "train.local_epochs=1"]
+FAST = [
+    "model=tiny_bert",
+    "recipe=finetune",
+    "model.pooling=pooler",
+    "model.normalize=null",
+    "model.freeze_encoder=false",
+    "evaluation.explain_inputs=0",
+    "data.train_size=400",
+    "data.test_size=80",
+    "train.batch_size=32",
+    "train.local_epochs=1",
+]
 # For `fedpriv simulate` tests that check what a run records, not how clients run side by
 # side: one Ray CPU, so one ClientAppActor serves every simulated client in turn. Nearly
 # all of a small run's time is start-up, and each extra actor imports torch, transformers
@@ -63,13 +73,20 @@ def model_group(option: str) -> dict:
 def fast_cfg(tmp_path):
     def make(*overrides):
         return compose([*FAST, *overrides], tmp_path / "run")
+
     return make
 
 
 def run_fedpriv(args, cwd: Path, timeout=300) -> subprocess.CompletedProcess:
     """`fedpriv ARGS` in a subprocess, bounded in time."""
-    return subprocess.run([sys.executable, "-m", "server.cli", *args], cwd=cwd, capture_output=True,
-                          text=True, timeout=timeout, env=child_env())
+    return subprocess.run(
+        [sys.executable, "-m", "server.cli", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=child_env(),
+    )
 
 
 def child_env() -> dict:

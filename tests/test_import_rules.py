@@ -83,8 +83,10 @@ def violations(root: Path) -> list[str]:
 def graph(root: Path) -> dict[str, set[str]]:
     """Module -> the modules it imports by statement (import strings load lazily, by name)."""
     known = modules(root)
-    return {name: {t for t, _, how, _ in imports(name, path, known) if how == "import" and t != name}
-            for name, path in known.items()}
+    return {
+        name: {t for t, _, how, _ in imports(name, path, known) if how == "import" and t != name}
+        for name, path in known.items()
+    }
 
 
 def cycles(root: Path) -> list[list[str]]:
@@ -127,8 +129,13 @@ def test_privacy_imports_nothing_of_the_report():
     # The report presents what the privacy modules compute (their units' words included:
     # common.privacy.units), never the other way round.
     edges = graph(ROOT)
-    found = {(name, target) for name, targets in edges.items() if name.startswith("common.privacy")
-             for target in targets if target.startswith("common.report")}
+    found = {
+        (name, target)
+        for name, targets in edges.items()
+        if name.startswith("common.privacy")
+        for target in targets
+        if target.startswith("common.report")
+    }
     assert found == set()
 
 
@@ -146,17 +153,26 @@ LAYERS = {
 
 def test_no_room_imports_a_room_above_it():
     edges = graph(ROOT)
-    found = sorted((name, target) for name, targets in edges.items() for target in targets
-                   for room, above in LAYERS.items()
-                   if (name == room or name.startswith(room + ".")) and any(
-                       target == up or target.startswith(up + ".") for up in above))
+    found = sorted(
+        (name, target)
+        for name, targets in edges.items()
+        for target in targets
+        for room, above in LAYERS.items()
+        if (name == room or name.startswith(room + "."))
+        and any(target == up or target.startswith(up + ".") for up in above)
+    )
     assert found == []
 
 
 def test_the_one_import_string_from_server_to_client_is_the_client_app():
     known = modules(ROOT)
-    crossing = {(name, text) for name, path in known.items() if name.split(".")[0] == "server"
-                for target, _, how, text in imports(name, path, known) if how == "string" and target.startswith("client")}
+    crossing = {
+        (name, text)
+        for name, path in known.items()
+        if name.split(".")[0] == "server"
+        for target, _, how, text in imports(name, path, known)
+        if how == "string" and target.startswith("client")
+    }
     assert crossing == ALLOWED_STRINGS
 
 
@@ -178,23 +194,28 @@ def _tree(tmp_path: Path, files: dict[str, str]) -> Path:
 
 
 def test_the_checker_finds_each_kind_of_violation(tmp_path):
-    root = _tree(tmp_path, {
-        "server/a.py": "import client.x\n",
-        "server/b.py": "def f():\n    from client import x\n",
-        "server/c.py": "REF = 'client.x:run'\n",
-        "server/d.py": "import importlib\nmod = importlib.import_module('client.x')\n",
-        "server/e.py": "from . import f\n",  # a cycle through a relative import
-        "server/f.py": "def g():\n    import server.e\n",
-        "common/g.py": "from server.a import y\n",
-        "common/h.py": "NAME = 'common.h'\nLABEL = 'client'\n",  # itself; a bare word is no import string
-        "client/x.py": "import common.h\n",
-    })
+    root = _tree(
+        tmp_path,
+        {
+            "server/a.py": "import client.x\n",
+            "server/b.py": "def f():\n    from client import x\n",
+            "server/c.py": "REF = 'client.x:run'\n",
+            "server/d.py": "import importlib\nmod = importlib.import_module('client.x')\n",
+            "server/e.py": "from . import f\n",  # a cycle through a relative import
+            "server/f.py": "def g():\n    import server.e\n",
+            "common/g.py": "from server.a import y\n",
+            "common/h.py": "NAME = 'common.h'\nLABEL = 'client'\n",  # itself; a bare word is no import string
+            "client/x.py": "import common.h\n",
+        },
+    )
     found = violations(root)
-    for needle in ("server/a.py:1: server/ imports client.x (import)",
-                   "server/b.py:2: server/ imports client.x (import)",
-                   "server/c.py:1: server/ imports client.x (string)",
-                   "server/d.py:2: server/ imports client.x (string)",
-                   "common/g.py:1: common/ imports server.a (import)",
-                   "import cycle: server.e -> server.f -> server.e"):
+    for needle in (
+        "server/a.py:1: server/ imports client.x (import)",
+        "server/b.py:2: server/ imports client.x (import)",
+        "server/c.py:1: server/ imports client.x (string)",
+        "server/d.py:2: server/ imports client.x (string)",
+        "common/g.py:1: common/ imports server.a (import)",
+        "import cycle: server.e -> server.f -> server.e",
+    ):
         assert needle in found, (needle, found)
     assert len(found) == 6, found

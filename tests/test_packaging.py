@@ -48,8 +48,23 @@ def wheel(tmp_path_factory) -> Path:
     for name in (*PACKAGES, "conf"):
         shutil.copytree(ROOT / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
     out = tmp_path_factory.mktemp("wheel")
-    done = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-cache-dir",
-                           "-w", str(out), str(src)], capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "--no-cache-dir",
+            "-w",
+            str(out),
+            str(src),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     said = done.stdout + done.stderr
     assert done.returncode == 0, said[-3000:]
     assert "warning" not in said.lower(), said[-3000:]  # e.g. conf/'s folders taken for packages
@@ -74,7 +89,10 @@ def test_wheel_metadata_declares_the_command_entry_points_and_scipy(wheel):
         info = next(n.split("/")[0] for n in whl.namelist() if n.endswith(".dist-info/METADATA"))
         entry_points = whl.read(f"{info}/entry_points.txt").decode()
         metadata = whl.read(f"{info}/METADATA").decode()
-    assert "[fedpriv.commands]\naudit = client.canary_audit:run_audit\ndevice-log = client.privacy.device_log:main" in entry_points
+    assert (
+        "[fedpriv.commands]\naudit = client.canary_audit:run_audit\ndevice-log = client.privacy.device_log:main"
+        in entry_points
+    )
     assert "fedpriv = server.cli:main" in entry_points
     assert "Requires-Dist: scipy" in metadata
 
@@ -84,12 +102,17 @@ def test_pyproject_names_the_same_client_app_and_exactly_the_packages():
     setuptools = PYPROJECT["tool"]["setuptools"]
     # Listed exactly: every package folder of the source tree, subpackages included (a
     # subpackage left out would be missing from the wheel, and nothing else would say so).
-    on_disk = [".".join(init.parent.relative_to(ROOT).parts) for package in PACKAGES
-               for init in (ROOT / package).rglob("__init__.py")]
+    on_disk = [
+        ".".join(init.parent.relative_to(ROOT).parts)
+        for package in PACKAGES
+        for init in (ROOT / package).rglob("__init__.py")
+    ]
     assert sorted(setuptools["packages"]) == sorted([*on_disk, CONF_PACKAGE])
     assert setuptools["package-dir"] == {CONF_PACKAGE: "conf"}
-    assert PYPROJECT["project"]["entry-points"]["fedpriv.commands"] == {"audit": "client.canary_audit:run_audit",
-                                                                        "device-log": "client.privacy.device_log:main"}
+    assert PYPROJECT["project"]["entry-points"]["fedpriv.commands"] == {
+        "audit": "client.canary_audit:run_audit",
+        "device-log": "client.privacy.device_log:main",
+    }
 
 
 def test_every_third_party_import_is_a_declared_dependency():
@@ -119,10 +142,20 @@ def _venv_with(wheel: Path, where: Path) -> Path:
     venv = where / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
     python = venv / "bin" / "python"
-    site = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                          capture_output=True, text=True, check=True, env=_outside_env()).stdout.strip()
-    done = subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps", "--no-index",
-                           "-q", str(wheel)], capture_output=True, text=True, timeout=300, env=_outside_env())
+    site = subprocess.run(
+        [python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        capture_output=True,
+        text=True,
+        check=True,
+        env=_outside_env(),
+    ).stdout.strip()
+    done = subprocess.run(
+        [sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps", "--no-index", "-q", str(wheel)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=_outside_env(),
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     # Then the dependencies. A path in a .pth is added as it is: the .pth files inside it
     # (this environment's editable install of fedpriv) are not run, so fedpriv comes from
@@ -149,13 +182,29 @@ def _decoy_cwd(tmp_path: Path) -> Path:
 def test_installed_wheel_reads_its_packaged_conf_from_another_directory(wheel, tmp_path):
     venv = _venv_with(wheel, tmp_path)
     cwd = _decoy_cwd(tmp_path)
-    done = subprocess.run([venv / "bin" / "fedpriv", "simulate", "--info", "searchpath", "model=tiny_bert"],
-                          cwd=cwd, capture_output=True, text=True, timeout=300, env=_outside_env())
+    done = subprocess.run(
+        [venv / "bin" / "fedpriv", "simulate", "--info", "searchpath", "model=tiny_bert"],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=_outside_env(),
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert f"pkg://{CONF_PACKAGE}" in done.stdout
-    where = subprocess.run([venv / "bin" / "python", "-c", "import server.runtime.pinning as c, json; c.pin(); "
-                            "import common, fedpriv_conf; print(json.dumps([common.__file__, fedpriv_conf.__file__]))"],
-                           cwd=tmp_path, capture_output=True, text=True, timeout=120, env=_outside_env())
+    where = subprocess.run(
+        [
+            venv / "bin" / "python",
+            "-c",
+            "import server.runtime.pinning as c, json; c.pin(); "
+            "import common, fedpriv_conf; print(json.dumps([common.__file__, fedpriv_conf.__file__]))",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=_outside_env(),
+    )
     assert where.returncode == 0, where.stderr[-3000:]
     for path in json.loads(where.stdout):
         assert Path(path).is_relative_to(venv), path
@@ -170,9 +219,22 @@ def test_installed_wheel_simulates_from_a_folder_with_its_own_common_package(whe
     venv = _venv_with(wheel, tmp_path)
     cwd = _decoy_cwd(tmp_path)
     run_dir = tmp_path / "run"
-    done = subprocess.run([venv / "bin" / "fedpriv", "simulate", *FAST, ONE_ACTOR, "num_clients=2", "rounds=2",
-                           f"hydra.run.dir={run_dir}"], cwd=cwd, capture_output=True, text=True, timeout=600,
-                          env=_outside_env())
+    done = subprocess.run(
+        [
+            venv / "bin" / "fedpriv",
+            "simulate",
+            *FAST,
+            ONE_ACTOR,
+            "num_clients=2",
+            "rounds=2",
+            f"hydra.run.dir={run_dir}",
+        ],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=_outside_env(),
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     rounds = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rounds] == [1, 2]

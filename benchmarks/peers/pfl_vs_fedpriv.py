@@ -40,28 +40,55 @@ import _common  # noqa: E402
 
 ROOT = _common.ROOT
 BANKING = ROOT.parent / "shared" / "data" / "banking77"
-DATA = ["data=csv", f"data.path={BANKING / 'train.csv'}", f"data.test_path={BANKING / 'test.csv'}",
-        "data.text_column=text", "data.label_column=category", "partition=dirichlet", "partition.alpha=0.5"]
+DATA = [
+    "data=csv",
+    f"data.path={BANKING / 'train.csv'}",
+    f"data.test_path={BANKING / 'test.csv'}",
+    "data.text_column=text",
+    "data.label_column=category",
+    "partition=dirichlet",
+    "partition.alpha=0.5",
+]
 QUICK_DATA = ["data=synthetic", "data.train_size=600", "data.test_size=200", "partition=iid"]
 SPLIT = ["num_clients=10"]
-JOB = ["privacy=none", "recipe=finetune", "model=minilm_lora", "model.lora.r=8", "model.lora.alpha=16",
-       "model.lora.target_modules=[query,value]", "train.local_epochs=1", "train.batch_size=32",
-       "train.optimizer=adamw", "train.lr=5e-4", "evaluation.explain_inputs=0", "strategy.fraction_train=1.0"]
+JOB = [
+    "privacy=none",
+    "recipe=finetune",
+    "model=minilm_lora",
+    "model.lora.r=8",
+    "model.lora.alpha=16",
+    "model.lora.target_modules=[query,value]",
+    "train.local_epochs=1",
+    "train.batch_size=32",
+    "train.optimizer=adamw",
+    "train.lr=5e-4",
+    "evaluation.explain_inputs=0",
+    "strategy.fraction_train=1.0",
+]
 LR = 5e-4
 
 
 def fedpriv_run(overrides: list[str], run_dir: Path, timeout: float) -> dict:
     started = time.monotonic()
-    out = subprocess.run([Path(sys.executable).parent / "fedpriv", "simulate", *overrides, f"hydra.run.dir={run_dir}"],
-                         cwd=run_dir.parent, capture_output=True, text=True, timeout=timeout,
-                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+    out = subprocess.run(
+        [Path(sys.executable).parent / "fedpriv", "simulate", *overrides, f"hydra.run.dir={run_dir}"],
+        cwd=run_dir.parent,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
     if out.returncode != 0:
         raise RuntimeError(f"fedpriv simulate failed:\n{(out.stdout + out.stderr)[-3000:]}")
     from common.report import read_metrics
 
     rounds = read_metrics(run_dir)
-    return {"overrides": overrides, "wall_s": round(time.monotonic() - started, 1),
-            "round_s": [r["wall_s"] for r in rounds], "accuracy": [r["accuracy"] for r in rounds]}
+    return {
+        "overrides": overrides,
+        "wall_s": round(time.monotonic() - started, 1),
+        "round_s": [r["wall_s"] for r in rounds],
+        "accuracy": [r["accuracy"] for r in rounds],
+    }
 
 
 def pfl_child(overrides_json: str, out_path: str) -> None:
@@ -119,8 +146,9 @@ def pfl_child(overrides_json: str, out_path: str) -> None:
 
     module = Module(inner)
     params = [p for p in module.parameters() if p.requires_grad]
-    model = PyTorchModel(model=module, local_optimizer_create=torch.optim.AdamW,
-                         central_optimizer=torch.optim.SGD(params, lr=1.0))  # SGD(1.0) on the mean update: FedAvg
+    model = PyTorchModel(
+        model=module, local_optimizer_create=torch.optim.AdamW, central_optimizer=torch.optim.SGD(params, lr=1.0)
+    )  # SGD(1.0) on the mean update: FedAvg
     fed = FederatedDataset.from_slices(users, get_user_sampler("minimize_reuse", list(users)))
     rounds = int(cfg["rounds"])
     marks, accuracy = [time.monotonic()], []
@@ -136,30 +164,47 @@ def pfl_child(overrides_json: str, out_path: str) -> None:
             stop, metrics = self._eval(model)
             accuracy.append(next(v for k, v in metrics.to_simple_dict().items() if "accuracy" in k))
             marks.append(time.monotonic())
-            print(f"pfl round {central_iteration + 1}: {marks[-1] - marks[-2]:.1f} s, accuracy {accuracy[-1]:.4f}",
-                  flush=True)
+            print(
+                f"pfl round {central_iteration + 1}: {marks[-1] - marks[-2]:.1f} s, accuracy {accuracy[-1]:.4f}",
+                flush=True,
+            )
             return stop, metrics
 
     eval_params = NNEvalHyperParams(local_batch_size=int(cfg["evaluation"]["batch_size"]))
     FederatedAveraging().run(
-        algorithm_params=NNAlgorithmParams(central_num_iterations=rounds, evaluation_frequency=1,
-                                           train_cohort_size=len(users), val_cohort_size=None),
+        algorithm_params=NNAlgorithmParams(
+            central_num_iterations=rounds, evaluation_frequency=1, train_cohort_size=len(users), val_cohort_size=None
+        ),
         backend=SimulatedBackend(training_data=fed, val_data=None, postprocessors=[]),
         model=model,
-        model_train_params=NNTrainHyperParams(local_learning_rate=LR, local_num_epochs=1,
-                                              local_batch_size=int(cfg["train"]["batch_size"])),
+        model_train_params=NNTrainHyperParams(
+            local_learning_rate=LR, local_num_epochs=1, local_batch_size=int(cfg["train"]["batch_size"])
+        ),
         model_eval_params=eval_params,
-        callbacks=[Timed(central, model_eval_params=eval_params, frequency=1)])
-    Path(out_path).write_text(json.dumps({
-        "round_s": [round(b - a, 2) for a, b in zip(marks, marks[1:])], "accuracy": accuracy,
-        "client_sizes": [len(u[0]) for u in users.values()], "test_size": len(central)}))
+        callbacks=[Timed(central, model_eval_params=eval_params, frequency=1)],
+    )
+    Path(out_path).write_text(
+        json.dumps(
+            {
+                "round_s": [round(b - a, 2) for a, b in zip(marks, marks[1:])],
+                "accuracy": accuracy,
+                "client_sizes": [len(u[0]) for u in users.values()],
+                "test_size": len(central),
+            }
+        )
+    )
 
 
 def pfl_run(overrides: list[str], tmp: Path, timeout: float) -> dict:
     out = tmp / "pfl.json"
     started = time.monotonic()
-    proc = subprocess.run([sys.executable, __file__, "--pfl-child", json.dumps(overrides), str(out)],
-                          capture_output=True, text=True, timeout=timeout, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    proc = subprocess.run(
+        [sys.executable, __file__, "--pfl-child", json.dumps(overrides), str(out)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
     if proc.returncode != 0:
         raise RuntimeError(f"the pfl run failed:\n{(proc.stdout + proc.stderr)[-3000:]}")
     return {"overrides": overrides, "wall_s": round(time.monotonic() - started, 1), **json.loads(out.read_text())}
@@ -203,17 +248,27 @@ def main() -> None:
         return round(sum(later) / len(later), 2)
 
     target = round(max(pfl_side["accuracy"]), 4)
-    _common.write_json(args.out, {
-        "job": job,
-        "machine": _common.machine(),
-        "steady_round_s": {"fedpriv": steady(fed_side), "pfl": steady(pfl_side)},
-        "round_time_ratio_fedpriv_over_pfl": round(steady(fed_side) / steady(pfl_side), 3),
-        "goal_round_time_ratio": 1.0,
-        "time_to_accuracy": {"target": target, "note": "the best accuracy pfl reached on the job",
-                             "pfl_s": time_to(target, pfl_side), "fedpriv_job_s": time_to(target, fed_side),
-                             "fedpriv_defaults_s": time_to(target, defaults)},
-        "pfl": pfl_side, "fedpriv": fed_side, "fedpriv_defaults": defaults,
-    }, started)
+    _common.write_json(
+        args.out,
+        {
+            "job": job,
+            "machine": _common.machine(),
+            "steady_round_s": {"fedpriv": steady(fed_side), "pfl": steady(pfl_side)},
+            "round_time_ratio_fedpriv_over_pfl": round(steady(fed_side) / steady(pfl_side), 3),
+            "goal_round_time_ratio": 1.0,
+            "time_to_accuracy": {
+                "target": target,
+                "note": "the best accuracy pfl reached on the job",
+                "pfl_s": time_to(target, pfl_side),
+                "fedpriv_job_s": time_to(target, fed_side),
+                "fedpriv_defaults_s": time_to(target, defaults),
+            },
+            "pfl": pfl_side,
+            "fedpriv": fed_side,
+            "fedpriv_defaults": defaults,
+        },
+        started,
+    )
 
 
 if __name__ == "__main__":

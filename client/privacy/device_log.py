@@ -20,6 +20,7 @@ from rich.console import Console
 from rich.table import Table
 
 from client.privacy import transparency
+
 PLAIN_WORDS = (
     "This is what your device sent to the training server, and what it cost your privacy. "
     "Your texts, their labels and anything computed from a single one of them never left the "
@@ -36,8 +37,11 @@ EVENT_WORDS = {
 
 def unprotected(lines: list[dict]) -> list[dict]:
     """The lines of updates that left with no noise added on the device (no ``protection``)."""
-    return [line for line in lines if line["event"] in (transparency.SENT, transparency.RESENT)
-            and not line.get("protection")]
+    return [
+        line
+        for line in lines
+        if line["event"] in (transparency.SENT, transparency.RESENT) and not line.get("protection")
+    ]
 
 
 def summarise(lines: list[dict]) -> dict:
@@ -77,8 +81,11 @@ def _size(n: int) -> str:
 
 def _what(line: dict) -> str:
     if line["event"] == transparency.DECLINED:
-        return f"nothing (declined: {line['reason']})" if not line["masked"] else \
-            f"a masked vector of zeros (declined: {line['reason']})"
+        return (
+            f"nothing (declined: {line['reason']})"
+            if not line["masked"]
+            else f"a masked vector of zeros (declined: {line['reason']})"
+        )
     count = sum(1 for _ in line["tensors"])
     masked = ", masked so the server saw only the sum over devices" if line["masked"] else ""
     return f"{count} weight tensor(s){masked}"
@@ -88,19 +95,40 @@ def _noise(line: dict) -> str:
     p = line.get("protection")
     if not p:
         return "-"
-    return f"{p['mechanism']}: noise {p['sigma']:.3g} x clip {p['clip_norm']:.3g}, q {p['sample_rate']:.3g}, " \
-           f"{p['steps']} step(s)"
+    return (
+        f"{p['mechanism']}: noise {p['sigma']:.3g} x clip {p['clip_norm']:.3g}, q {p['sample_rate']:.3g}, "
+        f"{p['steps']} step(s)"
+    )
 
 
 def rows(lines: list[dict]) -> list[list[str]]:
-    return [[line["time"], line["run_id"][:8], str(line["round"]), EVENT_WORDS[line["event"]], _what(line),
-             _size(int(line["bytes"])), _noise(line), _eps(line["epsilon_before"], line.get("delta")),
-             _eps(line["epsilon_after"], line.get("delta"))]
-            for line in lines]
+    return [
+        [
+            line["time"],
+            line["run_id"][:8],
+            str(line["round"]),
+            EVENT_WORDS[line["event"]],
+            _what(line),
+            _size(int(line["bytes"])),
+            _noise(line),
+            _eps(line["epsilon_before"], line.get("delta")),
+            _eps(line["epsilon_after"], line.get("delta")),
+        ]
+        for line in lines
+    ]
 
 
-HEADERS = ["when (UTC)", "run", "round", "what happened", "what left the device", "size", "protection",
-           "privacy spent before", "after"]
+HEADERS = [
+    "when (UTC)",
+    "run",
+    "round",
+    "what happened",
+    "what left the device",
+    "size",
+    "protection",
+    "privacy spent before",
+    "after",
+]
 
 
 def epsilon_curve_png(lines: list[dict]) -> bytes | None:
@@ -127,10 +155,13 @@ def epsilon_curve_png(lines: list[dict]) -> bytes | None:
 
 def to_html(logs: dict[str, list[dict]]) -> str:
     esc = html.escape
-    parts = ["<!doctype html><html><head><meta charset='utf-8'><title>What left this device</title>",
-             "<style>body{font-family:sans-serif;max-width:70em;margin:2em auto}table{border-collapse:collapse}"
-             "td,th{border:1px solid #ccc;padding:.3em .5em;font-size:.9em}</style></head><body>",
-             "<h1>What left this device</h1>", f"<p>{esc(PLAIN_WORDS)}</p>"]
+    parts = [
+        "<!doctype html><html><head><meta charset='utf-8'><title>What left this device</title>",
+        "<style>body{font-family:sans-serif;max-width:70em;margin:2em auto}table{border-collapse:collapse}"
+        "td,th{border:1px solid #ccc;padding:.3em .5em;font-size:.9em}</style></head><body>",
+        "<h1>What left this device</h1>",
+        f"<p>{esc(PLAIN_WORDS)}</p>",
+    ]
     for client_id, lines in logs.items():
         total = summarise(lines)
         parts.append(f"<h2>Client {esc(client_id)}</h2>")
@@ -139,14 +170,17 @@ def to_html(logs: dict[str, list[dict]]) -> str:
         parts.append(f"<p>{esc(_totals_sentence(total))}</p>")
         for run_id in total["runs"]:
             run_lines = [line for line in lines if line["run_id"] == run_id]
-            parts.append(f"<h3>Run {esc(run_id)}</h3><table><tr>"
-                         + "".join(f"<th>{esc(h)}</th>" for h in HEADERS) + "</tr>")
+            parts.append(
+                f"<h3>Run {esc(run_id)}</h3><table><tr>" + "".join(f"<th>{esc(h)}</th>" for h in HEADERS) + "</tr>"
+            )
             parts += ["<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>" for row in rows(run_lines)]
             parts.append("</table>")
         png = epsilon_curve_png(lines)
         if png is not None:
-            parts.append("<h3>How the privacy spent grew</h3><img alt='privacy spent per message' "
-                         f"src='data:image/png;base64,{base64.b64encode(png).decode()}'>")
+            parts.append(
+                "<h3>How the privacy spent grew</h3><img alt='privacy spent per message' "
+                f"src='data:image/png;base64,{base64.b64encode(png).decode()}'>"
+            )
         parts.append(f"<p>Never sent: {esc(', '.join(transparency.NEVER_SENT))}.</p>")
     parts.append("</body></html>")
     return "\n".join(parts)
@@ -157,14 +191,18 @@ def _unprotected_sentence(total: dict) -> str | None:
     if not total["sent_without_protection"]:
         return None
     where = ", ".join(f"run {run[:8]} round {rnd}" for run, rnd in total["unprotected_rounds"])
-    return (f"WARNING: {total['sent_without_protection']} update(s) sent without protection (no noise added on "
-            f"this device; the privacy spent below does not cover them): {where}.")
+    return (
+        f"WARNING: {total['sent_without_protection']} update(s) sent without protection (no noise added on "
+        f"this device; the privacy spent below does not cover them): {where}."
+    )
 
 
 def _totals_sentence(total: dict) -> str:
-    return (f"{total['messages']} message(s) in {len(total['runs'])} run(s): {total['updates_sent']} update(s) "
-            f"sent, {total['resent']} resent, {total['declined']} declined; {_size(total['bytes'])} in all; "
-            f"privacy spent so far: {_eps(total['epsilon'], total['delta'])}.")
+    return (
+        f"{total['messages']} message(s) in {len(total['runs'])} run(s): {total['updates_sent']} update(s) "
+        f"sent, {total['resent']} resent, {total['declined']} declined; {_size(total['bytes'])} in all; "
+        f"privacy spent so far: {_eps(total['epsilon'], total['delta'])}."
+    )
 
 
 def main(argv: list[str]) -> int:
@@ -176,8 +214,10 @@ def main(argv: list[str]) -> int:
     ids = [args.client] if args.client else transparency.clients(args.state_dir)
     logs = {cid: transparency.read(args.state_dir, cid) for cid in ids}
     if not any(logs.values()):
-        print(f"fedpriv device-log: no transparency log under {args.state_dir}"
-              f"{' for client ' + args.client if args.client else ''}: nothing has left this device")
+        print(
+            f"fedpriv device-log: no transparency log under {args.state_dir}"
+            f"{' for client ' + args.client if args.client else ''}: nothing has left this device"
+        )
         return 1
     console = Console()
     console.print(PLAIN_WORDS)

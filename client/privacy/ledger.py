@@ -51,8 +51,9 @@ class LedgerBusy(RuntimeError):
 
 
 @contextlib.contextmanager
-def locked(state_dir: str | Path, client_id: str, *, timeout: float = 600.0,
-           lock_file: str = LOCK_FILE) -> Iterator[None]:
+def locked(
+    state_dir: str | Path, client_id: str, *, timeout: float = 600.0, lock_file: str = LOCK_FILE
+) -> Iterator[None]:
     """Hold the client's state-directory lock (``flock``, exclusive) for the block.
 
     ``flock`` locks belong to an open file description, so two processes, and two
@@ -152,8 +153,7 @@ class Ledger:
                 continue
             if not _extends(self.history, old.history):
                 raise RuntimeError("refusing to commit a ledger whose history does not extend the stored one")
-            if old.history and (old.delta, old.accountant) != (self.delta, self.accountant) \
-                    and old.delta is not None:
+            if old.history and (old.delta, old.accountant) != (self.delta, self.accountant) and old.delta is not None:
                 raise RuntimeError("refusing to commit a ledger whose delta or accountant differs from the stored one")
         payload = {
             "version": LEDGER_VERSION,

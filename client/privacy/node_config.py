@@ -101,8 +101,9 @@ def _number(node: Mapping[str, Any], key: str, kind: type, *, minimum: float) ->
     except (TypeError, ValueError):
         raise ConfigError(f"node-config {key}", f"must be a number, got {raw!r}") from None
     if not value >= minimum or (kind is int and float(raw) != value):
-        raise ConfigError(f"node-config {key}", f"must be {'an integer' if kind is int else 'a number'} "
-                          f">= {minimum}, got {raw!r}")
+        raise ConfigError(
+            f"node-config {key}", f"must be {'an integer' if kind is int else 'a number'} >= {minimum}, got {raw!r}"
+        )
     return value
 
 
@@ -155,9 +156,12 @@ def node_identity(node: Mapping[str, Any], cfg: Mapping[str, Any], *, simulation
     if state_dir is None and simulation:
         state_dir = cfg.get("state_dir") if isinstance(cfg, Mapping) else None
     if not state_dir:
-        raise ConfigError("node-config state-dir", "is required in deployment: start the SuperNode with "
-                          "--node-config \"state-dir=/path/on/this/device ...\" (its privacy ledger lives "
-                          "there; the server never holds it)")
+        raise ConfigError(
+            "node-config state-dir",
+            "is required in deployment: start the SuperNode with "
+            '--node-config "state-dir=/path/on/this/device ..." (its privacy ledger lives '
+            "there; the server never holds it)",
+        )
     state_dir = str(Path(str(state_dir)).expanduser().resolve())
     data_path = _given(node, "data-path")
     partition_id = _number(node, "partition-id", int, minimum=0)

@@ -24,8 +24,9 @@ from common.errors import ConfigError
 _SETTING_NAME = re.compile(r"[A-Za-z0-9_.\- ]{1,80}")
 
 REASON_INVALID = "{setting}: not a valid setting for this device (checked with the server's own validator)"
-REASON_REQUIRE_DP = ("node-config require-dp: this device sends no update without noise added on the device "
-                     "(privacy={mode})")
+REASON_REQUIRE_DP = (
+    "node-config require-dp: this device sends no update without noise added on the device (privacy={mode})"
+)
 REASON_CLIP = "node-config max-client-clip-norm: the client clipping norm asked for is above this device's cap"
 REASON_DELTA = "node-config max-delta: privacy.sample.delta is above this device's cap"
 
@@ -56,6 +57,10 @@ def refusal(cfg: Any, who: ClientIdentity, *, client_clip_norm: float | None) ->
     cap = policy.max_client_clip_norm
     if client_clip_norm is not None and cap is not None and not client_clip_norm <= cap:
         return REASON_CLIP, True
-    if device_noise(cfg) and policy.max_delta is not None and float(cfg["privacy"]["sample"]["delta"]) > policy.max_delta:
+    if (
+        device_noise(cfg)
+        and policy.max_delta is not None
+        and float(cfg["privacy"]["sample"]["delta"]) > policy.max_delta
+    ):
         return REASON_DELTA, True
     return None

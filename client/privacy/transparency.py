@@ -49,8 +49,13 @@ LOG = "transparency.jsonl"
 LOCK = ".transparency.lock"  # its own: a decline for a busy ledger must not wait for the ledger
 SENT, DECLINED, RESENT = "sent", "declined", "resent"
 EVENTS = (SENT, DECLINED, RESENT)
-NEVER_SENT = ("training examples (texts)", "labels", "per-example gradients", "training losses",
-              "the number of examples")
+NEVER_SENT = (
+    "training examples (texts)",
+    "labels",
+    "per-example gradients",
+    "training losses",
+    "the number of examples",
+)
 
 
 def log_path(state_dir: str | Path, client_id: str) -> Path:
@@ -92,8 +97,15 @@ class Reply:
     norm_before_clip: float | None = None  # client-level DP: the update's norm before clipping
 
 
-def record(state_dir: str | Path, client_id: str, reply: Reply, *, sent_bytes: int, masked: bool = False,
-           tensors: Mapping[str, torch.Tensor] | None = None) -> dict:
+def record(
+    state_dir: str | Path,
+    client_id: str,
+    reply: Reply,
+    *,
+    sent_bytes: int,
+    masked: bool = False,
+    tensors: Mapping[str, torch.Tensor] | None = None,
+) -> dict:
     """Append the line for one reply; call it before the reply leaves.
 
     ``tensors``: what travelled if not the update itself (SecAgg+'s vector holds every key,
@@ -110,12 +122,15 @@ def record(state_dir: str | Path, client_id: str, reply: Reply, *, sent_bytes: i
         "event": event,
         "tensors": {k: list(v.shape) for k, v in (tensors if tensors is not None else update or {}).items()},
         "bytes": int(sent_bytes),
-        "update_norm_before_clip": _finite(norm_before_clip if norm_before_clip is not None
-                                           else (state_norm(update) if update else None)),
+        "update_norm_before_clip": _finite(
+            norm_before_clip if norm_before_clip is not None else (state_norm(update) if update else None)
+        ),
         "update_norm_after_clip": _finite(state_norm(update)) if update else None,
         "masked": bool(masked),
-        "protection": {k: protection[k] for k in ("mechanism", "sigma", "clip_norm", "sample_rate", "steps")
-                       if k in protection} or None,
+        "protection": {
+            k: protection[k] for k in ("mechanism", "sigma", "clip_norm", "sample_rate", "steps") if k in protection
+        }
+        or None,
         "epsilon_before": protection.get("epsilon_before"),
         "epsilon_after": protection.get("epsilon_after"),
         "delta": protection.get("delta"),  # the ledger's δ: an ε means nothing without it
@@ -154,4 +169,3 @@ def clients(state_dir: str | Path) -> list[str]:
     if not root.is_dir():
         return []
     return sorted(p.name for p in root.iterdir() if (p / LOG).is_file() and not p.name.startswith("."))
-

@@ -45,8 +45,10 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from client.device import autocast
-from client.training.ghost import LeanGhostCriterion
 from client.privacy.ledger import RunCalibration
+from client.training.ghost import LeanGhostCriterion
+from common.data.conll import IGNORE, OUTSIDE_ID
+from common.model.state import model_inputs
 from common.privacy.accounting import (
     PROTOTYPE_SAMPLE_RATE,
     PROTOTYPE_SENSITIVITY,
@@ -57,8 +59,6 @@ from common.privacy.accounting import (
     sample_rate,
     steps_per_epoch,
 )
-from common.data.conll import IGNORE, OUTSIDE_ID
-from common.model.state import model_inputs
 from common.privacy.randomness import urandom_generator
 
 log = logging.getLogger(__name__)
@@ -156,9 +156,15 @@ def local_train(model: nn.Module, data: TensorDataset, settings: TrainSettings) 
     criterion = _criterion(s, private, tokens=data.tensors[-1].dim() == 2)
 
     def batch_loss(batch) -> torch.Tensor:
-        return _batch_loss(model, batch, criterion, device=s.device, amp_dtype=s.amp_dtype, features=s.features,
-                           accumulate=int(s.max_physical_batch_size) if s.dp is None and s.max_physical_batch_size
-                           else None)
+        return _batch_loss(
+            model,
+            batch,
+            criterion,
+            device=s.device,
+            amp_dtype=s.amp_dtype,
+            features=s.features,
+            accumulate=int(s.max_physical_batch_size) if s.dp is None and s.max_physical_batch_size else None,
+        )
 
     stack = contextlib.ExitStack()
     # Without DP, dropout is seeded too, so a non-private run (and its resume) is
@@ -169,17 +175,25 @@ def local_train(model: nn.Module, data: TensorDataset, settings: TrainSettings) 
     if private is not None and s.max_physical_batch_size:
         from opacus.utils.batch_memory_manager import BatchMemoryManager
 
-        loader = stack.enter_context(BatchMemoryManager(
-            data_loader=loader, max_physical_batch_size=int(s.max_physical_batch_size), optimizer=opt))
+        loader = stack.enter_context(
+            BatchMemoryManager(
+                data_loader=loader, max_physical_batch_size=int(s.max_physical_batch_size), optimizer=opt
+            )
+        )
     try:
-        steps, empty = _run_steps(loader, opt, params, batch_loss, epochs=s.epochs,
-                                  ghost=private is not None and private.ghost)
+        steps, empty = _run_steps(
+            loader, opt, params, batch_loss, epochs=s.epochs, ghost=private is not None and private.ghost
+        )
     finally:
         stack.close()
         if private is not None:
             _release_opacus(private, params)
-    return TrainResult(steps=steps, empty_batches=empty, sample_rate=sample_rate(len(data), s.batch_size),
-                       history=list(private.engine.accountant.history) if private is not None else None)
+    return TrainResult(
+        steps=steps,
+        empty_batches=empty,
+        sample_rate=sample_rate(len(data), s.batch_size),
+        history=list(private.engine.accountant.history) if private is not None else None,
+    )
 
 
 def _check(settings: TrainSettings, data: TensorDataset) -> None:
@@ -194,16 +208,20 @@ def _check(settings: TrainSettings, data: TensorDataset) -> None:
     if len(data) == 0:
         raise ValueError("no training data on this client")
     if ghost and data.tensors[-1].dim() == 2:
-        raise ValueError("train.grad_sample_mode=ghost takes one loss per example from Opacus' criterion; "
-                         "token classification sums each sentence's token losses here: use hooks")
+        raise ValueError(
+            "train.grad_sample_mode=ghost takes one loss per example from Opacus' criterion; "
+            "token classification sums each sentence's token losses here: use hooks"
+        )
 
 
 def _criterion(settings: TrainSettings, private: _Private | None, *, tokens: bool):
     """The loss of a batch: a sentence's summed token losses for tagged data, else cross-entropy
     (ghost mode: Opacus' wrapped criterion, which runs both backward passes)."""
     if tokens:
+
         def criterion(logits, labels):
             return sentence_loss(logits, labels, outside_weight=settings.outside_weight)
+
         return criterion
     return private.criterion if private is not None else F.cross_entropy
 
@@ -217,8 +235,14 @@ def _release_opacus(private: _Private, params: list) -> None:
                 delattr(p, attr)
 
 
-def _make_private(model: nn.Module, optimizer: torch.optim.Optimizer, loader: DataLoader, dp: DPSettings,
-                  grad_sample_mode: str, device) -> _Private:
+def _make_private(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loader: DataLoader,
+    dp: DPSettings,
+    grad_sample_mode: str,
+    device,
+) -> _Private:
     """Opacus around one call: Poisson sampling, per-example clipping to C, noise σC, and an
     accountant that continues the ledger's history (``dp.prior_history``)."""
     from opacus import PrivacyEngine
@@ -245,16 +269,18 @@ def _make_private(model: nn.Module, optimizer: torch.optim.Optimizer, loader: Da
     return _Private(engine, hooks, optimizer, loader, F.cross_entropy, False)
 
 
-def _batch_loss(model: nn.Module, batch, criterion, *, device, amp_dtype, features: bool,
-                accumulate: int | None) -> torch.Tensor:
+def _batch_loss(
+    model: nn.Module, batch, criterion, *, device, amp_dtype, features: bool, accumulate: int | None
+) -> torch.Tensor:
     """The loss of one non-empty batch, its backward pass done."""
     labels = batch[-1].to(device)
     if features:  # the head alone, on pooled features
         with autocast(torch.device(device), amp_dtype):
             loss = criterion(model(batch[0].to(device)).float(), labels)
     elif accumulate:  # non-DP with max_physical_batch_size: the batch in chunks
-        return _accumulated_backward(model, batch[0].to(device), batch[1].to(device), labels, accumulate,
-                                     device, amp_dtype, criterion)
+        return _accumulated_backward(
+            model, batch[0].to(device), batch[1].to(device), labels, accumulate, device, amp_dtype, criterion
+        )
     else:
         with autocast(torch.device(device), amp_dtype):
             logits = model(**model_inputs(batch[0].to(device), batch[1].to(device))).logits
@@ -339,8 +365,9 @@ def sentence_loss(logits: torch.Tensor, labels: torch.Tensor, *, outside_weight:
     C is one sentence, however many words it has.
     """
     flat = labels.reshape(-1)
-    per_token = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), flat, ignore_index=IGNORE,
-                                reduction="none")
+    per_token = F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]).float(), flat, ignore_index=IGNORE, reduction="none"
+    )
     weights = torch.where(flat == OUTSIDE_ID, float(outside_weight), 1.0).to(per_token.dtype)
     return (per_token * weights).sum() / max(labels.shape[0], 1)
 
@@ -359,8 +386,16 @@ def planned_steps_per_round(n: int, batch_size: int, epochs: int) -> int:
     return epochs * steps_per_epoch(n, batch_size)
 
 
-def calibrate_run(sample: Mapping, *, n: int, batch_size: int, local_epochs: int, rounds: int,
-                  prior_history=(), prototype_share: float | None = None) -> RunCalibration:
+def calibrate_run(
+    sample: Mapping,
+    *,
+    n: int,
+    batch_size: int,
+    local_epochs: int,
+    rounds: int,
+    prior_history=(),
+    prototype_share: float | None = None,
+) -> RunCalibration:
     """σ for a whole run, fixed once, so that the planned run spends ``privacy.sample.epsilon``
     on top of ``prior_history`` (the ledger's spend). ``sample`` is the ``privacy.sample``
     config; ``rounds`` counts the run's DP-SGD rounds (head and encoder stages).
@@ -384,20 +419,28 @@ def calibrate_run(sample: Mapping, *, n: int, batch_size: int, local_epochs: int
     if prototype_share is not None:
         spent = epsilon(prior, delta, accountant) if prior else 0.0
         share = float(prototype_share) if planned > 0 else 1.0
-        sigma_p = calibrate_noise(target_epsilon=spent + share * (target - spent), delta=delta,
-                                  sample_rate=PROTOTYPE_SAMPLE_RATE, steps=1, prior_history=prior, accountant=accountant)
+        sigma_p = calibrate_noise(
+            target_epsilon=spent + share * (target - spent),
+            delta=delta,
+            sample_rate=PROTOTYPE_SAMPLE_RATE,
+            steps=1,
+            prior_history=prior,
+            accountant=accountant,
+        )
         if sigma_p is None:
             return RunCalibration(None, q, steps, planned, None)
         prior = [*prior, prototype_entry(sigma_p)]
     sigma = None
     if planned > 0:
-        sigma = calibrate_noise(target_epsilon=target, delta=delta, sample_rate=q, steps=planned,
-                                prior_history=prior, accountant=accountant)
+        sigma = calibrate_noise(
+            target_epsilon=target, delta=delta, sample_rate=q, steps=planned, prior_history=prior, accountant=accountant
+        )
     return RunCalibration(sigma, q, steps, planned, sigma_p)
 
 
-def release_prototypes(features: torch.Tensor, labels: torch.Tensor, num_labels: int,
-                       sigma: float | None) -> torch.Tensor:
+def release_prototypes(
+    features: torch.Tensor, labels: torch.Tensor, num_labels: int, sigma: float | None
+) -> torch.Tensor:
     """The client's prototype release: per-class sums of unit-norm features, noised.
 
     A row with a non-finite value is zeroed (it adds nothing). Each feature row is
@@ -413,7 +456,12 @@ def release_prototypes(features: torch.Tensor, labels: torch.Tensor, num_labels:
     sums = torch.zeros(int(num_labels), unit.shape[1], dtype=torch.float64)
     sums.index_add_(0, labels.to(torch.long), unit)
     if sigma is not None:
-        noise = torch.normal(0.0, float(sigma) * PROTOTYPE_SENSITIVITY, size=sums.shape,
-                             generator=urandom_generator(), dtype=torch.float64)
+        noise = torch.normal(
+            0.0,
+            float(sigma) * PROTOTYPE_SENSITIVITY,
+            size=sums.shape,
+            generator=urandom_generator(),
+            dtype=torch.float64,
+        )
         sums = sums + noise
     return sums.to(torch.float32)

@@ -17,8 +17,8 @@ accounting are exactly Opacus'; the weight-gradient products are skipped.
 from __future__ import annotations
 
 import torch
-from opacus.utils.module_utils import trainable_modules
 from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping, DPTensorFastGradientClipping
+from opacus.utils.module_utils import trainable_modules
 
 
 class _LeanLoss(DPTensorFastGradientClipping):

@@ -24,10 +24,10 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from common.privacy.accounting import ACCOUNTANTS
 from common.errors import ConfigError
 from common.model.factory import CONFIG_OVERRIDE_KEYS, TASKS
 from common.model.pooling import POOLINGS
+from common.privacy.accounting import ACCOUNTANTS
 
 PRIVACY_MODES = ("none", "sample", "client", "both")
 CLIPPING_MODES = ("fixed", "adaptive")
@@ -205,8 +205,10 @@ def _join(parent: str, key: str) -> str:
 def _check_fields(value: Mapping, fields: Mapping[str, Spec], setting: str) -> None:
     for key in value:
         if key not in fields:
-            raise ConfigError(_join(setting, key), f"is not a setting fedpriv knows (misspelt?); "
-                              f"{setting or 'the config'} has {sorted(fields)}")
+            raise ConfigError(
+                _join(setting, key),
+                f"is not a setting fedpriv knows (misspelt?); {setting or 'the config'} has {sorted(fields)}",
+            )
     for key, spec in fields.items():
         if key not in value:
             if isinstance(spec, Filled):
@@ -217,8 +219,13 @@ def _check_fields(value: Mapping, fields: Mapping[str, Spec], setting: str) -> N
 
 # --- the config -------------------------------------------------------------------
 
-_STRATEGY = {"name": Str, "fraction_train": Float, "min_train_clients": Int, "server_lr": Float,
-             "max_update_norm": Nullable(Float)}
+_STRATEGY = {
+    "name": Str,
+    "fraction_train": Float,
+    "min_train_clients": Int,
+    "server_lr": Float,
+    "max_update_norm": Nullable(Float),
+}
 _COLUMNS = {"text_column": Str, "label_column": Str}
 _LABELS = Nullable(ListOf(Scalar))
 
@@ -227,90 +234,188 @@ _LABELS = Nullable(ListOf(Scalar))
 #: are checked against common.data.sources' loaders, common.data.partition's partitioners
 #: and server.round.optimizer's rules by tests/common/test_config.py (common imports no
 #: server code, and validation needs no data library).
-SCHEMA = Section({
-    "task": Choice(*TASKS),
-    "seed": Int,
-    "num_clients": Int,
-    "rounds": Int,
-    "secagg": Bool,
-    "resume": Nullable(Str),
-    "state_dir": Nullable(Str),  # null in deployment: ledgers live on the devices
-    "secaggplus": Section({"num_shares": Float, "reconstruction_threshold": Float, "clipping_range": Float,
-                           "quantization_range": Int, "modulus_range": Int}),
-    "evaluation": Section({"batch_size": Int, "explain_inputs": Int}),
-    "simulation": Section({"client_app": Nullable(Str), "cpus_per_client": Float, "gpus_per_client": Float,
-                           "num_cpus": Nullable(Int), "in_flight_per_worker": Nullable(Int),
-                           "runtime": Choice("superlink", "engine")}),
-    "federation": Section({"ray_address": Nullable(Str)}),
-    "round_timeout_s": Float,
-    "node_wait_s": Float,
-    "model": Section({
-        "name_or_path": Str,
-        "tokenizer": Nullable(Str),
-        "pretrained": Bool,
-        "config_overrides": MapOf(Nullable(Scalar), keys=CONFIG_OVERRIDE_KEYS),
-        "lora": Nullable(Section({"r": Int, "alpha": Int, "dropout": Float,
-                                  "target_modules": OneOf(Str, ListOf(Str))})),
-        "freeze_embeddings": Bool,
-        "freeze_encoder": Bool,
-        "pooling": Choice(*POOLINGS),
-        "normalize": Nullable(Bool),
-        "token_layer": Int,
-    }),
-    "data": Variant("source", {
-        "synthetic": {"name": Str, "source": Str, "num_classes": Int, "num_users": Int, "train_size": Int,
-                      "test_size": Int, "label_noise": Float, "ambiguous_fraction": Float, "labels": Filled(_LABELS)},
-        "csv": {"name": Str, "source": Str, "path": Str, "test_path": Nullable(Str), "test_fraction": Float,
-                **_COLUMNS, "delimiter": Str, "column_names": Nullable(ListOf(Str)),
-                "quoting": Nullable(OneOf(Str, Int)), "drop_duplicates": Bool, "encoding": Str,
-                "labels": _LABELS},
-        "conll": {"name": Str, "source": Str, "path": Str, "test_path": Nullable(Str), "test_fraction": Float,
-                  "tag_column": Int, "labels": _LABELS},
-        "hf_tokens": {"source": Str, "name": Str, "train_split": Str, "test_split": Str, "tokens_column": Str,
-                      "tags_column": Str, "labels": _LABELS},
-        "hf": {"source": Str, "name": Str, "train_split": Str, "test_split": Str, **_COLUMNS,
-               "labels": Filled(_LABELS)},
-    }),
-    "partition": Variant("name", {
-        "iid": {"name": Str},
-        "dirichlet": {"name": Str, "alpha": Float, "min_partition_size": Int, "self_balancing": Bool},
-        "natural": {"name": Str, "by": Str},
-        "pathological": {"name": Str, "classes_per_client": Int,
-                         "class_assignment": Choice("deterministic", "random", "first-deterministic")},
-    }),
-    "privacy": Section({
-        "mode": Choice(*PRIVACY_MODES, blame="privacy"),
-        "sample": Section({"epsilon": Float, "delta": Float, "max_grad_norm": Float,
-                           "accountant": Choice(*sorted(ACCOUNTANTS)), "client_budgets": MapOf(Float)}),
-        "client": Section({"clipping": Choice(*CLIPPING_MODES), "clipping_norm": Float,
-                           "noise_multiplier": Nullable(Float), "epsilon": Float, "delta": Float,
-                           "target_quantile": Float, "clip_lr": Float, "clipped_count_stddev": Nullable(Float)}),
-    }),
-    "strategy": Variant("name", {
-        "fedavg": _STRATEGY,
-        "fedavgm": {**_STRATEGY, "server_momentum": Float},
-        "fedadam": {**_STRATEGY, "beta_1": Float, "beta_2": Float, "tau": Float},
-    }),
-    "recipe": Section({"name": Str, "prototypes": Bool, "prototype_share": Float, "prototype_scale": Float,
-                       "head_lr": Nullable(Float), "encoder_rounds": Nullable(Int)}),  # head_lr null: no head stage
-    "train": Section({
-        "local_epochs": Int,
-        "batch_size": Nullable(Int),
-        "sample_rate": Nullable(Float),
-        "sample_rate_dp": Float,
-        "sample_rate_no_dp": Float,
-        "optimizer": Choice("sgd", "adamw"),
-        "lr": Float,
-        "weight_decay": Float,
-        "max_length": Int,
-        "outside_weight": Float,
-        "device": Choice("cpu", "cuda", "auto"),
-        "precision": Choice("fp32", "bf16", "fp16", "auto"),
-        "max_physical_batch_size": Nullable(Int),
-        "grad_sample_mode": Choice("hooks", "ghost"),
-    }),
-    "audit": Section({"canaries": Int, "guesses": Int, "client": Int, "noise": Bool, "confidence": Float}),
-})
+SCHEMA = Section(
+    {
+        "task": Choice(*TASKS),
+        "seed": Int,
+        "num_clients": Int,
+        "rounds": Int,
+        "secagg": Bool,
+        "resume": Nullable(Str),
+        "state_dir": Nullable(Str),  # null in deployment: ledgers live on the devices
+        "secaggplus": Section(
+            {
+                "num_shares": Float,
+                "reconstruction_threshold": Float,
+                "clipping_range": Float,
+                "quantization_range": Int,
+                "modulus_range": Int,
+            }
+        ),
+        "evaluation": Section({"batch_size": Int, "explain_inputs": Int}),
+        "simulation": Section(
+            {
+                "client_app": Nullable(Str),
+                "cpus_per_client": Float,
+                "gpus_per_client": Float,
+                "num_cpus": Nullable(Int),
+                "in_flight_per_worker": Nullable(Int),
+                "runtime": Choice("superlink", "engine"),
+            }
+        ),
+        "federation": Section({"ray_address": Nullable(Str)}),
+        "round_timeout_s": Float,
+        "node_wait_s": Float,
+        "model": Section(
+            {
+                "name_or_path": Str,
+                "tokenizer": Nullable(Str),
+                "pretrained": Bool,
+                "config_overrides": MapOf(Nullable(Scalar), keys=CONFIG_OVERRIDE_KEYS),
+                "lora": Nullable(
+                    Section({"r": Int, "alpha": Int, "dropout": Float, "target_modules": OneOf(Str, ListOf(Str))})
+                ),
+                "freeze_embeddings": Bool,
+                "freeze_encoder": Bool,
+                "pooling": Choice(*POOLINGS),
+                "normalize": Nullable(Bool),
+                "token_layer": Int,
+            }
+        ),
+        "data": Variant(
+            "source",
+            {
+                "synthetic": {
+                    "name": Str,
+                    "source": Str,
+                    "num_classes": Int,
+                    "num_users": Int,
+                    "train_size": Int,
+                    "test_size": Int,
+                    "label_noise": Float,
+                    "ambiguous_fraction": Float,
+                    "labels": Filled(_LABELS),
+                },
+                "csv": {
+                    "name": Str,
+                    "source": Str,
+                    "path": Str,
+                    "test_path": Nullable(Str),
+                    "test_fraction": Float,
+                    **_COLUMNS,
+                    "delimiter": Str,
+                    "column_names": Nullable(ListOf(Str)),
+                    "quoting": Nullable(OneOf(Str, Int)),
+                    "drop_duplicates": Bool,
+                    "encoding": Str,
+                    "labels": _LABELS,
+                },
+                "conll": {
+                    "name": Str,
+                    "source": Str,
+                    "path": Str,
+                    "test_path": Nullable(Str),
+                    "test_fraction": Float,
+                    "tag_column": Int,
+                    "labels": _LABELS,
+                },
+                "hf_tokens": {
+                    "source": Str,
+                    "name": Str,
+                    "train_split": Str,
+                    "test_split": Str,
+                    "tokens_column": Str,
+                    "tags_column": Str,
+                    "labels": _LABELS,
+                },
+                "hf": {
+                    "source": Str,
+                    "name": Str,
+                    "train_split": Str,
+                    "test_split": Str,
+                    **_COLUMNS,
+                    "labels": Filled(_LABELS),
+                },
+            },
+        ),
+        "partition": Variant(
+            "name",
+            {
+                "iid": {"name": Str},
+                "dirichlet": {"name": Str, "alpha": Float, "min_partition_size": Int, "self_balancing": Bool},
+                "natural": {"name": Str, "by": Str},
+                "pathological": {
+                    "name": Str,
+                    "classes_per_client": Int,
+                    "class_assignment": Choice("deterministic", "random", "first-deterministic"),
+                },
+            },
+        ),
+        "privacy": Section(
+            {
+                "mode": Choice(*PRIVACY_MODES, blame="privacy"),
+                "sample": Section(
+                    {
+                        "epsilon": Float,
+                        "delta": Float,
+                        "max_grad_norm": Float,
+                        "accountant": Choice(*sorted(ACCOUNTANTS)),
+                        "client_budgets": MapOf(Float),
+                    }
+                ),
+                "client": Section(
+                    {
+                        "clipping": Choice(*CLIPPING_MODES),
+                        "clipping_norm": Float,
+                        "noise_multiplier": Nullable(Float),
+                        "epsilon": Float,
+                        "delta": Float,
+                        "target_quantile": Float,
+                        "clip_lr": Float,
+                        "clipped_count_stddev": Nullable(Float),
+                    }
+                ),
+            }
+        ),
+        "strategy": Variant(
+            "name",
+            {
+                "fedavg": _STRATEGY,
+                "fedavgm": {**_STRATEGY, "server_momentum": Float},
+                "fedadam": {**_STRATEGY, "beta_1": Float, "beta_2": Float, "tau": Float},
+            },
+        ),
+        "recipe": Section(
+            {
+                "name": Str,
+                "prototypes": Bool,
+                "prototype_share": Float,
+                "prototype_scale": Float,
+                "head_lr": Nullable(Float),
+                "encoder_rounds": Nullable(Int),
+            }
+        ),  # head_lr null: no head stage
+        "train": Section(
+            {
+                "local_epochs": Int,
+                "batch_size": Nullable(Int),
+                "sample_rate": Nullable(Float),
+                "sample_rate_dp": Float,
+                "sample_rate_no_dp": Float,
+                "optimizer": Choice("sgd", "adamw"),
+                "lr": Float,
+                "weight_decay": Float,
+                "max_length": Int,
+                "outside_weight": Float,
+                "device": Choice("cpu", "cuda", "auto"),
+                "precision": Choice("fp32", "bf16", "fp16", "auto"),
+                "max_physical_batch_size": Nullable(Int),
+                "grad_sample_mode": Choice("hooks", "ghost"),
+            }
+        ),
+        "audit": Section({"canaries": Int, "guesses": Int, "client": Int, "noise": Bool, "confidence": Float}),
+    }
+)
 
 
 def check(cfg: Mapping) -> None:

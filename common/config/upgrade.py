@@ -21,8 +21,14 @@ OLD_RUNS: dict[str, Any] = {
     # Before these existed the encoder trained, through HF's pooler, unnormalised.
     "model": {"freeze_encoder": False, "pooling": "pooler", "normalize": None, "token_layer": -1},
     # Before recipes existed every round trained through the encoder.
-    "recipe": {"name": "finetune", "prototypes": False, "prototype_share": 0.5, "prototype_scale": 20.0,
-               "head_lr": None, "encoder_rounds": None},
+    "recipe": {
+        "name": "finetune",
+        "prototypes": False,
+        "prototype_share": 0.5,
+        "prototype_scale": 20.0,
+        "head_lr": None,
+        "encoder_rounds": None,
+    },
     "train": {"sample_rate": None, "sample_rate_dp": 0.25, "sample_rate_no_dp": 0.05, "outside_weight": 1.0},
 }
 #: Keys an older run's config may hold that are no longer settings: dropped.

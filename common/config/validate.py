@@ -16,14 +16,21 @@ import warnings
 from collections.abc import Mapping, Sequence
 
 from common.config import schema
-from common.privacy.accounting import client_noise
 from common.data.sources import TAGGED_SOURCES
 from common.errors import ConfigError
+from common.privacy.accounting import client_noise
 from common.recipe import validate_recipe
 
 
-def _number(cfg: Mapping, dotted: str, *, minimum: float | None = None, exclusive: bool = True,
-            maximum: float | None = None, integer: bool = False):
+def _number(
+    cfg: Mapping,
+    dotted: str,
+    *,
+    minimum: float | None = None,
+    exclusive: bool = True,
+    maximum: float | None = None,
+    integer: bool = False,
+):
     node: object = cfg
     for part in dotted.split("."):
         if not isinstance(node, Mapping) or part not in node:
@@ -56,8 +63,10 @@ def _validate_task(cfg: Mapping) -> None:
         return
     _number(cfg, "train.outside_weight", minimum=0, maximum=1)
     if cfg["recipe"]["prototypes"]:
-        raise ConfigError("recipe.prototypes", "class prototypes sum sentence features; token "
-                          "classification has none: set recipe.prototypes=false")
+        raise ConfigError(
+            "recipe.prototypes",
+            "class prototypes sum sentence features; token classification has none: set recipe.prototypes=false",
+        )
     if cfg["train"]["grad_sample_mode"] == "ghost":
         # Opacus' ghost criterion takes one loss per example from the loss function; the
         # per-sentence sum over tokens is computed in client.training.dp_train, outside it.
@@ -146,8 +155,10 @@ def _validate_secagg(cfg: Mapping) -> None:
     n = int(cfg["num_clients"])
     sampled = max(1, round(float(cfg["strategy"]["fraction_train"]) * n))
     if sampled < 2:
-        raise ConfigError("strategy.fraction_train",
-                          f"secure aggregation needs at least 2 clients per round, {sampled} would be asked")
+        raise ConfigError(
+            "strategy.fraction_train",
+            f"secure aggregation needs at least 2 clients per round, {sampled} would be asked",
+        )
     shares = _number(cfg, "secaggplus.num_shares", minimum=0)
     threshold = _number(cfg, "secaggplus.reconstruction_threshold", minimum=0)
     if isinstance(shares, int) and shares != 1 and not 2 < shares:
@@ -155,23 +166,25 @@ def _validate_secagg(cfg: Mapping) -> None:
     if isinstance(shares, float) and shares > 1:
         raise ConfigError("secaggplus.num_shares", f"a fraction must be in (0, 1], got {shares}")
     if isinstance(threshold, float) and threshold > 1:
-        raise ConfigError("secaggplus.reconstruction_threshold",
-                          f"a fraction must be in (0, 1], got {threshold}")
+        raise ConfigError("secaggplus.reconstruction_threshold", f"a fraction must be in (0, 1], got {threshold}")
     if isinstance(threshold, int) and isinstance(shares, int) and threshold != 1 and threshold >= shares:
-        raise ConfigError("secaggplus.reconstruction_threshold",
-                          f"{threshold} must be below secaggplus.num_shares={shares}")
+        raise ConfigError(
+            "secaggplus.reconstruction_threshold", f"{threshold} must be below secaggplus.num_shares={shares}"
+        )
     if isinstance(threshold, int) and threshold > sampled:
-        raise ConfigError("secaggplus.reconstruction_threshold",
-                          f"{threshold} is more than the {sampled} clients asked per round")
+        raise ConfigError(
+            "secaggplus.reconstruction_threshold", f"{threshold} is more than the {sampled} clients asked per round"
+        )
     _number(cfg, "secaggplus.clipping_range", minimum=0)
     q_range = _number(cfg, "secaggplus.quantization_range", minimum=0, integer=True)
     mod = _number(cfg, "secaggplus.modulus_range", minimum=0, integer=True)
-    if int(mod) & (int(mod) - 1) or mod > 2 ** 32:
+    if int(mod) & (int(mod) - 1) or mod > 2**32:
         raise ConfigError("secaggplus.modulus_range", f"must be a power of 2 no larger than 2**32, got {mod}")
     if (sampled + 1) * q_range >= mod:
-        raise ConfigError("secaggplus.modulus_range",
-                          f"{mod} overflows: it must exceed (clients per round + 1) * quantization_range "
-                          f"= {(sampled + 1) * q_range}")
+        raise ConfigError(
+            "secaggplus.modulus_range",
+            f"{mod} overflows: it must exceed (clients per round + 1) * quantization_range = {(sampled + 1) * q_range}",
+        )
 
 
 def _validate_sample(cfg: Mapping) -> None:
@@ -197,24 +210,28 @@ def validate_partitions(cfg: Mapping, sizes: Sequence[int]) -> list[str]:
     batch = cfg["train"]["batch_size"]
     n_min = min(sizes)
     if batch is not None and batch > n_min:
-        raise ConfigError("train.batch_size",
-                          f"{batch} is larger than the smallest client's {n_min} examples")
+        raise ConfigError("train.batch_size", f"{batch} is larger than the smallest client's {n_min} examples")
     if cfg["privacy"]["mode"] in ("sample", "both"):
         delta = cfg["privacy"]["sample"]["delta"]
         if delta >= 1 / n_min:
-            raise ConfigError("privacy.sample.delta",
-                              f"{delta} is not below 1/n = {1 / n_min:.3g} (n = {n_min}, the smallest client)")
+            raise ConfigError(
+                "privacy.sample.delta", f"{delta} is not below 1/n = {1 / n_min:.3g} (n = {n_min}, the smallest client)"
+            )
         if delta > 1 / (10 * n_min):
-            notes.append(f"privacy.sample.delta={delta} is above 1/(10 n) = {1 / (10 * n_min):.3g}: "
-                         "a weak guarantee for the smallest client")
+            notes.append(
+                f"privacy.sample.delta={delta} is above 1/(10 n) = {1 / (10 * n_min):.3g}: "
+                "a weak guarantee for the smallest client"
+            )
     if cfg["privacy"]["mode"] in ("client", "both"):
         # Client level: n is the number of clients (the unit protected is one client).
         delta, n = cfg["privacy"]["client"]["delta"], int(cfg["num_clients"])
         if delta >= 1 / n:
             raise ConfigError("privacy.client.delta", f"{delta} is not below 1/num_clients = {1 / n:.3g}")
         if delta > 1 / (10 * n):
-            notes.append(f"privacy.client.delta={delta} is above 1/(10 num_clients) = {1 / (10 * n):.3g}: "
-                         "a weak client-level guarantee")
+            notes.append(
+                f"privacy.client.delta={delta} is above 1/(10 num_clients) = {1 / (10 * n):.3g}: "
+                "a weak client-level guarantee"
+            )
     for note in notes:
         warnings.warn(note, stacklevel=2)
     return notes

@@ -49,8 +49,9 @@ def _digest_of(path: str, size: int, mtime_ns: int) -> str:
     return digest.hexdigest()
 
 
-def read_as_hashed(files: Mapping[str, Any], read: Callable[[], _T], *, attempts: int = 3
-                   ) -> tuple[_T, list[str | None]]:
+def read_as_hashed(
+    files: Mapping[str, Any], read: Callable[[], _T], *, attempts: int = 3
+) -> tuple[_T, list[str | None]]:
     """``read()`` and the digests (:func:`file_digest`) of the bytes it read of ``files``
     (setting -> path, in order): hashed before the read and again after it, and read again
     if a file changed meanwhile, so what is cached or stored under the digests is what
@@ -62,8 +63,10 @@ def read_as_hashed(files: Mapping[str, Any], read: Callable[[], _T], *, attempts
         if after == before:
             return value, before
     changed = next(k for (k, f), a, b in zip(files.items(), after, before) if a != b)
-    raise ConfigError(changed, f"{files[changed]} changed while it was read, {attempts} times; "
-                      "read it when it is no longer being written")
+    raise ConfigError(
+        changed,
+        f"{files[changed]} changed while it was read, {attempts} times; read it when it is no longer being written",
+    )
 
 
 def key_of(*parts: Any) -> str:

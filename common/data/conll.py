@@ -70,8 +70,10 @@ def read_conll(path: str | Path, *, tag_column: int = -1, setting: str = "data.p
     """
     path = Path(path)
     if isinstance(tag_column, bool) or not isinstance(tag_column, int) or tag_column == 0:
-        raise ConfigError("data.tag_column", f"must be a column index other than 0 (the token); "
-                          f"-1 is the last column, got {tag_column!r}")
+        raise ConfigError(
+            "data.tag_column",
+            f"must be a column index other than 0 (the token); -1 is the last column, got {tag_column!r}",
+        )
     try:
         raw = path.read_bytes()
     except OSError as err:
@@ -95,9 +97,12 @@ def read_conll(path: str | Path, *, tag_column: int = -1, setting: str = "data.p
         columns = text.rstrip("\r").split("\t")
         index = tag_column if tag_column >= 0 else len(columns) + tag_column
         if not 0 < index < len(columns):
-            raise ConfigError(setting, f"{path}: line {number}: no tag column (a token line is "
-                              f"the token and its tag, separated by tabs; data.tag_column="
-                              f"{tag_column})")
+            raise ConfigError(
+                setting,
+                f"{path}: line {number}: no tag column (a token line is "
+                f"the token and its tag, separated by tabs; data.tag_column="
+                f"{tag_column})",
+            )
         tag = columns[index].strip()
         previous = labels[-1] if labels else "O"
         _check_iob2(tag, previous, setting=setting, where=f"{path}: line {number}")
@@ -111,8 +116,9 @@ def read_conll(path: str | Path, *, tag_column: int = -1, setting: str = "data.p
     return Sentences(path=path, tokens=tokens, tags=tags)
 
 
-def sentences_from_rows(tokens: Sequence[Sequence[str]], tags: Sequence[Sequence[str]], *, source: str,
-                        setting: str) -> Sentences:
+def sentences_from_rows(
+    tokens: Sequence[Sequence[str]], tags: Sequence[Sequence[str]], *, source: str, setting: str
+) -> Sentences:
     """Sentences from a data set's rows (tokens and tag names per row), checked as a file
     is: a row whose tag count differs from its token count, or a tag that is not IOB2, is a
     ConfigError naming ``setting``, ``source`` and the row's index (never its text)."""
@@ -142,8 +148,10 @@ def _check_iob2(tag: str, previous: str, *, setting: str, where: str) -> None:
     if prefix not in ("B", "I") or not kind:
         raise ConfigError(setting, f"{where}: the tag is not IOB2 (O, B-TYPE or I-TYPE)")
     if prefix == "I" and previous[2:] != kind:
-        raise ConfigError(setting, f"{where}: an I- tag must follow a B- or I- tag of the same "
-                          "type (IOB2 begins every entity with B-)")
+        raise ConfigError(
+            setting,
+            f"{where}: an I- tag must follow a B- or I- tag of the same type (IOB2 begins every entity with B-)",
+        )
 
 
 def label_names(*sentence_sets: Sentences) -> list[str]:
@@ -200,26 +208,35 @@ def align(sentences: Sentences, tokenizer, max_length: int, label_ids: Mapping[s
     Poisson batches must have the real batches' shape.
     """
     if not getattr(tokenizer, "is_fast", False):
-        raise ConfigError("model.tokenizer", "word alignment needs a fast (Rust) tokenizer, "
-                          "whose word_ids() map subwords to words")
+        raise ConfigError(
+            "model.tokenizer", "word alignment needs a fast (Rust) tokenizer, whose word_ids() map subwords to words"
+        )
     shortest = tokenizer.num_special_tokens_to_add() + 1
     if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < shortest:
-        raise ConfigError("train.max_length", f"must be an integer >= {shortest} (the special "
-                          f"tokens and one subword), got {max_length!r}")
+        raise ConfigError(
+            "train.max_length",
+            f"must be an integer >= {shortest} (the special tokens and one subword), got {max_length!r}",
+        )
     unknown = sorted(sentences.tag_set - set(label_ids))
     if unknown:
-        raise ValueError(f"{sentences.path}: tags {unknown} have no label id; build the ids "
-                         "from label_names() of every split")
+        raise ValueError(
+            f"{sentences.path}: tags {unknown} have no label id; build the ids from label_names() of every split"
+        )
 
     n = len(sentences)
     labels = np.full((n, max_length), IGNORE, dtype=np.int64)
     word_index = np.full((n, max_length), -1, dtype=np.int64)
     if n == 0:
         empty = torch.zeros((0, max_length), dtype=torch.long)
-        return Aligned(empty, empty.clone(), torch.from_numpy(labels), torch.from_numpy(word_index),
-                       [], [], [])
-    enc = tokenizer(sentences.tokens, is_split_into_words=True, truncation=True,
-                    max_length=max_length, padding="max_length", return_tensors="pt")
+        return Aligned(empty, empty.clone(), torch.from_numpy(labels), torch.from_numpy(word_index), [], [], [])
+    enc = tokenizer(
+        sentences.tokens,
+        is_split_into_words=True,
+        truncation=True,
+        max_length=max_length,
+        padding="max_length",
+        return_tensors="pt",
+    )
     # Untruncated, to tell a word cut by max_length from one the tokenizer drops anyway.
     full = tokenizer(sentences.tokens, is_split_into_words=True, add_special_tokens=False)
     cut, dropped = [], []
@@ -235,9 +252,14 @@ def align(sentences: Sentences, tokenizer, max_length: int, label_ids: Mapping[s
         cut.append(present - kept)
         dropped.append(len(tags) - present)
     return Aligned(
-        input_ids=enc["input_ids"].long(), attention_mask=enc["attention_mask"].long(),
-        labels=torch.from_numpy(labels), word_index=torch.from_numpy(word_index),
-        num_words=[len(t) for t in sentences.tags], words_cut=cut, words_dropped=dropped)
+        input_ids=enc["input_ids"].long(),
+        attention_mask=enc["attention_mask"].long(),
+        labels=torch.from_numpy(labels),
+        word_index=torch.from_numpy(word_index),
+        num_words=[len(t) for t in sentences.tags],
+        words_cut=cut,
+        words_dropped=dropped,
+    )
 
 
 def predicted_tags(predictions, aligned: Aligned, label_names: Sequence[str]) -> list[list[str]]:
@@ -248,8 +270,9 @@ def predicted_tags(predictions, aligned: Aligned, label_names: Sequence[str]) ->
     if ids.dim() == 3:
         ids = ids.argmax(dim=-1)
     if tuple(ids.shape) != tuple(aligned.word_index.shape):
-        raise ValueError(f"predictions of shape {tuple(ids.shape)} do not match the aligned "
-                         f"inputs {tuple(aligned.word_index.shape)}")
+        raise ValueError(
+            f"predictions of shape {tuple(ids.shape)} do not match the aligned inputs {tuple(aligned.word_index.shape)}"
+        )
     out = []
     for row_ids, row_words, count in zip(ids.tolist(), aligned.word_index.tolist(), aligned.num_words):
         tags = ["O"] * count

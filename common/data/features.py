@@ -19,8 +19,8 @@ from typing import Any
 import torch
 from torch.utils.data import TensorDataset
 
-from common.data.conll import IGNORE
 from common.data.cache import file_digest, key_of
+from common.data.conll import IGNORE
 from common.model.state import model_inputs
 from common.storage import atomic_write_bytes
 
@@ -49,7 +49,7 @@ def pooled_features(model: torch.nn.Module, data: TensorDataset, *, batch_size: 
     out = torch.zeros(n, width, dtype=torch.float32)
     try:
         for start in range(0, n, batch_size):
-            idx = order[start:start + batch_size]
+            idx = order[start : start + batch_size]
             cut = max(int(lengths[idx].max()), 1) if suffix_padded else input_ids.shape[1]
             batch = model_inputs(input_ids[idx, :cut].to(device), attention_mask[idx, :cut].to(device))
             out[idx] = model.features(**batch).float().cpu()
@@ -89,8 +89,8 @@ def token_features(model: torch.nn.Module, data: TensorDataset, *, batch_size: i
             feats = model.features(**batch).float().cpu()
             for row, i in enumerate(idx.tolist()):
                 at = positions[i]  # labelled subwords are real tokens: below ``cut``
-                out[i, :len(at)] = feats[row, at]
-                packed[i, :len(at)] = labels[i, at]
+                out[i, : len(at)] = feats[row, at]
+                packed[i, : len(at)] = labels[i, at]
     finally:
         model.train(was_training)
     return TensorDataset(out, packed)
@@ -112,8 +112,14 @@ def feature_key(*parts: Any) -> str:
     return key_of(*parts)[:24]
 
 
-def cached_features(directory: str | Path, key: str, compute: Callable[[], TensorDataset], *,
-                    digests: Sequence[str | None], n: int | None = None) -> TensorDataset:
+def cached_features(
+    directory: str | Path,
+    key: str,
+    compute: Callable[[], TensorDataset],
+    *,
+    digests: Sequence[str | None],
+    n: int | None = None,
+) -> TensorDataset:
     """The features stored under ``directory`` for ``key``, computed (and stored) if absent
     or not those of the data as it is (:func:`stored_features`).
 
@@ -129,8 +135,10 @@ def cached_features(directory: str | Path, key: str, compute: Callable[[], Tenso
         return stored
     data = compute()
     buffer = io.BytesIO()
-    torch.save({"features": data.tensors[0], "labels": data.tensors[1], "n": len(data.tensors[0]),
-                "digests": list(digests)}, buffer)
+    torch.save(
+        {"features": data.tensors[0], "labels": data.tensors[1], "n": len(data.tensors[0]), "digests": list(digests)},
+        buffer,
+    )
     atomic_write_bytes(path, buffer.getvalue(), mode=0o600)
     for other in directory.glob(f"{FEATURES_PREFIX}*.pt"):
         if other != path:
@@ -138,8 +146,9 @@ def cached_features(directory: str | Path, key: str, compute: Callable[[], Tenso
     return data
 
 
-def stored_features(directory: str | Path, key: str, *, digests: Sequence[str | None],
-                    n: int | None = None) -> TensorDataset | None:
+def stored_features(
+    directory: str | Path, key: str, *, digests: Sequence[str | None], n: int | None = None
+) -> TensorDataset | None:
     """The features stored under ``directory`` for ``key``, or None: absent, damaged, or not
     those of the data as it is, that is, their stored digests are not ``digests`` (the data
     files' now), their stored n is not their count (or ``n``, where given), or they have no
@@ -154,10 +163,17 @@ def stored_features(directory: str | Path, key: str, *, digests: Sequence[str | 
     except Exception:  # a damaged cache is only a cache
         log.warning("cached features %s did not load; computing them again", path.name)
         return None
-    if (stored_digests != list(digests) or count != len(features) or len(labels) != len(features)
-            or (n is not None and count != n)):
-        log.warning("cached features %s are not those of the data files as they are now (their n or data "
-                    "digests differ, or were not recorded); computing them again", path.name)
+    if (
+        stored_digests != list(digests)
+        or count != len(features)
+        or len(labels) != len(features)
+        or (n is not None and count != n)
+    ):
+        log.warning(
+            "cached features %s are not those of the data files as they are now (their n or data "
+            "digests differ, or were not recorded); computing them again",
+            path.name,
+        )
         return None
     return TensorDataset(features, labels)
 
@@ -165,8 +181,7 @@ def stored_features(directory: str | Path, key: str, *, digests: Sequence[str | 
 def data_files(cfg: Mapping, data_path: str | None) -> dict[str, Any]:
     """The files a client's data is read from, by setting (None where unset; a Hub name is
     no file): its own (node-config data-path), the run's data.path and data.test_path."""
-    return {"node-config data-path": data_path,
-            **{f"data.{k}": cfg["data"].get(k) for k in ("path", "test_path")}}
+    return {"node-config data-path": data_path, **{f"data.{k}": cfg["data"].get(k) for k in ("path", "test_path")}}
 
 
 def data_digests(cfg: Mapping, data_path: str | None) -> list[str | None]:
@@ -174,12 +189,22 @@ def data_digests(cfg: Mapping, data_path: str | None) -> list[str | None]:
     return [file_digest(f) for f in data_files(cfg, data_path).values()]
 
 
-def features_key_parts(cfg: Mapping, partition_id: int, data_path: str | None,
-                       digests: Sequence[str | None] | None = None) -> tuple:
+def features_key_parts(
+    cfg: Mapping, partition_id: int, data_path: str | None, digests: Sequence[str | None] | None = None
+) -> tuple:
     """What a client's features depend on: the model, its seed, the data and its split, and
     the bytes of the data files read (``digests``, of the data the features are computed
     from; by default the files' now), so features of an edited file are computed again."""
     if digests is None:
         digests = data_digests(cfg, data_path)
-    return (cfg["model"], cfg["seed"], cfg["data"], cfg["partition"], cfg["num_clients"], partition_id,
-            data_path, cfg["train"]["max_length"], list(digests))
+    return (
+        cfg["model"],
+        cfg["seed"],
+        cfg["data"],
+        cfg["partition"],
+        cfg["num_clients"],
+        partition_id,
+        data_path,
+        cfg["train"]["max_length"],
+        list(digests),
+    )

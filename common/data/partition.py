@@ -20,8 +20,9 @@ from common.data.sources import load_splits
 from common.errors import ConfigError
 
 
-def partition_train(train: datasets.Dataset, partition_cfg: Mapping, *, num_clients: int, seed: int
-                    ) -> list[datasets.Dataset]:
+def partition_train(
+    train: datasets.Dataset, partition_cfg: Mapping, *, num_clients: int, seed: int
+) -> list[datasets.Dataset]:
     """One Dataset per client (index = partition id), by ``partition.name``.
 
     Deterministic given ``seed``. An impossible setting (an empty client, a Dirichlet
@@ -35,8 +36,7 @@ def partition_train(train: datasets.Dataset, partition_cfg: Mapping, *, num_clie
     name = cfg.get("name")
     builder = _PARTITIONERS.get(name)
     if builder is None:
-        raise ConfigError("partition.name",
-                          f"unknown partitioning {name!r}; use one of {sorted(_PARTITIONERS)}")
+        raise ConfigError("partition.name", f"unknown partitioning {name!r}; use one of {sorted(_PARTITIONERS)}")
     partitioner, setting, data = builder(cfg, train, num_clients, seed)
     partitioner.dataset = data
     try:
@@ -45,8 +45,9 @@ def partition_train(train: datasets.Dataset, partition_cfg: Mapping, *, num_clie
                 warnings.simplefilter("ignore")
             parts = [partitioner.load_partition(i) for i in range(num_clients)]
     except ValueError as err:
-        raise ConfigError(setting, f"cannot partition {len(train)} examples over {num_clients} "
-                          f"clients with {_describe(cfg)}: {err}") from err
+        raise ConfigError(
+            setting, f"cannot partition {len(train)} examples over {num_clients} clients with {_describe(cfg)}: {err}"
+        ) from err
     empty = [i for i, part in enumerate(parts) if len(part) == 0]
     if empty:
         raise ConfigError(setting, f"clients {empty} get no examples with {_describe(cfg)}")
@@ -65,14 +66,21 @@ def _dirichlet(cfg: dict, train: datasets.Dataset, num_clients: int, seed: int):
     alpha = positive_float(cfg, "alpha", section="partition")
     min_size = integer(cfg, "min_partition_size", minimum=1, section="partition")
     if min_size * num_clients > len(train):
-        raise ConfigError("partition.min_partition_size", f"{min_size} examples for each of "
-                          f"{num_clients} clients needs more than the {len(train)} training examples")
+        raise ConfigError(
+            "partition.min_partition_size",
+            f"{min_size} examples for each of {num_clients} clients needs more than the {len(train)} training examples",
+        )
     from flwr_datasets.partitioner import DirichletPartitioner
 
     partitioner = DirichletPartitioner(
-        num_partitions=num_clients, partition_by="label", alpha=alpha,
-        min_partition_size=min_size, self_balancing=bool(cfg["self_balancing"]),
-        shuffle=True, seed=seed)
+        num_partitions=num_clients,
+        partition_by="label",
+        alpha=alpha,
+        min_partition_size=min_size,
+        self_balancing=bool(cfg["self_balancing"]),
+        shuffle=True,
+        seed=seed,
+    )
     return partitioner, "partition.alpha", train
 
 
@@ -81,20 +89,27 @@ def _pathological(cfg: dict, train: datasets.Dataset, num_clients: int, seed: in
     from flwr_datasets.partitioner import PathologicalPartitioner
 
     partitioner = PathologicalPartitioner(  # common.config.schema checks class_assignment's values
-        num_partitions=num_clients, partition_by="label", num_classes_per_partition=per_client,
-        class_assignment_mode=cfg["class_assignment"], shuffle=True, seed=seed)
+        num_partitions=num_clients,
+        partition_by="label",
+        num_classes_per_partition=per_client,
+        class_assignment_mode=cfg["class_assignment"],
+        shuffle=True,
+        seed=seed,
+    )
     return partitioner, "partition.classes_per_client", train
 
 
 def _natural(cfg: dict, train: datasets.Dataset, num_clients: int, seed: int):
     by = required(cfg, "by", section="partition")
     if by not in train.column_names:
-        raise ConfigError("partition.by", f"column {by!r} not in the training data; columns are "
-                          f"{train.column_names}")
+        raise ConfigError("partition.by", f"column {by!r} not in the training data; columns are {train.column_names}")
     ids = train.unique(by)
     if len(ids) != num_clients:
-        raise ConfigError("partition.by", f"column {by!r} has {len(ids)} distinct values but "
-                          f"num_clients={num_clients}; natural partitioning needs one per client")
+        raise ConfigError(
+            "partition.by",
+            f"column {by!r} has {len(ids)} distinct values but "
+            f"num_clients={num_clients}; natural partitioning needs one per client",
+        )
     from flwr_datasets.partitioner import NaturalIdPartitioner
 
     return NaturalIdPartitioner(partition_by=by), "partition.by", train
@@ -102,8 +117,7 @@ def _natural(cfg: dict, train: datasets.Dataset, num_clients: int, seed: int):
 
 #: name -> builder(cfg, train, num_clients, seed) returning the partitioner, the
 #: setting to blame when it fails, and the data it should partition.
-_PARTITIONERS: dict[str, Callable[[dict, datasets.Dataset, int, int],
-                                  tuple[Partitioner, str, datasets.Dataset]]] = {
+_PARTITIONERS: dict[str, Callable[[dict, datasets.Dataset, int, int], tuple[Partitioner, str, datasets.Dataset]]] = {
     "iid": _iid,
     "dirichlet": _dirichlet,
     "pathological": _pathological,
@@ -121,13 +135,18 @@ def load_client_data(cfg: Mapping, partition_id: int) -> tuple[datasets.Dataset,
     The data configuration's partitions are read and cut once per process and bytes of its
     files (:data:`common.data.cache.DATA_CACHE`): every client of a simulation actor is served from them.
     """
-    relevant = {"data": plain(cfg["data"]), "partition": plain(cfg["partition"]),
-                "seed": cfg["seed"], "num_clients": cfg["num_clients"]}
+    relevant = {
+        "data": plain(cfg["data"]),
+        "partition": plain(cfg["partition"]),
+        "seed": cfg["seed"],
+        "num_clients": cfg["num_clients"],
+    }
 
     def read():
         train, _, names = load_splits(relevant["data"], seed=relevant["seed"], num_clients=relevant["num_clients"])
-        return partition_train(train, relevant["partition"], num_clients=relevant["num_clients"],
-                               seed=relevant["seed"]), names
+        return partition_train(
+            train, relevant["partition"], num_clients=relevant["num_clients"], seed=relevant["seed"]
+        ), names
 
     files = {f"data.{k}": relevant["data"].get(k) for k in ("path", "test_path")}
     parts, names = DATA_CACHE.get(("partitions", relevant), read, files)

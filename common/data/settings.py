@@ -70,6 +70,7 @@ def existing_file(cfg: dict, key: str) -> Path:
     raw = required(cfg, key)
     path = Path(str(raw)).expanduser().resolve()
     if not path.is_file():
-        raise ConfigError(f"data.{key}", f"no such file: {path} (from {raw!r}, relative to "
-                          f"the current directory {Path.cwd()})")
+        raise ConfigError(
+            f"data.{key}", f"no such file: {path} (from {raw!r}, relative to the current directory {Path.cwd()})"
+        )
     return path

@@ -38,8 +38,9 @@ log = logging.getLogger(__name__)
 TAGGED_SOURCES = ("conll", "hf_tokens")
 
 
-def load_splits(data_cfg: Mapping, *, seed: int, num_clients: int
-                ) -> tuple[datasets.Dataset, datasets.Dataset, list[str]]:
+def load_splits(
+    data_cfg: Mapping, *, seed: int, num_clients: int
+) -> tuple[datasets.Dataset, datasets.Dataset, list[str]]:
     """(train, test, label_names) for the ``data`` config group.
 
     ``label_names`` are the sorted unique label values of train, as strings; both
@@ -61,16 +62,23 @@ def load_splits(data_cfg: Mapping, *, seed: int, num_clients: int
 def _load_synthetic(cfg: dict, seed: int, num_clients: int):
     num_classes = integer(cfg, "num_classes", minimum=2)
     if num_classes > len(synthetic.INTENTS):
-        raise ConfigError("data.num_classes", f"the synthetic set has {len(synthetic.INTENTS)} "
-                          f"intents, got {num_classes}")
+        raise ConfigError(
+            "data.num_classes", f"the synthetic set has {len(synthetic.INTENTS)} intents, got {num_classes}"
+        )
     num_users = integer(cfg, "num_users", minimum=1)
     train_size = integer(cfg, "train_size", minimum=max(num_users, num_classes))
     test_size = integer(cfg, "test_size", minimum=1)
     label_noise = unit_fraction(cfg, "label_noise", low_inclusive=True)
     ambiguous = unit_fraction(cfg, "ambiguous_fraction", low_inclusive=True)
     train, test = synthetic.generate(
-        num_classes=num_classes, num_users=num_users, train_size=train_size,
-        test_size=test_size, label_noise=label_noise, ambiguous_fraction=ambiguous, seed=seed)
+        num_classes=num_classes,
+        num_users=num_users,
+        train_size=train_size,
+        test_size=test_size,
+        label_noise=label_noise,
+        ambiguous_fraction=ambiguous,
+        seed=seed,
+    )
     missing = set(synthetic.intent_names(num_classes)) - set(train["label"])
     if missing:
         raise ConfigError("data.train_size", f"too small: classes {sorted(missing)} never occur")
@@ -109,9 +117,12 @@ def _hub_train_test(cfg: dict) -> list[tuple[str, str, datasets.Dataset]]:
 
         splits = datasets.load_dataset(name)
     except Exception as err:  # the Hub raises many types (connection, not found, offline)
-        raise ConfigError("data.name", f"cannot load {name!r} from the Hugging Face Hub, which "
-                          f"needs internet access (offline, use data=csv or data=conll with a local copy): "
-                          f"{err.__class__.__name__}: {err}") from err
+        raise ConfigError(
+            "data.name",
+            f"cannot load {name!r} from the Hugging Face Hub, which "
+            f"needs internet access (offline, use data=csv or data=conll with a local copy): "
+            f"{err.__class__.__name__}: {err}",
+        ) from err
     picked = []
     for key in ("train_split", "test_split"):
         split = required(cfg, key)
@@ -129,6 +140,7 @@ def _load_hf(cfg: dict, seed: int, num_clients: int):
 def _load_conll(cfg: dict, seed: int, num_clients: int) -> tuple[datasets.Dataset, datasets.Dataset, list[str]]:
     """(train, test, tag names) of CoNLL files; ``label`` is each sentence's dominant entity."""
     from common.data import conll
+
     tag_column = cfg["tag_column"]
     train = conll.read_conll(existing_file(cfg, "path"), tag_column=tag_column, setting="data.path")
     test = None
@@ -141,17 +153,19 @@ def _load_hf_tokens(cfg: dict, seed: int, num_clients: int) -> tuple[datasets.Da
     """(train, test, tag names) of a Hub token-classification set (``data=hf_tokens``): a
     tokens column and a tags column, tags as names or as ids of a ClassLabel feature."""
     from common.data import conll
+
     name = cfg["name"]
     picked = []
     for key, split, ds in _hub_train_test(cfg):
         for setting in ("tokens_column", "tags_column"):
             if cfg[setting] not in ds.column_names:
-                raise ConfigError(f"data.{setting}", f"column {cfg[setting]!r} not in {name!r} ({split}); "
-                                  f"columns are {ds.column_names}")
+                raise ConfigError(
+                    f"data.{setting}",
+                    f"column {cfg[setting]!r} not in {name!r} ({split}); columns are {ds.column_names}",
+                )
         names = getattr(getattr(ds.features[cfg["tags_column"]], "feature", None), "names", None)
         tags = [[names[t] for t in row] if names else row for row in ds[cfg["tags_column"]]]
-        picked.append(conll.sentences_from_rows(ds[cfg["tokens_column"]], tags, source=f"{name} {split}",
-                                                setting=key))
+        picked.append(conll.sentences_from_rows(ds[cfg["tokens_column"]], tags, source=f"{name} {split}", setting=key))
     return _tagged_splits(cfg, picked[0], picked[1], seed)
 
 
@@ -159,6 +173,7 @@ def _tagged_splits(cfg: dict, train, test, seed: int) -> tuple[datasets.Dataset,
     """Tagged sentences as Datasets (``tokens``, ``tags``, ``label`` the dominant entity's id)
     and the tag vocabulary; ``test`` None holds out ``data.test_fraction`` of ``train``."""
     from common.data import conll
+
     if test is not None:
         found = conll.label_names(train, test)
         train_ds, test_ds = _sentences(train), _sentences(test)
@@ -179,12 +194,13 @@ def _tagged_splits(cfg: dict, train, test, seed: int) -> tuple[datasets.Dataset,
 
 def _sentences(sentences) -> datasets.Dataset:
     """A Dataset of one file's sentences: ``tokens``, ``tags``, ``label`` its dominant entity."""
-    from common.data.conll import dominant_entity
-
     import datasets
 
-    return datasets.Dataset.from_dict({"tokens": sentences.tokens, "tags": sentences.tags,
-                                       "label": [dominant_entity(t) for t in sentences.tags]})
+    from common.data.conll import dominant_entity
+
+    return datasets.Dataset.from_dict(
+        {"tokens": sentences.tokens, "tags": sentences.tags, "label": [dominant_entity(t) for t in sentences.tags]}
+    )
 
 
 #: source -> loader(cfg, seed, num_clients): (train, test, the setting to blame for test
@@ -205,9 +221,12 @@ def _read_csv(path: Path, setting: str, read_args: dict) -> datasets.Dataset:
 
         return datasets.load_dataset("csv", data_files=str(path), split="train", **read_args)
     except Exception as err:  # pandas/arrow parse errors come wrapped in several types
-        raise ConfigError(setting, f"cannot read {path} as CSV with delimiter "
-                          f"{read_args['sep']!r}, quoting {read_args['quoting']} and encoding "
-                          f"{read_args['encoding']!r}: {err.__class__.__name__}: {err}") from err
+        raise ConfigError(
+            setting,
+            f"cannot read {path} as CSV with delimiter "
+            f"{read_args['sep']!r}, quoting {read_args['quoting']} and encoding "
+            f"{read_args['encoding']!r}: {err.__class__.__name__}: {err}",
+        ) from err
 
 
 def _standardise(ds: datasets.Dataset, cfg: dict, *, source: str) -> datasets.Dataset:
@@ -215,13 +234,16 @@ def _standardise(ds: datasets.Dataset, cfg: dict, *, source: str) -> datasets.Da
     text_col, label_col = required(cfg, "text_column"), required(cfg, "label_column")
     for setting, column in (("data.text_column", text_col), ("data.label_column", label_col)):
         if column not in ds.column_names:
-            raise ConfigError(setting, f"column {column!r} not in {cfg.get(source.split('.')[1])!r} "
-                              f"({source}); columns are {ds.column_names}")
+            raise ConfigError(
+                setting,
+                f"column {column!r} not in {cfg.get(source.split('.')[1])!r} ({source}); columns are {ds.column_names}",
+            )
     if text_col == label_col:
         raise ConfigError("data.label_column", f"is the same column as data.text_column ({text_col!r})")
     shadowed = [c for c in ("text", "label") if c in ds.column_names and c not in (text_col, label_col)]
     ds = ds.remove_columns(shadowed).rename_columns(
-        {old: new for old, new in ((text_col, "text"), (label_col, "label")) if old != new})
+        {old: new for old, new in ((text_col, "text"), (label_col, "label")) if old != new}
+    )
     kept = [i for i, (t, y) in enumerate(zip(ds["text"], ds["label"])) if t is not None and y is not None]
     if len(kept) < len(ds):
         log.warning("%s: dropped %d rows with an empty text or label", source, len(ds) - len(kept))
@@ -243,8 +265,7 @@ def _drop_duplicate_texts(ds: datasets.Dataset, seen: set[str]) -> datasets.Data
     return ds.select(keep)
 
 
-def _stratified_split(ds: datasets.Dataset, fraction: float, seed: int
-                      ) -> tuple[datasets.Dataset, datasets.Dataset]:
+def _stratified_split(ds: datasets.Dataset, fraction: float, seed: int) -> tuple[datasets.Dataset, datasets.Dataset]:
     """Hold out ``fraction`` of every label (rounded), always keeping one for training,
     so that every test label is also a training label."""
     rng = np.random.default_rng(seed)
@@ -261,8 +282,9 @@ def _stratified_split(ds: datasets.Dataset, fraction: float, seed: int
     return ds.select([i for i in range(len(ds)) if i not in in_test]), ds.select(sorted(test_idx))
 
 
-def _encode_labels(train: datasets.Dataset, test: datasets.Dataset, test_setting: str
-                   ) -> tuple[datasets.Dataset, datasets.Dataset, list[str]]:
+def _encode_labels(
+    train: datasets.Dataset, test: datasets.Dataset, test_setting: str
+) -> tuple[datasets.Dataset, datasets.Dataset, list[str]]:
     values = set(train["label"])
     try:
         ordered = sorted(values)  # numbers in numeric order
@@ -274,8 +296,11 @@ def _encode_labels(train: datasets.Dataset, test: datasets.Dataset, test_setting
     index = {n: i for i, n in enumerate(names)}
     unseen = sorted({str(v) for v in test["label"]} - index.keys())
     if unseen:
-        raise ConfigError(test_setting, f"test labels {unseen[:10]} never occur in train "
-                          f"(train labels: {names[:10]}{'...' if len(names) > 10 else ''})")
+        raise ConfigError(
+            test_setting,
+            f"test labels {unseen[:10]} never occur in train "
+            f"(train labels: {names[:10]}{'...' if len(names) > 10 else ''})",
+        )
 
     return _encode(train, index), _encode(test, index), names
 
@@ -288,16 +313,22 @@ def _encode(ds: datasets.Dataset, index: Mapping[str, int]) -> datasets.Dataset:
     return ds.remove_columns("label").add_column("label", ids, feature=Value("int64"))
 
 
-
 #: How a device reads its own file (node-config data-path) when the run's data group has
 #: no such settings (data=synthetic; data=hf has only the columns): conf/data/csv.yaml's
 #: values, which tests/common/test_data.py holds these to.
-DEVICE_FILE = {"delimiter": ",", "column_names": None, "quoting": None, "encoding": "utf-8",
-               "text_column": "text", "label_column": "label"}
+DEVICE_FILE = {
+    "delimiter": ",",
+    "column_names": None,
+    "quoting": None,
+    "encoding": "utf-8",
+    "text_column": "text",
+    "label_column": "label",
+}
 
 
-def load_local_data(cfg: Mapping, path: str | Path, setting: str = "node-config data-path"
-                    ) -> tuple[datasets.Dataset, list[str]]:
+def load_local_data(
+    cfg: Mapping, path: str | Path, setting: str = "node-config data-path"
+) -> tuple[datasets.Dataset, list[str]]:
     """A device's own training file (node-config ``data-path``) and the run's label names.
 
     The file is read with the run's ``data.*`` column settings (``text_column``,
@@ -310,22 +341,30 @@ def load_local_data(cfg: Mapping, path: str | Path, setting: str = "node-config 
     data = plain(cfg["data"])
     labels = data.get("labels")
     if not labels:
-        raise ConfigError("data.labels", "a device reading its own data-path needs the run's label list; "
-                          "the server sets it from its data, or set data.labels=[...]")
+        raise ConfigError(
+            "data.labels",
+            "a device reading its own data-path needs the run's label list; "
+            "the server sets it from its data, or set data.labels=[...]",
+        )
     source = Path(str(path)).expanduser().resolve()
     if not source.is_file():
         raise ConfigError(setting, f"no such file on this device: {source}")
     given = {key: data[key] if key in data else value for key, value in DEVICE_FILE.items()}
-    read_args = {"sep": given["delimiter"], "column_names": given["column_names"],
-                 "quoting": csv_quoting(given["quoting"]), "encoding": given["encoding"]}
+    read_args = {
+        "sep": given["delimiter"],
+        "column_names": given["column_names"],
+        "quoting": csv_quoting(given["quoting"]),
+        "encoding": given["encoding"],
+    }
     columns = {"text_column": given["text_column"], "label_column": given["label_column"], "path": str(source)}
     ds = _standardise(_read_csv(source, setting, read_args), columns, source="data.path")
     names = [str(v) for v in labels]
     index = {n: i for i, n in enumerate(names)}
     unknown = sorted({str(v) for v in ds["label"]} - index.keys())
     if unknown:
-        raise ConfigError(setting, f"{source} has labels {unknown[:10]} that are not "
-                          f"among the run's data.labels {names[:10]}")
+        raise ConfigError(
+            setting, f"{source} has labels {unknown[:10]} that are not among the run's data.labels {names[:10]}"
+        )
     if len(ds) == 0:
         raise ConfigError(setting, f"{source} holds no usable rows")
     return _encode(ds, index), names

@@ -40,8 +40,7 @@ INTENTS: dict[str, tuple[list[str], dict[str, list[str]]]] = {
             "the bill for {obj} is higher than {expected}",
             "there is a fee on my statement for {obj}",
         ],
-        {"obj": ["my order", "the subscription", "my booking", "the hotel",
-                 "my card", "last month", "the upgrade"]},
+        {"obj": ["my order", "the subscription", "my booking", "the hotel", "my card", "last month", "the upgrade"]},
     ),
     "travel": (
         [
@@ -51,8 +50,7 @@ INTENTS: dict[str, tuple[list[str], dict[str, list[str]]]] = {
             "is there a seat left on {obj} for {day}",
             "I want to add a bag to {obj}",
         ],
-        {"obj": ["my flight", "my booking", "the hotel", "my trip",
-                 "the train ticket", "the reservation"]},
+        {"obj": ["my flight", "my booking", "the hotel", "my trip", "the train ticket", "the reservation"]},
     ),
     "tech_support": (
         [
@@ -62,8 +60,17 @@ INTENTS: dict[str, tuple[list[str], dict[str, list[str]]]] = {
             "the website logs me out when I {action}",
             "nothing happens when I tap the button to {action}",
         ],
-        {"action": ["pay", "book a flight", "track my order", "open my account",
-                    "check my card", "change my booking", "log in"]},
+        {
+            "action": [
+                "pay",
+                "book a flight",
+                "track my order",
+                "open my account",
+                "check my card",
+                "change my booking",
+                "log in",
+            ]
+        },
     ),
     "delivery": (
         [
@@ -73,8 +80,7 @@ INTENTS: dict[str, tuple[list[str], dict[str, list[str]]]] = {
             "{obj} was delivered to the wrong address",
             "{obj} arrived damaged and half empty",
         ],
-        {"obj": ["my order", "the package", "my new card", "the parcel",
-                 "the replacement", "my refund cheque"]},
+        {"obj": ["my order", "the package", "my new card", "the parcel", "the replacement", "my refund cheque"]},
     ),
     "account": (
         [
@@ -84,8 +90,7 @@ INTENTS: dict[str, tuple[list[str], dict[str, list[str]]]] = {
             "I want to close my account and remove {field}",
             "someone changed {field} without asking me",
         ],
-        {"field": ["my password", "my email", "my address", "my phone number",
-                   "my name", "the login details"]},
+        {"field": ["my password", "my email", "my address", "my phone number", "my name", "the login details"]},
     ),
     "cards": (
         [
@@ -100,48 +105,110 @@ INTENTS: dict[str, tuple[list[str], dict[str, list[str]]]] = {
 }
 
 SHARED_SLOTS: dict[str, list[str]] = {
-    "day": ["yesterday", "today", "last week", "on monday", "on friday",
-            "two days ago", "next week", "tomorrow"],
+    "day": ["yesterday", "today", "last week", "on monday", "on friday", "two days ago", "next week", "tomorrow"],
     "amount": ["20 euros", "45 dollars", "100 pounds", "a small amount", "9.99"],
     "expected": ["usual", "what I was told", "the price online"],
 }
 
 # Messages that honestly belong to two intents; the label is either, at random.
 AMBIGUOUS: dict[tuple[str, str], list[str]] = {
-    ("billing", "travel"): ["I paid for my flight but it was cancelled",
-                            "the hotel charged me for a night I cancelled"],
-    ("billing", "cards"): ["my card was charged twice and then declined",
-                           "there is a payment on my card I do not know"],
-    ("account", "tech_support"): ["I cannot log in, it says my password is wrong",
-                                  "the app forgot my email and my login"],
-    ("cards", "delivery"): ["my new card has not arrived and I need to pay today",
-                            "the replacement card never came and the old one is frozen"],
-    ("billing", "delivery"): ["I paid for shipping but the package never came",
-                              "I want my money back for the parcel that is missing"],
-    ("tech_support", "travel"): ["the app would not let me change my flight",
-                                 "booking the hotel failed with an error"],
-    ("account", "cards"): ["I changed my address and now my card does not work",
-                           "my card is blocked since I updated my phone number"],
+    ("billing", "travel"): [
+        "I paid for my flight but it was cancelled",
+        "the hotel charged me for a night I cancelled",
+    ],
+    ("billing", "cards"): [
+        "my card was charged twice and then declined",
+        "there is a payment on my card I do not know",
+    ],
+    ("account", "tech_support"): [
+        "I cannot log in, it says my password is wrong",
+        "the app forgot my email and my login",
+    ],
+    ("cards", "delivery"): [
+        "my new card has not arrived and I need to pay today",
+        "the replacement card never came and the old one is frozen",
+    ],
+    ("billing", "delivery"): [
+        "I paid for shipping but the package never came",
+        "I want my money back for the parcel that is missing",
+    ],
+    ("tech_support", "travel"): ["the app would not let me change my flight", "booking the hotel failed with an error"],
+    ("account", "cards"): [
+        "I changed my address and now my card does not work",
+        "my card is blocked since I updated my phone number",
+    ],
 }
 
 # Class-independent context, deliberately full of words that also mark intents.
 CONTEXTS = [
-    "since {day}", "and I am a bit worried", "this is the second time",
-    "for my family", "because I travel a lot", "and the app did not help",
-    "after I paid", "with my card", "on my account", "for the order from {day}",
+    "since {day}",
+    "and I am a bit worried",
+    "this is the second time",
+    "for my family",
+    "because I travel a lot",
+    "and the app did not help",
+    "after I paid",
+    "with my card",
+    "on my account",
+    "for the order from {day}",
 ]
 
 # Per-user habits are dealt from these pools (rotated, so that up to a pool's size
 # users never share the same item) and combined, so users are told apart by them.
-GREETINGS = ["hi", "hello", "hey there", "good morning", "dear support", "hiya",
-             "yo", "greetings", "hello team", "hi folks", "morning", "hey"]
-OPENERS = ["i was wondering", "quick question", "not sure this is the right place but",
-           "sorry to bother you but", "so", "i hope you can help", "just to let you know",
-           "one more thing", "help", "ok so"]
-FILLERS = ["honestly", "basically", "like", "um", "actually", "literally", "tbh",
-           "really", "well", "seriously", "anyway", "kinda"]
-SIGNOFFS = ["thanks", "thank you", "cheers", "thx", "regards", "ty",
-            "much appreciated", "bye", "please help", "asap", "many thanks", "ta"]
+GREETINGS = [
+    "hi",
+    "hello",
+    "hey there",
+    "good morning",
+    "dear support",
+    "hiya",
+    "yo",
+    "greetings",
+    "hello team",
+    "hi folks",
+    "morning",
+    "hey",
+]
+OPENERS = [
+    "i was wondering",
+    "quick question",
+    "not sure this is the right place but",
+    "sorry to bother you but",
+    "so",
+    "i hope you can help",
+    "just to let you know",
+    "one more thing",
+    "help",
+    "ok so",
+]
+FILLERS = [
+    "honestly",
+    "basically",
+    "like",
+    "um",
+    "actually",
+    "literally",
+    "tbh",
+    "really",
+    "well",
+    "seriously",
+    "anyway",
+    "kinda",
+]
+SIGNOFFS = [
+    "thanks",
+    "thank you",
+    "cheers",
+    "thx",
+    "regards",
+    "ty",
+    "much appreciated",
+    "bye",
+    "please help",
+    "asap",
+    "many thanks",
+    "ta",
+]
 ENDINGS = ["?", "!", ".", "!!", "", "..."]
 
 # How unevenly a user spreads their messages over intents (gamma shape of their
@@ -176,9 +243,16 @@ def intent_names(num_classes: int) -> list[str]:
     return list(INTENTS)[:num_classes]
 
 
-def generate(*, num_classes: int, num_users: int, train_size: int, test_size: int,
-             label_noise: float, ambiguous_fraction: float, seed: int
-             ) -> tuple[datasets.Dataset, datasets.Dataset]:
+def generate(
+    *,
+    num_classes: int,
+    num_users: int,
+    train_size: int,
+    test_size: int,
+    label_noise: float,
+    ambiguous_fraction: float,
+    seed: int,
+) -> tuple[datasets.Dataset, datasets.Dataset]:
     """(train, test) with columns ``text``, ``label`` (intent name) and ``user``.
 
     Both splits come from the same users and the same distribution; the test split
@@ -193,15 +267,13 @@ def generate(*, num_classes: int, num_users: int, train_size: int, test_size: in
     noise_rng = random.Random(f"fedpriv-synthetic:{seed}:noise")
     users = [_draw_user(text_rng, i, num_users, intents) for i in range(num_users)]
     activity = [text_rng.gammavariate(USER_ACTIVITY_SHAPE, 1.0) for _ in users]
-    ambiguous = {pair: texts for pair, texts in AMBIGUOUS.items()
-                 if pair[0] in intents and pair[1] in intents}
+    ambiguous = {pair: texts for pair, texts in AMBIGUOUS.items() if pair[0] in intents and pair[1] in intents}
 
     rows: dict[str, list[str]] = {"text": [], "label": [], "user": []}
     for i in range(train_size + test_size):
         # Every user writes at least one training message, so natural partitions are
         # never empty; afterwards users write in proportion to their activity.
-        user = users[i] if i < min(num_users, train_size) else \
-            text_rng.choices(users, weights=activity)[0]
+        user = users[i] if i < min(num_users, train_size) else text_rng.choices(users, weights=activity)[0]
         text, label = _message(text_rng, user, intents, ambiguous, ambiguous_fraction)
         if noise_rng.random() < label_noise:
             label = noise_rng.choice([c for c in intents if c != label])
@@ -233,14 +305,17 @@ def _draw_user(rng: random.Random, index: int, num_users: int, intents: list[str
         lowercase=rng.random() < 0.5,
         typo_rate=rng.uniform(0.0, 0.08),
         class_weights=tuple(rng.gammavariate(USER_CLASS_SHAPE, 1.0) for _ in intents),
-        template_weights={c: tuple(rng.gammavariate(1.0, 1.0) for _ in INTENTS[c][0])
-                          for c in intents},
+        template_weights={c: tuple(rng.gammavariate(1.0, 1.0) for _ in INTENTS[c][0]) for c in intents},
     )
 
 
-def _message(rng: random.Random, user: _User, intents: list[str],
-             ambiguous: dict[tuple[str, str], list[str]], ambiguous_fraction: float
-             ) -> tuple[str, str]:
+def _message(
+    rng: random.Random,
+    user: _User,
+    intents: list[str],
+    ambiguous: dict[tuple[str, str], list[str]],
+    ambiguous_fraction: float,
+) -> tuple[str, str]:
     label = rng.choices(intents, weights=user.class_weights)[0]
     pairs = [pair for pair in ambiguous if label in pair]
     if pairs and rng.random() < ambiguous_fraction:
@@ -268,8 +343,11 @@ def _message(rng: random.Random, user: _User, intents: list[str],
 
 
 def _fill(rng: random.Random, template: str, slots: dict[str, list[str]]) -> str:
-    values = {name: rng.choice(slots.get(name) or SHARED_SLOTS[name])
-              for name in {**SHARED_SLOTS, **slots} if "{" + name + "}" in template}
+    values = {
+        name: rng.choice(slots.get(name) or SHARED_SLOTS[name])
+        for name in {**SHARED_SLOTS, **slots}
+        if "{" + name + "}" in template
+    }
     return template.format(**values)
 
 
@@ -280,7 +358,7 @@ def _typo(rng: random.Random, word: str) -> str:
     i = rng.randrange(1, len(word) - 2)
     kind = rng.randrange(3)
     if kind == 0:
-        return word[:i] + word[i + 1] + word[i] + word[i + 2:]
+        return word[:i] + word[i + 1] + word[i] + word[i + 2 :]
     if kind == 1:
-        return word[:i] + word[i + 1:]
+        return word[:i] + word[i + 1 :]
     return word[:i] + word[i] + word[i:]

@@ -13,8 +13,9 @@ if TYPE_CHECKING:
 from common.errors import ConfigError
 
 
-def tokenize(ds: datasets.Dataset, tokenizer, max_length: int,
-             label_names: list[str] | None = None) -> torch.utils.data.TensorDataset:
+def tokenize(
+    ds: datasets.Dataset, tokenizer, max_length: int, label_names: list[str] | None = None
+) -> torch.utils.data.TensorDataset:
     """TensorDataset(input_ids [N,L], attention_mask [N,L], labels [N]), all long.
 
     Always padded to ``max_length`` (and truncated): a fixed L keeps the shapes of
@@ -30,8 +31,7 @@ def tokenize(ds: datasets.Dataset, tokenizer, max_length: int,
     if len(ds) == 0:
         empty = torch.zeros((0, max_length), dtype=torch.long)
         return torch.utils.data.TensorDataset(empty, empty.clone(), labels)
-    enc = tokenizer(list(ds["text"]), padding="max_length", truncation=True,
-                    max_length=max_length, return_tensors="pt")
+    enc = tokenizer(list(ds["text"]), padding="max_length", truncation=True, max_length=max_length, return_tensors="pt")
     return torch.utils.data.TensorDataset(enc["input_ids"].long(), enc["attention_mask"].long(), labels)
 
 
@@ -39,6 +39,7 @@ def align_words(ds: datasets.Dataset, tokenizer, max_length: int, label_names: l
     """``common.data.conll.Aligned`` for the tagged sentences of ``ds`` (the server keeps it to map
     subword predictions back to words)."""
     from common.data import conll
+
     if label_names is None:
         raise ValueError("tagged sentences need the run's tag names to encode their tags")
     sentences = conll.Sentences(Path("<data>"), list(ds["tokens"]), list(ds["tags"]))

@@ -91,8 +91,14 @@ def build_model(
     plain = mode == "pooler" and not norm  # exactly HF's classifier, as before pooling existed
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = _load_hf(source, name_or_path, classifier=plain, pretrained=pretrained, num_labels=num_labels,
-                         overrides=dict(config_overrides))
+        model = _load_hf(
+            source,
+            name_or_path,
+            classifier=plain,
+            pretrained=pretrained,
+            num_labels=num_labels,
+            overrides=dict(config_overrides),
+        )
         if tokens:
             model = TokenClassifier(model, num_labels, layer=token_layer, normalize=norm)
         elif not plain:
@@ -107,8 +113,9 @@ def build_model(
     return model
 
 
-def _load_hf(source: str, name_or_path: str, *, classifier: bool, pretrained: bool, num_labels: int,
-             overrides: dict) -> nn.Module:
+def _load_hf(
+    source: str, name_or_path: str, *, classifier: bool, pretrained: bool, num_labels: int, overrides: dict
+) -> nn.Module:
     """HF's sequence classifier (``classifier``) or the bare encoder of ``source``, its
     pretrained weights or a random initialisation from the global RNG."""
     from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification
@@ -151,16 +158,39 @@ def _freeze(model: nn.Module, *, embeddings: bool, encoder: bool, lora: Mapping 
 
 #: The ``model.*`` keys :func:`build_model` takes from a config, each checked by
 #: ``common.config.schema`` first; anything else in ``model`` is refused there.
-MODEL_KEYS = ("name_or_path", "tokenizer", "pretrained", "config_overrides", "lora", "freeze_embeddings",
-              "freeze_encoder", "pooling", "normalize", "token_layer")
+MODEL_KEYS = (
+    "name_or_path",
+    "tokenizer",
+    "pretrained",
+    "config_overrides",
+    "lora",
+    "freeze_embeddings",
+    "freeze_encoder",
+    "pooling",
+    "normalize",
+    "token_layer",
+)
 #: What ``model.config_overrides`` may set on a Hugging Face config: sizes, dropouts and
 #: initialisation, scalars only. No loader option (``trust_remote_code``, ``revision``,
 #: ``cache_dir``, ``code_revision`` ...) and no nested value can be named there.
-CONFIG_OVERRIDE_KEYS = frozenset({
-    "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "hidden_act",
-    "hidden_dropout_prob", "attention_probs_dropout_prob", "classifier_dropout", "max_position_embeddings",
-    "type_vocab_size", "layer_norm_eps", "initializer_range", "num_key_value_heads", "head_dim",
-})
+CONFIG_OVERRIDE_KEYS = frozenset(
+    {
+        "hidden_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "intermediate_size",
+        "hidden_act",
+        "hidden_dropout_prob",
+        "attention_probs_dropout_prob",
+        "classifier_dropout",
+        "max_position_embeddings",
+        "type_vocab_size",
+        "layer_norm_eps",
+        "initializer_range",
+        "num_key_value_heads",
+        "head_dim",
+    }
+)
 
 
 def instantiate_model(cfg: Mapping, num_labels: int) -> nn.Module:
@@ -185,7 +215,9 @@ def _overrides(overrides: Mapping) -> dict:
     for key, value in dict(overrides).items():
         setting = f"model.config_overrides.{key}"
         if key not in CONFIG_OVERRIDE_KEYS:
-            raise ConfigError(setting, f"is not a model setting fedpriv passes on; allowed: {sorted(CONFIG_OVERRIDE_KEYS)}")
+            raise ConfigError(
+                setting, f"is not a model setting fedpriv passes on; allowed: {sorted(CONFIG_OVERRIDE_KEYS)}"
+            )
         if not isinstance(value, (str, int, float, bool)) and value is not None:
             raise ConfigError(setting, "must be a string, number or boolean")
         out[key] = value

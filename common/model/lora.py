@@ -63,13 +63,16 @@ def resolve_target_modules(model: nn.Module, targets: str | Sequence[str]) -> st
                 if match:
                     layers.setdefault(match.group(1) or "", set()).add(int(match.group(2)))
             if not layers:
-                raise ConfigError("model.lora.target_modules",
-                                  f"{target!r}: no numbered layer has a module {rest!r}{_module_hint(model)}")
+                raise ConfigError(
+                    "model.lora.target_modules",
+                    f"{target!r}: no numbered layer has a module {rest!r}{_module_hint(model)}",
+                )
             for prefix, indices in sorted(layers.items()):
                 ordered = sorted(indices)
                 if -int(head) > len(ordered):
-                    raise ConfigError("model.lora.target_modules",
-                                      f"{target!r}: the model has only {len(ordered)} layers")
+                    raise ConfigError(
+                        "model.lora.target_modules", f"{target!r}: the model has only {len(ordered)} layers"
+                    )
                 index = ordered[int(head)]
                 resolved.append(f"{prefix}.{index}.{rest}" if prefix else f"{index}.{rest}")
         elif any(n == target or n.endswith(f".{target}") for n in names):
@@ -85,5 +88,7 @@ def _module_hint(model: nn.Module) -> str:
     linear = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     layers = {int(m.group(1)) for n in linear if (m := re.search(r"\.(\d+)\.", n))}
     count = f"{max(layers) + 1} numbered layers; " if layers else ""
-    return (f" (this model has {count}Linear modules such as {', '.join(linear[:3])}; "
-            "-1.attention.self.value names the last layer's value projection)")
+    return (
+        f" (this model has {count}Linear modules such as {', '.join(linear[:3])}; "
+        "-1.attention.self.value names the last layer's value projection)"
+    )

@@ -29,8 +29,7 @@ from common.errors import ConfigError
 POOLINGS = ("auto", "mean", "cls", "pooler")
 
 
-def resolve_pooling(pooling: str, normalize: bool | None, *, source: str,
-                    pretrained: bool) -> tuple[str, bool]:
+def resolve_pooling(pooling: str, normalize: bool | None, *, source: str, pretrained: bool) -> tuple[str, bool]:
     """(mode, normalize) that ``model.pooling`` / ``model.normalize`` mean for ``source``.
 
     ``auto`` reads the checkpoint's sentence-transformers configuration when its
@@ -86,22 +85,29 @@ def checkpoint_pooling(source: str | Path) -> tuple[str, bool] | None:
     try:
         config = json.loads(config_file.read_text())
     except (OSError, ValueError) as err:
-        raise ConfigError("model.pooling", f"auto: cannot read {config_file} ({err}); "
-                          "set model.pooling=mean|cls|pooler") from err
+        raise ConfigError(
+            "model.pooling", f"auto: cannot read {config_file} ({err}); set model.pooling=mean|cls|pooler"
+        ) from err
     modes = config.get("pooling_mode")
     if modes is None:
         modes = [mode for key, mode in _ST_MODE_KEYS.items() if config.get(key)]
     modes = [modes] if isinstance(modes, str) else list(modes)
     if len(modes) != 1 or modes[0] not in ("mean", "cls"):
-        raise ConfigError("model.pooling", "auto: the checkpoint's sentence-transformers pooling is "
-                          f"{'+'.join(map(str, modes)) or 'empty'}, which fedpriv does not implement "
-                          "(mean and cls only); set model.pooling=mean|cls|pooler")
-    after = kinds[at + 1:]
+        raise ConfigError(
+            "model.pooling",
+            "auto: the checkpoint's sentence-transformers pooling is "
+            f"{'+'.join(map(str, modes)) or 'empty'}, which fedpriv does not implement "
+            "(mean and cls only); set model.pooling=mean|cls|pooler",
+        )
+    after = kinds[at + 1 :]
     others = [k for k in after if k != "Normalize"]
     if others:
-        raise ConfigError("model.pooling", "auto: the checkpoint's sentence-transformers pipeline has "
-                          f"{', '.join(others)} after pooling, which fedpriv does not reproduce; set "
-                          "model.pooling=mean|cls|pooler")
+        raise ConfigError(
+            "model.pooling",
+            "auto: the checkpoint's sentence-transformers pipeline has "
+            f"{', '.join(others)} after pooling, which fedpriv does not reproduce; set "
+            "model.pooling=mean|cls|pooler",
+        )
     return modes[0], "Normalize" in after
 
 
@@ -118,8 +124,9 @@ def _encode(backbone: nn.Module, input_ids, attention_mask, token_type_ids, posi
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     extra = {"token_type_ids": token_type_ids, "position_ids": position_ids}
-    return backbone(input_ids=input_ids, attention_mask=attention_mask,
-                    **{k: v for k, v in extra.items() if v is not None}), attention_mask
+    return backbone(
+        input_ids=input_ids, attention_mask=attention_mask, **{k: v for k, v in extra.items() if v is not None}
+    ), attention_mask
 
 
 class PooledClassifier(nn.Module):
@@ -189,8 +196,11 @@ class TokenClassifier(nn.Module):
             raise ConfigError("model.token_layer", f"{type(encoder).__name__} has no encoder.layer list to cut")
         depth = len(stack)
         if isinstance(layer, bool) or not isinstance(layer, int) or not -depth <= layer <= -1:
-            raise ConfigError("model.token_layer", f"must be an integer from -{depth} (the first of this "
-                              f"encoder's {depth} layers) to -1 (the last), got {layer!r}")
+            raise ConfigError(
+                "model.token_layer",
+                f"must be an integer from -{depth} (the first of this "
+                f"encoder's {depth} layers) to -1 (the last), got {layer!r}",
+            )
         keep = depth + layer + 1
         encoder.encoder.layer = nn.ModuleList(list(stack)[:keep])
         encoder.config.num_hidden_layers = keep
@@ -212,6 +222,9 @@ class TokenClassifier(nn.Module):
         from transformers.modeling_outputs import TokenClassifierOutput
 
         logits = self.classifier(self.features(input_ids, attention_mask, token_type_ids, position_ids))
-        loss = None if labels is None else nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(),
-                                                                       ignore_index=-100)
+        loss = (
+            None
+            if labels is None
+            else nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
+        )
         return TokenClassifierOutput(loss=loss, logits=logits)

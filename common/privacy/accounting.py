@@ -26,8 +26,8 @@ from dataclasses import dataclass
 
 import numpy as np
 from opacus.accountants import PRVAccountant, RDPAccountant
-from opacus.accountants.analysis import rdp as rdp_analysis
 from opacus.accountants.accountant import IAccountant
+from opacus.accountants.analysis import rdp as rdp_analysis
 from opacus.accountants.utils import get_noise_multiplier
 
 from common.errors import ConfigError
@@ -95,18 +95,20 @@ def check_pins(pinned_delta: float | None, pinned_accountant: str | None, delta:
     naming ``privacy.sample.delta`` / ``privacy.sample.accountant`` and the ledger's value.
     """
     if pinned_delta is not None and float(delta) != float(pinned_delta):
-        raise ConfigError("privacy.sample.delta",
-                          f"{delta:g} differs from the delta {pinned_delta:g} this client's ledger is accounted "
-                          "at (one delta per ledger: use that delta, or another state_dir)")
+        raise ConfigError(
+            "privacy.sample.delta",
+            f"{delta:g} differs from the delta {pinned_delta:g} this client's ledger is accounted "
+            "at (one delta per ledger: use that delta, or another state_dir)",
+        )
     if pinned_accountant is not None and accountant != pinned_accountant:
-        raise ConfigError("privacy.sample.accountant",
-                          f"{accountant!r} differs from the accountant {pinned_accountant!r} this client's "
-                          "ledger is accounted with (use that accountant, or another state_dir)")
+        raise ConfigError(
+            "privacy.sample.accountant",
+            f"{accountant!r} differs from the accountant {pinned_accountant!r} this client's "
+            "ledger is accounted with (use that accountant, or another state_dir)",
+        )
 
 
-def append_steps(
-    history: Iterable[Sequence], sigma: float, q: float, steps: int
-) -> list[HistoryEntry]:
+def append_steps(history: Iterable[Sequence], sigma: float, q: float, steps: int) -> list[HistoryEntry]:
     """``history`` followed by ``steps`` steps at ``(sigma, q)``, merged as Opacus does."""
     hist = normalise(history)
     if steps <= 0:
@@ -134,8 +136,6 @@ def prototype_entry(sigma: float) -> HistoryEntry:
     accountants take a (σ, q = 1, 1 step) entry as exactly that mechanism.
     """
     return (float(sigma), PROTOTYPE_SAMPLE_RATE, 1)
-
-
 
 
 def train_batch_size(train: Mapping, n: int, *, private: bool = True) -> int:
@@ -198,13 +198,27 @@ def calibrate_noise(
     if steps <= 0:
         raise ValueError("steps must be positive")
     # Clients with the same (q, steps, prior) get the same σ: compute it once per process.
-    return _calibrate(float(target_epsilon), float(delta), float(sample_rate), int(steps),
-                      tuple(normalise(prior_history)), accountant, float(epsilon_tolerance))
+    return _calibrate(
+        float(target_epsilon),
+        float(delta),
+        float(sample_rate),
+        int(steps),
+        tuple(normalise(prior_history)),
+        accountant,
+        float(epsilon_tolerance),
+    )
 
 
 @functools.lru_cache(maxsize=1024)
-def _calibrate(target_epsilon: float, delta: float, sample_rate: float, steps: int,
-               prior: tuple, accountant: str, epsilon_tolerance: float) -> float | None:
+def _calibrate(
+    target_epsilon: float,
+    delta: float,
+    sample_rate: float,
+    steps: int,
+    prior: tuple,
+    accountant: str,
+    epsilon_tolerance: float,
+) -> float | None:
     prior = list(prior)
     if not prior:
         if accountant == "rdp":
@@ -287,10 +301,16 @@ def client_epsilon(sigma: float, rounds: int, delta: float) -> float:
 
 def calibrate_client_noise(*, target_epsilon: float, delta: float, rounds: int) -> float:
     """Smallest σ (within 0.01 in ε) such that ``rounds`` releases stay within ``target_epsilon``."""
-    return float(get_noise_multiplier(
-        target_epsilon=target_epsilon, target_delta=delta, sample_rate=CLIENT_SAMPLE_RATE,
-        steps=rounds, accountant=CLIENT_ACCOUNTANT, epsilon_tolerance=0.01,
-    ))
+    return float(
+        get_noise_multiplier(
+            target_epsilon=target_epsilon,
+            target_delta=delta,
+            sample_rate=CLIENT_SAMPLE_RATE,
+            steps=rounds,
+            accountant=CLIENT_ACCOUNTANT,
+            epsilon_tolerance=0.01,
+        )
+    )
 
 
 #: L2 sensitivity of the summed "fits under C" bits: each client sends 0 or 1, so adding
@@ -318,15 +338,16 @@ def adaptive_noise_split(sigma: float, count_stddev: float) -> float:
             f"{count_stddev:g} is too small for noise_multiplier {sigma:g}: it must be > sigma "
             f"(the count of fitting updates has sensitivity {COUNT_SENSITIVITY:g})",
         )
-    return (sigma ** -2 - effective ** -2) ** -0.5
+    return (sigma**-2 - effective**-2) ** -0.5
 
 
-def combined_noise_multiplier(update_sigma: float, count_stddev: float | None,
-                              count_sensitivity: float | None = COUNT_SENSITIVITY) -> float:
+def combined_noise_multiplier(
+    update_sigma: float, count_stddev: float | None, count_sensitivity: float | None = COUNT_SENSITIVITY
+) -> float:
     """The one Gaussian mechanism's σ from its two releases (what the report lets anyone recompute)."""
     if count_stddev is None:
         return update_sigma
-    return (update_sigma ** -2 + (count_stddev / count_sensitivity) ** -2) ** -0.5
+    return (update_sigma**-2 + (count_stddev / count_sensitivity) ** -2) ** -0.5
 
 
 def client_level_sigma(mechanism: object) -> float:
@@ -365,8 +386,9 @@ def client_noise(client_cfg: Mapping, *, rounds: int, num_clients: int) -> Clien
     """σ given (``privacy.client.noise_multiplier``) or calibrated from the budget and planned rounds."""
     given = client_cfg["noise_multiplier"]
     if given is None:
-        sigma = calibrate_client_noise(target_epsilon=float(client_cfg["epsilon"]),
-                                       delta=float(client_cfg["delta"]), rounds=rounds)
+        sigma = calibrate_client_noise(
+            target_epsilon=float(client_cfg["epsilon"]), delta=float(client_cfg["delta"]), rounds=rounds
+        )
     else:
         sigma = float(given)
     if client_cfg["clipping"] != "adaptive":

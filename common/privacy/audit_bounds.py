@@ -39,8 +39,16 @@ def tail(r: int, v: int, eps: float) -> float:
     return float(binom.sf(v - 1, r, p_correct(eps)))
 
 
-def epsilon_lower_bound(r: int, v: int, *, m: int | None = None, delta: float = 0.0,
-                        confidence: float = 0.95, eps_max: float = 100.0, tol: float = 1e-6) -> float:
+def epsilon_lower_bound(
+    r: int,
+    v: int,
+    *,
+    m: int | None = None,
+    delta: float = 0.0,
+    confidence: float = 0.95,
+    eps_max: float = 100.0,
+    tol: float = 1e-6,
+) -> float:
     """Largest ε that ``v`` correct of ``r`` guesses reject at ``confidence`` (0 if none).
 
     ``m`` is the number of canaries (for the δ term; defaults to ``r``).
@@ -68,8 +76,7 @@ def epsilon_lower_bound(r: int, v: int, *, m: int | None = None, delta: float = 
     return lo
 
 
-def max_detectable_epsilon(r: int, *, m: int | None = None, delta: float = 0.0,
-                           confidence: float = 0.95) -> float:
+def max_detectable_epsilon(r: int, *, m: int | None = None, delta: float = 0.0, confidence: float = 0.95) -> float:
     """The audit's power: the bound ``r`` guesses would give were every one of them right."""
     return epsilon_lower_bound(r, r, m=m, delta=delta, confidence=confidence)
 
@@ -112,13 +119,20 @@ def guesses(scores: Sequence[float], included: Sequence[bool], k_plus: int, k_mi
         raise ValueError("more guesses than canaries")
     order = sorted(range(len(scores)), key=lambda i: scores[i])
     outs = order[:k_minus]
-    ins = order[len(order) - k_plus:] if k_plus else []
+    ins = order[len(order) - k_plus :] if k_plus else []
     correct = sum(bool(included[i]) for i in ins) + sum(not included[i] for i in outs)
     return k_plus + k_minus, correct
 
 
-def audit(scores: Sequence[float], included: Sequence[bool], *, k_plus: int, k_minus: int,
-          delta: float, confidence: float = 0.95) -> AuditResult:
+def audit(
+    scores: Sequence[float],
+    included: Sequence[bool],
+    *,
+    k_plus: int,
+    k_minus: int,
+    delta: float,
+    confidence: float = 0.95,
+) -> AuditResult:
     """Score → guesses → lower bound, with the number of guesses fixed before looking.
 
     ``k_plus``/``k_minus`` must be chosen before the scores are seen (picking the best

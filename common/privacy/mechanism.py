@@ -8,9 +8,10 @@ for the next round, account the release (a round not released: :meth:`ClientLeve
 
     step = (Σ clipped updates + N(0, (σ_Δ C)²)) / n_planned
 
-which ``server.round.aggregate`` hands to the server optimizer (post-processing). ``n_planned`` is the number of clients asked this round, never the number that
-replied (dividing by fewer would shrink the noise relative to one client's C). With
-adaptive clipping (Andrew et al. 2021) C then moves towards the ``target_quantile``
+which ``server.round.aggregate`` hands to the server optimizer (post-processing).
+``n_planned`` is the number of clients asked this round, never the number that replied
+(dividing by fewer would shrink the noise relative to one client's C). With adaptive
+clipping (Andrew et al. 2021) C then moves towards the ``target_quantile``
 of update norms from the noised count of updates that fit under C (0/1 bits,
 sensitivity 1), and the accountant uses the combined σ of the two releases
 (``common.privacy.accounting.adaptive_noise_split``). The report's ``mechanism`` object
@@ -32,15 +33,21 @@ from pathlib import Path
 
 import torch
 
-from common.privacy.accounting import (CLIENT_ACCOUNTANT, CLIENT_SAMPLE_RATE, COUNT_SENSITIVITY, ClientNoise,
-                               client_epsilon, client_history, client_noise)
 from common.model.state import state_norm
+from common.privacy.accounting import (
+    CLIENT_ACCOUNTANT,
+    CLIENT_SAMPLE_RATE,
+    COUNT_SENSITIVITY,
+    ClientNoise,
+    client_epsilon,
+    client_history,
+    client_noise,
+)
 from common.privacy.randomness import urandom_generator
 from common.privacy.units import CLIENT_UNIT
 from common.storage import atomic_write_json
 
 log = logging.getLogger(__name__)
-
 
 
 # --------------------------------------------------------------------------- client half
@@ -78,7 +85,7 @@ def clip_update(update: Mapping[str, torch.Tensor], clipping_norm: float) -> Cli
         if after <= clipping_norm:
             return ClippedUpdate(clipped, norm, False)
         # Rounding to a short dtype (bf16 keeps 8 bits) went above C: step further in.
-        scale *= clipping_norm / after * (1 - 2 ** -7)
+        scale *= clipping_norm / after * (1 - 2**-7)
     return ClippedUpdate({k: torch.zeros_like(v) for k, v in update.items()}, norm, False)
 
 
@@ -128,13 +135,16 @@ class ClientLevelDP:
             return False
         self.stopped = {
             "round": server_round,
-            "reason": (f"client-level ε would reach {eps_next:.4f} after round {server_round}, "
-                       f"above the budget privacy.client.epsilon={self.budget:g}"),
+            "reason": (
+                f"client-level ε would reach {eps_next:.4f} after round {server_round}, "
+                f"above the budget privacy.client.epsilon={self.budget:g}"
+            ),
         }
         return True
 
-    def release(self, total: Mapping[str, torch.Tensor], *, fits: float, n_planned: int, server_round: int,
-                clients: int) -> dict[str, torch.Tensor]:
+    def release(
+        self, total: Mapping[str, torch.Tensor], *, fits: float, n_planned: int, server_round: int, clients: int
+    ) -> dict[str, torch.Tensor]:
         """One released round, in the mechanism's one order: noise the sum at this round's
         C, adapt C for the next round from the noised count of updates that fit, account.
 
@@ -173,13 +183,18 @@ class ClientLevelDP:
         """Account one round: a released aggregate spends ε, a skipped round does not."""
         if released:
             self.releases += 1
-        self.per_round.append({
-            "round": server_round, "epsilon": self.epsilon_after(self.releases), "released": released,
-            # ε after this many releases: what the report recomputes this round's ε from (a
-            # resumed run's count includes a release whose row a crash dropped; restore()).
-            "releases": self.releases,
-            "clients_contributed": clients, "clipping_norm": clipping_norm,
-        })
+        self.per_round.append(
+            {
+                "round": server_round,
+                "epsilon": self.epsilon_after(self.releases),
+                "released": released,
+                # ε after this many releases: what the report recomputes this round's ε from (a
+                # resumed run's count includes a release whose row a crash dropped; restore()).
+                "releases": self.releases,
+                "clients_contributed": clients,
+                "clipping_norm": clipping_norm,
+            }
+        )
 
     def block(self) -> dict:
         """The report's ``client_level`` block (DESIGN.md schema, extended)."""
@@ -225,19 +240,25 @@ class ClientLevelDP:
             "Each client clips its own update (local minus global trainable weights) to the clipping norm "
             "before it leaves; the server rejects any update above it.",
             "The guarantee covers what leaves the server (the models and the aggregates); "
-            + ("with secure aggregation the server itself sees only the un-noised sum of clipped updates."
-               if self.secagg else "the server itself sees each client's clipped update before noise."),
+            + (
+                "with secure aggregation the server itself sees only the un-noised sum of clipped updates."
+                if self.secagg
+                else "the server itself sees each client's clipped update before noise."
+            ),
             "A round whose aggregate is not released (too few replies) spends no client-level ε.",
         ]
         if self.noise.calibrated:
-            out.append(f"σ was calibrated so that all {self.planned_rounds} planned rounds stay within "
-                       f"privacy.client.epsilon={self.budget:g}.")
+            out.append(
+                f"σ was calibrated so that all {self.planned_rounds} planned rounds stay within "
+                f"privacy.client.epsilon={self.budget:g}."
+            )
         if self.adaptive:
             out.append(
                 f"Adaptive clipping: the count of updates that fit under C (each client adds a 0/1 bit, "
                 f"sensitivity {COUNT_SENSITIVITY:g}) is noised with standard deviation "
                 f"{self.noise.count_stddev:g}; the update sum gets σ_Δ = {self.noise.update_sigma:.4g}, so "
-                f"that both releases together are one Gaussian mechanism at σ = {self.sigma:.4g}.")
+                f"that both releases together are one Gaussian mechanism at σ = {self.sigma:.4g}."
+            )
         return out
 
     def write(self, path: Path) -> None:
@@ -260,10 +281,16 @@ class ClientLevelDP:
         block = json.loads(path.read_text())
         if block.get("noise_multiplier") != self.sigma:
             if not (self.noise.calibrated and block.get("noise_calibrated")):
-                raise ValueError(f"{path}: noise multiplier {block.get('noise_multiplier')} != this run's "
-                                 f"privacy.client.noise_multiplier {self.sigma}")
-            self.noise = ClientNoise(float(block["noise_multiplier"]), True, float(block["update_noise_multiplier"]),
-                                     block.get("clipped_count_stddev"))
+                raise ValueError(
+                    f"{path}: noise multiplier {block.get('noise_multiplier')} != this run's "
+                    f"privacy.client.noise_multiplier {self.sigma}"
+                )
+            self.noise = ClientNoise(
+                float(block["noise_multiplier"]),
+                True,
+                float(block["update_noise_multiplier"]),
+                block.get("clipped_count_stddev"),
+            )
             self.planned_rounds = int(block.get("planned_rounds", self.planned_rounds))
             log.info("client level: keeping the stored sigma %.6g (calibrated for the original rounds)", self.sigma)
         stored = block.get("per_round") or []

@@ -22,10 +22,16 @@ import math
 from collections.abc import Iterable
 
 from common import __version__
-from common.privacy.accounting import (ACCOUNTANTS, client_epsilon, client_history, client_level_sigma, epsilon,
-                               history_prefix)
 from common.config.schema import PRIVACY_MODES
 from common.errors import ConfigError
+from common.privacy.accounting import (
+    ACCOUNTANTS,
+    client_epsilon,
+    client_history,
+    client_level_sigma,
+    epsilon,
+    history_prefix,
+)
 from common.privacy.units import CLIENT_UNIT, SAMPLE_UNIT, SENTENCE_UNIT
 
 SCHEMA_VERSION = 1
@@ -70,8 +76,7 @@ CAVEAT_NEIGHBOURS = (
     "neighbours when they differ by one training example of one client."
 )
 CAVEAT_NO_DP = (
-    "privacy.mode is none: no differential privacy is applied and no formal privacy "
-    "guarantee holds for this run."
+    "privacy.mode is none: no differential privacy is applied and no formal privacy guarantee holds for this run."
 )
 
 #: Where each client's ``budget_epsilon`` comes from.
@@ -155,9 +160,7 @@ def build_report(
     delta = float(sample_cfg["delta"]) if sample_on else None
     accountant = str(sample_cfg["accountant"]) if sample_on else None
     if sample_on and accountant not in ACCOUNTANTS:
-        raise ConfigError(
-            "privacy.sample.accountant", f"{accountant!r} is not one of {sorted(ACCOUNTANTS)}"
-        )
+        raise ConfigError("privacy.sample.accountant", f"{accountant!r} is not one of {sorted(ACCOUNTANTS)}")
     entries = _sorted_entries((clients_reported.get("clients") or {}).items())
     derived = [_client_row(cid, entry, delta, accountant, sample_cfg) for cid, entry in entries] if sample_on else []
     clients = [row for row, _ in derived]
@@ -191,7 +194,8 @@ def build_report(
         report["caveats"].append(
             f"evaluation.json holds the model of round {stale}, not of the last completed round "
             f"({last if last is not None else 'none'}; the run stopped between the two): its per-class "
-            "results are left out of this report.")
+            "results are left out of this report."
+        )
     return report
 
 
@@ -258,15 +262,35 @@ def _client_level(level: dict) -> tuple[dict, list[str]]:
     except ValueError as err:
         level["epsilon"] = None
         level["per_round"] = [{**p, "epsilon": None} for p in entries]
-        return level, [f"client_level.json stated client-level ε {_json(stated)}, which cannot be recomputed: "
-                       f"{err}. The report shows no client-level ε (null), per round neither."]
+        return level, [
+            f"client_level.json stated client-level ε {_json(stated)}, which cannot be recomputed: "
+            f"{err}. The report shows no client-level ε (null), per round neither."
+        ]
 
     released = [bool(p.get("released", True)) for p in entries]
     total = sum(released)
     counted = level.get("rounds_released")
     if _is_count(counted) and counted > total:
         total = counted
-    caveats, rows, changed, dropped, seen, floor = [], [], [], [], 0, 0
+    level["per_round"], changed, dropped = _client_level_rounds(entries, released, sigma, delta, total)
+    caveats = _client_level_totals(level, stated, sigma, delta, total)
+    if changed:
+        caveats.append(
+            f"client_level.json stated a client-level ε for round(s) {', '.join(map(str, changed))} that "
+            "its mechanism does not give; the report shows the ε recomputed after each round's releases."
+        )
+    if dropped:
+        caveats.append(
+            f"client_level.json's entry for round(s) {', '.join(map(str, dropped))} states a count of "
+            "released rounds that cannot be (not an integer, fewer than the releases before it, or more "
+            "than the run released): its client-level ε cannot be derived and is left out."
+        )
+    return level, caveats
+
+
+def _client_level_rounds(entries: list[dict], released: list[bool], sigma: float, delta: float, total: int):
+    """(per-round rows with ε recomputed, rounds whose ε was replaced, rounds left out)."""
+    rows, changed, dropped, seen, floor = [], [], [], 0, 0
     for entry, was_released in zip(entries, released):
         seen += was_released
         count = entry.get("releases", seen)
@@ -279,36 +303,41 @@ def _client_level(level: dict) -> tuple[dict, list[str]]:
             changed.append(entry.get("round"))
             entry["epsilon"] = eps
         rows.append(entry)
-    level["per_round"] = rows
+    return rows, changed, dropped
 
+
+def _client_level_totals(level: dict, stated, sigma: float, delta: float, total: int) -> list[str]:
+    """Replace ``level``'s ε, σ, history and release count by what the mechanism gives; say each."""
+    caveats = []
     eps = client_epsilon(sigma, total, delta)
     if not _same(stated, eps):
         level["epsilon"] = eps
-        caveats.append(f"client_level.json stated client-level ε {_json(stated)}; recomputed from the mechanism "
-                       f"(σ = {sigma:.4g}) and {total} released rounds at δ = {delta:g}: {eps:.4g}, which the "
-                       "report shows.")
+        caveats.append(
+            f"client_level.json stated client-level ε {_json(stated)}; recomputed from the mechanism "
+            f"(σ = {sigma:.4g}) and {total} released rounds at δ = {delta:g}: {eps:.4g}, which the "
+            "report shows."
+        )
     if not _same(level.get("noise_multiplier"), sigma):
-        caveats.append(f"client_level.json stated noise multiplier {_json(level.get('noise_multiplier'))}; its "
-                       f"mechanism gives σ = {sigma:.4g}, which the report shows.")
+        caveats.append(
+            f"client_level.json stated noise multiplier {_json(level.get('noise_multiplier'))}; its "
+            f"mechanism gives σ = {sigma:.4g}, which the report shows."
+        )
         level["noise_multiplier"] = sigma
     if "history" in level:
         history = [list(h) for h in client_history(level["noise_multiplier"], total)]
         if not _same_history(level["history"], history):
-            caveats.append(f"client_level.json stated history {_json(level['history'])}; the mechanism and "
-                           f"{total} released rounds give {_json(history)}, which the report shows.")
+            caveats.append(
+                f"client_level.json stated history {_json(level['history'])}; the mechanism and "
+                f"{total} released rounds give {_json(history)}, which the report shows."
+            )
             level["history"] = history
     if "rounds_released" in level and level["rounds_released"] != total:
-        caveats.append(f"client_level.json stated {_json(level['rounds_released'])} rounds released; its per-round "
-                       f"entries give {total}, which the report shows.")
+        caveats.append(
+            f"client_level.json stated {_json(level['rounds_released'])} rounds released; its per-round "
+            f"entries give {total}, which the report shows."
+        )
         level["rounds_released"] = total
-    if changed:
-        caveats.append(f"client_level.json stated a client-level ε for round(s) {', '.join(map(str, changed))} that "
-                       "its mechanism does not give; the report shows the ε recomputed after each round's releases.")
-    if dropped:
-        caveats.append(f"client_level.json's entry for round(s) {', '.join(map(str, dropped))} states a count of "
-                       "released rounds that cannot be (not an integer, fewer than the releases before it, or more "
-                       "than the run released): its client-level ε cannot be derived and is left out.")
-    return level, caveats
+    return caveats
 
 
 def _is_count(value: object) -> bool:
@@ -317,16 +346,22 @@ def _is_count(value: object) -> bool:
 
 def _same(stated: object, derived: float) -> bool:
     """``stated`` is ``derived`` up to float rounding (:data:`CLIENT_LEVEL_RTOL`)."""
-    return (isinstance(stated, (int, float)) and not isinstance(stated, bool)
-            and math.isclose(stated, derived, rel_tol=CLIENT_LEVEL_RTOL, abs_tol=0.0))
+    return (
+        isinstance(stated, (int, float))
+        and not isinstance(stated, bool)
+        and math.isclose(stated, derived, rel_tol=CLIENT_LEVEL_RTOL, abs_tol=0.0)
+    )
 
 
 def _same_history(stated: object, derived: list[list]) -> bool:
     if not isinstance(stated, list) or len(stated) != len(derived):
         return False
     for s, d in zip(stated, derived):
-        if not isinstance(s, list) or len(s) != 3 or not (_same(s[0], d[0]) and _same(s[1], d[1])
-                                                          and _is_count(s[2]) and s[2] == d[2]):
+        if (
+            not isinstance(s, list)
+            or len(s) != 3
+            or not (_same(s[0], d[0]) and _same(s[1], d[1]) and _is_count(s[2]) and s[2] == d[2])
+        ):
             return False
     return True
 
@@ -345,9 +380,7 @@ def _id_order(client_id: str) -> tuple[int, int, str]:
     return (0, int(client_id), "") if client_id.isdigit() else (1, 0, client_id)
 
 
-def _client_row(
-    key: str, entry: dict, delta: float, accountant: str, sample_cfg: dict
-) -> tuple[dict, list]:
+def _client_row(key: str, entry: dict, delta: float, accountant: str, sample_cfg: dict) -> tuple[dict, list]:
     """(one client's row, rounds whose ε could not be derived): ε, per-round ε and budget
     are derived here, never copied from ``entry``."""
     history = [list(h) for h in entry.get("history") or []]
@@ -390,8 +423,9 @@ def _budget(client_id: str, entry: dict, sample_cfg: dict) -> tuple[float | None
     return budget, source
 
 
-def _per_round(history: list, entry: dict, delta: float, accountant: str,
-               spent: float | None = None) -> tuple[list[dict], list]:
+def _per_round(
+    history: list, entry: dict, delta: float, accountant: str, spent: float | None = None
+) -> tuple[list[dict], list]:
     """(per-round ε recomputed from the history prefix at each round's steps, rounds left out).
 
     A round is left out when its entry gives no integer round or no usable cumulative step
@@ -424,8 +458,9 @@ def _per_round(history: list, entry: dict, delta: float, accountant: str,
     return out, dropped
 
 
-def _caveats(report: dict, mode: str, reported: list[dict], unreported: dict,
-             dropped: list[list] | None = None) -> list[str]:
+def _caveats(
+    report: dict, mode: str, reported: list[dict], unreported: dict, dropped: list[list] | None = None
+) -> list[str]:
     """Plain sentences about what the ε does not cover or what the run revealed.
 
     ``reported`` holds the clients' own entries, in the order of the report's clients;
@@ -472,14 +507,11 @@ def _run_caveats(report: dict, mode: str) -> list[str]:
             "post-processing, so every ε in this report covers it."
         )
     if not report["secure_aggregation"]:
-        caveats.append(
-            "Secure aggregation is off: the server sees each client's individual update."
-        )
+        caveats.append("Secure aggregation is off: the server sees each client's individual update.")
     return caveats
 
 
-def _client_caveats(sample: dict, reported: list[dict], unreported: dict,
-                    dropped: list[list] | None) -> list[str]:
+def _client_caveats(sample: dict, reported: list[dict], unreported: dict, dropped: list[list] | None) -> list[str]:
     """Per client, what its report disagrees with, leaves out or exceeds; then the replies that never came."""
     caveats = []
     for row, entry, left_out in zip(sample["clients"], reported, dropped or [[]] * len(reported)):
@@ -506,10 +538,7 @@ def _client_caveats(sample: dict, reported: list[dict], unreported: dict,
             )
         budget = row["budget_epsilon"]
         if budget is not None and row["epsilon"] > float(budget):
-            caveats.append(
-                f"Client {cid} has spent ε = {row['epsilon']:.4f}, more than its budget "
-                f"{float(budget):g}."
-            )
+            caveats.append(f"Client {cid} has spent ε = {row['epsilon']:.4f}, more than its budget {float(budget):g}.")
     for cid, rounds in sorted(unreported.items(), key=lambda kv: _id_order(kv[0])):
         caveats.append(
             f"Client {cid}'s reply for round(s) {', '.join(map(str, rounds))} never reached the "
@@ -524,10 +553,13 @@ def _caveat_prototypes(mode: str) -> str:
     return (
         "Round 1 released DP class prototypes (recipe.prototypes): each client sent its per-class "
         "sums of unit-norm pooled features, for all classes and with no per-class counts. "
-        + ("Every entry carried N(0, σ_p²) noise at sensitivity 1 (one example moves one class's sum "
-           "by norm at most 1); the release is one (σ_p, q = 1, 1 step) entry of each client's history, "
-           "and its ε is included above. " if mode in ("sample", "both") else
-           "Without sample-level DP these sums carry no per-example noise. ")
+        + (
+            "Every entry carried N(0, σ_p²) noise at sensitivity 1 (one example moves one class's sum "
+            "by norm at most 1); the release is one (σ_p, q = 1, 1 step) entry of each client's history, "
+            "and its ε is included above. "
+            if mode in ("sample", "both")
+            else "Without sample-level DP these sums carry no per-example noise. "
+        )
         + "The server turned their sum into the head's starting weights (post-processing)."
     )
 

@@ -37,10 +37,17 @@ def entity_report(gold: Sequence[Sequence[str]], pred: Sequence[Sequence[str]]) 
         return {"micro_f1": 0.0, "macro_f1": 0.0, "per_entity": {}}
     report = classification_report(gold, pred, output_dict=True, zero_division=0)
     per_entity = {
-        kind: {"precision": float(row["precision"]), "recall": float(row["recall"]),
-               "f1": float(row["f1-score"]), "support": int(row["support"])}
-        for kind, row in report.items() if kind not in _AVERAGES
+        kind: {
+            "precision": float(row["precision"]),
+            "recall": float(row["recall"]),
+            "f1": float(row["f1-score"]),
+            "support": int(row["support"]),
+        }
+        for kind, row in report.items()
+        if kind not in _AVERAGES
     }
-    return {"micro_f1": float(report["micro avg"]["f1-score"]),
-            "macro_f1": float(report["macro avg"]["f1-score"]),
-            "per_entity": dict(sorted(per_entity.items()))}
+    return {
+        "micro_f1": float(report["micro avg"]["f1-score"]),
+        "macro_f1": float(report["macro avg"]["f1-score"]),
+        "per_entity": dict(sorted(per_entity.items())),
+    }

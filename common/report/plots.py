@@ -44,8 +44,7 @@ def epsilon_plot(report: dict) -> bytes:
             drawn = True
     budgets = {float(r["budget_epsilon"]) for r in clients if r["budget_epsilon"] is not None}
     for budget in sorted(budgets):
-        ax.axhline(budget, color="red", linestyle="--", linewidth=1,
-                   label=f"budget ε = {budget:g}")
+        ax.axhline(budget, color="red", linestyle="--", linewidth=1, label=f"budget ε = {budget:g}")
         drawn = True
     client_points = [(p["round"], p["epsilon"]) for p in level.get("per_round") or [] if p["epsilon"] is not None]
     if level.get("enabled") and client_points:
@@ -57,8 +56,7 @@ def epsilon_plot(report: dict) -> bytes:
         if len(clients) <= 12:  # beyond that the legend hides the lines
             ax.legend(fontsize="small", loc="best")
     else:
-        ax.text(0.5, 0.5, "no differential privacy in this run", ha="center",
-                va="center", transform=ax.transAxes)
+        ax.text(0.5, 0.5, "no differential privacy in this run", ha="center", va="center", transform=ax.transAxes)
     title = "Cumulative ε per round"
     if sample["enabled"]:
         title += f" (sample level: δ = {sample['delta']:g}, {sample['accountant']})"
@@ -94,8 +92,7 @@ def accuracy_plot(report: dict) -> bytes:
         handles = ax.get_legend_handles_labels()[0] + loss_ax.get_legend_handles_labels()[0]
         loss_ax.legend(handles=handles, fontsize="small", loc="best")
     if not accuracy and not loss:
-        ax.text(0.5, 0.5, "no completed rounds", ha="center", va="center",
-                transform=ax.transAxes)
+        ax.text(0.5, 0.5, "no completed rounds", ha="center", va="center", transform=ax.transAxes)
     ax.set_title("Evaluation per round (released without DP noise)")
     ax.set_xlabel("round")
     _integer_x_ticks(ax)
@@ -108,8 +105,10 @@ def confusion_plot(report: dict) -> bytes:
     (true → predicted) pairs as bars."""
     evaluation = report["evaluation"]
     labels, matrix = evaluation["labels"], evaluation["confusion_matrix"]
-    title = (f"Confusion matrix of the round {evaluation['round']} model\n"
-             "(server's held-out test set, released without DP noise)")
+    title = (
+        f"Confusion matrix of the round {evaluation['round']} model\n"
+        "(server's held-out test set, released without DP noise)"
+    )
     if len(labels) <= MAX_GRID_CLASSES:
         return _confusion_grid(labels, matrix, title)
     return _most_confused(labels, matrix, title)
@@ -130,8 +129,15 @@ def _confusion_grid(labels: list[str], matrix: list[list[int]], title: str) -> b
     fig.colorbar(image, ax=ax, label="share of the true class", shrink=0.8)
     for (i, j), count in np.ndenumerate(counts):
         if count:
-            ax.text(j, i, str(count), ha="center", va="center", fontsize="small",
-                    color="white" if shares[i, j] > 0.5 else "black")
+            ax.text(
+                j,
+                i,
+                str(count),
+                ha="center",
+                va="center",
+                fontsize="small",
+                color="white" if shares[i, j] > 0.5 else "black",
+            )
     ticks = range(len(labels))
     # Class names are data, not mathtext: "$5 or $10" would otherwise be parsed (and may not parse).
     ax.set_xticks(ticks, labels, rotation=45, ha="right", rotation_mode="anchor", fontsize="small", parse_math=False)
@@ -142,7 +148,9 @@ def _confusion_grid(labels: list[str], matrix: list[list[int]], title: str) -> b
     return _png(fig)
 
 
-def most_confused_pairs(labels: list[str], matrix: list[list[int]], k: int = MOST_CONFUSED) -> list[tuple[str, str, int]]:
+def most_confused_pairs(
+    labels: list[str], matrix: list[list[int]], k: int = MOST_CONFUSED
+) -> list[tuple[str, str, int]]:
     """The ``k`` largest off-diagonal cells as (true, predicted, count), largest first (ties
     in label order); cells of 0 are no confusion and are left out."""
     cells = [(count, i, j) for i, row in enumerate(matrix) for j, count in enumerate(row) if i != j and count > 0]
@@ -160,8 +168,7 @@ def _most_confused(labels: list[str], matrix: list[list[int]], title: str) -> by
         ax.invert_yaxis()  # the most confused pair on top
         _integer_x_ticks(ax)
     else:
-        ax.text(0.5, 0.5, "no test example was misclassified", ha="center", va="center",
-                transform=ax.transAxes)
+        ax.text(0.5, 0.5, "no test example was misclassified", ha="center", va="center", transform=ax.transAxes)
     ax.set_xlabel("test examples (true → predicted)")
     ax.set_title(f"{title}: the {len(pairs)} most confused pairs of {len(labels)} classes", fontsize="medium")
     return _png(fig)

@@ -82,12 +82,19 @@ def document(report: dict) -> list[Block]:
         ("h2", "The two privacy levels side by side"),
         _levels_table(report),
         ("h2", "Clients (sample level)"),
-        *([_client_table(sample),
-           ("p", "Each client's accountant history: every (σ, q, steps) entry, in order "
-                 "(ε is recomputed from all of them)."),
-           _history_table(sample)]
-          if sample["enabled"]
-          else [("p", "Sample-level DP was off in this run: no per-client ε.")]),
+        *(
+            [
+                _client_table(sample),
+                (
+                    "p",
+                    "Each client's accountant history: every (σ, q, steps) entry, in order "
+                    "(ε is recomputed from all of them).",
+                ),
+                _history_table(sample),
+            ]
+            if sample["enabled"]
+            else [("p", "Sample-level DP was off in this run: no per-client ε.")]
+        ),
         ("img", "cumulative ε per round", EPSILON_PLOT),
         ("h2", "Rounds"),
         _round_table(report),
@@ -167,31 +174,68 @@ def _levels_table(report: dict) -> Block:
     on = {True: "on", False: "off"}
     rows = [
         ["enabled", on[bool(sample["enabled"])], on[bool(level.get("enabled"))]],
-        ["unit protected", f"{sample['unit']} (adding or removing a single training example)",
-         f"{CLIENT_UNIT} (adding or removing a client's entire data set)"],
-        ["ε spent", f"{_f4(top)} (highest client)" if sample["enabled"] else "—",
-         _f4(level.get("epsilon")) if level.get("enabled") else "—"],
-        ["ε budget", _g(report["config"]["privacy"]["sample"].get("epsilon")) if sample["enabled"] else "—",
-         _g(level.get("budget_epsilon")) if level.get("enabled") else "—"],
+        [
+            "unit protected",
+            f"{sample['unit']} (adding or removing a single training example)",
+            f"{CLIENT_UNIT} (adding or removing a client's entire data set)",
+        ],
+        [
+            "ε spent",
+            f"{_f4(top)} (highest client)" if sample["enabled"] else "—",
+            _f4(level.get("epsilon")) if level.get("enabled") else "—",
+        ],
+        [
+            "ε budget",
+            _g(report["config"]["privacy"]["sample"].get("epsilon")) if sample["enabled"] else "—",
+            _g(level.get("budget_epsilon")) if level.get("enabled") else "—",
+        ],
         ["δ", _g(sample["delta"]), _g(level.get("delta"))],
-        ["noise multiplier σ", ", ".join(sorted({_g(h[0]) for r in clients for h in r["history"]}
-                                                | {_g(r["noise_multiplier"]) for r in clients
-                                                   if not r["history"] and r["noise_multiplier"] is not None}))
-         or "—",
-         _g(level.get("noise_multiplier"))],
-        ["clipping norm", ", ".join(sorted({_g(r["max_grad_norm"]) for r in clients})) or "—",
-         _g(level.get("clipping_norm"))],
-        ["where noise is added", "on each client, every DP-SGD step" if sample["enabled"] else "—",
-         "on the server, to the sum of clipped client updates" if level.get("enabled") else "—"],
-        ["accountant", str(sample["accountant"] or "—"),
-         f"{level.get('accountant', 'rdp')}, q = 1 (no amplification)" if level.get("enabled") else "—"],
+        [
+            "noise multiplier σ",
+            ", ".join(
+                sorted(
+                    {_g(h[0]) for r in clients for h in r["history"]}
+                    | {
+                        _g(r["noise_multiplier"])
+                        for r in clients
+                        if not r["history"] and r["noise_multiplier"] is not None
+                    }
+                )
+            )
+            or "—",
+            _g(level.get("noise_multiplier")),
+        ],
+        [
+            "clipping norm",
+            ", ".join(sorted({_g(r["max_grad_norm"]) for r in clients})) or "—",
+            _g(level.get("clipping_norm")),
+        ],
+        [
+            "where noise is added",
+            "on each client, every DP-SGD step" if sample["enabled"] else "—",
+            "on the server, to the sum of clipped client updates" if level.get("enabled") else "—",
+        ],
+        [
+            "accountant",
+            str(sample["accountant"] or "—"),
+            f"{level.get('accountant', 'rdp')}, q = 1 (no amplification)" if level.get("enabled") else "—",
+        ],
     ]
     return ("table", ["", "sample level", "client level"], rows)
 
 
 def _client_table(sample: dict) -> Block:
-    headers = ["client", "ε spent", "budget", "budget from", "rounds trained", "rounds declined",
-               "C", "steps", "exhausted"]
+    headers = [
+        "client",
+        "ε spent",
+        "budget",
+        "budget from",
+        "rounds trained",
+        "rounds declined",
+        "C",
+        "steps",
+        "exhausted",
+    ]
     rows = [
         [
             r["client_id"],
@@ -224,8 +268,18 @@ def _round_table(report: dict) -> Block:
     show_client_eps = bool(level.get("enabled"))
     client_eps = {p["round"]: p["epsilon"] for p in level.get("per_round") or []}
     tokens = any(r.get("micro_f1") is not None for r in report["rounds"])
-    headers = ["round", "accuracy", "loss", *(["micro F1"] if tokens else []), "macro F1", "weighted F1",
-               "trained", "declined", "rejected", "failed"]
+    headers = [
+        "round",
+        "accuracy",
+        "loss",
+        *(["micro F1"] if tokens else []),
+        "macro F1",
+        "weighted F1",
+        "trained",
+        "declined",
+        "rejected",
+        "failed",
+    ]
     if show_client_eps:
         headers.append("client-level ε")
     rows = []
@@ -248,50 +302,70 @@ def _round_table(report: dict) -> Block:
 def _evaluation(evaluation: dict | None) -> list[Block]:
     """The final model's per-class table and confusion plot, or why there are none."""
     if evaluation is None:
-        return [("p", "This run directory holds no per-class evaluation (evaluation.json): it was "
-                      "written before fedpriv recorded one, or completed no round.")]
+        return [
+            (
+                "p",
+                "This run directory holds no per-class evaluation (evaluation.json): it was "
+                "written before fedpriv recorded one, or completed no round.",
+            )
+        ]
     if "per_entity" in evaluation:
         return _entity_evaluation(evaluation)
     per_class = evaluation["per_class"]
-    rows = [[name, *(_f4(per_class[name][k]) for k in ("precision", "recall", "f1")), str(per_class[name]["support"])]
-            for name in evaluation["labels"]]
+    rows = [
+        [name, *(_f4(per_class[name][k]) for k in ("precision", "recall", "f1")), str(per_class[name]["support"])]
+        for name in evaluation["labels"]
+    ]
     return [
-        ("p",
-         f"The model after round {evaluation['round']}, on the server's held-out test set "
-         f"({evaluation['num_examples']} examples): accuracy {_f4(evaluation['accuracy'])}, loss "
-         f"{_f4(evaluation['loss'])}, macro F1 {_f4(evaluation['macro_f1'])}, weighted F1 "
-         f"{_f4(evaluation['weighted_f1'])}. Released without DP noise (see the caveats)."),
-        ("p",
-         "Per class, from scikit-learn's precision_recall_fscore_support over every label of the run. "
-         "With zero_division=0, a class never predicted has precision 0 and a class absent from the "
-         "test set recall 0 (and F1 0). Macro F1 is the plain mean of the F1 column, weighted F1 its "
-         "mean weighted by support."),
+        (
+            "p",
+            f"The model after round {evaluation['round']}, on the server's held-out test set "
+            f"({evaluation['num_examples']} examples): accuracy {_f4(evaluation['accuracy'])}, loss "
+            f"{_f4(evaluation['loss'])}, macro F1 {_f4(evaluation['macro_f1'])}, weighted F1 "
+            f"{_f4(evaluation['weighted_f1'])}. Released without DP noise (see the caveats).",
+        ),
+        (
+            "p",
+            "Per class, from scikit-learn's precision_recall_fscore_support over every label of the run. "
+            "With zero_division=0, a class never predicted has precision 0 and a class absent from the "
+            "test set recall 0 (and F1 0). Macro F1 is the plain mean of the F1 column, weighted F1 its "
+            "mean weighted by support.",
+        ),
         ("table", ["class", "precision", "recall", "F1", "support"], rows),
         ("img", "confusion matrix of the final model", CONFUSION_PLOT),
-        ("p", "What the final model attends to: explain_test_set.html in this directory shows its attention "
-              "maps and token shading on a few of these test inputs (evaluation.explain_inputs of them; none "
-              "when 0); `fedpriv explain RUN_DIR --text \"...\"` does the same for any text. Both read only "
-              "the released model."),
+        (
+            "p",
+            "What the final model attends to: explain_test_set.html in this directory shows its attention "
+            "maps and token shading on a few of these test inputs (evaluation.explain_inputs of them; none "
+            'when 0); `fedpriv explain RUN_DIR --text "..."` does the same for any text. Both read only '
+            "the released model.",
+        ),
     ]
 
 
 def _entity_evaluation(evaluation: dict) -> list[Block]:
     """Token classification: the final model's per-entity table (seqeval)."""
     per_entity = evaluation["per_entity"]
-    rows = [[name, *(_f4(row[k]) for k in ("precision", "recall", "f1")), str(row["support"])]
-            for name, row in per_entity.items()]
+    rows = [
+        [name, *(_f4(row[k]) for k in ("precision", "recall", "f1")), str(row["support"])]
+        for name, row in per_entity.items()
+    ]
     return [
-        ("p",
-         f"The model after round {evaluation['round']}, on the server's held-out test set "
-         f"({evaluation['num_examples']} sentences): entity-level micro F1 {_f4(evaluation['micro_f1'])}, "
-         f"macro F1 {_f4(evaluation['macro_f1'])}, weighted F1 {_f4(evaluation['weighted_f1'])}; word tag "
-         f"accuracy {_f4(evaluation['accuracy'])}, loss {_f4(evaluation['loss'])}. Released without DP "
-         "noise (see the caveats)."),
-        ("p",
-         "Per entity type, from seqeval in its default (conlleval) mode: an entity counts as found only "
-         "when its type and every word of its span match. Words that train.max_length cut off "
-         f"({evaluation['words_cut']} in this test set) are scored as predicted O, so the scores cover "
-         "every test word."),
+        (
+            "p",
+            f"The model after round {evaluation['round']}, on the server's held-out test set "
+            f"({evaluation['num_examples']} sentences): entity-level micro F1 {_f4(evaluation['micro_f1'])}, "
+            f"macro F1 {_f4(evaluation['macro_f1'])}, weighted F1 {_f4(evaluation['weighted_f1'])}; word tag "
+            f"accuracy {_f4(evaluation['accuracy'])}, loss {_f4(evaluation['loss'])}. Released without DP "
+            "noise (see the caveats).",
+        ),
+        (
+            "p",
+            "Per entity type, from seqeval in its default (conlleval) mode: an entity counts as found only "
+            "when its type and every word of its span match. Words that train.max_length cut off "
+            f"({evaluation['words_cut']} in this test set) are scored as predicted O, so the scores cover "
+            "every test word.",
+        ),
         ("table", ["entity", "precision", "recall", "F1", "support"], rows),
     ]
 
@@ -299,20 +373,26 @@ def _entity_evaluation(evaluation: dict) -> list[Block]:
 def _levels_explained(report: dict) -> list[Block]:
     level = report["client_level"]
     blocks: list[Block] = [
-        ("p",
-         f"Sample level — the unit protected is {report['sample_level']['unit']}. A client's ε bounds how "
-         "much adding or removing any single training example of that client can change "
-         "everything the client released (its updates, and so the final model). Each "
-         "client has its own ε, cumulative over every round it trained in, including "
-         "earlier runs that shared its ledger; it never goes down."),
-        ("p",
-         f"Client level — the unit protected is {CLIENT_UNIT}. ε bounds how much adding "
-         "or removing one client's entire data set can change the aggregated model. "
-         "Noise is added to the sum of clipped updates, which is divided by the planned "
-         "number of clients."),
-        ("p",
-         "Smaller ε means stronger protection. δ is the small probability with which the "
-         "ε bound is allowed not to hold; it should be far below 1/n."),
+        (
+            "p",
+            f"Sample level — the unit protected is {report['sample_level']['unit']}. A client's ε bounds how "
+            "much adding or removing any single training example of that client can change "
+            "everything the client released (its updates, and so the final model). Each "
+            "client has its own ε, cumulative over every round it trained in, including "
+            "earlier runs that shared its ledger; it never goes down.",
+        ),
+        (
+            "p",
+            f"Client level — the unit protected is {CLIENT_UNIT}. ε bounds how much adding "
+            "or removing one client's entire data set can change the aggregated model. "
+            "Noise is added to the sum of clipped updates, which is divided by the planned "
+            "number of clients.",
+        ),
+        (
+            "p",
+            "Smaller ε means stronger protection. δ is the small probability with which the "
+            "ε bound is allowed not to hold; it should be far below 1/n.",
+        ),
     ]
     if level.get("assumptions"):
         blocks.append(("p", "Client-level assumptions:"))
@@ -325,14 +405,18 @@ def _recompute(sample: dict) -> list[Block]:
         return [("p", "Sample-level DP was off in this run: there is no ε to recompute.")]
     cls = ACCOUNTANTS[sample["accountant"]].__name__
     return [
-        ("p",
-         "Every client's ε follows from its history alone. With client an entry of "
-         "sample_level.clients and delta = sample_level.delta, Opacus gives exactly the "
-         "client's epsilon field (unrounded):"),
-        ("code",
-         f"from opacus.accountants import {cls}\n"
-         f"acc = {cls}(); acc.history = [tuple(h) for h in client[\"history\"]]\n"
-         "acc.get_epsilon(delta)  # == client[\"epsilon\"]; an empty history is 0.0"),
+        (
+            "p",
+            "Every client's ε follows from its history alone. With client an entry of "
+            "sample_level.clients and delta = sample_level.delta, Opacus gives exactly the "
+            "client's epsilon field (unrounded):",
+        ),
+        (
+            "code",
+            f"from opacus.accountants import {cls}\n"
+            f'acc = {cls}(); acc.history = [tuple(h) for h in client["history"]]\n'
+            'acc.get_epsilon(delta)  # == client["epsilon"]; an empty history is 0.0',
+        ),
     ]
 
 
@@ -340,13 +424,17 @@ def _recompute_client_level(level: dict) -> list[Block]:
     if not level.get("enabled") or "history" not in level:
         return []
     return [
-        ("p",
-         "The client-level ε follows from client_level.history, one entry [σ, 1.0, rounds released] "
-         "(q = 1: no amplification by client sampling), with delta = client_level.delta:"),
-        ("code",
-         "from opacus.accountants import RDPAccountant\n"
-         "acc = RDPAccountant(); acc.history = [tuple(h) for h in level[\"history\"]]\n"
-         "acc.get_epsilon(delta)  # == level[\"epsilon\"]; no history is 0.0"),
+        (
+            "p",
+            "The client-level ε follows from client_level.history, one entry [σ, 1.0, rounds released] "
+            "(q = 1: no amplification by client sampling), with delta = client_level.delta:",
+        ),
+        (
+            "code",
+            "from opacus.accountants import RDPAccountant\n"
+            'acc = RDPAccountant(); acc.history = [tuple(h) for h in level["history"]]\n'
+            'acc.get_epsilon(delta)  # == level["epsilon"]; no history is 0.0',
+        ),
     ]
 
 
@@ -427,18 +515,14 @@ def to_html(blocks: list[Block]) -> str:
         elif kind == "table":
             headers, rows = args
             head = "".join(f"<th>{e(h)}</th>" for h in headers)
-            rows_html = "".join(
-                "<tr>" + "".join(f"<td>{e(c)}</td>" for c in row) + "</tr>" for row in rows
-            )
+            rows_html = "".join("<tr>" + "".join(f"<td>{e(c)}</td>" for c in row) + "</tr>" for row in rows)
             body.append(f"<table><thead><tr>{head}</tr></thead><tbody>{rows_html}</tbody></table>")
         elif kind == "code":
             body.append(f"<pre><code>{e(args[0])}</code></pre>")
         elif kind == "img":
             body.append(f'<img src="{e(args[1])}" alt="{e(args[0])}">')
     return (
-        "<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
+        '<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
         "<title>fedpriv privacy report</title>\n"
-        f"<style>{HTML_STYLE}</style>\n</head>\n<body>\n"
-        + "\n".join(body)
-        + "\n</body>\n</html>\n"
+        f"<style>{HTML_STYLE}</style>\n</head>\n<body>\n" + "\n".join(body) + "\n</body>\n</html>\n"
     )

@@ -17,7 +17,6 @@ from common.rundir import RunDir
 from common.storage import read_json_lines
 
 
-
 def read_metrics(run_dir: Path, *, missing_ok: bool = False) -> list[dict]:
     """Rows of ``run_dir/metrics.jsonl``, in file order.
 

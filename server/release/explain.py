@@ -29,7 +29,6 @@ from torch import nn
 
 from common.model.state import model_inputs
 
-
 #: Variants of a text per forward pass in :func:`leave_one_out`: T up to train.max_length
 #: (128 by default) would otherwise be one batch of T x T tokens.
 LOO_CHUNK = 32
@@ -82,8 +81,9 @@ def _eager_attentions(encoder: nn.Module):
         encoder.set_attn_implementation(before)
 
 
-def explain_texts(model: nn.Module, tokenizer, label_names: Sequence[str], max_length: int,
-                  texts: Sequence[str]) -> list[Explanation]:
+def explain_texts(
+    model: nn.Module, tokenizer, label_names: Sequence[str], max_length: int, texts: Sequence[str]
+) -> list[Explanation]:
     """One :class:`Explanation` per text, from ``model`` (left in the mode it came in)."""
     if not texts:
         raise ValueError("no text to explain")
@@ -92,8 +92,7 @@ def explain_texts(model: nn.Module, tokenizer, label_names: Sequence[str], max_l
     model.eval()
     try:
         with _eager_attentions(encoder):
-            return [_explain_one(model, encoder, tokenizer, list(label_names), max_length, text)
-                    for text in texts]
+            return [_explain_one(model, encoder, tokenizer, list(label_names), max_length, text) for text in texts]
     finally:
         model.train(was_training)
 
@@ -112,8 +111,10 @@ def _explain_one(model, encoder, tokenizer, label_names, max_length, text) -> Ex
     def keep_attentions(_module, _inputs, output):
         captured["attentions"] = output.attentions
 
-    hooks = [encoder.register_forward_pre_hook(ask_attentions, with_kwargs=True),
-             encoder.register_forward_hook(keep_attentions)]
+    hooks = [
+        encoder.register_forward_pre_hook(ask_attentions, with_kwargs=True),
+        encoder.register_forward_hook(keep_attentions),
+    ]
     try:
         with torch.no_grad():
             logits = model(**model_inputs(ids, torch.ones_like(ids))).logits[0].double()
@@ -141,8 +142,9 @@ def _explain_one(model, encoder, tokenizer, label_names, max_length, text) -> Ex
     )
 
 
-def leave_one_out(model: nn.Module, ids: torch.Tensor, target: int, probability: float,
-                  chunk: int = LOO_CHUNK) -> np.ndarray:
+def leave_one_out(
+    model: nn.Module, ids: torch.Tensor, target: int, probability: float, chunk: int = LOO_CHUNK
+) -> np.ndarray:
     """Per token of ``ids`` [1, T]: ``probability`` minus class ``target``'s probability with
     that token hidden.
 
@@ -155,7 +157,7 @@ def leave_one_out(model: nn.Module, ids: torch.Tensor, target: int, probability:
     dropped = []
     with torch.no_grad():
         for start in range(0, length, chunk):
-            mask = hidden[start:start + chunk]
+            mask = hidden[start : start + chunk]
             logits = model(**model_inputs(ids.expand(len(mask), -1), mask)).logits.double()
             dropped.append(torch.softmax(logits, dim=-1)[:, target])
     return probability - torch.cat(dropped).cpu().numpy()
@@ -163,5 +165,6 @@ def leave_one_out(model: nn.Module, ids: torch.Tensor, target: int, probability:
 
 def explain_released(released, texts: Sequence[str]) -> list[Explanation]:
     """:func:`explain_texts` for a :class:`server.release.released.Released`."""
-    return explain_texts(released.model, released.tokenizer, released.label_names,
-                         int(released.cfg["train"]["max_length"]), texts)
+    return explain_texts(
+        released.model, released.tokenizer, released.label_names, int(released.cfg["train"]["max_length"]), texts
+    )

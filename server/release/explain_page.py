@@ -27,7 +27,9 @@ MAX_LABELLED_TOKENS = 40
 #: Classes listed with their probability per input (the rest are summed).
 TOP_CLASSES = 5
 
-PAGE_STYLE = HTML_STYLE + """
+PAGE_STYLE = (
+    HTML_STYLE
+    + """
 .tokens { line-height: 2.2; font-family: ui-monospace, monospace; font-size: .95rem; }
 .tok { padding: .15rem .2rem; margin: 0 .05rem; border-radius: .2rem; }
 .special { color: #777; }
@@ -36,6 +38,7 @@ PAGE_STYLE = HTML_STYLE + """
 .maps { overflow-x: auto; }
 .maps img { max-width: none; }
 """
+)
 
 SUMMARY_NOTE = (
     "Token shading is leave-one-out: how much the predicted class's probability drops when the model "
@@ -51,15 +54,16 @@ ATTENTION_NOTE = (
 )
 
 
-def render_page(explanations: Sequence[Explanation], *, title: str, context: str,
-                true_labels: Sequence[str] | None = None) -> str:
+def render_page(
+    explanations: Sequence[Explanation], *, title: str, context: str, true_labels: Sequence[str] | None = None
+) -> str:
     """The page: ``context`` (plain words on what model and which texts), then one section per text."""
     e = html.escape
     parts = [
-        "<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n",
+        '<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n',
         f"<title>{e(title)}</title>\n<style>{PAGE_STYLE}</style>\n</head>\n<body>\n",
         f"<h1>{e(title)}</h1>\n<p>{e(context)}</p>\n",
-        f"<p class=\"note\">{e(SUMMARY_NOTE)}</p>\n<p class=\"note\">{e(ATTENTION_NOTE)}</p>\n",
+        f'<p class="note">{e(SUMMARY_NOTE)}</p>\n<p class="note">{e(ATTENTION_NOTE)}</p>\n',
     ]
     if true_labels is not None and len(true_labels) != len(explanations):
         raise ValueError(f"{len(true_labels)} true labels for {len(explanations)} texts")
@@ -75,15 +79,15 @@ def _section(number: int, x: Explanation, true_label: str | None) -> str:
     truth = "" if true_label is None else f"; true class: <strong>{e(true_label)}</strong>"
     return (
         f"<h2>Input {number}</h2>\n<pre>{e(x.text)}</pre>\n"
-        f"<p class=\"predicted\">Predicted class: <strong>{e(x.label)}</strong> "
+        f'<p class="predicted">Predicted class: <strong>{e(x.label)}</strong> '
         f"(probability {x.probability:.1%}){truth}</p>\n"
         f"{_class_table(x.probabilities)}"
         f"<p>Tokens that push hardest towards <strong>{e(x.label)}</strong>: "
         f"{e(', '.join(x.top_tokens())) or 'none'}</p>\n"
-        f"<p class=\"tokens\">{_shaded_tokens(x)}</p>\n"
+        f'<p class="tokens">{_shaded_tokens(x)}</p>\n'
         f"<h3>Attention maps ({layers} layers x {heads} heads, {len(x.tokens)} tokens)</h3>\n"
-        f"<div class=\"maps\"><img alt=\"attention maps of input {number}: {layers} layers by {heads} heads\" "
-        f"src=\"data:image/png;base64,{base64.b64encode(attention_png(x)).decode('ascii')}\"></div>\n"
+        f'<div class="maps"><img alt="attention maps of input {number}: {layers} layers by {heads} heads" '
+        f'src="data:image/png;base64,{base64.b64encode(attention_png(x)).decode("ascii")}"></div>\n'
     )
 
 
@@ -105,8 +109,7 @@ def _shaded_tokens(x: Explanation) -> str:
         colour = "230, 120, 20" if score > 0 else "40, 110, 220"
         style = f"background: rgba({colour}, {0.85 * strength:.2f})"
         kind = "tok special" if special else "tok"
-        spans.append(f"<span class=\"{kind}\" style=\"{style}\" title=\"{float(score):+.4f}\">"
-                     f"{html.escape(token)}</span>")
+        spans.append(f'<span class="{kind}" style="{style}" title="{float(score):+.4f}">{html.escape(token)}</span>')
     return " ".join(spans)
 
 
@@ -119,8 +122,7 @@ def attention_png(x: Explanation) -> bytes:
     labelled = length <= MAX_LABELLED_TOKENS
     # Room for a 6-point label per token when the tokens are named; the page scrolls sideways.
     cell = max(1.6, 0.11 * length + 0.4) if labelled else 1.6
-    fig = Figure(figsize=(cell * heads + (1.2 if labelled else 0.4), cell * layers + 0.6), dpi=80,
-                 layout="constrained")
+    fig = Figure(figsize=(cell * heads + (1.2 if labelled else 0.4), cell * layers + 0.6), dpi=80, layout="constrained")
     FigureCanvasAgg(fig)
     axes = fig.subplots(layers, heads, squeeze=False)
     font = 6.0
@@ -148,8 +150,9 @@ CLI_PAGE = "explain.html"
 #: own name, so that ``fedpriv explain`` never overwrites it.
 
 
-def write_explanations(released, texts: Sequence[str], out: Path, *, source: str,
-                       true_labels: Sequence[str] | None = None) -> list[Explanation]:
+def write_explanations(
+    released, texts: Sequence[str], out: Path, *, source: str, true_labels: Sequence[str] | None = None
+) -> list[Explanation]:
     """Explain ``texts`` with the released model and write the page to ``out``.
 
     ``source`` says in plain words where the texts came from ("given on the command
@@ -157,12 +160,15 @@ def write_explanations(released, texts: Sequence[str], out: Path, *, source: str
     """
     explanations = explain_released(released, texts)
     sha = released.checkpoint_sha256
-    context = (f"This page shows how the released global model of the run in {released.run_dir.name} "
-               f"(after round {released.server_round}, checkpoint SHA-256 {sha[:16]}...) behaves on "
-               f"{len(texts)} text{'s' if len(texts) != 1 else ''} {source}. It was computed from the "
-               "released model and these texts alone: no client data was used.")
-    page = render_page(explanations, title="What the released model attends to", context=context,
-                       true_labels=true_labels)
+    context = (
+        f"This page shows how the released global model of the run in {released.run_dir.name} "
+        f"(after round {released.server_round}, checkpoint SHA-256 {sha[:16]}...) behaves on "
+        f"{len(texts)} text{'s' if len(texts) != 1 else ''} {source}. It was computed from the "
+        "released model and these texts alone: no client data was used."
+    )
+    page = render_page(
+        explanations, title="What the released model attends to", context=context, true_labels=true_labels
+    )
     atomic_write_bytes(Path(out), page.encode("utf-8"))
     return explanations
 
@@ -181,9 +187,13 @@ def write_run_explanations(run_dir: Path, released=None, *, count: int = 3) -> P
     if not chosen:
         raise ValueError(f"the server's test split of {run_dir} is empty: nothing to explain")
     out = RunDir(run_dir).explain_page
-    write_explanations(released, [test[i]["text"] for i in chosen], out,
-                       source="from the server's test split (the run's own evaluation data)",
-                       true_labels=[released.label_names[test[i]["label"]] for i in chosen])
+    write_explanations(
+        released,
+        [test[i]["text"] for i in chosen],
+        out,
+        source="from the server's test split (the run's own evaluation data)",
+        true_labels=[released.label_names[test[i]["label"]] for i in chosen],
+    )
     return out
 
 
@@ -195,5 +205,5 @@ def _spread_over_classes(labels: Sequence[int], count: int) -> list[int]:
             seen.add(label)
             firsts.append(i)
     firsts = firsts[:count]
-    rest = [i for i in range(len(labels)) if i not in firsts][:count - len(firsts)]
+    rest = [i for i in range(len(labels)) if i not in firsts][: count - len(firsts)]
     return sorted(firsts + rest)

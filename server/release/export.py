@@ -36,8 +36,8 @@ from pathlib import Path
 
 from common.model.pooling import PooledClassifier
 from common.rundir import RunDir
-from server.round.checkpoint import Manifest
 from server.release.released import Released, load_released
+from server.round.checkpoint import Manifest
 
 EXPORT_META = "fedpriv_export.json"
 
@@ -57,16 +57,17 @@ class Exported:
     meta: dict
 
 
-def export(run_dir: str | Path, out: str | Path, *, server_round: int | None = None,
-           merge: bool = False) -> Exported:
+def export(run_dir: str | Path, out: str | Path, *, server_round: int | None = None, merge: bool = False) -> Exported:
     """Write the model of ``run_dir`` after ``server_round`` (default: the last) into ``out``."""
     from server.release.model_card import write_card
 
     run_dir, out = Path(run_dir), Path(out)
     report_path = RunDir(run_dir).report_json
     if not report_path.is_file():
-        raise FileNotFoundError(f"{report_path} is missing: the model card states the run's ε from it "
-                                f"(run `fedpriv report {run_dir}` to re-render it)")
+        raise FileNotFoundError(
+            f"{report_path} is missing: the model card states the run's ε from it "
+            f"(run `fedpriv report {run_dir}` to re-render it)"
+        )
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ExportError(f"OUT {out} exists and is not empty: export into a new directory")
     released = load_released(run_dir, server_round)
@@ -126,8 +127,10 @@ def write_model(released: Released, out: Path, *, merge: bool) -> tuple[str, boo
     if isinstance(model, PeftModel):
         if not merge:
             if not released.cfg["model"].get("pretrained", True):
-                raise ExportError("--merge: the adapter's base is a random initialisation (model.pretrained=false) "
-                                  "that no one can load by name; pass --merge to export the whole model")
+                raise ExportError(
+                    "--merge: the adapter's base is a random initialisation (model.pretrained=false) "
+                    "that no one can load by name; pass --merge to export the whole model"
+                )
             _label(model.get_base_model().config, ids)
             model.save_pretrained(out)
             tokenizer.save_pretrained(out)
@@ -156,8 +159,10 @@ def _save_setfit(model: PooledClassifier, released: Released, out: Path) -> None
     from sklearn.linear_model import LogisticRegression
 
     if model.pooling not in ("mean", "cls"):
-        raise ExportError(f"model.pooling={model.pooling} with model.normalize=true: sentence-transformers' Pooling "
-                          "has no BERT-pooler mode, so this head cannot be exported with its pooling")
+        raise ExportError(
+            f"model.pooling={model.pooling} with model.normalize=true: sentence-transformers' Pooling "
+            "has no BERT-pooler mode, so this head cannot be exported with its pooling"
+        )
     encoder = model.backbone
     if isinstance(encoder, PeftModel):
         # merge_and_unload changes the module in place; the released model is not used after export.

@@ -32,8 +32,10 @@ def predictor(path: str | Path, *, server_round: int | None = None) -> Predict:
         return _peft_predictor(path)
     if (path / "config.json").is_file():
         return _pipeline_predictor(path, model=str(path))
-    raise FileNotFoundError(f"MODEL_OR_RUN {path}: neither a fedpriv run directory (.hydra/config.yaml) "
-                            "nor an exported model (config_setfit.json, adapter_config.json or config.json)")
+    raise FileNotFoundError(
+        f"MODEL_OR_RUN {path}: neither a fedpriv run directory (.hydra/config.yaml) "
+        "nor an exported model (config_setfit.json, adapter_config.json or config.json)"
+    )
 
 
 def _run_predictor(run_dir: Path, server_round: int | None) -> Predict:
@@ -47,8 +49,7 @@ def _run_predictor(run_dir: Path, server_round: int | None) -> Predict:
 
     @torch.no_grad()
     def predict(texts):
-        enc = released.tokenizer(list(texts), padding=True, truncation=True, max_length=max_length,
-                                 return_tensors="pt")
+        enc = released.tokenizer(list(texts), padding=True, truncation=True, max_length=max_length, return_tensors="pt")
         probs = released.model(**model_inputs(enc["input_ids"], enc["attention_mask"])).logits.softmax(-1)
         best = probs.argmax(-1)
         return [(released.label_names[int(i)], float(p[i])) for i, p in zip(best, probs)]
@@ -76,8 +77,11 @@ def _peft_predictor(path: Path) -> Predict:
         raise FileNotFoundError(f"{meta_path} is missing: an adapter's label names are kept there")
     labels = json.loads(meta_path.read_text())["labels"]
     model = AutoPeftModelForSequenceClassification.from_pretrained(
-        str(path), num_labels=len(labels), id2label=dict(enumerate(labels)),
-        label2id={label: i for i, label in enumerate(labels)})
+        str(path),
+        num_labels=len(labels),
+        id2label=dict(enumerate(labels)),
+        label2id={label: i for i, label in enumerate(labels)},
+    )
     return _pipeline_predictor(path, model=model)
 
 
@@ -101,6 +105,8 @@ def read_texts(file: str | Path, column: str) -> list[str]:
     with open(file, newline="", encoding="utf-8") as fh:
         reader = csv.DictReader(fh)
         if column not in (reader.fieldnames or []):
-            raise ExportError(f"--text-column {column!r}: {file} has no such column "
-                              f"(its header names {', '.join(map(repr, reader.fieldnames or []))})")
+            raise ExportError(
+                f"--text-column {column!r}: {file} has no such column "
+                f"(its header names {', '.join(map(repr, reader.fieldnames or []))})"
+            )
         return [row[column] or "" for row in reader]

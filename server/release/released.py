@@ -49,8 +49,16 @@ class Released:
             raise ValueError("the run's end holds no tokenizer or test texts to explain")
         load_trainable(prepared.model, end.global_state)
         prepared.model.eval()
-        return cls(Path(end.run_dir), prepared.cfg, end.server_round, prepared.model, prepared.tokenizer,
-                   list(prepared.label_names), end.checkpoint_sha256, prepared.test_split)
+        return cls(
+            Path(end.run_dir),
+            prepared.cfg,
+            end.server_round,
+            prepared.model,
+            prepared.tokenizer,
+            list(prepared.label_names),
+            end.checkpoint_sha256,
+            prepared.test_split,
+        )
 
     def test_split(self) -> datasets.Dataset:
         """The run's server-side test split as text: ``text`` and ``label`` (an index into label_names)."""
@@ -73,19 +81,25 @@ def load_released(run_dir: str | Path, server_round: int | None = None) -> Relea
     run_dir = Path(run_dir)
     cfg = run_config(run_dir)
     if cfg["task"] == "token_classification":
-        raise ConfigError("task", "explain, export and predict read sequence classifiers; a "
-                          "token_classification run's model is in its checkpoints but not yet exported")
+        raise ConfigError(
+            "task",
+            "explain, export and predict read sequence classifiers; a "
+            "token_classification run's model is in its checkpoints but not yet exported",
+        )
     manifest = Manifest.load(run_dir)
     if not manifest.rounds:
         raise CheckpointError(f"{RunDir(run_dir).checkpoints} holds no round")
     chosen = max(manifest.rounds) if server_round is None else int(server_round)
     if chosen not in manifest.rounds:
-        raise CheckpointError(f"no checkpoint of round {chosen} in {RunDir(run_dir).checkpoints} "
-                              f"(rounds {min(manifest.rounds)}..{max(manifest.rounds)})")
+        raise CheckpointError(
+            f"no checkpoint of round {chosen} in {RunDir(run_dir).checkpoints} "
+            f"(rounds {min(manifest.rounds)}..{max(manifest.rounds)})"
+        )
     state = load_round(run_dir, manifest, chosen)
     _, test, labels = load_splits(cfg["data"], seed=int(cfg["seed"]), num_clients=int(cfg["num_clients"]))
     model = instantiate_model(cfg, len(labels))
     load_trainable(model, state)
     model.eval()
-    return Released(run_dir, cfg, chosen, model, load_tokenizer(cfg["model"]), list(labels),
-                    manifest.rounds[chosen]["sha256"], test)
+    return Released(
+        run_dir, cfg, chosen, model, load_tokenizer(cfg["model"]), list(labels), manifest.rounds[chosen]["sha256"], test
+    )

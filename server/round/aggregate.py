@@ -180,8 +180,9 @@ def collect(
     return out
 
 
-def check_reply(content: RecordDict, server_round: int, out: RoundReplies, *,
-                secure: bool = False) -> tuple[str | None, str | None, TrainReply | None]:
+def check_reply(
+    content: RecordDict, server_round: int, out: RoundReplies, *, secure: bool = False
+) -> tuple[str | None, str | None, TrainReply | None]:
     """(reason to reject or None, client id or None, the parsed reply or None): the checks
     every reply passes, plain or SecAgg+.
 
@@ -220,7 +221,9 @@ def _client_order(client_id: str):
     return (0, int(client_id), "") if client_id.isdigit() else (1, 0, client_id)
 
 
-def sum_updates(updates: Mapping[str, Mapping[str, torch.Tensor]], like: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def sum_updates(
+    updates: Mapping[str, Mapping[str, torch.Tensor]], like: Mapping[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
     """Σ updates in float64, in client-id order so a resumed round reproduces the original."""
     total = {k: torch.zeros(v.shape, dtype=torch.float64) for k, v in like.items()}
     for client_id in sorted(updates, key=_client_order):
@@ -229,8 +232,9 @@ def sum_updates(updates: Mapping[str, Mapping[str, torch.Tensor]], like: Mapping
     return total
 
 
-def check_sum(total: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor], *,
-              max_norm: float | None) -> str | None:
+def check_sum(
+    total: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor], *, max_norm: float | None
+) -> str | None:
     """Why an unmasked SecAgg sum must not be used: the server's only check under SecAgg."""
     return check_update(total, {k: v.to(torch.float64) for k, v in expected.items()}, max_norm=max_norm)
 
@@ -282,8 +286,9 @@ def aggregate(
             return None
         step = {k: v / len(contributors) for k, v in total.items()}
     else:
-        step = client_dp.release(total, fits=fits, n_planned=n_planned, server_round=server_round,
-                                 clients=len(contributors))
+        step = client_dp.release(
+            total, fits=fits, n_planned=n_planned, server_round=server_round, clients=len(contributors)
+        )
     if prototype_scale is not None:
         weight = f"{HEAD_PREFIX}weight"
         new = {k: v.clone() for k, v in global_state.items()}

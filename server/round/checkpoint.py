@@ -57,10 +57,13 @@ class Manifest:
         return cls(raw["run_id"], {int(k): v for k, v in raw["rounds"].items()})
 
     def save(self, run_dir: Path) -> None:
-        atomic_write_json(RunDir(run_dir).checkpoints / MANIFEST, {
-            "run_id": self.run_id,
-            "rounds": {str(k): v for k, v in sorted(self.rounds.items())},
-        })
+        atomic_write_json(
+            RunDir(run_dir).checkpoints / MANIFEST,
+            {
+                "run_id": self.run_id,
+                "rounds": {str(k): v for k, v in sorted(self.rounds.items())},
+            },
+        )
 
 
 def _write(run_dir: Path, name: str, obj: Any) -> str:
@@ -87,9 +90,15 @@ def _is_tensor_dict(obj: Any) -> bool:
     return isinstance(obj, dict) and all(isinstance(v, torch.Tensor) for v in obj.values())
 
 
-def save_round(run_dir: Path, manifest: Manifest, server_round: int, state: Mapping[str, torch.Tensor], *,
-               optimizer_state: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
-               optimizer_name: str | None = None) -> None:
+def save_round(
+    run_dir: Path,
+    manifest: Manifest,
+    server_round: int,
+    state: Mapping[str, torch.Tensor],
+    *,
+    optimizer_state: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
+    optimizer_name: str | None = None,
+) -> None:
     """Durably store round ``server_round``'s global weights (and optimizer state), then the manifest.
 
     ``optimizer_state`` (a stateful server optimizer's ``state_dict()``, possibly empty
@@ -100,11 +109,13 @@ def save_round(run_dir: Path, manifest: Manifest, server_round: int, state: Mapp
     if optimizer_state is not None:
         opt_name = f"optimizer_{server_round:04d}.pt"
         blob = {part: {k: v.detach().cpu() for k, v in tensors.items()} for part, tensors in optimizer_state.items()}
-        entry.update(optimizer=str(optimizer_name), optimizer_file=opt_name,
-                     optimizer_sha256=_write(run_dir, opt_name, blob))
+        entry.update(
+            optimizer=str(optimizer_name), optimizer_file=opt_name, optimizer_sha256=_write(run_dir, opt_name, blob)
+        )
     manifest.rounds[server_round] = entry
-    stale = [r for r, e in manifest.rounds.items()
-             if "optimizer_file" in e and r <= server_round - OPTIMIZER_STATES_KEPT]
+    stale = [
+        r for r, e in manifest.rounds.items() if "optimizer_file" in e and r <= server_round - OPTIMIZER_STATES_KEPT
+    ]
     for r in stale:  # forget them in the manifest first, then delete: never a dangling entry
         manifest.rounds[r] = {k: v for k, v in manifest.rounds[r].items() if not k.startswith("optimizer")}
     manifest.save(run_dir)
@@ -123,8 +134,9 @@ def load_round(run_dir: Path, manifest: Manifest, server_round: int) -> dict[str
     return state
 
 
-def load_optimizer_state(run_dir: Path, manifest: Manifest, server_round: int, *,
-                         optimizer_name: str) -> dict[str, dict[str, torch.Tensor]]:
+def load_optimizer_state(
+    run_dir: Path, manifest: Manifest, server_round: int, *, optimizer_name: str
+) -> dict[str, dict[str, torch.Tensor]]:
     """The server optimizer's state after round ``server_round``, verified against the manifest's hash.
 
     Refused when the round has none (a stateful optimizer always stores one, even empty)
@@ -134,11 +146,14 @@ def load_optimizer_state(run_dir: Path, manifest: Manifest, server_round: int, *
     if entry is None:
         raise CheckpointError(f"no checkpoint of round {server_round} in {RunDir(run_dir).checkpoints}")
     if "optimizer_file" not in entry:
-        raise CheckpointError(f"round {server_round} has no optimizer state in {RunDir(run_dir).checkpoints}: "
-                              f"cannot continue strategy {optimizer_name} exactly")
+        raise CheckpointError(
+            f"round {server_round} has no optimizer state in {RunDir(run_dir).checkpoints}: "
+            f"cannot continue strategy {optimizer_name} exactly"
+        )
     if entry.get("optimizer") != optimizer_name:
-        raise CheckpointError(f"round {server_round}'s optimizer state belongs to {entry.get('optimizer')}, "
-                              f"not {optimizer_name}")
+        raise CheckpointError(
+            f"round {server_round}'s optimizer state belongs to {entry.get('optimizer')}, not {optimizer_name}"
+        )
     state = _read(run_dir, entry["optimizer_file"], entry["optimizer_sha256"])
     if not isinstance(state, dict) or not all(_is_tensor_dict(part) for part in state.values()):
         raise CheckpointError(f"{RunDir(run_dir).checkpoints / entry['optimizer_file']} does not hold optimizer state")

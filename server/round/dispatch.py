@@ -29,8 +29,9 @@ from flwr.serverapp import Grid
 PULL_INTERVAL_S = 0.02
 
 
-def send_and_receive(grid: Grid, nodes: Iterable[int], make: Callable[[int], Message], *,
-                     timeout: float, window: int | None) -> list[Message]:
+def send_and_receive(
+    grid: Grid, nodes: Iterable[int], make: Callable[[int], Message], *, timeout: float, window: int | None
+) -> list[Message]:
     """The replies to ``make(node)`` for every node, at most ``window`` unanswered at a time.
 
     ``window`` None sends all at once (Flower's ``Grid.send_and_receive``); messages are

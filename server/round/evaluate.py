@@ -48,8 +48,13 @@ class Evaluation:
         """From the logits of every example (rows aligned with ``labels``) and their summed cross-entropy."""
         predicted = logits.argmax(dim=-1)
         n = len(labels)
-        return cls(int((predicted == labels).sum()) / n, loss_sum / n, tuple(labels.tolist()),
-                   tuple(predicted.tolist()), int(logits.shape[-1]))
+        return cls(
+            int((predicted == labels).sum()) / n,
+            loss_sum / n,
+            tuple(labels.tolist()),
+            tuple(predicted.tolist()),
+            int(logits.shape[-1]),
+        )
 
     @property
     def macro_f1(self) -> float:
@@ -60,8 +65,11 @@ class Evaluation:
         return self._f1("weighted")
 
     def _f1(self, average: str) -> float:
-        return float(f1_score(self.true, self.predicted, labels=range(self.num_labels),
-                              average=average, zero_division=ZERO_DIVISION))
+        return float(
+            f1_score(
+                self.true, self.predicted, labels=range(self.num_labels), average=average, zero_division=ZERO_DIVISION
+            )
+        )
 
     def block(self, label_names: Sequence[str], server_round: int) -> dict:
         """The report's ``evaluation`` block (DESIGN.md) of the model after ``server_round``:
@@ -71,7 +79,8 @@ class Evaluation:
             raise ValueError(f"{len(label_names)} label names for a model with {self.num_labels} outputs")
         ids = list(range(self.num_labels))
         precision, recall, f1, support = precision_recall_fscore_support(
-            self.true, self.predicted, labels=ids, average=None, zero_division=ZERO_DIVISION)
+            self.true, self.predicted, labels=ids, average=None, zero_division=ZERO_DIVISION
+        )
         names = [str(name) for name in label_names]
         return {
             "round": server_round,
@@ -81,8 +90,10 @@ class Evaluation:
             "macro_f1": self.macro_f1,
             "weighted_f1": self.weighted_f1,
             "labels": names,
-            "per_class": {name: {"precision": float(p), "recall": float(r), "f1": float(f), "support": int(s)}
-                          for name, p, r, f, s in zip(names, precision, recall, f1, support)},
+            "per_class": {
+                name: {"precision": float(p), "recall": float(r), "f1": float(f), "support": int(s)}
+                for name, p, r, f, s in zip(names, precision, recall, f1, support)
+            },
             "confusion_matrix": confusion_matrix(self.true, self.predicted, labels=ids).tolist(),
         }
 
@@ -111,15 +122,21 @@ class TokenEvaluation:
     words_cut: int
 
     @classmethod
-    def of(cls, logits: torch.Tensor, words: HeldOutWords, label_names: Sequence[str], loss_sum: float
-           ) -> "TokenEvaluation":
+    def of(
+        cls, logits: torch.Tensor, words: HeldOutWords, label_names: Sequence[str], loss_sum: float
+    ) -> "TokenEvaluation":
         """From subword logits [N, L, K] at the aligned positions and their summed cross-entropy."""
         predicted = predicted_tags(logits, words.aligned, label_names)
         total = sum(len(g) for g in words.gold)
         right = sum(p == g for ps, gs in zip(predicted, words.gold) for p, g in zip(ps, gs))
         n = len(words.gold)
-        return cls(right / max(total, 1), loss_sum / max(n, 1), entity_report(words.gold, predicted), n,
-                   int(sum(words.aligned.words_cut)))
+        return cls(
+            right / max(total, 1),
+            loss_sum / max(n, 1),
+            entity_report(words.gold, predicted),
+            n,
+            int(sum(words.aligned.words_cut)),
+        )
 
     @property
     def micro_f1(self) -> float:
@@ -185,14 +202,15 @@ def evaluate(
     order = torch.argsort(lengths, descending=True, stable=True) if suffix_padded else torch.arange(n)
     loss_sum, chunks = 0.0, []
     for start in range(0, n, batch_size):
-        idx = order[start:start + batch_size]
+        idx = order[start : start + batch_size]
         width = max(int(lengths[idx].max()), 1) if suffix_padded else input_ids.shape[1]
         batch = model_inputs(input_ids[idx, :width].to(device), attention_mask[idx, :width].to(device))
         logits = model(**batch).logits
         if words is not None:  # [B, width, K]: pad back to the full length
             target = labels[idx, :width].to(device)
-            loss_sum += float(F.cross_entropy(logits.flatten(0, 1), target.flatten(), ignore_index=IGNORE,
-                                              reduction="sum"))
+            loss_sum += float(
+                F.cross_entropy(logits.flatten(0, 1), target.flatten(), ignore_index=IGNORE, reduction="sum")
+            )
             logits = F.pad(logits, (0, 0, 0, input_ids.shape[1] - width))
         else:
             loss_sum += float(F.cross_entropy(logits, labels[idx].to(device), reduction="sum"))
@@ -224,10 +242,9 @@ def evaluate_head(
     logits = head(feats.to(head.weight.device)).float()
     labels = labels.to(logits.device)
     if words is not None:  # packed word slots (common.data.features.token_features) back to subword positions
-        loss_sum = float(F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE,
-                                         reduction="sum"))
+        loss_sum = float(F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE, reduction="sum"))
         full = torch.zeros((*words.aligned.labels.shape, logits.shape[-1]))
         for i, at in enumerate(labelled_positions(words.aligned.labels)):
-            full[i, at] = logits[i, :len(at)].cpu()
+            full[i, at] = logits[i, : len(at)].cpu()
         return TokenEvaluation.of(full, words, label_names, loss_sum)
     return Evaluation.of(logits.cpu(), labels.cpu(), float(F.cross_entropy(logits, labels, reduction="sum")))

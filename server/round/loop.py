@@ -26,15 +26,16 @@ from flwr.serverapp import Grid
 from omegaconf import OmegaConf
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from common.privacy.accounting import check_pins
 from common.config.validate import validate, validate_partitions
+from common.data.features import frozen_features
 from common.data.partition import partition_train
 from common.data.sources import load_splits
 from common.data.tokenizing import align_words, tokenize
-from common.data.features import frozen_features
 from common.errors import ConfigError
 from common.model.factory import instantiate_model, load_tokenizer
 from common.model.state import count_parameters, load_trainable, trainable_state
+from common.privacy.accounting import check_pins
+from common.privacy.mechanism import ClientLevelDP
 from common.protocol import TrainInstruction
 from common.recipe import check_model, round_aggregation, stage_of
 from common.report import build_report, read_evaluation, write_report
@@ -51,7 +52,6 @@ from server.round.checkpoint import (
 )
 from server.round.dispatch import send_and_receive
 from server.round.evaluate import Evaluation, HeldOutWords, TokenEvaluation, evaluate, evaluate_head
-from common.privacy.mechanism import ClientLevelDP
 from server.round.optimizer import ServerOptimizer, server_optimizer
 from server.round.secagg import secagg_round
 
@@ -83,8 +83,9 @@ class Prepared:
         return self.test_features
 
 
-def held_out_inputs(cfg: dict, test, tokenizer, label_names: list[str]) -> tuple[torch.utils.data.TensorDataset,
-                                                                           HeldOutWords | None]:
+def held_out_inputs(
+    cfg: dict, test, tokenizer, label_names: list[str]
+) -> tuple[torch.utils.data.TensorDataset, HeldOutWords | None]:
     """The server's test inputs, and for tagged sentences their words (to score on words)."""
     max_length = int(cfg["train"]["max_length"])
     if "tokens" not in test.column_names:
@@ -142,8 +143,9 @@ def _wait_for_nodes(grid: Grid, wanted: int, wait_s: float) -> list[int]:
         if len(nodes) >= wanted:
             return nodes
         if time.monotonic() > deadline:
-            raise TimeoutError(f"only {len(nodes)} of num_clients={wanted} nodes connected "
-                               f"within node_wait_s={wait_s:.0f}")
+            raise TimeoutError(
+                f"only {len(nodes)} of num_clients={wanted} nodes connected within node_wait_s={wait_s:.0f}"
+            )
         time.sleep(1.0)
 
 
@@ -169,9 +171,14 @@ class RunState:
 
     def save(self, run_dir: Path, server_round: int, optimizer: ServerOptimizer) -> None:
         """Checkpoint the global weights and, for a stateful server optimizer, its state."""
-        save_round(run_dir, self.manifest, server_round, self.global_state,
-                   optimizer_state=optimizer.state_dict() if optimizer.stateful else None,
-                   optimizer_name=optimizer.name)
+        save_round(
+            run_dir,
+            self.manifest,
+            server_round,
+            self.global_state,
+            optimizer_state=optimizer.state_dict() if optimizer.stateful else None,
+            optimizer_name=optimizer.name,
+        )
 
     @classmethod
     def resumed(cls, run_dir: Path) -> "RunState":
@@ -182,8 +189,14 @@ class RunState:
         reported_path = RunDir(run_dir).clients_reported
         reported = json.loads(reported_path.read_text()) if reported_path.exists() else {}
         log.info("resuming run %s after round %d", manifest.run_id, done)
-        return cls(manifest.run_id, manifest, load_round(run_dir, manifest, done), rounds,
-                   reported.get("clients", {}), reported.get("unreported", {}))
+        return cls(
+            manifest.run_id,
+            manifest,
+            load_round(run_dir, manifest, done),
+            rounds,
+            reported.get("clients", {}),
+            reported.get("unreported", {}),
+        )
 
     def reported(self) -> dict:
         """The clients_reported.json object: what clients said, and whose replies are missing."""
@@ -192,14 +205,21 @@ class RunState:
 
 def progress_display(*, disable: bool = False) -> Progress:
     """The one progress display of rounds (here, or in ``fedpriv simulate`` for server.runtime.superlink)."""
-    return Progress(TextColumn("[bold]fedpriv[/] {task.description}"), BarColumn(),
-                    TextColumn("{task.completed}/{task.total} rounds"), TimeElapsedColumn(), disable=disable)
+    return Progress(
+        TextColumn("[bold]fedpriv[/] {task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total} rounds"),
+        TimeElapsedColumn(),
+        disable=disable,
+    )
 
 
 def round_progress(record: dict) -> str:
     """The progress display's line for a finished round (its ``metrics.jsonl`` record)."""
-    return (f"round {record['round']}: accuracy {record['accuracy']:.3f}, trained {record['clients_trained']}, "
-            f"declined {record['clients_declined']}, rejected {record['clients_rejected']}")
+    return (
+        f"round {record['round']}: accuracy {record['accuracy']:.3f}, trained {record['clients_trained']}, "
+        f"declined {record['clients_declined']}, rejected {record['clients_rejected']}"
+    )
 
 
 @dataclass
@@ -215,14 +235,28 @@ class RunEnd:
     global_state: dict[str, torch.Tensor]
 
 
-def run_federation(grid: Grid, prepared: Prepared, run_dir: Path, *, resume: bool = False,
-                   window: int | None = None, progress_bar: bool = True) -> dict:
+def run_federation(
+    grid: Grid,
+    prepared: Prepared,
+    run_dir: Path,
+    *,
+    resume: bool = False,
+    window: int | None = None,
+    progress_bar: bool = True,
+) -> dict:
     """:func:`run_rounds`' privacy report: the round loop alone, for callers with no use for its end."""
     return run_rounds(grid, prepared, run_dir, resume=resume, window=window, progress_bar=progress_bar).report
 
 
-def run_rounds(grid: Grid, prepared: Prepared, run_dir: Path, *, resume: bool = False,
-               window: int | None = None, progress_bar: bool = True) -> RunEnd:
+def run_rounds(
+    grid: Grid,
+    prepared: Prepared,
+    run_dir: Path,
+    *,
+    resume: bool = False,
+    window: int | None = None,
+    progress_bar: bool = True,
+) -> RunEnd:
     """Run (or continue) every round and write the run directory and its privacy report.
 
     ``window``: at most this many of a round's messages unanswered at a time
@@ -237,8 +271,9 @@ def run_rounds(grid: Grid, prepared: Prepared, run_dir: Path, *, resume: bool = 
     if resume:
         state = RunState.resumed(run_dir)  # keeps the original .hydra/config.yaml
         if optimizer.stateful:  # momentum / moments exactly as after the last completed round
-            optimizer.load_state_dict(load_optimizer_state(run_dir, state.manifest, len(state.rounds),
-                                                           optimizer_name=optimizer.name))
+            optimizer.load_state_dict(
+                load_optimizer_state(run_dir, state.manifest, len(state.rounds), optimizer_name=optimizer.name)
+            )
     else:
         # DESIGN.md: .hydra/config.yaml holds the *resolved* config (Hydra writes it with
         # interpolations such as ${hydra:run.dir}); resume and `fedpriv report` read it.
@@ -265,9 +300,13 @@ def run_rounds(grid: Grid, prepared: Prepared, run_dir: Path, *, resume: bool = 
 
     if client_dp is not None:
         client_dp.write(RunDir(run_dir).client_level)  # also when the budget stopped the run before any round
-    report = build_report(config=cfg, clients_reported=state.reported(), rounds=state.rounds,
-                          client_level=client_dp.block() if client_dp is not None else None,
-                          evaluation=read_evaluation(run_dir))
+    report = build_report(
+        config=cfg,
+        clients_reported=state.reported(),
+        rounds=state.rounds,
+        client_level=client_dp.block() if client_dp is not None else None,
+        evaluation=read_evaluation(run_dir),
+    )
     write_report(run_dir, report)
     log.info("privacy report: %s", RunDir(run_dir).report_md)
     done = len(state.rounds)  # rounds 1..done are checkpointed, and global_state is done's
@@ -308,13 +347,23 @@ class _Rounds:
 
         new_state = None
         if len(result.trained) >= int(strategy["min_train_clients"]):
-            new_state = aggregate(state.global_state, result, n_planned=k, client_dp=client_dp,
-                                  optimizer=self.optimizer, server_round=server_round,
-                                  **round_aggregation(self.cfg, server_round, state.global_state))
+            new_state = aggregate(
+                state.global_state,
+                result,
+                n_planned=k,
+                client_dp=client_dp,
+                optimizer=self.optimizer,
+                server_round=server_round,
+                **round_aggregation(self.cfg, server_round, state.global_state),
+            )
         skipped = new_state is None
         if skipped:
-            log.warning("round %d skipped: %d updates accepted, strategy.min_train_clients=%s",
-                        server_round, len(result.trained), strategy["min_train_clients"])
+            log.warning(
+                "round %d skipped: %d updates accepted, strategy.min_train_clients=%s",
+                server_round,
+                len(result.trained),
+                strategy["min_train_clients"],
+            )
         else:
             state.global_state = new_state
         if client_dp is not None:
@@ -327,13 +376,21 @@ class _Rounds:
         state.save(self.run_dir, server_round, self.optimizer)
         atomic_write_json(RunDir(self.run_dir).clients_reported, state.reported())
         record = {
-            "round": server_round, "accuracy": evaluation.accuracy, "loss": evaluation.loss,
+            "round": server_round,
+            "accuracy": evaluation.accuracy,
+            "loss": evaluation.loss,
             **({"micro_f1": evaluation.micro_f1} if isinstance(evaluation, TokenEvaluation) else {}),
-            "macro_f1": evaluation.macro_f1, "weighted_f1": evaluation.weighted_f1,
-            "clients_trained": len(result.trained), "clients_declined": len(result.declined),
-            "clients_rejected": len(result.rejected), "clients_failed": len(result.failed),
-            "clients_missing": len(result.missing), "skipped": skipped,
-            "declined": result.declined, "rejected": result.rejected, "failed": result.failed,
+            "macro_f1": evaluation.macro_f1,
+            "weighted_f1": evaluation.weighted_f1,
+            "clients_trained": len(result.trained),
+            "clients_declined": len(result.declined),
+            "clients_rejected": len(result.rejected),
+            "clients_failed": len(result.failed),
+            "clients_missing": len(result.missing),
+            "skipped": skipped,
+            "declined": result.declined,
+            "rejected": result.rejected,
+            "failed": result.failed,
             "wall_s": round(time.monotonic() - started, 3),
         }
         if result.secure_error is not None:
@@ -354,25 +411,46 @@ class _Rounds:
         instruction = TrainInstruction(state.run_id, server_round, self.cfg_json, client_clip_norm=clip_norm)
         if cfg["secagg"]:
             # The server only ever holds the sum; the checks ran on each client before masking.
-            return secagg_round(self.grid, sampled, state.global_state, instruction, server_round=server_round,
-                                settings=cfg["secaggplus"], timeout=float(cfg["round_timeout_s"]),
-                                clipping_range=clip_norm or float(cfg["secaggplus"]["clipping_range"]))
+            return secagg_round(
+                self.grid,
+                sampled,
+                state.global_state,
+                instruction,
+                server_round=server_round,
+                settings=cfg["secaggplus"],
+                timeout=float(cfg["round_timeout_s"]),
+                clipping_range=clip_norm or float(cfg["secaggplus"]["clipping_range"]),
+            )
         # The prototype round's reply is the client's class sums, not a step: the update cap
         # (strategy.max_update_norm) is for steps; client-level DP's C still holds.
         max_norm = cfg["strategy"]["max_update_norm"] if stage_of(cfg, server_round) != "prototypes" else None
         caps = [c for c in (clip_norm, max_norm) if c is not None]
         content = instruction.to_content(state.global_state)
-        replies = send_and_receive(self.grid, sampled,
-                                   lambda node: Message(content=content, dst_node_id=node, message_type="train"),
-                                   timeout=float(cfg["round_timeout_s"]), window=self.window)
-        return collect((Reply.of(m) for m in replies), server_round=server_round, sampled=sampled,
-                       expected=state.global_state, max_update_norm=float(min(caps)) if caps else None)
+        replies = send_and_receive(
+            self.grid,
+            sampled,
+            lambda node: Message(content=content, dst_node_id=node, message_type="train"),
+            timeout=float(cfg["round_timeout_s"]),
+            window=self.window,
+        )
+        return collect(
+            (Reply.of(m) for m in replies),
+            server_round=server_round,
+            sampled=sampled,
+            expected=state.global_state,
+            max_update_norm=float(min(caps)) if caps else None,
+        )
 
     def _evaluate(self, server_round: int) -> Evaluation | TokenEvaluation:
         prepared, global_state = self.prepared, self.state.global_state
         words = {"words": prepared.words, "label_names": prepared.label_names} if prepared.words else {}
         if stage_of(self.cfg, server_round) == "encoder":
-            return evaluate(prepared.model, global_state, prepared.test,
-                            batch_size=int(self.cfg["evaluation"]["batch_size"]), **words)
+            return evaluate(
+                prepared.model,
+                global_state,
+                prepared.test,
+                batch_size=int(self.cfg["evaluation"]["batch_size"]),
+                **words,
+            )
         # The encoder is still the frozen one: its test features are computed once.
         return evaluate_head(prepared.model, global_state, prepared.head_test_features(global_state), **words)

@@ -39,8 +39,10 @@ Tensors = Mapping[str, torch.Tensor]
 
 def apply_step(global_state: Tensors, step: Tensors, *, server_lr: float) -> dict[str, torch.Tensor]:
     """``global + server_lr · step``, back in each parameter's dtype (FedAvg's rule)."""
-    return {name: (value.to(torch.float64) + server_lr * step[name].to(torch.float64)).to(value.dtype)
-            for name, value in global_state.items()}
+    return {
+        name: (value.to(torch.float64) + server_lr * step[name].to(torch.float64)).to(value.dtype)
+        for name, value in global_state.items()
+    }
 
 
 def _state_dtype(param: torch.Tensor) -> torch.dtype:
@@ -114,8 +116,11 @@ class FedAvgM(ServerOptimizer):
         for name, value in global_state.items():
             old = value.to(torch.float64)
             pseudo_gradient = -step[name].to(torch.float64)  # Flower: old − new
-            v = pseudo_gradient if previous is None else (
-                self.server_momentum * previous[name].to(torch.float64) + pseudo_gradient)
+            v = (
+                pseudo_gradient
+                if previous is None
+                else (self.server_momentum * previous[name].to(torch.float64) + pseudo_gradient)
+            )
             new[name] = (old - self.server_lr * v).to(value.dtype)
             momentum[name] = v.to(_state_dtype(value))
         self._state = {"momentum": momentum}
@@ -134,8 +139,11 @@ class FedAdam(ServerOptimizer):
 
     def step(self, global_state: Tensors, step: Tensors, *, server_round: int) -> dict[str, torch.Tensor]:
         self._check(global_state, step)
-        eta_norm = (self.server_lr * math.sqrt(1 - math.pow(self.beta_2, server_round + 1.0))
-                    / (1 - math.pow(self.beta_1, server_round + 1.0)))
+        eta_norm = (
+            self.server_lr
+            * math.sqrt(1 - math.pow(self.beta_2, server_round + 1.0))
+            / (1 - math.pow(self.beta_1, server_round + 1.0))
+        )
         m_prev, v_prev = self._state.get("m"), self._state.get("v")
         new, m_state, v_state = {}, {}, {}
         for name, value in global_state.items():
@@ -143,7 +151,7 @@ class FedAdam(ServerOptimizer):
             m0 = torch.zeros_like(delta) if m_prev is None else m_prev[name].to(torch.float64)
             v0 = torch.zeros_like(delta) if v_prev is None else v_prev[name].to(torch.float64)
             m = self.beta_1 * m0 + (1 - self.beta_1) * delta
-            v = self.beta_2 * v0 + (1 - self.beta_2) * delta ** 2
+            v = self.beta_2 * v0 + (1 - self.beta_2) * delta**2
             new[name] = (value.to(torch.float64) + eta_norm * m / (torch.sqrt(v) + self.tau)).to(value.dtype)
             m_state[name], v_state[name] = m.to(_state_dtype(value)), v.to(_state_dtype(value))
         self._state = {"m": m_state, "v": v_state}
@@ -159,6 +167,7 @@ def server_optimizer(strategy: Mapping) -> ServerOptimizer:
     if name == "fedavgm":
         return FedAvgM(server_lr=lr, server_momentum=float(strategy["server_momentum"]))
     if name == "fedadam":
-        return FedAdam(server_lr=lr, beta_1=float(strategy["beta_1"]), beta_2=float(strategy["beta_2"]),
-                       tau=float(strategy["tau"]))
+        return FedAdam(
+            server_lr=lr, beta_1=float(strategy["beta_1"]), beta_2=float(strategy["beta_2"]), tau=float(strategy["tau"])
+        )
     raise ValueError(f"unknown strategy {name!r}; choose one of {list(STRATEGIES)}")

@@ -71,8 +71,11 @@ class _Recorder:
 
     def send_and_receive(self, messages, *, timeout=None):
         messages = list(messages)
-        stages = {m.content.config_records[RECORD_KEY_CONFIGS][Key.STAGE] for m in messages
-                  if RECORD_KEY_CONFIGS in m.content.config_records}
+        stages = {
+            m.content.config_records[RECORD_KEY_CONFIGS][Key.STAGE]
+            for m in messages
+            if RECORD_KEY_CONFIGS in m.content.config_records
+        }
         replies = list(self.grid.send_and_receive(messages, timeout=timeout))
         for reply in replies:
             if reply.has_error():
@@ -182,18 +185,36 @@ def secagg_round(
     if run_id is None:
         run_id = grid.run.run_id
     strategy = _OneRound([GridClientProxy(int(n), grid, run_id) for n in sampled], FitIns(params, fit_config))
-    context = LegacyContext(Context(run_id=run_id, node_id=0, node_config={}, state=RecordDict(), run_config={}),
-                            strategy=strategy)
+    context = LegacyContext(
+        Context(run_id=run_id, node_id=0, node_config={}, state=RecordDict(), run_config={}), strategy=strategy
+    )
     context.state.config_records["config"] = ConfigRecord({"current_round": server_round})
     context.state.array_records["parameters"] = compat.parameters_to_arrayrecord(params, keep_input=True)
     recorder = _Recorder(grid)
     workflow_for(settings, clipping_range, timeout)(recorder, context)
-    return _replies(strategy, recorder, keys, global_state, server_round=server_round, settings=settings,
-                    clipping_range=clipping_range, sampled=sampled)
+    return _replies(
+        strategy,
+        recorder,
+        keys,
+        global_state,
+        server_round=server_round,
+        settings=settings,
+        clipping_range=clipping_range,
+        sampled=sampled,
+    )
 
 
-def _replies(strategy: _OneRound, recorder: _Recorder, keys: list[str], global_state: Mapping[str, torch.Tensor],
-             *, server_round: int, settings: Mapping, clipping_range: float, sampled: Sequence[int]) -> RoundReplies:
+def _replies(
+    strategy: _OneRound,
+    recorder: _Recorder,
+    keys: list[str],
+    global_state: Mapping[str, torch.Tensor],
+    *,
+    server_round: int,
+    settings: Mapping,
+    clipping_range: float,
+    sampled: Sequence[int],
+) -> RoundReplies:
     # The same parser as plain rounds: allow-list, round tag, one reply per client id, declines.
     out = collect(recorder.replies(), server_round=server_round, sampled=sampled, expected=global_state, secure=True)
     for who in out.rejected:
@@ -215,6 +236,11 @@ def _replies(strategy: _OneRound, recorder: _Recorder, keys: list[str], global_s
         total[name] = torch.from_numpy(np.asarray(mean, dtype=np.float64) * senders).reshape(ref.shape)
     fits = float(np.asarray(arrays[-1], dtype=np.float64).sum()) * senders / float(clipping_range)
     size = sum(v.numel() for v in global_state.values())
-    out.secure_sum = SecureSum(total=total, contributors=list(out.masked), fits=float(round(fits)), senders=senders,
-                               tolerance=quantisation_tolerance(settings, clipping_range, senders, size))
+    out.secure_sum = SecureSum(
+        total=total,
+        contributors=list(out.masked),
+        fits=float(round(fits)),
+        senders=senders,
+        tolerance=quantisation_tolerance(settings, clipping_range, senders, size),
+    )
     return out

@@ -8,9 +8,10 @@ audit trains like a client, so its runner is client code: the CLI hands in its l
 
 from __future__ import annotations
 
-from common.rundir import RunDir
 import json
 from collections.abc import Callable
+
+from common.rundir import RunDir
 
 
 def run(overrides: list[str], runner: Callable[[], Callable[..., dict]]) -> int:
@@ -30,17 +31,25 @@ def run(overrides: list[str], runner: Callable[[], Callable[..., dict]]) -> int:
     cfg, run_dir = compose_config(overrides)
     validate(cfg)
     a = cfg["audit"]
-    result = runner()(cfg, canaries=int(a["canaries"]), guesses=int(a["guesses"]), client=int(a["client"]),
-                       noise=bool(a["noise"]), confidence=float(a["confidence"]))
+    result = runner()(
+        cfg,
+        canaries=int(a["canaries"]),
+        guesses=int(a["guesses"]),
+        client=int(a["client"]),
+        noise=bool(a["noise"]),
+        confidence=float(a["confidence"]),
+    )
     bound, power = float(result["epsilon_lower_bound"]), float(result["max_detectable_epsilon"])
     accounted = float(result["epsilon_accounted"])
     result["verdict"] = found = verdict(bound, power, accounted)  # one rule, whoever ran the audit
     run_dir.mkdir(parents=True, exist_ok=True)
     out = RunDir(run_dir).audit
     out.write_text(json.dumps({"config": cfg, "audit": result}, indent=2, default=str) + "\n")
-    print(f"fedpriv audit: {result['correct']}/{result['guesses']} canary guesses right "
-          f"({result['canaries']} canaries) -> epsilon >= {bound:.3f} at {result['confidence']:.0%} confidence; "
-          f"power: {result['guesses']} guesses can show at most {power:.3f}; {_says(result)}; {out}")
+    print(
+        f"fedpriv audit: {result['correct']}/{result['guesses']} canary guesses right "
+        f"({result['canaries']} canaries) -> epsilon >= {bound:.3f} at {result['confidence']:.0%} confidence; "
+        f"power: {result['guesses']} guesses can show at most {power:.3f}; {_says(result)}; {out}"
+    )
     return 1 if found == EXCEEDS else 0
 
 
@@ -53,9 +62,13 @@ def _says(result: dict) -> str:
     if result["verdict"] == EXCEEDS:
         return f"EXCEEDS: the bound {bound:.3f} is above the accounted epsilon {accounted:.3f}"
     if result["verdict"] == CONSISTENT:
-        return (f"consistent: the bound stays within the accounted epsilon {accounted:.3f}, "
-                f"which these guesses could have shown (up to {power:.3f})")
+        return (
+            f"consistent: the bound stays within the accounted epsilon {accounted:.3f}, "
+            f"which these guesses could have shown (up to {power:.3f})"
+        )
     if accounted == float("inf"):  # sigma = 0: nothing bounds epsilon, the bound is the power check
         return "inconclusive: no noise, so no finite accounted epsilon to check (the bound is the power check)"
-    return (f"inconclusive: even all {result['guesses']} guesses right would show at most {power:.3f}, "
-            f"below the accounted epsilon {accounted:.3f}; checking it needs more guesses")
+    return (
+        f"inconclusive: even all {result['guesses']} guesses right would show at most {power:.3f}, "
+        f"below the accounted epsilon {accounted:.3f}; checking it needs more guesses"
+    )

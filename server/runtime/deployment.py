@@ -35,8 +35,8 @@ from common.data.tokenizing import tokenize
 from common.errors import ConfigError
 from common.model.factory import instantiate_model, load_tokenizer
 from common.recipe import check_model
-from server.runtime.compose import compose_config
 from server.round.loop import Prepared, prepare
+from server.runtime.compose import compose_config
 
 log = logging.getLogger(__name__)
 
@@ -63,9 +63,12 @@ def check_simulated_nodes(cfg: dict, node_ids: list[int]) -> None:
     (fewer) or training on partitions cut for another number of clients (more)."""
     wanted = int(cfg["num_clients"])
     if len(node_ids) != wanted:
-        raise ConfigError("num_clients", f"is {wanted}, but the local simulation has {len(node_ids)} simulated "
-                          f"SuperNodes: give `flwr run` --federation-config \"num-supernodes={wanted}\" "
-                          f"(or num_clients={len(node_ids)} in overrides)")
+        raise ConfigError(
+            "num_clients",
+            f"is {wanted}, but the local simulation has {len(node_ids)} simulated "
+            f'SuperNodes: give `flwr run` --federation-config "num-supernodes={wanted}" '
+            f"(or num_clients={len(node_ids)} in overrides)",
+        )
 
 
 def _server_has_training_data(data: dict) -> bool:
@@ -83,17 +86,31 @@ def prepare_deployment(cfg: dict) -> Prepared:
         prepared = prepare(cfg)
     else:
         if not data["labels"]:
-            raise ConfigError("data.labels", "the server has no training file (data.path), so the run "
-                              "must list its classes, e.g. 'data.labels=[ham,spam]'")
+            raise ConfigError(
+                "data.labels",
+                "the server has no training file (data.path), so the run "
+                "must list its classes, e.g. 'data.labels=[ham,spam]'",
+            )
         if not data["test_path"]:
-            raise ConfigError("data.test_path", "the server has no training file (data.path); give it a "
-                              "held-out file to evaluate on")
+            raise ConfigError(
+                "data.test_path", "the server has no training file (data.path); give it a held-out file to evaluate on"
+            )
         test, labels = load_local_data(cfg, data["test_path"], "data.test_path")
         tokenizer = load_tokenizer(cfg["model"])
-        log.warning("the server holds no training data: partition checks (delta < 1/n) are left to "
-                    "the devices' own data; %d test examples", len(test))
-        prepared = Prepared(cfg, labels, tokenize(test, tokenizer, int(cfg["train"]["max_length"])), [],
-                            instantiate_model(cfg, len(labels)), tokenizer=tokenizer, test_split=test)
+        log.warning(
+            "the server holds no training data: partition checks (delta < 1/n) are left to "
+            "the devices' own data; %d test examples",
+            len(test),
+        )
+        prepared = Prepared(
+            cfg,
+            labels,
+            tokenize(test, tokenizer, int(cfg["train"]["max_length"])),
+            [],
+            instantiate_model(cfg, len(labels)),
+            tokenizer=tokenizer,
+            test_split=test,
+        )
         check_model(cfg, prepared.model)  # before any device is asked to train
     data["labels"] = list(prepared.label_names)
     return prepared

@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import copy
 from collections.abc import Mapping
-from pathlib import Path
 
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.common.constant import ErrorCode
@@ -53,8 +52,10 @@ class InProcessGrid:
         if isinstance(node_configs, int):
             node_configs = {c: {"partition-id": c, "num-partitions": node_configs} for c in range(node_configs)}
         self.app = load_app(CLIENT_APP, ValueError, project_dir=ROOT)
-        self.contexts = {n: Context(run_id=RUN_ID, node_id=n, node_config=dict(c), state=RecordDict(), run_config={})
-                         for n, c in node_configs.items()}
+        self.contexts = {
+            n: Context(run_id=RUN_ID, node_id=n, node_config=dict(c), state=RecordDict(), run_config={})
+            for n, c in node_configs.items()
+        }
 
     def get_node_ids(self) -> list[int]:
         return list(self.contexts)
@@ -68,6 +69,5 @@ class InProcessGrid:
                     replies.append(self.app(message=msg, context=self.contexts[msg.metadata.dst_node_id]))
             except Exception as ex:
                 reason = str(type(ex)) + ":<'" + str(ex) + "'>"
-                replies.append(Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason),
-                                       reply_to=msg))
+                replies.append(Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=msg))
         return replies

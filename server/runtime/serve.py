@@ -97,8 +97,7 @@ def serve(spec: dict, grid) -> None:
             import torch
 
             torch.set_num_threads(min(torch.get_num_threads(), threads))
-        federate(grid, prepare(cfg), run_dir, resume=bool(spec["resume"]), window=spec["window"],
-                 progress_bar=False)
+        federate(grid, prepare(cfg), run_dir, resume=bool(spec["resume"]), window=spec["window"], progress_bar=False)
         outcome = {"ok": True}
     except BaseException as err:
         log.exception("the ServerApp failed")
@@ -195,6 +194,7 @@ def watch(pid: int, start: str | None) -> None:
     """When ``pid`` (the ``fedpriv simulate``) is gone, SIGKILL every process below this one
     (Ray's raylet, its workers and agents), then this one: Ray's agents outlive their driver
     by tens of seconds otherwise."""
+
     def watching() -> None:
         while alive(pid, start):
             time.sleep(0.5)

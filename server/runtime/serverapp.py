@@ -31,9 +31,14 @@ from server.runtime.serve import SPEC_KEY, federate, load_spec, serve
 logging.getLogger("flwr").propagate = False  # Flower logs would reach Hydra's handlers twice
 
 
-def make_app(prepared: Prepared | None = None, run_dir: Path | None = None,
-             errors: list[BaseException] | None = None, *, resume: bool = False,
-             window: int | None = None) -> ServerApp:
+def make_app(
+    prepared: Prepared | None = None,
+    run_dir: Path | None = None,
+    errors: list[BaseException] | None = None,
+    *,
+    resume: bool = False,
+    window: int | None = None,
+) -> ServerApp:
     """A ServerApp bound to a prepared config, or composing one from the run config.
 
     ``window``: messages in flight at a time (``server.round.dispatch``), for the bound config.
@@ -63,4 +68,3 @@ def make_app(prepared: Prepared | None = None, run_dir: Path | None = None,
             raise
 
     return app
-

@@ -74,7 +74,8 @@ def backend_config(cfg: dict) -> dict:
             "address": "local",  # a new Ray, never one already running here
             "num_cpus": int(sim["num_cpus"] or os.cpu_count() or 1),
             "include_dashboard": False,
-            "_node_ip_address": "127.0.0.1",  # with RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 (set where Ray starts): loopback only
+            # With RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 (set where Ray starts): loopback only.
+            "_node_ip_address": "127.0.0.1",
         },
     }
 
@@ -172,10 +173,17 @@ def _on_superlink(cfg: dict, run_dir: Path, *, verbose: bool) -> None:
     try:
         with quiet_terminal(verbose=verbose):
             # The ServerApp, in Flower's simulation process, waits until prepare has passed here.
-            run_on_superlink(cfg, run_dir, resume=bool(cfg.get("resume")), window=message_window(cfg),
-                             client_app=cfg["simulation"].get("client_app") or CLIENT_APP,
-                             backend=backend_config(cfg), threads=server_threads(cfg),
-                             verbose=verbose, check=lambda: prepare(cfg))
+            run_on_superlink(
+                cfg,
+                run_dir,
+                resume=bool(cfg.get("resume")),
+                window=message_window(cfg),
+                client_app=cfg["simulation"].get("client_app") or CLIENT_APP,
+                backend=backend_config(cfg),
+                threads=server_threads(cfg),
+                verbose=verbose,
+                check=lambda: prepare(cfg),
+            )
     except ConfigError as err:
         configuration_error(err)
 
@@ -237,8 +245,10 @@ def resume_config(cfg_node, task_overrides) -> tuple[dict, Path]:
         raise ConfigError("resume", f"{run.config_file} does not exist: not a fedpriv run directory")
     refused = [o for o in task_overrides if o.split("=", 1)[0].lstrip("+~") not in ("resume", "rounds")]
     if refused:
-        raise ConfigError("resume", f"a resumed run keeps its stored configuration; refused overrides: {refused} "
-                                    "(only rounds may change)")
+        raise ConfigError(
+            "resume",
+            f"a resumed run keeps its stored configuration; refused overrides: {refused} (only rounds may change)",
+        )
     cfg = run.config()
     if any(o.split("=", 1)[0] == "rounds" for o in task_overrides):
         cfg["rounds"] = int(cfg_node.rounds)

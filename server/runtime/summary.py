@@ -62,9 +62,13 @@ class RunSummary:
     def of(cls, run_dir: Path) -> "RunSummary":
         report = json.loads(RunDir(run_dir).report_json.read_text())
         sample, level = report["sample_level"], report["client_level"]
-        return cls(Path(run_dir), int(report["config"]["rounds"]), read_metrics(run_dir, missing_ok=True),
-                   list(sample["clients"]) if sample.get("enabled") else [],
-                   level if level.get("enabled") else None)
+        return cls(
+            Path(run_dir),
+            int(report["config"]["rounds"]),
+            read_metrics(run_dir, missing_ok=True),
+            list(sample["clients"]) if sample.get("enabled") else [],
+            level if level.get("enabled") else None,
+        )
 
     @property
     def trained_nothing(self) -> bool:
@@ -74,8 +78,9 @@ class RunSummary:
     def only_declined(self) -> bool:
         """No update accepted, and every client that was asked declined."""
         return self.trained_nothing and all(
-            r["clients_declined"] > 0 and r["clients_failed"] + r["clients_rejected"]
-            + r.get("clients_missing", 0) == 0 for r in self.records)
+            r["clients_declined"] > 0 and r["clients_failed"] + r["clients_rejected"] + r.get("clients_missing", 0) == 0
+            for r in self.records
+        )
 
     def failure(self) -> str | None:
         """The one-line reason the run failed, or None: nothing trained, not because of declines."""
@@ -87,8 +92,10 @@ class RunSummary:
     def note(self) -> str | None:
         """What a run that succeeded without training must say (every client declined)."""
         if self.only_declined:
-            return ("fedpriv: every client declined in every round (privacy budget spent); "
-                    "the released model is the untrained one")
+            return (
+                "fedpriv: every client declined in every round (privacy budget spent); "
+                "the released model is the untrained one"
+            )
         return None
 
     def rows(self) -> list[tuple[str, str]]:

@@ -124,12 +124,15 @@ def _die_with_parent() -> None:  # preexec_fn: SIGKILL this child when the proce
 def federation_config(cfg: dict, backend: dict) -> str:
     """``flwr run --federation-config``: the simulation's size and Ray resources (``backend``:
     ``server.runtime.simulate.backend_config``, what the engine runtime gives ``run_simulation``)."""
+
     def number(value) -> str:  # Flower reads 1.0 CPUs as a float and refuses it where it needs an int
         return str(int(value)) if float(value).is_integer() else str(float(value))
 
-    parts = [f"num-supernodes={int(cfg['num_clients'])}",
-             f"client-resources-num-cpus={number(backend['client_resources']['num_cpus'])}",
-             f"client-resources-num-gpus={number(backend['client_resources']['num_gpus'])}"]
+    parts = [
+        f"num-supernodes={int(cfg['num_clients'])}",
+        f"client-resources-num-cpus={number(backend['client_resources']['num_cpus'])}",
+        f"client-resources-num-gpus={number(backend['client_resources']['num_gpus'])}",
+    ]
     if "num_cpus" in backend["init_args"]:  # not when joining a cluster, which owns its CPUs
         parts.append(f"init-args-num-cpus={number(backend['init_args']['num_cpus'])}")
     return " ".join(parts)
@@ -149,10 +152,14 @@ def child_env(cfg: dict, home: Path) -> dict:
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env["FLWR_HOME"] = str(home)
     # The SuperLink starts flower-superexec and flwr-simulation by name: the same flwr's first.
-    env["PATH"] = os.pathsep.join([str(Path(_tool("flower-superexec")).parent), *filter(None, [os.environ.get("PATH")])])
+    env["PATH"] = os.pathsep.join(
+        [str(Path(_tool("flower-superexec")).parent), *filter(None, [os.environ.get("PATH")])]
+    )
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
     env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
-    env[SIMULATION_ENV] = "1"  # its clients are simulated: they read the run's state_dir (client/privacy/node_config.py)
+    env[SIMULATION_ENV] = (
+        "1"  # its clients are simulated: they read the run's state_dir (client/privacy/node_config.py)
+    )
     env.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "0.1")  # the SuperLink's own launcher: 1 s by default
     env["PYTHONUNBUFFERED"] = "1"  # their logs reach cli.log even when they are stopped
     address = (cfg.get("federation") or {}).get("ray_address")
@@ -230,61 +237,60 @@ class _Terminal:
             for line in complete.decode(errors="replace").splitlines():
                 self.progress.console.print(line, markup=False, highlight=False, style="")
         rounds = read_metrics(self.run_dir, missing_ok=True)  # a torn last line: that round is not done yet
-        for record in rounds[self.seen:] if len(rounds) > self.seen else []:
+        for record in rounds[self.seen :] if len(rounds) > self.seen else []:
             self.progress.update(self.task, completed=record["round"], description=round_progress(record))
         self.seen = max(self.seen, len(rounds))
 
 
-def run_on_superlink(cfg: dict, run_dir: Path, *, resume: bool, window: int | None, client_app: str,
-                     backend: dict, threads: int | None, verbose: bool, check: Callable[[], object]) -> None:
+def run_on_superlink(
+    cfg: dict,
+    run_dir: Path,
+    *,
+    resume: bool,
+    window: int | None,
+    client_app: str,
+    backend: dict,
+    threads: int | None,
+    verbose: bool,
+    check: Callable[[], object],
+) -> None:
     """Run the job on a private simulation SuperLink; raises when the ServerApp failed.
 
     ``backend``: Ray's settings (``server.runtime.simulate.backend_config``); ``threads``: the ServerApp's
     torch threads (``server.runtime.simulate.server_threads``). ``check`` (``server.round.loop.prepare``) runs
     here while Flower starts; the ServerApp begins only once it passed (the ``go`` file), and
     what it raises (a ``ConfigError``) stops everything and is raised again."""
-    from server.runtime.terminal import to_log_file
-
     sweep_orphans()
-    work = Path(tempfile.mkdtemp(prefix=PREFIX))
-    home, app = work / "flwr", work / "app"
-    home.mkdir()
-    app.mkdir()
-    port = _free_port()
-    spec = work / "spec.json"
-    spec.write_text(json.dumps({"cfg": absolute_paths(cfg), "run_dir": str(run_dir), "resume": resume, "window": window,
-                                "watch_pid": os.getpid(), "watch_start": started(os.getpid()),
-                                "verbose": verbose, "work": str(work),
-                                "threads": threads}))
-    (app / "pyproject.toml").write_text(_PYPROJECT.format(
-        serverapp=json.dumps("server.app:app"), clientapp=json.dumps(client_app), key=json.dumps(SPEC_KEY),
-        spec=json.dumps(str(spec))))
-    (home / "config.toml").write_text(f'[superlink]\ndefault = "local"\n\n[superlink.local]\n'
-                                      f'address = "127.0.0.1:{port}"\ninsecure = true\n')
-    env = child_env(cfg, home)
-    run_log, link_log = work / RUN_LOG, work / LINK_LOG
+    spec = {
+        "cfg": absolute_paths(cfg),
+        "run_dir": str(run_dir),
+        "resume": resume,
+        "window": window,
+        "watch_pid": os.getpid(),
+        "watch_start": started(os.getpid()),
+        "verbose": verbose,
+        "threads": threads,
+    }
+    work, port = _private_folder(spec, client_app)
+    env = child_env(cfg, work / "flwr")
+    first = len(read_metrics(run_dir, missing_ok=True)) + 1 if resume else 1
     link = run = None
-    first = 1
-    if resume:
-        first = len(read_metrics(run_dir, missing_ok=True)) + 1
     try:
-        with open(link_log, "wb") as out:
-            link = subprocess.Popen(
-                [_tool("flower-superlink"), "--simulation", "--insecure", "--host", "127.0.0.1", "--port", str(port),
-                 "--database", str(work / "superlink.db"), "--disable-runtime-dependency-installation"],
-                cwd=work, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                start_new_session=True, preexec_fn=_die_with_parent)
-        to_log_file(log, logging.INFO, f"simulation SuperLink pid {link.pid} on 127.0.0.1:{port}, private folder {work}")
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while not _healthy(port):
-            if link.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"the simulation SuperLink did not start:\n{link_log.read_text()[-2000:]}")
-            time.sleep(0.2)
-        with open(run_log, "wb") as out:
-            run = subprocess.Popen(
-                [_tool("flwr"), "run", str(app), "local", "--stream", "--federation-config", federation_config(cfg, backend)],
-                cwd=work, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                start_new_session=True, preexec_fn=_die_with_parent)
+        link = _start_superlink(work, port, env)
+        run = _background(
+            [
+                _tool("flwr"),
+                "run",
+                str(work / "app"),
+                "local",
+                "--stream",
+                "--federation-config",
+                federation_config(cfg, backend),
+            ],
+            work / RUN_LOG,
+            work,
+            env,
+        )
         try:
             check()
         except BaseException:
@@ -298,19 +304,98 @@ def run_on_superlink(cfg: dict, run_dir: Path, *, resume: bool, window: int | No
                 terminal.poll()
                 time.sleep(0.3)
     finally:
-        _end_serverapp(work)
-        _stop(run)
-        _stop(link)
-        outcome = json.loads((work / OUTCOME).read_text()) if (work / OUTCOME).exists() else None
-        said = run_log.read_text(errors="replace").strip()[-1000:] if run_log.exists() else ""
-        for name, text in _flower_outputs(work):
-            to_log_file(log, logging.INFO, f"--- {name} output ---\n{text}")
-        shutil.rmtree(work, ignore_errors=True)
+        outcome, said = _finish(work, run, link)
     if outcome is None:
-        raise RuntimeError(f"the simulation ended without its ServerApp's outcome (cli.log has its logs); "
-                           f"flwr run said:\n{said}")
+        raise RuntimeError(
+            f"the simulation ended without its ServerApp's outcome (cli.log has its logs); flwr run said:\n{said}"
+        )
     if not outcome["ok"]:
         raise RuntimeError(f"the ServerApp failed: {outcome['error']}")
+
+
+def _private_folder(spec: dict, client_app: str) -> tuple[Path, int]:
+    """(the run's private folder, the SuperLink's port): the ServerApp's spec, the app bundle
+    that names it, and Flower's home with the local SuperLink's connection."""
+    work = Path(tempfile.mkdtemp(prefix=PREFIX))
+    home, app = work / "flwr", work / "app"
+    home.mkdir()
+    app.mkdir()
+    port = _free_port()
+    (work / "spec.json").write_text(json.dumps({**spec, "work": str(work)}))
+    (app / "pyproject.toml").write_text(
+        _PYPROJECT.format(
+            serverapp=json.dumps("server.app:app"),
+            clientapp=json.dumps(client_app),
+            key=json.dumps(SPEC_KEY),
+            spec=json.dumps(str(work / "spec.json")),
+        )
+    )
+    (home / "config.toml").write_text(
+        f'[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = "127.0.0.1:{port}"\ninsecure = true\n'
+    )
+    return work, port
+
+
+def _background(argv: list[str], output: Path, cwd: Path, env: dict) -> subprocess.Popen:
+    """A Flower process of this run: its own session, its output to ``output``, ended with this one."""
+    with open(output, "wb") as out:
+        return subprocess.Popen(
+            argv,
+            cwd=cwd,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            preexec_fn=_die_with_parent,
+        )
+
+
+def _start_superlink(work: Path, port: int, env: dict) -> subprocess.Popen:
+    """The private simulation SuperLink on 127.0.0.1, once it answers."""
+    from server.runtime.terminal import to_log_file
+
+    link = _background(
+        [
+            _tool("flower-superlink"),
+            "--simulation",
+            "--insecure",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--database",
+            str(work / "superlink.db"),
+            "--disable-runtime-dependency-installation",
+        ],
+        work / LINK_LOG,
+        work,
+        env,
+    )
+    to_log_file(log, logging.INFO, f"simulation SuperLink pid {link.pid} on 127.0.0.1:{port}, private folder {work}")
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while not _healthy(port):
+        if link.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"the simulation SuperLink did not start:\n{(work / LINK_LOG).read_text()[-2000:]}")
+        time.sleep(0.2)
+    return link
+
+
+def _finish(work: Path, run: subprocess.Popen | None, link: subprocess.Popen | None) -> tuple[dict | None, str]:
+    """Stop what the run started, keep Flower's output in cli.log, remove the private folder;
+    (the ServerApp's outcome or None, the end of what `flwr run` said)."""
+    from server.runtime.terminal import to_log_file
+
+    _end_serverapp(work)
+    _stop(run)
+    _stop(link)
+    outcome = json.loads((work / OUTCOME).read_text()) if (work / OUTCOME).exists() else None
+    run_log = work / RUN_LOG
+    said = run_log.read_text(errors="replace").strip()[-1000:] if run_log.exists() else ""
+    for name, text in _flower_outputs(work):
+        to_log_file(log, logging.INFO, f"--- {name} output ---\n{text}")
+    shutil.rmtree(work, ignore_errors=True)
+    return outcome, said
 
 
 def sweep_orphans() -> None:

@@ -25,8 +25,13 @@ from collections.abc import Iterator
 #: (logger name, pattern of the formatted message) of the records the terminal omits.
 _NOISE = (
     ("flwr", re.compile(r"^DEPRECATED FEATURE: The `run_simulation` function is deprecated")),
-    ("py.warnings", re.compile(r"FutureWarning: Tip: In future versions of Ray, Ray will no longer override "
-                               r"accelerator visible devices")),
+    (
+        "py.warnings",
+        re.compile(
+            r"FutureWarning: Tip: In future versions of Ray, Ray will no longer override "
+            r"accelerator visible devices"
+        ),
+    ),
     ("py.warnings", re.compile(r"FutureWarning: `is_gradient_checkpointing` is deprecated")),
 )
 #: Actor output that Ray would forward to the driver's terminal (Ray's own skip setting).
@@ -65,7 +70,8 @@ def quiet_terminal(*, verbose: bool) -> Iterator[None]:
     Call it inside the Hydra task, once Hydra has configured logging for the job: its console
     handler is the root logger's stream handler, its ``cli.log`` the root's file handler.
     """
-    from flwr.common.logger import FLOWER_LOGGER, console_handler as flower_console
+    from flwr.common.logger import FLOWER_LOGGER
+    from flwr.common.logger import console_handler as flower_console
 
     root = logging.getLogger()
     files = [h for h in root.handlers if isinstance(h, logging.FileHandler)]

@@ -9,8 +9,8 @@ from torch.utils.data import TensorDataset
 
 from client.canary_audit import canary_directions, flat_trainable
 from client.training.dp_train import DPSettings, TrainSettings, local_train
-from common.privacy.audit_bounds import joint_scores
 from common.model.state import model_inputs
+from common.privacy.audit_bounds import joint_scores
 from tests.client.test_dp_train import tiny_data, tiny_model
 
 LORA = dict(r=4, alpha=8, dropout=0.0, target_modules=["query", "value"])
@@ -54,8 +54,11 @@ def test_one_step_without_noise_separates_included_canaries_exactly(clip):
     known = TensorDataset(*(torch.cat([c, r]) for c, r in zip(canaries.tensors, real.tensors)))
     directions = canary_directions(model, known)
     start = flat_trainable(model)
-    local_train(model, data, TrainSettings(
-        epochs=1, batch_size=len(data), lr=0.1, optimizer="sgd", dp=DPSettings(0.0, clip, "rdp", ())))
+    local_train(
+        model,
+        data,
+        TrainSettings(epochs=1, batch_size=len(data), lr=0.1, optimizer="sgd", dp=DPSettings(0.0, clip, "rdp", ())),
+    )
     scores = joint_scores(directions, flat_trainable(model) - start, ridge=1e-9)[:12]
     assert scores[~included].abs().max() < 0.05 * scores[included].min()
 
@@ -83,8 +86,14 @@ def test_run_audit_reports_its_power_and_a_verdict_that_cannot_be_consistent_bel
     from common.privacy.audit_bounds import max_detectable_epsilon
 
     cfg = fast_cfg("rounds=1", "data.train_size=40", "train.max_length=8")
-    result = run_audit(cfg, canaries=20, guesses=10, client=cfg["audit"]["client"], noise=cfg["audit"]["noise"],
-                       confidence=cfg["audit"]["confidence"])
+    result = run_audit(
+        cfg,
+        canaries=20,
+        guesses=10,
+        client=cfg["audit"]["client"],
+        noise=cfg["audit"]["noise"],
+        confidence=cfg["audit"]["confidence"],
+    )
     assert result["max_detectable_epsilon"] == pytest.approx(max_detectable_epsilon(10, m=20, delta=1e-5))
     assert result["max_detectable_epsilon"] < result["epsilon_accounted"]
     assert result["verdict"] == "inconclusive" and "consistent" not in result
@@ -100,7 +109,11 @@ def test_the_power_preset_composes_from_the_command_line(tmp_path):
     assert cfg["audit"] == {"canaries": 160, "guesses": 120, "client": 0, "noise": False, "confidence": 0.95}
     assert cfg["rounds"] == 2 and cfg["data"]["train_size"] == 40 and cfg["model"]["name_or_path"] == "minilm"
     assert {k: cfg["train"][k] for k in ("max_length", "batch_size", "lr", "local_epochs")} == {
-        "max_length": 8, "batch_size": 32, "lr": 0.2, "local_epochs": 3}
+        "max_length": 8,
+        "batch_size": 32,
+        "lr": 0.2,
+        "local_epochs": 3,
+    }
     assert cfg["model"]["config_overrides"] == {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
     # The rest of the run stays the default's, and a later override still wins.
     assert {k: v for k, v in cfg["privacy"].items()} == default["privacy"]
@@ -121,20 +134,31 @@ STUB = {}
 
 def stub_run_audit(cfg, **kwargs):
     """What client.canary_audit.run_audit returns, with the numbers a test sets in STUB."""
-    return {"client": 0, "canaries": kwargs["canaries"], "guesses": kwargs["guesses"], "confidence": 0.95,
-            "delta": 1e-5, "noise": kwargs["noise"], **STUB}
+    return {
+        "client": 0,
+        "canaries": kwargs["canaries"],
+        "guesses": kwargs["guesses"],
+        "confidence": 0.95,
+        "delta": 1e-5,
+        "noise": kwargs["noise"],
+        **STUB,
+    }
 
 
-@pytest.mark.parametrize("bound, power, accounted, verdict, rc", [
-    (0.16, 3.656, 7.99, "inconclusive", 0),  # the power preset with DP on
-    (3.656, 3.656, float("inf"), "inconclusive", 0),  # noise off
-    (0.0, 3.876, 7.99, "inconclusive", 0),  # the defaults: they cannot show 8
-    (3.2, 3.656, 7.99, "inconclusive", 0),
-    (0.5, 6.0, 2.0, "consistent", 0),
-    (3.0, 3.656, 2.0, "exceeds", 1),
-])
+@pytest.mark.parametrize(
+    "bound, power, accounted, verdict, rc",
+    [
+        (0.16, 3.656, 7.99, "inconclusive", 0),  # the power preset with DP on
+        (3.656, 3.656, float("inf"), "inconclusive", 0),  # noise off
+        (0.0, 3.876, 7.99, "inconclusive", 0),  # the defaults: they cannot show 8
+        (3.2, 3.656, 7.99, "inconclusive", 0),
+        (0.5, 6.0, 2.0, "consistent", 0),
+        (3.0, 3.656, 2.0, "exceeds", 1),
+    ],
+)
 def test_cli_prints_the_power_in_every_verdict_and_exits_1_only_when_exceeded(
-        tmp_path, monkeypatch, capsys, bound, power, accounted, verdict, rc):
+    tmp_path, monkeypatch, capsys, bound, power, accounted, verdict, rc
+):
     import json
 
     from server import cli

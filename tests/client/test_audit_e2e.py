@@ -36,8 +36,17 @@ def audits(tmp_path_factory):
     off = json.loads((run_dir / "audit.json").read_text())["audit"]
     off["stdout"] = done.stdout
     cfg = compose(PRESET, tmp_path_factory.mktemp("audit") / "dp")
-    return {False: off, True: run_audit(cfg, canaries=CANARIES, guesses=GUESSES, client=cfg["audit"]["client"],
-                                        noise=True, confidence=cfg["audit"]["confidence"])}
+    return {
+        False: off,
+        True: run_audit(
+            cfg,
+            canaries=CANARIES,
+            guesses=GUESSES,
+            client=cfg["audit"]["client"],
+            noise=True,
+            confidence=cfg["audit"]["confidence"],
+        ),
+    }
 
 
 @pytest.mark.e2e

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from client.training.dp_train import DPSettings, TrainSettings, local_train
-from common.privacy.mechanism import clip_update
-from common.privacy.accounting import epsilon
 from common.model.state import trainable_state
+from common.privacy.accounting import epsilon
+from common.privacy.mechanism import clip_update
 from tests.client.test_dp_train import reference_clipped_mean, tiny_data, tiny_model
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -21,9 +21,21 @@ CUDA = torch.device("cuda")
 
 def full_batch_update(model, data, *, sigma, clip, mode="hooks", amp=None, physical=None):
     before = trainable_state(model)
-    result = local_train(model, data, TrainSettings(
-        epochs=1, batch_size=len(data), lr=1.0, optimizer="sgd", dp=DPSettings(sigma, clip, "rdp", ()), device=CUDA,
-        grad_sample_mode=mode, amp_dtype=amp, max_physical_batch_size=physical))
+    result = local_train(
+        model,
+        data,
+        TrainSettings(
+            epochs=1,
+            batch_size=len(data),
+            lr=1.0,
+            optimizer="sgd",
+            dp=DPSettings(sigma, clip, "rdp", ()),
+            device=CUDA,
+            grad_sample_mode=mode,
+            amp_dtype=amp,
+            max_physical_batch_size=physical,
+        ),
+    )
     assert result.steps == 1 and result.history == [(sigma, 1.0, 1)]
     after = trainable_state(model)
     return {k: after[k].cpu() - before[k].cpu() for k in before}
@@ -47,7 +59,7 @@ def test_bf16_autocast_clips_within_its_rounding():
     reference, _ = reference_clipped_mean(copy.deepcopy(model), data, clip)
     update = full_batch_update(model, data, sigma=0.0, clip=clip, amp=torch.bfloat16)
     step = torch.sqrt(sum((u.double() ** 2).sum() for u in update.values()))
-    assert step <= clip * (1 + 2 ** -6)
+    assert step <= clip * (1 + 2**-6)
     ref = torch.cat([-reference[k].flatten() for k in reference])
     got = torch.cat([update[k].flatten() for k in reference])
     cos = torch.nn.functional.cosine_similarity(ref.double(), got.double(), dim=0)
@@ -83,9 +95,19 @@ def test_lora_under_dp_on_cuda_changes_adapters_only_and_counts_every_step():
     model = tiny_model(lora=dict(r=2, alpha=4, dropout=0.0, target_modules=["query", "value"]))
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     before = trainable_state(model)
-    result = local_train(model, tiny_data(32), TrainSettings(
-        epochs=2, batch_size=8, lr=0.01, optimizer="sgd", dp=DPSettings(0.8, 1.0, "rdp", ()), device=CUDA,
-        amp_dtype=torch.bfloat16))
+    result = local_train(
+        model,
+        tiny_data(32),
+        TrainSettings(
+            epochs=2,
+            batch_size=8,
+            lr=0.01,
+            optimizer="sgd",
+            dp=DPSettings(0.8, 1.0, "rdp", ()),
+            device=CUDA,
+            amp_dtype=torch.bfloat16,
+        ),
+    )
     assert result.history == [(0.8, 0.25, 8)] and result.steps == 8
     assert 0 < epsilon(result.history, 1e-5) < float("inf")
     after = trainable_state(model)
@@ -97,8 +119,10 @@ def test_lora_under_dp_on_cuda_changes_adapters_only_and_counts_every_step():
 
 def test_clip_update_of_bf16_cuda_tensors_stays_within_c():
     gen = torch.Generator(device="cuda").manual_seed(1)
-    update = {"a": torch.randn(300, 64, device=CUDA, generator=gen).bfloat16(),
-              "b": torch.randn(64, device=CUDA, generator=gen).bfloat16()}
+    update = {
+        "a": torch.randn(300, 64, device=CUDA, generator=gen).bfloat16(),
+        "b": torch.randn(64, device=CUDA, generator=gen).bfloat16(),
+    }
     out = clip_update(update, 0.5)
     norm = torch.sqrt(sum((v.double() ** 2).sum() for v in out.update.values()))
     assert float(norm) <= 0.5 and not out.fits

@@ -8,8 +8,8 @@ import torch
 
 import client.training.dp_train as dp_train
 from client import device as dev
-from client.training.dp_train import DPSettings, TrainSettings, local_train
 from client.privacy.node_config import node_identity
+from client.training.dp_train import DPSettings, TrainSettings, local_train
 from common.errors import ConfigError
 from common.model.state import trainable_state
 from tests.client.test_dp_train import tiny_data, tiny_model
@@ -18,9 +18,11 @@ from tests.client.test_dp_train import tiny_data, tiny_model
 @pytest.fixture
 def fake_gpu(monkeypatch):
     """Play a CUDA machine: is_available and bf16 support as the test says."""
+
     def make(available=True, bf16=True):
         monkeypatch.setattr(torch.cuda, "is_available", lambda: available)
         monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16)
+
     return make
 
 
@@ -74,8 +76,16 @@ def test_release_memory_empties_the_cuda_cache(monkeypatch):
 
 def test_node_config_keys(tmp_path):
     cfg = {"state_dir": None}
-    who = node_identity({"state-dir": str(tmp_path / "s"), "data-path": "~/sms.csv", "device": "CUDA",
-                         "max-physical-batch-size": 8, "max-epsilon": "2.5"}, cfg)
+    who = node_identity(
+        {
+            "state-dir": str(tmp_path / "s"),
+            "data-path": "~/sms.csv",
+            "device": "CUDA",
+            "max-physical-batch-size": 8,
+            "max-epsilon": "2.5",
+        },
+        cfg,
+    )
     assert who.state_dir == str((tmp_path / "s").resolve())
     assert who.device == "cuda" and who.max_physical_batch_size == 8 and who.max_epsilon == 2.5
     assert who.data_path.endswith("sms.csv") and "~" not in who.data_path
@@ -83,8 +93,9 @@ def test_node_config_keys(tmp_path):
     assert who.client_id.startswith("device-")
     assert node_identity({"state-dir": str(tmp_path / "s"), "data-path": "x.csv"}, cfg).client_id == who.client_id
     assert node_identity({"state-dir": str(tmp_path / "s"), "client-id": "alice"}, cfg).client_id == "alice"
-    demo = node_identity({"partition-id": 1, "num-partitions": 2}, {"state_dir": str(tmp_path / "sim")},
-                         simulation=True)
+    demo = node_identity(
+        {"partition-id": 1, "num-partitions": 2}, {"state_dir": str(tmp_path / "sim")}, simulation=True
+    )
     assert (demo.client_id, demo.partition_id, demo.state_dir) == ("1", 1, str(tmp_path / "sim"))
     with pytest.raises(ConfigError, match="node-config state-dir"):
         node_identity({"partition-id": 0}, cfg)  # deployment: the server holds no state_dir
@@ -92,9 +103,17 @@ def test_node_config_keys(tmp_path):
     with pytest.raises(ConfigError, match="node-config state-dir"):
         node_identity({"partition-id": 0}, {"state_dir": str(tmp_path / "server-chosen")})
     assert not (tmp_path / "server-chosen").exists()
-    for key, bad in (("max-physical-batch-size", 0), ("max-physical-batch-size", 2.5),
-                     ("max-epsilon", "x"), ("device", "tpu"), ("client-id", "../x"), ("require-dp", "maybe"),
-                     ("max-delta", 1.0), ("max-delta", "x"), ("max-client-clip-norm", -1)):
+    for key, bad in (
+        ("max-physical-batch-size", 0),
+        ("max-physical-batch-size", 2.5),
+        ("max-epsilon", "x"),
+        ("device", "tpu"),
+        ("client-id", "../x"),
+        ("require-dp", "maybe"),
+        ("max-delta", 1.0),
+        ("max-delta", "x"),
+        ("max-client-clip-norm", -1),
+    ):
         with pytest.raises(ConfigError, match=f"node-config {key}"):
             node_identity({"state-dir": str(tmp_path / "s"), key: bad}, cfg)
 
@@ -106,8 +125,16 @@ def test_device_policy_defaults(tmp_path, monkeypatch):
     device = node_identity({"state-dir": str(tmp_path / "s")}, {})
     assert device.policy.require_dp and device.policy.deployed
     assert device.policy.delta_limit(100) == 1e-5 and device.policy.delta_limit(50_000) == pytest.approx(2e-6)
-    owner = node_identity({"state-dir": str(tmp_path / "s"), "require-dp": "false", "max-delta": "1e-4",
-                           "max-client-clip-norm": 2, "max-epsilon": 1}, {})
+    owner = node_identity(
+        {
+            "state-dir": str(tmp_path / "s"),
+            "require-dp": "false",
+            "max-delta": "1e-4",
+            "max-client-clip-norm": 2,
+            "max-epsilon": 1,
+        },
+        {},
+    )
     assert not owner.policy.require_dp and owner.policy.delta_limit(10) == 1e-4
     assert (owner.policy.max_client_clip_norm, owner.policy.max_epsilon) == (2.0, 1.0)
     monkeypatch.setenv("FEDPRIV_SIMULATION", "1")
@@ -122,6 +149,7 @@ def _seeded_generators(monkeypatch, seed):
 
     def gen(device="cpu"):
         return torch.Generator(device=device).manual_seed(seed + next(counter))
+
     monkeypatch.setattr(dp_train, "urandom_generator", gen)
 
 
@@ -134,9 +162,18 @@ def test_batch_memory_manager_keeps_logical_batch_and_accounting(monkeypatch):
         _seeded_generators(monkeypatch, seed=7)
         model = copy.deepcopy(base)
         before = trainable_state(model)
-        result = local_train(model, data, TrainSettings(
-            epochs=2, batch_size=12, lr=0.5, optimizer="sgd", dp=DPSettings(0.0, 1.0, "rdp", prior),
-            max_physical_batch_size=cap))
+        result = local_train(
+            model,
+            data,
+            TrainSettings(
+                epochs=2,
+                batch_size=12,
+                lr=0.5,
+                optimizer="sgd",
+                dp=DPSettings(0.0, 1.0, "rdp", prior),
+                max_physical_batch_size=cap,
+            ),
+        )
         outcomes[cap] = (result, before, trainable_state(model))
     plain, split = outcomes[None][0], outcomes[3][0]
     # Same Poisson batches, same logical steps, the very same accountant history.
@@ -159,16 +196,29 @@ def test_physical_batches_are_capped(monkeypatch):
     def spy(*args, **kwargs):
         seen.append(kwargs["input_ids"].shape[0])
         return original(*args, **kwargs)
+
     model.forward = spy
     _seeded_generators(monkeypatch, seed=3)
-    local_train(model, tiny_data(40), TrainSettings(
-        epochs=1, batch_size=20, lr=0.1, optimizer="sgd", dp=DPSettings(1.0, 1.0, "rdp", ()),
-        max_physical_batch_size=4))
+    local_train(
+        model,
+        tiny_data(40),
+        TrainSettings(
+            epochs=1,
+            batch_size=20,
+            lr=0.1,
+            optimizer="sgd",
+            dp=DPSettings(1.0, 1.0, "rdp", ()),
+            max_physical_batch_size=4,
+        ),
+    )
     assert seen and max(seen) <= 4
     # Without DP the same cap splits the batch into accumulated chunks.
     seen.clear()
-    local_train(model, tiny_data(40), TrainSettings(
-        epochs=1, batch_size=20, lr=0.1, optimizer="sgd", dp=None, max_physical_batch_size=4))
+    local_train(
+        model,
+        tiny_data(40),
+        TrainSettings(epochs=1, batch_size=20, lr=0.1, optimizer="sgd", dp=None, max_physical_batch_size=4),
+    )
     assert seen and max(seen) <= 4
 
 
@@ -178,9 +228,18 @@ def test_autocast_path_runs_under_opacus_and_keeps_fp32_weights(monkeypatch):
     _seeded_generators(monkeypatch, seed=5)
     model = tiny_model()
     before = trainable_state(model)
-    result = local_train(model, tiny_data(24), TrainSettings(
-        epochs=1, batch_size=8, lr=0.5, optimizer="sgd", dp=DPSettings(0.5, 1.0, "rdp", ()),
-        amp_dtype=torch.bfloat16))
+    result = local_train(
+        model,
+        tiny_data(24),
+        TrainSettings(
+            epochs=1,
+            batch_size=8,
+            lr=0.5,
+            optimizer="sgd",
+            dp=DPSettings(0.5, 1.0, "rdp", ()),
+            amp_dtype=torch.bfloat16,
+        ),
+    )
     after = trainable_state(model)
     assert result.steps == 3 and result.history == [(0.5, 1 / 3, 3)]
     assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in after.values())

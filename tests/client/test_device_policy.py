@@ -14,8 +14,8 @@ import pytest
 import torch
 from flwr.app import Context, Message, RecordDict
 
-from client.privacy import transparency
 from client.app import DeviceError, app
+from client.privacy import transparency
 from client.privacy.ledger import Ledger
 from common.data.partition import load_client_data
 from common.model.factory import instantiate_model

@@ -9,36 +9,60 @@ import torch.nn.functional as F
 from torch.utils.data import TensorDataset
 
 from client.training.dp_train import DPSettings, TrainSettings, local_train
-from common.privacy.accounting import epsilon
 from common.model.factory import build_model
 from common.model.state import model_inputs, trainable_state
+from common.privacy.accounting import epsilon
 from tests.conftest import model_group
 
-TINY = dict(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
-            hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)  # no dropout: deterministic reference
+TINY = dict(
+    hidden_size=16,
+    num_hidden_layers=1,
+    num_attention_heads=2,
+    intermediate_size=32,
+    hidden_dropout_prob=0.0,
+    attention_probs_dropout_prob=0.0,
+)  # no dropout: deterministic reference
 
 
 def tiny_model(lora=None, num_labels=3, **overrides):
     """conf/model/tiny_bert.yaml through HF's pooler (BertForSequenceClassification), a smaller body."""
-    return build_model(**{**model_group("tiny_bert"), "pooling": "pooler", "normalize": None, "freeze_encoder": False, "config_overrides": {**TINY, **overrides},
-                          "lora": lora},
-                       num_labels=num_labels, seed=0)
+    return build_model(
+        **{
+            **model_group("tiny_bert"),
+            "pooling": "pooler",
+            "normalize": None,
+            "freeze_encoder": False,
+            "config_overrides": {**TINY, **overrides},
+            "lora": lora,
+        },
+        num_labels=num_labels,
+        seed=0,
+    )
 
 
 def tiny_data(n, length=12, num_labels=3, seed=0):
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(1000, 5000, (n, length), generator=g)
     mask = torch.ones(n, length, dtype=torch.long)
-    mask[: n // 2, length - 3:] = 0  # some padding, as real batches have
+    mask[: n // 2, length - 3 :] = 0  # some padding, as real batches have
     return TensorDataset(ids, mask, torch.randint(0, num_labels, (n,), generator=g))
 
 
 def one_full_batch_update(model, data, *, sigma, clip, mode="hooks"):
     """One DP-SGD step (SGD, lr 1) on a batch that is the whole dataset (q = 1)."""
     before = trainable_state(model)
-    result = local_train(model, data, TrainSettings(
-        epochs=1, batch_size=len(data), lr=1.0, optimizer="sgd", dp=DPSettings(sigma, clip, "rdp", ()),
-        grad_sample_mode=mode))
+    result = local_train(
+        model,
+        data,
+        TrainSettings(
+            epochs=1,
+            batch_size=len(data),
+            lr=1.0,
+            optimizer="sgd",
+            dp=DPSettings(sigma, clip, "rdp", ()),
+            grad_sample_mode=mode,
+        ),
+    )
     assert result.steps == 1 and result.sample_rate == 1.0
     after = trainable_state(model)
     return {k: after[k] - before[k] for k in before}
@@ -54,7 +78,7 @@ def reference_clipped_mean(model, data, clip):
         logits = model(**model_inputs(ids[None], mask[None])).logits
         F.cross_entropy(logits, label[None]).backward()
         grads = {n: p.grad.detach().clone() for n, p in params.items()}
-        norm = torch.sqrt(sum((g ** 2).sum() for g in grads.values()))
+        norm = torch.sqrt(sum((g**2).sum() for g in grads.values()))
         norms.append(float(norm))
         factor = min(1.0, clip / (float(norm) + 1e-6))
         for n in total:
@@ -75,7 +99,7 @@ def test_clipping_matches_independent_per_example_reference(mode):
     for name in reference:
         torch.testing.assert_close(update[name], -reference[name], rtol=1e-4, atol=1e-7)
     # Each example contributes at most C, so the averaged step is at most C.
-    step_norm = torch.sqrt(sum((u ** 2).sum() for u in update.values()))
+    step_norm = torch.sqrt(sum((u**2).sum() for u in update.values()))
     assert step_norm <= clip + 1e-6
 
 
@@ -109,8 +133,11 @@ def test_lora_adapters_and_head_change_under_dp_and_nothing_else():
     trainable_before = trainable_state(model)
     assert any("lora_A" in k for k in trainable_before) and any("lora_B" in k for k in trainable_before)
     assert any("classifier" in k for k in trainable_before)
-    local_train(model, tiny_data(32), TrainSettings(
-        epochs=2, batch_size=8, lr=0.01, optimizer="adamw", dp=DPSettings(0.8, 1.0, "rdp", ())))
+    local_train(
+        model,
+        tiny_data(32),
+        TrainSettings(epochs=2, batch_size=8, lr=0.01, optimizer="adamw", dp=DPSettings(0.8, 1.0, "rdp", ())),
+    )
     after = trainable_state(model)
     for name, before in trainable_before.items():
         assert not torch.equal(after[name], before), f"{name} did not change under DP"
@@ -125,8 +152,13 @@ def test_empty_poisson_batches_are_noise_only_steps(mode):
     model = tiny_model()
     before = trainable_state(model)
     # q = 1/20: a batch is empty with probability 0.95^20 = 36 %.
-    result = local_train(model, data, TrainSettings(
-        epochs=4, batch_size=1, lr=0.01, optimizer="sgd", dp=DPSettings(1.0, 1.0, "rdp", ()), grad_sample_mode=mode))
+    result = local_train(
+        model,
+        data,
+        TrainSettings(
+            epochs=4, batch_size=1, lr=0.01, optimizer="sgd", dp=DPSettings(1.0, 1.0, "rdp", ()), grad_sample_mode=mode
+        ),
+    )
     assert result.steps == 80 and result.empty_batches > 0
     assert result.history == [(1.0, 0.05, 80)]  # every step counted, empty ones too
     assert not any(torch.equal(trainable_state(model)[k], before[k]) for k in before)
@@ -136,8 +168,11 @@ def test_empty_poisson_batches_are_noise_only_steps(mode):
 def test_history_continues_from_prior():
     model = tiny_model()
     prior = ((1.0, 0.25, 8),)
-    result = local_train(model, tiny_data(16), TrainSettings(
-        epochs=1, batch_size=4, lr=0.01, optimizer="adamw", dp=DPSettings(1.0, 1.0, "rdp", prior)))
+    result = local_train(
+        model,
+        tiny_data(16),
+        TrainSettings(epochs=1, batch_size=4, lr=0.01, optimizer="adamw", dp=DPSettings(1.0, 1.0, "rdp", prior)),
+    )
     assert result.history == [(1.0, 0.25, 12)]
     assert epsilon(result.history, 1e-5) > epsilon(prior, 1e-5)
 
@@ -147,9 +182,18 @@ def test_model_is_reusable_after_dp_training(mode):
     # The client keeps a model per process; a second DP round must not hit Opacus' re-wrap failure.
     model = tiny_model()
     for _ in range(2):
-        local_train(model, tiny_data(16), TrainSettings(
-            epochs=1, batch_size=4, lr=0.01, optimizer="adamw", dp=DPSettings(1.0, 1.0, "rdp", ()),
-            grad_sample_mode=mode))
+        local_train(
+            model,
+            tiny_data(16),
+            TrainSettings(
+                epochs=1,
+                batch_size=4,
+                lr=0.01,
+                optimizer="adamw",
+                dp=DPSettings(1.0, 1.0, "rdp", ()),
+                grad_sample_mode=mode,
+            ),
+        )
 
 
 # --------------------------------------------------------------------------- client level
@@ -161,7 +205,10 @@ def test_clip_update_bounds_the_norm_and_keeps_the_direction(scale, dtype):
     from common.privacy.mechanism import clip_update
 
     gen = torch.Generator().manual_seed(3)
-    update = {"a": (torch.randn(50, 7, generator=gen) * scale).to(dtype), "b": (torch.randn(7, generator=gen) * scale).to(dtype)}
+    update = {
+        "a": (torch.randn(50, 7, generator=gen) * scale).to(dtype),
+        "b": (torch.randn(7, generator=gen) * scale).to(dtype),
+    }
     out = clip_update(update, 0.5)
     norm = math.sqrt(sum(float((v.double() ** 2).sum()) for v in out.update.values()))
     assert norm <= 0.5
@@ -179,11 +226,14 @@ def test_secure_vector_checks_the_update_before_masking():
     ok = {"a": torch.full((3,), 0.1), "b": torch.zeros(2)}
     vec = secure_vector(ok, glob, ["a", "b"], fits=True, clipping_range=0.5, max_norm=0.5)
     assert [v.shape for v in vec] == [(3,), (2,), (1,)] and vec[-1][0] == 0.5
-    assert all((v == 0).all() for v in secure_vector(None, glob, ["a", "b"], fits=False, clipping_range=0.5,
-                                                     max_norm=0.5))  # declined: zeros
-    for bad in ({"a": torch.ones(3), "b": torch.zeros(2)},  # above C
-                {"a": torch.tensor([float("nan"), 0, 0]), "b": torch.zeros(2)},
-                {"a": torch.zeros(4), "b": torch.zeros(2)}):
+    assert all(
+        (v == 0).all() for v in secure_vector(None, glob, ["a", "b"], fits=False, clipping_range=0.5, max_norm=0.5)
+    )  # declined: zeros
+    for bad in (
+        {"a": torch.ones(3), "b": torch.zeros(2)},  # above C
+        {"a": torch.tensor([float("nan"), 0, 0]), "b": torch.zeros(2)},
+        {"a": torch.zeros(4), "b": torch.zeros(2)},
+    ):
         with pytest.raises(ValueError):
             secure_vector(bad, glob, ["a", "b"], fits=True, clipping_range=0.5, max_norm=0.5)
 
@@ -212,8 +262,13 @@ def test_a_non_finite_example_never_turns_the_noised_step_into_nan():
     data = TensorDataset(feats, torch.arange(32) % 3)
     head = torch.nn.Linear(8, 3)
     before = trainable_state(head)
-    result = local_train(head, data, TrainSettings(
-        epochs=1, batch_size=32, lr=0.1, optimizer="sgd", features=True, dp=DPSettings(1.0, 1.0, "rdp", ())))
+    result = local_train(
+        head,
+        data,
+        TrainSettings(
+            epochs=1, batch_size=32, lr=0.1, optimizer="sgd", features=True, dp=DPSettings(1.0, 1.0, "rdp", ())
+        ),
+    )
     after = trainable_state(head)
     assert result.steps >= 1
     assert all(torch.isfinite(after[k]).all() and not torch.equal(after[k], before[k]) for k in after)

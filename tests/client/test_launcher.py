@@ -36,9 +36,16 @@ def wait_reaped(executor: launcher.ForkExecutor, timeout: float = 30) -> None:
 
 def test_each_task_runs_in_its_own_child_with_its_own_numpy_generator(tmp_path):
     def run(task):  # in the child
-        Path(tmp_path, f"{task.task_id}.json").write_text(json.dumps({
-            "pid": os.getpid(), "ppid": os.getppid(), "draw": np.random.random(4).tolist(),
-            "forked_at": os.environ.get(FORKED_AT)}))
+        Path(tmp_path, f"{task.task_id}.json").write_text(
+            json.dumps(
+                {
+                    "pid": os.getpid(),
+                    "ppid": os.getppid(),
+                    "draw": np.random.random(4).tolist(),
+                    "forked_at": os.environ.get(FORKED_AT),
+                }
+            )
+        )
 
     np.random.seed(1234)  # what a parent's import-time state would give every child if not reseeded
     parent_next = np.random.RandomState(1234).random(4).tolist()
@@ -74,8 +81,16 @@ def test_children_of_one_parent_draw_from_their_own_global_generators():
             try:
                 os.close(read)
                 launcher.fresh_child()
-                os.write(write, json.dumps({"torch": torch.rand(4).tolist(), "numpy": np.random.random(4).tolist(),
-                                            "random": [random.random() for _ in range(4)]}).encode())
+                os.write(
+                    write,
+                    json.dumps(
+                        {
+                            "torch": torch.rand(4).tolist(),
+                            "numpy": np.random.random(4).tolist(),
+                            "random": [random.random() for _ in range(4)],
+                        }
+                    ).encode(),
+                )
                 code = 0
             finally:
                 os._exit(code)
@@ -95,8 +110,11 @@ def test_children_of_one_parent_draw_from_their_own_global_generators():
         assert draws[0][generator] != draws[1][generator], generator
 
 
-@pytest.mark.parametrize("failure, code", [(SystemExit(3), 3), (RuntimeError("boom"), 1), (None, 0)],
-                         ids=["flwr_exit", "exception", "success"])
+@pytest.mark.parametrize(
+    "failure, code",
+    [(SystemExit(3), 3), (RuntimeError("boom"), 1), (None, 0)],
+    ids=["flwr_exit", "exception", "success"],
+)
 def test_a_child_ends_in_the_child_with_its_exit_code(tmp_path, failure, code):
     marker = tmp_path / "after"
 
@@ -115,18 +133,27 @@ def test_a_child_ends_in_the_child_with_its_exit_code(tmp_path, failure, code):
 def test_warm_up_imports_the_client_app_and_leaves_cuda_alone():
     import subprocess
 
-    probe = ("import sys, client.launcher as l; l.warm_up(); import torch; "
-             "print(all(m in sys.modules for m in ('client.app', 'client.round', 'opacus')), "
-             "torch.cuda.is_initialized())")
-    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120,
-                         cwd=Path(launcher.__file__).parents[1])
+    probe = (
+        "import sys, client.launcher as l; l.warm_up(); import torch; "
+        "print(all(m in sys.modules for m in ('client.app', 'client.round', 'opacus')), "
+        "torch.cuda.is_initialized())"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", probe],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=Path(launcher.__file__).parents[1],
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split() == ["True", "False"]
 
 
 def test_the_command_refuses_tls_without_a_ca_and_a_bad_poll_interval(capsys):
-    for argv in (["--runtime-api-address", "127.0.0.1:1"],
-                 ["--runtime-api-address", "127.0.0.1:1", "--insecure", "--poll-interval", "0"]):
+    for argv in (
+        ["--runtime-api-address", "127.0.0.1:1"],
+        ["--runtime-api-address", "127.0.0.1:1", "--insecure", "--poll-interval", "0"],
+    ):
         with pytest.raises(SystemExit) as stop:
             launcher.main(argv)
         assert stop.value.code == 2

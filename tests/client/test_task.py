@@ -9,10 +9,10 @@ import torch
 from client.privacy.ledger import Ledger
 from client.privacy.node_config import ClientIdentity
 from client.round import budget_epsilon, run_round
-from common.privacy.accounting import append_steps, calibrate_noise, epsilon, sample_rate, steps_per_epoch
 from common.data.partition import load_client_data
 from common.model.factory import instantiate_model
 from common.model.state import trainable_state
+from common.privacy.accounting import append_steps, calibrate_noise, epsilon, sample_rate, steps_per_epoch
 from tests.conftest import compose
 
 
@@ -22,8 +22,9 @@ def global_weights(cfg):
 
 
 def who(cfg, client_id="0", max_epsilon=None):
-    return ClientIdentity(client_id=client_id, partition_id=int(client_id), state_dir=cfg["state_dir"],
-                          max_epsilon=max_epsilon)
+    return ClientIdentity(
+        client_id=client_id, partition_id=int(client_id), state_dir=cfg["state_dir"], max_epsilon=max_epsilon
+    )
 
 
 def expected_round_epsilons(cfg, client_id="0"):
@@ -31,8 +32,9 @@ def expected_round_epsilons(cfg, client_id="0"):
     n = len(load_client_data(cfg, int(client_id))[0])
     batch = cfg["train"]["batch_size"]
     q, steps = sample_rate(n, batch), steps_per_epoch(n, batch) * cfg["train"]["local_epochs"]
-    sigma = calibrate_noise(target_epsilon=cfg["privacy"]["sample"]["epsilon"], delta=1e-5,
-                            sample_rate=q, steps=steps * cfg["rounds"])
+    sigma = calibrate_noise(
+        target_epsilon=cfg["privacy"]["sample"]["epsilon"], delta=1e-5, sample_rate=q, steps=steps * cfg["rounds"]
+    )
     return [epsilon([(sigma, q, steps * r)], 1e-5) for r in range(1, cfg["rounds"] + 1)]
 
 
@@ -154,8 +156,10 @@ def test_ledger_pins_delta_and_accountant_and_refuses_another(fast_cfg):
     stored = json.loads((Ledger.directory(cfg["state_dir"], "0") / "ledger.json").read_text())
     assert stored["delta"] == 1e-5 and stored["accountant"] == "rdp"
     history = Ledger.load(cfg["state_dir"], "0").history
-    for override, setting in (("privacy.sample.delta=1e-3", "privacy.sample.delta"),
-                              ("privacy.sample.accountant=prv", "privacy.sample.accountant")):
+    for override, setting in (
+        ("privacy.sample.delta=1e-3", "privacy.sample.delta"),
+        ("privacy.sample.accountant=prv", "privacy.sample.accountant"),
+    ):
         other = fast_cfg("rounds=2", override)
         out = run_round(other, who(other), run_id=f"b-{setting}", server_round=1, global_state=weights)
         assert out.declined and out.update is None and out.reason.startswith(setting)
@@ -173,8 +177,14 @@ def test_planned_steps_are_the_steps_opacus_runs_at_a_short_batch_count(fast_cfg
     # 744 examples at batch 8: ceil gives 93 batches, Opacus draws int(1 / (1/93)) = 92 and
     # accounts q = 1/92. Calibration and the budget check must plan exactly that, or the
     # client ends above its budget (1.3029 > 1.3 before the fix).
-    cfg = fast_cfg("rounds=2", "num_clients=2", "data.train_size=1488", "train.batch_size=8",
-                   "train.max_length=8", "privacy.sample.epsilon=1.3")
+    cfg = fast_cfg(
+        "rounds=2",
+        "num_clients=2",
+        "data.train_size=1488",
+        "train.batch_size=8",
+        "train.max_length=8",
+        "privacy.sample.epsilon=1.3",
+    )
     n = len(load_client_data(cfg, 0)[0])
     assert n == 744 and steps_per_epoch(n, 8) == 92
     weights = global_weights(cfg)
@@ -229,9 +239,17 @@ def test_two_processes_overlapping_on_one_state_dir_keep_every_spend(fast_cfg, t
 
     cfg = fast_cfg("rounds=2")
     go = tmp_path / "go"
-    procs = [subprocess.Popen([sys.executable, "-c", _OVERLAP_CHILD, json.dumps(cfg), run_id, str(go)],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=child_env(),
-                              cwd=Path(__file__).resolve().parents[2]) for run_id in ("a", "b")]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _OVERLAP_CHILD, json.dumps(cfg), run_id, str(go)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=child_env(),
+            cwd=Path(__file__).resolve().parents[2],
+        )
+        for run_id in ("a", "b")
+    ]
     try:
         deadline = time.monotonic() + 120
         while not all(Path(f"{go}.{r}").exists() for r in ("a", "b")):
@@ -254,8 +272,13 @@ def test_two_processes_overlapping_on_one_state_dir_keep_every_spend(fast_cfg, t
     assert sorted(e.steps for e in trained) == [released_steps // len(trained) * (i + 1) for i in range(len(trained))]
 
 
-HEAD_RECIPE = ["model=tiny_bert", "evaluation.explain_inputs=0", "data.train_size=400", "data.test_size=80",
-               "rounds=3"]  # the default recipe on tiny_bert: prototypes, then head rounds
+HEAD_RECIPE = [
+    "model=tiny_bert",
+    "evaluation.explain_inputs=0",
+    "data.train_size=400",
+    "data.test_size=80",
+    "rounds=3",
+]  # the default recipe on tiny_bert: prototypes, then head rounds
 
 
 @pytest.mark.parametrize("privacy", ["none", "sample"])
@@ -275,8 +298,11 @@ def test_a_head_round_on_stored_features_reads_no_data_and_builds_no_encoder(tmp
         with monkeypatch.context() as m:
             if forbid:  # the round must need neither the client's data nor its encoder
                 for name in ("_client_data", "_fresh_model", "instantiate_model"):
-                    m.setattr(task, name, lambda *a, **k: pytest.fail("a head round on stored features read "
-                                                                      "data or built the encoder"))
+                    m.setattr(
+                        task,
+                        name,
+                        lambda *a, **k: pytest.fail("a head round on stored features read data or built the encoder"),
+                    )
             second = run_round(cfg, who(cfg), run_id="r1", server_round=2, global_state=weights)
         assert not second.declined and set(second.update) == set(weights)
         return second, Ledger.load(state_dir, "0")
@@ -356,8 +382,12 @@ def _old_format(stored, digests):
 
 
 def _other_digest(stored, digests):
-    return {"features": stored["features"][:10], "labels": stored["labels"][:10], "n": 10,
-            "digests": ["0" * 64 if d else d for d in digests]}
+    return {
+        "features": stored["features"][:10],
+        "labels": stored["labels"][:10],
+        "n": 10,
+        "digests": ["0" * 64 if d else d for d in digests],
+    }
 
 
 def _n_disagrees(stored, digests):
@@ -396,8 +426,17 @@ def test_a_process_serving_many_clients_keeps_at_most_the_bound(tmp_path, monkey
     from common.data.sources import load_splits
     from common.data.tokenizing import tokenize
 
-    cfg = compose(["model=tiny_bert", "partition=iid", "num_clients=50", "data.train_size=200",
-                   "data.test_size=20", "train.max_length=16"], tmp_path / "run")
+    cfg = compose(
+        [
+            "model=tiny_bert",
+            "partition=iid",
+            "num_clients=50",
+            "data.train_size=200",
+            "data.test_size=20",
+            "train.max_length=16",
+        ],
+        tmp_path / "run",
+    )
     DATA_CACHE.clear()
     reads, tokenised = [], []
     monkeypatch.setattr(partition, "load_splits", lambda *a, **k: reads.append(1) or load_splits(*a, **k))
@@ -417,4 +456,3 @@ def test_a_process_serving_many_clients_keeps_at_most_the_bound(tmp_path, monkey
     task._client_data(cfg, 0)  # long evicted: read again, from the partitions still kept
     assert len(tokenised) == 51 and len(reads) == 1 and len(DATA_CACHE) == DATA_CACHE.maxsize
     assert len(task._TOKENIZER_CACHE) == 1  # one tokenizer for every client
-

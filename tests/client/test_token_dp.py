@@ -19,15 +19,30 @@ from common.model.pooling import TokenClassifier
 from common.model.state import model_inputs, trainable_state
 from tests.conftest import model_group
 
-TINY = dict(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
-            hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)  # no dropout: deterministic reference
+TINY = dict(
+    hidden_size=16,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    intermediate_size=32,
+    hidden_dropout_prob=0.0,
+    attention_probs_dropout_prob=0.0,
+)  # no dropout: deterministic reference
 TAGS = 5  # O, B-a, I-a, B-b, I-b
 
 
 def token_model(*, freeze_encoder=False, layer=-1):
-    return build_model(**{**model_group("tiny_bert"), "config_overrides": TINY, "freeze_encoder": freeze_encoder,
-                          "token_layer": layer, "lora": None},
-                       num_labels=TAGS, seed=0, task="token_classification")
+    return build_model(
+        **{
+            **model_group("tiny_bert"),
+            "config_overrides": TINY,
+            "freeze_encoder": freeze_encoder,
+            "token_layer": layer,
+            "lora": None,
+        },
+        num_labels=TAGS,
+        seed=0,
+        task="token_classification",
+    )
 
 
 def tagged_data(n, length=10, seed=0):
@@ -49,9 +64,18 @@ def tagged_data(n, length=10, seed=0):
 def step(model, data, *, clip, weight, sigma=0.0):
     """One DP-SGD step (SGD, lr 1) on the whole dataset as one batch (q = 1)."""
     before = trainable_state(model)
-    result = local_train(model, data, TrainSettings(
-        epochs=1, batch_size=len(data), lr=1.0, optimizer="sgd", dp=DPSettings(sigma, clip, "rdp", ()),
-        outside_weight=weight))
+    result = local_train(
+        model,
+        data,
+        TrainSettings(
+            epochs=1,
+            batch_size=len(data),
+            lr=1.0,
+            optimizer="sgd",
+            dp=DPSettings(sigma, clip, "rdp", ()),
+            outside_weight=weight,
+        ),
+    )
     assert result.steps == 1
     after = trainable_state(model)
     return {k: after[k] - before[k] for k in before}
@@ -65,11 +89,14 @@ def reference(model, data, *, clip, weight):
     for ids, mask, labels in zip(*data.tensors):
         model.zero_grad(set_to_none=True)
         logits = model(**model_inputs(ids[None], mask[None])).logits[0]
-        loss = sum((weight if int(y) == 0 else 1.0) * F.cross_entropy(logits[t], y)
-                   for t, y in enumerate(labels) if int(y) != -100)
+        loss = sum(
+            (weight if int(y) == 0 else 1.0) * F.cross_entropy(logits[t], y)
+            for t, y in enumerate(labels)
+            if int(y) != -100
+        )
         loss.backward()
         grads = {n: p.grad.detach().clone() for n, p in params.items()}
-        norm = float(torch.sqrt(sum((g ** 2).sum() for g in grads.values())))
+        norm = float(torch.sqrt(sum((g**2).sum() for g in grads.values())))
         norms.append(norm)
         factor = min(1.0, clip / (norm + 1e-6))
         for n in total:
@@ -97,12 +124,14 @@ def test_a_sentence_counts_once_however_many_words():
     logits = torch.randn(2, 4, TAGS, requires_grad=True)
     labels = torch.tensor([[1, 0, -100, -100], [3, 4, 0, 0]])
     loss = sentence_loss(logits, labels)
-    by_hand = (F.cross_entropy(logits[0, :2], labels[0, :2], reduction="sum")
-               + F.cross_entropy(logits[1], labels[1], reduction="sum")) / 2
+    by_hand = (
+        F.cross_entropy(logits[0, :2], labels[0, :2], reduction="sum")
+        + F.cross_entropy(logits[1], labels[1], reduction="sum")
+    ) / 2
     torch.testing.assert_close(loss, by_hand)
     data = tagged_data(4)
     update = step(token_model(), data, clip=0.01, weight=1.0)
-    assert torch.sqrt(sum((u ** 2).sum() for u in update.values())) <= 0.01 + 1e-6
+    assert torch.sqrt(sum((u**2).sum() for u in update.values())) <= 0.01 + 1e-6
 
 
 def test_noise_is_sigma_times_clip_over_batch_on_every_head_weight():
@@ -126,9 +155,19 @@ def test_head_stage_on_packed_features_equals_a_full_forward():
     assert int(feats.tensors[1].ne(-100).sum()) == int(data.tensors[2].ne(-100).sum())
     head = copy.deepcopy(model).classifier
     before = {k: v.detach().clone() for k, v in head.named_parameters()}
-    local_train(head, feats, TrainSettings(
-        epochs=1, batch_size=len(feats), lr=1.0, optimizer="sgd", dp=DPSettings(0.0, 0.05, "rdp", ()), features=True,
-        outside_weight=0.3))
+    local_train(
+        head,
+        feats,
+        TrainSettings(
+            epochs=1,
+            batch_size=len(feats),
+            lr=1.0,
+            optimizer="sgd",
+            dp=DPSettings(0.0, 0.05, "rdp", ()),
+            features=True,
+            outside_weight=0.3,
+        ),
+    )
     for name, value in head.named_parameters():
         torch.testing.assert_close(value.detach() - before[name], full[f"classifier.{name}"], rtol=1e-4, atol=1e-7)
 
@@ -148,6 +187,15 @@ def test_token_layer_cuts_the_encoder_and_counts_from_the_end():
 
 def test_ghost_clipping_is_refused_for_tokens():
     with pytest.raises(ValueError, match="grad_sample_mode"):
-        local_train(token_model(), tagged_data(4), TrainSettings(
-            epochs=1, batch_size=4, lr=1.0, optimizer="sgd", dp=DPSettings(1.0, 1.0, "rdp", ()),
-            grad_sample_mode="ghost"))
+        local_train(
+            token_model(),
+            tagged_data(4),
+            TrainSettings(
+                epochs=1,
+                batch_size=4,
+                lr=1.0,
+                optimizer="sgd",
+                dp=DPSettings(1.0, 1.0, "rdp", ()),
+                grad_sample_mode="ghost",
+            ),
+        )

@@ -13,12 +13,26 @@ import torch
 from client.privacy import transparency
 from client.privacy.ledger import Ledger
 from common.protocol import CLIENT_ID, PRIVACY, TrainReply
-from server.runtime.grid import InProcessGrid
 from server.round.loop import prepare, run_federation
+from server.runtime.grid import InProcessGrid
 
-LINE_KEYS = {"time", "run_id", "round", "event", "tensors", "bytes", "update_norm_before_clip",
-             "update_norm_after_clip", "masked", "protection", "epsilon_before", "epsilon_after", "delta", "reason",
-             "never_sent"}
+LINE_KEYS = {
+    "time",
+    "run_id",
+    "round",
+    "event",
+    "tensors",
+    "bytes",
+    "update_norm_before_clip",
+    "update_norm_after_clip",
+    "masked",
+    "protection",
+    "epsilon_before",
+    "epsilon_after",
+    "delta",
+    "reason",
+    "never_sent",
+}
 
 
 class MeteredGrid(InProcessGrid):
@@ -72,13 +86,18 @@ def _run(grid: MeteredGrid, cfg: dict, run_dir: Path, *, resume: bool = False) -
 
 
 def _ledger_rounds(state_dir, client_id):
-    return [(e.run_id, e.round, "sent" if e.status == "trained" else e.status)
-            for e in Ledger.load(state_dir, client_id).rounds]
+    return [
+        (e.run_id, e.round, "sent" if e.status == "trained" else e.status)
+        for e in Ledger.load(state_dir, client_id).rounds
+    ]
 
 
 def _logged(state_dir, client_id, *, resent=False):
-    return [(line["run_id"], line["round"], line["event"]) for line in transparency.read(state_dir, client_id)
-            if resent or line["event"] != transparency.RESENT]
+    return [
+        (line["run_id"], line["round"], line["event"])
+        for line in transparency.read(state_dir, client_id)
+        if resent or line["event"] != transparency.RESENT
+    ]
 
 
 @pytest.mark.parametrize("secagg", [False, True], ids=["plain", "secagg"])
@@ -99,8 +118,13 @@ def test_log_matches_the_ledger_and_the_bytes_the_server_received(task_identity,
             assert line["bytes"] == received[(client_id, line["round"])]
             assert line["tensors"] and all(isinstance(s, list) for s in line["tensors"].values())
             p = line["protection"]
-            assert p["mechanism"] == "DP-SGD" and p["sigma"] > 0 and p["clip_norm"] == cfg["privacy"]["sample"][
-                "max_grad_norm"] and 0 < p["sample_rate"] <= 1 and p["steps"] >= 1
+            assert (
+                p["mechanism"] == "DP-SGD"
+                and p["sigma"] > 0
+                and p["clip_norm"] == cfg["privacy"]["sample"]["max_grad_norm"]
+                and 0 < p["sample_rate"] <= 1
+                and p["steps"] >= 1
+            )
         # ε is the ledger's: it starts at 0, never goes down, and ends at the ledger's ε.
         assert lines[0]["epsilon_before"] == 0.0
         assert lines[0]["epsilon_after"] == lines[1]["epsilon_before"] < lines[1]["epsilon_after"]
@@ -122,15 +146,17 @@ def test_log_follows_the_ledger_across_a_restart_a_resend_and_a_decline(task_ide
     assert [e for _, _, e in _logged(state_dir, "0")] == ["sent", "sent"]
     assert _logged(state_dir, "0") == _ledger_rounds(state_dir, "0")
     declines = transparency.read(state_dir, "1")
-    assert [(line["round"], line["event"], line["reason"]) for line in declines] == [(1, "declined", "budget"),
-                                                                                       (2, "declined", "budget")]
+    assert [(line["round"], line["event"], line["reason"]) for line in declines] == [
+        (1, "declined", "budget"),
+        (2, "declined", "budget"),
+    ]
     assert all(line["tensors"] == {} and line["bytes"] > 0 for line in declines)
     assert _logged(state_dir, "1") == _ledger_rounds(state_dir, "1")
 
     # The server asks round 2 again (its reply was lost): the kept reply is resent, no new spend.
-    from common.protocol import TrainInstruction
     from flwr.app import Message
 
+    from common.protocol import TrainInstruction
     from server.round.checkpoint import Manifest, load_round
 
     manifest = Manifest.load(run_dir)
@@ -138,8 +164,9 @@ def test_log_follows_the_ledger_across_a_restart_a_resend_and_a_decline(task_ide
     grid = MeteredGrid(2)
     grid.server_round = 2
     instruction = TrainInstruction(manifest.run_id, 2, json.dumps(cfg))
-    [reply] = grid.send_and_receive([Message(content=instruction.to_content(before_round2), dst_node_id=0,
-                                             message_type="train")])
+    [reply] = grid.send_and_receive(
+        [Message(content=instruction.to_content(before_round2), dst_node_id=0, message_type="train")]
+    )
     assert not TrainReply.from_content(reply.content).declined
     lines = transparency.read(state_dir, "0")
     assert [line["event"] for line in lines] == ["sent", "sent", "resent"]
@@ -162,8 +189,15 @@ def test_nothing_from_the_training_data_is_in_the_log(task_identity, metered, fa
         assert set(line) == LINE_KEYS  # no loss, no example count, no per-example value
         assert line["never_sent"] == list(transparency.NEVER_SENT)
         # Its only texts: the time, the run, the event, the mechanism and the tensors' names.
-        texts = {line["time"], line["run_id"], line["event"], line["reason"], line["protection"]["mechanism"],
-                 *line["tensors"], *line["never_sent"]}
+        texts = {
+            line["time"],
+            line["run_id"],
+            line["event"],
+            line["reason"],
+            line["protection"]["mechanism"],
+            *line["tensors"],
+            *line["never_sent"],
+        }
         assert set(_strings(line)) <= texts
 
 
@@ -209,9 +243,18 @@ def test_device_log_renders_the_log_for_its_owner(task_identity, metered, fast_c
 def test_an_update_sent_without_protection_is_counted_and_named_first(tmp_path, capsys):
     """A DP round's ε must not hide an update that left with no noise added on the device."""
     from client.privacy import device_log
+
     update = {"w": torch.ones(2)}
-    dp = {"mechanism": "DP-SGD", "sigma": 1.0, "clip_norm": 1.0, "sample_rate": 0.1, "steps": 3,
-          "epsilon_before": 0.0, "epsilon_after": 0.8, "delta": 1e-5}
+    dp = {
+        "mechanism": "DP-SGD",
+        "sigma": 1.0,
+        "clip_norm": 1.0,
+        "sample_rate": 0.1,
+        "steps": 3,
+        "epsilon_before": 0.0,
+        "epsilon_after": 0.8,
+        "delta": 1e-5,
+    }
     transparency.record(tmp_path, "7", transparency.Reply("run-a", 1, "sent", update, protection=dp), sent_bytes=10)
     transparency.record(tmp_path, "7", transparency.Reply("run-b", 4, "sent", update, protection=None), sent_bytes=10)
     total = device_log.summarise(transparency.read(tmp_path, "7"))

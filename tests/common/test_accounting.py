@@ -5,6 +5,7 @@ import math
 import pytest
 from opacus.accountants import PRVAccountant, RDPAccountant
 
+from common.errors import ConfigError
 from common.privacy.accounting import (
     append_steps,
     calibrate_noise,
@@ -13,7 +14,6 @@ from common.privacy.accounting import (
     sample_rate,
     steps_per_epoch,
 )
-from common.errors import ConfigError
 
 
 def opacus_rdp(history, delta):
@@ -126,7 +126,7 @@ def _gaussian_rdp_epsilon(sigma, rounds, delta):
     alphas = [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64))
     best = math.inf
     for a in alphas:
-        rdp = rounds * a / (2 * sigma ** 2)
+        rdp = rounds * a / (2 * sigma**2)
         eps = rdp - (math.log(delta) + math.log(a)) / (a - 1) + math.log((a - 1) / a)
         best = min(best, eps)
     return best
@@ -136,7 +136,9 @@ def test_client_epsilon_is_the_composed_gaussian_mechanism_at_q_one():
     from common.privacy.accounting import client_epsilon
 
     for sigma, rounds in [(0.76, 1), (0.76, 3), (2.0, 20)]:
-        assert client_epsilon(sigma, rounds, 1e-3) == pytest.approx(_gaussian_rdp_epsilon(sigma, rounds, 1e-3), rel=1e-9)
+        assert client_epsilon(sigma, rounds, 1e-3) == pytest.approx(
+            _gaussian_rdp_epsilon(sigma, rounds, 1e-3), rel=1e-9
+        )
     assert client_epsilon(1.0, 0, 1e-3) == 0.0
     per_round = [client_epsilon(1.0, r, 1e-3) for r in range(1, 6)]
     assert per_round == sorted(per_round) and len(set(per_round)) == 5
@@ -152,14 +154,14 @@ def test_client_noise_calibrates_to_the_budget_over_planned_rounds():
 
 
 def test_adaptive_split_keeps_the_combined_sigma_and_refuses_a_too_small_count_noise():
-    from common.privacy.accounting import adaptive_noise_split, combined_noise_multiplier
     from common.errors import ConfigError
+    from common.privacy.accounting import adaptive_noise_split, combined_noise_multiplier
 
     sigma_u = adaptive_noise_split(1.0, 2.0)
     # 0/1 bits: the count has sensitivity 1, so σ = (σ_u⁻² + σ_b⁻²)^-½ (no factor 2).
     assert combined_noise_multiplier(sigma_u, 2.0) == pytest.approx(1.0) and sigma_u > 1.0
-    assert combined_noise_multiplier(2.0, 2.0) == pytest.approx(2 ** 0.5)  # (¼ + ¼)^-½
-    assert combined_noise_multiplier(2.0, 4.0, 2.0) == pytest.approx(2 ** 0.5)  # the count: its noise / sensitivity
+    assert combined_noise_multiplier(2.0, 2.0) == pytest.approx(2**0.5)  # (¼ + ¼)^-½
+    assert combined_noise_multiplier(2.0, 4.0, 2.0) == pytest.approx(2**0.5)  # the count: its noise / sensitivity
     assert combined_noise_multiplier(1.3, None) == 1.3  # fixed clipping: the update sum's σ alone
     with pytest.raises(ConfigError) as err:
         adaptive_noise_split(1.0, 1.0)
@@ -178,6 +180,7 @@ def test_fast_rdp_epsilon_is_opacus_bit_for_bit(history):
 def test_calibration_is_opacus_get_noise_multiplier(q, steps, target):
     from opacus.accountants.utils import get_noise_multiplier
 
-    expected = get_noise_multiplier(target_epsilon=target, target_delta=1e-5, sample_rate=q, steps=steps,
-                                    accountant="rdp", epsilon_tolerance=0.01)
+    expected = get_noise_multiplier(
+        target_epsilon=target, target_delta=1e-5, sample_rate=q, steps=steps, accountant="rdp", epsilon_tolerance=0.01
+    )
     assert calibrate_noise(target_epsilon=target, delta=1e-5, sample_rate=q, steps=steps) == expected

@@ -6,8 +6,16 @@ import random
 import pytest
 import torch
 
-from common.privacy.audit_bounds import (audit, epsilon_lower_bound, guesses, joint_scores, max_detectable_epsilon, p_correct,
-                          tail, verdict)
+from common.privacy.audit_bounds import (
+    audit,
+    epsilon_lower_bound,
+    guesses,
+    joint_scores,
+    max_detectable_epsilon,
+    p_correct,
+    tail,
+    verdict,
+)
 
 
 def test_all_guesses_right_gives_a_bound_that_grows_with_the_guesses():
@@ -63,7 +71,7 @@ def correlated_directions(k, dim, shared, seed=0):
     """k unit rows that all lean on one shared direction (as canaries of one label do)."""
     g = torch.Generator().manual_seed(seed)
     common = torch.randn(dim, generator=g)
-    rows = torch.randn(k, dim, generator=g) + shared * common / common.norm() * dim ** 0.5
+    rows = torch.randn(k, dim, generator=g) + shared * common / common.norm() * dim**0.5
     return rows / rows.norm(dim=1, keepdim=True)
 
 
@@ -84,8 +92,9 @@ def test_joint_scores_are_linear_and_zero_without_update():
     d = correlated_directions(10, 50, shared=0.5, seed=1)
     u, v = torch.randn(50), torch.randn(50)
     assert torch.count_nonzero(joint_scores(d, torch.zeros(50))) == 0
-    torch.testing.assert_close(joint_scores(d, 2 * u - v), 2 * joint_scores(d, u) - joint_scores(d, v),
-                               atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        joint_scores(d, 2 * u - v), 2 * joint_scores(d, u) - joint_scores(d, v), atol=1e-5, rtol=1e-5
+    )
 
 
 def test_joint_scores_stay_defined_for_repeated_directions():
@@ -112,16 +121,19 @@ def test_at_the_default_epsilon_consistent_needs_thousands_of_guesses():
     assert max(max_detectable_epsilon(m, m=m, delta=1e-5) for m in range(500, 2600, 100)) < 6.1
 
 
-@pytest.mark.parametrize("bound, power, accounted, expected", [
-    (0.15, 3.66, 7.99, "inconclusive"),  # DP on at the power preset: 3.66 cannot show 7.99
-    (3.66, 3.66, math.inf, "inconclusive"),  # noise off: nothing exceeds infinity, nothing confirms it
-    (0.0, 3.88, 8.0, "inconclusive"),  # the defaults
-    (1.0, 6.0, 2.0, "consistent"),  # could have shown 2, did not exceed it
-    (2.0, 6.0, 2.0, "consistent"),
-    (2.5, 6.0, 2.0, "exceeds"),
-    (3.0, 3.66, 2.0, "exceeds"),
-    (3.5, 3.66, 8.0, "inconclusive"),
-])
+@pytest.mark.parametrize(
+    "bound, power, accounted, expected",
+    [
+        (0.15, 3.66, 7.99, "inconclusive"),  # DP on at the power preset: 3.66 cannot show 7.99
+        (3.66, 3.66, math.inf, "inconclusive"),  # noise off: nothing exceeds infinity, nothing confirms it
+        (0.0, 3.88, 8.0, "inconclusive"),  # the defaults
+        (1.0, 6.0, 2.0, "consistent"),  # could have shown 2, did not exceed it
+        (2.0, 6.0, 2.0, "consistent"),
+        (2.5, 6.0, 2.0, "exceeds"),
+        (3.0, 3.66, 2.0, "exceeds"),
+        (3.5, 3.66, 8.0, "inconclusive"),
+    ],
+)
 def test_verdict_is_never_consistent_below_the_power(bound, power, accounted, expected):
     assert verdict(bound, power, accounted) == expected
     if power < accounted:

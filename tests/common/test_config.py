@@ -12,11 +12,13 @@ from tests.conftest import FAST, ROOT, compose
 
 GROUPS = sorted(p.name for p in (ROOT / "conf").iterdir() if p.is_dir())
 #: What an option needs set on the command line (its ??? keys).
-EXTRA = {"data/csv": ["data.path=x.csv", "data.text_column=text", "data.label_column=label"],
-         "data/hf": ["data.name=x", "data.text_column=text", "data.label_column=label"],
-         "data/conll": ["data.path=x.conll", "task=token_classification"],
-         "data/hf_tokens": ["data.name=x", "task=token_classification"],
-         "task/token_classification": ["data=conll", "data.path=x.conll"]}
+EXTRA = {
+    "data/csv": ["data.path=x.csv", "data.text_column=text", "data.label_column=label"],
+    "data/hf": ["data.name=x", "data.text_column=text", "data.label_column=label"],
+    "data/conll": ["data.path=x.conll", "task=token_classification"],
+    "data/hf_tokens": ["data.name=x", "task=token_classification"],
+    "task/token_classification": ["data=conll", "data.path=x.conll"],
+}
 
 
 def options(group):
@@ -92,13 +94,18 @@ def test_the_schemas_options_are_the_implementations_and_the_config_groups(tmp_p
     assert compose([], tmp_path)["strategy"]["name"] == "fedavg"  # the default stays plain FedAvg
 
 
-@pytest.mark.parametrize("model,setting", [
-    ({"_target_": "builtins.open"}, "model._target_"),
-    ({"config_overrides": {"payload": {"_target_": "builtins.open", "_args_": ["x", "w"]}}},
-     "model.config_overrides.payload"),
-    ({"config_overrides": {"trust_remote_code": True}}, "model.config_overrides.trust_remote_code"),
-    ({"config_overrides": {"hidden_size": [32]}}, "model.config_overrides.hidden_size"),
-])
+@pytest.mark.parametrize(
+    "model,setting",
+    [
+        ({"_target_": "builtins.open"}, "model._target_"),
+        (
+            {"config_overrides": {"payload": {"_target_": "builtins.open", "_args_": ["x", "w"]}}},
+            "model.config_overrides.payload",
+        ),
+        ({"config_overrides": {"trust_remote_code": True}}, "model.config_overrides.trust_remote_code"),
+        ({"config_overrides": {"hidden_size": [32]}}, "model.config_overrides.hidden_size"),
+    ],
+)
 def test_no_code_and_no_loader_option_can_be_named_in_the_model(tmp_path, model, setting):
     """What a device validates a server's config with: only scalar, allow-listed model settings."""
     cfg = compose(["model=tiny_bert"], tmp_path)
@@ -118,45 +125,58 @@ def assert_names(cfg, setting):
     assert str(err.value).startswith(setting)
 
 
-@pytest.mark.parametrize("overrides,setting", [
-    # A misspelt key, or one of another option, is no setting at all.
-    (["+train.lerning_rate=0.1"], "train.lerning_rate"),
-    (["+lerning_rate=0.1"], "lerning_rate"),
-    (["+privacy.sample.epsilonn=1"], "privacy.sample.epsilonn"),
-    (["+strategy.server_momentum=0.5"], "strategy.server_momentum"),  # fedavgm's key, not fedavg's
-    (["+data.delimiter=tab"], "data.delimiter"),  # csv's key, not the synthetic set's
-    (["+model.lora_rank=4"], "model.lora_rank"),
-    # A value of the wrong type, or not among the allowed ones.
-    (["train.lr=fast"], "train.lr"),
-    (["train.local_epochs=two"], "train.local_epochs"),
-    (["train.batch_size=1.5"], "train.batch_size"),
-    (["train.max_length=[8]"], "train.max_length"),
-    (["train.optimizer=1"], "train.optimizer"),
-    (["train.precision=fp8"], "train.precision"),
-    (["train.grad_sample_mode=functorch"], "train.grad_sample_mode"),
-    (["model.pretrained=maybe"], "model.pretrained"),
-    (["model.pooling=max"], "model.pooling"),
-    (["model=minilm_lora", "model.lora.r=one"], "model.lora.r"),
-    (["model=minilm_lora", "model.lora.target_modules=[1]"], "model.lora.target_modules"),
-    (["data.num_classes=five"], "data.num_classes"),
-    (["data.source=parquet"], "data.source"),
-    (["partition=dirichlet", "partition.self_balancing=sometimes"], "partition.self_balancing"),
-    (["partition=pathological", "partition.class_assignment=shuffled"], "partition.class_assignment"),
-    (["strategy=fedadam", "strategy.beta_1=high"], "strategy.beta_1"),
-    (["recipe.prototype_scale=big"], "recipe.prototype_scale"),
-    (["+privacy.sample.client_budgets.0=lots"], "privacy.sample.client_budgets.0"),
-    (["audit.noise=loud"], "audit.noise"),
-    (["evaluation.batch_size=all"], "evaluation.batch_size"),
-    (["simulation.num_cpus=many"], "simulation.num_cpus"),
-    (["simulation.in_flight_per_worker=0"], "simulation.in_flight_per_worker"),
-    (["simulation.in_flight_per_worker=1.5"], "simulation.in_flight_per_worker"),
-])
+@pytest.mark.parametrize(
+    "overrides,setting",
+    [
+        # A misspelt key, or one of another option, is no setting at all.
+        (["+train.lerning_rate=0.1"], "train.lerning_rate"),
+        (["+lerning_rate=0.1"], "lerning_rate"),
+        (["+privacy.sample.epsilonn=1"], "privacy.sample.epsilonn"),
+        (["+strategy.server_momentum=0.5"], "strategy.server_momentum"),  # fedavgm's key, not fedavg's
+        (["+data.delimiter=tab"], "data.delimiter"),  # csv's key, not the synthetic set's
+        (["+model.lora_rank=4"], "model.lora_rank"),
+        # A value of the wrong type, or not among the allowed ones.
+        (["train.lr=fast"], "train.lr"),
+        (["train.local_epochs=two"], "train.local_epochs"),
+        (["train.batch_size=1.5"], "train.batch_size"),
+        (["train.max_length=[8]"], "train.max_length"),
+        (["train.optimizer=1"], "train.optimizer"),
+        (["train.precision=fp8"], "train.precision"),
+        (["train.grad_sample_mode=functorch"], "train.grad_sample_mode"),
+        (["model.pretrained=maybe"], "model.pretrained"),
+        (["model.pooling=max"], "model.pooling"),
+        (["model=minilm_lora", "model.lora.r=one"], "model.lora.r"),
+        (["model=minilm_lora", "model.lora.target_modules=[1]"], "model.lora.target_modules"),
+        (["data.num_classes=five"], "data.num_classes"),
+        (["data.source=parquet"], "data.source"),
+        (["partition=dirichlet", "partition.self_balancing=sometimes"], "partition.self_balancing"),
+        (["partition=pathological", "partition.class_assignment=shuffled"], "partition.class_assignment"),
+        (["strategy=fedadam", "strategy.beta_1=high"], "strategy.beta_1"),
+        (["recipe.prototype_scale=big"], "recipe.prototype_scale"),
+        (["+privacy.sample.client_budgets.0=lots"], "privacy.sample.client_budgets.0"),
+        (["audit.noise=loud"], "audit.noise"),
+        (["evaluation.batch_size=all"], "evaluation.batch_size"),
+        (["simulation.num_cpus=many"], "simulation.num_cpus"),
+        (["simulation.in_flight_per_worker=0"], "simulation.in_flight_per_worker"),
+        (["simulation.in_flight_per_worker=1.5"], "simulation.in_flight_per_worker"),
+    ],
+)
 def test_a_misspelt_key_or_a_wrong_typed_value_is_a_config_error_naming_it(tmp_path, overrides, setting):
     assert_names(compose([*FAST, *overrides], tmp_path), setting)
 
 
-@pytest.mark.parametrize("dotted", ["train.optimizer", "strategy.server_lr", "privacy.sample", "model.tokenizer",
-                                    "data.ambiguous_fraction", "secaggplus", "audit"])
+@pytest.mark.parametrize(
+    "dotted",
+    [
+        "train.optimizer",
+        "strategy.server_lr",
+        "privacy.sample",
+        "model.tokenizer",
+        "data.ambiguous_fraction",
+        "secaggplus",
+        "audit",
+    ],
+)
 def test_a_missing_key_is_a_config_error_naming_it(tmp_path, dotted):
     cfg = compose(FAST, tmp_path)
     *parents, last = dotted.split(".")
@@ -193,7 +213,11 @@ def test_a_config_written_before_recipes_and_pooling_is_upgraded_to_what_it_did(
     new = upgrade(old)
     validate(new)
     assert new["recipe"]["name"] == "finetune" and not new["recipe"]["prototypes"]  # every round trained the encoder
-    assert (new["model"]["pooling"], new["model"]["freeze_encoder"], new["model"]["token_layer"]) == ("pooler", False, -1)
+    assert (new["model"]["pooling"], new["model"]["freeze_encoder"], new["model"]["token_layer"]) == (
+        "pooler",
+        False,
+        -1,
+    )
     assert new["simulation"]["runtime"] == "engine" and "_target_" not in new["model"]
     assert upgrade(cfg) == cfg  # today's config is left as it is
 
@@ -208,56 +232,67 @@ def test_every_model_option_builds(tmp_path):
         assert 0 < trainable < total
 
 
-@pytest.mark.parametrize("override,setting", [
-    ("privacy.sample.epsilon=-1", "privacy.sample.epsilon"),
-    ("privacy.sample.epsilon=0", "privacy.sample.epsilon"),
-    ("privacy.sample.delta=1.5", "privacy.sample.delta"),
-    ("privacy.sample.delta=0", "privacy.sample.delta"),
-    ("privacy.sample.max_grad_norm=0", "privacy.sample.max_grad_norm"),
-    ("privacy.sample.accountant=gdp", "privacy.sample.accountant"),
-    ("+privacy.sample.client_budgets.0=-2", "privacy.sample.client_budgets.0"),
-    ("privacy.mode=weird", "privacy"),
-    ("num_clients=0", "num_clients"),
-    ("rounds=0", "rounds"),
-    ("train.batch_size=0", "train.batch_size"),
-    ("train.lr=0", "train.lr"),
-    ("train.local_epochs=1.5", "train.local_epochs"),
-    ("train.optimizer=lion", "train.optimizer"),
-    ("train.device=tpu", "train.device"),
-    ("strategy.fraction_train=1.5", "strategy.fraction_train"),
-    ("secagg=maybe", "secagg"),
-])
+@pytest.mark.parametrize(
+    "override,setting",
+    [
+        ("privacy.sample.epsilon=-1", "privacy.sample.epsilon"),
+        ("privacy.sample.epsilon=0", "privacy.sample.epsilon"),
+        ("privacy.sample.delta=1.5", "privacy.sample.delta"),
+        ("privacy.sample.delta=0", "privacy.sample.delta"),
+        ("privacy.sample.max_grad_norm=0", "privacy.sample.max_grad_norm"),
+        ("privacy.sample.accountant=gdp", "privacy.sample.accountant"),
+        ("+privacy.sample.client_budgets.0=-2", "privacy.sample.client_budgets.0"),
+        ("privacy.mode=weird", "privacy"),
+        ("num_clients=0", "num_clients"),
+        ("rounds=0", "rounds"),
+        ("train.batch_size=0", "train.batch_size"),
+        ("train.lr=0", "train.lr"),
+        ("train.local_epochs=1.5", "train.local_epochs"),
+        ("train.optimizer=lion", "train.optimizer"),
+        ("train.device=tpu", "train.device"),
+        ("strategy.fraction_train=1.5", "strategy.fraction_train"),
+        ("secagg=maybe", "secagg"),
+    ],
+)
 def test_bad_values_name_the_setting(tmp_path, override, setting):
     assert_names(compose([*FAST, override], tmp_path), setting)
 
 
-@pytest.mark.parametrize("override, setting", [
-    ("privacy.client.clipping=sometimes", "privacy.client.clipping"),
-    ("privacy.client.clipping_norm=0", "privacy.client.clipping_norm"),
-    ("privacy.client.epsilon=-1", "privacy.client.epsilon"),
-    ("privacy.client.delta=1.0", "privacy.client.delta"),
-    ("privacy.client.noise_multiplier=-0.5", "privacy.client.noise_multiplier"),
-    ("privacy.client.noise_multiplier=0", "privacy.client.noise_multiplier"),
-    ("privacy.client.target_quantile=1.5", "privacy.client.target_quantile"),
-    ("privacy.client.clip_lr=0", "privacy.client.clip_lr"),
-    # σ = 1 needs a clipped-count noise above σ/2 (Andrew et al.'s split).
-    ("privacy.client.clipped_count_stddev=0.4", "privacy.client.clipped_count_stddev"),
-])
+@pytest.mark.parametrize(
+    "override, setting",
+    [
+        ("privacy.client.clipping=sometimes", "privacy.client.clipping"),
+        ("privacy.client.clipping_norm=0", "privacy.client.clipping_norm"),
+        ("privacy.client.epsilon=-1", "privacy.client.epsilon"),
+        ("privacy.client.delta=1.0", "privacy.client.delta"),
+        ("privacy.client.noise_multiplier=-0.5", "privacy.client.noise_multiplier"),
+        ("privacy.client.noise_multiplier=0", "privacy.client.noise_multiplier"),
+        ("privacy.client.target_quantile=1.5", "privacy.client.target_quantile"),
+        ("privacy.client.clip_lr=0", "privacy.client.clip_lr"),
+        # σ = 1 needs a clipped-count noise above σ/2 (Andrew et al.'s split).
+        ("privacy.client.clipped_count_stddev=0.4", "privacy.client.clipped_count_stddev"),
+    ],
+)
 def test_bad_client_level_values_name_the_setting(tmp_path, override, setting):
-    cfg = compose([*FAST, "privacy=both", "privacy.client.clipping=adaptive", "privacy.client.noise_multiplier=1.0",
-                   override], tmp_path)
+    cfg = compose(
+        [*FAST, "privacy=both", "privacy.client.clipping=adaptive", "privacy.client.noise_multiplier=1.0", override],
+        tmp_path,
+    )
     with pytest.raises(ConfigError) as err:
         validate(cfg)
     assert err.value.setting == setting
 
 
-@pytest.mark.parametrize("override, setting", [
-    ("secaggplus.num_shares=2", "secaggplus.num_shares"),
-    ("secaggplus.reconstruction_threshold=1.5", "secaggplus.reconstruction_threshold"),
-    ("secaggplus.reconstruction_threshold=9", "secaggplus.reconstruction_threshold"),
-    ("secaggplus.modulus_range=1000", "secaggplus.modulus_range"),
-    ("strategy.fraction_train=0.25", "strategy.fraction_train"),
-])
+@pytest.mark.parametrize(
+    "override, setting",
+    [
+        ("secaggplus.num_shares=2", "secaggplus.num_shares"),
+        ("secaggplus.reconstruction_threshold=1.5", "secaggplus.reconstruction_threshold"),
+        ("secaggplus.reconstruction_threshold=9", "secaggplus.reconstruction_threshold"),
+        ("secaggplus.modulus_range=1000", "secaggplus.modulus_range"),
+        ("strategy.fraction_train=0.25", "strategy.fraction_train"),
+    ],
+)
 def test_bad_secagg_values_name_the_setting(tmp_path, override, setting):
     cfg = compose([*FAST, "secagg=true", "num_clients=4", override], tmp_path)
     with pytest.raises(ConfigError) as err:
@@ -312,21 +347,36 @@ def test_unknown_csv_column_is_named_by_prepare(tmp_path):
 
     csv_path = Path(tmp_path) / "d.csv"
     csv_path.write_text("text,label\n" + "".join(f"hello {i},{i % 2}\n" for i in range(40)))
-    cfg = compose(["model=tiny_bert", "num_clients=2", "data=csv", f"data.path={csv_path}", "data.text_column=body",
-                   "data.label_column=label", "data.test_fraction=0.25"], tmp_path)
+    cfg = compose(
+        [
+            "model=tiny_bert",
+            "num_clients=2",
+            "data=csv",
+            f"data.path={csv_path}",
+            "data.text_column=body",
+            "data.label_column=label",
+            "data.test_fraction=0.25",
+        ],
+        tmp_path,
+    )
     with pytest.raises(ConfigError) as err:
         prepare(cfg)
     assert err.value.setting == "data.text_column"
 
 
-@pytest.mark.parametrize("overrides,setting", [
-    (["model.name_or_path=/nonexistent/encoder"], "model.name_or_path"),
-    (["data=csv", "data.path=/nonexistent/train.csv", "data.text_column=text", "data.label_column=label"],
-     "data.path"),
-    (["train.batch_size=5000"], "train.batch_size"),
-    (["privacy.sample.delta=0.1"], "privacy.sample.delta"),
-    (["train.grad_sample_mode=ghost", "train.max_physical_batch_size=8"], "train.max_physical_batch_size"),
-])
+@pytest.mark.parametrize(
+    "overrides,setting",
+    [
+        (["model.name_or_path=/nonexistent/encoder"], "model.name_or_path"),
+        (
+            ["data=csv", "data.path=/nonexistent/train.csv", "data.text_column=text", "data.label_column=label"],
+            "data.path",
+        ),
+        (["train.batch_size=5000"], "train.batch_size"),
+        (["privacy.sample.delta=0.1"], "privacy.sample.delta"),
+        (["train.grad_sample_mode=ghost", "train.max_physical_batch_size=8"], "train.max_physical_batch_size"),
+    ],
+)
 def test_prepare_names_the_setting_before_training(tmp_path, overrides, setting):
     from server.round.loop import prepare
 
@@ -336,18 +386,21 @@ def test_prepare_names_the_setting_before_training(tmp_path, overrides, setting)
     assert err.value.setting == setting
 
 
-@pytest.mark.parametrize("overrides,setting", [
-    (["strategy.name=fedprox"], "strategy.name"),
-    (["strategy=fedavgm", "strategy.server_momentum=1.0"], "strategy.server_momentum"),
-    (["strategy=fedavgm", "strategy.server_momentum=-0.1"], "strategy.server_momentum"),
-    (["strategy=fedavgm", "strategy.server_lr=0"], "strategy.server_lr"),
-    (["strategy=fedadam", "strategy.beta_1=1.0"], "strategy.beta_1"),
-    (["strategy=fedadam", "strategy.beta_1=-0.5"], "strategy.beta_1"),
-    (["strategy=fedadam", "strategy.beta_2=1.5"], "strategy.beta_2"),
-    (["strategy=fedadam", "strategy.tau=0"], "strategy.tau"),
-    (["strategy=fedadam", "strategy.tau=null"], "strategy.tau"),
-    (["strategy=fedadam", "strategy.server_lr=-1"], "strategy.server_lr"),
-])
+@pytest.mark.parametrize(
+    "overrides,setting",
+    [
+        (["strategy.name=fedprox"], "strategy.name"),
+        (["strategy=fedavgm", "strategy.server_momentum=1.0"], "strategy.server_momentum"),
+        (["strategy=fedavgm", "strategy.server_momentum=-0.1"], "strategy.server_momentum"),
+        (["strategy=fedavgm", "strategy.server_lr=0"], "strategy.server_lr"),
+        (["strategy=fedadam", "strategy.beta_1=1.0"], "strategy.beta_1"),
+        (["strategy=fedadam", "strategy.beta_1=-0.5"], "strategy.beta_1"),
+        (["strategy=fedadam", "strategy.beta_2=1.5"], "strategy.beta_2"),
+        (["strategy=fedadam", "strategy.tau=0"], "strategy.tau"),
+        (["strategy=fedadam", "strategy.tau=null"], "strategy.tau"),
+        (["strategy=fedadam", "strategy.server_lr=-1"], "strategy.server_lr"),
+    ],
+)
 def test_bad_server_optimizer_values_name_the_setting(tmp_path, overrides, setting):
     cfg = compose([*FAST, *overrides], tmp_path)
     with pytest.raises(ConfigError) as err:

@@ -8,7 +8,14 @@ import pytest
 import torch
 
 from common.data.conll import (
-    IGNORE, NO_ENTITY, Sentences, align, dominant_entity, label_names, predicted_tags, read_conll,
+    IGNORE,
+    NO_ENTITY,
+    Sentences,
+    align,
+    dominant_entity,
+    label_names,
+    predicted_tags,
+    read_conll,
 )
 from common.errors import ConfigError
 from common.report.ner_metrics import entity_report
@@ -57,8 +64,9 @@ def test_wnut_train_separates_most_sentences_by_a_lone_tab():
 
 
 def test_whitespace_lines_end_sentences_and_runs_of_them_make_no_empty_ones(tmp_path):
-    path = write(tmp_path, "Hi\tO\n\t\nI\tO\nlove\tO\nParis\tB-location\n \t \n\n\r\n"
-                           "New\tB-location\r\nYork\tI-location")  # no trailing newline, CRLF
+    path = write(
+        tmp_path, "Hi\tO\n\t\nI\tO\nlove\tO\nParis\tB-location\n \t \n\n\r\nNew\tB-location\r\nYork\tI-location"
+    )  # no trailing newline, CRLF
     data = read_conll(path)
     assert data.tokens == [["Hi"], ["I", "love", "Paris"], ["New", "York"]]
     assert data.tags == [["O"], ["O", "O", "B-location"], ["B-location", "I-location"]]
@@ -76,16 +84,19 @@ def test_tag_column_picks_a_column_of_a_multi_column_file(tmp_path):
     assert err.value.setting == "data.tag_column"
 
 
-@pytest.mark.parametrize("bad_line, reason", [
-    (SECRET, "no tag column"),
-    (f"{SECRET}\t", "the tag is not IOB2"),
-    (f"{SECRET}\tPERSON", "the tag is not IOB2"),
-    (f"x\tb-{SECRET}", "the tag is not IOB2"),
-    (f"{SECRET}\tB-", "the tag is not IOB2"),
-    (f"x\tE-{SECRET}", "the tag is not IOB2"),
-    (f"x\tI-{SECRET}", "an I- tag must follow a B- or I- tag of the same type"),  # after O
-    (f"x\tI-person{SECRET}", "an I- tag must follow a B- or I- tag of the same type"),  # after B-person
-])
+@pytest.mark.parametrize(
+    "bad_line, reason",
+    [
+        (SECRET, "no tag column"),
+        (f"{SECRET}\t", "the tag is not IOB2"),
+        (f"{SECRET}\tPERSON", "the tag is not IOB2"),
+        (f"x\tb-{SECRET}", "the tag is not IOB2"),
+        (f"{SECRET}\tB-", "the tag is not IOB2"),
+        (f"x\tE-{SECRET}", "the tag is not IOB2"),
+        (f"x\tI-{SECRET}", "an I- tag must follow a B- or I- tag of the same type"),  # after O
+        (f"x\tI-person{SECRET}", "an I- tag must follow a B- or I- tag of the same type"),  # after B-person
+    ],
+)
 def test_bad_lines_name_file_and_line_number_never_the_text(tmp_path, bad_line, reason):
     path = write(tmp_path, f"first\tO\n\nJohn\tB-person\n{bad_line}\nend\tO\n", name="bad.conll")
     with pytest.raises(ConfigError) as err:
@@ -138,8 +149,11 @@ def test_label_names_put_o_first_then_b_and_i_of_each_sorted_type(tmp_path):
     train = read_conll(write(tmp_path, "a\tB-zoo\nb\tB-ant\nc\tI-ant\n", name="train"))
     test = read_conll(write(tmp_path, "a\tB-bee\n", name="test"))
     assert label_names(train) == ["O", "B-ant", "I-ant", "B-zoo", "I-zoo"]
-    assert label_names(test, train) == label_names(train, test) == [
-        "O", "B-ant", "I-ant", "B-bee", "I-bee", "B-zoo", "I-zoo"]
+    assert (
+        label_names(test, train)
+        == label_names(train, test)
+        == ["O", "B-ant", "I-ant", "B-bee", "I-bee", "B-zoo", "I-zoo"]
+    )
     assert len(label_names(wnut(TRAIN))) == 1 + 2 * len(WNUT_TYPES)
 
 

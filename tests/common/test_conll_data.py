@@ -63,8 +63,21 @@ def test_tokenize_labels_first_subwords(wnut):
 
 
 def test_labels_must_start_with_o_and_cover_the_data():
-    tags = ["O", "B-corporation", "I-corporation", "B-creative-work", "I-creative-work", "B-group", "I-group",
-            "B-location", "I-location", "B-person", "I-person", "B-product", "I-product"]
+    tags = [
+        "O",
+        "B-corporation",
+        "I-corporation",
+        "B-creative-work",
+        "I-creative-work",
+        "B-group",
+        "I-group",
+        "B-location",
+        "I-location",
+        "B-person",
+        "I-person",
+        "B-product",
+        "I-product",
+    ]
     with pytest.raises(ConfigError, match="data.labels"):
         load_splits(conll_cfg(labels=[*tags[1:], "O"]), seed=0, num_clients=4)
     with pytest.raises(ConfigError, match="data.labels"):
@@ -76,19 +89,26 @@ def _hub_like(tmp_path, rows_by_split, tag_names):
     split, tags stored as ClassLabel ids (the Hub's usual token-classification layout)."""
     import datasets
 
-    features = datasets.Features({"tokens": datasets.Sequence(datasets.Value("string")),
-                                  "ner_tags": datasets.Sequence(datasets.ClassLabel(names=tag_names))})
+    features = datasets.Features(
+        {
+            "tokens": datasets.Sequence(datasets.Value("string")),
+            "ner_tags": datasets.Sequence(datasets.ClassLabel(names=tag_names)),
+        }
+    )
     for split, rows in rows_by_split.items():
         ids = [[tag_names.index(t) for t in tags] for _, tags in rows]
-        datasets.Dataset.from_dict({"tokens": [w for w, _ in rows], "ner_tags": ids}, features=features) \
-            .to_parquet(str(tmp_path / f"{split}.parquet"))
+        datasets.Dataset.from_dict({"tokens": [w for w, _ in rows], "ner_tags": ids}, features=features).to_parquet(
+            str(tmp_path / f"{split}.parquet")
+        )
     return tmp_path
 
 
 def test_a_hub_token_set_reads_class_label_tags(tmp_path):
     names = ["O", "B-PER", "I-PER", "B-LOC", "I-LOC"]
-    rows = {"train": [(["Ada", "Lovelace", "wrote"], ["B-PER", "I-PER", "O"]), (["in", "London"], ["O", "B-LOC"])],
-            "test": [(["Paris", "is", "big"], ["B-LOC", "O", "O"])]}
+    rows = {
+        "train": [(["Ada", "Lovelace", "wrote"], ["B-PER", "I-PER", "O"]), (["in", "London"], ["O", "B-LOC"])],
+        "test": [(["Paris", "is", "big"], ["B-LOC", "O", "O"])],
+    }
     cfg = config_group("data", "hf_tokens", "data.name=x", "task=token_classification")
     cfg["name"] = str(_hub_like(tmp_path, rows, names))
     train, test, labels = load_splits(cfg, seed=0, num_clients=1)

@@ -37,13 +37,20 @@ def csv_cfg(**changes):
 
 
 def sms_cfg(**changes):
-    return csv_cfg(**{"path": str(SMS), "delimiter": "\t", "column_names": ["label", "text"], "quoting": "QUOTE_NONE",
-                      **changes})
+    return csv_cfg(
+        **{"path": str(SMS), "delimiter": "\t", "column_names": ["label", "text"], "quoting": "QUOTE_NONE", **changes}
+    )
 
 
 def banking_cfg(**changes):
-    return csv_cfg(**{"path": str(BANKING / "train.csv"), "test_path": str(BANKING / "test.csv"),
-                      "label_column": "category", **changes})
+    return csv_cfg(
+        **{
+            "path": str(BANKING / "train.csv"),
+            "test_path": str(BANKING / "test.csv"),
+            "label_column": "category",
+            **changes,
+        }
+    )
 
 
 def partition(name, **changes):
@@ -145,11 +152,14 @@ def numbered_train():
     return train.add_column("row", list(range(len(train))))
 
 
-@pytest.mark.parametrize("partition_cfg", [
-    {"name": "iid"},
-    {"name": "dirichlet", "alpha": 0.5, "min_partition_size": 10, "self_balancing": False},
-    {"name": "pathological", "classes_per_client": 2, "class_assignment": "deterministic"},
-])
+@pytest.mark.parametrize(
+    "partition_cfg",
+    [
+        {"name": "iid"},
+        {"name": "dirichlet", "alpha": 0.5, "min_partition_size": 10, "self_balancing": False},
+        {"name": "pathological", "classes_per_client": 2, "class_assignment": "deterministic"},
+    ],
+)
 def test_partitions_are_nonempty_disjoint_and_cover_train(numbered_train, partition_cfg):
     parts = partition_train(numbered_train, partition_cfg, num_clients=4, seed=0)
     assert len(parts) == 4 and all(len(p) > 0 for p in parts)
@@ -177,8 +187,9 @@ def test_dirichlet_depends_on_seed_and_skews_labels(numbered_train):
 
 def test_pathological_limits_classes_per_client(numbered_train):
     for per_client in (1, 2, 3):
-        parts = partition_train(numbered_train, partition("pathological", classes_per_client=per_client),
-                                num_clients=4, seed=0)
+        parts = partition_train(
+            numbered_train, partition("pathological", classes_per_client=per_client), num_clients=4, seed=0
+        )
         assert all(0 < len(set(p["label"])) <= per_client for p in parts)
 
 
@@ -201,19 +212,20 @@ def test_natural_with_wrong_client_count_names_partition_by(numbered_train):
 def test_impossible_dirichlet_is_a_config_error(numbered_train):
     # Needs almost exactly equal clients, which a 0.01-alpha draw never gives.
     with pytest.raises(ConfigError) as err:
-        partition_train(numbered_train, partition("dirichlet", alpha=0.01, min_partition_size=390),
-                        num_clients=4, seed=0)
+        partition_train(
+            numbered_train, partition("dirichlet", alpha=0.01, min_partition_size=390), num_clients=4, seed=0
+        )
     assert err.value.setting == "partition.alpha"
     with pytest.raises(ConfigError) as err:  # more than the data holds: refused before drawing
-        partition_train(numbered_train, partition("dirichlet", alpha=0.5, min_partition_size=401),
-                        num_clients=4, seed=0)
+        partition_train(
+            numbered_train, partition("dirichlet", alpha=0.5, min_partition_size=401), num_clients=4, seed=0
+        )
     assert err.value.setting == "partition.min_partition_size"
 
 
 def test_other_impossible_partitions_name_their_setting(numbered_train):
     with pytest.raises(ConfigError) as err:
-        partition_train(numbered_train, partition("pathological", classes_per_client=6),
-                        num_clients=4, seed=0)
+        partition_train(numbered_train, partition("pathological", classes_per_client=6), num_clients=4, seed=0)
     assert err.value.setting == "partition.classes_per_client"
     with pytest.raises(ConfigError) as err:
         partition_train(numbered_train.select(range(3)), {"name": "iid"}, num_clients=4, seed=0)
@@ -303,8 +315,9 @@ def test_unknown_columns_name_their_setting_and_list_the_columns():
 
 def test_relative_paths_resolve_against_the_working_directory(monkeypatch):
     monkeypatch.chdir(SHARED)
-    train, test, _ = load_splits(banking_cfg(path="banking77/train.csv", test_path="banking77/test.csv"),
-                                 seed=0, num_clients=4)
+    train, test, _ = load_splits(
+        banking_cfg(path="banking77/train.csv", test_path="banking77/test.csv"), seed=0, num_clients=4
+    )
     assert (len(train), len(test)) == (10003, 3080)
 
 
@@ -360,7 +373,6 @@ def test_a_device_file_is_read_with_the_csv_groups_settings_where_the_run_has_no
     assert DEVICE_FILE == {key: config_group("data", "csv")[key] for key in DEVICE_FILE}
 
 
-
 def test_load_client_data_reads_an_edited_file_again_in_the_same_process(tmp_path):
     """The in-process cache follows the file's bytes: a file grown (or cut) in place is read
     again, not served from the rows of its first read."""
@@ -372,8 +384,12 @@ def test_load_client_data_reads_an_edited_file_again_in_the_same_process(tmp_pat
         if bump:  # a second later, whatever the clock's resolution
             os.utime(path, ns=(stamp + 10**9, stamp + 10**9))
 
-    cfg = {"data": csv_cfg(path=str(path), test_fraction=0.5), "partition": partition("iid"), "seed": 0,
-           "num_clients": 1}
+    cfg = {
+        "data": csv_cfg(path=str(path), test_fraction=0.5),
+        "partition": partition("iid"),
+        "seed": 0,
+        "num_clients": 1,
+    }
     sizes = []
     for rows, bump in ((40, False), (80, True), (10, True)):  # grown; then rows an owner deleted
         write(rows, bump)

@@ -13,8 +13,16 @@ from server.round.aggregate import RoundReplies, aggregate
 
 
 def client_cfg(**client):
-    base = {"clipping": "fixed", "clipping_norm": 0.5, "noise_multiplier": 1.3, "epsilon": 100.0, "delta": 1e-3,
-            "target_quantile": 0.5, "clip_lr": 0.2, "clipped_count_stddev": None}
+    base = {
+        "clipping": "fixed",
+        "clipping_norm": 0.5,
+        "noise_multiplier": 1.3,
+        "epsilon": 100.0,
+        "delta": 1e-3,
+        "target_quantile": 0.5,
+        "clip_lr": 0.2,
+        "clipped_count_stddev": None,
+    }
     return {"rounds": 5, "num_clients": 4, "secagg": False, "privacy": {"mode": "client", "client": {**base, **client}}}
 
 
@@ -106,21 +114,21 @@ def test_restore_continues_spend_and_c_from_client_level_json(tmp_path):
     assert again.block()["per_round"] == dp.block()["per_round"]
     with pytest.raises(ValueError):
         ClientLevelDP(client_cfg(clipping="adaptive", clipped_count_stddev=2.0, noise_multiplier=2.0)).restore(
-            tmp_path / "client_level.json", completed_rounds=2)
+            tmp_path / "client_level.json", completed_rounds=2
+        )
 
 
 def _epsilon_from_mechanism(block) -> float:
     """ε recomputed from the report's ``mechanism`` object alone, as DESIGN.md states it."""
     mech = block["mechanism"]
     sigma_u, stddev, sensitivity = mech["update_noise_multiplier"], mech["count_stddev"], mech["count_sensitivity"]
-    sigma = sigma_u if stddev is None else (sigma_u ** -2 + (stddev / sensitivity) ** -2) ** -0.5  # written here
+    sigma = sigma_u if stddev is None else (sigma_u**-2 + (stddev / sensitivity) ** -2) ** -0.5  # written here
     acc = RDPAccountant()
     acc.history = [(sigma, 1.0, len([p for p in block["per_round"] if p.get("released", True)]))]
     return acc.get_epsilon(block["delta"])
 
 
-@pytest.mark.parametrize("clients,rounds,budget,delta", [(4, 3, 10.0, 1e-3), (10, 20, 4.0, 1e-3),
-                                                          (100, 50, 2.0, 1e-4)])
+@pytest.mark.parametrize("clients,rounds,budget,delta", [(4, 3, 10.0, 1e-3), (10, 20, 4.0, 1e-3), (100, 50, 2.0, 1e-4)])
 def test_adaptive_clipping_epsilon_recomputes_from_the_mechanism_within_the_budget(clients, rounds, budget, delta):
     # The issue's three cases. The 0/1 bits of "update fits" have sensitivity 1: one client
     # moves the update sum by C and the count by 1 at once, so the stacked release
@@ -133,8 +141,9 @@ def test_adaptive_clipping_epsilon_recomputes_from_the_mechanism_within_the_budg
     block = dp.block()
     mech = block["mechanism"]
     assert mech["count_sensitivity"] == 1.0 and mech["count_stddev"] == dp.noise.count_stddev
-    combined = combined_noise_multiplier(mech["update_noise_multiplier"], mech["count_stddev"],
-                                         mech["count_sensitivity"])
+    combined = combined_noise_multiplier(
+        mech["update_noise_multiplier"], mech["count_stddev"], mech["count_sensitivity"]
+    )
     assert combined == pytest.approx(dp.sigma, rel=1e-9)  # 1 / that Mahalanobis sensitivity
     recomputed = _epsilon_from_mechanism(block)
     assert recomputed <= block["epsilon"] + 1e-6 and recomputed <= budget
@@ -190,8 +199,14 @@ def test_release_noises_at_the_round_c_then_adapts_then_accounts_that_c():
     values = torch.cat([v.flatten() for v in step.values()])
     assert abs(float(values.std()) / (dp.noise.update_sigma * c_round / 40) - 1) < 0.05
     assert dp.clipping_norm > c_round  # nothing fit: C grows for the next round
-    assert dp.per_round[-1] == {"round": 1, "epsilon": dp.epsilon_after(1), "released": True, "releases": 1,
-                                "clients_contributed": 40, "clipping_norm": c_round}
+    assert dp.per_round[-1] == {
+        "round": 1,
+        "epsilon": dp.epsilon_after(1),
+        "released": True,
+        "releases": 1,
+        "clients_contributed": 40,
+        "clipping_norm": c_round,
+    }
     dp.skip(2, clients=1)
     assert dp.releases == 1 and dp.per_round[-1]["released"] is False
     assert dp.per_round[-1]["epsilon"] == dp.epsilon_after(1)

@@ -12,8 +12,14 @@ from common.model.state import load_trainable, model_inputs, trainable_state
 from tests.client.test_dp_train import reference_clipped_mean
 from tests.conftest import ROOT, model_group
 
-TINY = dict(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
-            hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+TINY = dict(
+    hidden_size=16,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    intermediate_size=32,
+    hidden_dropout_prob=0.0,
+    attention_probs_dropout_prob=0.0,
+)
 
 
 def minilm_dir():
@@ -27,16 +33,25 @@ conf = model_group
 
 def tiny(**kwargs):
     """conf/model/tiny_bert.yaml with a smaller body, through HF's pooler unless told otherwise."""
-    return build_model(**{**conf("tiny_bert"), "config_overrides": TINY, "pooling": "pooler", "normalize": None, "freeze_encoder": False,
-                          **kwargs},
-                       num_labels=3, seed=0)
+    return build_model(
+        **{
+            **conf("tiny_bert"),
+            "config_overrides": TINY,
+            "pooling": "pooler",
+            "normalize": None,
+            "freeze_encoder": False,
+            **kwargs,
+        },
+        num_labels=3,
+        seed=0,
+    )
 
 
 def batch(n=6, length=10):
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(1000, 5000, (n, length), generator=g)
     mask = torch.ones(n, length, dtype=torch.long)
-    mask[: n // 2, length - 4:] = 0
+    mask[: n // 2, length - 4 :] = 0
     return ids, mask
 
 
@@ -54,16 +69,21 @@ def test_no_sentence_transformers_files_means_none(tmp_path):
     from common.model.pooling import checkpoint_pooling
 
     assert checkpoint_pooling(tmp_path) is None
-    (tmp_path / "modules.json").write_text(json.dumps([
-        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"}]))
+    (tmp_path / "modules.json").write_text(
+        json.dumps([{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"}])
+    )
     assert checkpoint_pooling(tmp_path) is None  # no Pooling module listed
 
 
 def write_st(tmp_path, pooling: dict, after=("Normalize",)):
-    modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
-               {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]
-    modules += [{"idx": 2 + i, "name": str(2 + i), "path": f"{2 + i}_{k}", "type": f"sentence_transformers.models.{k}"}
-                for i, k in enumerate(after)]
+    modules = [
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+    ]
+    modules += [
+        {"idx": 2 + i, "name": str(2 + i), "path": f"{2 + i}_{k}", "type": f"sentence_transformers.models.{k}"}
+        for i, k in enumerate(after)
+    ]
     tmp_path.mkdir(parents=True, exist_ok=True)
     (tmp_path / "modules.json").write_text(json.dumps(modules))
     (tmp_path / "1_Pooling").mkdir()
@@ -79,12 +99,15 @@ def test_checkpoint_config_variants(tmp_path):
     assert checkpoint_pooling(write_st(tmp_path / "b", {"pooling_mode_cls_token": True})) == ("cls", True)
 
 
-@pytest.mark.parametrize("pooling,after", [
-    ({"pooling_mode_max_tokens": True}, ("Normalize",)),
-    ({"pooling_mode_mean_tokens": True, "pooling_mode_cls_token": True}, ()),  # concatenated
-    ({"pooling_mode": "weightedmean"}, ()),
-    ({"pooling_mode": "mean"}, ("Dense", "Normalize")),  # a layer we would silently skip
-])
+@pytest.mark.parametrize(
+    "pooling,after",
+    [
+        ({"pooling_mode_max_tokens": True}, ("Normalize",)),
+        ({"pooling_mode_mean_tokens": True, "pooling_mode_cls_token": True}, ()),  # concatenated
+        ({"pooling_mode": "weightedmean"}, ()),
+        ({"pooling_mode": "mean"}, ("Dense", "Normalize")),  # a layer we would silently skip
+    ],
+)
 def test_a_checkpoint_pooling_fedpriv_cannot_reproduce_names_model_pooling(tmp_path, pooling, after):
     from common.model.pooling import checkpoint_pooling
 
@@ -104,8 +127,9 @@ def test_auto_on_minilm_is_mean_pooling_and_normalise_matching_sentence_transfor
     st = pytest.importorskip("sentence_transformers")
     reference = st.SentenceTransformer(str(minilm_dir()), device="cpu").eval()
     with torch.no_grad():
-        theirs = reference({"input_ids": ids, "attention_mask": mask,
-                            "token_type_ids": torch.zeros_like(ids)})["sentence_embedding"]
+        theirs = reference({"input_ids": ids, "attention_mask": mask, "token_type_ids": torch.zeros_like(ids)})[
+            "sentence_embedding"
+        ]
     torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5)
 
 
@@ -152,18 +176,23 @@ def test_pooler_with_normalize_reads_the_encoders_pooler():
     torch.testing.assert_close(feats, torch.nn.functional.normalize(out.pooler_output, dim=-1))
 
 
-@pytest.mark.parametrize("kwargs,setting", [
-    ({"pooling": "max"}, "model.pooling"),
-    ({"pooling": "Mean"}, "model.pooling"),
-    ({"pooling": "mean", "normalize": "yes"}, "model.normalize"),
-])
+@pytest.mark.parametrize(
+    "kwargs,setting",
+    [
+        ({"pooling": "max"}, "model.pooling"),
+        ({"pooling": "Mean"}, "model.pooling"),
+        ({"pooling": "mean", "normalize": "yes"}, "model.normalize"),
+    ],
+)
 def test_bad_pooling_values_name_the_setting(kwargs, setting):
     with pytest.raises(ConfigError) as err:
         tiny(**kwargs)
     assert err.value.setting == setting
 
 
-@pytest.mark.parametrize("lora", [None, {"r": 2, "alpha": 4, "dropout": 0.0, "target_modules": ["-1.attention.self.value"]}])
+@pytest.mark.parametrize(
+    "lora", [None, {"r": 2, "alpha": 4, "dropout": 0.0, "target_modules": ["-1.attention.self.value"]}]
+)
 def test_pooled_trainable_names_are_stable_and_load(lora):
     a, b = tiny(pooling="mean", normalize=True, lora=lora), tiny(pooling="mean", normalize=True, lora=lora)
     sa, sb = trainable_state(a), trainable_state(b)
@@ -172,9 +201,12 @@ def test_pooled_trainable_names_are_stable_and_load(lora):
         torch.testing.assert_close(sa[k], sb[k])
     assert "classifier.weight" in sa and not any("embeddings" in k for k in sa)
     if lora:
-        assert set(sa) == {"classifier.weight", "classifier.bias",
-                           "backbone.base_model.model.encoder.layer.1.attention.self.value.lora_A.default.weight",
-                           "backbone.base_model.model.encoder.layer.1.attention.self.value.lora_B.default.weight"}
+        assert set(sa) == {
+            "classifier.weight",
+            "classifier.bias",
+            "backbone.base_model.model.encoder.layer.1.attention.self.value.lora_A.default.weight",
+            "backbone.base_model.model.encoder.layer.1.attention.self.value.lora_B.default.weight",
+        }
     moved = {k: v + 1 for k, v in sa.items()}
     load_trainable(b, moved)
     for k, v in trainable_state(b).items():
@@ -182,7 +214,9 @@ def test_pooled_trainable_names_are_stable_and_load(lora):
 
 
 @pytest.mark.parametrize("mode", ["hooks", "ghost"])
-@pytest.mark.parametrize("lora", [None, {"r": 2, "alpha": 4, "dropout": 0.0, "target_modules": ["-1.attention.self.value"]}])
+@pytest.mark.parametrize(
+    "lora", [None, {"r": 2, "alpha": 4, "dropout": 0.0, "target_modules": ["-1.attention.self.value"]}]
+)
 def test_a_dp_step_trains_the_head_and_adapters_of_a_pooled_model(mode, lora):
     # Opacus' per-example clipping on the pooled model (head + adapters; frozen encoder)
     # equals an independent per-example reference, and every trainable tensor moves.
@@ -202,9 +236,18 @@ def test_a_dp_step_trains_the_head_and_adapters_of_a_pooled_model(mode, lora):
     reference, norms = reference_clipped_mean(copy.deepcopy(model), data, clip)
     assert max(norms) > clip, "the test must exercise clipping"
     before = trainable_state(model)
-    result = local_train(model, data, TrainSettings(
-        epochs=1, batch_size=len(data), lr=1.0, optimizer="sgd", dp=DPSettings(0.0, clip, "rdp", ()),
-        grad_sample_mode=mode))
+    result = local_train(
+        model,
+        data,
+        TrainSettings(
+            epochs=1,
+            batch_size=len(data),
+            lr=1.0,
+            optimizer="sgd",
+            dp=DPSettings(0.0, clip, "rdp", ()),
+            grad_sample_mode=mode,
+        ),
+    )
     assert result.steps == 1 and result.sample_rate == 1.0
     after = trainable_state(model)
     for name in reference:
@@ -224,9 +267,17 @@ def test_the_default_lora_targets_work_whatever_the_layer_count():
             assert adapted and all(f"layer.{last}.attention.self.value" in n for n in adapted), adapted
 
 
-@pytest.mark.parametrize("targets", [["5.attention.self.value"], ["query", "nonexistent"],
-                                     ["-3.attention.self.value"], ["-1.attention.self.nope"], [],
-                                     r".*\.layer\.9\..*value"])
+@pytest.mark.parametrize(
+    "targets",
+    [
+        ["5.attention.self.value"],
+        ["query", "nonexistent"],
+        ["-3.attention.self.value"],
+        ["-1.attention.self.nope"],
+        [],
+        r".*\.layer\.9\..*value",
+    ],
+)
 def test_targets_that_match_nothing_name_the_setting(targets):
     # 2 layers: layer 5 and the third-from-last do not exist.
     with pytest.raises(ConfigError) as err:
@@ -235,11 +286,15 @@ def test_targets_that_match_nothing_name_the_setting(targets):
 
 
 def test_a_regex_target_is_peft_s_full_match():
-    model = tiny(pooling="mean", lora={"r": 1, "alpha": 2, "dropout": 0.0,
-                                      "target_modules": r".*\.layer\.0\.attention\.self\.(query|value)"})
+    model = tiny(
+        pooling="mean",
+        lora={"r": 1, "alpha": 2, "dropout": 0.0, "target_modules": r".*\.layer\.0\.attention\.self\.(query|value)"},
+    )
     adapted = {n.split(".lora_")[0] for n in trainable_state(model) if ".lora_" in n}
-    assert adapted == {"backbone.base_model.model.encoder.layer.0.attention.self.query",
-                       "backbone.base_model.model.encoder.layer.0.attention.self.value"}
+    assert adapted == {
+        "backbone.base_model.model.encoder.layer.0.attention.self.query",
+        "backbone.base_model.model.encoder.layer.0.attention.self.value",
+    }
 
 
 # --- the config groups ----------------------------------------------------------------
@@ -260,7 +315,10 @@ def test_a_model_config_written_before_pooling_existed_builds_the_pooler_model()
     from common.config.upgrade import upgrade
     from common.model.factory import instantiate_model
 
-    old = {k: v for k, v in conf("minilm_full").items() if k not in ("freeze_encoder", "pooling", "normalize",
-                                                                      "token_layer")}
+    old = {
+        k: v
+        for k, v in conf("minilm_full").items()
+        if k not in ("freeze_encoder", "pooling", "normalize", "token_layer")
+    }
     model = instantiate_model(upgrade({"model": {**old, "_target_": "common.model.build_model"}, "seed": 0}), 3)
     assert isinstance(model, BertForSequenceClassification)

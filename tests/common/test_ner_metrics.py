@@ -11,10 +11,11 @@ from common.data.conll import read_conll
 from common.report.ner_metrics import entity_report
 from tests.conftest import SHARED_DATA
 
-GOLD = [["B-person", "I-person", "O", "B-location"],
-        ["B-creative-work", "I-creative-work", "O"]]
-PRED = [["B-person", "I-person", "O", "B-person"],   # person right; the location called a person
-        ["B-creative-work", "O", "O"]]                # creative-work cut short: a wrong span
+GOLD = [["B-person", "I-person", "O", "B-location"], ["B-creative-work", "I-creative-work", "O"]]
+PRED = [
+    ["B-person", "I-person", "O", "B-person"],  # person right; the location called a person
+    ["B-creative-work", "O", "O"],
+]  # creative-work cut short: a wrong span
 
 
 def test_scores_match_a_hand_count():
@@ -43,8 +44,7 @@ def test_scores_match_seqeval_on_real_tags_with_errors():
     per_type_r = recall_score(gold, pred, average=None, zero_division=0)
     assert [e["precision"] for e in report["per_entity"].values()] == pytest.approx(list(per_type_p))
     assert [e["recall"] for e in report["per_entity"].values()] == pytest.approx(list(per_type_r))
-    assert sorted(report["per_entity"]) == ["corporation", "creative-work", "group", "location",
-                                            "person", "product"]
+    assert sorted(report["per_entity"]) == ["corporation", "creative-work", "group", "location", "person", "product"]
     assert 0.3 < report["micro_f1"] < 0.95  # the noise did cost something, not everything
 
 

@@ -4,15 +4,15 @@ import pytest
 import torch
 from flwr.app import ConfigRecord, RecordDict
 
-from common.protocol import (REPLY_RECORDS, SECURE_REPLY_RECORDS, ProtocolError, TrainInstruction,
-                             TrainReply)
+from common.protocol import REPLY_RECORDS, SECURE_REPLY_RECORDS, ProtocolError, TrainInstruction, TrainReply
 
 UPDATE = {"w": torch.arange(6, dtype=torch.float32).reshape(2, 3)}
 
 
 def full_reply(**changes):
-    fields = dict(client_id="7", server_round=3, declined=False, reason="", report={"epsilon": 1.5},
-                  update=UPDATE, fits=True)
+    fields = dict(
+        client_id="7", server_round=3, declined=False, reason="", report={"epsilon": 1.5}, update=UPDATE, fits=True
+    )
     return TrainReply(**{**fields, **changes})
 
 
@@ -23,8 +23,13 @@ def test_a_plain_reply_round_trips_and_uses_exactly_the_allowed_keys():
         if keys is not None:
             assert set(content[name].keys()) == keys  # every allowed key is a field that is written
     back = TrainReply.from_content(content)
-    assert (back.client_id, back.server_round, back.declined, back.report, back.fits) == ("7", 3, False,
-                                                                                       {"epsilon": 1.5}, True)
+    assert (back.client_id, back.server_round, back.declined, back.report, back.fits) == (
+        "7",
+        3,
+        False,
+        {"epsilon": 1.5},
+        True,
+    )
     assert torch.equal(back.decoded_update(10_000)["w"], UPDATE["w"])
 
 
@@ -52,8 +57,9 @@ def test_an_extra_key_or_record_is_refused_with_its_name_and_the_client_id():
     with pytest.raises(ProtocolError, match="'extra' is not allowed"):
         TrainReply.from_content(content)
     with pytest.raises(ProtocolError, match="fits"):  # in the clear under SecAgg it would reveal one bit
-        TrainReply.from_content(RecordDict({k: v for k, v in full_reply().to_content().items() if k != "arrays"}),
-                                secure=True)
+        TrainReply.from_content(
+            RecordDict({k: v for k, v in full_reply().to_content().items() if k != "arrays"}), secure=True
+        )
 
 
 def test_an_oversized_payload_is_refused_before_it_is_decoded():

@@ -14,8 +14,8 @@ import torch
 from opacus.accountants import RDPAccountant
 
 from client.training.dp_train import DPSettings, TrainSettings, calibrate_run, local_train, release_prototypes
-from common.privacy.accounting import epsilon, prototype_entry
 from common.errors import ConfigError
+from common.privacy.accounting import epsilon, prototype_entry
 from common.recipe import head_from_prototypes, stage_of, stage_rounds, validate_recipe
 from tests.conftest import config_group
 
@@ -36,15 +36,18 @@ def test_schedule_runs_prototypes_then_head_then_encoder():
     assert [stage_of(upgrade({"rounds": 2}), r) for r in (1, 2)] == ["encoder", "encoder"]
 
 
-@pytest.mark.parametrize("recipe, setting", [
-    ({"encoder_rounds": 5}, "recipe.encoder_rounds"),  # 1 prototype round + 5 > rounds=5
-    ({"encoder_rounds": -1}, "recipe.encoder_rounds"),
-    ({"prototype_share": 1.0}, "recipe.prototype_share"),
-    ({"prototype_share": 0}, "recipe.prototype_share"),
-    ({"prototype_scale": -2}, "recipe.prototype_scale"),
-    ({"head_lr": 0}, "recipe.head_lr"),
-    ({"prototypes": "yes"}, "recipe.prototypes"),
-])
+@pytest.mark.parametrize(
+    "recipe, setting",
+    [
+        ({"encoder_rounds": 5}, "recipe.encoder_rounds"),  # 1 prototype round + 5 > rounds=5
+        ({"encoder_rounds": -1}, "recipe.encoder_rounds"),
+        ({"prototype_share": 1.0}, "recipe.prototype_share"),
+        ({"prototype_share": 0}, "recipe.prototype_share"),
+        ({"prototype_scale": -2}, "recipe.prototype_scale"),
+        ({"head_lr": 0}, "recipe.head_lr"),
+        ({"prototypes": "yes"}, "recipe.prototypes"),
+    ],
+)
 def test_bad_recipe_settings_are_named(recipe, setting):
     with pytest.raises(ConfigError) as err:
         validate_recipe(_cfg(**recipe))
@@ -92,8 +95,7 @@ def test_calibration_splits_the_budget_and_the_whole_run_spends_it(accountant="r
     assert calib.prototype_noise is not None and calib.noise_multiplier is not None
     alone = epsilon([prototype_entry(calib.prototype_noise)], 1e-5, accountant)
     assert alone == pytest.approx(4.0, abs=0.02)
-    planned = [prototype_entry(calib.prototype_noise), (calib.noise_multiplier, calib.sample_rate,
-                                                       calib.planned_steps)]
+    planned = [prototype_entry(calib.prototype_noise), (calib.noise_multiplier, calib.sample_rate, calib.planned_steps)]
     assert calib.planned_steps == 4 * 2 * 4
     spent = epsilon(planned, 1e-5, accountant)
     assert 8.0 - 0.02 <= spent <= 8.0
@@ -116,14 +118,16 @@ def test_calibration_on_top_of_prior_spend():
     sample = {"epsilon": 8.0, "delta": 1e-5, "accountant": "rdp"}
     prior = [(2.0, 0.25, 16)]  # ε ≈ 2.8
     spent_before = epsilon(prior, 1e-5)
-    calib = calibrate_run(sample, n=1000, batch_size=250, local_epochs=2, rounds=3, prior_history=prior,
-                          prototype_share=0.5)
+    calib = calibrate_run(
+        sample, n=1000, batch_size=250, local_epochs=2, rounds=3, prior_history=prior, prototype_share=0.5
+    )
     with_release = epsilon([*prior, prototype_entry(calib.prototype_noise)], 1e-5)
     assert with_release == pytest.approx(spent_before + 0.5 * (8.0 - spent_before), abs=0.02)
     whole = [*prior, prototype_entry(calib.prototype_noise), (calib.noise_multiplier, 0.25, calib.planned_steps)]
     assert epsilon(whole, 1e-5) <= 8.0
-    spent = calibrate_run(sample, n=1000, batch_size=250, local_epochs=2, rounds=3,
-                          prior_history=[(0.5, 0.25, 400)], prototype_share=0.5)
+    spent = calibrate_run(
+        sample, n=1000, batch_size=250, local_epochs=2, rounds=3, prior_history=[(0.5, 0.25, 400)], prototype_share=0.5
+    )
     assert spent.prototype_noise is None and spent.noise_multiplier is None
 
 
@@ -141,9 +145,18 @@ def test_head_stage_dp_sgd_on_features_accounts_and_adds_the_stated_noise():
     # Zero features: every example's weight gradient is exactly 0, so the weights move by
     # Opacus' noise alone: N(0, (σC)²) per step, divided by the expected batch q·n = 50.
     data = torch.utils.data.TensorDataset(torch.zeros(200, 96), torch.randint(0, 3, (200,)))
-    result = local_train(head, data, TrainSettings(
-        epochs=2, batch_size=50, lr=1.0, optimizer="sgd", dp=DPSettings(2.0, 1.0, "rdp", ((2.0, 1.0, 1),)),
-        features=True))
+    result = local_train(
+        head,
+        data,
+        TrainSettings(
+            epochs=2,
+            batch_size=50,
+            lr=1.0,
+            optimizer="sgd",
+            dp=DPSettings(2.0, 1.0, "rdp", ((2.0, 1.0, 1),)),
+            features=True,
+        ),
+    )
     assert result.steps == 8
     assert result.history == [(2.0, 1.0, 1), (2.0, 0.25, 8)]
     moved = (head.weight.detach() - before).flatten()

@@ -25,18 +25,41 @@ HISTORY = [[0.71, 0.016, 120]]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 TOP_KEYS = {
-    "schema_version", "fedpriv_version", "config", "sample_level", "client_level",
-    "secure_aggregation", "rounds", "evaluation", "caveats",
+    "schema_version",
+    "fedpriv_version",
+    "config",
+    "sample_level",
+    "client_level",
+    "secure_aggregation",
+    "rounds",
+    "evaluation",
+    "caveats",
 }
 SAMPLE_KEYS = {"enabled", "unit", "accountant", "delta", "clients"}
 CLIENT_KEYS = {
-    "client_id", "budget_epsilon", "budget_source", "epsilon", "noise_multiplier", "max_grad_norm",
-    "sample_rate", "steps", "history", "rounds_participated", "rounds_declined",
-    "exhausted", "per_round",
+    "client_id",
+    "budget_epsilon",
+    "budget_source",
+    "epsilon",
+    "noise_multiplier",
+    "max_grad_norm",
+    "sample_rate",
+    "steps",
+    "history",
+    "rounds_participated",
+    "rounds_declined",
+    "exhausted",
+    "per_round",
 }
 CLIENT_LEVEL_KEYS = {
-    "enabled", "unit", "epsilon", "delta", "noise_multiplier", "clipping_norm",
-    "assumptions", "per_round",
+    "enabled",
+    "unit",
+    "epsilon",
+    "delta",
+    "noise_multiplier",
+    "clipping_norm",
+    "assumptions",
+    "per_round",
 }
 
 
@@ -54,22 +77,35 @@ def make_config(mode="sample", accountant="rdp", secagg=False):
         "secagg": secagg,
         "privacy": {
             "mode": mode,
-            "sample": {"epsilon": 8.0, "delta": DELTA, "max_grad_norm": 1.0,
-                       "accountant": accountant, "client_budgets": {}},
+            "sample": {
+                "epsilon": 8.0,
+                "delta": DELTA,
+                "max_grad_norm": 1.0,
+                "accountant": accountant,
+                "client_budgets": {},
+            },
         },
     }
 
 
 def client_entry(cid, history, accountant="rdp", **extra):
     entry = {
-        "client_id": cid, "accountant": accountant, "delta": DELTA, "budget_epsilon": 8.0,
-        "noise_multiplier": 0.71, "max_grad_norm": 1.0, "sample_rate": 0.016,
+        "client_id": cid,
+        "accountant": accountant,
+        "delta": DELTA,
+        "budget_epsilon": 8.0,
+        "noise_multiplier": 0.71,
+        "max_grad_norm": 1.0,
+        "sample_rate": 0.016,
         "history": history,
         # steps: the history's cumulative step count after that round (client.round.privacy_summary)
         "per_round": [{"round": 1, "epsilon": 3.2018, "steps": 30}, {"round": 2, "epsilon": 4.0704, "steps": 120}]
-        if history and sum(h[2] for h in history) >= 120 else
-        [{"round": 1, "epsilon": 3.2018, "steps": sum(h[2] for h in history)}] if history else [],
-        "rounds_participated": 2 if history else 0, "rounds_declined": 0,
+        if history and sum(h[2] for h in history) >= 120
+        else [{"round": 1, "epsilon": 3.2018, "steps": sum(h[2] for h in history)}]
+        if history
+        else [],
+        "rounds_participated": 2 if history else 0,
+        "rounds_declined": 0,
         "exhausted": False,
     }
     entry.update(extra)
@@ -78,18 +114,38 @@ def client_entry(cid, history, accountant="rdp", **extra):
 
 def make_reported(accountant="rdp"):
     # Ids deliberately out of order and with 10 > 2 to check numeric sorting.
-    return {"run_id": "a1b2", "clients": {
-        "10": client_entry("10", [[0.71, 0.016, 30]], accountant),
-        "0": client_entry("0", HISTORY, accountant),
-        "2": client_entry("2", [], accountant, rounds_declined=2, exhausted=True),
-    }}
+    return {
+        "run_id": "a1b2",
+        "clients": {
+            "10": client_entry("10", [[0.71, 0.016, 30]], accountant),
+            "0": client_entry("0", HISTORY, accountant),
+            "2": client_entry("2", [], accountant, rounds_declined=2, exhausted=True),
+        },
+    }
 
 
 ROUNDS = [
-    {"round": 2, "accuracy": 0.84, "loss": 0.45, "clients_trained": 2, "clients_declined": 1,
-     "clients_rejected": 0, "clients_failed": 0, "wall_s": 11.0, "client_epsilon": None},
-    {"round": 1, "accuracy": 0.81, "loss": 0.52, "clients_trained": 2, "clients_declined": 1,
-     "clients_rejected": 0, "clients_failed": 0, "wall_s": 12.3},
+    {
+        "round": 2,
+        "accuracy": 0.84,
+        "loss": 0.45,
+        "clients_trained": 2,
+        "clients_declined": 1,
+        "clients_rejected": 0,
+        "clients_failed": 0,
+        "wall_s": 11.0,
+        "client_epsilon": None,
+    },
+    {
+        "round": 1,
+        "accuracy": 0.81,
+        "loss": 0.52,
+        "clients_trained": 2,
+        "clients_declined": 1,
+        "clients_rejected": 0,
+        "clients_failed": 0,
+        "wall_s": 12.3,
+    },
 ]
 
 
@@ -103,13 +159,17 @@ def write_run_dir(run_dir: Path, config=None, reported=None, rounds=ROUNDS) -> P
 
 def minimal_client_level(sigma=1.1, delta=1e-3, rounds=2):
     """A client-level block with only the schema's keys and the mechanism, its ε consistent with it."""
-    return {"enabled": True, "unit": "all data of one client",
-            "epsilon": opacus_epsilon([[sigma, 1.0, rounds]], delta),
-            "delta": delta, "noise_multiplier": sigma, "clipping_norm": 0.5,
-            "assumptions": ["no amplification (q = 1)"],
-            "mechanism": {"update_noise_multiplier": sigma, "count_stddev": None, "count_sensitivity": None},
-            "per_round": [{"round": r, "epsilon": opacus_epsilon([[sigma, 1.0, r]], delta)}
-                          for r in range(1, rounds + 1)]}
+    return {
+        "enabled": True,
+        "unit": "all data of one client",
+        "epsilon": opacus_epsilon([[sigma, 1.0, rounds]], delta),
+        "delta": delta,
+        "noise_multiplier": sigma,
+        "clipping_norm": 0.5,
+        "assumptions": ["no amplification (q = 1)"],
+        "mechanism": {"update_noise_multiplier": sigma, "count_stddev": None, "count_sensitivity": None},
+        "per_round": [{"round": r, "epsilon": opacus_epsilon([[sigma, 1.0, r]], delta)} for r in range(1, rounds + 1)],
+    }
 
 
 def by_id(report):
@@ -144,8 +204,7 @@ def test_empty_history_has_spent_nothing():
 
 
 def test_prv_accountant_path(tmp_path):
-    report = build_report(config=make_config(accountant="prv"),
-                          clients_reported=make_reported("prv"), rounds=ROUNDS)
+    report = build_report(config=make_config(accountant="prv"), clients_reported=make_reported("prv"), rounds=ROUNDS)
     assert report["sample_level"]["accountant"] == "prv"
     expected = opacus_epsilon(HISTORY, DELTA, PRVAccountant)
     assert by_id(report)["0"]["epsilon"] == pytest.approx(expected, abs=1e-6)
@@ -183,23 +242,41 @@ def test_schema_keys_and_client_fields_match_design():
     for client in sample["clients"]:
         assert set(client) == CLIENT_KEYS
     zero = by_id(report)["0"]
-    assert zero == {**zero, "client_id": "0", "budget_epsilon": 8.0, "budget_source": "run",
-                    "max_grad_norm": 1.0, "steps": 120, "history": HISTORY, "rounds_participated": 2,
-                    "rounds_declined": 0, "exhausted": False}
+    assert zero == {
+        **zero,
+        "client_id": "0",
+        "budget_epsilon": 8.0,
+        "budget_source": "run",
+        "max_grad_norm": 1.0,
+        "steps": 120,
+        "history": HISTORY,
+        "rounds_participated": 2,
+        "rounds_declined": 0,
+        "exhausted": False,
+    }
     assert [(p["round"], round(p["epsilon"], 4), p["steps"]) for p in zero["per_round"]] == [
-        (1, 3.2018, 30), (2, 4.0704, 120)]
+        (1, 3.2018, 30),
+        (2, 4.0704, 120),
+    ]
     assert by_id(report)["2"]["exhausted"] is True
 
 
 def test_client_level_defaults_to_disabled_block_and_is_used_as_given():
     report = build_report(config=make_config(), clients_reported=make_reported(), rounds=ROUNDS)
     assert report["client_level"] == {
-        "enabled": False, "unit": "all data of one client", "epsilon": None, "delta": None,
-        "noise_multiplier": None, "clipping_norm": None, "assumptions": [], "per_round": [],
+        "enabled": False,
+        "unit": "all data of one client",
+        "epsilon": None,
+        "delta": None,
+        "noise_multiplier": None,
+        "clipping_norm": None,
+        "assumptions": [],
+        "per_round": [],
     }
     given = minimal_client_level()
-    report = build_report(config=make_config(mode="both"), clients_reported=make_reported(),
-                          rounds=ROUNDS, client_level=given)
+    report = build_report(
+        config=make_config(mode="both"), clients_reported=make_reported(), rounds=ROUNDS, client_level=given
+    )
     assert report["client_level"] == given  # consistent with its mechanism: nothing to replace
     assert set(report["client_level"]) == CLIENT_LEVEL_KEYS | {"mechanism"}
     assert not any("client_level.json" in c for c in report["caveats"])
@@ -209,17 +286,34 @@ def test_rounds_sorted_with_counts_and_without_extra_keys():
     report = build_report(config=make_config(), clients_reported=make_reported(), rounds=ROUNDS)
     # Rounds written before per-class results have no F1: null, as every absent key.
     assert report["rounds"] == [
-        {"round": 1, "accuracy": 0.81, "loss": 0.52, "macro_f1": None, "weighted_f1": None,
-         "clients_trained": 2, "clients_declined": 1, "clients_rejected": 0, "clients_failed": 0},
-        {"round": 2, "accuracy": 0.84, "loss": 0.45, "macro_f1": None, "weighted_f1": None,
-         "clients_trained": 2, "clients_declined": 1, "clients_rejected": 0, "clients_failed": 0},
+        {
+            "round": 1,
+            "accuracy": 0.81,
+            "loss": 0.52,
+            "macro_f1": None,
+            "weighted_f1": None,
+            "clients_trained": 2,
+            "clients_declined": 1,
+            "clients_rejected": 0,
+            "clients_failed": 0,
+        },
+        {
+            "round": 2,
+            "accuracy": 0.84,
+            "loss": 0.45,
+            "macro_f1": None,
+            "weighted_f1": None,
+            "clients_trained": 2,
+            "clients_declined": 1,
+            "clients_rejected": 0,
+            "clients_failed": 0,
+        },
     ]
 
 
 @pytest.mark.parametrize("mode", ["none", "client"])
 def test_sample_level_disabled_without_sample_dp(mode):
-    report = build_report(config=make_config(mode=mode), clients_reported=make_reported(),
-                          rounds=ROUNDS)
+    report = build_report(config=make_config(mode=mode), clients_reported=make_reported(), rounds=ROUNDS)
     sample = report["sample_level"]
     assert sample["enabled"] is False
     assert sample["clients"] == []
@@ -237,8 +331,7 @@ def test_caveats():
     assert "add/remove" in text
     assert "no formal privacy guarantee" not in text
 
-    none = build_report(config=make_config(mode="none"), clients_reported=make_reported(),
-                        rounds=ROUNDS)
+    none = build_report(config=make_config(mode="none"), clients_reported=make_reported(), rounds=ROUNDS)
     assert "evaluation metrics are released without DP noise" in none["caveats"]
     assert any("no formal privacy guarantee" in c for c in none["caveats"])
 
@@ -250,10 +343,13 @@ def test_caveat_when_a_client_accounted_with_another_delta():
     assert any("Client 0 reported delta" in c for c in report["caveats"])
 
 
-@pytest.mark.parametrize("setting, config", [
-    ("privacy.mode", make_config(mode="sometimes")),
-    ("privacy.sample.accountant", make_config(accountant="gdp")),
-])
+@pytest.mark.parametrize(
+    "setting, config",
+    [
+        ("privacy.mode", make_config(mode="sometimes")),
+        ("privacy.sample.accountant", make_config(accountant="gdp")),
+    ],
+)
 def test_bad_setting_is_named(setting, config):
     with pytest.raises(ValueError, match=setting):
         build_report(config=config, clients_reported=make_reported(), rounds=ROUNDS)
@@ -326,9 +422,7 @@ def test_write_report_replaces_existing_files(tmp_path):
     assert json.loads((tmp_path / "privacy_report.json").read_text()) == report
 
 
-@pytest.mark.parametrize(
-    "missing", [".hydra/config.yaml", "metrics.jsonl", "clients_reported.json"]
-)
+@pytest.mark.parametrize("missing", [".hydra/config.yaml", "metrics.jsonl", "clients_reported.json"])
 def test_missing_file_is_named(tmp_path, missing):
     run_dir = write_run_dir(tmp_path / "run")
     (run_dir / missing).unlink()
@@ -356,8 +450,11 @@ def test_caveat_names_clients_whose_reply_never_arrived():
     report = build_report(config=make_config(), clients_reported=reported, rounds=ROUNDS)
     lost = [c for c in report["caveats"] if "never reached the server" in c]
     assert len(lost) == 1 and "Client 1" in lost[0] and "2, 3" in lost[0]
-    assert not [c for c in build_report(config=make_config(), clients_reported=make_reported(),
-                                        rounds=ROUNDS)["caveats"] if "never reached" in c]
+    assert not [
+        c
+        for c in build_report(config=make_config(), clients_reported=make_reported(), rounds=ROUNDS)["caveats"]
+        if "never reached" in c
+    ]
 
 
 # ------------------------------------------------------------------ what clients claim does not reach the report
@@ -377,17 +474,25 @@ def test_per_round_epsilon_is_recomputed_from_the_history_not_copied():
 def test_per_round_over_two_runs_cuts_the_history_at_the_rounds_steps():
     reported = make_reported()
     history = [[0.9, 0.02, 50], [0.71, 0.016, 70]]  # a ledger that spans two runs
-    reported["clients"]["0"].update(history=history, per_round=[{"round": 1, "epsilon": 9.0, "steps": 85},
-                                                                 {"round": 2, "epsilon": 9.0, "steps": 120}])
+    reported["clients"]["0"].update(
+        history=history,
+        per_round=[{"round": 1, "epsilon": 9.0, "steps": 85}, {"round": 2, "epsilon": 9.0, "steps": 120}],
+    )
     report = build_report(config=make_config(), clients_reported=reported, rounds=ROUNDS)
     per_round = by_id(report)["0"]["per_round"]
     assert per_round[0]["epsilon"] == pytest.approx(opacus_epsilon([[0.9, 0.02, 50], [0.71, 0.016, 35]], DELTA))
     assert per_round[1]["epsilon"] == pytest.approx(opacus_epsilon(history, DELTA))
 
 
-@pytest.mark.parametrize("bad", [{"round": 2, "epsilon": 0.5}, {"round": 2, "epsilon": 0.5, "steps": 500},
-                                 {"round": 2, "epsilon": 0.5, "steps": "x"}],
-                         ids=["no steps", "beyond the history", "not a number"])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"round": 2, "epsilon": 0.5},
+        {"round": 2, "epsilon": 0.5, "steps": 500},
+        {"round": 2, "epsilon": 0.5, "steps": "x"},
+    ],
+    ids=["no steps", "beyond the history", "not a number"],
+)
 def test_per_round_that_cannot_be_derived_is_dropped_and_said(bad):
     reported = make_reported()
     reported["clients"]["0"]["per_round"][1] = bad
@@ -415,8 +520,10 @@ def test_tampered_clients_reported_does_not_reach_the_report(tmp_path):
     zero = reported["clients"]["0"]
     zero["budget_epsilon"] = 987654.0
     zero["max_grad_norm"] = 123.456
-    zero["per_round"] = [{"round": 1, "epsilon": 0.0123456, "steps": 30},
-                         {"round": 2, "epsilon": 0.0234567, "steps": 120}]
+    zero["per_round"] = [
+        {"round": 1, "epsilon": 0.0123456, "steps": 30},
+        {"round": 2, "epsilon": 0.0234567, "steps": 120},
+    ]
     run_dir = write_run_dir(tmp_path / "run", reported=reported)
     report = render_run_dir(run_dir)
     for name in ("privacy_report.json", "privacy_report.md", "privacy_report.html"):
@@ -435,7 +542,7 @@ def test_every_history_entry_is_shown(tmp_path):
     page = (run_dir / "privacy_report.html").read_text()
     assert "| 0 | 1 | 0.9 | 0.02 | 50 |" in md and "| 0 | 2 | 0.71 | 0.016 | 70 |" in md
     assert "<td>0.9</td><td>0.02</td><td>50</td>" in page
-    levels = md[md.index("## The two privacy levels"):md.index("## Clients")]
+    levels = md[md.index("## The two privacy levels") : md.index("## Clients")]
     assert "0.9" in levels and "0.71" in levels  # every σ of the run, not only the last
 
 
@@ -445,8 +552,17 @@ def test_caveat_lists_exactly_the_counts_that_are_released():
     released = [c for c in report["caveats"] if "exact" in c and "clients_trained" in c]
     assert len(released) == 1
     text = released[0]
-    for name in ("clients_trained", "clients_declined", "clients_rejected", "clients_failed",
-                 "clients_missing", "metrics.jsonl", "decline", "history", "rounds"):
+    for name in (
+        "clients_trained",
+        "clients_declined",
+        "clients_rejected",
+        "clients_failed",
+        "clients_missing",
+        "metrics.jsonl",
+        "decline",
+        "history",
+        "rounds",
+    ):
         assert name in text, name
     qn = [c for c in report["caveats"] if "probability 1/ceil(n/B)" in c and "q = 1/s" in c]
     assert len(qn) == 1 and "B = 32" in qn[0] and "multiple of B" in qn[0] and "steps" in qn[0]
@@ -482,8 +598,14 @@ def test_importing_the_report_or_the_mechanism_loads_no_matplotlib(module):
     # interpreter: this one may have drawn a plot already.
     code = f"import sys, {module}; print(sorted(m for m in sys.modules if m.split('.')[0] == 'matplotlib'))"
     root = Path(__file__).resolve().parents[2]
-    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True,
-                         env={**os.environ, "PYTHONPATH": str(root)})
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "PYTHONPATH": str(root)},
+    )
     assert out.stdout.strip() == "[]"
 
 
@@ -501,16 +623,30 @@ def test_read_metrics_is_the_one_reader(tmp_path):
 
 # The issue's run: 4 clients, 3 rounds, fixed clipping, σ calibrated to privacy.client.epsilon = 10 at
 # δ = 1e-3 (0.7587); its client_level.json was edited to state ε = 0.1.
-ISSUE_CLIENT = {"clipping": "fixed", "clipping_norm": 1.0, "noise_multiplier": None, "epsilon": 10.0,
-                "delta": 1e-3, "target_quantile": 0.5, "clip_lr": 0.2, "clipped_count_stddev": None}
+ISSUE_CLIENT = {
+    "clipping": "fixed",
+    "clipping_norm": 1.0,
+    "noise_multiplier": None,
+    "epsilon": 10.0,
+    "delta": 1e-3,
+    "target_quantile": 0.5,
+    "clip_lr": 0.2,
+    "clipped_count_stddev": None,
+}
 
 
 def honest_client_level(released=3, **client):
     """client_level.json as the server writes it (common.privacy.mechanism), after ``released`` rounds."""
     from common.privacy.mechanism import ClientLevelDP
 
-    dp = ClientLevelDP({"rounds": 3, "num_clients": 4, "secagg": False,
-                        "privacy": {"mode": "both", "client": {**ISSUE_CLIENT, **client}}})
+    dp = ClientLevelDP(
+        {
+            "rounds": 3,
+            "num_clients": 4,
+            "secagg": False,
+            "privacy": {"mode": "both", "client": {**ISSUE_CLIENT, **client}},
+        }
+    )
     for r in range(1, released + 1):
         dp.record(r, released=True, clients=4, clipping_norm=dp.clipping_norm)
     return dp
@@ -521,9 +657,10 @@ def oracle_client_epsilon(mechanism: dict, releases: int, delta: float) -> float
     (σ_u alone with fixed clipping), then Opacus' RDP analysis at q = 1 with its default alphas."""
     from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
 
-    sigma_u, stddev, sensitivity = (mechanism[k] for k in ("update_noise_multiplier", "count_stddev",
-                                                           "count_sensitivity"))
-    sigma = sigma_u if stddev is None else (sigma_u ** -2 + (stddev / sensitivity) ** -2) ** -0.5
+    sigma_u, stddev, sensitivity = (
+        mechanism[k] for k in ("update_noise_multiplier", "count_stddev", "count_sensitivity")
+    )
+    sigma = sigma_u if stddev is None else (sigma_u**-2 + (stddev / sensitivity) ** -2) ** -0.5
     rdp = compute_rdp(q=1.0, noise_multiplier=sigma, steps=releases, orders=RDPAccountant.DEFAULT_ALPHAS)
     return float(get_privacy_spent(orders=RDPAccountant.DEFAULT_ALPHAS, rdp=rdp, delta=delta)[0])
 
@@ -538,8 +675,9 @@ def level_caveats(report):
     return [c for c in report["caveats"] if "client_level.json" in c]
 
 
-@pytest.mark.parametrize("clipping", [{}, {"clipping": "adaptive", "clipped_count_stddev": 2.0}],
-                         ids=["fixed", "adaptive"])
+@pytest.mark.parametrize(
+    "clipping", [{}, {"clipping": "adaptive", "clipped_count_stddev": 2.0}], ids=["fixed", "adaptive"]
+)
 def test_edited_client_level_epsilon_is_recomputed_from_the_mechanism_and_named(tmp_path, clipping):
     level = honest_client_level(**clipping).block()
     level["epsilon"] = 0.1
@@ -549,7 +687,8 @@ def test_edited_client_level_epsilon_is_recomputed_from_the_mechanism_and_named(
     expected = oracle_client_epsilon(level["mechanism"], 3, 1e-3)
     assert shown["epsilon"] == pytest.approx(expected, rel=1e-9)
     assert [p["epsilon"] for p in shown["per_round"]] == pytest.approx(
-        [oracle_client_epsilon(level["mechanism"], r, 1e-3) for r in (1, 2, 3)], rel=1e-9)
+        [oracle_client_epsilon(level["mechanism"], r, 1e-3) for r in (1, 2, 3)], rel=1e-9
+    )
     named = level_caveats(report)
     assert any("client-level ε 0.1;" in c and f"{expected:.4g}" in c and "3 released rounds" in c for c in named)
     assert any("round(s) 3" in c for c in named)
@@ -597,13 +736,17 @@ def test_edited_noise_multiplier_and_history_are_replaced_and_named(tmp_path):
     assert "50" in named and "0.7587" in named
 
 
-@pytest.mark.parametrize("edit", [
-    lambda b: b.pop("mechanism"),
-    lambda b: b["mechanism"].update(update_noise_multiplier="x"),
-    lambda b: b["mechanism"].update(update_noise_multiplier=0.0),
-    lambda b: b["mechanism"].update(count_stddev=2.0),  # no sensitivity stated
-    lambda b: b.update(delta=None),
-], ids=["no mechanism", "sigma not a number", "sigma zero", "count without sensitivity", "no delta"])
+@pytest.mark.parametrize(
+    "edit",
+    [
+        lambda b: b.pop("mechanism"),
+        lambda b: b["mechanism"].update(update_noise_multiplier="x"),
+        lambda b: b["mechanism"].update(update_noise_multiplier=0.0),
+        lambda b: b["mechanism"].update(count_stddev=2.0),  # no sensitivity stated
+        lambda b: b.update(delta=None),
+    ],
+    ids=["no mechanism", "sigma not a number", "sigma zero", "count without sensitivity", "no delta"],
+)
 def test_client_level_that_cannot_be_recomputed_shows_no_epsilon(tmp_path, edit):
     level = honest_client_level().block()
     level["epsilon"] = 0.1

@@ -41,8 +41,9 @@ def evaluation_block(names, server_round=2, n=120, seed=0):
 def f1_rounds(evaluation):
     rounds = [dict(r) for r in ROUNDS]
     for r in rounds:
-        r["macro_f1"], r["weighted_f1"] = (0.5, 0.6) if r["round"] == 1 else (
-            evaluation["macro_f1"], evaluation["weighted_f1"])
+        r["macro_f1"], r["weighted_f1"] = (
+            (0.5, 0.6) if r["round"] == 1 else (evaluation["macro_f1"], evaluation["weighted_f1"])
+        )
     return rounds
 
 
@@ -59,8 +60,9 @@ def png_size(data: bytes) -> tuple[int, int]:
 
 def test_the_report_carries_the_final_models_block_and_each_rounds_f1():
     evaluation = evaluation_block(NAMES)
-    report = build_report(config=make_config(), clients_reported=make_reported(), rounds=f1_rounds(evaluation),
-                          evaluation=evaluation)
+    report = build_report(
+        config=make_config(), clients_reported=make_reported(), rounds=f1_rounds(evaluation), evaluation=evaluation
+    )
     block = report["evaluation"]
     assert tuple(block) == EVALUATION_KEYS
     assert block == {key: evaluation[key] for key in EVALUATION_KEYS}
@@ -94,8 +96,9 @@ def test_per_class_table_round_f1_and_confusion_grid_are_rendered(tmp_path):
 
     assert "| class | precision | recall | F1 | support |" in md
     pipe = evaluation["per_class"]["billing|refund"]
-    assert (f"| billing\\|refund | {pipe['precision']:.4f} | {pipe['recall']:.4f} | {pipe['f1']:.4f} "
-            f"| {pipe['support']} |") in md
+    assert (
+        f"| billing\\|refund | {pipe['precision']:.4f} | {pipe['recall']:.4f} | {pipe['f1']:.4f} | {pipe['support']} |"
+    ) in md
     assert "| round | accuracy | loss | macro F1 | weighted F1 |" in md
     assert f"| 2 | 0.8400 | 0.4500 | {evaluation['macro_f1']:.4f} | {evaluation['weighted_f1']:.4f} |" in md
     assert md.index("## Rounds") < md.index("## Evaluation of the final model") < md.index("## Caveats")
@@ -108,7 +111,8 @@ def test_per_class_table_round_f1_and_confusion_grid_are_rendered(tmp_path):
     # Rendering again from the run directory alone gives the same block.
     assert render_run_dir(run_dir)["evaluation"] == report["evaluation"]
     assert json.loads((run_dir / "privacy_report.json").read_text())["evaluation"] == {
-        key: evaluation[key] for key in EVALUATION_KEYS}
+        key: evaluation[key] for key in EVALUATION_KEYS
+    }
 
 
 def test_above_twenty_classes_the_plot_shows_the_most_confused_pairs(tmp_path):
@@ -127,9 +131,7 @@ def test_above_twenty_classes_the_plot_shows_the_most_confused_pairs(tmp_path):
 
 def test_most_confused_pairs_are_the_largest_off_diagonal_cells_by_name():
     names = ["a", "b", "c"]
-    matrix = [[9, 4, 0],
-              [1, 7, 4],
-              [6, 0, 2]]
+    matrix = [[9, 4, 0], [1, 7, 4], [6, 0, 2]]
     assert most_confused_pairs(names, matrix, k=3) == [("c", "a", 6), ("a", "b", 4), ("b", "c", 4)]
     assert most_confused_pairs(names, [[5, 0, 0], [0, 5, 0], [0, 0, 5]]) == []
 

@@ -55,16 +55,24 @@ def round_epsilons(tmp_path: Path) -> list[float]:
 def test_tls_auth_restart_and_device_cap(tmp_path):
     eps = round_epsilons(tmp_path)
     device_cap = round((eps[0] + eps[1]) / 2, 3)  # allows round 1, not round 2
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "FLWR_HOME": str(tmp_path / "flwr"),
-           "FEDPRIV_BIN": str(BIN), "PATH": f"{BIN}:{os.environ['PATH']}", "HF_HUB_OFFLINE": "1",
-           "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "FLWR_HOME": str(tmp_path / "flwr"),
+        "FEDPRIV_BIN": str(BIN),
+        "PATH": f"{BIN}:{os.environ['PATH']}",
+        "HF_HUB_OFFLINE": "1",
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
     procs, pki, run_dir = tmp_path / "procs", tmp_path / "pki", tmp_path / "run"
     port = free_port()
     link = f"127.0.0.1:{port}"
 
     def deploy(*args, timeout=60):
-        out = subprocess.run(["bash", str(DEPLOY), *map(str, args)], env=env, capture_output=True,
-                             text=True, timeout=timeout)
+        out = subprocess.run(
+            ["bash", str(DEPLOY), *map(str, args)], env=env, capture_output=True, text=True, timeout=timeout
+        )
         assert out.returncode == 0, out.stdout + out.stderr
         return out.stdout
 
@@ -76,7 +84,7 @@ def test_tls_auth_restart_and_device_cap(tmp_path):
     configs = {
         "alice": f'partition-id=0 num-partitions=2 client-id="alice" state-dir="{state["alice"]}"',
         "n1": f'partition-id=1 num-partitions=2 client-id="device-1" state-dir="{state["n1"]}" '
-              f'max-epsilon={device_cap}',
+        f"max-epsilon={device_cap}",
         "rogue": f'partition-id=1 num-partitions=2 client-id="rogue" state-dir="{state["rogue"]}"',
     }
     flwr_run = None
@@ -87,8 +95,12 @@ def test_tls_auth_restart_and_device_cap(tmp_path):
         deploy("superlink", procs, "127.0.0.1", port, pki)
         deploy("connection", "e2e", link, pki / "ca.crt")
         deadline = time.monotonic() + 60
-        while subprocess.run([BIN / "flwr", "supernode", "list", "e2e"], env=env, capture_output=True,
-                             timeout=30).returncode != 0:
+        while (
+            subprocess.run(
+                [BIN / "flwr", "supernode", "list", "e2e"], env=env, capture_output=True, timeout=30
+            ).returncode
+            != 0
+        ):
             assert time.monotonic() < deadline, (procs / "superlink.log").read_text()[-3000:]
             time.sleep(1)
         deploy("register", pki / "alice.pub", "e2e")
@@ -102,7 +114,10 @@ def test_tls_auth_restart_and_device_cap(tmp_path):
         overrides = " ".join([*RUN_OVERRIDES, f"hydra.run.dir={run_dir}"])
         flwr_run = subprocess.Popen(
             [BIN / "flwr", "run", str(ROOT), "e2e", "--stream", "--run-config", f'overrides="{overrides}"'],
-            env=env, stdout=open(tmp_path / "flwr-run.log", "w"), stderr=subprocess.STDOUT)
+            env=env,
+            stdout=open(tmp_path / "flwr-run.log", "w"),
+            stderr=subprocess.STDOUT,
+        )
 
         # Restart alice between rounds: as soon as round 1 is complete and saved.
         deadline = time.monotonic() + 180

@@ -48,10 +48,23 @@ def test_a_local_simulation_keeps_ledgers_beside_the_run_and_needs_num_clients_n
 
 def test_server_without_training_data_and_a_device_file(tmp_path):
     test_file = write_csv(tmp_path / "test.csv", [["refund my card", "billing"], ["parcel late", "delivery"]])
-    device_file = write_csv(tmp_path / "device.csv", [[f"where is my parcel {i}", "delivery"] for i in range(30)]
-                            + [[f"charge on my bill {i}", "billing"] for i in range(30)])
-    base = ["model=tiny_bert", "recipe=finetune", "model.freeze_encoder=false", "train.batch_size=16", "data=csv", "data.text_column=msg", "data.label_column=y", "num_clients=2", "rounds=1",
-            f"hydra.run.dir={tmp_path / 'run'}"]
+    device_file = write_csv(
+        tmp_path / "device.csv",
+        [[f"where is my parcel {i}", "delivery"] for i in range(30)]
+        + [[f"charge on my bill {i}", "billing"] for i in range(30)],
+    )
+    base = [
+        "model=tiny_bert",
+        "recipe=finetune",
+        "model.freeze_encoder=false",
+        "train.batch_size=16",
+        "data=csv",
+        "data.text_column=msg",
+        "data.label_column=y",
+        "num_clients=2",
+        "rounds=1",
+        f"hydra.run.dir={tmp_path / 'run'}",
+    ]
     cfg, _ = deployment_config(" ".join([*base, f"data.path={tmp_path / 'absent.csv'}"]))
     with pytest.raises(ConfigError, match="data.labels"):
         prepare_deployment(cfg)
@@ -82,9 +95,24 @@ def test_deployment_refuses_a_recipe_the_model_cannot_run(tmp_path):
     """The default recipe reads pooled features; pooling=pooler is BERT's plain classifier,
     so the server refuses before any device trains, naming model.pooling."""
     test_file = write_csv(tmp_path / "test.csv", [["refund my card", "billing"], ["parcel late", "delivery"]])
-    cfg, _ = deployment_config(" ".join(["model=tiny_bert", "model.pooling=pooler", "model.normalize=null", "model.freeze_encoder=false", "data=csv", "data.text_column=msg", "data.label_column=y",
-                                         "num_clients=2", "rounds=2", f"data.test_path={test_file}",
-                                         "data.labels=[billing,delivery]", f"hydra.run.dir={tmp_path / 'run'}"]))
+    cfg, _ = deployment_config(
+        " ".join(
+            [
+                "model=tiny_bert",
+                "model.pooling=pooler",
+                "model.normalize=null",
+                "model.freeze_encoder=false",
+                "data=csv",
+                "data.text_column=msg",
+                "data.label_column=y",
+                "num_clients=2",
+                "rounds=2",
+                f"data.test_path={test_file}",
+                "data.labels=[billing,delivery]",
+                f"hydra.run.dir={tmp_path / 'run'}",
+            ]
+        )
+    )
     with pytest.raises(ConfigError) as err:
         prepare_deployment(cfg)
     assert err.value.setting == "model.pooling"

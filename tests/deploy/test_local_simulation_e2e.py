@@ -46,15 +46,24 @@ def healthy(port: int) -> bool:
 
 def test_flwr_run_on_a_local_simulation_writes_the_report(tmp_path):
     procs, runs = tmp_path / "procs", tmp_path / "runs"
-    env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, "PYTHONPATH": str(ROOT),
-           "FLWR_HOME": str(tmp_path / "flwr"), "FEDPRIV_BIN": str(BIN), "PATH": f"{BIN}:{os.environ['PATH']}",
-           "FEDPRIV_RUNS_DIR": str(runs), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-           "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env = {
+        **{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"},
+        "PYTHONPATH": str(ROOT),
+        "FLWR_HOME": str(tmp_path / "flwr"),
+        "FEDPRIV_BIN": str(BIN),
+        "PATH": f"{BIN}:{os.environ['PATH']}",
+        "FEDPRIV_RUNS_DIR": str(runs),
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
     port = free_port()
 
     def deploy(*args):
-        out = subprocess.run(["bash", str(DEPLOY), *map(str, args)], env=env, capture_output=True, text=True,
-                             timeout=60)
+        out = subprocess.run(
+            ["bash", str(DEPLOY), *map(str, args)], env=env, capture_output=True, text=True, timeout=60
+        )
         assert out.returncode == 0, out.stdout + out.stderr
         return out.stdout
 
@@ -68,9 +77,24 @@ def test_flwr_run_on_a_local_simulation_writes_the_report(tmp_path):
         while not healthy(port):
             assert time.monotonic() < deadline, (procs / "superlink.log").read_text()[-3000:]
             time.sleep(0.5)
-        run = subprocess.run([BIN / "flwr", "run", ".", "local-sim", "--stream", "--federation-config", FEDERATION,
-                              "--run-config", f'overrides="{overrides}"'],
-                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        run = subprocess.run(
+            [
+                BIN / "flwr",
+                "run",
+                ".",
+                "local-sim",
+                "--stream",
+                "--federation-config",
+                FEDERATION,
+                "--run-config",
+                f'overrides="{overrides}"',
+            ],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
     finally:
         subprocess.run(["bash", str(DEPLOY), "stop", str(procs)], env=env, capture_output=True, timeout=90)
     with pytest.raises(ProcessLookupError):
@@ -80,8 +104,15 @@ def test_flwr_run_on_a_local_simulation_writes_the_report(tmp_path):
     run_dir = runs / "sim-run"  # a relative hydra.run.dir goes under $FEDPRIV_RUNS_DIR
     assert f"fedpriv: run directory {run_dir}" in log, log[-3000:]
     assert (run_dir / "privacy_report.json").exists(), log[-3000:]
-    for name in ("privacy_report.md", "privacy_report.html", "clients_reported.json", ".hydra/config.yaml",
-                 "plots/epsilon_per_round.png", "plots/accuracy_per_round.png", "checkpoints/manifest.json"):
+    for name in (
+        "privacy_report.md",
+        "privacy_report.html",
+        "clients_reported.json",
+        ".hydra/config.yaml",
+        "plots/epsilon_per_round.png",
+        "plots/accuracy_per_round.png",
+        "checkpoints/manifest.json",
+    ):
         assert (run_dir / name).exists(), name
     rounds = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rounds] == [1, 2]

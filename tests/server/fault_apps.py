@@ -24,7 +24,9 @@ def train(msg: Message, context: Context) -> Message:
             os._exit(1)  # killed mid-round: no reply, no error message
         if server_round == 1:
             reply = real_train(msg, context)
-            poisoned = {k: torch.full_like(v, float("nan")) for k, v in reply.content["arrays"].to_torch_state_dict().items()}
+            poisoned = {
+                k: torch.full_like(v, float("nan")) for k, v in reply.content["arrays"].to_torch_state_dict().items()
+            }
             reply.content["arrays"] = ArrayRecord(torch_state_dict=poisoned)
             return reply
     return real_train(msg, context)

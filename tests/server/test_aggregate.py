@@ -16,7 +16,10 @@ from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from server.round.aggregate import Reply, aggregate, check_update, collect
 
 ROUND = 3
-GLOBAL = {"a.weight": torch.full((4, 3), 0.5), "b.bias": torch.linspace(-1.0, 1.0, 5)}  # non-zero: the step is added to it
+GLOBAL = {
+    "a.weight": torch.full((4, 3), 0.5),
+    "b.bias": torch.linspace(-1.0, 1.0, 5),
+}  # non-zero: the step is added to it
 
 
 def update(seed, **changes):
@@ -27,11 +30,18 @@ def update(seed, **changes):
 
 
 def content(client_id, arrays=None, *, server_round=ROUND, declined=False, metrics_extra=None, records=None):
-    rd = RecordDict({
-        "metrics": MetricRecord({"declined": int(declined), "server-round": server_round, **(metrics_extra or {})}),
-        "privacy": ConfigRecord({"client-id": str(client_id), "reason": "budget" if declined else "",
-                                 "report": json.dumps({"client_id": str(client_id), "history": []})}),
-    })
+    rd = RecordDict(
+        {
+            "metrics": MetricRecord({"declined": int(declined), "server-round": server_round, **(metrics_extra or {})}),
+            "privacy": ConfigRecord(
+                {
+                    "client-id": str(client_id),
+                    "reason": "budget" if declined else "",
+                    "report": json.dumps({"client_id": str(client_id), "history": []}),
+                }
+            ),
+        }
+    )
     if arrays is not None:
         rd["arrays"] = ArrayRecord(torch_state_dict=arrays)
     for name, record in (records or {}).items():
@@ -149,9 +159,11 @@ def test_zero_update_is_a_valid_update():
 
 
 def test_declines_failures_and_missing_are_counted_not_averaged():
-    replies = [*honest_replies()[:2],
-               Reply(node_id=12, content=content("2", declined=True)),
-               Reply(node_id=13, content=None, error="1: client crashed")]
+    replies = [
+        *honest_replies()[:2],
+        Reply(node_id=12, content=content("2", declined=True)),
+        Reply(node_id=13, content=None, error="1: client crashed"),
+    ]
     result, new_state = run_round(replies, sampled=(10, 11, 12, 13, 14))
     assert result.declined == {"2": "budget"} and "node 13" in result.failed
     assert result.missing == [14]

@@ -70,6 +70,7 @@ def test_pickled_code_never_runs(tmp_path):
     path = tmp_path / "checkpoints" / "round_0001.pt"
     torch.save({"w": Boom()}, path)
     import hashlib
+
     manifest.rounds[1]["sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()  # attacker fixes the hash too
     with pytest.raises(Exception) as err:
         load_round(tmp_path, manifest, 1)
@@ -96,12 +97,14 @@ def test_completed_rounds_rejects_gaps_and_garbage(tmp_path):
 
 # --- server optimizer state (FedAvgM momentum, FedAdam moments) -------------------------
 
+
 def _opt_steps():
     from server.round.optimizer import FedAdam
 
     g = torch.Generator().manual_seed(1)
-    steps = [{k: torch.randn(v.shape, generator=g, dtype=torch.float64) * 0.1 for k, v in STATE.items()}
-             for _ in range(3)]
+    steps = [
+        {k: torch.randn(v.shape, generator=g, dtype=torch.float64) * 0.1 for k, v in STATE.items()} for _ in range(3)
+    ]
     return FedAdam, steps
 
 
@@ -121,8 +124,7 @@ def test_resume_continues_the_optimizer_state_exactly(tmp_path):
     resumed.load_state_dict(load_optimizer_state(tmp_path, back, 2, optimizer_name="fedadam"))
     again = resumed.step(load_round(tmp_path, back, 2), steps[2], server_round=3)
     assert all(torch.equal(again[k], uninterrupted[k]) for k in STATE)
-    assert all(torch.equal(resumed.state_dict()[p][k], straight.state_dict()[p][k])
-               for p in ("m", "v") for k in STATE)
+    assert all(torch.equal(resumed.state_dict()[p][k], straight.state_dict()[p][k]) for p in ("m", "v") for k in STATE)
 
 
 def test_tampered_optimizer_state_is_refused(tmp_path):

@@ -62,8 +62,14 @@ def stub(*args, **kwargs):
 
 @pytest.mark.e2e  # one subprocess for every command
 def test_every_command_answers_help_with_its_usage_and_exit_0(tmp_path):
-    done = subprocess.run([sys.executable, "-c", HELP_SCRIPT, json.dumps(COMMAND_NAMES)], cwd=tmp_path,
-                          env=child_env(), capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-c", HELP_SCRIPT, json.dumps(COMMAND_NAMES)],
+        cwd=tmp_path,
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads(done.stdout.strip().splitlines()[-1])
     assert len(results) == 2 * len(COMMAND_NAMES)

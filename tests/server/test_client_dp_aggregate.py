@@ -22,17 +22,25 @@ def reply(node, update, server_round=1, fits=None):
     metrics = {"declined": 0, "server-round": server_round}
     if fits is not None:
         metrics["fits"] = int(fits)
-    content = RecordDict({
-        "metrics": MetricRecord(metrics),
-        "privacy": ConfigRecord({"client-id": str(node), "reason": "", "report": json.dumps({})}),
-        "arrays": ArrayRecord(torch_state_dict=update),
-    })
+    content = RecordDict(
+        {
+            "metrics": MetricRecord(metrics),
+            "privacy": ConfigRecord({"client-id": str(node), "reason": "", "report": json.dumps({})}),
+            "arrays": ArrayRecord(torch_state_dict=update),
+        }
+    )
     return Reply(node_id=node, content=content)
 
 
 def dp(**client):
-    base = {**config_group("privacy", "client")["client"],  # conf/ holds the rest (adaptive clipping's rate ...)
-            "clipping": "fixed", "clipping_norm": C, "noise_multiplier": 1.0, "epsilon": 50.0, "delta": 1e-3}
+    base = {
+        **config_group("privacy", "client")["client"],  # conf/ holds the rest (adaptive clipping's rate ...)
+        "clipping": "fixed",
+        "clipping_norm": C,
+        "noise_multiplier": 1.0,
+        "epsilon": 50.0,
+        "delta": 1e-3,
+    }
     return ClientLevelDP({"rounds": 3, "num_clients": 4, "secagg": False, "privacy": {"client": {**base, **client}}})
 
 
@@ -56,8 +64,9 @@ def test_nan_and_zero_updates_neither_crash_nor_poison_the_model():
     assert norm(c_nan.update) == 0 and not c_nan.fits
     assert norm(c_zero.update) == 0 and c_zero.fits
     # On the server: a NaN update that skipped the client's clipping is rejected, the zero accepted.
-    result = collect([reply(2, nan), reply(3, zero)], server_round=1, sampled=[2, 3], expected=GLOBAL,
-                     max_update_norm=C)
+    result = collect(
+        [reply(2, nan), reply(3, zero)], server_round=1, sampled=[2, 3], expected=GLOBAL, max_update_norm=C
+    )
     assert list(result.accepted) == ["3"] and "non-finite" in result.rejected["2"]
     new = aggregate(GLOBAL, result, server_lr=1.0, n_planned=2, client_dp=dp())
     assert all(torch.isfinite(v).all() for v in new.values())
@@ -68,8 +77,10 @@ def test_nan_and_zero_updates_neither_crash_nor_poison_the_model():
 def test_adaptive_bits_travel_in_plain_replies_and_are_counted():
     big = {k: torch.ones_like(v) for k, v in GLOBAL.items()}
     small = {k: torch.full_like(v, 0.01) for k, v in GLOBAL.items()}
-    replies = [reply(2, clip_update(big, C).update, fits=clip_update(big, C).fits),
-               reply(3, clip_update(small, C).update, fits=clip_update(small, C).fits)]
+    replies = [
+        reply(2, clip_update(big, C).update, fits=clip_update(big, C).fits),
+        reply(3, clip_update(small, C).update, fits=clip_update(small, C).fits),
+    ]
     result = collect(replies, server_round=1, sampled=[2, 3], expected=GLOBAL, max_update_norm=C)
     assert result.fits == {"2": False, "3": True}
 

@@ -7,8 +7,8 @@ import math
 import pytest
 from opacus.accountants import RDPAccountant
 
-from server.runtime.grid import InProcessGrid
 from server.round.loop import prepare, run_federation
+from server.runtime.grid import InProcessGrid
 from tests.conftest import FAST, compose, run_fedpriv
 from tests.server.test_simulate_e2e import check_report
 
@@ -54,8 +54,15 @@ def test_client_level_budget_stops_the_run_cleanly(task_identity, tmp_path):
     # sigma = 1 is given; the budget lies between the ε of one and of two rounds.
     e1, e2 = (rdp_epsilon([(1.0, 1.0, r)], 1e-3) for r in (1, 2))
     budget = (e1 + e2) / 2
-    run_dir = simulate(tmp_path, "run", "num_clients=2", "rounds=3", "privacy=client",
-                       "privacy.client.noise_multiplier=1.0", f"privacy.client.epsilon={budget}")
+    run_dir = simulate(
+        tmp_path,
+        "run",
+        "num_clients=2",
+        "rounds=3",
+        "privacy=client",
+        "privacy.client.noise_multiplier=1.0",
+        f"privacy.client.epsilon={budget}",
+    )
     lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [m["round"] for m in lines] == [1]  # round 2 would have passed the budget
     manifest = json.loads((run_dir / "checkpoints" / "manifest.json").read_text())

@@ -27,8 +27,9 @@ def test_a_pickled_client_app_ref_loads_fedpriv_in_a_folder_that_shadows_it(tmp_
         (tmp_path / package).mkdir()
         (tmp_path / package / "__init__.py").write_text(f"raise ImportError('decoy {package}')\n")
     payload = ray.cloudpickle.dumps(ClientAppRef())  # as Flower's Ray backend ships it
-    done = subprocess.run([sys.executable, "-c", UNPICKLE], input=payload, cwd=tmp_path, capture_output=True,
-                          timeout=300, env=child_env())
+    done = subprocess.run(
+        [sys.executable, "-c", UNPICKLE], input=payload, cwd=tmp_path, capture_output=True, timeout=300, env=child_env()
+    )
     assert done.returncode == 0, done.stderr.decode()[-3000:]
     seen = json.loads(done.stdout)
     assert seen["type"] == "ClientApp"

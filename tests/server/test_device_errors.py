@@ -17,8 +17,8 @@ import logging
 import pytest
 
 import client.app as client_app
-from server.runtime.grid import InProcessGrid
 from server.round.loop import prepare, run_federation
+from server.runtime.grid import InProcessGrid
 
 SECRET_LABEL = "zq-billing-secret-label"
 SECRET_DIR = "private-folder-of-alice-7f3a"
@@ -34,10 +34,12 @@ def test_device_data_never_reaches_the_server(task_identity, fast_cfg, tmp_path,
     cfg = fast_cfg("num_clients=2", "rounds=1", "node_wait_s=5", f"secagg={str(secagg).lower()}")
     prepared = prepare(cfg)
     cfg["data"]["labels"] = list(prepared.label_names)  # as server.runtime.deployment does for devices
-    grid = InProcessGrid({
-        1: {"state-dir": str(tmp_path / "dev1"), "client-id": "alice", "data-path": str(bad_labels)},
-        2: {"state-dir": str(tmp_path / "dev2"), "client-id": "bob", "data-path": str(absent)},
-    })
+    grid = InProcessGrid(
+        {
+            1: {"state-dir": str(tmp_path / "dev1"), "client-id": "alice", "data-path": str(bad_labels)},
+            2: {"state-dir": str(tmp_path / "dev2"), "client-id": "bob", "data-path": str(absent)},
+        }
+    )
     run_dir = tmp_path / "run"
     with caplog.at_level(logging.DEBUG):
         run_federation(grid, prepared, run_dir)
@@ -45,11 +47,14 @@ def test_device_data_never_reaches_the_server(task_identity, fast_cfg, tmp_path,
     secrets = (SECRET_LABEL, SECRET_DIR, str(bad_labels), str(absent))
     server_log = "\n".join(r.getMessage() for r in caplog.records if not r.name.startswith("client"))
     assert "failed" in server_log  # the server did log the failures ...
-    for where, text in (("server log", server_log),
-                        ("metrics.jsonl", (run_dir / "metrics.jsonl").read_text()),
-                        *((name, (run_dir / name).read_text()) for name in
-                          ("privacy_report.json", "privacy_report.md", "privacy_report.html",
-                           "clients_reported.json"))):
+    for where, text in (
+        ("server log", server_log),
+        ("metrics.jsonl", (run_dir / "metrics.jsonl").read_text()),
+        *(
+            (name, (run_dir / name).read_text())
+            for name in ("privacy_report.json", "privacy_report.md", "privacy_report.html", "clients_reported.json")
+        ),
+    ):
         for secret in secrets:
             assert secret not in text, f"{secret!r} reached the {where}"
     metrics = (run_dir / "metrics.jsonl").read_text()

@@ -7,10 +7,10 @@ from uuid import uuid4
 
 from flwr.app import ConfigRecord, Message, RecordDict
 
-from server.runtime.simulate import message_window
 from server.round.dispatch import send_and_receive
-from server.runtime.grid import InProcessGrid
 from server.round.loop import prepare, run_federation
+from server.runtime.grid import InProcessGrid
+from server.runtime.simulate import message_window
 from tests.conftest import FAST, compose
 
 
@@ -37,7 +37,9 @@ class _Link:
 
     def pull_messages(self, message_ids):
         done = [i for i in self.ready if i in set(message_ids)]
-        self.ready = [i for i in self.stored if i not in done and self.stored[i].metadata.dst_node_id not in self.silent]
+        self.ready = [
+            i for i in self.stored if i not in done and self.stored[i].metadata.dst_node_id not in self.silent
+        ]
         replies = [self.answer(self.stored.pop(i)) for i in done]
         return replies
 
@@ -99,7 +101,14 @@ def test_the_loop_keeps_to_its_window(task_identity, tmp_path):
 
 def test_message_window_of_simulate(tmp_path):
     assert message_window(compose(["simulation.num_cpus=2"], tmp_path / "a")) == 4  # 2 per worker
-    assert message_window(compose(["simulation.num_cpus=4", "simulation.cpus_per_client=2",
-                                   "simulation.in_flight_per_worker=3"], tmp_path / "b")) == 6
+    assert (
+        message_window(
+            compose(
+                ["simulation.num_cpus=4", "simulation.cpus_per_client=2", "simulation.in_flight_per_worker=3"],
+                tmp_path / "b",
+            )
+        )
+        == 6
+    )
     assert message_window(compose(["simulation.in_flight_per_worker=null"], tmp_path / "c")) is None
     assert message_window(compose(["federation.ray_address=auto"], tmp_path / "d")) is None

@@ -79,10 +79,12 @@ def test_per_class_block_is_sklearns_on_the_plain_pass_predictions(model_and_tes
     assert block["labels"] == list(names) and list(block["per_class"]) == list(names)
     for k, name in enumerate(names):
         assert block["per_class"][name] == pytest.approx(
-            {"precision": precision[k], "recall": recall[k], "f1": f1[k], "support": support[k]}, abs=1e-12)
+            {"precision": precision[k], "recall": recall[k], "f1": f1[k], "support": support[k]}, abs=1e-12
+        )
     assert block["macro_f1"] == pytest.approx(f1_score(true, predicted, labels=ids, average="macro", zero_division=0))
     assert block["weighted_f1"] == pytest.approx(
-        f1_score(true, predicted, labels=ids, average="weighted", zero_division=0))
+        f1_score(true, predicted, labels=ids, average="weighted", zero_division=0)
+    )
     assert block["round"] == 3 and block["num_examples"] == len(true)
     matrix = block["confusion_matrix"]
     assert [sum(row) for row in matrix] == [int(s) for s in support]

@@ -12,9 +12,9 @@ from sklearn.metrics import f1_score, precision_recall_fscore_support
 
 from common.model.state import model_inputs
 from common.report import CAVEAT_HELD_OUT, read_metrics, render_run_dir
-from server.runtime.grid import InProcessGrid
-from server.round.loop import prepare, run_federation
 from server.release.released import load_released
+from server.round.loop import prepare, run_federation
+from server.runtime.grid import InProcessGrid
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -47,9 +47,11 @@ def test_a_run_reports_per_class_results_of_its_final_model(task_identity, fast_
     precision, recall, f1, support = precision_recall_fscore_support(true, predicted, labels=classes, zero_division=0)
     for k, name in enumerate(prepared.label_names):
         assert evaluation["per_class"][name] == pytest.approx(
-            {"precision": precision[k], "recall": recall[k], "f1": f1[k], "support": support[k]})
-    assert evaluation["macro_f1"] == pytest.approx(f1_score(true, predicted, labels=classes, average="macro",
-                                                            zero_division=0))
+            {"precision": precision[k], "recall": recall[k], "f1": f1[k], "support": support[k]}
+        )
+    assert evaluation["macro_f1"] == pytest.approx(
+        f1_score(true, predicted, labels=classes, average="macro", zero_division=0)
+    )
 
     (run_dir / "plots/confusion_matrix.png").unlink()
     rebuilt = render_run_dir(run_dir)

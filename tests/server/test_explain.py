@@ -12,8 +12,8 @@ import torch
 
 from common.model.factory import build_model, load_tokenizer
 from common.model.state import model_inputs
-from server.release.explain import explain_texts
 from common.rundir import RunDir
+from server.release.explain import explain_texts
 from server.release.explain_page import render_page, write_run_explanations
 from tests.conftest import compose, model_group
 
@@ -68,9 +68,11 @@ def test_label_names_must_match_the_model():
 # --- the planted keyword ----------------------------------------------------------
 
 KEYWORD = "zebra"
-WORDS = ("the a my your order card account please help need want today payment flight hotel booking phone "
-         "screen password login refund delivery parcel late broken new old quick blue green small large "
-         "morning evening").split()
+WORDS = (
+    "the a my your order card account please help need want today payment flight hotel booking phone "
+    "screen password login refund delivery parcel late broken new old quick blue green small large "
+    "morning evening"
+).split()
 
 
 def sentences(n: int, seed: int) -> list[tuple[str, int]]:
@@ -167,8 +169,8 @@ def run_dir(tmp_path_factory):
     from tests.conftest import server_of_run
 
     where = tmp_path_factory.mktemp("explain") / "run"
-    cfg = compose(["model=tiny_bert", "data.train_size=400", "data.test_size=80", "num_clients=2", "rounds=1"],
-                  where)
+    cfg = compose(["model=tiny_bert", "data.train_size=400", "data.test_size=80", "num_clients=2", "rounds=1"], where)
+
     def read_back(*args, **kwargs):
         raise AssertionError("the run's end reads the run directory back")
 
@@ -183,8 +185,11 @@ def test_cli_writes_the_page_of_the_released_model(run_dir, monkeypatch, capsys)
     from server.release.released import load_released
 
     labels = load_released(run_dir).label_names
-    monkeypatch.setattr(sys, "argv", ["fedpriv", "explain", str(run_dir), "--text", "I was charged twice",
-                                      "--text", "my flight got cancelled"])
+    monkeypatch.setattr(
+        sys,
+        "argv",
+        ["fedpriv", "explain", str(run_dir), "--text", "I was charged twice", "--text", "my flight got cancelled"],
+    )
     assert main() == 0
     lines = capsys.readouterr().out.splitlines()
     page = (run_dir / "explain.html").read_text()
@@ -196,8 +201,9 @@ def test_cli_writes_the_page_of_the_released_model(run_dir, monkeypatch, capsys)
     assert "no client data was used" in page and "given on the command line" in page
 
     out = run_dir / "elsewhere" / "round0.html"
-    monkeypatch.setattr(sys, "argv", ["fedpriv", "explain", str(run_dir), "--text", "hi", "--round", "0",
-                                      "--out", str(out)])
+    monkeypatch.setattr(
+        sys, "argv", ["fedpriv", "explain", str(run_dir), "--text", "hi", "--round", "0", "--out", str(out)]
+    )
     assert main() == 0 and out.exists() and "after round 0" in out.read_text()
     monkeypatch.setattr(sys, "argv", ["fedpriv", "explain", str(run_dir), "--text", "hi", "--round", "5"])
     assert main() == 2
@@ -208,7 +214,9 @@ def test_run_page_explains_test_inputs_of_distinct_classes(run_dir):
     from server.release.released import load_released
 
     released = load_released(run_dir)
-    written_by_the_run = RunDir(run_dir).explain_page.read_text()  # the run's end, from memory (evaluation.explain_inputs)
+    written_by_the_run = RunDir(
+        run_dir
+    ).explain_page.read_text()  # the run's end, from memory (evaluation.explain_inputs)
     path = write_run_explanations(run_dir, count=3)  # from the run directory, as `fedpriv explain` reads it
     assert path == RunDir(run_dir).explain_page and path.read_text() == written_by_the_run
     page = Tags()

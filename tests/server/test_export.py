@@ -55,8 +55,8 @@ print(json.dumps({"labels": labels, "probs": probs, "max_length": max_length}))
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """{name: run_dir} of the two real runs."""
-    from server.runtime.grid import InProcessGrid
     from server.round.loop import prepare, run_federation
+    from server.runtime.grid import InProcessGrid
     from tests.conftest import server_of_run
 
     made = {}
@@ -75,8 +75,14 @@ def load_outside(out: Path, layout: str, texts: list[str], tmp_path: Path) -> di
     env = {"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HOME": str(tmp_path)}
     neutral = tmp_path / "elsewhere"
     neutral.mkdir(exist_ok=True)
-    done = subprocess.run([sys.executable, "-c", LOADER, str(out), layout, str(texts_file)], cwd=neutral,
-                          env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-c", LOADER, str(out), layout, str(texts_file)],
+        cwd=neutral,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -197,8 +203,8 @@ def test_hf_head_exports_for_the_pipeline(runs, tmp_path):
 
 
 def test_tampered_checkpoint_is_refused(runs, tmp_path):
-    from server.round.checkpoint import CheckpointError
     from server.release.export import export
+    from server.round.checkpoint import CheckpointError
 
     run_dir = tmp_path / "run"
     shutil.copytree(runs["hf"], run_dir)
@@ -231,7 +237,7 @@ def test_cli_export_and_predict(runs, tmp_path, capsys, monkeypatch):
     assert [float(r[1]) for r in rows] == pytest.approx([float(r[1]) for r in first], abs=2e-4)
 
     data = tmp_path / "in.csv"
-    data.write_text("message,id\n\"secret row, text\",1\n")
+    data.write_text('message,id\n"secret row, text",1\n')
     monkeypatch.setattr(sys, "argv", ["fedpriv", "predict", str(out), "--file", str(data)])
     assert cli.main() == 2
     err = capsys.readouterr().err
@@ -259,8 +265,9 @@ def released_of(model_cfg: dict, labels: list[str], *, seed: int = 0, perturb: b
                     param.copy_(torch.randn(param.shape, generator=gen) * 0.5)
     model.eval()
     cfg = {"model": {**model_cfg, "pretrained": model_cfg["pretrained"]}, "train": {"max_length": 16}}
-    return Released(Path("."), cfg, 1, model, load_tokenizer(model_cfg), labels, "0" * 64,
-                    test=None)  # no run behind it: exports only, never its test split
+    return Released(
+        Path("."), cfg, 1, model, load_tokenizer(model_cfg), labels, "0" * 64, test=None
+    )  # no run behind it: exports only, never its test split
 
 
 TEXTS = ["please refund my invoice", "my parcel never arrived at the door", "hi"]
@@ -280,8 +287,13 @@ def test_lora_hf_head_merged_and_as_adapter(tmp_path):
 
     from server.release.export import ExportError, write_model
 
-    tiny = {**model_group("tiny_bert"), "pooling": "pooler", "normalize": None, "freeze_encoder": False,
-            "lora": TINY_LORA}
+    tiny = {
+        **model_group("tiny_bert"),
+        "pooling": "pooler",
+        "normalize": None,
+        "freeze_encoder": False,
+        "lora": TINY_LORA,
+    }
     released = released_of(tiny, LABELS)
     want = logits_of(released)
     with pytest.raises(ExportError, match="--merge"):  # a random base cannot be named in adapter_config.json
@@ -300,8 +312,11 @@ def test_lora_hf_head_merged_and_as_adapter(tmp_path):
     adapter = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert Path(adapter["base_model_name_or_path"]).is_dir()  # loadable offline here
     loaded = AutoPeftModelForSequenceClassification.from_pretrained(
-        tmp_path / "adapter", num_labels=3, id2label=dict(enumerate(LABELS)),
-        label2id={n: i for i, n in enumerate(LABELS)}).eval()
+        tmp_path / "adapter",
+        num_labels=3,
+        id2label=dict(enumerate(LABELS)),
+        label2id={n: i for i, n in enumerate(LABELS)},
+    ).eval()
     with torch.no_grad():
         assert torch.equal(loaded(**enc).logits, want)
 

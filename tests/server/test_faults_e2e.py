@@ -36,9 +36,18 @@ def final_weights(run_dir: Path) -> dict:
 def test_poisoned_and_killed_client_do_not_stop_the_run(tmp_path):
     run_dir = tmp_path / "run"
     started = time.monotonic()
-    proc = run_fedpriv(["simulate", *FAST, "num_clients=3", "rounds=3", "round_timeout_s=150",
-                        "+simulation.client_app=tests.server.fault_apps:faulty", f"hydra.run.dir={run_dir}"],
-                       cwd=tmp_path)
+    proc = run_fedpriv(
+        [
+            "simulate",
+            *FAST,
+            "num_clients=3",
+            "rounds=3",
+            "round_timeout_s=150",
+            "+simulation.client_app=tests.server.fault_apps:faulty",
+            f"hydra.run.dir={run_dir}",
+        ],
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     rounds = metrics(run_dir)
     assert [r["round"] for r in rounds] == [1, 2, 3]
@@ -62,9 +71,14 @@ def test_poisoned_and_killed_client_do_not_stop_the_run(tmp_path):
 
 
 def start_simulate(args, cwd) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "server.cli", "simulate", *args], cwd=cwd,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-                            env=child_env())
+    return subprocess.Popen(
+        [sys.executable, "-m", "server.cli", "simulate", *args],
+        cwd=cwd,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+        env=child_env(),
+    )
 
 
 def kill_tree(proc: subprocess.Popen) -> None:
@@ -136,8 +150,9 @@ def test_sigkill_after_round_two_then_resume(tmp_path, privacy, request):
     rounds = 4 if privacy == "none" else 10
     common = resume_args(privacy, rounds)
     killed = tmp_path / "killed"
-    kill_after_round([*common, f"hydra.run.dir={killed}"], killed, tmp_path, after=2, rounds=rounds,
-                     alone=privacy == "sample")
+    kill_after_round(
+        [*common, f"hydra.run.dir={killed}"], killed, tmp_path, after=2, rounds=rounds, alone=privacy == "sample"
+    )
     # A SIGKILL leaves the run no time to remove its private folder (server/runtime/superlink.py) ...
     private = Path(re.search(r"private folder (\S+)", (killed / "cli.log").read_text()).group(1))
     assert private.is_dir()
@@ -162,6 +177,7 @@ def test_sigkill_after_round_two_then_resume(tmp_path, privacy, request):
         report = json.loads((killed / "privacy_report.json").read_text())
         for client in report["sample_level"]["clients"]:
             from common.data.partition import load_client_data
+
             n = len(load_client_data(cfg, int(client["client_id"]))[0])
             q, steps = sample_rate(n, 32), steps_per_epoch(n, 32)
             sigma = calibrate_noise(target_epsilon=8.0, delta=1e-5, sample_rate=q, steps=rounds * steps)

@@ -45,8 +45,12 @@ def flower_rounds(strategy, global_state, steps):
         [instruction] = strategy.configure_train(server_round, arrays, ConfigRecord({}), OneNodeGrid())
         current = arrays.to_torch_state_dict()
         sent = {k: current[k] + step[k] for k in current}  # a client's "weights" = global + step
-        reply = Message(content=RecordDict({"arrays": ArrayRecord(torch_state_dict=sent),
-                                            "metrics": MetricRecord({"num-examples": 1})}), reply_to=instruction)
+        reply = Message(
+            content=RecordDict(
+                {"arrays": ArrayRecord(torch_state_dict=sent), "metrics": MetricRecord({"num-examples": 1})}
+            ),
+            reply_to=instruction,
+        )
         arrays, _ = strategy.aggregate_train(server_round, [reply])
         states.append(arrays.to_torch_state_dict())
     return states
@@ -63,8 +67,9 @@ def ours(optimizer, global_state, steps):
 def close(a, b):
     assert a.keys() == b.keys()
     for k in a:
-        torch.testing.assert_close(a[k].to(torch.float64), torch.as_tensor(b[k]).to(torch.float64),
-                                   rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(
+            a[k].to(torch.float64), torch.as_tensor(b[k]).to(torch.float64), rtol=1e-12, atol=1e-14
+        )
 
 
 def test_fedavg_is_the_old_apply_step_bit_for_bit():
@@ -80,8 +85,7 @@ def test_fedavg_is_the_old_apply_step_bit_for_bit():
 
 @pytest.mark.parametrize("lr,momentum", [(1.0, 0.9), (0.5, 0.7), (0.7, 0.0)])
 def test_fedavgm_matches_flower_over_three_rounds(task_identity, lr, momentum):
-    flower = FlowerFedAvgM(min_train_nodes=1, min_available_nodes=1, server_learning_rate=lr,
-                           server_momentum=momentum)
+    flower = FlowerFedAvgM(min_train_nodes=1, min_available_nodes=1, server_learning_rate=lr, server_momentum=momentum)
     expected = flower_rounds(flower, GLOBAL, STEPS)
     optimizer = FedAvgM(server_lr=lr, server_momentum=momentum)
     for got, want in zip(ours(optimizer, GLOBAL, STEPS), expected, strict=True):
@@ -92,15 +96,22 @@ def test_fedavgm_matches_flower_over_three_rounds(task_identity, lr, momentum):
         assert optimizer.state_dict() == {} and flower.momentum_vector is None
 
 
-@pytest.mark.parametrize("kwargs", [
-    {},  # Flower's defaults: eta 0.1, beta_1 0.9, beta_2 0.99, tau 1e-3
-    {"eta": 0.3, "beta_1": 0.5, "beta_2": 0.9, "tau": 1e-2},
-])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {},  # Flower's defaults: eta 0.1, beta_1 0.9, beta_2 0.99, tau 1e-3
+        {"eta": 0.3, "beta_1": 0.5, "beta_2": 0.9, "tau": 1e-2},
+    ],
+)
 def test_fedadam_matches_flower_over_three_rounds(task_identity, kwargs):
     flower = FlowerFedAdam(min_train_nodes=1, min_available_nodes=1, **kwargs)
     expected = flower_rounds(flower, GLOBAL, STEPS)
-    optimizer = FedAdam(server_lr=kwargs.get("eta", 0.1), beta_1=kwargs.get("beta_1", 0.9),
-                        beta_2=kwargs.get("beta_2", 0.99), tau=kwargs.get("tau", 1e-3))
+    optimizer = FedAdam(
+        server_lr=kwargs.get("eta", 0.1),
+        beta_1=kwargs.get("beta_1", 0.9),
+        beta_2=kwargs.get("beta_2", 0.99),
+        tau=kwargs.get("tau", 1e-3),
+    )
     for got, want in zip(ours(optimizer, GLOBAL, STEPS), expected, strict=True):
         close(got, want)
     close(optimizer.state_dict()["m"], flower.m_t)
@@ -112,7 +123,7 @@ def test_fedadam_first_step_by_hand():
     step = {"w": torch.tensor([0.2, -0.1, 0.0], dtype=torch.float64)}
     new = FedAdam(server_lr=0.1).step({"w": torch.zeros(3, dtype=torch.float64)}, step, server_round=1)
     m, v = 0.1 * step["w"], 0.01 * step["w"] ** 2
-    eta = 0.1 * math.sqrt(1 - 0.99 ** 2) / (1 - 0.9 ** 2)
+    eta = 0.1 * math.sqrt(1 - 0.99**2) / (1 - 0.9**2)
     torch.testing.assert_close(new["w"], eta * m / (v.sqrt() + 1e-3), rtol=1e-12, atol=0)
     assert new["w"][2] == 0  # a zero coordinate stays put (τ > 0)
 

@@ -7,9 +7,13 @@ from common.errors import ConfigError
 from server.round.loop import prepare
 
 
-@pytest.mark.parametrize("override,setting,value", [("privacy.sample.delta=1e-3", "privacy.sample.delta", "1e-05"),
-                                                    ("privacy.sample.accountant=prv", "privacy.sample.accountant",
-                                                     "'rdp'")])
+@pytest.mark.parametrize(
+    "override,setting,value",
+    [
+        ("privacy.sample.delta=1e-3", "privacy.sample.delta", "1e-05"),
+        ("privacy.sample.accountant=prv", "privacy.sample.accountant", "'rdp'"),
+    ],
+)
 def test_simulation_refuses_a_delta_or_accountant_other_than_the_ledgers(fast_cfg, override, setting, value):
     cfg = fast_cfg(override)
     ledger = Ledger("1", history=[(1.0, 0.1, 10)], delta=1e-5, accountant="rdp")

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from server.runtime import superlink as runtime
-from server.runtime.simulate import backend_config, server_threads
 from server.runtime.pinning import ROOT
+from server.runtime.simulate import backend_config, server_threads
 from tests.conftest import compose
 
 
@@ -32,8 +32,9 @@ def test_local_ray_by_default(tmp_path):
 
 def test_existing_cluster(tmp_path):
     before = os.environ.get("RAY_ADDRESS")
-    cfg = compose(["model=tiny_bert", "federation.ray_address=auto", "simulation.gpus_per_client=0.5"],
-                  tmp_path / "run")
+    cfg = compose(
+        ["model=tiny_bert", "federation.ray_address=auto", "simulation.gpus_per_client=0.5"], tmp_path / "run"
+    )
     backend = backend_config(cfg)
     # Connecting to a cluster: ray.init refuses num_cpus, and the cluster owns its resources.
     assert backend["init_args"] == {"address": "auto", "include_dashboard": False}
@@ -79,8 +80,14 @@ def test_a_private_ray_never_joins_the_cluster_a_dead_one_recorded(tmp_path, sim
             env = runtime.child_env(cfg, tmp_path / "home")
             init_args = {"num_cpus": backend["init_args"]["num_cpus"], "include_dashboard": False}
         env.update(RAY_TMPDIR=temp, PYTHONPATH=str(ROOT))
-        probe = subprocess.Popen([sys.executable, "-c", PROBE, json.dumps(init_args)], env=env, text=True,
-                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+        probe = subprocess.Popen(
+            [sys.executable, "-c", PROBE, json.dumps(init_args)],
+            env=env,
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
+        )
         try:
             out, err = probe.communicate(timeout=60)
         finally:

@@ -16,20 +16,28 @@ from opacus.accountants import RDPAccountant
 from common.data.features import FEATURES_PREFIX
 from server.round.checkpoint import Manifest, load_round
 from server.round.loop import prepare, run_federation
-from tests.conftest import FAST, compose
 from server.runtime.grid import InProcessGrid
+from tests.conftest import FAST, compose
 
-RECIPE = ["model.pooling=mean", "num_clients=2", "node_wait_s=5", "train.batch_size=null",
-          "train.sample_rate=0.25"]
+RECIPE = ["model.pooling=mean", "num_clients=2", "node_wait_s=5", "train.batch_size=null", "train.sample_rate=0.25"]
 LORA = ["model.lora={r: 1, alpha: 16, dropout: 0.0, target_modules: [-1.attention.self.value]}"]
 
 
 def _run(tmp_path, *overrides):
-    cfg = compose([*(o for o in FAST if not o.startswith(("recipe=", "train."))), *RECIPE, *overrides],
-                  tmp_path / "run")
+    cfg = compose(
+        [*(o for o in FAST if not o.startswith(("recipe=", "train."))), *RECIPE, *overrides], tmp_path / "run"
+    )
     prepared = prepare(cfg)
-    grid = InProcessGrid({n: {"state-dir": str(tmp_path / f"dev{n}"), "partition-id": n - 1, "require-dp": False}  # some runs: privacy=none
-                         for n in (1, 2)})
+    grid = InProcessGrid(
+        {
+            n: {
+                "state-dir": str(tmp_path / f"dev{n}"),
+                "partition-id": n - 1,
+                "require-dp": False,
+            }  # some runs: privacy=none
+            for n in (1, 2)
+        }
+    )
     run_dir = tmp_path / "run"
     report = run_federation(grid, prepared, run_dir)
     manifest = Manifest.load(run_dir)
@@ -72,8 +80,11 @@ def test_prototypes_then_head_then_adapters(task_identity, tmp_path):
         assert client["epsilon"] <= 8.0
         first = RDPAccountant()
         first.history = history[:1]
-        assert client["per_round"][0] == {"round": 1, "epsilon": pytest.approx(first.get_epsilon(delta=1e-5)),
-                                          "steps": 1}
+        assert client["per_round"][0] == {
+            "round": 1,
+            "epsilon": pytest.approx(first.get_epsilon(delta=1e-5)),
+            "steps": 1,
+        }
         assert [r["round"] for r in client["per_round"]] == [1, 2, 3, 4]
     assert any("DP class prototypes" in c for c in report["caveats"])
     # Each device keeps its features next to its ledger; they never left it.
@@ -82,8 +93,9 @@ def test_prototypes_then_head_then_adapters(task_identity, tmp_path):
 
 
 def test_head_recipe_without_dp_is_reproducible_and_reads_cached_features(task_identity, tmp_path):
-    cfg, report, states, run_dir = _run(tmp_path, "recipe=head", "rounds=2", "privacy=none",
-                                        "model.freeze_encoder=true")
+    cfg, report, states, run_dir = _run(
+        tmp_path, "recipe=head", "rounds=2", "privacy=none", "model.freeze_encoder=true"
+    )
     assert set(states[0]) == {"classifier.weight", "classifier.bias"}
     assert _changed(states[0], states[1]) == set(states[0])
     assert not report["sample_level"]["enabled"]
@@ -95,8 +107,16 @@ def test_head_recipe_without_dp_is_reproducible_and_reads_cached_features(task_i
     stamp = cached[0].stat().st_mtime_ns
     cfg2 = dict(cfg)
     prepared = prepare(cfg2)
-    grid = InProcessGrid({n: {"state-dir": str(tmp_path / f"dev{n}"), "partition-id": n - 1, "require-dp": False}  # some runs: privacy=none
-                         for n in (1, 2)})
+    grid = InProcessGrid(
+        {
+            n: {
+                "state-dir": str(tmp_path / f"dev{n}"),
+                "partition-id": n - 1,
+                "require-dp": False,
+            }  # some runs: privacy=none
+            for n in (1, 2)
+        }
+    )
     run_federation(grid, prepared, tmp_path / "run2")
     second = [json.loads(line)["accuracy"] for line in (tmp_path / "run2" / "metrics.jsonl").read_text().splitlines()]
     assert cached[0].stat().st_mtime_ns == stamp

@@ -8,8 +8,8 @@ decreasing, never above the budget).
 
 from __future__ import annotations
 
-from server.runtime.grid import InProcessGrid
 from server.round.loop import prepare, run_federation
+from server.runtime.grid import InProcessGrid
 from tests.conftest import FAST, compose
 from tests.server.test_simulate_e2e import check_report
 

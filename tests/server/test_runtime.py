@@ -1,5 +1,5 @@
-"""server/runtime/superlink.py and serve.py without a SuperLink: what `fedpriv simulate` hands Flower's simulation runtime
-(federation config, environment, app bundle) and the spec the ServerApp accepts. The runs
+"""server/runtime/superlink.py and serve.py without a SuperLink: what `fedpriv simulate` hands
+Flower's simulation runtime (federation config, environment, app bundle) and the spec the ServerApp accepts. The runs
 themselves are the e2e tests' (tests/server/test_simulate_e2e.py, test_faults_e2e.py)."""
 
 from __future__ import annotations
@@ -13,16 +13,19 @@ import pytest
 
 from server.runtime import serve
 from server.runtime import superlink as runtime
-from server.runtime.simulate import backend_config
 from server.runtime.pinning import CLIENT_APP, ROOT
+from server.runtime.simulate import backend_config
 from tests.conftest import compose
 
 
 def test_the_federation_config_is_the_engines_backend(tmp_path):
-    cfg = compose(["num_clients=3", "simulation.num_cpus=2", "simulation.cpus_per_client=1",
-                   "simulation.gpus_per_client=0.5"], tmp_path)
+    cfg = compose(
+        ["num_clients=3", "simulation.num_cpus=2", "simulation.cpus_per_client=1", "simulation.gpus_per_client=0.5"],
+        tmp_path,
+    )
     assert runtime.federation_config(cfg, backend_config(cfg)) == (
-        "num-supernodes=3 client-resources-num-cpus=1 client-resources-num-gpus=0.5 init-args-num-cpus=2")
+        "num-supernodes=3 client-resources-num-cpus=1 client-resources-num-gpus=0.5 init-args-num-cpus=2"
+    )
     joined = compose(["num_clients=3", "federation.ray_address=auto"], tmp_path)
     config = runtime.federation_config(joined, backend_config(joined))
     assert "init-args-num-cpus" not in config  # the cluster owns its CPUs
@@ -45,8 +48,12 @@ def test_ray_stays_on_loopback_unless_a_cluster_is_named(tmp_path, monkeypatch):
 def test_the_app_bundle_names_the_server_app_and_the_chosen_client_app(tmp_path, client_app):
     from flwr.common.config import validate_config
 
-    text = runtime._PYPROJECT.format(serverapp=json.dumps("server.app:app"), clientapp=json.dumps(client_app),
-                                     key=json.dumps(serve.SPEC_KEY), spec=json.dumps(str(tmp_path / "s.json")))
+    text = runtime._PYPROJECT.format(
+        serverapp=json.dumps("server.app:app"),
+        clientapp=json.dumps(client_app),
+        key=json.dumps(serve.SPEC_KEY),
+        spec=json.dumps(str(tmp_path / "s.json")),
+    )
     config = tomllib.loads(text)
     valid, errors, _ = validate_config(config, check_module=True, project_dir=tmp_path)
     assert valid, errors
@@ -83,8 +90,9 @@ def test_files_are_named_from_the_working_directory_of_fedpriv_simulate(tmp_path
     (tmp_path / "data.csv").write_text("text,label\nhi,a\n")
     (tmp_path / "encoder").mkdir()
     monkeypatch.chdir(tmp_path)
-    cfg = compose(["data=csv", "data.path=data.csv", "data.test_path=data.csv", "model.name_or_path=encoder"],
-                  tmp_path / "run")
+    cfg = compose(
+        ["data=csv", "data.path=data.csv", "data.test_path=data.csv", "model.name_or_path=encoder"], tmp_path / "run"
+    )
     out = runtime.absolute_paths(cfg)
     assert out["data"]["path"] == out["data"]["test_path"] == str(tmp_path / "data.csv")
     assert out["model"]["name_or_path"] == str(tmp_path / "encoder")
@@ -99,9 +107,15 @@ def test_at_the_end_the_simulation_process_is_killed_with_what_it_started(tmp_pa
     import time
 
     # A stand-in for Flower's simulation process (one was found stuck in its exit), with a child (Ray).
-    stuck = subprocess.Popen([sys.executable, "-c", "import subprocess, sys, time; "
-                              "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)']); "
-                              "time.sleep(600)"])
+    stuck = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import subprocess, sys, time; "
+            "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)']); "
+            "time.sleep(600)",
+        ]
+    )
     try:
         deadline = time.monotonic() + 30
         while not serve.descendants(stuck.pid):

@@ -19,19 +19,23 @@ from flwr.common.constant import ErrorCode
 from flwr.common.secure_aggregation.quantization import dequantize
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 
-from common.privacy.mechanism import clip_update
 from client.app import Answered
 from client.privacy.node_config import ClientIdentity
 from client.secagg import secagg_train
+from common.privacy.mechanism import ClientLevelDP, clip_update
 from common.protocol import TrainInstruction, TrainReply
 from server.round.aggregate import aggregate
-from common.privacy.mechanism import ClientLevelDP
 from server.round.secagg import secagg_round
 from tests.conftest import config_group
 
 C = 1.0
-SETTINGS = {"num_shares": 1.0, "reconstruction_threshold": 0.67, "quantization_range": 2 ** 22,
-            "modulus_range": 2 ** 32, "clipping_range": 8.0}
+SETTINGS = {
+    "num_shares": 1.0,
+    "reconstruction_threshold": 0.67,
+    "quantization_range": 2**22,
+    "modulus_range": 2**32,
+    "clipping_range": 8.0,
+}
 SHAPES = {"w": (40, 30), "b": (30,)}
 GLOBAL = {k: torch.zeros(s) for k, s in SHAPES.items()}
 
@@ -44,15 +48,21 @@ class InProcessGrid:
         self.extra = dict(extra or {})  # node -> extra plain metrics it (mis)sends
         self.ids = dict(ids or {})  # node -> the client id it claims (default: its node id)
         self.crash = set(crash)  # nodes whose training raises
-        self.contexts = {n: Context(run_id=7, node_id=n, node_config={}, state=RecordDict(), run_config={})
-                         for n in updates}
+        self.contexts = {
+            n: Context(run_id=7, node_id=n, node_config={}, state=RecordDict(), run_config={}) for n in updates
+        }
         self.received: list[tuple[str, Message]] = []  # (stage, reply) as the server got them
         self.state_dir = tempfile.mkdtemp(prefix="fedpriv-secagg-test-")  # the devices' transparency logs
 
     def answer(self, instruction, global_state, context):
         node = context.node_id
-        reply = dict(client_id=self.ids.get(node, str(node)), server_round=instruction.server_round,
-                     declined=node in self.declined, reason="budget" if node in self.declined else "", report={})
+        reply = dict(
+            client_id=self.ids.get(node, str(node)),
+            server_round=instruction.server_round,
+            declined=node in self.declined,
+            reason="budget" if node in self.declined else "",
+            report={},
+        )
         if node in self.crash:
             raise RuntimeError("training failed on the device (RuntimeError)")
         cls = _Tampered.extra(self.extra[node]) if node in self.extra else TrainReply
@@ -96,14 +106,24 @@ class _Tampered(TrainReply):
 
 def random_updates(nodes, scale=1.0, seed=0):
     gen = torch.Generator().manual_seed(seed)
-    return {n: {k: torch.randn(s, generator=gen) * scale * (1 + i) for k, s in SHAPES.items()}
-            for i, n in enumerate(nodes)}
+    return {
+        n: {k: torch.randn(s, generator=gen) * scale * (1 + i) for k, s in SHAPES.items()} for i, n in enumerate(nodes)
+    }
 
 
 def run_round(grid, nodes, clip=C, server_round=1, settings=SETTINGS):
     instruction = TrainInstruction("r", server_round, "{}", client_clip_norm=clip)
-    return secagg_round(grid, nodes, GLOBAL, instruction, server_round=server_round, settings=settings,
-                        clipping_range=clip, timeout=None, run_id=7)
+    return secagg_round(
+        grid,
+        nodes,
+        GLOBAL,
+        instruction,
+        server_round=server_round,
+        settings=settings,
+        clipping_range=clip,
+        timeout=None,
+        run_id=7,
+    )
 
 
 def plain_sum(updates, nodes, clip=C):
@@ -156,8 +176,9 @@ def test_a_client_that_drops_after_sharing_its_masks_is_recovered(task_identity,
 
 
 def test_too_many_drops_halt_the_round_without_revealing_anything(task_identity, nodes):
-    grid = InProcessGrid(random_updates(nodes), drop={12: Stage.COLLECT_MASKED_VECTORS,
-                                                      13: Stage.COLLECT_MASKED_VECTORS})
+    grid = InProcessGrid(
+        random_updates(nodes), drop={12: Stage.COLLECT_MASKED_VECTORS, 13: Stage.COLLECT_MASKED_VECTORS}
+    )
     result = run_round(grid, nodes)  # threshold 3 of 4 shares: two drops are too many
     assert result.secure_sum is None and result.trained == []
     # The halt is the round's, not a client's: it is no entry of `failed` (clients_failed).
@@ -171,9 +192,23 @@ def test_declined_client_masks_zeros_and_noise_goes_on_the_secure_sum(task_ident
     assert "14" in result.declined and sorted(result.trained) == ["11", "12", "13"]
     step = 2 * C / SETTINGS["quantization_range"]
     assert max_error(result.secure_sum.total, plain_sum(updates, [11, 12, 13])) <= 4 * step
-    dp = ClientLevelDP({"rounds": 3, "num_clients": 4, "secagg": True, "privacy": {"client": {
-        **config_group("privacy", "client")["client"],
-        "clipping": "fixed", "clipping_norm": C, "noise_multiplier": 1.0, "epsilon": 50.0, "delta": 1e-3}}})
+    dp = ClientLevelDP(
+        {
+            "rounds": 3,
+            "num_clients": 4,
+            "secagg": True,
+            "privacy": {
+                "client": {
+                    **config_group("privacy", "client")["client"],
+                    "clipping": "fixed",
+                    "clipping_norm": C,
+                    "noise_multiplier": 1.0,
+                    "epsilon": 50.0,
+                    "delta": 1e-3,
+                }
+            },
+        }
+    )
     new = aggregate(GLOBAL, result, server_lr=1.0, n_planned=4, client_dp=dp)
     std = float(torch.cat([v.flatten() for v in new.values()]).std())
     assert math.isclose(std, 1.0 * C / 4, rel_tol=0.15)  # 1230 coordinates, sigma*C/n
@@ -216,6 +251,7 @@ def test_secagg_reply_for_another_round_is_rejected(task_identity, nodes):
         if context.node_id != 14:
             return reply
         return dataclasses.replace(reply, reply=dataclasses.replace(reply.reply, server_round=1))
+
     grid.answer = stale
     result = run_round(grid, nodes, server_round=2)
     assert "round" in result.rejected["14"] and sorted(result.trained) == ["11", "12", "13"]
@@ -223,8 +259,11 @@ def test_secagg_reply_for_another_round_is_rejected(task_identity, nodes):
 
 def test_secagg_dropped_and_failed_nodes_are_named(task_identity):
     nodes = [11, 12, 13, 14, 16, 17]
-    grid = InProcessGrid(random_updates(nodes, scale=0.01), crash={12},
-                         drop={13: Stage.COLLECT_MASKED_VECTORS, 16: Stage.COLLECT_MASKED_VECTORS})
+    grid = InProcessGrid(
+        random_updates(nodes, scale=0.01),
+        crash={12},
+        drop={13: Stage.COLLECT_MASKED_VECTORS, 16: Stage.COLLECT_MASKED_VECTORS},
+    )
     result = run_round(grid, nodes, settings={**SETTINGS, "reconstruction_threshold": 3})
     assert result.secure_sum is not None and sorted(result.trained) == ["11", "14", "17"]
     assert result.missing == [13, 16] and result.failed_nodes == [12]
@@ -240,8 +279,9 @@ def test_a_node_that_never_answers_is_missing(task_identity, nodes):
 
 
 def test_a_halted_round_still_keeps_what_the_replies_said(task_identity, nodes):
-    grid = InProcessGrid(random_updates(nodes), drop={12: Stage.COLLECT_MASKED_VECTORS,
-                                                      13: Stage.COLLECT_MASKED_VECTORS})
+    grid = InProcessGrid(
+        random_updates(nodes), drop={12: Stage.COLLECT_MASKED_VECTORS, 13: Stage.COLLECT_MASKED_VECTORS}
+    )
     result = run_round(grid, nodes)
     assert result.secure_sum is None and result.trained == []
     assert result.missing == [12, 13]

@@ -26,9 +26,9 @@ def simulated(tmp_path: Path, name: str, *overrides: str) -> tuple[Path, subproc
     """(run directory, the finished `fedpriv simulate`) of a run that succeeded."""
     run_dir = tmp_path / name
     rounds = [] if any(o.startswith("rounds=") for o in overrides) else ["rounds=3"]  # not the demo's default
-    proc = run_fedpriv(["simulate", *FAST, ONE_ACTOR, "num_clients=2", *rounds, f"hydra.run.dir={run_dir}",
-                        *overrides],
-                       cwd=tmp_path)
+    proc = run_fedpriv(
+        ["simulate", *FAST, ONE_ACTOR, "num_clients=2", *rounds, f"hydra.run.dir={run_dir}", *overrides], cwd=tmp_path
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return run_dir, proc
 
@@ -39,7 +39,7 @@ def summary_table(stdout: str) -> dict[str, str]:
     start = max(i for i, line in enumerate(lines) if line.strip() == "fedpriv run")
     assert lines[-1].startswith("└"), lines[-3:]  # nothing after the table
     rows: dict[str, str] = {}
-    for line in lines[start + 2:-1]:
+    for line in lines[start + 2 : -1]:
         label, value = (cell.strip() for cell in line.strip().strip("│").split("│"))
         if label:
             rows[label] = value
@@ -77,9 +77,18 @@ def test_two_clients_two_rounds_with_a_lower_client_budget(tmp_path):
     link_pid = int(re.search(r"simulation SuperLink pid (\d+)", cli_log).group(1))
     assert not psutil.pid_exists(link_pid) or psutil.Process(link_pid).status() == psutil.STATUS_ZOMBIE
     assert "Starting Flower SuperLink" in cli_log  # its log, appended to the run's cli.log
-    for name in ("privacy_report.json", "privacy_report.md", "privacy_report.html", "clients_reported.json",
-                 "plots/epsilon_per_round.png", "plots/accuracy_per_round.png", ".hydra/config.yaml",
-                 "checkpoints/manifest.json", "clients/0/ledger.json", "clients/1/ledger.json"):
+    for name in (
+        "privacy_report.json",
+        "privacy_report.md",
+        "privacy_report.html",
+        "clients_reported.json",
+        "plots/epsilon_per_round.png",
+        "plots/accuracy_per_round.png",
+        ".hydra/config.yaml",
+        "checkpoints/manifest.json",
+        "clients/0/ledger.json",
+        "clients/1/ledger.json",
+    ):
         assert (run_dir / name).exists(), name
     lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [m["round"] for m in lines] == [1, 2, 3]
@@ -105,8 +114,9 @@ def test_two_clients_two_rounds_with_a_lower_client_budget(tmp_path):
 
 
 def test_bad_setting_stops_before_training(tmp_path):
-    proc = run_fedpriv(["simulate", *FAST, "privacy.sample.epsilon=-1", f"hydra.run.dir={tmp_path / 'bad'}"],
-                       cwd=tmp_path, timeout=120)
+    proc = run_fedpriv(
+        ["simulate", *FAST, "privacy.sample.epsilon=-1", f"hydra.run.dir={tmp_path / 'bad'}"], cwd=tmp_path, timeout=120
+    )
     assert proc.returncode != 0
     assert "privacy.sample.epsilon" in proc.stderr
     assert not (tmp_path / "bad" / "metrics.jsonl").exists()
@@ -119,8 +129,20 @@ def test_compose_matches_what_simulate_uses(tmp_path):
 
 def test_epsilon_sweep_points_keep_separate_ledgers(tmp_path):
     # A -m sweep must not let one point's clients continue another point's ledger.
-    proc = run_fedpriv(["simulate", "-m", "privacy.sample.epsilon=1,4", *FAST, ONE_ACTOR, "num_clients=2", "rounds=1",
-                        f"hydra.sweep.dir={tmp_path / 'sweep'}"], cwd=tmp_path, timeout=400)
+    proc = run_fedpriv(
+        [
+            "simulate",
+            "-m",
+            "privacy.sample.epsilon=1,4",
+            *FAST,
+            ONE_ACTOR,
+            "num_clients=2",
+            "rounds=1",
+            f"hydra.sweep.dir={tmp_path / 'sweep'}",
+        ],
+        cwd=tmp_path,
+        timeout=400,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     for job, budget in (("0", 1.0), ("1", 4.0)):
         report = check_report(tmp_path / "sweep" / job)
@@ -137,8 +159,19 @@ def test_default_recipe_prototypes_then_head_end_to_end(tmp_path, runtime):
     Flower's simulation runtime (the default) and on the deprecated in-process engine."""
     run_dir = tmp_path / "probe"
     fast = [o for o in FAST if not o.startswith(("recipe=", "train."))]
-    proc = run_fedpriv(["simulate", *fast, "model.pooling=mean", "model.freeze_encoder=true", "num_clients=2",
-                        "rounds=3", f"simulation.runtime={runtime}", f"hydra.run.dir={run_dir}"], cwd=tmp_path)
+    proc = run_fedpriv(
+        [
+            "simulate",
+            *fast,
+            "model.pooling=mean",
+            "model.freeze_encoder=true",
+            "num_clients=2",
+            "rounds=3",
+            f"simulation.runtime={runtime}",
+            f"hydra.run.dir={run_dir}",
+        ],
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = check_report(run_dir)
     assert report["config"]["recipe"]["name"] == "probe"

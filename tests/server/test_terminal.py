@@ -18,11 +18,15 @@ from server.runtime import simulate
 from server.runtime.summary import RunSummary, every_client_failed, first_client_error
 from server.runtime.terminal import ACTOR_NOISE, is_noise, quiet_environment, quiet_terminal
 
-RAY_TIP = ("Tip: In future versions of Ray, Ray will no longer override accelerator visible devices env var if "
-           "num_gpus=0 or num_gpus=None (default).")
+RAY_TIP = (
+    "Tip: In future versions of Ray, Ray will no longer override accelerator visible devices env var if "
+    "num_gpus=0 or num_gpus=None (default)."
+)
 PEFT_TIP = "`is_gradient_checkpointing` is deprecated and will be removed in v6. Use `is_activation_checkpointing`"
-BANNER = ("The `run_simulation` function is deprecated and will be removed in a future version of Flower. "
-          "Please use `flwr run` in the CLI instead to run your simulation.")
+BANNER = (
+    "The `run_simulation` function is deprecated and will be removed in a future version of Flower. "
+    "Please use `flwr run` in the CLI instead to run your simulation."
+)
 
 
 def record(name: str, message: str, level=logging.WARNING) -> logging.LogRecord:
@@ -101,9 +105,11 @@ def test_actors_inherit_a_filter_for_the_peft_warning_only(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "PYTHONWARNINGS"}
     quiet_environment(env)
     assert env["RAY_DEDUP_LOGS_SKIP_REGEX"] == ACTOR_NOISE and env["HF_DATASETS_DISABLE_PROGRESS_BARS"] == "1"
-    code = ("import warnings\n"
-            f"warnings.warn({PEFT_TIP!r}, FutureWarning)\n"
-            "warnings.warn('another library changes', FutureWarning)\n")
+    code = (
+        "import warnings\n"
+        f"warnings.warn({PEFT_TIP!r}, FutureWarning)\n"
+        "warnings.warn('another library changes', FutureWarning)\n"
+    )
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
     assert "is_gradient_checkpointing" not in done.stderr
     assert "another library changes" in done.stderr
@@ -114,20 +120,33 @@ def test_actors_inherit_a_filter_for_the_peft_warning_only(tmp_path):
 def test_ray_drops_only_the_actor_termination_line():
     from ray._private.ray_logging import LogDeduplicator
 
-    lines = ["\x1b[93mWARNING \x1b[0m:   Manually terminating ClientAppActor",
-             "ERROR: this device could not answer the train request"]
+    lines = [
+        "\x1b[93mWARNING \x1b[0m:   Manually terminating ClientAppActor",
+        "ERROR: this device could not answer the train request",
+    ]
     out = LogDeduplicator(5, None, ACTOR_NOISE).deduplicate({"ip": "127.0.0.1", "pid": 4, "lines": lines})
     assert [line for batch in out for line in batch["lines"]] == lines[1:]
 
 
 def metrics(trained=0, declined=0, rejected=0, failed=None, missing=0, round_=1, accuracy=0.25) -> dict:
     failed = failed or {}
-    return {"round": round_, "accuracy": accuracy, "clients_trained": trained, "clients_declined": declined,
-            "clients_rejected": rejected, "clients_failed": len(failed), "clients_missing": missing,
-            "declined": {}, "rejected": {}, "failed": failed}
+    return {
+        "round": round_,
+        "accuracy": accuracy,
+        "clients_trained": trained,
+        "clients_declined": declined,
+        "clients_rejected": rejected,
+        "clients_failed": len(failed),
+        "clients_missing": missing,
+        "declined": {},
+        "rejected": {},
+        "failed": failed,
+    }
 
 
-ERROR = "2: <class 'client.app.DeviceError'>:<'the device refused the request: setting node-config data-path is invalid'>"
+ERROR = (
+    "2: <class 'client.app.DeviceError'>:<'the device refused the request: setting node-config data-path is invalid'>"
+)
 
 
 def test_every_client_failed_and_the_first_error():
@@ -138,8 +157,11 @@ def test_every_client_failed_and_the_first_error():
     records = [metrics(declined=1, round_=1), metrics(failed={"node 3": ERROR, "node 2": "x"}, round_=2)]
     assert first_client_error(records) == "round 2, node 2: x"
     assert first_client_error([metrics(failed={"node 2": ERROR})]) == (
-        "round 1, node 2: the device refused the request: setting node-config data-path is invalid")
-    cut = "2: <class 'client.app.DeviceError'>:<'the device refused the re"  # server.round.aggregate keeps 300 characters
+        "round 1, node 2: the device refused the request: setting node-config data-path is invalid"
+    )
+    cut = (
+        "2: <class 'client.app.DeviceError'>:<'the device refused the re"  # server.round.aggregate keeps 300 characters
+    )
     assert first_client_error([metrics(failed={"node 2": cut})]) == "round 1, node 2: the device refused the re"
 
 
@@ -158,25 +180,41 @@ def test_only_declines_is_not_a_failure_but_is_said(tmp_path):
 
 
 def test_summary_rows_state_epsilon_against_the_budget(tmp_path):
-    clients = [{"client_id": "0", "epsilon": 7.9996, "budget_epsilon": 8.0},
-               {"client_id": "1", "epsilon": 2.5, "budget_epsilon": 3.0}]
-    rows = dict(summary(tmp_path, [metrics(trained=2, accuracy=0.5975), metrics(trained=1, declined=1, rejected=1,
-                                                                                 accuracy=0.61, round_=2)],
-                        clients).rows())
-    assert rows == {"rounds": "2 of 2", "final accuracy": "0.610", "highest client ε": "8.000 of 8.000 (client 0)",
-                    "lowest client ε": "2.500 of 3.000 (client 1)", "declines": "1", "rejections": "1",
-                    "report": str(tmp_path / "privacy_report.md")}
+    clients = [
+        {"client_id": "0", "epsilon": 7.9996, "budget_epsilon": 8.0},
+        {"client_id": "1", "epsilon": 2.5, "budget_epsilon": 3.0},
+    ]
+    rows = dict(
+        summary(
+            tmp_path,
+            [metrics(trained=2, accuracy=0.5975), metrics(trained=1, declined=1, rejected=1, accuracy=0.61, round_=2)],
+            clients,
+        ).rows()
+    )
+    assert rows == {
+        "rounds": "2 of 2",
+        "final accuracy": "0.610",
+        "highest client ε": "8.000 of 8.000 (client 0)",
+        "lowest client ε": "2.500 of 3.000 (client 1)",
+        "declines": "1",
+        "rejections": "1",
+        "report": str(tmp_path / "privacy_report.md"),
+    }
 
 
 def test_a_run_in_which_every_client_failed_exits_1_with_the_first_error(task_identity, fast_cfg, tmp_path, capsys):
     """The real loop over the in-process grid: both devices' data-path does not exist."""
-    from server.runtime.grid import InProcessGrid
     from server.round.loop import prepare, run_federation
+    from server.runtime.grid import InProcessGrid
 
     prepared = prepare(fast_cfg("num_clients=2", "rounds=2", "node_wait_s=5"))
     prepared.cfg["data"]["labels"] = list(prepared.label_names)  # as server.runtime.deployment does for devices
-    grid = InProcessGrid({n: {"state-dir": str(tmp_path / f"dev{n}"), "client-id": f"c{n}",
-                              "data-path": str(tmp_path / "absent.csv")} for n in (1, 2)})
+    grid = InProcessGrid(
+        {
+            n: {"state-dir": str(tmp_path / f"dev{n}"), "client-id": f"c{n}", "data-path": str(tmp_path / "absent.csv")}
+            for n in (1, 2)
+        }
+    )
     run_dir = tmp_path / "run"
     run_federation(grid, prepared, run_dir)
     assert json.loads((run_dir / "privacy_report.json").read_text())  # the untrained model's report exists ...
@@ -184,9 +222,11 @@ def test_a_run_in_which_every_client_failed_exits_1_with_the_first_error(task_id
     assert simulate.finish(run_dir) == 1  # ... but the run failed
     out, err = capsys.readouterr()
     failure = [line for line in err.splitlines() if line.startswith("fedpriv:")]
-    assert failure == ["fedpriv: no client trained in any round; first client error: round 1, node 1: the device "
-                       "refused the request: setting node-config data-path is invalid; details are in the "
-                       "device's log"]
+    assert failure == [
+        "fedpriv: no client trained in any round; first client error: round 1, node 1: the device "
+        "refused the request: setting node-config data-path is invalid; details are in the "
+        "device's log"
+    ]
     assert "every client failed in round 1, 2" in out and "privacy_report.md" in out
 
 

@@ -14,8 +14,8 @@ from common.data.conll import read_conll
 from common.data.features import FEATURES_PREFIX
 from server.round.checkpoint import Manifest, load_round
 from server.round.evaluate import evaluate, evaluate_head
-from server.runtime.grid import InProcessGrid
 from server.round.loop import prepare, run_federation
+from server.runtime.grid import InProcessGrid
 from tests.conftest import SHARED_DATA, compose
 
 WNUT = SHARED_DATA / "wnut17"
@@ -35,9 +35,21 @@ def _subset(path, out, count):
 def _run(tmp_path, *overrides):
     train = _subset(WNUT / "wnut17train.conll", tmp_path / "train.conll", 240)
     test = _subset(WNUT / "emerging.test.annotated", tmp_path / "test.conll", 200)
-    cfg = compose(["task=token_classification", "data=conll", f"data.path={train}", f"data.test_path={test}",
-                   "model=tiny_bert", "num_clients=2", "node_wait_s=5", "train.max_length=48",
-                   "train.local_epochs=1", *overrides], tmp_path / "run")
+    cfg = compose(
+        [
+            "task=token_classification",
+            "data=conll",
+            f"data.path={train}",
+            f"data.test_path={test}",
+            "model=tiny_bert",
+            "num_clients=2",
+            "node_wait_s=5",
+            "train.max_length=48",
+            "train.local_epochs=1",
+            *overrides,
+        ],
+        tmp_path / "run",
+    )
     prepared = prepare(cfg)
     grid = InProcessGrid({n: {"state-dir": str(tmp_path / f"dev{n}"), "partition-id": n - 1} for n in (1, 2)})
     report = run_federation(grid, prepared, tmp_path / "run")
@@ -68,8 +80,9 @@ def test_token_run_reports_entities_and_recomputable_epsilon(task_identity, tmp_
     assert "one sentence (one training example)" in (run_dir / "privacy_report.md").read_text()
 
     # The released model's scores are seqeval's on its own predictions.
-    final = evaluate(prepared.model, states[3], prepared.test, batch_size=16, words=prepared.words,
-                     label_names=prepared.label_names)
+    final = evaluate(
+        prepared.model, states[3], prepared.test, batch_size=16, words=prepared.words, label_names=prepared.label_names
+    )
     assert final.micro_f1 == pytest.approx(evaluation["micro_f1"])
     gold = [list(t) for t in read_conll(tmp_path / "test.conll").tags]
     assert prepared.words.gold == gold
@@ -77,7 +90,9 @@ def test_token_run_reports_entities_and_recomputable_epsilon(task_identity, tmp_
     for client in report["sample_level"]["clients"]:
         accountant = RDPAccountant()
         accountant.history = [tuple(h) for h in client["history"]]
-        assert client["epsilon"] == pytest.approx(accountant.get_epsilon(delta=float(cfg["privacy"]["sample"]["delta"])))
+        assert client["epsilon"] == pytest.approx(
+            accountant.get_epsilon(delta=float(cfg["privacy"]["sample"]["delta"]))
+        )
         assert client["epsilon"] <= 8.0 + 1e-9
         assert [r["round"] for r in client["per_round"]] == [1, 2, 3]
     for n in (1, 2):  # each device keeps its word features beside its ledger
@@ -85,17 +100,30 @@ def test_token_run_reports_entities_and_recomputable_epsilon(task_identity, tmp_
 
 
 def test_head_evaluation_on_cached_features_equals_a_full_pass(tmp_path):
-    cfg = compose(["task=token_classification", "data=conll",
-                   f"data.path={_subset(WNUT / 'wnut17train.conll', tmp_path / 'a.conll', 40)}",
-                   f"data.test_path={_subset(WNUT / 'emerging.test.annotated', tmp_path / 'b.conll', 60)}",
-                   "model=tiny_bert", "train.max_length=32"], tmp_path / "run")
+    cfg = compose(
+        [
+            "task=token_classification",
+            "data=conll",
+            f"data.path={_subset(WNUT / 'wnut17train.conll', tmp_path / 'a.conll', 40)}",
+            f"data.test_path={_subset(WNUT / 'emerging.test.annotated', tmp_path / 'b.conll', 60)}",
+            "model=tiny_bert",
+            "train.max_length=32",
+        ],
+        tmp_path / "run",
+    )
     prepared = prepare(cfg)
     state = {k: v.detach().clone() for k, v in prepared.model.named_parameters() if v.requires_grad}
     state["classifier.weight"] = torch.randn_like(state["classifier.weight"]) * 5  # predicts entities
-    full = evaluate(prepared.model, state, prepared.test, batch_size=7, words=prepared.words,
-                    label_names=prepared.label_names)
-    cached = evaluate_head(prepared.model, state, prepared.head_test_features(state), words=prepared.words,
-                           label_names=prepared.label_names)
+    full = evaluate(
+        prepared.model, state, prepared.test, batch_size=7, words=prepared.words, label_names=prepared.label_names
+    )
+    cached = evaluate_head(
+        prepared.model,
+        state,
+        prepared.head_test_features(state),
+        words=prepared.words,
+        label_names=prepared.label_names,
+    )
     assert cached.micro_f1 == pytest.approx(full.micro_f1, abs=1e-9)
     assert cached.accuracy == pytest.approx(full.accuracy)
     assert cached.loss == pytest.approx(full.loss, rel=1e-4)
