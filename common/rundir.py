@@ -71,6 +71,11 @@ class RunDir:
     def cli_log(self) -> Path:
         return self.path / "cli.log"
 
+    @property
+    def tracking(self) -> Path:
+        """The tracker's run id (``tracking=mlflow``), so that a resumed run continues that run."""
+        return self.path / "tracking.json"
+
     def is_run(self) -> bool:
         """Whether this is a fedpriv run directory (it holds a stored config)."""
         return self.config_file.is_file()
@@ -87,3 +92,36 @@ class RunDir:
             return upgrade(OmegaConf.to_container(stored, resolve=True))
         except OmegaConfBaseException:  # Hydra's own interpolations, in a run cut short before the loop resolved them
             return upgrade(OmegaConf.to_container(stored, resolve=False))
+
+
+@dataclass(frozen=True)
+class SweepDir:
+    """A Hydra multirun directory (``fedpriv simulate -m``): one run directory per job."""
+
+    path: Path
+
+    def __init__(self, path: str | Path):
+        object.__setattr__(self, "path", Path(path))
+
+    @property
+    def comparison(self) -> Path:
+        """``fedpriv compare``'s page of the sweep, written when the sweep ends."""
+        return self.path / "comparison.html"
+
+    @property
+    def tracking_parent(self) -> Path:
+        """The tracker's parent run of the sweep, created by the first job that needs it."""
+        return self.path / "tracking_parent.json"
+
+    @property
+    def tracking_lock(self) -> Path:
+        return self.path / "tracking_parent.lock"
+
+    def jobs(self) -> list[RunDir]:
+        """Its jobs' run directories, in job order (Hydra names them 0, 1, ... 10)."""
+        found = [RunDir(p) for p in self.path.iterdir() if p.is_dir() and RunDir(p).is_run()]
+        return sorted(found, key=lambda run: _job_order(run.path.name))
+
+
+def _job_order(name: str) -> tuple[int, int, str]:
+    return (0, int(name), "") if name.isdigit() else (1, 0, name)

@@ -414,6 +414,13 @@ SCHEMA = Section(
             }
         ),
         "audit": Section({"canaries": Int, "guesses": Int, "client": Int, "noise": Bool, "confidence": Float}),
+        "tracking": Variant(
+            "name",
+            {
+                "none": {"name": Str, "uri": Nullable(Str)},
+                "mlflow": {"name": Str, "uri": Str, "experiment": Str},
+            },
+        ),
     }
 )
 

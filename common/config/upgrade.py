@@ -30,6 +30,8 @@ OLD_RUNS: dict[str, Any] = {
         "encoder_rounds": None,
     },
     "train": {"sample_rate": None, "sample_rate_dp": 0.25, "sample_rate_no_dp": 0.05, "outside_weight": 1.0},
+    # Before tracking existed no run went to a tracker.
+    "tracking": {"name": "none", "uri": None},
 }
 #: Keys an older run's config may hold that are no longer settings: dropped.
 GONE = (("model", "_target_"),)

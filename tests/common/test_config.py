@@ -202,7 +202,7 @@ def test_a_config_written_before_recipes_and_pooling_is_upgraded_to_what_it_did(
 
     cfg = compose(["model=minilm_lora", "train.batch_size=64"], tmp_path)
     old = copy.deepcopy(cfg)
-    del old["recipe"], old["task"], old["simulation"]["runtime"]
+    del old["recipe"], old["task"], old["simulation"]["runtime"], old["tracking"]
     for key in ("pooling", "normalize", "freeze_encoder", "token_layer"):
         del old["model"][key]
     for key in ("sample_rate", "sample_rate_dp", "sample_rate_no_dp", "outside_weight"):
@@ -219,6 +219,7 @@ def test_a_config_written_before_recipes_and_pooling_is_upgraded_to_what_it_did(
         -1,
     )
     assert new["simulation"]["runtime"] == "engine" and "_target_" not in new["model"]
+    assert new["tracking"] == {"name": "none", "uri": None}  # no run before tracking went to a tracker
     assert upgrade(cfg) == cfg  # today's config is left as it is
 
 
