@@ -29,6 +29,7 @@ from common.report.build import (
     ROUND_KEYS,
     SCHEMA_VERSION,
     build_report,
+    round_epsilons,
 )
 from common.report.plots import ACCURACY_PLOT, CONFUSION_PLOT, EPSILON_PLOT
 from common.report.render import HTML_STYLE, MODE_WORDS, Block, write_report
@@ -60,5 +61,6 @@ __all__ = [
     "read_evaluation",
     "read_metrics",
     "render_run_dir",
+    "round_epsilons",
     "write_report",
 ]

@@ -199,6 +199,46 @@ def build_report(
     return report
 
 
+def round_epsilons(config: dict, clients_reported: dict, client_level: dict | None, server_round: int) -> dict:
+    """The report's ε figures as they stand after ``server_round``, recomputed as the report does.
+
+    ``epsilon_max``/``epsilon_min``: the highest and lowest sample-level client ε, each the
+    report's ``per_round`` value of the client's last round up to ``server_round`` (its history
+    cut at that round's steps), or for a client that only declined in this run its whole
+    history's ε (the run did not move it); clients yet to train are left out.
+    ``epsilon_client_level``: the client-level block's ε of its last round up to ``server_round``.
+    A figure the run does not have is absent. The same history gives the same numbers later,
+    so a resumed run's catch-up logs what the first process would have.
+    """
+    privacy = config.get("privacy") or {}
+    sample_cfg = privacy.get("sample") or {}
+    out: dict[str, float] = {}
+    if privacy.get("mode") in ("sample", "both"):
+        delta, accountant = float(sample_cfg["delta"]), str(sample_cfg["accountant"])
+        values = []
+        for _, entry in _sorted_entries((clients_reported.get("clients") or {}).items()):
+            history = [list(h) for h in entry.get("history") or []]
+            items = [p for p in entry.get("per_round") or [] if isinstance(p, dict)]
+            done = [p for p in items if _is_count(p.get("round")) and p["round"] <= server_round]
+            if done:
+                rows, _ = _per_round(history, {"per_round": done[-1:]}, delta, accountant)
+                values += [row["epsilon"] for row in rows]
+            elif not items:
+                values.append(epsilon(history, delta, accountant))
+        if values:
+            out["epsilon_max"], out["epsilon_min"] = max(values), min(values)
+    if client_level is not None and client_level.get("enabled"):
+        level, _ = _client_level(client_level)
+        points = [
+            p
+            for p in level["per_round"]
+            if _is_count(p.get("round")) and p["round"] <= server_round and p.get("epsilon") is not None
+        ]
+        if points:
+            out["epsilon_client_level"] = points[-1]["epsilon"]
+    return out
+
+
 def sample_unit(config: dict) -> str:
     """The sample-level unit in words: a sentence for token classification."""
     return SENTENCE_UNIT if config.get("task") == "token_classification" else SAMPLE_UNIT

@@ -16,6 +16,7 @@ import logging
 import random
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,7 +39,7 @@ from common.privacy.accounting import check_pins
 from common.privacy.mechanism import ClientLevelDP
 from common.protocol import TrainInstruction
 from common.recipe import check_model, round_aggregation, stage_of
-from common.report import build_report, read_evaluation, write_report
+from common.report import build_report, read_evaluation, round_epsilons, write_report
 from common.rundir import RunDir
 from common.storage import append_json_line, atomic_write_bytes, atomic_write_json
 from server.round.aggregate import Reply, RoundReplies, aggregate, collect
@@ -56,6 +57,11 @@ from server.round.optimizer import ServerOptimizer, server_optimizer
 from server.round.secagg import secagg_round
 
 log = logging.getLogger(__name__)
+
+#: Called after each completed round (its ``metrics.jsonl`` line is written) with that record
+#: and the report's ε figures after it (``common.report.round_epsilons``): an experiment
+#: tracker's hook (server.runtime.serve builds it). Whatever it raises, the run goes on.
+RoundObserver = Callable[[dict, dict], None]
 
 
 @dataclass
@@ -256,13 +262,15 @@ def run_rounds(
     resume: bool = False,
     window: int | None = None,
     progress_bar: bool = True,
+    observer: RoundObserver | None = None,
 ) -> RunEnd:
     """Run (or continue) every round and write the run directory and its privacy report.
 
     ``window``: at most this many of a round's messages unanswered at a time
     (``server.round.dispatch``; None: all at once). ``progress_bar``: False where another process
-    shows the rounds (``server.runtime.superlink``). What the run's end does with the model
-    (the explanation page) is the runtime's (``server.runtime.serve.federate``).
+    shows the rounds (``server.runtime.superlink``). ``observer``: see :data:`RoundObserver`. What
+    the run's end does with the model (the explanation page) is the runtime's
+    (``server.runtime.serve.federate``).
     """
     cfg, model = prepared.cfg, prepared.model
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -287,7 +295,7 @@ def run_rounds(
     client_dp = ClientLevelDP(cfg) if cfg["privacy"]["mode"] in ("client", "both") else None
     if client_dp is not None and resume:
         client_dp.restore(RunDir(run_dir).client_level, completed_rounds=first - 1)
-    rounds = _Rounds(grid, prepared, run_dir, state, optimizer, client_dp, nodes, window)
+    rounds = _Rounds(grid, prepared, run_dir, state, optimizer, client_dp, nodes, window, observer)
 
     with progress_display(disable=not progress_bar) as progress:
         task = progress.add_task("training", total=n_rounds, completed=first - 1)
@@ -326,6 +334,7 @@ class _Rounds:
     client_dp: ClientLevelDP | None
     nodes: list[int]
     window: int | None = None  # messages in flight at a time (server.round.dispatch)
+    observer: RoundObserver | None = None
 
     def __post_init__(self) -> None:
         self.cfg = self.prepared.cfg
@@ -402,7 +411,18 @@ class _Rounds:
         atomic_write_json(RunDir(self.run_dir).evaluation, evaluation.block(self.prepared.label_names, server_round))
         append_json_line(RunDir(self.run_dir).metrics, record)  # last: the round is complete
         state.rounds.append(record)
+        self._observe(record)
         return record
+
+    def _observe(self, record: dict) -> None:
+        """Tell the observer about the completed round; its failure is a warning, never the run's."""
+        if self.observer is None:
+            return
+        try:
+            level = self.client_dp.block() if self.client_dp is not None else None
+            self.observer(record, round_epsilons(self.cfg, self.state.reported(), level, record["round"]))
+        except Exception:
+            log.warning("the round observer failed after round %d; the run goes on", record["round"], exc_info=True)
 
     def _ask(self, server_round: int, sampled: list[int]) -> RoundReplies:
         """Send the round's instruction to ``sampled`` and check what comes back."""
