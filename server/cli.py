@@ -1,8 +1,8 @@
 """The ``fedpriv`` command: its arguments, and which code each command runs (DESIGN.md, "Commands").
 
 ``simulate`` runs in ``server.runtime.simulate``, ``audit`` in ``server.runtime.audit``,
-``explain``, ``export`` and ``predict`` on ``server.release``. The commands whose code is
-client code (the audit's runner, ``device-log``) are found through the ``fedpriv.commands``
+``explain``, ``export`` and ``predict`` on ``server.release``, ``compare`` in ``server.tracking``.
+The commands whose code is client code (the audit's runner, ``device-log``) are found through the ``fedpriv.commands``
 entry points (packaging metadata, pyproject's ``[project.entry-points."fedpriv.commands"]``),
 not by a name in ``server/``. Every command answers ``-h``/``--help`` with its usage, exit 0.
 """
@@ -27,7 +27,9 @@ USAGE = """usage: fedpriv [-v] simulate [HYDRA_OVERRIDES ...]   run N simulated 
                                                 the released model's predictions and attention on T
        fedpriv export RUN_DIR OUT [--round N] [--merge]   the released model as a Hugging Face
                                                 directory with a model card stating the run's epsilon
-       fedpriv predict MODEL_OR_RUN (--text T [--text T ...] | --file F.csv [--text-column text])"""
+       fedpriv predict MODEL_OR_RUN (--text T [--text T ...] | --file F.csv [--text-column text])
+       fedpriv compare DIR [DIR ...] [--out FILE.html]   runs side by side: what differs, accuracy
+                                                against epsilon (DIR: a run or a -m multirun directory)"""
 
 #: ``fedpriv simulate --help`` prints this, then Hydra's help (the config groups and the config).
 SIMULATE_USAGE = """usage: fedpriv [-v] simulate [HYDRA_OVERRIDES ...] [-m]
@@ -218,6 +220,28 @@ def predict_command(argv: list[str]) -> int:
     return 0
 
 
+def compare_command(argv: list[str]) -> int:
+    """``fedpriv compare DIR [DIR ...] [--out FILE.html]`` (server.tracking.compare)."""
+    import argparse
+
+    from server.tracking.compare import show_comparison
+
+    parser = argparse.ArgumentParser(
+        prog="fedpriv compare",
+        description="Compare runs: a table of what differs between their configs, final accuracy and "
+        "macro F1, the highest client epsilon, rounds, declines and wall time, and a page with the "
+        "privacy-utility curve, the accuracy per round and links to each run's report.",
+    )
+    parser.add_argument("dirs", nargs="+", type=Path, metavar="DIR", help="a run directory, or a multirun directory")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        help="the HTML page (default: DIR/comparison.html for one multirun directory, else comparison.html here)",
+    )
+    args = parser.parse_args(argv)
+    return show_comparison(args.dirs, args.out)
+
+
 def verbosity(argv: list[str]) -> tuple[bool, str, list[str]]:
     """(verbose, command, its arguments): ``-v`` before the command, or first after ``simulate``
     (before the Hydra overrides, which would take it for one of theirs)."""
@@ -256,6 +280,7 @@ def main() -> int:
         "explain": lambda: explain(rest),
         "export": lambda: export_command(rest),
         "predict": lambda: predict_command(rest),
+        "compare": lambda: compare_command(rest),
     }
     if command not in commands:
         print(f"fedpriv: unknown command {command!r}\n{USAGE}", file=sys.stderr)

@@ -141,7 +141,9 @@ def test_privacy_imports_nothing_of_the_report():
 
 #: Rooms and the rooms above them, which they must not import: a room sits below what hosts it.
 LAYERS = {
-    "server.round": ("server.runtime", "server.release", "server.app", "server.cli"),  # the loop, hosted by a runtime
+    # the loop, hosted by a runtime, which hands it the tracker's observer
+    "server.round": ("server.runtime", "server.release", "server.tracking", "server.app", "server.cli"),
+    "server.tracking": ("server.runtime", "server.app", "server.cli"),  # reads runs, beside the loop
     "server.release": ("server.runtime", "server.app", "server.cli"),  # reads a finished run
     "server.runtime": ("server.app", "server.cli"),  # server.app is the ServerApp's thin entry point
     "client.training": ("client.round", "client.app", "client.secagg"),

@@ -12,7 +12,7 @@ from server import cli
 from tests.conftest import child_env
 
 #: Every command, as DESIGN.md's "Commands" lists them; None: ``fedpriv --help`` itself.
-COMMAND_NAMES = (None, "simulate", "report", "audit", "export", "predict", "explain", "device-log")
+COMMAND_NAMES = (None, "simulate", "report", "audit", "export", "predict", "explain", "device-log", "compare")
 
 #: Runs ``fedpriv [COMMAND] FLAG`` in process for each command and flag, and prints (command, flag,
 #: exit status, stdout) as JSON: one interpreter for all, since each import of torch costs seconds.
