@@ -179,6 +179,9 @@ def export_command(argv: list[str]) -> int:
     except (ExportError, CheckpointError) as err:
         print(f"fedpriv export: {err}", file=sys.stderr)
         return 2
+    from server.tracking.tracker import store_export
+
+    store_export(args.run_dir, done.out)  # a tracked run's MLflow run gets the model card
     merged = " (LoRA adapter merged into the encoder)" if done.merged else ""
     print(
         f"fedpriv: round {done.meta['round']} exported to {done.out} as a {done.layout} model{merged}; "

@@ -17,6 +17,8 @@ from common.report.render import document, to_markdown
 
 #: The report's section the card repeats verbatim (common.report.render.document).
 RECOMPUTE_HEADING = "Recomputing ε from privacy_report.json"
+#: The card's file in the exported directory (where the Hub looks for it).
+CARD_FILE = "README.md"
 
 
 def write_card(out: Path, meta: dict, report: dict, cfg: dict) -> None:
@@ -53,7 +55,7 @@ def write_card(out: Path, meta: dict, report: dict, cfg: dict) -> None:
         ),
     ]
     card = ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n\n".join(sections) + "\n")
-    card.save(out / "README.md")
+    card.save(out / CARD_FILE)
 
 
 def _what(meta: dict, cfg: dict) -> str:

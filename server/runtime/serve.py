@@ -39,12 +39,35 @@ GO, OUTCOME, TERMINAL, SERVER = "go.json", "outcome.json", "terminal.log", "serv
 def federate(grid, prepared, run_dir: Path, **loop_options) -> dict:
     """Run (or continue) the federation, then write its explanation page; returns the privacy report.
 
-    ``loop_options``: ``server.round.loop.run_rounds``' (resume, window, progress_bar)."""
+    ``loop_options``: ``server.round.loop.run_rounds``' (resume, window, progress_bar). With
+    ``tracking=mlflow`` the run's tracker (``server.tracking.tracker``) observes every round,
+    catches up first on a resumed run's rounds it lacks, and stores the report at the end."""
     from server.round.loop import run_rounds
 
-    end = run_rounds(grid, prepared, run_dir, **loop_options)
+    tracker = _tracker(prepared.cfg, run_dir, resume=bool(loop_options.get("resume")))
+    try:
+        end = run_rounds(grid, prepared, run_dir, observer=tracker.round if tracker else None, **loop_options)
+    except BaseException:
+        if tracker is not None:
+            tracker.end("FAILED")
+        raise
     explain_run_end(end)
+    if tracker is not None:
+        tracker.finish()
     return end.report
+
+
+def _tracker(cfg: dict, run_dir: Path, *, resume: bool):
+    """The run's tracker, None with ``tracking=none``; none either for a fresh run into a directory
+    that holds one (the loop refuses it, and that run's MLflow run is not this one's)."""
+    from server.tracking.tracker import open_tracker
+
+    if not resume and RunDir(run_dir).metrics.exists():
+        return None
+    tracker = open_tracker(cfg, run_dir)
+    if tracker is not None and resume:
+        tracker.catch_up()
+    return tracker
 
 
 def explain_run_end(end) -> None:

@@ -38,10 +38,28 @@ def main(argv: list[str], *, verbose: bool = False) -> None:
         argv = [*argv, f"hydra.job.name={JOB_NAME}"]
     sys.argv = ["fedpriv simulate", *argv]
 
+    sweeps: list[Path] = []  # the multirun directory, once a -m job has run
+
     def task(cfg_node) -> None:
-        simulate(cfg_node, verbose=verbose)
+        sweep = sweep_dir()
+        if sweep is not None and sweep not in sweeps:
+            sweeps.append(sweep)
+        simulate(cfg_node, verbose=verbose, sweep=sweep)
 
     hydra.main(config_path=conf_path(), config_name="config", version_base="1.3")(task)()
+    if sweeps:  # after Hydra's multirun: every job has its report
+        from server.tracking.sweep import finish_sweep
+
+        finish_sweep(sweeps[0])
+
+
+def sweep_dir() -> Path | None:
+    """The Hydra multirun directory of the job now running; None outside a ``-m`` sweep."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    hydra_cfg = HydraConfig.get()
+    return Path(hydra_cfg.sweep.dir).resolve() if hydra_cfg.mode == RunMode.MULTIRUN else None
 
 
 def backend_config(cfg: dict) -> dict:
@@ -113,13 +131,18 @@ def message_window(cfg: dict) -> int | None:
     return max(1, int(per_worker) * workers)
 
 
-def simulate(cfg_node, *, verbose: bool = False) -> None:
-    """Hydra task: validate, then run the federation on Flower's simulation runtime (``simulation.runtime``)."""
+def simulate(cfg_node, *, verbose: bool = False, sweep: Path | None = None) -> None:
+    """Hydra task: validate, then run the federation on Flower's simulation runtime (``simulation.runtime``).
+
+    ``sweep``: the multirun directory of a ``-m`` job, whose MLflow run goes under the sweep's."""
     logging.getLogger("alembic").setLevel(logging.WARNING)  # Flower's state DB migrations
     from common.errors import ConfigError
+    from server.tracking.sweep import link_job
 
     try:
         cfg, run_dir, prepared = _checked(cfg_node)
+        if sweep is not None:
+            link_job(cfg, run_dir, sweep, name=job_name(run_dir))
     except ConfigError as err:
         configuration_error(err)
     errors: list[BaseException] = []
@@ -134,6 +157,14 @@ def simulate(cfg_node, *, verbose: bool = False) -> None:
     code = finish(run_dir)
     if code:  # not sys.exit(0): that would end a -m sweep after its first job
         sys.exit(code)
+
+
+def job_name(run_dir: Path) -> str:
+    """A sweep job's name for its tracker: its number and the overrides that make it this job."""
+    from hydra.core.hydra_config import HydraConfig
+
+    overrides = HydraConfig.get().job.override_dirname
+    return f"{run_dir.name}: {overrides}" if overrides else run_dir.name
 
 
 def _checked(cfg_node):
@@ -159,6 +190,10 @@ def _checked(cfg_node):
 
         torch.set_num_threads(min(torch.get_num_threads(), threads))
     validate(cfg)  # the config alone; with the data and the model below, or while the SuperLink starts
+    if cfg["tracking"]["name"] == "mlflow":
+        from server.tracking.mlflow_client import require
+
+        require()  # a missing client is a setting's error, before any training
     on_superlink = cfg["simulation"]["runtime"] == "superlink"
     return cfg, run_dir, None if on_superlink else prepare(cfg)
 

@@ -36,9 +36,8 @@ class Epsilon:
     client_id: str | None = None
 
     def text(self) -> str:
-        delta = f"δ = {self.delta:g}" if self.delta is not None else "δ unknown"
-        who = f", client {self.client_id}" if self.client_id is not None else ", client level"
-        return f"{self.value:.3f} ({delta}{who})"
+        delta = f"δ={self.delta:g}" if self.delta is not None else "δ unknown"
+        return f"{self.value:.3f} ({delta}{', client level' if self.level == 'client' else ''})"
 
 
 @dataclass
