@@ -204,8 +204,8 @@ def budget_epsilon(cfg: Mapping, who: ClientIdentity) -> float:
     per_client = {str(k): v for k, v in sample["client_budgets"].items()}
     if who.client_id in per_client:
         caps.append(float(per_client[who.client_id]))
-    if who.max_epsilon is not None:
-        caps.append(float(who.max_epsilon))
+    if who.policy.max_epsilon is not None:
+        caps.append(float(who.policy.max_epsilon))
     return min(caps)
 
 

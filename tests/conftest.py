@@ -69,6 +69,16 @@ def model_group(option: str) -> dict:
     return cfg
 
 
+def one_dp_step(data, *, sigma: float, clip: float, **settings):
+    """The TrainSettings of one DP-SGD step (SGD, lr 1) on a batch that is the whole dataset
+    (q = 1): what the tests that check clipping and noise against a reference train."""
+    from client.training.dp_train import DPSettings, TrainSettings
+
+    return TrainSettings(
+        epochs=1, batch_size=len(data), lr=1.0, optimizer="sgd", dp=DPSettings(sigma, clip, "rdp", ()), **settings
+    )
+
+
 @pytest.fixture
 def fast_cfg(tmp_path):
     def make(*overrides):

@@ -80,7 +80,6 @@ class ClientIdentity:
     client_id: str  # stable: partition-id in simulation, node-config client-id on a device
     partition_id: int
     state_dir: str  # where its ledger lives; never on the server in deployment
-    max_epsilon: float | None = None  # the device owner's own cap
     data_path: str | None = None  # the device's own training file (else its partition-id)
     device: str | None = None  # node-config device (auto | cpu | cuda); None: the run's train.device
     max_physical_batch_size: int | None = None  # Opacus BatchMemoryManager cap; None: no split
@@ -180,7 +179,6 @@ def node_identity(node: Mapping[str, Any], cfg: Mapping[str, Any], *, simulation
         client_id=client_id,
         partition_id=partition_id or 0,
         state_dir=state_dir,
-        max_epsilon=_number(node, "max-epsilon", float, minimum=0.0),
         policy=device_policy(node, deployed=not simulation),
         data_path=str(Path(str(data_path)).expanduser()) if data_path else None,
         device=str(device).lower() if device is not None else None,

@@ -16,6 +16,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 from common.errors import ConfigError
+from server.tracking.runs import flat
 
 #: MLflow's settings that fedpriv changes unless the user set them.
 ENV_DEFAULTS = {
@@ -108,13 +109,6 @@ def set_status(client, run_id: str, status: str) -> None:
         client.set_terminated(run_id, status=status)
 
 
-def flat_params(cfg: Mapping, prefix: str = "") -> dict[str, str]:
-    """The resolved config as MLflow params: dotted keys, lists and maps of values as JSON."""
-    out: dict[str, str] = {}
-    for key, value in cfg.items():
-        dotted = f"{prefix}{key}"
-        if isinstance(value, Mapping) and value:
-            out.update(flat_params(value, dotted + "."))
-        else:
-            out[dotted] = value if isinstance(value, str) else json.dumps(value)
-    return out
+def flat_params(cfg: Mapping) -> dict[str, str]:
+    """The resolved config as MLflow params: dotted keys (``runs.flat``), non-strings as JSON."""
+    return {key: value if isinstance(value, str) else json.dumps(value) for key, value in flat(cfg).items()}

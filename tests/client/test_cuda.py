@@ -14,6 +14,7 @@ from common.model.state import trainable_state
 from common.privacy.accounting import epsilon
 from common.privacy.mechanism import clip_update
 from tests.client.test_dp_train import reference_clipped_mean, tiny_data, tiny_model
+from tests.conftest import one_dp_step
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 CUDA = torch.device("cuda")
@@ -24,12 +25,10 @@ def full_batch_update(model, data, *, sigma, clip, mode="hooks", amp=None, physi
     result = local_train(
         model,
         data,
-        TrainSettings(
-            epochs=1,
-            batch_size=len(data),
-            lr=1.0,
-            optimizer="sgd",
-            dp=DPSettings(sigma, clip, "rdp", ()),
+        one_dp_step(
+            data,
+            sigma=sigma,
+            clip=clip,
             device=CUDA,
             grad_sample_mode=mode,
             amp_dtype=amp,

@@ -87,7 +87,7 @@ def test_node_config_keys(tmp_path):
         cfg,
     )
     assert who.state_dir == str((tmp_path / "s").resolve())
-    assert who.device == "cuda" and who.max_physical_batch_size == 8 and who.max_epsilon == 2.5
+    assert who.device == "cuda" and who.max_physical_batch_size == 8 and who.policy.max_epsilon == 2.5
     assert who.data_path.endswith("sms.csv") and "~" not in who.data_path
     # No client-id with a data-path: an id created once and kept in the state dir.
     assert who.client_id.startswith("device-")

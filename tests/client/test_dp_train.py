@@ -12,7 +12,7 @@ from client.training.dp_train import DPSettings, TrainSettings, local_train
 from common.model.factory import build_model
 from common.model.state import model_inputs, trainable_state
 from common.privacy.accounting import epsilon
-from tests.conftest import model_group
+from tests.conftest import model_group, one_dp_step
 
 TINY = dict(
     hidden_size=16,
@@ -54,14 +54,7 @@ def one_full_batch_update(model, data, *, sigma, clip, mode="hooks"):
     result = local_train(
         model,
         data,
-        TrainSettings(
-            epochs=1,
-            batch_size=len(data),
-            lr=1.0,
-            optimizer="sgd",
-            dp=DPSettings(sigma, clip, "rdp", ()),
-            grad_sample_mode=mode,
-        ),
+        one_dp_step(data, sigma=sigma, clip=clip, grad_sample_mode=mode),
     )
     assert result.steps == 1 and result.sample_rate == 1.0
     after = trainable_state(model)

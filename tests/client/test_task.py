@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from client.privacy.ledger import Ledger
-from client.privacy.node_config import ClientIdentity
+from client.privacy.node_config import ClientIdentity, DevicePolicy
 from client.round import budget_epsilon, run_round
 from common.data.partition import load_client_data
 from common.model.factory import instantiate_model
@@ -23,7 +23,10 @@ def global_weights(cfg):
 
 def who(cfg, client_id="0", max_epsilon=None):
     return ClientIdentity(
-        client_id=client_id, partition_id=int(client_id), state_dir=cfg["state_dir"], max_epsilon=max_epsilon
+        client_id=client_id,
+        partition_id=int(client_id),
+        state_dir=cfg["state_dir"],
+        policy=DevicePolicy(max_epsilon=max_epsilon),
     )
 
 
@@ -201,7 +204,7 @@ def test_planned_steps_are_the_steps_opacus_runs_at_a_short_batch_count(fast_cfg
 _OVERLAP_CHILD = r"""
 import json, sys, time
 import client.round as task
-from client.privacy.node_config import ClientIdentity
+from client.privacy.node_config import ClientIdentity, DevicePolicy
 from client.round import run_round
 from common.model.factory import instantiate_model
 from common.model.state import trainable_state

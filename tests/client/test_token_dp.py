@@ -17,7 +17,7 @@ from common.data.features import token_features
 from common.model.factory import build_model
 from common.model.pooling import TokenClassifier
 from common.model.state import model_inputs, trainable_state
-from tests.conftest import model_group
+from tests.conftest import model_group, one_dp_step
 
 TINY = dict(
     hidden_size=16,
@@ -67,14 +67,7 @@ def step(model, data, *, clip, weight, sigma=0.0):
     result = local_train(
         model,
         data,
-        TrainSettings(
-            epochs=1,
-            batch_size=len(data),
-            lr=1.0,
-            optimizer="sgd",
-            dp=DPSettings(sigma, clip, "rdp", ()),
-            outside_weight=weight,
-        ),
+        one_dp_step(data, sigma=sigma, clip=clip, outside_weight=weight),
     )
     assert result.steps == 1
     after = trainable_state(model)

@@ -10,7 +10,7 @@ from common.errors import ConfigError
 from common.model.factory import build_model
 from common.model.state import load_trainable, model_inputs, trainable_state
 from tests.client.test_dp_train import reference_clipped_mean
-from tests.conftest import ROOT, model_group
+from tests.conftest import ROOT, model_group, one_dp_step
 
 TINY = dict(
     hidden_size=16,
@@ -222,7 +222,7 @@ def test_a_dp_step_trains_the_head_and_adapters_of_a_pooled_model(mode, lora):
     # equals an independent per-example reference, and every trainable tensor moves.
     import copy
 
-    from client.training.dp_train import DPSettings, TrainSettings, local_train
+    from client.training.dp_train import local_train
 
     model = tiny(pooling="mean", normalize=True, lora=lora)
     if lora:  # LoRA B starts at zero: give A's gradient a path, as after a first round
@@ -239,14 +239,7 @@ def test_a_dp_step_trains_the_head_and_adapters_of_a_pooled_model(mode, lora):
     result = local_train(
         model,
         data,
-        TrainSettings(
-            epochs=1,
-            batch_size=len(data),
-            lr=1.0,
-            optimizer="sgd",
-            dp=DPSettings(0.0, clip, "rdp", ()),
-            grad_sample_mode=mode,
-        ),
+        one_dp_step(data, sigma=0.0, clip=clip, grad_sample_mode=mode),
     )
     assert result.steps == 1 and result.sample_rate == 1.0
     after = trainable_state(model)
