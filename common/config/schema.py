@@ -245,8 +245,10 @@ SCHEMA = Section(
         "state_dir": Nullable(Str),  # null in deployment: ledgers live on the devices
         "secaggplus": Section(
             {
-                "num_shares": Float,
-                "reconstruction_threshold": Float,
+                "num_shares": OneOf(Choice("auto"), Float),
+                "reconstruction_threshold": OneOf(Choice("auto"), Float),
+                "corrupt_fraction": Float,
+                "dropout_fraction": Float,
                 "clipping_range": Float,
                 "quantization_range": Int,
                 "modulus_range": Int,

@@ -20,6 +20,7 @@ from common.data.sources import TAGGED_SOURCES
 from common.errors import ConfigError
 from common.privacy.accounting import client_noise
 from common.recipe import validate_recipe
+from common.secagg_graph import shares_and_threshold
 
 
 def _number(
@@ -159,8 +160,23 @@ def _validate_secagg(cfg: Mapping) -> None:
             "strategy.fraction_train",
             f"secure aggregation needs at least 2 clients per round, {sampled} would be asked",
         )
-    shares = _number(cfg, "secaggplus.num_shares", minimum=0)
-    threshold = _number(cfg, "secaggplus.reconstruction_threshold", minimum=0)
+    secagg = cfg["secaggplus"]
+    corrupt = _number(cfg, "secaggplus.corrupt_fraction", minimum=0, exclusive=False)
+    dropout = _number(cfg, "secaggplus.dropout_fraction", minimum=0, exclusive=False)
+    if corrupt >= 1:
+        raise ConfigError("secaggplus.corrupt_fraction", f"must be < 1, got {corrupt}")
+    if corrupt + dropout >= 1:
+        raise ConfigError(
+            "secaggplus.dropout_fraction",
+            f"with secaggplus.corrupt_fraction={corrupt} it must be < {1 - corrupt}, got {dropout}",
+        )
+    auto_shares = secagg["num_shares"] == "auto"
+    shares = None if auto_shares else _number(cfg, "secaggplus.num_shares", minimum=0)
+    threshold = (
+        None
+        if secagg["reconstruction_threshold"] == "auto"
+        else _number(cfg, "secaggplus.reconstruction_threshold", minimum=0)
+    )
     if isinstance(shares, int) and shares != 1 and not 2 < shares:
         raise ConfigError("secaggplus.num_shares", f"an integer must be > 2 (or a fraction in (0, 1]), got {shares}")
     if isinstance(shares, float) and shares > 1:
@@ -175,6 +191,7 @@ def _validate_secagg(cfg: Mapping) -> None:
         raise ConfigError(
             "secaggplus.reconstruction_threshold", f"{threshold} is more than the {sampled} clients asked per round"
         )
+    shares_and_threshold(secagg, sampled)  # an int threshold above the round's shares (num_shares: auto)
     _number(cfg, "secaggplus.clipping_range", minimum=0)
     q_range = _number(cfg, "secaggplus.quantization_range", minimum=0, integer=True)
     mod = _number(cfg, "secaggplus.modulus_range", minimum=0, integer=True)

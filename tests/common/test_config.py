@@ -292,6 +292,13 @@ def test_bad_client_level_values_name_the_setting(tmp_path, override, setting):
         ("secaggplus.reconstruction_threshold=9", "secaggplus.reconstruction_threshold"),
         ("secaggplus.modulus_range=1000", "secaggplus.modulus_range"),
         ("strategy.fraction_train=0.25", "strategy.fraction_train"),
+        ("secaggplus.num_shares=some", "secaggplus.num_shares"),
+        ("secaggplus.reconstruction_threshold=half", "secaggplus.reconstruction_threshold"),
+        ("secaggplus.corrupt_fraction=1.0", "secaggplus.corrupt_fraction"),
+        ("secaggplus.corrupt_fraction=-0.1", "secaggplus.corrupt_fraction"),
+        ("secaggplus.dropout_fraction=0.95", "secaggplus.dropout_fraction"),
+        # num_shares: auto gives 4 clients a complete graph of 4 shares: 5 can never be gathered.
+        ("secaggplus.reconstruction_threshold=5", "secaggplus.reconstruction_threshold"),
     ],
 )
 def test_bad_secagg_values_name_the_setting(tmp_path, override, setting):
@@ -299,6 +306,20 @@ def test_bad_secagg_values_name_the_setting(tmp_path, override, setting):
     with pytest.raises(ConfigError) as err:
         validate(cfg)
     assert err.value.setting == setting
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        [],  # num_shares: auto, reconstruction_threshold: auto (the defaults)
+        ["secaggplus.num_shares=1.0", "secaggplus.reconstruction_threshold=0.67"],  # every client, as before
+        ["secaggplus.num_shares=3", "secaggplus.reconstruction_threshold=2"],
+        ["secaggplus.num_shares=0.5", "secaggplus.reconstruction_threshold=auto"],
+        ["secaggplus.reconstruction_threshold=3"],
+    ],
+)
+def test_secagg_share_settings_auto_or_explicit_are_accepted(tmp_path, overrides):
+    validate(compose([*FAST, "secagg=true", "num_clients=4", *overrides], tmp_path))
 
 
 def test_client_and_secagg_defaults_validate(tmp_path):
