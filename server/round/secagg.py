@@ -26,6 +26,7 @@ each client's masked vector is its update in that order plus one array ``[fits Â
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from collections.abc import Mapping, Sequence
@@ -42,9 +43,12 @@ from flwr.server.compat.grid_client_proxy import GridClientProxy
 from flwr.server.compat.legacy_context import LegacyContext
 from flwr.server.strategy import Strategy
 from flwr.server.workflow import SecAggPlusWorkflow
+from flwr.server.workflow.secure_aggregation import secaggplus_workflow
 from flwr.serverapp import Grid
 
 from common.protocol import ARRAYS, METRICS, PRIVACY, REPLY_RECORDS, TrainInstruction
+from common.secagg_graph import shares_and_threshold
+from server.round import shamir
 from server.round.aggregate import Reply, RoundReplies, SecureSum, collect
 
 log = logging.getLogger(__name__)
@@ -147,11 +151,35 @@ class _OneRound(Strategy):
         return None
 
 
-def workflow_for(settings: Mapping, clipping_range: float, timeout: float | None) -> SecAggPlusWorkflow:
-    """Flower's SecAgg+ workflow with fedpriv's settings (``secaggplus.*``); weight 1 per client."""
-    return SecAggPlusWorkflow(
-        num_shares=settings["num_shares"],
-        reconstruction_threshold=settings["reconstruction_threshold"],
+class _Workflow(SecAggPlusWorkflow):
+    """Flower's workflow, its unmask stage rebuilding secrets with ``server.round.shamir`` (the same
+    secrets from ``threshold`` shares, without Flower's per-share field inversions)."""
+
+    def unmask_stage(self, grid, context, state) -> bool:
+        flower_combine = secaggplus_workflow.combine_shares
+        secaggplus_workflow.combine_shares = functools.partial(shamir.combine_shares, threshold=state.threshold)
+        try:
+            return super().unmask_stage(grid, context, state)
+        finally:
+            secaggplus_workflow.combine_shares = flower_combine
+
+
+def workflow_for(
+    settings: Mapping, clipping_range: float, timeout: float | None, *, sampled: int
+) -> SecAggPlusWorkflow:
+    """Flower's SecAgg+ workflow with fedpriv's settings (``secaggplus.*``) for ``sampled`` clients; weight 1 each.
+
+    ``num_shares`` and ``reconstruction_threshold`` are resolved for the round
+    (``common.secagg_graph.shares_and_threshold``: ``auto`` is SecAgg+'s sparse graph) and
+    the share count always reaches Flower as a fraction of the sampled clients, which its
+    setup stage turns back into exactly that count: Flower warns about, or refuses, an
+    integer count above ``modulus_range / quantization_range``, a bound meant for the sum
+    of the weights, not for the number of shares.
+    """
+    num_shares, threshold = shares_and_threshold(settings, sampled)
+    return _Workflow(
+        num_shares=num_shares / sampled,
+        reconstruction_threshold=threshold,
         max_weight=1.0,
         clipping_range=float(clipping_range),
         quantization_range=int(settings["quantization_range"]),
@@ -191,7 +219,7 @@ def secagg_round(
     context.state.config_records["config"] = ConfigRecord({"current_round": server_round})
     context.state.array_records["parameters"] = compat.parameters_to_arrayrecord(params, keep_input=True)
     recorder = _Recorder(grid)
-    workflow_for(settings, clipping_range, timeout)(recorder, context)
+    workflow_for(settings, clipping_range, timeout, sampled=len(sampled))(recorder, context)
     return _replies(
         strategy,
         recorder,

@@ -24,6 +24,7 @@ from client.privacy.node_config import ClientIdentity
 from client.secagg import secagg_train
 from common.privacy.mechanism import ClientLevelDP, clip_update
 from common.protocol import TrainInstruction, TrainReply
+from common.secagg_graph import neighbourhood
 from server.round.aggregate import aggregate
 from server.round.secagg import secagg_round
 from tests.conftest import config_group
@@ -32,6 +33,8 @@ C = 1.0
 SETTINGS = {
     "num_shares": 1.0,
     "reconstruction_threshold": 0.67,
+    "corrupt_fraction": 0.1,
+    "dropout_fraction": 0.1,
     "quantization_range": 2**22,
     "modulus_range": 2**32,
     "clipping_range": 8.0,
@@ -286,3 +289,61 @@ def test_a_halted_round_still_keeps_what_the_replies_said(task_identity, nodes):
     assert result.secure_sum is None and result.trained == []
     assert result.missing == [12, 13]
     assert sorted(result.privacy) == ["11", "14"]  # they trained: their ledgers' spend is reported
+
+
+# ------------------------------------------------------------------ the neighbourhood Flower is handed
+# workflow_for hands Flower num_shares as a fraction of the sampled clients (never an int, which
+# Flower checks against modulus_range / quantization_range); its setup stage must turn it back into
+# exactly the count fedpriv chose, and send that count and the threshold to every client.
+
+
+class _SetupOnly:
+    """A Grid that keeps the setup stage's messages and answers none (the workflow then halts)."""
+
+    def __init__(self):
+        self.configs = []
+
+    def send_and_receive(self, messages, *, timeout=None):
+        self.configs += [m.content.config_records[RECORD_KEY_CONFIGS] for m in messages]
+        return []
+
+
+def setup_sent(nodes, settings):
+    grid = _SetupOnly()
+    result = run_round(grid, nodes, settings=settings)
+    assert result.secure_sum is None  # nobody answered: nothing revealed
+    assert len(grid.configs) == len(nodes)
+    return {(c[Key.SHARE_NUMBER], c[Key.THRESHOLD]) for c in grid.configs}
+
+
+AUTO = {**SETTINGS, "num_shares": "auto", "reconstruction_threshold": "auto"}
+
+
+@pytest.mark.parametrize("n", [3, 10, 31, 100])
+def test_auto_neighbourhood_reaches_every_client_as_chosen(task_identity, n):
+    graph = neighbourhood(n, SETTINGS["corrupt_fraction"], SETTINGS["dropout_fraction"])
+    assert setup_sent(list(range(1, n + 1)), AUTO) == {(graph.num_shares, graph.threshold)}
+
+
+@pytest.mark.parametrize(
+    "shares, threshold, sent",
+    [(1.0, 0.67, (10, 7)), (0.5, 0.6, (5, 3)), (5, 3, (5, 3)), (4, 3, (5, 3)), (1, 2, (10, 2))],
+)
+def test_explicit_shares_and_thresholds_still_work(task_identity, shares, threshold, sent):
+    # An even int is bumped to the next odd count (the client plus k/2 neighbours each side), and
+    # the clients are told that count: Flower's int path told them the even one.
+    settings = {**SETTINGS, "num_shares": shares, "reconstruction_threshold": threshold}
+    assert setup_sent(list(range(1, 11)), settings) == {sent}
+
+
+def test_auto_round_over_a_sparse_graph_recovers_dropped_clients(task_identity):
+    nodes = list(range(101, 131))  # 30 clients: 6 neighbours each, threshold 5
+    graph = neighbourhood(30, SETTINGS["corrupt_fraction"], SETTINGS["dropout_fraction"])
+    assert not graph.complete and graph.num_shares < len(nodes)
+    updates = random_updates(nodes, scale=0.001)
+    dropped = {105: Stage.COLLECT_MASKED_VECTORS, 120: Stage.COLLECT_MASKED_VECTORS}
+    result = run_round(InProcessGrid(updates, drop=dropped), nodes, settings=AUTO)
+    survivors = [n for n in nodes if n not in dropped]
+    assert result.secure_sum is not None and sorted(result.trained) == sorted(str(n) for n in survivors)
+    step = 2 * C / SETTINGS["quantization_range"]
+    assert max_error(result.secure_sum.total, plain_sum(updates, survivors)) <= len(survivors) * step
