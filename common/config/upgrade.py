@@ -31,7 +31,7 @@ OLD_RUNS: dict[str, Any] = {
     },
     "train": {"sample_rate": None, "sample_rate_dp": 0.25, "sample_rate_no_dp": 0.05, "outside_weight": 1.0},
     # Before `auto` existed num_shares and threshold were explicit: the assumptions only inform `auto`.
-    "secaggplus": {"corrupt_fraction": 0.1, "dropout_fraction": 0.1},
+    "secaggplus": {"corrupt_fraction": 0.05, "dropout_fraction": 0.05},
     # Before tracking existed no run went to a tracker.
     "tracking": {"name": "none", "uri": None},
 }
