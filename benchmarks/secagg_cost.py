@@ -10,22 +10,24 @@ protocol does is therefore done by this process, one client after another: the s
 what a simulation on one machine spends on SecAgg+, which its workers can spread over
 the cores.
 
-Two settings per number of clients: ``all-to-all`` (``num_shares: 1.0``,
-``reconstruction_threshold: 0.67``: the default before SecAgg+'s sparse graph was used)
-and ``auto`` (today's default: the degree and threshold of
-``common.secagg_graph.neighbourhood`` under ``secaggplus.corrupt_fraction`` /
-``secaggplus.dropout_fraction``). Per run: the wall time of the round, of each of the
-protocol's four stages split into the clients' part (inside the grid's
-send_and_receive) and the server's, and of the cryptographic primitives (timed by
-wrapping Flower's functions where its mod and workflow call them): Shamir splitting
-(clients) and reconstruction (server), ECDH key agreement, key generation, share
-encryption, mask expansion (the PRG, one per neighbour and client, and the server's for
-the survivors' self masks).
+Two variants per number of clients: ``before`` (``num_shares: 1.0``,
+``reconstruction_threshold: 0.67``, the unmask stage rebuilding secrets with Flower's own
+Shamir: the code and default before ``auto``) and ``auto`` (today's default: the degree
+and threshold of ``common.secagg_graph.neighbourhood`` under ``secaggplus.corrupt_fraction``
+/ ``secaggplus.dropout_fraction``, the server's reconstruction ``server.round.shamir``).
+Per run: wall and CPU time of the round, the wall time of each of the protocol's four
+stages split into the clients' part (inside the grid's send_and_receive) and the
+server's, and of the cryptographic primitives (timed by wrapping Flower's functions where
+its mod and workflow call them): Shamir splitting (clients) and reconstruction (server),
+ECDH key agreement, key parsing, key generation, share encryption, mask expansion (the
+PRG, one per neighbour and client, and the server's for the survivors' self masks).
 
-All-to-all at 1,000 clients would take days (Shamir splitting ∝ k·t per client, so n³
-in all): it is predicted from the primitives' unit costs measured at 100 clients, and
-the prediction is checked against the measured runs at 10 and 100. ``--quick``: 10 and
-30 clients, both settings (well under a minute).
+``before`` at 1,000 clients would take days (Shamir splitting ∝ shares·t per client, so
+n³ in all): it is predicted from the unit costs of the measured run at 100 clients, and
+the same model predicts the measured run at 10 as a check. ``--simulate off auto`` adds
+real ``fedpriv simulate`` runs (minilm_head on Banking77, 100 clients): the head rounds'
+wall and CPU time without SecAgg+ and with its default. ``--quick``: 10 and 30 clients,
+both variants, no simulation (well under a minute).
 """
 
 from __future__ import annotations
@@ -135,7 +137,7 @@ def one_round(n: int, settings: dict, timers: Timers) -> dict:
     grid.send_and_receive = timed_send
     timers.reset()
     instruction = TrainInstruction("bench", 1, "{}", client_clip_norm=1.0)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     result = secagg_round(
         grid,
         nodes,
@@ -147,7 +149,7 @@ def one_round(n: int, settings: dict, timers: Timers) -> dict:
         timeout=None,
         run_id=7,
     )
-    wall = time.perf_counter() - t0
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     if result.secure_sum is None or len(result.trained) != n:
         raise SystemExit(f"the secure round failed at n={n}: {result.secure_error}")
     clients = [stage_of_call.get(i, 0.0) for i in range(len(STAGES))]
@@ -161,7 +163,7 @@ def one_round(n: int, settings: dict, timers: Timers) -> dict:
     }
     names = sorted({name for names in PRIMITIVES.values() for name in names.values()})
     primitives = {name: {"s": round(timers.seconds[name], 3), "calls": timers.calls[name]} for name in names}
-    return {"wall_s": round(wall, 3), "stages": stages, "primitives": primitives}
+    return {"wall_s": round(wall, 3), "cpu_s": round(cpu, 3), "stages": stages, "primitives": primitives}
 
 
 class flower_unmask:
@@ -181,8 +183,9 @@ class flower_unmask:
         secagg._Workflow.unmask_stage = self.saved
 
 
-#: name -> (settings over the defaults, reconstruction with Flower's own Shamir)
-VARIANTS = {"auto": ({}, False), "all-to-all": (OLD, False), "before": (OLD, True)}
+#: name -> (settings over the defaults, reconstruction with Flower's own Shamir). ``before``:
+#: every client sharing with every other and Flower's reconstruction, the code before auto.
+VARIANTS = {"auto": ({}, False), "before": (OLD, True)}
 
 
 def predict(n: int, shares: int, t: int, ref: dict, flower_combine: bool) -> dict:
@@ -269,7 +272,7 @@ def main() -> None:
         "--measure-all-to-all-up-to",
         type=int,
         default=100,
-        help="measure all-to-all (and before) up to this many clients, predict beyond",
+        help="measure `before` (all-to-all) up to this many clients, predict beyond",
     )
     p.add_argument(
         "--simulate",
@@ -315,7 +318,7 @@ def main() -> None:
                     print(f"n={n} {name}: num_shares={shares} threshold={t} ...", flush=True)
                     with flower_unmask() if flower_combine else contextlib.nullcontext():
                         entry.update(measured=True, **one_round(n, settings, timers))
-                    print(f"  {entry['wall_s']} s", flush=True)
+                    print(f"  {entry['wall_s']} s, {entry['cpu_s']} s CPU", flush=True)
                 runs[str(n)][name] = entry
     # Unmeasured runs predicted from the largest measured run of the same variant; measured
     # runs at fewer clients predicted too, as a check of the model.
@@ -331,12 +334,15 @@ def main() -> None:
     for n, by in runs.items():
         parts = []
         for name, e in by.items():
-            took = f"{e['wall_s']} s" if e.get("measured") else f"~{e['model']['predicted_wall_s']} s predicted"
+            if e.get("measured"):
+                took = f"{e['wall_s']} s ({e['cpu_s']} s CPU)"
+            else:
+                took = f"~{e['model']['predicted_wall_s']} s predicted"
             parts.append(f"{name}: shares={e['num_shares']} t={e['threshold']} {took}")
         print(f"n={n}: " + "; ".join(parts), flush=True)
     simulated = {}
     for name in args.simulate:
-        settings = {**base, **(VARIANTS[name][0] if name in VARIANTS else {})}
+        settings = {**base, **(OLD if name == "all-to-all" else {})}
         simulated[name] = simulate(name, settings, args.simulate_clients)
     _common.write_json(
         args.out,

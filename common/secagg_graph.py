@@ -6,32 +6,39 @@ two secrets (the self-mask seed and the mask key) among, only its neighbours. Fl
 workflow builds the graph as a random Harary graph: the sampled nodes are shuffled onto
 a ring and each is joined to the ``k / 2`` nodes on either side (``num_shares = k + 1``
 shares, one of them kept by the client itself). The cost of a round falls from O(n²) to
-O(n k): Shamir splitting (each client, ∝ k·t), reconstruction (the server, ∝ t² per
-client) and key agreement and mask expansion (∝ k per client).
+O(n k): Shamir splitting (each client, ∝ k·t), reconstruction (the server, ∝ t per
+client with ``server.round.shamir``) and key agreement and mask expansion (∝ k per client).
 
-:func:`neighbourhood` picks the smallest even degree ``k`` and the threshold ``t`` that
-the paper's analysis of the random Harary graph admits (as its authors' own parameter
-finder does), for ``n`` sampled clients of which at most a fraction ``corrupt`` collude
-with an honest-but-curious server and at most a fraction ``dropout`` drop out mid-round:
+:func:`neighbourhood` picks the smallest even degree ``k`` that the paper's analysis of
+the random Harary graph admits (as its authors' own parameter finder does, Google's
+``fcp/secagg``), for ``n`` sampled clients of which at most a fraction γ (``corrupt``)
+collude with an honest-but-curious server and at most a fraction δ (``dropout``) drop
+out mid-round, the colluders fixed before the ring is drawn and the dropouts independent
+of it. A client's neighbours are then a uniformly random ``k`` of the ``n - 1`` others, so
+the counts below are hypergeometric:
 
 - security (failure ≤ 2^-40 over the round, split evenly between the two events below,
   union bound over the n clients):
-  - no client has ``t`` or more corrupt neighbours (else the colluders alone hold enough
-    shares to rebuild its secrets): ``t`` is the smallest value with
-    P[corrupt neighbours ≥ t] ≤ 2^-41 / n, the count hypergeometric (k draws from n
-    clients of which ⌊γ n⌋ are corrupt: a fixed corrupt set, a uniformly random ring);
-  - the honest survivors stay connected once the corrupt and dropped clients are removed
-    (else the server learns the sums of the pieces): a Harary ring breaks only where
-    k / 2 consecutive clients are all removed, in two places; union bound over the pairs
-    of places;
-- correctness (failure ≤ 2^-20): every client keeps at least ``t`` surviving neighbours,
-  so that the server can rebuild what it must (the survivors' self masks, the dropped
-  clients' keys): P[surviving neighbours < t] ≤ 2^-20 / n.
+  - no client has ``t`` or more colluding neighbours (else the colluders alone hold
+    enough shares to rebuild its secrets; an honest client hands the server, for each
+    neighbour, the share of its self-mask seed or of its key, never both):
+    P[colluding neighbours ≥ t] ≤ 2^-41 / n;
+  - the honest survivors stay connected once the colluding and dropped clients are
+    removed (else the server learns the sums of the pieces): a Harary ring breaks only
+    where k / 2 consecutive clients are all removed, in two places; union bound over the
+    pairs of places, ≤ 2^-41;
+- correctness (failure ≤ 2^-20): every client, a dropped one included, keeps ``t``
+  surviving holders of its shares, so that the server can rebuild what it must (the
+  survivors' self masks, the dropped clients' keys): P[surviving neighbours < t] ≤ 2^-20 / n.
+  Beyond the assumed dropouts a round may halt; a halted round reveals nothing.
 
-Fractions of the n clients are rounded up (a tenth of 4 clients is one colluder, not
-none). When no ``k < n - 1`` satisfies all three (a small federation), the graph is
-complete (every client shares with every other, SecAgg's setting) and ``t`` is the
-smallest secure one, ⌈γ n⌉ + 1 (at least 2): the colluders' shares alone never suffice.
+``t`` is the largest threshold correctness allows (the most colluders tolerated, where
+the authors' finder takes the smallest secure one to save computation), and at least
+the smallest secure one. Fractions of the n clients are rounded up (5 % of 10 clients is
+one colluder, not none). When no ``k < n - 1`` satisfies all three (a small federation),
+the graph is complete (every client shares with every other, SecAgg's setting): there
+the colluders hold exactly ⌈γ n⌉ shares of an honest client's n and the survivors
+n - ⌈δ n⌉, so ``t`` is n - ⌈δ n⌉, or ⌈γ n⌉ + 1 (at least 2) where that is larger.
 """
 
 from __future__ import annotations
