@@ -153,7 +153,9 @@ class _OneRound(Strategy):
 
 class _Workflow(SecAggPlusWorkflow):
     """Flower's workflow, its unmask stage rebuilding secrets with ``server.round.shamir`` (the same
-    secrets from ``threshold`` shares, without Flower's per-share field inversions)."""
+    secrets from ``threshold`` shares, without Flower's per-share field inversions). The stage
+    reads Flower's module-level ``combine_shares``, which is swapped for the stage's duration
+    only: the loop runs one secure round at a time."""
 
     def unmask_stage(self, grid, context, state) -> bool:
         flower_combine = secaggplus_workflow.combine_shares
@@ -172,9 +174,9 @@ def workflow_for(
     ``num_shares`` and ``reconstruction_threshold`` are resolved for the round
     (``common.secagg_graph.shares_and_threshold``: ``auto`` is SecAgg+'s sparse graph) and
     the share count always reaches Flower as a fraction of the sampled clients, which its
-    setup stage turns back into exactly that count: Flower warns about, or refuses, an
-    integer count above ``modulus_range / quantization_range``, a bound meant for the sum
-    of the weights, not for the number of shares.
+    setup stage turns back into exactly that count (``round(k / n · n)``, odd below n):
+    Flower checks an integer count against ``modulus_range / quantization_range``, a bound
+    meant for the sum of the weights, not for the number of shares.
     """
     num_shares, threshold = shares_and_threshold(settings, sampled)
     return _Workflow(
