@@ -137,6 +137,9 @@ def record(
         "reason": reply.reason if event == DECLINED else "",
         "never_sent": list(NEVER_SENT),
     }
+    if "noise_share" in protection:  # distributed noise: this device's share, and its message's own ε
+        line["noise_share"] = protection["noise_share"]
+        line["epsilon_local"] = protection.get("epsilon_local")
     with locked(state_dir, client_id, lock_file=LOCK):
         append_json_line(log_path(state_dir, client_id), line)
     return line

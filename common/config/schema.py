@@ -361,6 +361,10 @@ SCHEMA = Section(
                         "max_grad_norm": Float,
                         "accountant": Choice(*sorted(ACCOUNTANTS)),
                         "client_budgets": MapOf(Float),
+                        "noise": Choice("local", "distributed"),
+                        "distributed": Section(
+                            {"n_min": Float, "granularity": Int, "sample_rate": Float, "count_units": Int}
+                        ),
                     }
                 ),
                 "client": Section(

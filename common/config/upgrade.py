@@ -30,6 +30,13 @@ OLD_RUNS: dict[str, Any] = {
         "encoder_rounds": None,
     },
     "train": {"sample_rate": None, "sample_rate_dp": 0.25, "sample_rate_no_dp": 0.05, "outside_weight": 1.0},
+    # Before distributed noise existed every client added all of its noise.
+    "privacy": {
+        "sample": {
+            "noise": "local",
+            "distributed": {"n_min": 0.9, "granularity": 1024, "sample_rate": 1.0, "count_units": 256},
+        }
+    },
     # Before tracking existed no run went to a tracker.
     "tracking": {"name": "none", "uri": None},
 }
