@@ -363,7 +363,14 @@ SCHEMA = Section(
                         "client_budgets": MapOf(Float),
                         "noise": Choice("local", "distributed"),
                         "distributed": Section(
-                            {"n_min": Float, "granularity": Int, "sample_rate": Float, "count_units": Int}
+                            {
+                                "n_min": Float,
+                                "granularity": Int,
+                                "sample_rate": Float,
+                                "count_units": Int,
+                                "prototype_share": Float,
+                                "head_lr": Float,
+                            }
                         ),
                     }
                 ),

@@ -34,7 +34,14 @@ OLD_RUNS: dict[str, Any] = {
     "privacy": {
         "sample": {
             "noise": "local",
-            "distributed": {"n_min": 0.9, "granularity": 1024, "sample_rate": 1.0, "count_units": 256},
+            "distributed": {
+                "n_min": 0.9,
+                "granularity": 1024,
+                "sample_rate": 1.0,
+                "count_units": 256,
+                "prototype_share": 0.8,
+                "head_lr": 64.0,
+            },
         }
     },
     # Before tracking existed no run went to a tracker.

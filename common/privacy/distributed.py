@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 from common.errors import ConfigError
 from common.privacy.discrete import MODULUS, Sensitivity, SkellamEntry, calibrate_sigma, entry_for
-from common.recipe import recipe_of, stage_rounds
+from common.recipe import stage_rounds
 
 #: The extra coordinate of a head step's vector: the count of sampled examples, in count units.
 COUNT_KEY = "fedpriv.count"
@@ -49,6 +49,7 @@ class DistributedNoise:
     delta: float
     prototype_share: float | None  # the release's share of ε, when the recipe has the prototype round
     head_rounds: int
+    head_lr: float  # the server's step on the noised mean gradient
 
     @classmethod
     def of(cls, cfg: Mapping) -> "DistributedNoise":
@@ -58,7 +59,6 @@ class DistributedNoise:
         raw = dist["n_min"]
         n_min = math.ceil(float(raw) * asked) if float(raw) <= 1 and not _is_int(raw) else int(raw)
         rounds = stage_rounds(cfg)
-        recipe = recipe_of(cfg)
         return cls(
             n_min=max(1, n_min),
             granularity=int(dist["granularity"]),
@@ -67,7 +67,8 @@ class DistributedNoise:
             max_grad_norm=float(sample["max_grad_norm"]),
             epsilon=float(sample["epsilon"]),
             delta=float(sample["delta"]),
-            prototype_share=float(recipe["prototype_share"]) if rounds["prototypes"] else None,
+            prototype_share=float(dist["prototype_share"]) if rounds["prototypes"] else None,
+            head_lr=float(dist["head_lr"]),
             head_rounds=int(rounds["head"]),
         )
 
@@ -181,6 +182,12 @@ def validate_distributed(cfg: Mapping) -> None:
     q = dist["sample_rate"]
     if isinstance(q, bool) or not isinstance(q, (int, float)) or not 0 < q <= 1:
         raise ConfigError("privacy.sample.distributed.sample_rate", f"must be in (0, 1], got {q!r}")
+    share = dist["prototype_share"]
+    if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 < share < 1:
+        raise ConfigError("privacy.sample.distributed.prototype_share", f"must be in (0, 1), got {share!r}")
+    lr = dist["head_lr"]
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0 or not math.isfinite(lr):
+        raise ConfigError("privacy.sample.distributed.head_lr", f"must be a number > 0, got {lr!r}")
     c = dist["count_units"]
     if isinstance(c, bool) or not isinstance(c, int) or not 1 <= c <= g:
         raise ConfigError(

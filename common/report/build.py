@@ -29,7 +29,6 @@ from common.privacy.accounting import (
     client_epsilon,
     client_history,
     client_level_sigma,
-    epsilon,
     history_prefix,
     spent_epsilon,
 )

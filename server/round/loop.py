@@ -435,7 +435,7 @@ class _Rounds:
         return {
             "units": self.noise.units_per_value(stage),
             "count_units": self.noise.count_units,
-            "lr": float(self.cfg["recipe"]["head_lr"]),
+            "lr": self.noise.head_lr,
         }
 
     def _ask(self, server_round: int, sampled: list[int]) -> RoundReplies:
