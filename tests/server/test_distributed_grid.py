@@ -48,8 +48,11 @@ def _run(tmp_path, *overrides):
     return cfg, report, metrics, states
 
 
-def test_distributed_rounds_release_sums_and_the_report_recomputes_both_epsilons(task_identity, tmp_path):
-    cfg, report, metrics, states = _run(tmp_path, "rounds=3", "privacy.sample.epsilon=4")
+@pytest.mark.parametrize("rate", [1.0, 0.5])  # full-batch head steps (the default), and Poisson-sampled ones
+def test_distributed_rounds_release_sums_and_the_report_recomputes_both_epsilons(task_identity, tmp_path, rate):
+    cfg, report, metrics, states = _run(
+        tmp_path, "rounds=3", "privacy.sample.epsilon=4", f"privacy.sample.distributed.sample_rate={rate}"
+    )
     assert [m["clients_trained"] for m in metrics] == [4, 4, 4] and not any(m["skipped"] for m in metrics)
     assert not torch.equal(states[0]["classifier.weight"], states[1]["classifier.weight"])  # prototypes
     assert not torch.equal(states[1]["classifier.weight"], states[2]["classifier.weight"])  # a head step
@@ -61,6 +64,7 @@ def test_distributed_rounds_release_sums_and_the_report_recomputes_both_epsilons
     for client in sample["clients"]:
         discrete = client["discrete"]
         assert sum(e["steps"] for e in discrete) == 3 and {e["n_min"] for e in discrete} == {4}
+        assert [e["q"] for e in discrete] == [1.0, rate]  # the prototype release, then the head steps
         eps, local = reference_epsilon(discrete, 1e-3), reference_epsilon(discrete, 1e-3, local=True)
         assert client["epsilon"] == pytest.approx(eps, rel=1e-9) and client["epsilon"] <= 4.0
         assert client["epsilon_local"] == pytest.approx(local, rel=1e-9) and local > client["epsilon"]
