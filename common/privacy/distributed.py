@@ -138,6 +138,13 @@ def _is_int(value) -> bool:
 
 def validate_distributed(cfg: Mapping) -> None:
     """Config-only checks of ``privacy.sample.noise`` (``common.config.validate.validate`` calls this)."""
+    privacy = cfg["privacy"]
+    if privacy["mode"] == "client" and privacy["sample"]["noise"] == "distributed":
+        raise ConfigError(
+            "privacy.sample.noise",
+            "distributed noise covers sample-level DP (privacy=sample); client-level DP with distributed "
+            "noise is not built yet (privacy=client adds the noise on the server)",
+        )
     if not distributed(cfg):
         return
     if not cfg["secagg"]:

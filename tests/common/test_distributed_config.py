@@ -22,6 +22,7 @@ def _cfg(tmp_path, *overrides):
     [
         (["secagg=false"], "privacy.sample.noise"),
         (["privacy=both"], "privacy.sample.noise"),
+        (["privacy=client"], "privacy.sample.noise"),
         (["privacy.sample.accountant=prv"], "privacy.sample.accountant"),
         (["recipe=finetune"], "recipe.encoder_rounds"),
         (["privacy.sample.distributed.n_min=5", "num_clients=4"], "privacy.sample.distributed.n_min"),
