@@ -31,6 +31,7 @@ import _common
 from _common import COMMON, DATASETS, dataset_overrides  # shared with tune.py, which this script drives
 
 SEEDS = [0, 1, 2]
+DISTRIBUTED = ["secagg=true", "privacy.sample.noise=distributed"]
 LEVELS = ["1", "3", "8", "none"]
 GOAL = 0.95  # accuracy at eps=8 over the non-private federated accuracy
 
@@ -42,6 +43,14 @@ def main() -> None:
     p.add_argument("--seeds", nargs="*", type=int, help=f"default: {SEEDS} (quick: 0)")
     p.add_argument("--model", default=None)
     p.add_argument("--levels", nargs="*", default=LEVELS)
+    p.add_argument(
+        "--noise",
+        nargs="*",
+        default=["local"],
+        choices=["local", "distributed"],
+        help="local: each client adds all its noise (the default); distributed: secagg=true "
+        "privacy.sample.noise=distributed, a share each (reported as DATASET+distributed)",
+    )
     p.add_argument("--extra", nargs="*", default=[], help="more Hydra overrides for every run")
     p.add_argument("--plot", type=Path, help="PNG to write (default: next to --out)")
     p.add_argument(
@@ -87,7 +96,7 @@ def main() -> None:
             ]
         runs = [
             {
-                "dataset": ds,
+                "dataset": ds if noise == "local" else f"{ds}+distributed",
                 "level": level,
                 "seed": seed,
                 "overrides": [
@@ -95,11 +104,14 @@ def main() -> None:
                     *dataset_overrides(ds, args.data_root),
                     f"seed={seed}",
                     *(["privacy=none"] if level == "none" else [f"privacy.sample.epsilon={level}"]),
+                    *(DISTRIBUTED if noise == "distributed" else []),
                 ],
             }
             for ds in datasets
+            for noise in args.noise
             for level in levels
             for seed in seeds
+            if not (noise == "distributed" and level == "none")  # no noise to distribute
         ]
     if args.engine == "inprocess" or args.from_file:
         outcomes = _inprocess(runs, args)

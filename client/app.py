@@ -121,15 +121,15 @@ def _profile(path: str, started: float, timings: dict[str, Any]) -> None:
 
 
 def _train(msg: Message, context: Context, timings: dict[str, Any]) -> Message:
-    def timed(instruction: TrainInstruction, global_state: dict, context: Context) -> Answered:
-        answered = answer(instruction, global_state, context)
+    def timed(instruction: TrainInstruction, global_state: dict, context: Context, *, secure: bool = True) -> Answered:
+        answered = answer(instruction, global_state, context, secure=secure)
         timings.update(answered.timings)  # for train()'s profile line, whichever path answered
         return answered
 
     if is_secagg(msg):  # a SecAgg+ round: Flower's mod drives the stages (client/secagg.py)
         return secagg_train(msg, context, timed)
     instruction, global_state = TrainInstruction.from_content(msg.content)
-    answered = timed(instruction, global_state, context)
+    answered = timed(instruction, global_state, context, secure=False)
     content = answered.reply.to_content()
     answered.log(transparency.content_bytes(content))  # before it leaves
     return Message(content=content, reply_to=msg)
@@ -163,12 +163,14 @@ class Answered:
         )
 
 
-def answer(instruction: TrainInstruction, global_state: dict, context: Context) -> Answered:
+def answer(instruction: TrainInstruction, global_state: dict, context: Context, *, secure: bool = True) -> Answered:
     """The reply to one training request, plain or SecAgg+.
 
     First the device's own checks (``client.privacy.policy``): the run config must pass the
     server's validator and the owner's policy, else the device declines before it reads
-    its data or touches its ledger. With client-level DP (C in the instruction) the update
+    its data or touches its ledger. ``secure``: the request came as a SecAgg+ round (the plain
+    path passes False: a distributed-noise round is then declined, its share would leave alone).
+    With client-level DP (C in the instruction) the update
     is clipped to C here, after the ledger committed the unclipped reply: clipping is a
     deterministic post-processing, so a resent round clips the kept reply identically.
     """
@@ -177,7 +179,7 @@ def answer(instruction: TrainInstruction, global_state: dict, context: Context) 
     except ValueError:
         cfg = None  # not JSON: declined below as an invalid config
     who = identity(context, cfg if isinstance(cfg, dict) else {})
-    refused = refusal(cfg, who, client_clip_norm=instruction.client_clip_norm)
+    refused = refusal(cfg, who, client_clip_norm=instruction.client_clip_norm, secure=secure)
     if refused is not None:
         return _declined(instruction, who, cfg, *refused)
     try:

@@ -29,9 +29,19 @@ from typing import Any
 import torch
 
 from client.device import autocast_dtype, select_device
-from client.privacy.ledger import Ledger, LedgerBusy, RoundEntry, load_reply, locked, reply_key, save_reply
+from client.privacy.ledger import (
+    Ledger,
+    LedgerBusy,
+    RoundEntry,
+    RunCalibration,
+    load_reply,
+    locked,
+    reply_key,
+    save_reply,
+)
 from client.privacy.node_config import ClientIdentity
 from client.privacy.policy import REASON_DELTA
+from client.training import distributed as distributed_release
 from client.training.dp_train import (
     DPSettings,
     TrainSettings,
@@ -56,7 +66,16 @@ from common.data.tokenizing import tokenize
 from common.errors import ConfigError
 from common.model.factory import instantiate_model, load_tokenizer
 from common.model.state import load_trainable, state_digest, trainable_state
-from common.privacy.accounting import append_steps, epsilon, prototype_entry, sample_rate, train_batch_size
+from common.privacy.accounting import (
+    append_steps,
+    epsilon,
+    prototype_entry,
+    sample_rate,
+    spent_epsilon,
+    train_batch_size,
+)
+from common.privacy.discrete import CLIENT_RANGE, SkellamEntry, append_entry
+from common.privacy.distributed import COUNT_KEY, DistributedNoise, distributed
 from common.recipe import HEAD_PREFIX, check_model, head_keys, recipe_of, stage_of, stage_rounds
 
 log = logging.getLogger(__name__)
@@ -185,9 +204,17 @@ def _cached_inputs(cfg: Mapping, who: ClientIdentity, stage: str, global_state: 
 
 def current_epsilon(ledger: Ledger) -> float | None:
     """The ledger's ε so far (None before its first DP spend, when it has no δ pinned)."""
-    if not ledger.history or ledger.delta is None:
+    if not (ledger.history or ledger.discrete) or ledger.delta is None:
         return None
-    return epsilon(ledger.history, float(ledger.delta), ledger.accountant)
+    return spent_epsilon(ledger.history, ledger.discrete, float(ledger.delta), ledger.accountant)
+
+
+def local_epsilon(ledger: Ledger) -> float | None:
+    """ε of this client's own messages alone (distributed noise: each release at its share only);
+    None without distributed releases, where it is the ledger's ε."""
+    if not ledger.discrete or ledger.delta is None:
+        return None
+    return spent_epsilon(ledger.history, ledger.discrete, float(ledger.delta), ledger.accountant, local=True)
 
 
 def _after_round(history, stage: str, sigma: float, q: float, steps: int) -> list:
@@ -215,7 +242,7 @@ def privacy_summary(cfg: Mapping, who: ClientIdentity, ledger: Ledger, run_id: s
     calib = ledger.runs.get(run_id)
     entries = ledger.run_entries(run_id)
     budget = budget_epsilon(cfg, who)
-    return {
+    summary = {
         "client_id": who.client_id,
         "accountant": sample["accountant"],
         "delta": float(sample["delta"]),
@@ -233,6 +260,17 @@ def privacy_summary(cfg: Mapping, who: ClientIdentity, ledger: Ledger, run_id: s
         "rounds_declined": sum(e.status == "declined" for e in entries),
         "exhausted": bool(entries and entries[-1].status == "declined" and entries[-1].reason == "budget"),
     }
+    if ledger.discrete or distributed(cfg):
+        # Distributed noise: the releases whose ε trusts SecAgg+ and n_min shares, and the ε of
+        # this client's own messages alone; each round's cumulative release count, to recompute per round.
+        summary["noise"] = "distributed" if distributed(cfg) else "local"
+        summary["discrete"] = [e.to_json() for e in ledger.discrete]
+        summary["epsilon_local"] = local_epsilon(ledger)
+        by_round = {e.round: e for e in entries if e.status == "trained"}
+        for row in summary["per_round"]:
+            row["releases"] = by_round[row["round"]].releases
+            row["epsilon_local"] = by_round[row["round"]].epsilon_local
+    return summary
 
 
 #: Decline reasons: fixed texts (with the setting's name), since they leave the device.
@@ -381,6 +419,8 @@ def _plan(r: _Round, n: int) -> RoundPlan:
     """The stage of ``r.server_round`` and the batch size, q and steps it would run on ``n`` examples."""
     train = r.cfg["train"]
     stage = stage_of(r.cfg, r.server_round)
+    if distributed(r.cfg):  # one release a round: the prototype sums, or one head step
+        return RoundPlan(stage, n, n, DistributedNoise.of(r.cfg).q(stage), 1)
     batch_size = train_batch_size(train, n, private=_sample_level(r.cfg))
     steps = 1 if stage == "prototypes" else planned_steps_per_round(n, batch_size, int(train["local_epochs"]))
     return RoundPlan(stage, n, batch_size, sample_rate(n, batch_size), steps)
@@ -396,6 +436,8 @@ def _decide(r: _Round, ledger: Ledger, plan: RoundPlan) -> DPSettings | Decline 
     refused = _delta_refusal(r, ledger, plan.n, delta, accountant)
     if refused is not None:
         return refused
+    if distributed(r.cfg):
+        return _decide_distributed(r, ledger, plan)
     calib = _calibration(r, ledger, plan)
     sigma = calib.prototype_noise if plan.stage == "prototypes" else calib.noise_multiplier
     eps_after = (
@@ -418,6 +460,59 @@ def _decide(r: _Round, ledger: Ledger, plan: RoundPlan) -> DPSettings | Decline 
     return DPSettings(sigma, float(sample["max_grad_norm"]), accountant, tuple(ledger.history))
 
 
+@dataclass(frozen=True)
+class DistributedDP:
+    """A distributed-noise round the device agreed to: its release's mechanism and what it costs."""
+
+    noise: DistributedNoise
+    entry: SkellamEntry  # this round's one release (its share's variance: entry.share_mu)
+    sigma: float  # the release's Gaussian-equivalent noise multiplier
+    prior_history: tuple  # the ledger's Gaussian history (unchanged by this round)
+    prior_discrete: tuple  # the ledger's discrete releases before this round
+
+
+REASON_RANGE = "privacy.sample.distributed.granularity: this device's sums would not fit SecAgg+'s exact range"
+REASON_LOCAL_EPSILON = "node-config max-local-epsilon: epsilon of this device's own message would exceed its cap"
+
+
+def _decide_distributed(r: _Round, ledger: Ledger, plan: RoundPlan) -> DistributedDP | Decline:
+    """σ of this release from the run's config alone (every client's share is the same), then the
+    budget (ε against the server) and the owner's cap on ``epsilon_local`` (its share alone)."""
+    noise = DistributedNoise.of(r.cfg)
+    head_shape = tuple(r.global_state[f"{HEAD_PREFIX}weight"].shape)
+    calib = ledger.runs.get(r.run_id)
+    if calib is None:
+        sigma_p, sigma_h = noise.sigmas(head_shape)
+        calib = RunCalibration(sigma_h, noise.q("head"), 1, noise.head_rounds, sigma_p)
+        ledger.runs[r.run_id] = calib
+        log.info(
+            "client %s: distributed noise, sigma_eq %s (prototypes %s), n_min %d",
+            r.who.client_id,
+            sigma_h,
+            sigma_p,
+            noise.n_min,
+        )
+    sigma = calib.prototype_noise if plan.stage == "prototypes" else calib.noise_multiplier
+    delta, accountant = float(r.cfg["privacy"]["sample"]["delta"]), str(r.cfg["privacy"]["sample"]["accountant"])
+    eps_now = spent_epsilon(ledger.history, ledger.discrete, delta, accountant)
+    if sigma is None:
+        return Decline("budget", eps_now)
+    entry = noise.entry(plan.stage, head_shape, sigma)
+    if plan.n * noise.granularity + 64 * math.sqrt(entry.share_mu) >= CLIENT_RANGE // 2:
+        # Its sums could leave SecAgg+'s exact range (client.secagg.exact_vector): decided from n alone.
+        return Decline(REASON_RANGE, eps_now)
+    after = append_entry(ledger.discrete, entry)
+    budget = budget_epsilon(r.cfg, r.who)
+    if spent_epsilon(ledger.history, after, delta, accountant) > budget:
+        log.info("client %s declines round %d: its budget %.4f", r.who.client_id, r.server_round, budget)
+        return Decline("budget", eps_now)
+    cap = r.who.policy.max_local_epsilon
+    if cap is not None and spent_epsilon(ledger.history, after, delta, accountant, local=True) > cap:
+        log.info("client %s declines round %d: max-local-epsilon %.4f", r.who.client_id, r.server_round, cap)
+        return Decline(REASON_LOCAL_EPSILON, eps_now)
+    return DistributedDP(noise, entry, float(sigma), tuple(ledger.history), tuple(ledger.discrete))
+
+
 def _delta_refusal(r: _Round, ledger: Ledger, n: int, delta: float, accountant: str) -> Decline | None:
     """The device's own δ checks: the ledger's pins, δ < 1/n, the owner's cap (node-config
     max-delta, via the device policy's ``delta_limit``)."""
@@ -430,7 +525,7 @@ def _delta_refusal(r: _Round, ledger: Ledger, n: int, delta: float, accountant: 
         log.warning("client %s declines round %d: %s", who.client_id, server_round, err)
         return Decline(
             f"{err.setting}: differs from this device's ledger",
-            epsilon(ledger.history, float(ledger.delta), ledger.accountant),
+            spent_epsilon(ledger.history, ledger.discrete, float(ledger.delta), ledger.accountant),
         )
     if not delta < 1 / n:
         log.warning(
@@ -440,7 +535,7 @@ def _delta_refusal(r: _Round, ledger: Ledger, n: int, delta: float, accountant: 
             delta,
             n,
         )
-        return Decline(REASON_DELTA_N, epsilon(ledger.history, delta, accountant))
+        return Decline(REASON_DELTA_N, spent_epsilon(ledger.history, ledger.discrete, delta, accountant))
     limit = who.policy.delta_limit(n)
     if limit is not None and delta > limit:
         log.warning(
@@ -451,7 +546,7 @@ def _delta_refusal(r: _Round, ledger: Ledger, n: int, delta: float, accountant: 
             delta,
             limit,
         )
-        return Decline(REASON_DELTA, epsilon(ledger.history, delta, accountant))
+        return Decline(REASON_DELTA, spent_epsilon(ledger.history, ledger.discrete, delta, accountant))
     if delta > 1 / (10 * n):
         log.warning(
             "client %s: privacy.sample.delta=%g is above 1/(10 n) for its %d examples: a weak guarantee",
@@ -519,6 +614,10 @@ def _train_stage(
     else:
         feats = inputs.feats if inputs.feats is not None else client_features(r.cfg, r.who, model, inputs.data, device)
         r.timings["features_s"], t0 = time.perf_counter() - t0, time.perf_counter()
+        if isinstance(dp, DistributedDP):
+            update = _distributed_release(r, feats, inputs.num_labels, plan, dp)
+            r.timings["train_s"] = time.perf_counter() - t0
+            return update, None
         if plan.stage == "prototypes":
             sigma = dp.noise_multiplier if dp is not None else None
             release = release_prototypes(*feats.tensors, inputs.num_labels, sigma)
@@ -531,6 +630,25 @@ def _train_stage(
             history = local_train(model.classifier, feats, _train_settings(r, plan, dp, device)).history
     r.timings["train_s"] = time.perf_counter() - t0
     return _update(model, r.global_state, release), history
+
+
+def _distributed_release(
+    r: _Round, feats, num_labels: int, plan: RoundPlan, dp: DistributedDP
+) -> dict[str, torch.Tensor]:
+    """This round's integer release (client.training.distributed): every trainable key (zeros
+    where the stage adds nothing) and, for a head step, the noised count."""
+    features, labels = feats.tensors[0], feats.tensors[-1]
+    if plan.stage == "prototypes":
+        release = {
+            f"{HEAD_PREFIX}weight": distributed_release.prototype_release(
+                features, labels, num_labels, dp.noise, dp.entry
+            )
+        }
+    else:
+        release = distributed_release.head_step(dict(r.global_state), features, labels, dp.noise, dp.entry)
+    out = {k: release.get(k, torch.zeros(v.shape, dtype=torch.int64)) for k, v in r.global_state.items()}
+    out[COUNT_KEY] = release.get(COUNT_KEY, torch.zeros(1, dtype=torch.int64))
+    return out
 
 
 def _train_settings(r: _Round, plan: RoundPlan, dp: DPSettings | None, device: torch.device) -> TrainSettings:
@@ -587,7 +705,15 @@ def _commit(
     """Write-ahead: the reply and the ledger entry are durable before anything leaves."""
     protection = None
     eps = None  # without DP there is no guarantee at all: no ε to state
-    if dp is not None:
+    releases = eps_local = None
+    if isinstance(dp, DistributedDP):
+        ledger.discrete = append_entry(ledger.discrete, dp.entry)
+        ledger.pin(float(r.cfg["privacy"]["sample"]["delta"]), "rdp")
+        eps = spent_epsilon(ledger.history, ledger.discrete, ledger.delta, ledger.accountant)
+        eps_local = local_epsilon(ledger)
+        releases = sum(e.steps for e in ledger.discrete)
+        protection = _distributed_protection(plan, dp, ledger, eps, eps_local)
+    elif dp is not None:
         ledger.history = [tuple(h) for h in history]
         ledger.pin(float(r.cfg["privacy"]["sample"]["delta"]), dp.accountant)  # the first spend fixes δ
         eps = epsilon(ledger.history, ledger.delta, dp.accountant)
@@ -595,7 +721,14 @@ def _commit(
     save_reply(r.who.state_dir, r.who.client_id, key, update)
     ledger.rounds.append(
         RoundEntry(
-            r.run_id, r.server_round, "trained", eps, reply_key=key, steps=sum(int(h[2]) for h in ledger.history)
+            r.run_id,
+            r.server_round,
+            "trained",
+            eps,
+            reply_key=key,
+            steps=sum(int(h[2]) for h in ledger.history),
+            releases=releases,
+            epsilon_local=eps_local,
         )
     )
     ledger.commit(r.who.state_dir, previous)
@@ -614,6 +747,26 @@ def _protection(plan: RoundPlan, dp: DPSettings, ledger: Ledger, eps_after: floa
         "epsilon_before": epsilon(list(dp.prior_history), ledger.delta, dp.accountant) if dp.prior_history else 0.0,
         "epsilon_after": eps_after,
         "delta": ledger.delta,
+    }
+
+
+def _distributed_protection(
+    plan: RoundPlan, dp: DistributedDP, ledger: Ledger, eps_after: float, eps_local: float | None
+) -> dict[str, Any]:
+    """What protected a distributed-noise release: its share, and both ε (RoundOutcome.protection)."""
+    entry = dp.entry
+    before = spent_epsilon(list(dp.prior_history), list(dp.prior_discrete), ledger.delta, ledger.accountant)
+    return {
+        "mechanism": f"distributed Skellam ({'prototype release' if plan.stage == 'prototypes' else 'DP-SGD step'})",
+        "sigma": dp.sigma,
+        "clip_norm": 1.0 if plan.stage == "prototypes" else dp.noise.max_grad_norm,
+        "sample_rate": entry.q,
+        "steps": entry.steps,
+        "epsilon_before": before,
+        "epsilon_after": eps_after,
+        "delta": ledger.delta,
+        "noise_share": {"variance": entry.share_mu, "sum_variance": entry.mu, "n_min": entry.n_min},
+        "epsilon_local": eps_local,
     }
 
 

@@ -95,10 +95,17 @@ def _noise(line: dict) -> str:
     p = line.get("protection")
     if not p:
         return "-"
-    return (
+    text = (
         f"{p['mechanism']}: noise {p['sigma']:.3g} x clip {p['clip_norm']:.3g}, q {p['sample_rate']:.3g}, "
         f"{p['steps']} step(s)"
     )
+    share = line.get("noise_share")
+    if share:  # distributed noise: this device added only its share; its own message's ε beside it
+        text += (
+            f"; this device's share 1/{share['n_min']} of the sum's noise; epsilon of this message alone "
+            f"{_eps(line.get('epsilon_local'), line.get('delta'))}"
+        )
+    return text
 
 
 def rows(lines: list[dict]) -> list[list[str]]:

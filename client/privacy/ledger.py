@@ -37,6 +37,7 @@ from typing import Any
 import torch
 
 from common.privacy.accounting import check_pins, normalise
+from common.privacy.discrete import SkellamEntry
 from common.storage import atomic_write_bytes
 
 LEDGER_FILE = "ledger.json"
@@ -94,6 +95,8 @@ class RoundEntry:
     reason: str = ""
     reply_key: str = ""  # identifies the kept reply of a trained round
     steps: int | None = None  # the history's cumulative steps after a trained round (None: older ledgers)
+    releases: int | None = None  # distributed noise: the discrete releases so far after this round
+    epsilon_local: float | None = None  # distributed noise: ε of this client's own messages alone, after it
 
 
 @dataclass
@@ -115,6 +118,8 @@ class Ledger:
     runs: dict[str, RunCalibration] = field(default_factory=dict)
     delta: float | None = None  # pinned by the first spend: every ε of this ledger is at this δ
     accountant: str | None = None  # pinned with δ: "rdp" | "prv"
+    # Distributed-noise releases (common.privacy.discrete), composed with ``history`` for ε.
+    discrete: list[SkellamEntry] = field(default_factory=list)
 
     # --- persistence -------------------------------------------------------------
 
@@ -138,6 +143,7 @@ class Ledger:
             runs={k: RunCalibration(**v) for k, v in raw["runs"].items()},
             delta=raw.get("delta"),
             accountant=raw.get("accountant"),
+            discrete=[SkellamEntry.from_json(e) for e in raw.get("discrete", [])],
         )
 
     def commit(self, state_dir: str | Path, previous: "Ledger | None" = None) -> None:
@@ -153,7 +159,13 @@ class Ledger:
                 continue
             if not _extends(self.history, old.history):
                 raise RuntimeError("refusing to commit a ledger whose history does not extend the stored one")
-            if old.history and (old.delta, old.accountant) != (self.delta, self.accountant) and old.delta is not None:
+            if not _extends_discrete(self.discrete, old.discrete):
+                raise RuntimeError("refusing to commit a ledger whose discrete releases do not extend the stored ones")
+            if (
+                (old.history or old.discrete)
+                and (old.delta, old.accountant) != (self.delta, self.accountant)
+                and old.delta is not None
+            ):
                 raise RuntimeError("refusing to commit a ledger whose delta or accountant differs from the stored one")
         payload = {
             "version": LEDGER_VERSION,
@@ -161,15 +173,17 @@ class Ledger:
             "delta": self.delta,
             "accountant": self.accountant,
             "history": [list(h) for h in self.history],
-            "rounds": [asdict(r) for r in self.rounds],
+            "rounds": [_round_json(r) for r in self.rounds],
             "runs": {k: asdict(v) for k, v in self.runs.items()},
         }
+        if self.discrete:  # a ledger without distributed-noise releases is written as before
+            payload["discrete"] = [e.to_json() for e in self.discrete]
         path = self.directory(state_dir, self.client_id) / LEDGER_FILE
         atomic_write_bytes(path, json.dumps(payload, indent=1).encode())
 
     def check_pins(self, delta: float, accountant: str) -> None:
         """Refuse a round at another δ or accountant than this ledger's spend (``accounting.check_pins``)."""
-        if self.history:
+        if self.history or self.discrete:
             check_pins(self.delta, self.accountant, delta, accountant)
 
     def pin(self, delta: float, accountant: str) -> None:
@@ -188,6 +202,26 @@ class Ledger:
 
     def run_entries(self, run_id: str) -> list[RoundEntry]:
         return [e for e in self.rounds if e.run_id == run_id]
+
+
+def _round_json(entry: RoundEntry) -> dict:
+    """A round entry as stored; the distributed-noise fields only where they are set."""
+    raw = asdict(entry)
+    for key in ("releases", "epsilon_local"):
+        if raw[key] is None:
+            del raw[key]
+    return raw
+
+
+def _extends_discrete(new: list[SkellamEntry], old: list[SkellamEntry]) -> bool:
+    """True when ``new`` is ``old`` plus more releases (merged into the last entry, or appended)."""
+    if len(new) < len(old):
+        return False
+    for i, (a, b) in enumerate(zip(new, old)):
+        last = i == len(old) - 1
+        if not a.same_mechanism(b) or (a.steps < b.steps if last else a.steps != b.steps):
+            return False
+    return True
 
 
 def _extends(new: list, old: list) -> bool:

@@ -28,6 +28,11 @@ The device's privacy policy (:class:`DevicePolicy`), enforced before any trainin
   server adds: a device trusts that only with ``require-dp=false``).
 - ``max-client-clip-norm``: the largest client-level clipping norm C this device accepts
   (client-level DP bounds what one device's update can say by C; a huge C bounds nothing).
+- ``allow-distributed-noise`` (default true): whether this device takes part in
+  ``privacy.sample.noise=distributed``, where it adds only its share of the noise and its ε
+  against the server trusts SecAgg+ and the other clients' shares.
+- ``max-local-epsilon``: a cap on the ε of this device's own message alone (its share, what
+  holds if SecAgg+ were broken), checked like ``max-epsilon``.
 
 A simulated client (no owner, the run's config is its user's own) has no policy
 beyond the run's: ``require-dp`` is false and no cap applies unless a node-config sets it.
@@ -51,7 +56,14 @@ CLIENT_ID_FILE = "client-id"
 
 
 #: The node-config keys of the privacy policy.
-POLICY_KEYS = ("max-epsilon", "max-delta", "require-dp", "max-client-clip-norm")
+POLICY_KEYS = (
+    "max-epsilon",
+    "max-delta",
+    "require-dp",
+    "max-client-clip-norm",
+    "allow-distributed-noise",
+    "max-local-epsilon",
+)
 #: ``max-delta``'s default is min(DEFAULT_MAX_DELTA, 1/(10 n)).
 DEFAULT_MAX_DELTA = 1e-5
 
@@ -64,6 +76,8 @@ class DevicePolicy:
     max_epsilon: float | None = None
     max_delta: float | None = None  # None: the default for n (:meth:`delta_limit`), in deployment
     max_client_clip_norm: float | None = None
+    allow_distributed_noise: bool = True
+    max_local_epsilon: float | None = None  # cap on epsilon_local (distributed noise: its share alone)
     deployed: bool = False  # a device in deployment: the defaults above are the owner's floor
 
     def delta_limit(self, n: int) -> float | None:
@@ -135,6 +149,8 @@ def device_policy(node: Mapping[str, Any], *, deployed: bool) -> DevicePolicy:
         max_epsilon=_number(node, "max-epsilon", float, minimum=0.0),
         max_delta=max_delta,
         max_client_clip_norm=_number(node, "max-client-clip-norm", float, minimum=0.0),
+        allow_distributed_noise=_flag(node, "allow-distributed-noise", True),
+        max_local_epsilon=_number(node, "max-local-epsilon", float, minimum=0.0),
         deployed=deployed,
     )
 

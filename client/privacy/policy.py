@@ -19,6 +19,7 @@ from typing import Any
 from client.privacy.node_config import ClientIdentity
 from common.config.validate import validate
 from common.errors import ConfigError
+from common.privacy.distributed import distributed
 
 #: What a setting name may look like in a reason that leaves the device.
 _SETTING_NAME = re.compile(r"[A-Za-z0-9_.\- ]{1,80}")
@@ -29,6 +30,13 @@ REASON_REQUIRE_DP = (
 )
 REASON_CLIP = "node-config max-client-clip-norm: the client clipping norm asked for is above this device's cap"
 REASON_DELTA = "node-config max-delta: privacy.sample.delta is above this device's cap"
+REASON_DISTRIBUTED = (
+    "node-config allow-distributed-noise: this device adds all of its update's noise itself "
+    "(privacy.sample.noise=distributed refused)"
+)
+REASON_DISTRIBUTED_PLAIN = (
+    "privacy.sample.noise: distributed noise outside a SecAgg+ round would send this device's share alone"
+)
 
 
 def setting_name(setting: Any) -> str:
@@ -42,9 +50,11 @@ def device_noise(cfg: Mapping) -> bool:
     return cfg["privacy"]["mode"] in ("sample", "both")
 
 
-def refusal(cfg: Any, who: ClientIdentity, *, client_clip_norm: float | None) -> tuple[str, bool] | None:
+def refusal(
+    cfg: Any, who: ClientIdentity, *, client_clip_norm: float | None, secure: bool = True
+) -> tuple[str, bool] | None:
     """(fixed reason, whether ``cfg`` passed validation) when the device declines this
-    request; None when it may go on to its round."""
+    request; None when it may go on to its round. ``secure``: the request came as a SecAgg+ round."""
     if not isinstance(cfg, Mapping):
         return REASON_INVALID.format(setting="config"), False
     try:
@@ -52,6 +62,11 @@ def refusal(cfg: Any, who: ClientIdentity, *, client_clip_norm: float | None) ->
     except ConfigError as err:
         return REASON_INVALID.format(setting=setting_name(err.setting)), False
     policy = who.policy
+    if distributed(cfg):
+        if not policy.allow_distributed_noise:
+            return REASON_DISTRIBUTED, True
+        if not secure:
+            return REASON_DISTRIBUTED_PLAIN, True
     if policy.require_dp and not device_noise(cfg):
         return REASON_REQUIRE_DP.format(mode=cfg["privacy"]["mode"]), True
     cap = policy.max_client_clip_norm

@@ -137,6 +137,11 @@ def record(
         "reason": reply.reason if event == DECLINED else "",
         "never_sent": list(NEVER_SENT),
     }
+    if "noise_share" in protection:  # distributed noise: this device's share, and its message's own ε
+        line["noise_share"] = protection["noise_share"]
+        line["epsilon_local"] = protection.get("epsilon_local")
+        # The release is integers (scaled, rounded, noised): an update norm would mean nothing here.
+        line["update_norm_before_clip"] = line["update_norm_after_clip"] = None
     with locked(state_dir, client_id, lock_file=LOCK):
         append_json_line(log_path(state_dir, client_id), line)
     return line

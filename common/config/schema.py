@@ -363,6 +363,17 @@ SCHEMA = Section(
                         "max_grad_norm": Float,
                         "accountant": Choice(*sorted(ACCOUNTANTS)),
                         "client_budgets": MapOf(Float),
+                        "noise": Choice("local", "distributed"),
+                        "distributed": Section(
+                            {
+                                "n_min": Float,
+                                "granularity": Int,
+                                "sample_rate": Float,
+                                "count_units": Int,
+                                "prototype_share": Float,
+                                "head_lr": Float,
+                            }
+                        ),
                     }
                 ),
                 "client": Section(

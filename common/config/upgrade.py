@@ -32,6 +32,20 @@ OLD_RUNS: dict[str, Any] = {
     "train": {"sample_rate": None, "sample_rate_dp": 0.25, "sample_rate_no_dp": 0.05, "outside_weight": 1.0},
     # Before `auto` existed num_shares and threshold were explicit: the assumptions only inform `auto`.
     "secaggplus": {"corrupt_fraction": 0.05, "dropout_fraction": 0.05},
+    # Before distributed noise existed every client added all of its noise.
+    "privacy": {
+        "sample": {
+            "noise": "local",
+            "distributed": {
+                "n_min": 0.9,
+                "granularity": 1024,
+                "sample_rate": 1.0,
+                "count_units": 256,
+                "prototype_share": 0.8,
+                "head_lr": 64.0,
+            },
+        }
+    },
     # Before tracking existed no run went to a tracker.
     "tracking": {"name": "none", "uri": None},
 }

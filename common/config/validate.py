@@ -19,6 +19,7 @@ from common.config import schema
 from common.data.sources import TAGGED_SOURCES
 from common.errors import ConfigError
 from common.privacy.accounting import client_noise
+from common.privacy.distributed import validate_distributed
 from common.recipe import validate_recipe
 from common.secagg_graph import shares_and_threshold
 
@@ -114,6 +115,7 @@ def validate(cfg: Mapping) -> None:
         _validate_client(cfg)
     if cfg["secagg"]:
         _validate_secagg(cfg)
+    validate_distributed(cfg)
 
 
 def _decay(cfg: Mapping, dotted: str) -> None:

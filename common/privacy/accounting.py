@@ -31,6 +31,7 @@ from opacus.accountants.analysis import rdp as rdp_analysis
 from opacus.accountants.utils import get_noise_multiplier
 
 from common.errors import ConfigError
+from common.privacy.discrete import SkellamEntry, composed_epsilon
 
 # Opacus warns when the best RDP order is the largest default alpha (large sigma). The
 # bound is still valid; DESIGN.md fixes the default alphas so anyone can recompute it.
@@ -77,6 +78,21 @@ def epsilon(history: Iterable[Sequence], delta: float, accountant: str = "rdp") 
         return float(eps)
     with np.errstate(divide="ignore"):  # Opacus' PRV takes log(1 - q), -inf at q = 1 (the prototype release)
         return float(make_accountant(accountant, hist).get_epsilon(delta))
+
+
+def spent_epsilon(
+    history: Iterable[Sequence], discrete: Iterable[SkellamEntry], delta: float, accountant: str, *, local: bool = False
+) -> float:
+    """ε at ``delta`` of a ledger: its Gaussian ``history`` composed with its distributed-noise
+    ``discrete`` releases (``common.privacy.discrete``). ``local``: ε of the client's own messages
+    alone (each discrete release at its share). Without discrete releases this is :func:`epsilon`,
+    bit for bit, for both."""
+    discrete = list(discrete)
+    if not discrete:
+        return epsilon(history, delta, accountant)
+    if accountant != "rdp":
+        raise ConfigError("privacy.sample.accountant", "distributed noise is accounted with RDP: use rdp")
+    return composed_epsilon(normalise(history), discrete, delta, local=local)
 
 
 @functools.lru_cache(maxsize=4096)

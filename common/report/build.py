@@ -29,9 +29,11 @@ from common.privacy.accounting import (
     client_epsilon,
     client_history,
     client_level_sigma,
-    epsilon,
     history_prefix,
+    spent_epsilon,
 )
+from common.privacy.discrete import MECHANISM, MODULUS, SkellamEntry, entries_prefix
+from common.privacy.distributed import DistributedNoise
 from common.privacy.units import CLIENT_UNIT, SAMPLE_UNIT, SENTENCE_UNIT
 
 SCHEMA_VERSION = 1
@@ -185,6 +187,10 @@ def build_report(
         "rounds": [{key: row.get(key) for key in round_keys} for row in ordered],
         "evaluation": final,
     }
+    if sample_on and "noise" in sample_cfg:
+        report["sample_level"]["noise"] = str(sample_cfg["noise"])
+        if sample_cfg["noise"] == "distributed":
+            report["sample_level"]["distributed"] = _distributed_block(config)
     reported = [entry for _, entry in entries] if sample_on else []
     dropped = [left_out for _, left_out in derived]
     report["caveats"] = _caveats(report, mode, reported, clients_reported.get("unreported") or {}, dropped)
@@ -218,13 +224,14 @@ def round_epsilons(config: dict, clients_reported: dict, client_level: dict | No
         values = []
         for _, entry in _sorted_entries((clients_reported.get("clients") or {}).items()):
             history = [list(h) for h in entry.get("history") or []]
+            discrete = _discrete(entry)
             items = [p for p in entry.get("per_round") or [] if isinstance(p, dict)]
             done = [p for p in items if _is_count(p.get("round")) and p["round"] <= server_round]
             if done:
-                rows, _ = _per_round(history, {"per_round": done[-1:]}, delta, accountant)
+                rows, _ = _per_round(history, {"per_round": done[-1:]}, delta, accountant, None, discrete)
                 values += [row["epsilon"] for row in rows]
             elif not items:
-                values.append(epsilon(history, delta, accountant))
+                values.append(spent_epsilon(history, discrete, delta, accountant))
         if values:
             out["epsilon_max"], out["epsilon_min"] = max(values), min(values)
     if client_level is not None and client_level.get("enabled"):
@@ -237,6 +244,33 @@ def round_epsilons(config: dict, clients_reported: dict, client_level: dict | No
         if points:
             out["epsilon_client_level"] = points[-1]["epsilon"]
     return out
+
+
+#: Whom each ε of a distributed-noise run trusts, in plain words (the report's assumptions).
+DISTRIBUTED_ASSUMPTIONS = [
+    "epsilon (against the server and everyone who receives the model) trusts SecAgg+: the server sees "
+    "only the sum, and fewer than SecAgg+'s reconstruction threshold of a client's neighbours collude "
+    "with it",
+    "epsilon also trusts that at least n_min clients added their noise share honestly to every released "
+    "sum (the server releases no round with fewer contributors)",
+    "epsilon_local trusts nothing: it is the epsilon of the client's own message, its share of the noise "
+    "alone, which holds even if SecAgg+ were broken or every other client colluded with the server",
+]
+
+
+def _distributed_block(config: dict) -> dict:
+    """The distributed mechanism's parameters and what its ε assumes (``sample_level.distributed``)."""
+    noise = DistributedNoise.of(config)
+    return {
+        "mechanism": MECHANISM,
+        "n_min": noise.n_min,
+        "granularity": noise.granularity,
+        "sample_rate": noise.sample_rate,
+        "count_units": noise.count_units,
+        "modulus": MODULUS,
+        "orders": "integers 2..64, 72, 80, 96, 112, 128, 160, 192, 256",
+        "assumptions": list(DISTRIBUTED_ASSUMPTIONS),
+    }
 
 
 def sample_unit(config: dict) -> str:
@@ -420,16 +454,30 @@ def _id_order(client_id: str) -> tuple[int, int, str]:
     return (0, int(client_id), "") if client_id.isdigit() else (1, 0, client_id)
 
 
+def _discrete(entry: dict) -> list[SkellamEntry]:
+    """A client's distributed-noise releases as it reported them (``[]`` for none or unreadable)."""
+    try:
+        return [SkellamEntry.from_json(e) for e in entry.get("discrete") or []]
+    except (KeyError, TypeError, ValueError):
+        return []
+
+
 def _client_row(key: str, entry: dict, delta: float, accountant: str, sample_cfg: dict) -> tuple[dict, list]:
     """(one client's row, rounds whose ε could not be derived): ε, per-round ε and budget
-    are derived here, never copied from ``entry``."""
+    are derived here, never copied from ``entry``.
+
+    With distributed noise (``discrete`` releases) ε composes the Gaussian history with the
+    Skellam releases (``common.privacy.accounting.spent_epsilon``), ``epsilon_local`` is the same
+    at one share each, and the row's ``history`` ends with each release's Gaussian equivalent
+    (one entry per ``discrete`` entry, in order), so Opacus on it gives a lower bound of ε."""
     history = [list(h) for h in entry.get("history") or []]
-    last = history[-1] if history else None
+    discrete = _discrete(entry)
+    last = list(discrete[-1].gaussian()) if discrete else history[-1] if history else None
     client_id = str(entry.get("client_id", key))
     budget, source = _budget(client_id, entry, sample_cfg)
-    spent = epsilon(history, delta, accountant)
-    per_round, dropped = _per_round(history, entry, delta, accountant, spent)
-    return {
+    spent = spent_epsilon(history, discrete, delta, accountant)
+    per_round, dropped = _per_round(history, entry, delta, accountant, spent, discrete)
+    row = {
         "client_id": client_id,
         "budget_epsilon": budget,
         "budget_source": source,
@@ -443,7 +491,13 @@ def _client_row(key: str, entry: dict, delta: float, accountant: str, sample_cfg
         "rounds_declined": entry.get("rounds_declined", 0),
         "exhausted": bool(entry.get("exhausted", False)),
         "per_round": per_round,
-    }, dropped
+    }
+    if discrete or "discrete" in entry:
+        row["history"] = history + [list(e.gaussian()) for e in discrete]
+        row["steps"] = sum(int(h[2]) for h in row["history"])
+        row["discrete"] = [e.to_json() for e in discrete]
+        row["epsilon_local"] = spent_epsilon(history, discrete, delta, accountant, local=True) if discrete else spent
+    return row, dropped
 
 
 def _budget(client_id: str, entry: dict, sample_cfg: dict) -> tuple[float | None, str]:
@@ -464,7 +518,12 @@ def _budget(client_id: str, entry: dict, sample_cfg: dict) -> tuple[float | None
 
 
 def _per_round(
-    history: list, entry: dict, delta: float, accountant: str, spent: float | None = None
+    history: list,
+    entry: dict,
+    delta: float,
+    accountant: str,
+    spent: float | None = None,
+    discrete: list[SkellamEntry] | None = None,
 ) -> tuple[list[dict], list]:
     """(per-round ε recomputed from the history prefix at each round's steps, rounds left out).
 
@@ -472,9 +531,10 @@ def _per_round(
     count (absent, not an integer, decreasing, or more than the history holds): its ε cannot be derived, and
     the client's own number is never copied.
     """
-    out, dropped, floor = [], [], 0
-    total = sum(int(h[2]) for h in history)
-    known: dict[int, float] = {} if spent is None else {total: spent}  # PRV costs ~0.6 s an ε
+    discrete = discrete or []
+    out, dropped, floor, released_floor = [], [], 0, 0
+    total = (sum(int(h[2]) for h in history), sum(e.steps for e in discrete))
+    known: dict[tuple, float] = {} if spent is None else {total: spent}  # PRV costs ~0.6 s an ε
     for item in entry.get("per_round") or []:
         if not isinstance(item, dict):
             continue
@@ -488,13 +548,24 @@ def _per_round(
             if steps < floor:
                 raise ValueError(steps)
             prefix = history_prefix(history, steps)
+            releases = item.get("releases", 0) if discrete else 0
+            if isinstance(releases, bool) or releases is None or int(releases) != float(releases):
+                raise ValueError(releases)
+            releases = int(releases)
+            if releases < released_floor:
+                raise ValueError(releases)
+            released = entries_prefix(discrete, releases)
         except (TypeError, ValueError, OverflowError):
             dropped.append(rnd)
             continue
-        floor = steps
-        if steps not in known:
-            known[steps] = epsilon(prefix, delta, accountant)
-        out.append({"round": rnd, "epsilon": known[steps], "steps": steps})
+        floor, released_floor = steps, releases
+        if (steps, releases) not in known:
+            known[(steps, releases)] = spent_epsilon(prefix, released, delta, accountant)
+        row = {"round": rnd, "epsilon": known[(steps, releases)], "steps": steps}
+        if discrete:
+            row["releases"] = releases
+            row["epsilon_local"] = spent_epsilon(prefix, released, delta, accountant, local=True)
+        out.append(row)
     return out, dropped
 
 
@@ -548,6 +619,17 @@ def _run_caveats(report: dict, mode: str) -> list[str]:
         )
     if not report["secure_aggregation"]:
         caveats.append("Secure aggregation is off: the server sees each client's individual update.")
+    dist = report["sample_level"].get("distributed")
+    if dist is not None:
+        caveats.append(
+            f"Distributed noise: each client added only a share (1/{dist['n_min']}) of the noise to its "
+            "integer update, and the server learnt only the exact SecAgg+ sum. Each client's epsilon "
+            "holds only if SecAgg+ holds and at least n_min clients added their shares; its "
+            "epsilon_local (far larger) is what its own message alone reveals, trusting no one. The "
+            "bound is the Skellam mechanism's (Agarwal, Kairouz & Liu 2021) with Zhu & Wang's subsampling "
+            "bound at integer RDP orders; its history's last entries are Gaussian equivalents, whose "
+            "Opacus epsilon is a lower bound."
+        )
     return caveats
 
 

@@ -137,6 +137,15 @@ def _summary(report: dict) -> list[str]:
             )
         exhausted = sum(r["exhausted"] for r in clients)
         lines.append(f"Clients that exhausted their budget: {exhausted} of {len(clients)}.")
+        dist = sample.get("distributed")
+        if dist is not None:
+            local = max((r.get("epsilon_local") or 0.0 for r in clients), default=0.0)
+            lines.append(
+                f"Distributed noise ({dist['mechanism']}, n_min = {dist['n_min']}): each ε above is against the "
+                "server and everyone who receives the model, and trusts SecAgg+ and at least n_min honest "
+                f"noise shares in every sum. Trusting no one (a client's own message alone), the highest "
+                f"ε is {local:.4f} (epsilon_local)."
+            )
     if level.get("enabled"):
         lines.append(
             f"Client level: ε = {_f4(level.get('epsilon'))}, δ = {_g(level.get('delta'))}, "
@@ -225,6 +234,17 @@ def _levels_table(report: dict) -> Block:
 
 
 def _client_table(sample: dict) -> Block:
+    if sample.get("distributed") is not None:
+        headers, rows = _client_table_plain(sample)
+        headers.insert(2, "ε of its own message (epsilon_local)")
+        for row, r in zip(rows, sample["clients"], strict=True):
+            row.insert(2, _f4(r.get("epsilon_local")))
+        return ("table", headers, rows)
+    headers, rows = _client_table_plain(sample)
+    return ("table", headers, rows)
+
+
+def _client_table_plain(sample: dict) -> tuple[list[str], list[list[str]]]:
     headers = [
         "client",
         "ε spent",
@@ -250,7 +270,7 @@ def _client_table(sample: dict) -> Block:
         ]
         for r in sample["clients"]
     ]
-    return ("table", headers, rows)
+    return headers, rows
 
 
 def _history_table(sample: dict) -> Block:
@@ -416,6 +436,30 @@ def _recompute(sample: dict) -> list[Block]:
             f"from opacus.accountants import {cls}\n"
             f'acc = {cls}(); acc.history = [tuple(h) for h in client["history"]]\n'
             'acc.get_epsilon(delta)  # == client["epsilon"]; an empty history is 0.0',
+        ),
+    ] + _recompute_distributed(sample)
+
+
+def _recompute_distributed(sample: dict) -> list[Block]:
+    if sample.get("distributed") is None:
+        return []
+    return [
+        (
+            "p",
+            "With distributed noise the history's last len(client['discrete']) entries are the Gaussian "
+            "equivalents of the Skellam releases: Opacus on them gives a lower bound. The reported ε composes "
+            "the rest of the history with the releases, by the Skellam bound (Agarwal, Kairouz & Liu 2021, "
+            "Theorem 3.5: α·l2²/(2μ) + min(((2α−1)·l2² + 6·l1)/(4μ²), 3·l1/(2μ)) per release, μ the sum's "
+            "variance), subsampled by Zhu & Wang's general bound (2019, Theorem 6) when q < 1, summed at "
+            "the integer orders of sample_level.distributed.orders and converted as Opacus converts; "
+            "epsilon_local is the same with μ / n_min (one share):",
+        ),
+        (
+            "code",
+            "from common.privacy.accounting import spent_epsilon\n"
+            "from common.privacy.discrete import SkellamEntry\n"
+            'k = len(client["discrete"]); rel = [SkellamEntry.from_json(e) for e in client["discrete"]]\n'
+            'spent_epsilon(client["history"][:len(client["history"]) - k], rel, delta, "rdp")  # == client["epsilon"]',
         ),
     ]
 

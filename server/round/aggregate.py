@@ -64,6 +64,8 @@ class SecureSum:
     senders: int = 0  # clients whose masked vector is in ``total`` (declined ones sent zeros)
     fits: float = 0.0  # Σ of the "update fits under C" bits (adaptive clipping), also summed securely
     tolerance: float = 0.0  # bound on the fixed-point quantisation error of ``total``'s norm
+    count: int | None = None  # distributed noise: the noised count of sampled examples, in count units
+    integer: bool = False  # distributed noise: ``total`` is the exact integer sum of the releases (int64)
 
 
 @dataclass
@@ -250,6 +252,7 @@ def aggregate(
     server_lr: float = 1.0,
     keys: Collection[str] | None = None,
     prototype_scale: float | None = None,
+    exact: Mapping[str, float] | None = None,
 ) -> dict[str, torch.Tensor] | None:
     """The next global state from a round's accepted updates (or SecAgg sum); None: not released.
 
@@ -264,8 +267,15 @@ def aggregate(
     ``prototype_scale`` the round is the recipe's prototype release: the released mean of
     the clients' class sums (in the head's weight) becomes the head,
     ``common.recipe.head_from_prototypes``, and the optimizer takes no step.
+
+    ``exact`` (distributed noise): the round's sum is the exact integer sum of the clients'
+    noised releases (``SecureSum.integer``), read back with ``units`` integer units per real
+    unit; a head step is −``lr`` × the summed gradient over the noised count (``count_units``
+    per example), never over the clients' true counts.
     """
     contributors = result.trained
+    if result.secure_sum is not None and result.secure_sum.integer:
+        return _exact_step(global_state, result.secure_sum, exact, optimizer, server_round, keys, prototype_scale)
     if result.secure_sum is not None:
         total = result.secure_sum.total
         bound = None
@@ -297,4 +307,37 @@ def aggregate(
     step = {k: step[k] if k in step else torch.zeros(v.shape, dtype=torch.float64) for k, v in global_state.items()}
     # The one place the released step becomes the next global model.
     optimizer = optimizer if optimizer is not None else FedAvg(server_lr=server_lr)
+    return optimizer.step(global_state, step, server_round=server_round)
+
+
+def _exact_step(
+    global_state: Mapping[str, torch.Tensor],
+    secure: SecureSum,
+    exact: Mapping[str, float] | None,
+    optimizer: ServerOptimizer | None,
+    server_round: int,
+    keys: Collection[str] | None,
+    prototype_scale: float | None,
+) -> dict[str, torch.Tensor] | None:
+    """The next global state from a distributed-noise sum (post-processing of the release)."""
+    if exact is None:
+        raise ValueError("an exact integer sum needs the stage's read-out (units, count_units, lr)")
+    total = {k: v.to(torch.float64) / float(exact["units"]) for k, v in secure.total.items()}
+    if keys is not None:
+        total = {k: v for k, v in total.items() if k in set(keys)}
+    if prototype_scale is not None:
+        weight = f"{HEAD_PREFIX}weight"
+        new = {k: v.clone() for k, v in global_state.items()}
+        new[weight] = head_from_prototypes(total[weight], prototype_scale).to(global_state[weight].dtype)
+        return new
+    count = max(float(secure.count or 0) / float(exact["count_units"]), 1.0)
+    for name, value in total.items():
+        if not torch.isfinite(value).all():
+            log.warning("distributed sum of %s is not finite; the round is not released", name)
+            return None
+    step = {
+        k: (-float(exact["lr"]) * total[k] / count) if k in total else torch.zeros(v.shape, dtype=torch.float64)
+        for k, v in global_state.items()
+    }
+    optimizer = optimizer if optimizer is not None else FedAvg(server_lr=1.0)
     return optimizer.step(global_state, step, server_round=server_round)

@@ -36,6 +36,7 @@ from common.errors import ConfigError
 from common.model.factory import instantiate_model, load_tokenizer
 from common.model.state import count_parameters, load_trainable, trainable_state
 from common.privacy.accounting import check_pins
+from common.privacy.distributed import DistributedNoise, distributed
 from common.privacy.mechanism import ClientLevelDP
 from common.protocol import TrainInstruction
 from common.recipe import check_model, round_aggregation, stage_of
@@ -340,6 +341,7 @@ class _Rounds:
         self.cfg = self.prepared.cfg
         self.cfg_json = json.dumps(self.cfg)
         self.sampler = random.SystemRandom()  # who trains is not predictable from the config
+        self.noise = DistributedNoise.of(self.cfg) if distributed(self.cfg) else None
         self.node_clients: dict[int, str] = {}  # Flower node id -> client id, learnt from replies
 
     def run(self, server_round: int) -> dict:
@@ -364,6 +366,7 @@ class _Rounds:
                 optimizer=self.optimizer,
                 server_round=server_round,
                 **round_aggregation(self.cfg, server_round, state.global_state),
+                exact=self._exact_readout(server_round),
             )
         skipped = new_state is None
         if skipped:
@@ -424,6 +427,17 @@ class _Rounds:
         except Exception:
             log.warning("the round observer failed after round %d; the run goes on", record["round"], exc_info=True)
 
+    def _exact_readout(self, server_round: int) -> dict | None:
+        """Distributed noise: how this round's exact integer sum reads back (server.round.aggregate)."""
+        if self.noise is None:
+            return None
+        stage = stage_of(self.cfg, server_round)
+        return {
+            "units": self.noise.units_per_value(stage),
+            "count_units": self.noise.count_units,
+            "lr": self.noise.head_lr,
+        }
+
     def _ask(self, server_round: int, sampled: list[int]) -> RoundReplies:
         """Send the round's instruction to ``sampled`` and check what comes back."""
         cfg, state = self.cfg, self.state
@@ -440,6 +454,8 @@ class _Rounds:
                 settings=cfg["secaggplus"],
                 timeout=float(cfg["round_timeout_s"]),
                 clipping_range=clip_norm or float(cfg["secaggplus"]["clipping_range"]),
+                noise=self.noise,
+                stage=stage_of(cfg, server_round),
             )
         # The prototype round's reply is the client's class sums, not a step: the update cap
         # (strategy.max_update_norm) is for steps; client-level DP's C still holds.

@@ -46,6 +46,8 @@ from flwr.server.workflow import SecAggPlusWorkflow
 from flwr.server.workflow.secure_aggregation import secaggplus_workflow
 from flwr.serverapp import Grid
 
+from common.privacy.discrete import CLIENT_RANGE, MODULUS
+from common.privacy.distributed import DistributedNoise
 from common.protocol import ARRAYS, METRICS, PRIVACY, REPLY_RECORDS, TrainInstruction
 from common.secagg_graph import shares_and_threshold
 from server.round import shamir
@@ -190,6 +192,25 @@ def workflow_for(
     )
 
 
+def exact_workflow(settings: Mapping, sampled: int, timeout: float | None) -> SecAggPlusWorkflow:
+    """SecAgg+ that sums integers exactly modulo 2**31 (distributed noise; ``client.secagg.exact_vector``):
+    clipping range ½, quantisation range R = 2**30 and max weight R for a weight of 1, so Flower's
+    quantiser maps each client's x in [−R/2, R/2) to x + R/2 with no clipping or rounding, and
+    modulus 2**31 (Flower needs it above R). The shares and threshold are :func:`workflow_for`'s
+    (``auto`` resolved for ``sampled`` clients, the count handed over as a fraction of them: Flower
+    checks an integer against modulus / R = 2), and so is the server's reconstruction."""
+    num_shares, threshold = shares_and_threshold(settings, sampled)
+    return _Workflow(
+        num_shares=num_shares / sampled,
+        reconstruction_threshold=threshold,
+        max_weight=float(CLIENT_RANGE),
+        clipping_range=0.5,
+        quantization_range=CLIENT_RANGE,
+        modulus_range=MODULUS,
+        timeout=timeout,
+    )
+
+
 def quantisation_tolerance(settings: Mapping, clipping_range: float, senders: int, size: int) -> float:
     """Bound on the L2 error of the unmasked sum: < one fixed-point step per coordinate per client."""
     step = 2 * float(clipping_range) / int(settings["quantization_range"])
@@ -207,8 +228,14 @@ def secagg_round(
     clipping_range: float,
     timeout: float | None,
     run_id: int | None = None,
+    noise: DistributedNoise | None = None,
+    stage: str | None = None,
 ) -> RoundReplies:
-    """Run one SecAgg+ fit round for ``sampled``; the result holds the sum, never one update."""
+    """Run one SecAgg+ fit round for ``sampled``; the result holds the sum, never one update.
+
+    ``noise`` (distributed noise; ``stage`` the recipe's stage of the round): the clients send
+    integer releases, summed exactly (:func:`exact_workflow`), and the sum is released only when at
+    least ``noise.n_min`` clients' shares are in it."""
     keys = list(global_state)
     params = ndarrays_to_parameters([global_state[k].detach().cpu().numpy() for k in keys])
     fit_config = instruction.secure_config(keys, clipping_range)
@@ -221,6 +248,11 @@ def secagg_round(
     context.state.config_records["config"] = ConfigRecord({"current_round": server_round})
     context.state.array_records["parameters"] = compat.parameters_to_arrayrecord(params, keep_input=True)
     recorder = _Recorder(grid)
+    if noise is not None:
+        exact_workflow(settings, len(sampled), timeout)(recorder, context)
+        return _exact_replies(
+            strategy, recorder, keys, global_state, server_round=server_round, sampled=sampled, noise=noise
+        )
     workflow_for(settings, clipping_range, timeout, sampled=len(sampled))(recorder, context)
     return _replies(
         strategy,
@@ -232,6 +264,63 @@ def secagg_round(
         clipping_range=clipping_range,
         sampled=sampled,
     )
+
+
+def exact_sum(mean: np.ndarray, senders: int) -> np.ndarray:
+    """The exact integer sum (int64) from Flower's unmasked "mean" of integer releases.
+
+    Flower returns (S − senders·R/2)/senders for S the masked sum modulo M = 2**31 and R = 2**30;
+    times ``senders``, rounded, that is congruent to the clients' sum modulo M, which is centred
+    back to [−M/2, M/2). The float is exact well within ½ (far below 2**53)."""
+    raw = np.rint(np.asarray(mean, dtype=np.float64) * senders).astype(np.int64)
+    return np.mod(raw + MODULUS // 2, MODULUS) - MODULUS // 2
+
+
+def _exact_replies(
+    strategy: _OneRound,
+    recorder: _Recorder,
+    keys: list[str],
+    global_state: Mapping[str, torch.Tensor],
+    *,
+    server_round: int,
+    sampled: Sequence[int],
+    noise: DistributedNoise,
+) -> RoundReplies:
+    out = collect(recorder.replies(), server_round=server_round, sampled=sampled, expected=global_state, secure=True)
+    if strategy.mean is None:
+        missing = len(sampled) - len(recorder.masked)
+        out.secure_error = f"secure aggregation halted ({missing} of {len(sampled)} clients missing)"
+        log.warning("round %d: secure aggregation halted; the round is not released", server_round)
+        return out
+    # Only clients that trained added a share (a decline sends zeros): the sum's noise is theirs.
+    if len(out.masked) < noise.n_min:
+        out.secure_error = (
+            f"{len(out.masked)} clients' noise shares in the sum, fewer than "
+            f"privacy.sample.distributed.n_min={noise.n_min}: not released"
+        )
+        log.warning("round %d: %s", server_round, out.secure_error)
+        return out
+    arrays = parameters_to_ndarrays(strategy.mean)
+    if len(arrays) != len(keys) + 1:
+        out.secure_error = f"unmasked sum has {len(arrays)} arrays, expected {len(keys) + 1}"
+        return out
+    senders = len(strategy.results)
+    sums = [exact_sum(a, senders) for a in arrays]
+    if any(np.abs(a).max(initial=0) > noise.wrap_margin() for a in sums):
+        out.secure_error = "a coordinate of the integer sum is near the modulus (it may have wrapped): not released"
+        log.warning("round %d: %s", server_round, out.secure_error)
+        return out
+    total = {
+        name: torch.from_numpy(a.reshape(global_state[name].shape)) for name, a in zip(keys, sums[:-1], strict=True)
+    }
+    out.secure_sum = SecureSum(
+        total=total,
+        contributors=list(out.masked),
+        senders=senders,
+        count=int(sums[-1].reshape(-1)[0]),
+        integer=True,
+    )
+    return out
 
 
 def _replies(

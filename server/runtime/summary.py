@@ -114,6 +114,9 @@ class RunSummary:
             low = min(self.clients, key=lambda c: c["epsilon"])
             rows.append(("highest client ε", _spent(high)))
             rows.append(("lowest client ε", _spent(low)))
+            local = [c["epsilon_local"] for c in self.clients if c.get("epsilon_local") is not None]
+            if local:  # distributed noise: the ε above trusts SecAgg+ and n_min shares; this trusts no one
+                rows.append(("highest ε of a client's own messages (epsilon_local)", f"{max(local):.3f}"))
         if self.client_level is not None and self.client_level.get("epsilon") is not None:
             rows.append(("client-level ε", f"{self.client_level['epsilon']:.3f}"))
         rows.append(("declines", str(sum(r["clients_declined"] for r in self.records))))
