@@ -371,7 +371,6 @@ SCHEMA = Section(
                                 "sample_rate": Float,
                                 "count_units": Int,
                                 "prototype_share": Float,
-                                "head_lr": Float,
                             }
                         ),
                     }

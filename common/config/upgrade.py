@@ -42,7 +42,6 @@ OLD_RUNS: dict[str, Any] = {
                 "sample_rate": 1.0,
                 "count_units": 256,
                 "prototype_share": 0.8,
-                "head_lr": 64.0,
             },
         }
     },

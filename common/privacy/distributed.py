@@ -49,7 +49,7 @@ class DistributedNoise:
     delta: float
     prototype_share: float | None  # the release's share of ε, when the recipe has the prototype round
     head_rounds: int
-    head_lr: float  # the server's step on the noised mean gradient
+    head_lr: float  # recipe.head_lr: the server's step on the noised mean gradient, one a round
 
     @classmethod
     def of(cls, cfg: Mapping) -> "DistributedNoise":
@@ -68,7 +68,7 @@ class DistributedNoise:
             epsilon=float(sample["epsilon"]),
             delta=float(sample["delta"]),
             prototype_share=float(dist["prototype_share"]) if rounds["prototypes"] else None,
-            head_lr=float(dist["head_lr"]),
+            head_lr=float(cfg["recipe"]["head_lr"]),
             head_rounds=int(rounds["head"]),
         )
 
@@ -192,9 +192,6 @@ def validate_distributed(cfg: Mapping) -> None:
     share = dist["prototype_share"]
     if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 < share < 1:
         raise ConfigError("privacy.sample.distributed.prototype_share", f"must be in (0, 1), got {share!r}")
-    lr = dist["head_lr"]
-    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0 or not math.isfinite(lr):
-        raise ConfigError("privacy.sample.distributed.head_lr", f"must be a number > 0, got {lr!r}")
     c = dist["count_units"]
     if isinstance(c, bool) or not isinstance(c, int) or not 1 <= c <= g:
         raise ConfigError(
