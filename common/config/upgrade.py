@@ -32,6 +32,10 @@ OLD_RUNS: dict[str, Any] = {
     "train": {"sample_rate": None, "sample_rate_dp": 0.25, "sample_rate_no_dp": 0.05, "outside_weight": 1.0},
     # Before tracking existed no run went to a tracker.
     "tracking": {"name": "none", "uri": None},
+    # Before personal models existed no client held data out or kept a personal model.
+    "data": {"client_test_fraction": 0.0},
+    "evaluation": {"client_every": 0},
+    "personalize": {"name": "none"},
 }
 #: Keys an older run's config may hold that are no longer settings: dropped.
 GONE = (("model", "_target_"),)
