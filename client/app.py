@@ -120,7 +120,13 @@ def _evaluate(msg: Message, context: Context) -> Message:
     if not done.ok:
         log.warning("client %s: no evaluation for round %d: %s", who.client_id, instruction.server_round, done.reason)
     content = evaluate_reply(instruction.server_round, done.ok)
-    line = transparency.Reply(instruction.run_id, instruction.server_round, transparency.EVALUATED, None, None)
+    ledger = Ledger.load(who.state_dir, who.client_id)  # read only: an evaluation spends nothing
+    unchanged = {
+        "epsilon_before": current_epsilon(ledger),
+        "epsilon_after": current_epsilon(ledger),
+        "delta": ledger.delta,
+    }
+    line = transparency.Reply(instruction.run_id, instruction.server_round, transparency.EVALUATED, None, unchanged)
     transparency.record(who.state_dir, who.client_id, line, sent_bytes=transparency.content_bytes(content))
     return Message(content=content, reply_to=msg)
 

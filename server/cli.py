@@ -28,6 +28,8 @@ USAGE = """usage: fedpriv [-v] simulate [HYDRA_OVERRIDES ...]   run N simulated 
        fedpriv export RUN_DIR OUT [--round N] [--merge]   the released model as a Hugging Face
                                                 directory with a model card stating the run's epsilon
        fedpriv predict MODEL_OR_RUN (--text T [--text T ...] | --file F.csv [--text-column text])
+       fedpriv predict --device STATE_DIR [--client ID] --text T [--text T ...]
+                                                a device's own personal model (personalize=finetune|mixture)
        fedpriv compare DIR [DIR ...] [--out FILE.html]   runs side by side: what differs, accuracy
                                                 against epsilon (DIR: a run or a -m multirun directory)"""
 
@@ -191,7 +193,10 @@ def export_command(argv: list[str]) -> int:
 
 
 def predict_command(argv: list[str]) -> int:
-    """``fedpriv predict MODEL_OR_RUN --text T ... | --file F.csv [--text-column C]`` (server.release.predict)."""
+    """``fedpriv predict MODEL_OR_RUN --text T ... | --file F.csv [--text-column C]`` (server.release.predict);
+    with ``--device STATE_DIR`` a device's personal model (client code, found by its entry point)."""
+    if any(arg == "--device" or arg.startswith("--device=") for arg in argv):
+        return int(load_command("predict-device")(argv))
     import argparse
     import csv
 
