@@ -192,7 +192,7 @@ def _held_out_data(cfg: Mapping, who: ClientIdentity) -> TensorDataset:
 
 def _held_out_features(cfg, who: ClientIdentity, held_out: TensorDataset, model_with_global, device) -> TensorDataset:
     if len(held_out) == 0:
-        return _empty(cfg)
+        return _empty()
     digests = DATA_CACHE.read_from(held_out) or data_digests(cfg, who.data_path)
     key = _features_key(cfg, who, digests)
     directory = device_directory(who.state_dir, who.client_id) / HELD_OUT_DIR
@@ -211,7 +211,7 @@ def _features(model: torch.nn.Module, data: TensorDataset, device) -> TensorData
         model.to("cpu")
 
 
-def _empty(cfg: Mapping) -> TensorDataset:
+def _empty() -> TensorDataset:
     return TensorDataset(torch.zeros(0, 1), torch.zeros(0, dtype=torch.long))
 
 
@@ -310,7 +310,7 @@ def _accuracy(head: torch.nn.Linear, data: TensorDataset) -> float | None:
     features, labels = data.tensors
     if len(labels) == 0:
         return None
-    return float((head(features.float()).argmax(-1) == labels).float().mean())
+    return int((head(features.float()).argmax(-1) == labels).sum()) / len(labels)
 
 
 # --- kept on the device ----------------------------------------------------------------
