@@ -204,7 +204,12 @@ def predict_command(argv: list[str]) -> int:
     from server.release.predict import predictor, read_texts
     from server.round.checkpoint import CheckpointError
 
-    parser = argparse.ArgumentParser(prog="fedpriv predict", description="label texts with a model or a run")
+    parser = argparse.ArgumentParser(
+        prog="fedpriv predict",
+        description="label texts with a model or a run",
+        epilog="fedpriv predict --device STATE_DIR [--client ID] --text T: a device's own personal model "
+        "(personalize=finetune|mixture), read on the device from its state directory",
+    )
     parser.add_argument("model", metavar="MODEL_OR_RUN", help="an exported model or a run directory")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--text", action="append", help="a text to label (repeatable)")
