@@ -399,17 +399,18 @@ DEVICE_FILE = {
 
 
 def load_local_data(
-    cfg: Mapping, path: str | Path, setting: str = "node-config data-path"
+    cfg: Mapping, path: str | Path, setting: str = "node-config data-path", *, hold_out: bool = True
 ) -> tuple[datasets.Dataset, list[str]]:
     """A device's own training file (node-config ``data-path``) and the run's label names: the
     rows it trains on, less the part it holds out for its own evaluation
-    (``data.client_test_fraction``; :func:`load_local_split`)."""
-    train, _, names = load_local_split(cfg, path, setting)
+    (``data.client_test_fraction``; :func:`load_local_split`). ``hold_out`` False: every row (the
+    server's own test file, read the same way)."""
+    train, held_out, names = load_local_split(cfg, path, setting, hold_out=hold_out)
     return train, names
 
 
 def load_local_split(
-    cfg: Mapping, path: str | Path, setting: str = "node-config data-path"
+    cfg: Mapping, path: str | Path, setting: str = "node-config data-path", *, hold_out: bool = True
 ) -> tuple[datasets.Dataset, datasets.Dataset, list[str]]:
     """(the training part, the held-out part, the run's label names) of a device's own file.
     The held-out part (``data.client_test_fraction`` of each label, seeded by the run's ``seed``)
@@ -452,7 +453,7 @@ def load_local_split(
     if len(ds) == 0:
         raise ConfigError(setting, f"{source} holds no usable rows")
     ds = _encode(ds, index)
-    fraction = float(data.get("client_test_fraction") or 0.0)
+    fraction = float(data.get("client_test_fraction") or 0.0) if hold_out else 0.0
     if fraction <= 0:
         return ds, ds.select([]), names
     train, held_out = client_test_split(ds, fraction, int(key_of("client-test", cfg["seed"], "own file")[:15], 16))

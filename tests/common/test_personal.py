@@ -189,3 +189,15 @@ def test_the_report_shows_per_client_figures_only_when_the_run_asked(tmp_path):
     for missing in (None, {**block, "round": 1}):
         shown = _report(asked, missing)["evaluation"]
         assert shown["per_client"] == [] and "stay there" in shown["per_client_source"]
+
+
+def test_a_devices_own_file_holds_out_its_part_and_the_servers_test_file_does_not(tmp_path):
+    from common.data.sources import load_local_data, load_local_split
+
+    path = tmp_path / "mine.csv"
+    path.write_text("text,label\n" + "".join(f"text {i},{'ab'[i % 2]}\n" for i in range(40)))
+    cfg = compose(["data=csv", f"data.path={path}", "data.labels=[a,b]", "data.client_test_fraction=0.25"], tmp_path)
+    train, held, names = load_local_split(cfg, path)
+    assert (len(train), len(held), names) == (30, 10, ["a", "b"]) and set(train["text"]).isdisjoint(held["text"])
+    assert load_local_data(cfg, path)[0]["text"] == train["text"]
+    assert len(load_local_data(cfg, path, "data.test_path", hold_out=False)[0]) == 40
