@@ -139,6 +139,7 @@ def main() -> None:
     p.add_argument("--seeds", nargs="*", type=int)
     p.add_argument("--methods", nargs="*", default=["finetune", "mixture"], choices=["finetune", "mixture"])
     p.add_argument("--data-root", default="../shared/data")
+    p.add_argument("--extra", nargs="*", default=[], help="more Hydra overrides for every run")
     args = p.parse_args()
     started = time.monotonic()
     machine = _common.machine()
