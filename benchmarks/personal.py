@@ -159,6 +159,7 @@ def main() -> None:
                     cfg, _ = compose_config(
                         [
                             *overrides(setting, seed, method, args.data_root, quick=args.quick),
+                            *args.extra,
                             f"hydra.run.dir={tmp}/{method}/run",
                         ]
                     )
