@@ -35,6 +35,7 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from client.device import release_memory
+from client.personal import evaluate_on_device
 from client.privacy import transparency
 from client.privacy.ledger import Ledger
 from client.privacy.node_config import ClientIdentity, node_identity
@@ -44,7 +45,7 @@ from client.secagg import is_secagg, secagg_train
 from common.errors import ConfigError
 from common.model.state import state_norm
 from common.privacy.mechanism import clip_update
-from common.protocol import TrainInstruction, TrainReply
+from common.protocol import EvaluateInstruction, TrainInstruction, TrainReply, evaluate_reply
 
 app = ClientApp()
 logging.getLogger("flwr").propagate = False
@@ -86,6 +87,48 @@ def train(msg: Message, context: Context) -> Message:
     finally:
         if os.environ.get("FEDPRIV_PROFILE"):
             _profile(os.environ["FEDPRIV_PROFILE"], started, timings)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """Evaluate the global model on this device's held-out part and train its personal model
+    (client.personal), all kept on the device; the reply says only whether it did."""
+    try:
+        return _evaluate(msg, context)
+    except Exception as exc:
+        log.exception("this device could not answer the evaluation request (kept on the device)")
+        raise DeviceError(public_reason(exc)) from None
+    finally:
+        release_memory()
+
+
+def _evaluate(msg: Message, context: Context) -> Message:
+    instruction, global_state = EvaluateInstruction.from_content(msg.content)
+    try:
+        cfg = instruction.cfg()
+    except ValueError:
+        cfg = None  # not JSON: refused by evaluate_on_device as an invalid config
+    who = identity(context, cfg if isinstance(cfg, dict) else {})
+    done = evaluate_on_device(
+        cfg,
+        who,
+        run_id=instruction.run_id,
+        server_round=instruction.server_round,
+        global_state=global_state,
+        final=instruction.final,
+    )
+    if not done.ok:
+        log.warning("client %s: no evaluation for round %d: %s", who.client_id, instruction.server_round, done.reason)
+    content = evaluate_reply(instruction.server_round, done.ok)
+    ledger = Ledger.load(who.state_dir, who.client_id)  # read only: an evaluation spends nothing
+    unchanged = {
+        "epsilon_before": current_epsilon(ledger),
+        "epsilon_after": current_epsilon(ledger),
+        "delta": ledger.delta,
+    }
+    line = transparency.Reply(instruction.run_id, instruction.server_round, transparency.EVALUATED, None, unchanged)
+    transparency.record(who.state_dir, who.client_id, line, sent_bytes=transparency.content_bytes(content))
+    return Message(content=content, reply_to=msg)
 
 
 def _process_started() -> float | None:

@@ -206,3 +206,57 @@ def simulation_env(**extra: str):
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+# --- the evaluation message (type "evaluate"): after the last round, and every
+# ``evaluation.client_every`` rounds, the server sends the global weights to every node; each
+# device evaluates them on its own held-out part and trains its personal model
+# (client.personal), all of which stays on the device. The reply carries one flag.
+FINAL, EVALUATED = "final", "evaluated"
+#: The evaluation reply's records and keys: nothing computed from the device's data.
+EVALUATE_REPLY_RECORDS: dict[str, frozenset[str]] = {METRICS: frozenset({EVALUATED, SERVER_ROUND})}
+
+
+@dataclass(frozen=True)
+class EvaluateInstruction:
+    """What the server asks of a device after a round: evaluate (and personalise) on the device."""
+
+    run_id: str
+    server_round: int
+    run_config: str  # the resolved run config as JSON, as in a train instruction
+    final: bool  # after the run's last round
+
+    def cfg(self) -> dict:
+        return json.loads(self.run_config)
+
+    def to_content(self, global_state: Mapping[str, torch.Tensor]) -> RecordDict:
+        config = {RUN_ID: self.run_id, SERVER_ROUND: int(self.server_round), RUN_CONFIG: self.run_config}
+        config[FINAL] = int(self.final)
+        return RecordDict({ARRAYS: ArrayRecord(torch_state_dict=dict(global_state)), CONFIG: ConfigRecord(config)})
+
+    @staticmethod
+    def from_content(content: RecordDict) -> tuple["EvaluateInstruction", dict[str, torch.Tensor]]:
+        config = content[CONFIG]
+        instruction = EvaluateInstruction(
+            str(config[RUN_ID]), int(config[SERVER_ROUND]), str(config[RUN_CONFIG]), bool(int(config[FINAL]))
+        )
+        return instruction, content[ARRAYS].to_torch_state_dict()
+
+
+def evaluate_reply(server_round: int, evaluated: bool) -> RecordDict:
+    """A device's answer to an evaluation message: whether it evaluated, and the round; nothing else."""
+    return RecordDict({METRICS: MetricRecord({EVALUATED: int(evaluated), SERVER_ROUND: int(server_round)})})
+
+
+def read_evaluate_reply(content: RecordDict) -> bool:
+    """Whether the device evaluated; :class:`ProtocolError` for anything beyond the allow-list."""
+    for name in content.keys():
+        keys = EVALUATE_REPLY_RECORDS.get(name)
+        if keys is None:
+            raise ProtocolError(f"record {name!r} is not allowed in an evaluation reply")
+        if extra := sorted(set(content[name].keys()) - keys):
+            raise ProtocolError(f"{name}: keys {extra} are not allowed in an evaluation reply")
+    try:
+        return bool(int(content[METRICS][EVALUATED]))
+    except (KeyError, ValueError, TypeError) as err:
+        raise ProtocolError(f"malformed evaluation reply ({err.__class__.__name__})") from None

@@ -42,6 +42,12 @@ class RunDir:
         return self.path / "evaluation.json"
 
     @property
+    def client_evaluation(self) -> Path:
+        """Simulation: the simulated devices' own per-client figures, read from their state
+        directories at the run's end (``server.round.devices``); absent in deployment."""
+        return self.path / "client_evaluation.json"
+
+    @property
     def metrics(self) -> Path:
         """One line per completed round, appended last (its reader: ``common.report.read_metrics``)."""
         return self.path / "metrics.jsonl"

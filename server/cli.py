@@ -28,6 +28,8 @@ USAGE = """usage: fedpriv [-v] simulate [HYDRA_OVERRIDES ...]   run N simulated 
        fedpriv export RUN_DIR OUT [--round N] [--merge]   the released model as a Hugging Face
                                                 directory with a model card stating the run's epsilon
        fedpriv predict MODEL_OR_RUN (--text T [--text T ...] | --file F.csv [--text-column text])
+       fedpriv predict --device STATE_DIR [--client ID] --text T [--text T ...]
+                                                a device's own personal model (personalize=finetune|mixture)
        fedpriv compare DIR [DIR ...] [--out FILE.html]   runs side by side: what differs, accuracy
                                                 against epsilon (DIR: a run or a -m multirun directory)"""
 
@@ -191,7 +193,10 @@ def export_command(argv: list[str]) -> int:
 
 
 def predict_command(argv: list[str]) -> int:
-    """``fedpriv predict MODEL_OR_RUN --text T ... | --file F.csv [--text-column C]`` (server.release.predict)."""
+    """``fedpriv predict MODEL_OR_RUN --text T ... | --file F.csv [--text-column C]`` (server.release.predict);
+    with ``--device STATE_DIR`` a device's personal model (client code, found by its entry point)."""
+    if any(arg == "--device" or arg.startswith("--device=") for arg in argv):
+        return int(load_command("predict-device")(argv))
     import argparse
     import csv
 
@@ -199,7 +204,12 @@ def predict_command(argv: list[str]) -> int:
     from server.release.predict import predictor, read_texts
     from server.round.checkpoint import CheckpointError
 
-    parser = argparse.ArgumentParser(prog="fedpriv predict", description="label texts with a model or a run")
+    parser = argparse.ArgumentParser(
+        prog="fedpriv predict",
+        description="label texts with a model or a run",
+        epilog="fedpriv predict --device STATE_DIR [--client ID] --text T: a device's own personal model "
+        "(personalize=finetune|mixture), read on the device from its state directory",
+    )
     parser.add_argument("model", metavar="MODEL_OR_RUN", help="an exported model or a run directory")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--text", action="append", help="a text to label (repeatable)")

@@ -119,6 +119,7 @@ def test_pyproject_names_the_same_client_app_and_exactly_the_packages():
     assert PYPROJECT["project"]["entry-points"]["fedpriv.commands"] == {
         "audit": "client.canary_audit:run_audit",
         "device-log": "client.privacy.device_log:main",
+        "predict-device": "client.personal_predict:main",
     }
 
 

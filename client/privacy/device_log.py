@@ -20,6 +20,7 @@ from rich.console import Console
 from rich.table import Table
 
 from client.privacy import transparency
+from common.personal import read_evaluations
 
 PLAIN_WORDS = (
     "This is what your device sent to the training server, and what it cost your privacy. "
@@ -32,7 +33,14 @@ EVENT_WORDS = {
     transparency.SENT: "sent an update",
     transparency.DECLINED: "declined",
     transparency.RESENT: "sent the same update again (no new cost)",
+    transparency.EVALUATED: "evaluated and personalised on the device",
 }
+EVALUATION_WORDS = (
+    "How well the models do on the part of your data your device held out (never trained on): "
+    "the global model everyone receives, and your personal model, which was trained on this "
+    "device without privacy noise and never left it. These figures never left the device either."
+)
+EVALUATION_HEADERS = ["when (UTC)", "run", "round", "held-out examples", "global model", "personal model", "personal"]
 
 
 def unprotected(lines: list[dict]) -> list[dict]:
@@ -80,6 +88,8 @@ def _size(n: int) -> str:
 
 
 def _what(line: dict) -> str:
+    if line["event"] == transparency.EVALUATED:
+        return "only a yes/no flag (no weights, no figures)"
     if line["event"] == transparency.DECLINED:
         return (
             f"nothing (declined: {line['reason']})"
@@ -138,6 +148,26 @@ HEADERS = [
 ]
 
 
+def _accuracy(value) -> str:
+    return "-" if value is None else f"{100 * float(value):.1f} %"
+
+
+def evaluation_rows(evaluations: list[dict]) -> list[list[str]]:
+    """The device's own evaluations (``common.personal``'s ``client_eval.jsonl``), one row each."""
+    return [
+        [
+            str(e.get("time", "")),
+            str(e.get("run_id", ""))[:8],
+            f"{e.get('round')}{' (last)' if e.get('final') else ''}",
+            str(e.get("test_examples", "-")),
+            _accuracy(e.get("global_accuracy")),
+            _accuracy(e.get("personal_accuracy")),
+            str(e.get("personalize", "none")),
+        ]
+        for e in evaluations
+    ]
+
+
 def epsilon_curve_png(lines: list[dict]) -> bytes | None:
     points = [line["epsilon_after"] for line in lines if line.get("epsilon_after") is not None]
     if not points:
@@ -160,7 +190,7 @@ def epsilon_curve_png(lines: list[dict]) -> bytes | None:
     return buf.getvalue()
 
 
-def to_html(logs: dict[str, list[dict]]) -> str:
+def to_html(logs: dict[str, list[dict]], evaluations: dict[str, list[dict]] | None = None) -> str:
     esc = html.escape
     parts = [
         "<!doctype html><html><head><meta charset='utf-8'><title>What left this device</title>",
@@ -188,6 +218,14 @@ def to_html(logs: dict[str, list[dict]]) -> str:
                 "<h3>How the privacy spent grew</h3><img alt='privacy spent per message' "
                 f"src='data:image/png;base64,{base64.b64encode(png).decode()}'>"
             )
+        kept = (evaluations or {}).get(client_id) or []
+        if kept:
+            parts.append(
+                f"<h3>On this device only: your data's held-out part</h3><p>{esc(EVALUATION_WORDS)}</p><table><tr>"
+            )
+            parts.append("".join(f"<th>{esc(h)}</th>" for h in EVALUATION_HEADERS) + "</tr>")
+            parts += ["<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>" for row in evaluation_rows(kept)]
+            parts.append("</table>")
         parts.append(f"<p>Never sent: {esc(', '.join(transparency.NEVER_SENT))}.</p>")
     parts.append("</body></html>")
     return "\n".join(parts)
@@ -220,6 +258,7 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     ids = [args.client] if args.client else transparency.clients(args.state_dir)
     logs = {cid: transparency.read(args.state_dir, cid) for cid in ids}
+    evaluations = {cid: read_evaluations(args.state_dir, cid) for cid in ids}
     if not any(logs.values()):
         print(
             f"fedpriv device-log: no transparency log under {args.state_dir}"
@@ -239,7 +278,13 @@ def main(argv: list[str]) -> int:
                 table.add_row(*row)
             console.print(table)
         console.print(_totals_sentence(total))
+        if evaluations[client_id]:
+            console.print(EVALUATION_WORDS)
+            table = Table(*EVALUATION_HEADERS, title="on this device only: accuracy on its held-out part")
+            for row in evaluation_rows(evaluations[client_id]):
+                table.add_row(*row)
+            console.print(table)
     if args.html:
-        args.html.write_text(to_html(logs), encoding="utf-8")
+        args.html.write_text(to_html(logs, evaluations), encoding="utf-8")
         console.print(f"fedpriv device-log: page written to {args.html}")
     return 0

@@ -6,7 +6,9 @@ never sent. Before a reply leaves, the client appends one line (:func:`record`):
 - ``time`` (UTC, ISO 8601), ``run_id``, ``round``, ``event``: ``sent`` (a new update),
   ``declined`` (no update; ``reason`` says why, the same fixed text the server gets) or
   ``resent`` (the reply kept from an earlier answer to the same round, sent again: no new
-  spend);
+  spend) or ``evaluated`` (the answer to an evaluation message: the device evaluated the
+  global model on its held-out part and trained its personal model, all kept on the
+  device; only a flag left, no tensor and no figure);
 - what was sent: ``tensors`` (each tensor's name and shape; the values stay out of the
   log) and ``bytes``: the sum of Flower's ``count_bytes`` over the records of the reply.
   Under SecAgg+ a round is four messages; the line is written before the masked vector
@@ -47,8 +49,8 @@ from common.storage import append_json_line, atomic_write_bytes, read_json_lines
 
 LOG = "transparency.jsonl"
 LOCK = ".transparency.lock"  # its own: a decline for a busy ledger must not wait for the ledger
-SENT, DECLINED, RESENT = "sent", "declined", "resent"
-EVENTS = (SENT, DECLINED, RESENT)
+SENT, DECLINED, RESENT, EVALUATED = "sent", "declined", "resent", "evaluated"
+EVENTS = (SENT, DECLINED, RESENT, EVALUATED)
 NEVER_SENT = (
     "training examples (texts)",
     "labels",

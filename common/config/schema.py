@@ -227,6 +227,22 @@ _STRATEGY = {
     "max_update_norm": Nullable(Float),
 }
 _COLUMNS = {"text_column": Str, "label_column": Str}
+_CSV = {
+    "name": Str,
+    "source": Str,
+    "path": Str,
+    "test_path": Nullable(Str),
+    "test_fraction": Float,
+    **_COLUMNS,
+    "delimiter": Str,
+    "column_names": Nullable(ListOf(Str)),
+    "quoting": Nullable(OneOf(Str, Int)),
+    "drop_duplicates": Bool,
+    "encoding": Str,
+}
+#: Every data group: the share of a client's own data it holds out for its own evaluation.
+_HELD_OUT = {"client_test_fraction": Float}
+_PERSONAL_SGD = {"name": Str, "epochs": Int, "lr": Float, "momentum": Float, "batch_size": Int, "weight_decay": Float}
 _LABELS = Nullable(ListOf(Scalar))
 
 #: The composed config. Where an implementation defines the allowed values, they come
@@ -254,7 +270,7 @@ SCHEMA = Section(
                 "modulus_range": Int,
             }
         ),
-        "evaluation": Section({"batch_size": Int, "explain_inputs": Int}),
+        "evaluation": Section({"batch_size": Int, "explain_inputs": Int, "client_every": Int}),
         "simulation": Section(
             {
                 "client_app": Nullable(Str),
@@ -297,20 +313,18 @@ SCHEMA = Section(
                     "label_noise": Float,
                     "ambiguous_fraction": Float,
                     "labels": Filled(_LABELS),
+                    **_HELD_OUT,
                 },
-                "csv": {
-                    "name": Str,
-                    "source": Str,
-                    "path": Str,
-                    "test_path": Nullable(Str),
-                    "test_fraction": Float,
-                    **_COLUMNS,
-                    "delimiter": Str,
-                    "column_names": Nullable(ListOf(Str)),
-                    "quoting": Nullable(OneOf(Str, Int)),
-                    "drop_duplicates": Bool,
-                    "encoding": Str,
+                "csv": {**_CSV, "labels": _LABELS, **_HELD_OUT},
+                "preferences": {
+                    **_CSV,
                     "labels": _LABELS,
+                    "liked_topics": Int,
+                    "items_per_user": Int,
+                    "test_items_per_user": Int,
+                    "liked_share": Float,
+                    "click_noise": Float,
+                    **_HELD_OUT,
                 },
                 "conll": {
                     "name": Str,
@@ -320,6 +334,7 @@ SCHEMA = Section(
                     "test_fraction": Float,
                     "tag_column": Int,
                     "labels": _LABELS,
+                    **_HELD_OUT,
                 },
                 "hf_tokens": {
                     "source": Str,
@@ -329,6 +344,7 @@ SCHEMA = Section(
                     "tokens_column": Str,
                     "tags_column": Str,
                     "labels": _LABELS,
+                    **_HELD_OUT,
                 },
                 "hf": {
                     "source": Str,
@@ -337,6 +353,7 @@ SCHEMA = Section(
                     "test_split": Str,
                     **_COLUMNS,
                     "labels": Filled(_LABELS),
+                    **_HELD_OUT,
                 },
             },
         ),
@@ -426,6 +443,15 @@ SCHEMA = Section(
             }
         ),
         "audit": Section({"canaries": Int, "guesses": Int, "client": Int, "noise": Bool, "confidence": Float}),
+        # After the rounds each device trains a personal model it keeps (client.personal).
+        "personalize": Variant(
+            "name",
+            {
+                "none": {"name": Str},
+                "finetune": _PERSONAL_SGD,
+                "mixture": {**_PERSONAL_SGD, "alpha": Float, "alpha_lr": Float},
+            },
+        ),
         "tracking": Variant(
             "name",
             {
@@ -441,6 +467,9 @@ def check(cfg: Mapping) -> None:
     """Raise ConfigError naming the first key of ``cfg`` that does not fit :data:`SCHEMA`."""
     SCHEMA.check(cfg, "")
 
+
+#: ``personalize.name``'s values (conf/personalize/).
+PERSONALIZE = tuple(SCHEMA.fields["personalize"].options)
 
 #: ``strategy.name``'s values: server.round.optimizer's update rules.
 STRATEGIES = tuple(SCHEMA.fields["strategy"].options)

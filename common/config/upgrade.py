@@ -47,6 +47,10 @@ OLD_RUNS: dict[str, Any] = {
     },
     # Before tracking existed no run went to a tracker.
     "tracking": {"name": "none", "uri": None},
+    # Before personal models existed no client held data out or kept a personal model.
+    "data": {"client_test_fraction": 0.0},
+    "evaluation": {"client_every": 0},
+    "personalize": {"name": "none"},
 }
 #: Keys an older run's config may hold that are no longer settings: dropped.
 GONE = (("model", "_target_"),)

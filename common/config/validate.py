@@ -107,6 +107,7 @@ def validate(cfg: Mapping) -> None:
     _validate_strategy(cfg)
     validate_recipe(cfg)
     _validate_task(cfg)
+    _validate_personal(cfg)
 
     mode = cfg["privacy"]["mode"]
     if mode in ("sample", "both"):
@@ -116,6 +117,46 @@ def validate(cfg: Mapping) -> None:
     if cfg["secagg"]:
         _validate_secagg(cfg)
     validate_distributed(cfg)
+
+
+def personal_on(cfg: Mapping) -> bool:
+    """Whether the run asks the devices to evaluate on their own held-out part or to keep a
+    personal model (``data.client_test_fraction`` > 0 or ``personalize`` other than none)."""
+    return float(cfg["data"].get("client_test_fraction") or 0) > 0 or cfg["personalize"]["name"] != "none"
+
+
+def _validate_personal(cfg: Mapping) -> None:
+    """``data.client_test_fraction``, ``evaluation.client_every``, ``personalize.*`` and ``data=preferences``."""
+    fraction = _number(cfg, "data.client_test_fraction", minimum=0, exclusive=False)
+    if fraction >= 1:
+        raise ConfigError(
+            "data.client_test_fraction", f"must be below 1 (a client must keep data to train on), got {fraction}"
+        )
+    _number(cfg, "evaluation.client_every", minimum=0, exclusive=False, integer=True)
+    if cfg["data"]["source"] == "preferences" and cfg["partition"]["name"] != "iid":
+        raise ConfigError(
+            "partition", "data=preferences gives each client one simulated user's items: leave partition=iid"
+        )
+    personal = cfg["personalize"]
+    if personal["name"] != "none":
+        _number(cfg, "personalize.epochs", minimum=1, exclusive=False, integer=True)
+        _number(cfg, "personalize.lr", minimum=0)
+        _number(cfg, "personalize.batch_size", minimum=1, exclusive=False, integer=True)
+        _number(cfg, "personalize.weight_decay", minimum=0, exclusive=False)
+        if _number(cfg, "personalize.momentum", minimum=0, exclusive=False) >= 1:
+            raise ConfigError("personalize.momentum", f"must be < 1, got {personal['momentum']!r}")
+    if personal["name"] == "mixture":
+        _number(cfg, "personalize.alpha", minimum=0, exclusive=False, maximum=1)
+        _number(cfg, "personalize.alpha_lr", minimum=0, exclusive=False)
+    if not personal_on(cfg):
+        return
+    setting = "personalize" if personal["name"] != "none" else "data.client_test_fraction"
+    if cfg["task"] != "sequence_classification":
+        raise ConfigError(setting, "per-client evaluation and personal models are for task=sequence_classification")
+    if cfg["model"]["pooling"] == "pooler":
+        raise ConfigError(
+            setting, "per-client evaluation and personal models read pooled features: set model.pooling=auto|mean|cls"
+        )
 
 
 def _decay(cfg: Mapping, dotted: str) -> None:

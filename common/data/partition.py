@@ -14,9 +14,9 @@ if TYPE_CHECKING:  # imported where used: a device whose features are cached rea
     import datasets
     from flwr_datasets.partitioner import Partitioner
 
-from common.data.cache import DATA_CACHE
+from common.data.cache import DATA_CACHE, key_of
 from common.data.settings import integer, plain, positive_float, required
-from common.data.sources import load_splits
+from common.data.sources import PREFERENCES, client_test_split, load_splits
 from common.errors import ConfigError
 
 
@@ -125,12 +125,59 @@ _PARTITIONERS: dict[str, Callable[[dict, datasets.Dataset, int, int], tuple[Part
 }
 
 
+def client_partitions(train: datasets.Dataset, cfg: Mapping) -> list[datasets.Dataset]:
+    """One training partition per client for the whole config: ``data=preferences`` gives
+    each client its own simulated user's rows (the ``user`` column); any other source is
+    cut by the ``partition`` group (:func:`partition_train`)."""
+    num_clients, seed = int(cfg["num_clients"]), int(cfg["seed"])
+    if plain(cfg["data"]).get("source") == PREFERENCES:
+        users = train["user"]
+        parts = [train.select([i for i, u in enumerate(users) if u == c]) for c in range(num_clients)]
+        empty = [i for i, part in enumerate(parts) if len(part) == 0]
+        if empty:
+            raise ConfigError("data.items_per_user", f"clients {empty} get no examples")
+        return parts
+    return partition_train(train, cfg["partition"], num_clients=num_clients, seed=seed)
+
+
+def held_out_fraction(cfg: Mapping) -> float:
+    """``data.client_test_fraction``: the share of each client's own data it keeps for its own
+    evaluation and never trains on (0: none)."""
+    return float(plain(cfg["data"]).get("client_test_fraction") or 0.0)
+
+
+def client_split_seed(cfg: Mapping, who: int | str | None) -> int:
+    """The seed of one client's held-out split: the run's ``seed`` and the client's partition
+    (or its own file), so that a client holds the same part out in every round and run."""
+    return int(key_of("client-test", cfg["seed"], who)[:15], 16)
+
+
+def split_client(
+    cfg: Mapping, part: datasets.Dataset, who: int | str | None
+) -> tuple[datasets.Dataset, datasets.Dataset]:
+    """(training part, held-out part) of one client's data (:func:`held_out_fraction`): the held-out
+    part is cut here, where the client's data is loaded, before anything is tokenised or
+    computed from it, so no training path can ever read it."""
+    fraction = held_out_fraction(cfg)
+    if fraction <= 0:
+        return part, part.select([])
+    return client_test_split(part, fraction, client_split_seed(cfg, who))
+
+
 def _describe(cfg: dict) -> str:
     return ", ".join(f"partition.{k}={v!r}" for k, v in cfg.items())
 
 
 def load_client_data(cfg: Mapping, partition_id: int) -> tuple[datasets.Dataset, list[str]]:
-    """This client's training partition and the label names, from the whole config.
+    """This client's training partition and the label names, from the whole config: its
+    partition less the part it holds out for its own evaluation (``data.client_test_fraction``;
+    :func:`load_client_split`)."""
+    train, _, names = load_client_split(cfg, partition_id)
+    return train, names
+
+
+def load_client_split(cfg: Mapping, partition_id: int) -> tuple[datasets.Dataset, datasets.Dataset, list[str]]:
+    """(this client's training part, its held-out part, the label names), from the whole config.
 
     The data configuration's partitions are read and cut once per process and bytes of its
     files (:data:`common.data.cache.DATA_CACHE`): every client of a simulation actor is served from them.
@@ -144,12 +191,11 @@ def load_client_data(cfg: Mapping, partition_id: int) -> tuple[datasets.Dataset,
 
     def read():
         train, _, names = load_splits(relevant["data"], seed=relevant["seed"], num_clients=relevant["num_clients"])
-        return partition_train(
-            train, relevant["partition"], num_clients=relevant["num_clients"], seed=relevant["seed"]
-        ), names
+        return client_partitions(train, relevant), names
 
     files = {f"data.{k}": relevant["data"].get(k) for k in ("path", "test_path")}
     parts, names = DATA_CACHE.get(("partitions", relevant), read, files)
     if not 0 <= partition_id < len(parts):
         raise ConfigError("num_clients", f"partition id {partition_id} is outside [0, {len(parts)})")
-    return parts[partition_id], names
+    train, held_out = split_client(relevant, parts[partition_id], partition_id)
+    return train, held_out, names

@@ -29,6 +29,7 @@ if TYPE_CHECKING:  # imported where used: a device whose features are cached rea
     import datasets
 
 from common.data import synthetic
+from common.data.cache import key_of
 from common.data.settings import csv_quoting, existing_file, integer, plain, required, unit_fraction
 from common.errors import ConfigError
 
@@ -36,6 +37,9 @@ log = logging.getLogger(__name__)
 
 #: The data sources of tagged words (task=token_classification).
 TAGGED_SOURCES = ("conll", "hf_tokens")
+#: The recommendation source (``data=preferences``): one simulated user per client, labels click/skip.
+PREFERENCES = "preferences"
+CLICK, SKIP = "click", "skip"
 
 
 def load_splits(
@@ -211,6 +215,7 @@ _LOADERS: dict[str, Callable[[dict, int, int], tuple]] = {
     "hf": _load_hf,
     "conll": _load_conll,
     "hf_tokens": _load_hf_tokens,
+    PREFERENCES: lambda cfg, seed, num_clients: _load_preferences(cfg, seed, num_clients),
 }
 
 
@@ -282,6 +287,73 @@ def _stratified_split(ds: datasets.Dataset, fraction: float, seed: int) -> tuple
     return ds.select([i for i in range(len(ds)) if i not in in_test]), ds.select(sorted(test_idx))
 
 
+def client_test_split(ds: datasets.Dataset, fraction: float, seed: int) -> tuple[datasets.Dataset, datasets.Dataset]:
+    """(training part, held-out part) of one client's data: ``fraction`` of each label held out
+    (rounded), drawn with ``seed``, at least one example of each label kept for training.
+    Both parts keep the rows' order."""
+    rng = np.random.default_rng(seed)
+    by_label: dict[str, list[int]] = defaultdict(list)
+    for i, y in enumerate(ds["label"]):
+        by_label[str(y)].append(i)
+    held: set[int] = set()
+    for y in sorted(by_label):
+        idx = rng.permutation(by_label[y])
+        held.update(idx[: min(round(len(idx) * fraction), len(idx) - 1)].tolist())
+    return ds.select([i for i in range(len(ds)) if i not in held]), ds.select(sorted(held))
+
+
+def _load_preferences(cfg: dict, seed: int, num_clients: int):
+    """``data=preferences``: items are the texts of a labelled file (``data.path``; its
+    ``data.label_column`` read as the item's topic). Each simulated user (one per client)
+    draws the ``data.liked_topics`` topics it likes and ``data.items_per_user`` items, a
+    ``data.liked_share`` of them from its liked topics; an item's label for that user is
+    ``click`` when its topic is liked, flipped with probability ``data.click_noise``. The same
+    text thus has different labels for different users. The server's test set is drawn the
+    same way for the same users from ``data.test_path`` (or ``data.test_fraction`` of the
+    items, held out before any user draws): ``data.test_items_per_user`` items each."""
+    items, pool, test_setting = _load_csv(cfg, seed, num_clients)
+    liked_topics = integer(cfg, "liked_topics", minimum=1)
+    per_user = integer(cfg, "items_per_user", minimum=2)
+    test_per_user = integer(cfg, "test_items_per_user", minimum=1)
+    share = unit_fraction(cfg, "liked_share", low_inclusive=False)
+    noise = unit_fraction(cfg, "click_noise", low_inclusive=True)
+    topics = sorted({str(t) for t in items["label"]})
+    if liked_topics >= len(topics):
+        raise ConfigError("data.liked_topics", f"must be below the {len(topics)} topics of data.path")
+    train_rows, test_rows = [], []
+    for user in range(num_clients):
+        rng = np.random.default_rng([seed, 0x5EED, user])
+        liked = set(rng.choice(topics, size=liked_topics, replace=False).tolist())
+        train_rows += _user_items(items, liked, per_user, share, noise, rng, user, "data.items_per_user")
+        test_rows += _user_items(pool, liked, test_per_user, share, noise, rng, user, "data.test_items_per_user")
+    import datasets
+
+    columns = ("text", "label", "user", "topic")
+    train = datasets.Dataset.from_dict({c: [r[i] for r in train_rows] for i, c in enumerate(columns)})
+    test = datasets.Dataset.from_dict({c: [r[i] for r in test_rows] for i, c in enumerate(columns)})
+    return train, test, test_setting
+
+
+def _user_items(items, liked: set[str], count: int, share: float, noise: float, rng, user: int, setting: str):
+    """One user's ``count`` rows (text, click|skip, user, topic) drawn from ``items``."""
+    topic_of = [str(t) for t in items["label"]]
+    texts = items["text"]
+    in_liked = [i for i, t in enumerate(topic_of) if t in liked]
+    others = [i for i, t in enumerate(topic_of) if t not in liked]
+    n_liked = min(round(count * share), len(in_liked))
+    n_other = count - n_liked
+    if n_other > len(others) or n_liked == 0:
+        raise ConfigError(setting, f"{count} items per user do not fit the file's {len(topic_of)} items")
+    picked = [*rng.choice(in_liked, size=n_liked, replace=False).tolist()]
+    picked += rng.choice(others, size=n_other, replace=False).tolist()
+    flips = rng.random(len(picked)) < noise
+    rows = []
+    for i, flip in zip(sorted(picked), flips):
+        click = (topic_of[i] in liked) != bool(flip)
+        rows.append((texts[i], CLICK if click else SKIP, user, topic_of[i]))
+    return rows
+
+
 def _encode_labels(
     train: datasets.Dataset, test: datasets.Dataset, test_setting: str
 ) -> tuple[datasets.Dataset, datasets.Dataset, list[str]]:
@@ -327,9 +399,22 @@ DEVICE_FILE = {
 
 
 def load_local_data(
-    cfg: Mapping, path: str | Path, setting: str = "node-config data-path"
+    cfg: Mapping, path: str | Path, setting: str = "node-config data-path", *, hold_out: bool = True
 ) -> tuple[datasets.Dataset, list[str]]:
-    """A device's own training file (node-config ``data-path``) and the run's label names.
+    """A device's own training file (node-config ``data-path``) and the run's label names: the
+    rows it trains on, less the part it holds out for its own evaluation
+    (``data.client_test_fraction``; :func:`load_local_split`). ``hold_out`` False: every row (the
+    server's own test file, read the same way)."""
+    train, held_out, names = load_local_split(cfg, path, setting, hold_out=hold_out)
+    return train, names
+
+
+def load_local_split(
+    cfg: Mapping, path: str | Path, setting: str = "node-config data-path", *, hold_out: bool = True
+) -> tuple[datasets.Dataset, datasets.Dataset, list[str]]:
+    """(the training part, the held-out part, the run's label names) of a device's own file.
+    The held-out part (``data.client_test_fraction`` of each label, seeded by the run's ``seed``)
+    is cut here, before anything is tokenised or computed from the rows.
 
     The file is read with the run's ``data.*`` column settings (``text_column``,
     ``label_column``, ``delimiter``, ``column_names``, ``quoting``, ``encoding``;
@@ -367,4 +452,9 @@ def load_local_data(
         )
     if len(ds) == 0:
         raise ConfigError(setting, f"{source} holds no usable rows")
-    return _encode(ds, index), names
+    ds = _encode(ds, index)
+    fraction = float(data.get("client_test_fraction") or 0.0) if hold_out else 0.0
+    if fraction <= 0:
+        return ds, ds.select([]), names
+    train, held_out = client_test_split(ds, fraction, int(key_of("client-test", cfg["seed"], "own file")[:15], 16))
+    return train, held_out, names

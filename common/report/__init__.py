@@ -33,7 +33,7 @@ from common.report.build import (
 )
 from common.report.plots import ACCURACY_PLOT, CONFUSION_PLOT, EPSILON_PLOT
 from common.report.render import HTML_STYLE, MODE_WORDS, Block, write_report
-from common.report.rundir import read_evaluation, read_metrics, render_run_dir
+from common.report.rundir import read_client_evaluation, read_evaluation, read_metrics, render_run_dir
 
 __all__ = [
     "ACCURACY_PLOT",
@@ -58,6 +58,7 @@ __all__ = [
     "SAMPLE_UNIT",
     "SCHEMA_VERSION",
     "build_report",
+    "read_client_evaluation",
     "read_evaluation",
     "read_metrics",
     "render_run_dir",

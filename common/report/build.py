@@ -24,6 +24,7 @@ from collections.abc import Iterable
 from common import __version__
 from common.config.schema import PRIVACY_MODES
 from common.errors import ConfigError
+from common.personal import CAVEAT_PERSONAL, summary
 from common.privacy.accounting import (
     ACCOUNTANTS,
     client_epsilon,
@@ -86,6 +87,13 @@ BUDGET_RUN = "run"  # privacy.sample.epsilon
 BUDGET_CLIENT_BUDGETS = "client_budgets"  # privacy.sample.client_budgets[client_id]
 BUDGET_DEVICE = "reported by the device"  # lower than both: its node-config max-epsilon (unverifiable)
 
+#: Where per-client figures are when the run asked for them but the report has none (deployment).
+SOURCE_ON_DEVICES = (
+    "Per-client figures are computed on each device from its own held-out data and stay there "
+    "(its state directory; fedpriv device-log shows them to its owner): they are not released "
+    "by the federation, so this report has none."
+)
+
 #: The report's ``evaluation`` block, in this order (server.round.evaluate.Evaluation.block).
 EVALUATION_KEYS = (
     "round",
@@ -137,6 +145,7 @@ def build_report(
     rounds: list[dict],
     client_level: dict | None = None,
     evaluation: dict | None = None,
+    client_evaluation: dict | None = None,
 ) -> dict:
     """The schema-v1 report dict of DESIGN.md.
 
@@ -146,7 +155,10 @@ def build_report(
     (the disabled block when ``None``), its ε recomputed from its mechanism
     (:func:`_client_level`); ``evaluation`` the final model's block
     (``evaluation.json``), ``None`` for a run that wrote none (one from before per-class
-    results, or stopped before round 1): the report's ``evaluation`` is then null.
+    results, or stopped before round 1): the report's ``evaluation`` is then null;
+    ``client_evaluation`` the simulated devices' own per-client figures
+    (``client_evaluation.json``), which a run that asked for them (``data.client_test_fraction``
+    > 0 or ``personalize``) shows as ``evaluation.per_client`` beside the global test figures.
 
     Each client's ε is recomputed from its history with the report's δ and accountant
     rather than copied from what the client said, so the JSON is self-consistent: the
@@ -191,10 +203,15 @@ def build_report(
         report["sample_level"]["noise"] = str(sample_cfg["noise"])
         if sample_cfg["noise"] == "distributed":
             report["sample_level"]["distributed"] = _distributed_block(config)
+    if final is not None and _asks_per_client(config):
+        final.update(_per_client(client_evaluation, final.get("round")))
     reported = [entry for _, entry in entries] if sample_on else []
     dropped = [left_out for _, left_out in derived]
     report["caveats"] = _caveats(report, mode, reported, clients_reported.get("unreported") or {}, dropped)
     report["caveats"] += level_caveats
+    personal = (config.get("personalize") or {}).get("name", "none")
+    if personal != "none":
+        report["caveats"].append(CAVEAT_PERSONAL.format(name=personal))
     if stale is not None:
         last = ordered[-1]["round"] if ordered else None
         report["caveats"].append(
@@ -291,6 +308,35 @@ def _final_evaluation(evaluation: dict | None, rounds: list[dict]) -> tuple[dict
         return None, evaluation.get("round")
     keys = TOKEN_EVALUATION_KEYS if "per_entity" in evaluation else EVALUATION_KEYS
     return {key: evaluation.get(key) for key in keys}, None
+
+
+def _asks_per_client(config: dict) -> bool:
+    """Whether the run asked its devices to evaluate on their own data (or to personalise)."""
+    fraction = (config.get("data") or {}).get("client_test_fraction") or 0
+    return float(fraction) > 0 or (config.get("personalize") or {}).get("name", "none") != "none"
+
+
+def _per_client(client_evaluation: dict | None, final_round) -> dict:
+    """The evaluation block's per-client keys: ``per_client`` (DESIGN.md's rows), its summary
+    (mean, 10th percentile and worst client of each model, recomputed from the rows) and where
+    the figures came from. Figures of another round than the final model's are left out."""
+    if client_evaluation is None or client_evaluation.get("round") != final_round:
+        return {"per_client": [], "per_client_summary": summary([]), "per_client_source": SOURCE_ON_DEVICES}
+    rows = [
+        {
+            "client_id": str(row.get("client_id")),
+            "test_examples": row.get("test_examples"),
+            "global_accuracy": row.get("global_accuracy"),
+            "personal_accuracy": row.get("personal_accuracy"),
+        }
+        for row in client_evaluation.get("per_client") or []
+        if isinstance(row, dict)
+    ]
+    return {
+        "per_client": rows,
+        "per_client_summary": summary(rows),
+        "per_client_source": client_evaluation.get("source"),
+    }
 
 
 def _disabled_client_level() -> dict:

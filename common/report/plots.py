@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 EPSILON_PLOT = "plots/epsilon_per_round.png"
 ACCURACY_PLOT = "plots/accuracy_per_round.png"
 CONFUSION_PLOT = "plots/confusion_matrix.png"
+PER_CLIENT_PLOT = "plots/per_client_accuracy.png"
 
 #: Up to this many classes the confusion plot is the full labelled grid; beyond it the
 #: cells (and their names) are too small to read, so it shows the most-confused pairs.
@@ -171,6 +172,36 @@ def _most_confused(labels: list[str], matrix: list[list[int]], title: str) -> by
         ax.text(0.5, 0.5, "no test example was misclassified", ha="center", va="center", transform=ax.transAxes)
     ax.set_xlabel("test examples (true → predicted)")
     ax.set_title(f"{title}: the {len(pairs)} most confused pairs of {len(labels)} classes", fontsize="medium")
+    return _png(fig)
+
+
+def per_client_plot(report: dict) -> bytes:
+    """Each client's accuracy on its own held-out part: the global model against its personal
+    one (a point per client; above the diagonal the personal model does better), or the global
+    model's per client where there is no personal one."""
+    evaluation = report["evaluation"]
+    rows = [r for r in evaluation["per_client"] if r.get("global_accuracy") is not None]
+    fig = _figure((6, 5.5))
+    ax = fig.add_subplot()
+    paired = [r for r in rows if r.get("personal_accuracy") is not None]
+    if paired:
+        ax.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1)
+        ax.scatter([r["global_accuracy"] for r in paired], [r["personal_accuracy"] for r in paired], color="tab:blue")
+        for r in paired:
+            ax.annotate(str(r["client_id"]), (r["global_accuracy"], r["personal_accuracy"]), fontsize="x-small")
+        ax.set_xlabel("global model's accuracy on the client's held-out part")
+        ax.set_ylabel("personal model's accuracy")
+        ax.set_xlim(0, 1.02)
+        ax.set_ylim(0, 1.02)
+    else:
+        ax.bar([str(r["client_id"]) for r in rows], [r["global_accuracy"] for r in rows], color="tab:blue")
+        ax.set_xlabel("client")
+        ax.set_ylabel("global model's accuracy on the client's held-out part")
+        ax.set_ylim(0, 1.02)
+    ax.set_title(
+        f"Per client, round {evaluation['round']} (each device's own held-out data;\n"
+        "read from the simulated devices' disks)"
+    )
     return _png(fig)
 
 

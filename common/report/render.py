@@ -29,9 +29,11 @@ from common.report.plots import (
     ACCURACY_PLOT,
     CONFUSION_PLOT,
     EPSILON_PLOT,
+    PER_CLIENT_PLOT,
     accuracy_plot,
     confusion_plot,
     epsilon_plot,
+    per_client_plot,
 )
 from common.rundir import RunDir
 from common.storage import atomic_write_bytes
@@ -51,6 +53,10 @@ def write_report(run_dir: Path, report: dict) -> None:
         atomic_write_bytes(run_dir / CONFUSION_PLOT, confusion_plot(report))
     else:  # a plot left by an earlier rendering would show what this report does not
         (run_dir / CONFUSION_PLOT).unlink(missing_ok=True)
+    if _has_per_client(report):
+        atomic_write_bytes(run_dir / PER_CLIENT_PLOT, per_client_plot(report))
+    else:
+        (run_dir / PER_CLIENT_PLOT).unlink(missing_ok=True)
     blocks = document(report)
     json_text = json.dumps(report, indent=2) + "\n"
     run = RunDir(run_dir)
@@ -101,6 +107,7 @@ def document(report: dict) -> list[Block]:
         ("img", "accuracy and loss per round", ACCURACY_PLOT),
         ("h2", "Evaluation of the final model"),
         *_evaluation(report.get("evaluation")),
+        *_per_client(report.get("evaluation"), report["config"]),
         ("h2", "What the two privacy levels protect"),
         *_levels_explained(report),
         ("h2", "Recomputing ε from privacy_report.json"),
@@ -361,6 +368,61 @@ def _evaluation(evaluation: dict | None) -> list[Block]:
             "the released model.",
         ),
     ]
+
+
+def _has_per_client(report: dict) -> bool:
+    evaluation = report.get("evaluation") or {}
+    return any(r.get("global_accuracy") is not None for r in evaluation.get("per_client") or [])
+
+
+def per_client_lines(evaluation: dict) -> list[str]:
+    """The per-client summary in words (the report and the terminal): mean, 10th percentile and
+    worst client of the global and of the personal models, beside the global test accuracy."""
+    summary = evaluation.get("per_client_summary") or {}
+    out = []
+    for name, key in (("global model", "global"), ("personal models", "personal")):
+        stats = summary.get(key)
+        if stats:
+            out.append(
+                f"{name}: mean {_f4(stats['mean'])}, 10th percentile {_f4(stats['p10'])}, worst client "
+                f"{_f4(stats['worst'])} (over {summary['clients']} clients' own held-out data)"
+            )
+    out.append(f"global model on the server's test set: {_f4(evaluation.get('accuracy'))}")
+    return out
+
+
+def _per_client(evaluation: dict | None, config: dict) -> list[Block]:
+    """Each client's accuracy on its own held-out part (``evaluation.per_client``), when the run asked."""
+    if evaluation is None or "per_client" not in evaluation:
+        return []
+    blocks: list[Block] = [("h2", "Per client: the global and the personal models on each client's own data")]
+    blocks.append(("p", str(evaluation.get("per_client_source") or "")))
+    if not evaluation["per_client"]:
+        return blocks
+    blocks.append(("ul", per_client_lines(evaluation)))
+    rows = [
+        [
+            str(r["client_id"]),
+            _count(r.get("test_examples")),
+            _f4(r.get("global_accuracy")),
+            _f4(r.get("personal_accuracy")),
+        ]
+        for r in evaluation["per_client"]
+    ]
+    blocks.append(("table", ["client", "held-out examples", "global model", "personal model"], rows))
+    if any(r.get("global_accuracy") is not None for r in evaluation["per_client"]):
+        blocks.append(("img", "each client's accuracy: global vs personal model", PER_CLIENT_PLOT))
+    personal = (config.get("personalize") or {}).get("name", "none")
+    if personal != "none":
+        blocks.append(
+            (
+                "p",
+                f"The personal models (personalize={personal}) were trained on each device without DP and never "
+                "left it: they spend no ε (every ledger above is that of the same run without them) and are as "
+                "private as the device they stay on.",
+            )
+        )
+    return blocks
 
 
 def _entity_evaluation(evaluation: dict) -> list[Block]:

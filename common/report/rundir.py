@@ -48,6 +48,18 @@ def read_evaluation(run_dir: Path) -> dict | None:
     return block
 
 
+def read_client_evaluation(run_dir: Path) -> dict | None:
+    """``run_dir/client_evaluation.json`` (simulation: the simulated devices' own per-client
+    figures, ``server.round.devices``), or None where the run wrote none."""
+    path = RunDir(run_dir).client_evaluation
+    if not path.exists():
+        return None
+    block = json.loads(path.read_text())
+    if not isinstance(block, dict):
+        raise ValueError(f"{path}: not a JSON object")
+    return block
+
+
 def render_run_dir(run_dir: Path) -> dict:
     """``fedpriv report RUN_DIR``: rebuild the report from the run's files and write it."""
     run_dir = Path(run_dir)
@@ -65,6 +77,7 @@ def render_run_dir(run_dir: Path) -> dict:
         rounds=rounds,
         client_level=client_level,
         evaluation=read_evaluation(run_dir),
+        client_evaluation=read_client_evaluation(run_dir),
     )
     write_report(run_dir, report)
     return report

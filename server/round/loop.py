@@ -27,9 +27,9 @@ from flwr.serverapp import Grid
 from omegaconf import OmegaConf
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from common.config.validate import validate, validate_partitions
+from common.config.validate import personal_on, validate, validate_partitions
 from common.data.features import frozen_features
-from common.data.partition import partition_train
+from common.data.partition import client_partitions, split_client
 from common.data.sources import load_splits
 from common.data.tokenizing import align_words, tokenize
 from common.errors import ConfigError
@@ -40,7 +40,7 @@ from common.privacy.distributed import DistributedNoise, distributed
 from common.privacy.mechanism import ClientLevelDP
 from common.protocol import TrainInstruction
 from common.recipe import check_model, round_aggregation, stage_of
-from common.report import build_report, read_evaluation, round_epsilons, write_report
+from common.report import build_report, read_client_evaluation, read_evaluation, round_epsilons, write_report
 from common.rundir import RunDir
 from common.storage import append_json_line, atomic_write_bytes, atomic_write_json
 from server.round.aggregate import Reply, RoundReplies, aggregate, collect
@@ -52,6 +52,7 @@ from server.round.checkpoint import (
     save_round,
     truncate_metrics,
 )
+from server.round.devices import ask_devices, collect_simulated, due
 from server.round.dispatch import send_and_receive
 from server.round.evaluate import Evaluation, HeldOutWords, TokenEvaluation, evaluate, evaluate_head
 from server.round.optimizer import ServerOptimizer, server_optimizer
@@ -105,8 +106,8 @@ def prepare(cfg: dict) -> Prepared:
     """Validate the config, the data split and the model; raises ConfigError before any training."""
     validate(cfg)
     train, test, labels = load_splits(cfg["data"], seed=int(cfg["seed"]), num_clients=int(cfg["num_clients"]))
-    parts = partition_train(train, cfg["partition"], num_clients=int(cfg["num_clients"]), seed=int(cfg["seed"]))
-    sizes = [len(p) for p in parts]
+    parts = client_partitions(train, cfg)
+    sizes = [len(split_client(cfg, p, i)[0]) for i, p in enumerate(parts)]  # what each client trains on
     for note in validate_partitions(cfg, sizes):
         log.warning(note)
     check_simulated_ledgers(cfg)
@@ -309,12 +310,16 @@ def run_rounds(
 
     if client_dp is not None:
         client_dp.write(RunDir(run_dir).client_level)  # also when the budget stopped the run before any round
+    if personal_on(cfg) and state.rounds:
+        rounds.devices_evaluate(len(state.rounds), final=True)
+        collect_simulated(cfg, run_dir, state.run_id, server_round=len(state.rounds))
     report = build_report(
         config=cfg,
         clients_reported=state.reported(),
         rounds=state.rounds,
         client_level=client_dp.block() if client_dp is not None else None,
         evaluation=read_evaluation(run_dir),
+        client_evaluation=read_client_evaluation(run_dir),
     )
     write_report(run_dir, report)
     log.info("privacy report: %s", RunDir(run_dir).report_md)
@@ -415,7 +420,24 @@ class _Rounds:
         append_json_line(RunDir(self.run_dir).metrics, record)  # last: the round is complete
         state.rounds.append(record)
         self._observe(record)
+        if personal_on(self.cfg) and due(self.cfg, server_round, last=int(self.cfg["rounds"])):
+            self.devices_evaluate(server_round, final=False)
         return record
+
+    def devices_evaluate(self, server_round: int, *, final: bool) -> dict[str, int]:
+        """Every node evaluates the global model on its own held-out part and trains its personal
+        model, all kept on the device (server.round.devices); only a flag comes back."""
+        return ask_devices(
+            self.grid,
+            self.nodes,
+            self.state.global_state,
+            run_id=self.state.run_id,
+            server_round=server_round,
+            cfg_json=self.cfg_json,
+            final=final,
+            timeout=float(self.cfg["round_timeout_s"]),
+            window=self.window,
+        )
 
     def _observe(self, record: dict) -> None:
         """Tell the observer about the completed round; its failure is a warning, never the run's."""

@@ -95,7 +95,7 @@ def prepare_deployment(cfg: dict) -> Prepared:
             raise ConfigError(
                 "data.test_path", "the server has no training file (data.path); give it a held-out file to evaluate on"
             )
-        test, labels = load_local_data(cfg, data["test_path"], "data.test_path")
+        test, labels = load_local_data(cfg, data["test_path"], "data.test_path", hold_out=False)  # all of it
         tokenizer = load_tokenizer(cfg["model"])
         log.warning(
             "the server holds no training data: partition checks (delta < 1/n) are left to "

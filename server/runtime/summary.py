@@ -53,6 +53,7 @@ class RunSummary:
     records: list[dict]
     clients: list[dict]  # the report's sample-level rows (ε, budget), empty without sample-level DP
     client_level: dict | None  # the report's client-level block when enabled
+    evaluation: dict | None = None  # the report's evaluation block (its per-client figures, when asked)
     failed_rounds: list[int] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -68,6 +69,7 @@ class RunSummary:
             read_metrics(run_dir, missing_ok=True),
             list(sample["clients"]) if sample.get("enabled") else [],
             level if level.get("enabled") else None,
+            report.get("evaluation"),
         )
 
     @property
@@ -119,9 +121,25 @@ class RunSummary:
                 rows.append(("highest ε of a client's own messages (epsilon_local)", f"{max(local):.3f}"))
         if self.client_level is not None and self.client_level.get("epsilon") is not None:
             rows.append(("client-level ε", f"{self.client_level['epsilon']:.3f}"))
+        rows += self.per_client_rows()
         rows.append(("declines", str(sum(r["clients_declined"] for r in self.records))))
         rows.append(("rejections", str(sum(r["clients_rejected"] for r in self.records))))
         rows.append(("report", str(RunDir(self.run_dir).report_md)))
+        return rows
+
+    def per_client_rows(self) -> list[tuple[str, str]]:
+        """Per-client accuracy on the clients' own held-out parts (mean, 10th percentile, worst), global
+        and personal, when the run asked for it (the report's ``evaluation.per_client_summary``)."""
+        summary = (self.evaluation or {}).get("per_client_summary")
+        if summary is None:
+            return []
+        if not summary.get("clients"):
+            return [("per-client accuracy", "kept on the devices (not released)")]
+        rows = []
+        for label, key in (("per-client global", "global"), ("per-client personal", "personal")):
+            stats = summary.get(key)
+            if stats:
+                rows.append((label, f"mean {stats['mean']:.3f}, p10 {stats['p10']:.3f}, worst {stats['worst']:.3f}"))
         return rows
 
     def table(self):

@@ -17,6 +17,7 @@ EXTRA = {
     "data/hf": ["data.name=x", "data.text_column=text", "data.label_column=label"],
     "data/conll": ["data.path=x.conll", "task=token_classification"],
     "data/hf_tokens": ["data.name=x", "task=token_classification"],
+    "data/preferences": ["data.path=x.csv"],
     "task/token_classification": ["data=conll", "data.path=x.conll"],
 }
 

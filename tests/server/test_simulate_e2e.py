@@ -183,3 +183,36 @@ def test_default_recipe_prototypes_then_head_end_to_end(tmp_path, runtime):
     assert [m["clients_trained"] for m in metrics] == [2, 2, 2]
     for cid in ("0", "1"):
         assert list((run_dir / "clients" / cid).glob("features-*.pt"))
+
+
+def test_devices_personalise_on_flowers_simulation_runtime(tmp_path):
+    # The evaluation message goes through Flower's simulation runtime (Ray) to the ClientApp's
+    # evaluate handler; the simulated devices keep their figures and personal models, which the
+    # runtime reads from their state directories for the report and the terminal.
+    base = [o for o in FAST if not o.startswith(("recipe=", "model.", "train.batch_size"))]
+    run_dir = tmp_path / "personal"
+    proc = run_fedpriv(
+        [
+            "simulate",
+            *base,
+            ONE_ACTOR,
+            "num_clients=2",
+            "rounds=2",
+            "data.client_test_fraction=0.2",
+            "personalize=finetune",
+            f"hydra.run.dir={run_dir}",
+        ],
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = check_report(run_dir)
+    rows = report["evaluation"]["per_client"]
+    assert [r["client_id"] for r in rows] == ["0", "1"]
+    assert all(r["personal_accuracy"] is not None and r["test_examples"] > 0 for r in rows)
+    assert "per-client personal" in summary_table(proc.stdout)
+    for cid in ("0", "1"):
+        assert (run_dir / "clients" / cid / "personal.pt").is_file()
+    predicted = run_fedpriv(
+        ["predict", "--device", str(run_dir / "clients"), "--client", "0", "--text", "hi"], cwd=tmp_path
+    )
+    assert predicted.returncode == 0 and predicted.stdout.endswith("\thi\n"), predicted.stderr[-2000:]
