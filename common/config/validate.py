@@ -19,7 +19,7 @@ from common.config import schema
 from common.data.sources import TAGGED_SOURCES
 from common.errors import ConfigError
 from common.privacy.accounting import client_noise
-from common.privacy.distributed import validate_distributed
+from common.privacy.distributed import distributed, validate_distributed
 from common.recipe import validate_recipe
 from common.secagg_graph import shares_and_threshold
 
@@ -116,7 +116,23 @@ def validate(cfg: Mapping) -> None:
         _validate_client(cfg)
     if cfg["secagg"]:
         _validate_secagg(cfg)
+    if distributed(cfg):
+        _validate_distributed(cfg)
     validate_distributed(cfg)
+
+
+def _validate_distributed(cfg: Mapping) -> None:
+    """The ranges of ``privacy.sample.distributed.*`` (their combinations: ``validate_distributed``)."""
+    _number(cfg, "privacy.sample.distributed.n_min", minimum=0)
+    granularity = _number(
+        cfg, "privacy.sample.distributed.granularity", minimum=16, exclusive=False, maximum=2**16, integer=True
+    )
+    _number(cfg, "privacy.sample.distributed.sample_rate", minimum=0, maximum=1)
+    if _number(cfg, "privacy.sample.distributed.prototype_share", minimum=0, maximum=1) == 1:
+        raise ConfigError("privacy.sample.distributed.prototype_share", "must be < 1 (the rest is the head steps')")
+    _number(
+        cfg, "privacy.sample.distributed.count_units", minimum=1, exclusive=False, maximum=granularity, integer=True
+    )
 
 
 def personal_on(cfg: Mapping) -> bool:

@@ -137,7 +137,8 @@ def _is_int(value) -> bool:
 
 
 def validate_distributed(cfg: Mapping) -> None:
-    """Config-only checks of ``privacy.sample.noise`` (``common.config.validate.validate`` calls this)."""
+    """What distributed noise can be combined with, and n_min against the clients asked
+    (``common.config.validate.validate`` checks the numbers' ranges first)."""
     privacy = cfg["privacy"]
     if privacy["mode"] == "client" and privacy["sample"]["noise"] == "distributed":
         raise ConfigError(
@@ -172,28 +173,9 @@ def validate_distributed(cfg: Mapping) -> None:
             "coordinates do not fit SecAgg+'s exact modulus at a useful rounding); use recipe=probe or head "
             "with recipe.encoder_rounds=0",
         )
-    dist = cfg["privacy"]["sample"]["distributed"]
-    raw = dist["n_min"]
-    if isinstance(raw, bool) or not isinstance(raw, (int, float)) or not raw > 0:
-        raise ConfigError(
-            "privacy.sample.distributed.n_min", f"must be an integer >= 1 or a fraction in (0, 1], got {raw!r}"
-        )
+    raw = cfg["privacy"]["sample"]["distributed"]["n_min"]
     if not _is_int(raw) and raw > 1:
         raise ConfigError("privacy.sample.distributed.n_min", f"a fraction must be in (0, 1], got {raw!r}")
     asked = clients_asked(cfg)
     if _is_int(raw) and raw > asked:
         raise ConfigError("privacy.sample.distributed.n_min", f"{raw} is more than the {asked} clients asked per round")
-    g = dist["granularity"]
-    if isinstance(g, bool) or not isinstance(g, int) or not 16 <= g <= 2**16:
-        raise ConfigError("privacy.sample.distributed.granularity", f"must be an integer in [16, 65536], got {g!r}")
-    q = dist["sample_rate"]
-    if isinstance(q, bool) or not isinstance(q, (int, float)) or not 0 < q <= 1:
-        raise ConfigError("privacy.sample.distributed.sample_rate", f"must be in (0, 1], got {q!r}")
-    share = dist["prototype_share"]
-    if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 < share < 1:
-        raise ConfigError("privacy.sample.distributed.prototype_share", f"must be in (0, 1), got {share!r}")
-    c = dist["count_units"]
-    if isinstance(c, bool) or not isinstance(c, int) or not 1 <= c <= g:
-        raise ConfigError(
-            "privacy.sample.distributed.count_units", f"must be an integer in [1, granularity={g}], got {c!r}"
-        )
